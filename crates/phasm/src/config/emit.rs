@@ -1,0 +1,232 @@
+//! The model → `fsm.yaml` text. Only what was declared is written (effective policies are
+//! derived again on load), so loading the output gives back the same model.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::duration;
+use crate::machine::{
+    ActionBinding, Config, Countdown, FanIn, Logging, Machine, Rate, RetrySettings, State,
+    Transition,
+};
+
+/// Write a configuration as one self-contained machine file (imports are already inlined).
+pub fn to_yaml(config: &Config) -> String {
+    let mut out = String::new();
+    if let Some(url) = &config.root_url {
+        line(&mut out, 0, "root_url", &scalar(url));
+    }
+    if let Some(check) = config.enable_capabilities_check {
+        line(&mut out, 0, "enable_capabilities_check", &check.to_string());
+    }
+    if !config.actions.is_empty() {
+        out.push_str("actions:\n");
+        for (name, binding) in &config.actions {
+            let ActionBinding::Exec(exec) = binding;
+            let _ = writeln!(out, "  {}:", scalar(name));
+            let argv: Vec<String> = exec.argv.iter().map(|a| quoted(a)).collect();
+            line(&mut out, 4, "exec", &format!("[{}]", argv.join(", ")));
+            if let Some(t) = exec.timeout {
+                line(&mut out, 4, "timeout", &duration::format(t));
+            }
+        }
+    }
+    if !config.queues.is_empty() {
+        out.push_str("queues:\n");
+        for (name, limits) in &config.queues {
+            if limits.max_concurrent.is_none() && limits.rate.is_none() {
+                let _ = writeln!(out, "  {}: {{}}", scalar(name));
+                continue;
+            }
+            let _ = writeln!(out, "  {}:", scalar(name));
+            if let Some(n) = limits.max_concurrent {
+                line(&mut out, 4, "max_concurrent", &n.to_string());
+            }
+            if let Some(rate) = limits.rate {
+                line(&mut out, 4, "rate", &format_rate(rate));
+            }
+        }
+    }
+    out.push_str("state_machines:\n");
+    for m in &config.machines {
+        machine(&mut out, m);
+    }
+    out
+}
+
+fn machine(out: &mut String, m: &Machine) {
+    let _ = writeln!(out, "- name: {}", scalar(&m.name));
+    let ind = 2;
+    opt(out, ind, "namespace", &m.namespace);
+    opt(out, ind, "queue", &m.queue);
+    opt(out, ind, "target", &m.target);
+    if let Some(c) = &m.countdown {
+        line(out, ind, "countdown", &countdown(c));
+    }
+    retry(out, ind, &m.retry);
+    if !m.context_types.is_empty() {
+        pad(out, ind);
+        out.push_str("context_types:\n");
+        for (key, t) in &m.context_types {
+            line(out, ind + 2, &scalar(key), &scalar(&t.0));
+        }
+    }
+    if m.logging == Logging::Persistent {
+        line(out, ind, "logging", "persistent");
+    }
+    if !m.use_run_once_semaphore {
+        line(out, ind, "use_run_once_semaphore", "false");
+    }
+    pad(out, ind);
+    out.push_str("states:\n");
+    for s in &m.states {
+        state(out, ind, s);
+    }
+}
+
+fn state(out: &mut String, ind: usize, s: &State) {
+    pad(out, ind);
+    let _ = writeln!(out, "- name: {}", scalar(&s.name));
+    let ind = ind + 2;
+    opt(out, ind, "namespace", &s.namespace);
+    opt(out, ind, "entry", &s.entry);
+    opt(out, ind, "action", &s.action);
+    opt(out, ind, "exit", &s.exit);
+    for (key, on) in [
+        ("initial", s.initial),
+        ("final", s.is_final),
+        ("continuation", s.continuation),
+    ] {
+        if on {
+            line(out, ind, key, "true");
+        }
+    }
+    if let Some(d) = s.continuation_countdown {
+        line(out, ind, "continuation_countdown", &duration::format(d));
+    }
+    match s.fan_in {
+        Some(FanIn::All) => line(out, ind, "fan_in", "all"),
+        Some(FanIn::Window(d)) => line(out, ind, "fan_in", &duration::format(d)),
+        None => {}
+    }
+    opt(out, ind, "fan_in_group", &s.fan_in_group);
+    if !s.transitions.is_empty() {
+        pad(out, ind);
+        out.push_str("transitions:\n");
+        for t in &s.transitions {
+            transition(out, ind, t);
+        }
+    }
+}
+
+fn transition(out: &mut String, ind: usize, t: &Transition) {
+    pad(out, ind);
+    let _ = writeln!(out, "- event: {}", scalar(&t.event));
+    let ind = ind + 2;
+    line(out, ind, "to", &scalar(&t.to));
+    opt(out, ind, "action", &t.action);
+    opt(out, ind, "namespace", &t.namespace);
+    if let Some(c) = &t.countdown {
+        line(out, ind, "countdown", &countdown(c));
+    }
+    opt(out, ind, "queue", &t.queue);
+    opt(out, ind, "target", &t.target);
+    retry(out, ind, &t.retry);
+}
+
+fn retry(out: &mut String, ind: usize, r: &RetrySettings) {
+    if let Some(n) = r.task_retry_limit {
+        line(out, ind, "task_retry_limit", &n.to_string());
+    }
+    let durations: [(&str, Option<Duration>); 3] = [
+        ("min_backoff_seconds", r.min_backoff),
+        ("max_backoff_seconds", r.max_backoff),
+        ("task_age_limit", r.task_age_limit),
+    ];
+    for (key, d) in durations {
+        if let Some(d) = d {
+            line(out, ind, key, &duration::format(d));
+        }
+    }
+    if let Some(n) = r.max_doublings {
+        line(out, ind, "max_doublings", &n.to_string());
+    }
+}
+
+fn countdown(c: &Countdown) -> String {
+    match c {
+        Countdown::Fixed(d) => duration::format(*d),
+        Countdown::Random { minimum, maximum } => format!(
+            "{{minimum: {}, maximum: {}}}",
+            duration::format(*minimum),
+            duration::format(*maximum)
+        ),
+    }
+}
+
+fn format_rate(rate: Rate) -> String {
+    let per = match rate.per.as_secs() {
+        1 if rate.per.subsec_nanos() == 0 => "s".to_string(),
+        60 if rate.per.subsec_nanos() == 0 => "m".to_string(),
+        3600 if rate.per.subsec_nanos() == 0 => "h".to_string(),
+        86_400 if rate.per.subsec_nanos() == 0 => "d".to_string(),
+        _ => format!("{}ms", rate.per.as_millis()),
+    };
+    format!("{}/{per}", rate.count)
+}
+
+fn pad(out: &mut String, ind: usize) {
+    out.extend(std::iter::repeat_n(' ', ind));
+}
+
+fn line(out: &mut String, ind: usize, key: &str, value: &str) {
+    pad(out, ind);
+    let _ = writeln!(out, "{key}: {value}");
+}
+
+fn opt(out: &mut String, ind: usize, key: &str, value: &Option<String>) {
+    if let Some(v) = value {
+        line(out, ind, key, &scalar(v));
+    }
+}
+
+/// A string as a YAML scalar: plain when that reads back as the same string, else quoted.
+fn scalar(s: &str) -> String {
+    let plain_chars = s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'));
+    let starts_ok = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_' || c == '/');
+    let reserved = matches!(
+        s.to_ascii_lowercase().as_str(),
+        "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "null" | "~"
+    ) || s.parse::<f64>().is_ok();
+    if plain_chars && starts_ok && !reserved {
+        s.to_string()
+    } else {
+        quoted(s)
+    }
+}
+
+/// A double-quoted YAML scalar.
+fn quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}

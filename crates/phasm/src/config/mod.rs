@@ -1,0 +1,59 @@
+//! `fsm.yaml` files → the [`crate::machine`] model, with complete validation.
+//!
+//! Every problem in a file and its imports is reported in one run, each at its file, line and
+//! column ([`crate::diagnostic`]); a configuration is returned only when there is no error.
+//! The reverse direction, [`to_yaml`], writes a model back as a file that loads to the same
+//! model.
+
+mod build;
+mod check;
+mod duration;
+mod emit;
+mod load;
+mod read;
+mod source;
+mod yaml;
+
+use std::path::Path;
+
+pub use emit::to_yaml;
+
+use crate::diagnostic::{Diagnostic, Diagnostics};
+use crate::machine::Config;
+
+/// A successfully loaded configuration and the warnings found on the way.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The validated model.
+    pub config: Config,
+    /// Problems that do not reject the file (unreachable states, deprecated keys, …).
+    pub warnings: Vec<Diagnostic>,
+}
+
+/// What a load checks beyond the language itself.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Report every action name that is neither bound under `actions:` nor in
+    /// `registered_actions` (`phasm validate --strict`).
+    pub strict: bool,
+    /// Action names registered in Rust, which count as bound under `strict`.
+    pub registered_actions: Vec<String>,
+}
+
+/// Load and validate a machine file and the files it imports.
+///
+/// # Errors
+/// Every error and warning found, in file order, when at least one is an error (a missing or
+/// unreadable file is an error without a location).
+pub fn load_file(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded, Diagnostics> {
+    load::load_file(path.as_ref(), options)
+}
+
+/// Load and validate YAML text as if it were the file at `path`: imports are resolved from
+/// `path`'s folder and its ancestors, and `exec` programs run in `path`'s folder.
+///
+/// # Errors
+/// As [`load_file`].
+pub fn load_str(text: &str, path: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded, Diagnostics> {
+    load::load_text(text, path.as_ref(), options)
+}

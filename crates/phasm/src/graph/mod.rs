@@ -1,0 +1,55 @@
+//! Drawings of one machine: Graphviz DOT, Mermaid, and SVG laid out in pure Rust.
+//!
+//! All three use one visual vocabulary, so a machine looks the same wherever it is drawn:
+//! a start dot points at the initial state (which also has a thick green border), final
+//! states have a double border, continuation states are blue with a dashed "next page"
+//! loop, fan-in states are amber and show their period, and every edge carries its event.
+
+mod dot;
+mod mermaid;
+mod svg;
+
+pub use dot::to_dot;
+pub use mermaid::to_mermaid;
+pub use svg::to_svg;
+
+use crate::machine::{FanIn, State};
+
+/// Border colour of the initial state.
+const INITIAL_COLOR: &str = "#2e7d32";
+/// Fill of continuation states.
+const CONTINUATION_FILL: &str = "#dbeafe";
+/// Fill of fan-in states.
+const FAN_IN_FILL: &str = "#fef3c7";
+/// Fill of every other state.
+const PLAIN_FILL: &str = "#ffffff";
+/// Label of a continuation state's loop edge.
+const NEXT_PAGE: &str = "next page";
+
+/// The second line of a state's label, naming what is special about it.
+fn badge(state: &State) -> Option<String> {
+    let mut parts = Vec::new();
+    if state.continuation {
+        parts.push("continuation".to_string());
+    }
+    match state.fan_in {
+        Some(FanIn::All) => parts.push("fan-in: all".to_string()),
+        Some(FanIn::Window(d)) => parts.push(format!("fan-in {}s", d.as_secs())),
+        None => {}
+    }
+    if let Some(group) = &state.fan_in_group {
+        parts.push(format!("by {group}"));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// The fill of a state's box.
+fn fill(state: &State) -> &'static str {
+    if state.continuation {
+        CONTINUATION_FILL
+    } else if state.fan_in.is_some() {
+        FAN_IN_FILL
+    } else {
+        PLAIN_FILL
+    }
+}

@@ -1,0 +1,91 @@
+//! SVG output, laid out by `layout-rs` (a layered, Graphviz-style layout in pure Rust), so
+//! drawing needs no external program.
+
+use layout::backends::svg::SVGWriter;
+use layout::core::base::Orientation;
+use layout::core::color::Color;
+use layout::core::style::{LineStyleKind, StyleAttr};
+use layout::std_shapes::render::get_shape_size;
+use layout::std_shapes::shapes::{Arrow, Element, LineEndKind, ShapeKind};
+use layout::topo::layout::VisualGraph;
+
+use super::{badge, fill, INITIAL_COLOR, NEXT_PAGE};
+use crate::machine::Machine;
+
+const FONT_SIZE: usize = 14;
+const EDGE_FONT_SIZE: usize = 12;
+
+/// The machine as a standalone SVG document.
+pub fn to_svg(machine: &Machine) -> String {
+    let dir = Orientation::TopToBottom;
+    let mut graph = VisualGraph::new(dir);
+
+    let start_look = StyleAttr::new(Color::fast("black"), 1, Some(Color::fast("black")), 0, 4);
+    let start_shape = ShapeKind::new_circle("");
+    let start = graph.add_node(Element::create(
+        start_shape.clone(),
+        start_look,
+        dir,
+        get_shape_size(dir, &start_shape, 4, true),
+    ));
+
+    let handles: Vec<_> = machine
+        .states
+        .iter()
+        .map(|state| {
+            let mut label = state.name.clone();
+            if let Some(b) = badge(state) {
+                label.push('\n');
+                label.push_str(&b);
+            }
+            let (border, width) = if state.initial {
+                (INITIAL_COLOR, 3)
+            } else {
+                ("#333333", 1)
+            };
+            let look = StyleAttr::new(
+                Color::fast(border),
+                width,
+                Some(Color::fast(fill(state))),
+                if state.is_final { 0 } else { 10 },
+                FONT_SIZE,
+            );
+            let shape = if state.is_final {
+                ShapeKind::new_double_circle(&label)
+            } else {
+                ShapeKind::new_box(&label)
+            };
+            let size = get_shape_size(dir, &shape, FONT_SIZE, state.is_final);
+            graph.add_node(Element::create(shape, look, dir, size))
+        })
+        .collect();
+
+    let edge_look = StyleAttr::new(Color::fast("#333333"), 1, None, 0, EDGE_FONT_SIZE);
+    let arrow = |text: &str, style: LineStyleKind| {
+        Arrow::new(
+            LineEndKind::None,
+            LineEndKind::Arrow,
+            style,
+            text,
+            &edge_look,
+            &None,
+            &None,
+        )
+    };
+    if let Some(i) = machine.states.iter().position(|s| s.initial) {
+        graph.add_edge(arrow("", LineStyleKind::Normal), start, handles[i]);
+    }
+    for (i, state) in machine.states.iter().enumerate() {
+        if state.continuation {
+            graph.add_edge(arrow(NEXT_PAGE, LineStyleKind::Dashed), handles[i], handles[i]);
+        }
+        for t in &state.transitions {
+            if let Some(j) = machine.states.iter().position(|s| s.name == t.to) {
+                graph.add_edge(arrow(&t.event, LineStyleKind::Normal), handles[i], handles[j]);
+            }
+        }
+    }
+    let mut writer = SVGWriter::new();
+    graph.do_it(false, false, false, &mut writer);
+    writer.finalize()
+}
