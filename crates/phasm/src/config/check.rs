@@ -8,8 +8,9 @@ use super::read::{suggest, Cx};
 use crate::machine::Machine;
 
 /// Check one built machine; problems go to `cx`.
-pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans) {
-    let errors_before = cx.error_count();
+/// `errors_before` is the error count before the machine was built: reachability is only
+/// checked when building and checking it found nothing wrong.
+pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors_before: usize) {
     let name_span = spans.obj.value("name");
     let index = state_index(cx, m, spans);
 

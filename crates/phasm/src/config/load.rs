@@ -324,8 +324,9 @@ impl Assembler<'_> {
                 }
                 continue;
             }
+            let errors_before = cx.error_count();
             if let Some((machine, spans)) = build::machine(cx, item) {
-                super::check::machine(cx, &machine, &spans);
+                super::check::machine(cx, &machine, &spans, errors_before);
                 self.config.machines.push(machine);
                 self.spans.push(spans);
             }

@@ -2,7 +2,7 @@
 //!
 //! All three use one visual vocabulary, so a machine looks the same wherever it is drawn:
 //! a start dot points at the initial state (which also has a thick green border), final
-//! states have a double border, continuation states are blue with a dashed "next page"
+//! states lead to an end marker (or, in DOT, have a double border), continuation states are blue with a dashed "next page"
 //! loop, fan-in states are amber and show their period, and every edge carries its event.
 
 mod dot;

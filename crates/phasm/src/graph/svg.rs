@@ -24,7 +24,7 @@ pub fn to_svg(machine: &Machine) -> String {
     let start_shape = ShapeKind::new_circle("");
     let start = graph.add_node(Element::create(
         start_shape.clone(),
-        start_look,
+        start_look.clone(),
         dir,
         get_shape_size(dir, &start_shape, 4, true),
     ));
@@ -47,15 +47,11 @@ pub fn to_svg(machine: &Machine) -> String {
                 Color::fast(border),
                 width,
                 Some(Color::fast(fill(state))),
-                if state.is_final { 0 } else { 10 },
+                10,
                 FONT_SIZE,
             );
-            let shape = if state.is_final {
-                ShapeKind::new_double_circle(&label)
-            } else {
-                ShapeKind::new_box(&label)
-            };
-            let size = get_shape_size(dir, &shape, FONT_SIZE, state.is_final);
+            let shape = ShapeKind::new_box(&label);
+            let size = get_shape_size(dir, &shape, FONT_SIZE, false);
             graph.add_node(Element::create(shape, look, dir, size))
         })
         .collect();
@@ -74,6 +70,20 @@ pub fn to_svg(machine: &Machine) -> String {
     };
     if let Some(i) = machine.states.iter().position(|s| s.initial) {
         graph.add_edge(arrow("", LineStyleKind::Normal), start, handles[i]);
+    }
+    // UML's end marker, one per final state: a final state may still have transitions
+    // (Fantasm's "optionally final"), and the marker shows that an instance may end there.
+    for (i, state) in machine.states.iter().enumerate() {
+        if state.is_final {
+            let end_shape = ShapeKind::new_double_circle("");
+            let end = graph.add_node(Element::create(
+                end_shape.clone(),
+                start_look.clone(),
+                dir,
+                get_shape_size(dir, &end_shape, 4, true),
+            ));
+            graph.add_edge(arrow("", LineStyleKind::Normal), handles[i], end);
+        }
     }
     for (i, state) in machine.states.iter().enumerate() {
         if state.continuation {
