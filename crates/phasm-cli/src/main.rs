@@ -14,7 +14,11 @@ use phasm::graph;
 const EXIT_INVALID: u8 = 2;
 
 #[derive(Parser)]
-#[command(name = "phasm", version, about = "Durable state-machine workflows from fsm.yaml files")]
+#[command(
+    name = "phasm",
+    version,
+    about = "Durable state-machine workflows from fsm.yaml files"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -182,7 +186,9 @@ fn draw(
         None => std::io::stdout().write_all(text.as_bytes()),
     };
     if let Err(e) = written {
-        let target = output.map_or("standard output".to_string(), |p| format!("`{}`", p.display()));
+        let target = output.map_or("standard output".to_string(), |p| {
+            format!("`{}`", p.display())
+        });
         eprintln!("error: cannot write to {target}: {e}");
         return ExitCode::FAILURE;
     }

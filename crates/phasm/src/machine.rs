@@ -262,10 +262,7 @@ impl TransitionPolicy {
         retry: &RetrySettings,
     ) -> Self {
         Self {
-            queue: queue
-                .or(machine.queue)
-                .unwrap_or(DEFAULT_QUEUE)
-                .to_string(),
+            queue: queue.or(machine.queue).unwrap_or(DEFAULT_QUEUE).to_string(),
             target: target.or(machine.target).map(str::to_string),
             countdown: countdown
                 .or(machine.countdown)

@@ -60,7 +60,11 @@ fn every_invalid_file_reports_exactly_its_expected_errors() {
     let mut failures = Vec::new();
     for file in &files {
         let expected = expectations(file);
-        assert!(!expected.is_empty(), "{} has no `# expect:` line", file.display());
+        assert!(
+            !expected.is_empty(),
+            "{} has no `# expect:` line",
+            file.display()
+        );
         let diags = match load_file(file, &LoadOptions::default()) {
             Ok(_) => {
                 failures.push(format!("{}: loaded without errors", file.display()));
@@ -98,7 +102,11 @@ fn every_invalid_file_reports_exactly_its_expected_errors() {
         }
         if errors.len() != expected.len() {
             let extra: Vec<String> = unmatched.iter().map(|d| d.to_string()).collect();
-            failures.push(format!("{}: unexpected errors:\n{}", file.display(), extra.join("\n")));
+            failures.push(format!(
+                "{}: unexpected errors:\n{}",
+                file.display(),
+                extra.join("\n")
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
@@ -109,7 +117,10 @@ fn every_error_has_a_location_and_a_source_line() {
     for file in cases() {
         if let Err(diags) = load_file(&file, &LoadOptions::default()) {
             for d in &diags.0 {
-                let loc = d.location.as_ref().unwrap_or_else(|| panic!("{}: {d} has no location", file.display()));
+                let loc = d
+                    .location
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{}: {d} has no location", file.display()));
                 assert!(loc.line >= 1 && loc.column >= 1, "{d}");
                 assert!(loc.file.ends_with(".yaml"), "{d}");
             }

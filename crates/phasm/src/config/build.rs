@@ -87,7 +87,9 @@ pub(crate) fn machine(cx: &mut Cx<'_>, node: &Node) -> Option<(Machine, MachineS
     let namespace = optional(cx, "namespace");
     let queue = optional(cx, "queue");
     let target = optional(cx, "target");
-    let countdown = f.get("countdown").and_then(|n| cx.countdown(n, "countdown"));
+    let countdown = f
+        .get("countdown")
+        .and_then(|n| cx.countdown(n, "countdown"));
     let retry = retry_settings(cx, &f, &format!("machine `{name}`"));
     let logging = match f.get("logging") {
         None => Logging::Default,
@@ -175,11 +177,8 @@ fn state(
     let f = cx.fields(node, "a state", STATE_KEYS)?;
     let name = required_name(cx, &f, "name", "state");
     let optional = |cx: &mut Cx<'_>, key: &str| f.get(key).and_then(|n| cx.string(n, key));
-    let flag = |cx: &mut Cx<'_>, key: &str| {
-        f.get(key)
-            .and_then(|n| cx.boolean(n, key))
-            .unwrap_or(false)
-    };
+    let flag =
+        |cx: &mut Cx<'_>, key: &str| f.get(key).and_then(|n| cx.boolean(n, key)).unwrap_or(false);
     let namespace = optional(cx, "namespace");
     let entry = optional(cx, "entry");
     let action = optional(cx, "action");
@@ -284,7 +283,9 @@ fn transition(
     let namespace = optional(cx, "namespace");
     let queue = optional(cx, "queue");
     let target = optional(cx, "target");
-    let countdown: Option<Countdown> = f.get("countdown").and_then(|n| cx.countdown(n, "countdown"));
+    let countdown: Option<Countdown> = f
+        .get("countdown")
+        .and_then(|n| cx.countdown(n, "countdown"));
     let retry = retry_settings(cx, &f, &format!("transition `{event}`"));
     let effective = TransitionPolicy::resolve(
         defaults,
@@ -408,7 +409,9 @@ fn fan_in(cx: &mut Cx<'_>, node: &Node) -> Option<FanIn> {
             cx.error(
                 node.span,
                 format!("`fan_in` cannot be negative, found `{text}`"),
-                Some(format!("{hint}; remove the key if this is not a fan-in state")),
+                Some(format!(
+                    "{hint}; remove the key if this is not a fan-in state"
+                )),
             );
             return None;
         }

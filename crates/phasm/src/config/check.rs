@@ -14,7 +14,9 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
     let name_span = spans.obj.value("name");
     let index = state_index(cx, m, spans);
 
-    let initial: Vec<usize> = (0..m.states.len()).filter(|&i| m.states[i].initial).collect();
+    let initial: Vec<usize> = (0..m.states.len())
+        .filter(|&i| m.states[i].initial)
+        .collect();
     match initial.as_slice() {
         [] => cx.error(
             name_span,
@@ -51,7 +53,10 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
         } else if s.action.is_none() && s.continuation {
             cx.error(
                 ss.key("continuation"),
-                format!("continuation state `{}` has no `action` to page through its data", s.name),
+                format!(
+                    "continuation state `{}` has no `action` to page through its data",
+                    s.name
+                ),
                 Some("add `action: NAME`".into()),
             );
         }
@@ -86,7 +91,10 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
         if s.continuation_countdown.is_some() && !s.continuation {
             cx.warning(
                 ss.key("continuation_countdown"),
-                format!("`continuation_countdown` has no effect: `{}` is not a continuation state", s.name),
+                format!(
+                    "`continuation_countdown` has no effect: `{}` is not a continuation state",
+                    s.name
+                ),
                 Some("add `continuation: true`, or remove this key".into()),
             );
         }
@@ -98,7 +106,10 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
                 if let Some(&first) = events.get(t.event.as_str()) {
                     cx.error(
                         ts.value("event"),
-                        format!("state `{}` has two transitions on event `{}`", s.name, t.event),
+                        format!(
+                            "state `{}` has two transitions on event `{}`",
+                            s.name, t.event
+                        ),
                         Some(format!(
                             "the first is on line {}",
                             spans.states[i].transitions[first].value("event").start.line
@@ -117,7 +128,11 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
                     None => format!(
                         "states of `{}`: {}",
                         m.name,
-                        m.states.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                        m.states
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 };
                 cx.error(
@@ -146,7 +161,11 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
                 }
             }
             if s.exit.is_some() && (target.continuation || target.fan_in.is_some()) {
-                let kind = if target.continuation { "continuation" } else { "fan-in" };
+                let kind = if target.continuation {
+                    "continuation"
+                } else {
+                    "fan-in"
+                };
                 cx.error(
                     ss.key("exit"),
                     format!(
@@ -160,7 +179,10 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
                 if t.countdown.is_some() {
                     cx.error(
                         ts.value("countdown"),
-                        format!("transition `{}--{}` into fan-in state `{}` cannot have a countdown", s.name, t.event, target.name),
+                        format!(
+                            "transition `{}--{}` into fan-in state `{}` cannot have a countdown",
+                            s.name, t.event, target.name
+                        ),
                         Some("the fan-in's own `fan_in` period delays the join".into()),
                     );
                 } else {
@@ -183,7 +205,11 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
 }
 
 /// Map state names to their index, reporting duplicates.
-fn state_index<'m>(cx: &mut Cx<'_>, m: &'m Machine, spans: &MachineSpans) -> HashMap<&'m str, usize> {
+fn state_index<'m>(
+    cx: &mut Cx<'_>,
+    m: &'m Machine,
+    spans: &MachineSpans,
+) -> HashMap<&'m str, usize> {
     let mut index: HashMap<&str, usize> = HashMap::new();
     for (i, s) in m.states.iter().enumerate() {
         if s.name.is_empty() {
@@ -211,10 +237,17 @@ fn reachability(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, index: &Hash
     let successors: Vec<Vec<usize>> = m
         .states
         .iter()
-        .map(|s| s.transitions.iter().filter_map(|t| index.get(t.to.as_str()).copied()).collect())
+        .map(|s| {
+            s.transitions
+                .iter()
+                .filter_map(|t| index.get(t.to.as_str()).copied())
+                .collect()
+        })
         .collect();
     let reachable = search(&[start], |i| successors[i].clone());
-    let finals: Vec<usize> = (0..m.states.len()).filter(|&i| m.states[i].is_final).collect();
+    let finals: Vec<usize> = (0..m.states.len())
+        .filter(|&i| m.states[i].is_final)
+        .collect();
     let mut predecessors = vec![Vec::new(); m.states.len()];
     for (from, succ) in successors.iter().enumerate() {
         for &to in succ {
@@ -227,7 +260,10 @@ fn reachability(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, index: &Hash
         if !reachable.contains(&i) {
             cx.warning(
                 span,
-                format!("state `{}` cannot be reached from the initial state `{}`", s.name, m.states[start].name),
+                format!(
+                    "state `{}` cannot be reached from the initial state `{}`",
+                    s.name, m.states[start].name
+                ),
                 Some("no transition leads here".into()),
             );
         } else if !can_finish.contains(&i) {

@@ -14,9 +14,7 @@ use super::source::{SourceFile, Sources};
 use super::yaml::{self, Node, NodeKind, Pos, Span};
 use super::{LoadOptions, Loaded};
 use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::machine::{
-    ActionBinding, Config, ExecBinding, QueueLimits, Rate, DEFAULT_QUEUE,
-};
+use crate::machine::{ActionBinding, Config, ExecBinding, QueueLimits, Rate, DEFAULT_QUEUE};
 
 /// Keys of a file's top level.
 const TOP_KEYS: &[&str] = &[
@@ -34,13 +32,19 @@ pub(crate) fn load_file(path: &Path, options: &LoadOptions) -> Result<Loaded, Di
             "cannot read `{}`: {e}",
             path.display()
         ))
-        .with_label("check the path, or run the command from the folder that holds the file")])
+        .with_label(
+            "check the path, or run the command from the folder that holds the file",
+        )])
     })?;
     load_text(&text, path, options)
 }
 
 /// Load a file's text as if it were at `path` (imports and `exec` folders resolve from there).
-pub(crate) fn load_text(text: &str, path: &Path, options: &LoadOptions) -> Result<Loaded, Diagnostics> {
+pub(crate) fn load_text(
+    text: &str,
+    path: &Path,
+    options: &LoadOptions,
+) -> Result<Loaded, Diagnostics> {
     let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| absolute(path));
     let mut reader = Reader::default();
     let root = reader.add(SourceFile {
@@ -74,7 +78,11 @@ pub(crate) fn load_text(text: &str, path: &Path, options: &LoadOptions) -> Resul
     asm.finish(&mut cx, options);
     let mut diags = cx.diags;
     diags.sort_by(|a, b| {
-        let key = |d: &Diagnostic| d.location.as_ref().map(|l| (l.file.clone(), l.line, l.column));
+        let key = |d: &Diagnostic| {
+            d.location
+                .as_ref()
+                .map(|l| (l.file.clone(), l.line, l.column))
+        };
         key(a).cmp(&key(b))
     });
     let diags = Diagnostics(diags);
@@ -118,14 +126,16 @@ impl Reader {
             Ok(root) => root,
             Err(e) => {
                 let loc = self.sources.location_at(file, e.pos, 1);
-                self.diags.push(
-                    Diagnostic::error(format!("malformed YAML: {}", e.message)).at(loc),
-                );
+                self.diags
+                    .push(Diagnostic::error(format!("malformed YAML: {}", e.message)).at(loc));
                 self.broken.insert(file);
                 return;
             }
         };
-        let entries = root.as_ref().and_then(state_machine_items).unwrap_or_default();
+        let entries = root
+            .as_ref()
+            .and_then(state_machine_items)
+            .unwrap_or_default();
         for (i, item) in entries.iter().enumerate() {
             let Some(value) = import_value(item) else {
                 continue;
@@ -171,8 +181,11 @@ impl Reader {
             Ok(text) => text,
             Err(e) => {
                 self.diags.push(
-                    Diagnostic::error(format!("cannot read imported file `{}`: {e}", found.display()))
-                        .at(self.sources.location(span)),
+                    Diagnostic::error(format!(
+                        "cannot read imported file `{}`: {e}",
+                        found.display()
+                    ))
+                    .at(self.sources.location(span)),
                 );
                 return;
             }
@@ -227,7 +240,9 @@ fn state_machine_items(root: &Node) -> Option<Vec<Node>> {
     let NodeKind::Map(entries) = &root.kind else {
         return None;
     };
-    let (_, value) = entries.iter().find(|(k, _)| k.scalar() == Some("state_machines"))?;
+    let (_, value) = entries
+        .iter()
+        .find(|(k, _)| k.scalar() == Some("state_machines"))?;
     match &value.kind {
         NodeKind::Seq(items) => Some(items.clone()),
         _ => None,
@@ -238,7 +253,10 @@ fn import_value(item: &Node) -> Option<&Node> {
     let NodeKind::Map(entries) = &item.kind else {
         return None;
     };
-    entries.iter().find(|(k, _)| k.scalar() == Some("import")).map(|(_, v)| v)
+    entries
+        .iter()
+        .find(|(k, _)| k.scalar() == Some("import"))
+        .map(|(_, v)| v)
 }
 
 /// Pass two: build the model from the parsed files, in import order.
@@ -338,7 +356,10 @@ impl Assembler<'_> {
             if !node.is_null() {
                 cx.error(
                     node.span,
-                    format!("`actions` must map action names to bindings, found {}", node.describe()),
+                    format!(
+                        "`actions` must map action names to bindings, found {}",
+                        node.describe()
+                    ),
                     None,
                 );
             }
@@ -363,7 +384,8 @@ impl Assembler<'_> {
                 );
                 continue;
             }
-            let Some(f) = cx.fields(value, &format!("action `{name}`"), &["exec", "timeout"]) else {
+            let Some(f) = cx.fields(value, &format!("action `{name}`"), &["exec", "timeout"])
+            else {
                 continue;
             };
             let timeout = f.get("timeout").and_then(|n| cx.duration(n, "timeout"));
@@ -393,7 +415,10 @@ impl Assembler<'_> {
             if !node.is_null() {
                 cx.error(
                     node.span,
-                    format!("`queues` must map queue names to limits, found {}", node.describe()),
+                    format!(
+                        "`queues` must map queue names to limits, found {}",
+                        node.describe()
+                    ),
                     None,
                 );
             }
@@ -405,12 +430,20 @@ impl Assembler<'_> {
                 continue;
             };
             if self.queue_spans.contains_key(name) {
-                cx.error(key.span, format!("queue `{name}` is configured twice"), None);
+                cx.error(
+                    key.span,
+                    format!("queue `{name}` is configured twice"),
+                    None,
+                );
                 continue;
             }
             let mut limits = QueueLimits::default();
             if !value.is_null() {
-                let Some(f) = cx.fields(value, &format!("queue `{name}`"), &["max_concurrent", "rate"]) else {
+                let Some(f) = cx.fields(
+                    value,
+                    &format!("queue `{name}`"),
+                    &["max_concurrent", "rate"],
+                ) else {
                     continue;
                 };
                 if let Some(n) = f.get("max_concurrent") {
@@ -462,8 +495,14 @@ impl Assembler<'_> {
                 return;
             }
             let label = suggest(q, declared.iter().copied())
-                .map_or("it runs without limits".to_string(), |s| format!("did you mean `{s}`?"));
-            cx.warning(span, format!("queue `{q}` is not declared under `queues:`"), Some(label));
+                .map_or("it runs without limits".to_string(), |s| {
+                    format!("did you mean `{s}`?")
+                });
+            cx.warning(
+                span,
+                format!("queue `{q}` is not declared under `queues:`"),
+                Some(label),
+            );
         };
         for (m, spans) in self.config.machines.iter().zip(&self.spans) {
             check(cx, &m.queue, spans.obj.value("queue"));
@@ -476,7 +515,9 @@ impl Assembler<'_> {
     }
 
     fn unbound_actions(&self, cx: &mut Cx<'_>, registered: &[String]) {
-        let bound = |name: &str| self.config.actions.contains_key(name) || registered.iter().any(|r| r == name);
+        let bound = |name: &str| {
+            self.config.actions.contains_key(name) || registered.iter().any(|r| r == name)
+        };
         for (m, spans) in self.config.machines.iter().zip(&self.spans) {
             for (s, ss) in m.states.iter().zip(&spans.states) {
                 let ns = s.namespace.as_deref().or(m.namespace.as_deref());
@@ -501,7 +542,13 @@ impl Assembler<'_> {
     }
 }
 
-fn report_unbound(cx: &mut Cx<'_>, name: &str, namespace: Option<&str>, span: Span, bound: &impl Fn(&str) -> bool) {
+fn report_unbound(
+    cx: &mut Cx<'_>,
+    name: &str,
+    namespace: Option<&str>,
+    span: Span,
+    bound: &impl Fn(&str) -> bool,
+) {
     let qualified = namespace.map(|ns| format!("{ns}.{name}"));
     if bound(name) || qualified.as_deref().is_some_and(bound) {
         return;
@@ -553,7 +600,9 @@ fn rate(cx: &mut Cx<'_>, node: &Node) -> Option<Rate> {
             "m" | "min" | "minute" => std::time::Duration::from_secs(60),
             "h" | "hour" => std::time::Duration::from_secs(3600),
             "d" | "day" => std::time::Duration::from_secs(86_400),
-            other => super::duration::parse(other).ok().filter(|d| !d.is_zero())?,
+            other => super::duration::parse(other)
+                .ok()
+                .filter(|d| !d.is_zero())?,
         };
         Some(Rate { count, per })
     });
@@ -561,7 +610,10 @@ fn rate(cx: &mut Cx<'_>, node: &Node) -> Option<Rate> {
         cx.error(
             node.span,
             format!("`rate` must look like `20/s`, found `{text}`"),
-            Some("write COUNT/PERIOD with a period of s, m, h or d (or a duration such as 30s)".into()),
+            Some(
+                "write COUNT/PERIOD with a period of s, m, h or d (or a duration such as 30s)"
+                    .into(),
+            ),
         );
     }
     parsed

@@ -54,6 +54,10 @@ pub fn load_file(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded
 ///
 /// # Errors
 /// As [`load_file`].
-pub fn load_str(text: &str, path: impl AsRef<Path>, options: &LoadOptions) -> Result<Loaded, Diagnostics> {
+pub fn load_str(
+    text: &str,
+    path: impl AsRef<Path>,
+    options: &LoadOptions,
+) -> Result<Loaded, Diagnostics> {
     load::load_text(text, path.as_ref(), options)
 }

@@ -71,7 +71,11 @@ impl<'s> Cx<'s> {
         };
         for (key, value) in entries {
             let Some(name) = key.scalar() else {
-                self.error(key.span, format!("keys of {what} must be plain names"), None);
+                self.error(
+                    key.span,
+                    format!("keys of {what} must be plain names"),
+                    None,
+                );
                 continue;
             };
             if !allowed.contains(&name) {
@@ -79,7 +83,11 @@ impl<'s> Cx<'s> {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("expected one of: {}", allowed.join(", ")),
                 };
-                self.error(key.span, format!("unknown key `{name}` in {what}"), Some(label));
+                self.error(
+                    key.span,
+                    format!("unknown key `{name}` in {what}"),
+                    Some(label),
+                );
                 continue;
             }
             if let Some((_, first, _)) = fields.entries.iter().find(|(k, _, _)| *k == name) {
@@ -191,7 +199,9 @@ impl<'s> Cx<'s> {
                 Some(n) => ends[i] = self.duration(n, end),
                 None => self.error(
                     node.span,
-                    format!("a random `{key}` needs both `minimum` and `maximum`; `{end}` is missing"),
+                    format!(
+                        "a random `{key}` needs both `minimum` and `maximum`; `{end}` is missing"
+                    ),
                     None,
                 ),
             }
@@ -285,11 +295,19 @@ impl ObjSpans {
 }
 
 /// The closest candidate to a misspelt word, if one is close enough to be a likely typo.
-pub(crate) fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn suggest<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let word_lower = word.to_ascii_lowercase();
     candidates
         .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(&word_lower, &c.to_ascii_lowercase()), c))
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&word_lower, &c.to_ascii_lowercase()),
+                c,
+            )
+        })
         .filter(|(d, c)| *d <= (c.len().max(word.len()) / 3).max(1))
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)

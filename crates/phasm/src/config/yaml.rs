@@ -271,7 +271,10 @@ mod tests {
         assert_eq!(m[2].0.scalar(), Some("a"));
         assert_eq!(m[2].0.span.start, Pos { line: 4, col: 0 });
         assert_eq!(m[2].1.span.start, Pos { line: 4, col: 3 });
-        assert!(matches!(&m[2].1.kind, NodeKind::Scalar { plain: false, .. }));
+        assert!(matches!(
+            &m[2].1.kind,
+            NodeKind::Scalar { plain: false, .. }
+        ));
         assert!(matches!(&m[1].1.kind, NodeKind::Seq(items) if items.len() == 1));
     }
 

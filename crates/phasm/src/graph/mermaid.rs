@@ -24,7 +24,11 @@ pub fn to_mermaid(machine: &Machine) -> String {
             Some(b) => format!("{} ({b})", state.name),
             None => state.name.clone(),
         };
-        let _ = writeln!(out, "    state \"{}\" as {sid}", label.replace('"', "#quot;"));
+        let _ = writeln!(
+            out,
+            "    state \"{}\" as {sid}",
+            label.replace('"', "#quot;")
+        );
     }
     if let Some(initial) = machine.initial_state().and_then(|s| id_of(&s.name)) {
         let _ = writeln!(out, "    [*] --> {initial}");
@@ -46,7 +50,11 @@ pub fn to_mermaid(machine: &Machine) -> String {
         out,
         "    classDef initial stroke:{INITIAL_COLOR},stroke-width:3px"
     );
-    let _ = writeln!(out, "    classDef continuation fill:{}", super::CONTINUATION_FILL);
+    let _ = writeln!(
+        out,
+        "    classDef continuation fill:{}",
+        super::CONTINUATION_FILL
+    );
     let _ = writeln!(out, "    classDef fanin fill:{}", super::FAN_IN_FILL);
     for (state, sid) in machine.states.iter().zip(&ids) {
         if state.initial {

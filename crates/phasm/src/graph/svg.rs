@@ -87,11 +87,19 @@ pub fn to_svg(machine: &Machine) -> String {
     }
     for (i, state) in machine.states.iter().enumerate() {
         if state.continuation {
-            graph.add_edge(arrow(NEXT_PAGE, LineStyleKind::Dashed), handles[i], handles[i]);
+            graph.add_edge(
+                arrow(NEXT_PAGE, LineStyleKind::Dashed),
+                handles[i],
+                handles[i],
+            );
         }
         for t in &state.transitions {
             if let Some(j) = machine.states.iter().position(|s| s.name == t.to) {
-                graph.add_edge(arrow(&t.event, LineStyleKind::Normal), handles[i], handles[j]);
+                graph.add_edge(
+                    arrow(&t.event, LineStyleKind::Normal),
+                    handles[i],
+                    handles[j],
+                );
             }
         }
     }

@@ -1,0 +1,200 @@
+//! The `phasm` binary as a user runs it: output, exit codes, files written.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn phasm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("phasm runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const THREE_MISTAKES: &str = "crates/phasm/tests/invalid/three-mistakes.yaml";
+const FANTASM_FSM: &str = "crates/phasm/tests/fixtures/fantasm-yaml/test/fsm.yaml";
+
+#[test]
+fn validate_prints_three_located_errors_and_nothing_else() {
+    let out = phasm(&["validate", THREE_MISTAKES]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "stdout: {}", text(&out.stdout));
+    let err = text(&out.stderr);
+    let headers: Vec<&str> = err.lines().filter(|l| l.contains(": error: ")).collect();
+    assert_eq!(headers.len(), 3, "{err}");
+    assert!(
+        headers[0].starts_with(&format!("{THREE_MISTAKES}:6:12: error: `logging`")),
+        "{err}"
+    );
+    assert!(
+        headers[1].starts_with(&format!(
+            "{THREE_MISTAKES}:10:5: error: unknown key `acton`"
+        )),
+        "{err}"
+    );
+    assert!(
+        headers[2].starts_with(&format!(
+            "{THREE_MISTAKES}:14:11: error: transition to unknown state `finsh`"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("did you mean `action`?"), "{err}");
+    assert!(err.contains("did you mean `finish`?"), "{err}");
+    assert!(
+        err.contains("14 |       to: finsh\n   |           ^^^^^"),
+        "{err}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+}
+
+#[test]
+fn validate_accepts_fantasm_files_and_reports_each() {
+    let out = phasm(&["validate", FANTASM_FSM, "examples/orders/orders.yaml"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains(
+            "ok: crates/phasm/tests/fixtures/fantasm-yaml/test/fsm.yaml (11 machines, 33 states)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: examples/orders/orders.yaml (1 machine, 5 states)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn validate_reports_problems_in_every_file_given() {
+    let out = phasm(&[
+        "validate",
+        THREE_MISTAKES,
+        "crates/phasm/tests/invalid/duplicate-event.yaml",
+        FANTASM_FSM,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert_eq!(err.matches(": error: ").count(), 4, "{err}");
+}
+
+#[test]
+fn strict_reports_unbound_actions() {
+    let out = phasm(&["validate", "--strict", FANTASM_FSM]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("error: action `DoAction1` is not bound"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bind `complex_machine.DoAction1` or `DoAction1`"),
+        "{err}"
+    );
+    let ok = phasm(&["validate", "--strict", "examples/orders/orders.yaml"]);
+    assert_eq!(ok.status.code(), Some(0), "{}", text(&ok.stderr));
+}
+
+#[test]
+fn warnings_pass_unless_denied() {
+    let dir = tempdir();
+    let file = dir.join("unreachable.yaml");
+    std::fs::write(
+        &file,
+        "state_machines:\n- name: M\n  states:\n  - name: a\n    initial: true\n    final: true\n  - name: orphan\n    final: true\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = phasm(&["validate", path]);
+    assert_eq!(out.status.code(), Some(0));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(":7:11: warning: state `orphan` cannot be reached from the initial state `a`"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).contains("1 warning"));
+    let denied = phasm(&["validate", "--deny-warnings", path]);
+    assert_eq!(denied.status.code(), Some(2));
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let out = phasm(&["validate", "no/such/file.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with("error: cannot read `no/such/file.yaml`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn graph_writes_dot_mermaid_and_svg() {
+    let dot = phasm(&[
+        "graph",
+        FANTASM_FSM,
+        "--machine",
+        "ComplexMachine",
+        "--format",
+        "dot",
+    ]);
+    assert_eq!(dot.status.code(), Some(0));
+    assert!(text(&dot.stdout).starts_with("digraph \"ComplexMachine\" {"));
+    let mermaid = phasm(&[
+        "graph",
+        FANTASM_FSM,
+        "-m",
+        "ComplexMachine",
+        "-f",
+        "mermaid",
+    ]);
+    assert!(text(&mermaid.stdout).contains("stateDiagram-v2"));
+    let dir = tempdir();
+    let svg_path = dir.join("complex.svg");
+    let svg = phasm(&[
+        "graph",
+        FANTASM_FSM,
+        "-m",
+        "ComplexMachine",
+        "-o",
+        svg_path.to_str().unwrap(),
+    ]);
+    assert_eq!(svg.status.code(), Some(0), "{}", text(&svg.stderr));
+    let written = std::fs::read_to_string(&svg_path).unwrap();
+    assert!(written.contains("<svg") && written.contains("event4"));
+}
+
+#[test]
+fn graph_needs_a_machine_when_the_file_has_several() {
+    let out = phasm(&["graph", FANTASM_FSM]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("defines 11 machines; choose one with --machine NAME"),
+        "{err}"
+    );
+    assert!(err.contains("ComplexMachine"), "{err}");
+    let unknown = phasm(&["graph", FANTASM_FSM, "-m", "Nope"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(text(&unknown.stderr).contains("has no machine named `Nope`"));
+}
+
+fn tempdir() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "phasm-cli-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
