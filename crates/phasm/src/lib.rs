@@ -6,6 +6,29 @@
 //! - [`config`]: YAML files → the model, with complete, located validation;
 //! - [`diagnostic`]: located problems and their compiler-style rendering;
 //! - [`graph`]: drawings of a machine (DOT, Mermaid, SVG).
+//!
+//! ```
+//! use phasm::config::{load_str, LoadOptions};
+//!
+//! let yaml = "
+//! state_machines:
+//! - name: Hello
+//!   states:
+//!   - name: greet
+//!     initial: true
+//!     final: true
+//!     action: SayHello
+//! ";
+//! let loaded = load_str(yaml, "hello.yaml", &LoadOptions::default()).expect("valid");
+//! let machine = loaded.config.machine("Hello").expect("defined");
+//! assert_eq!(machine.initial_state().map(|s| s.name.as_str()), Some("greet"));
+//! assert!(phasm::graph::to_dot(machine).contains("\"greet\""));
+//!
+//! // Mistakes come back located, one diagnostic each.
+//! let err = load_str("state_machines:\n- name: Bad_Name\n", "bad.yaml", &LoadOptions::default())
+//!     .unwrap_err();
+//! assert!(err.to_string().starts_with("bad.yaml:2:9: error: invalid machine name `Bad_Name`"));
+//! ```
 
 pub mod config;
 pub mod diagnostic;
