@@ -83,10 +83,9 @@ pub(crate) struct StateSpans {
 pub(crate) fn machine(cx: &mut Cx<'_>, node: &Node) -> Option<(Machine, MachineSpans)> {
     let f = cx.fields(node, "a machine", MACHINE_KEYS)?;
     let name = required_name(cx, &f, "name", "machine");
-    let optional = |cx: &mut Cx<'_>, key: &str| f.get(key).and_then(|n| cx.string(n, key));
-    let namespace = optional(cx, "namespace");
-    let queue = optional(cx, "queue");
-    let target = optional(cx, "target");
+    let namespace = cx.optional_string(&f, "namespace");
+    let queue = cx.optional_string(&f, "queue");
+    let target = cx.optional_string(&f, "target");
     let countdown = f
         .get("countdown")
         .and_then(|n| cx.countdown(n, "countdown"));
@@ -125,27 +124,9 @@ pub(crate) fn machine(cx: &mut Cx<'_>, node: &Node) -> Option<(Machine, MachineS
         countdown,
         retry: &retry,
     };
-    let mut states = Vec::new();
-    let mut state_spans = Vec::new();
-    match f.get("states") {
-        None => {}
-        Some(n) if n.is_null() => {}
-        Some(n) => match &n.kind {
-            NodeKind::Seq(items) => {
-                for item in items {
-                    if let Some((s, spans)) = state(cx, item, &defaults) {
-                        states.push(s);
-                        state_spans.push(spans);
-                    }
-                }
-            }
-            _ => cx.error(
-                n.span,
-                format!("`states` must be a list of states, found {}", n.describe()),
-                None,
-            ),
-        },
-    }
+    let (states, state_spans) = list(cx, &f, "states", "a list of states", |cx, item| {
+        state(cx, item, &defaults)
+    });
     let start_policy = TransitionPolicy::resolve(&defaults, None, None, None, &retry);
     let machine = Machine {
         name,
@@ -176,13 +157,12 @@ fn state(
 ) -> Option<(State, StateSpans)> {
     let f = cx.fields(node, "a state", STATE_KEYS)?;
     let name = required_name(cx, &f, "name", "state");
-    let optional = |cx: &mut Cx<'_>, key: &str| f.get(key).and_then(|n| cx.string(n, key));
     let flag =
         |cx: &mut Cx<'_>, key: &str| f.get(key).and_then(|n| cx.boolean(n, key)).unwrap_or(false);
-    let namespace = optional(cx, "namespace");
-    let entry = optional(cx, "entry");
-    let action = optional(cx, "action");
-    let exit = optional(cx, "exit");
+    let namespace = cx.optional_string(&f, "namespace");
+    let entry = cx.optional_string(&f, "entry");
+    let action = cx.optional_string(&f, "action");
+    let exit = cx.optional_string(&f, "exit");
     let initial = flag(cx, "initial");
     let is_final = flag(cx, "final");
     let continuation = flag(cx, "continuation");
@@ -190,32 +170,15 @@ fn state(
         .get("continuation_countdown")
         .and_then(|n| cx.duration(n, "continuation_countdown"));
     let fan_in = f.get("fan_in").and_then(|n| fan_in(cx, n));
-    let fan_in_group = optional(cx, "fan_in_group");
+    let fan_in_group = cx.optional_string(&f, "fan_in_group");
 
-    let mut transitions = Vec::new();
-    let mut transition_spans = Vec::new();
-    match f.get("transitions") {
-        None => {}
-        Some(n) if n.is_null() => {}
-        Some(n) => match &n.kind {
-            NodeKind::Seq(items) => {
-                for item in items {
-                    if let Some((t, spans)) = transition(cx, item, defaults) {
-                        transitions.push(t);
-                        transition_spans.push(spans);
-                    }
-                }
-            }
-            _ => cx.error(
-                n.span,
-                format!(
-                    "`transitions` must be a list of transitions, found {}",
-                    n.describe()
-                ),
-                None,
-            ),
-        },
-    }
+    let (transitions, transition_spans) = list(
+        cx,
+        &f,
+        "transitions",
+        "a list of transitions",
+        |cx, item| transition(cx, item, defaults),
+    );
     let state = State {
         name,
         namespace,
@@ -278,11 +241,10 @@ fn transition(
         }
         Some(n) => cx.string(n, "to").unwrap_or_default(),
     };
-    let optional = |cx: &mut Cx<'_>, key: &str| f.get(key).and_then(|n| cx.string(n, key));
-    let action = optional(cx, "action");
-    let namespace = optional(cx, "namespace");
-    let queue = optional(cx, "queue");
-    let target = optional(cx, "target");
+    let action = cx.optional_string(&f, "action");
+    let namespace = cx.optional_string(&f, "namespace");
+    let queue = cx.optional_string(&f, "queue");
+    let target = cx.optional_string(&f, "target");
     let countdown: Option<Countdown> = f
         .get("countdown")
         .and_then(|n| cx.countdown(n, "countdown"));
@@ -308,6 +270,35 @@ fn transition(
         },
         f.spans(),
     ))
+}
+
+/// Build each item of a list-valued key (an absent or empty key is an empty list).
+fn list<T, S>(
+    cx: &mut Cx<'_>,
+    f: &Fields<'_>,
+    key: &str,
+    expected: &str,
+    mut build: impl FnMut(&mut Cx<'_>, &Node) -> Option<(T, S)>,
+) -> (Vec<T>, Vec<S>) {
+    let mut built = (Vec::new(), Vec::new());
+    let Some(n) = f.get(key).filter(|n| !n.is_null()) else {
+        return built;
+    };
+    let NodeKind::Seq(items) = &n.kind else {
+        cx.error(
+            n.span,
+            format!("`{key}` must be {expected}, found {}", n.describe()),
+            None,
+        );
+        return built;
+    };
+    for item in items {
+        if let Some((value, spans)) = build(cx, item) {
+            built.0.push(value);
+            built.1.push(spans);
+        }
+    }
+    built
 }
 
 /// The name of a machine or state: required, and `[a-zA-Z0-9-]{1,50}`.

@@ -123,6 +123,11 @@ impl<'s> Cx<'s> {
         }
     }
 
+    /// An optional string key of a mapping.
+    pub fn optional_string(&mut self, f: &Fields<'_>, key: &str) -> Option<String> {
+        f.get(key).and_then(|n| self.string(n, key))
+    }
+
     /// A boolean: YAML's `true`/`false` in any case, YAML 1.1's `yes`/`no`/`on`/`off` (which
     /// Fantasm's PyYAML loader accepted), or `1`/`0`.
     pub fn boolean(&mut self, node: &Node, key: &str) -> Option<bool> {
