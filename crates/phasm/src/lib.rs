@@ -30,7 +30,13 @@
 //! assert!(err.to_string().starts_with("bad.yaml:2:9: error: invalid machine name `Bad_Name`"));
 //! ```
 
+pub mod action;
+pub mod clock;
 pub mod config;
+pub mod control;
 pub mod diagnostic;
+pub mod engine;
 pub mod graph;
 pub mod machine;
+pub mod store;
+pub mod worker;

@@ -1,0 +1,234 @@
+//! The `exec` binding: an action carried out by running a program.
+//!
+//! phasm writes one JSON request to the program's stdin and reads one JSON response from its
+//! stdout (see the README for the fields). A non-zero exit, a timeout, output that is not a
+//! JSON object, or output larger than [`MAX_EXEC_OUTPUT_BYTES`] fails the attempt; stderr goes
+//! to the instance's log.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use super::{Action, ActionContext, ActionError, ActionResult};
+use crate::machine::ExecBinding;
+
+/// How long a call may run when its binding sets no `timeout`.
+pub const DEFAULT_EXEC_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The most a program may write to stdout (and, separately, to stderr).
+pub const MAX_EXEC_OUTPUT_BYTES: usize = 16 * 1024 * 1024;
+
+/// How much of stderr an error message quotes.
+const STDERR_TAIL: usize = 2000;
+
+/// An action that runs a program per call.
+#[derive(Debug, Clone)]
+pub struct ExecAction {
+    binding: ExecBinding,
+}
+
+impl ExecAction {
+    /// An action for this binding.
+    pub fn new(binding: ExecBinding) -> Self {
+        Self { binding }
+    }
+
+    fn describe(&self) -> String {
+        self.binding.argv.join(" ")
+    }
+}
+
+#[async_trait]
+impl Action for ExecAction {
+    async fn run(&self, cx: &mut ActionContext) -> ActionResult {
+        let request = json!({
+            "machine": cx.machine,
+            "instance": cx.instance,
+            "state": cx.state,
+            "role": cx.role.as_str(),
+            "event": cx.event,
+            "task": cx.task,
+            "attempt": cx.attempt,
+            "context": cx.context,
+        });
+        let timeout = self.binding.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
+        let (program, args) = self
+            .binding
+            .argv
+            .split_first()
+            .ok_or_else(|| ActionError::new("exec binding has no program"))?;
+        let mut child = Command::new(program)
+            .args(args)
+            .current_dir(&self.binding.working_dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                ActionError::new(format!(
+                    "cannot start `{}` in `{}`: {e}",
+                    self.describe(),
+                    self.binding.working_dir.display()
+                ))
+            })?;
+        let mut stdin = child.stdin.take();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let body = serde_json::to_vec(&request)?;
+        let run = async {
+            let write = async {
+                if let Some(mut pipe) = stdin.take() {
+                    // A program may exit without reading its input: that is its business.
+                    let _ = pipe.write_all(&body).await;
+                    let _ = pipe.shutdown().await;
+                }
+            };
+            let (_, out, err, status) = tokio::join!(
+                write,
+                read_capped(stdout),
+                read_capped(stderr),
+                child.wait()
+            );
+            (out, err, status)
+        };
+        let (out, err, status) = match tokio::time::timeout(timeout, run).await {
+            Ok(done) => done,
+            Err(_) => {
+                return Err(ActionError::new(format!(
+                    "`{}` timed out after {}s and was killed",
+                    self.describe(),
+                    timeout.as_secs_f64()
+                )))
+            }
+        };
+        let status = status
+            .map_err(|e| ActionError::new(format!("waiting for `{}`: {e}", self.describe())))?;
+        let (stderr_text, stderr_over) = err;
+        let stderr_text = String::from_utf8_lossy(&stderr_text).into_owned();
+        for line in stderr_text.lines().filter(|l| !l.trim().is_empty()) {
+            cx.log(
+                if status.success() { "info" } else { "error" },
+                format!("stderr: {line}"),
+            );
+        }
+        if stderr_over {
+            cx.log(
+                "warning",
+                format!("stderr was cut at {MAX_EXEC_OUTPUT_BYTES} bytes"),
+            );
+        }
+        if !status.success() {
+            let code = status.code().map_or_else(
+                || "was killed by a signal".to_string(),
+                |c| format!("exited with status {c}"),
+            );
+            let tail = tail(&stderr_text);
+            let tail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {tail}")
+            };
+            return Err(ActionError::new(format!(
+                "`{}` {code}{tail}",
+                self.describe()
+            )));
+        }
+        let (stdout, stdout_over) = out;
+        if stdout_over {
+            return Err(ActionError::new(format!(
+                "`{}` wrote more than {MAX_EXEC_OUTPUT_BYTES} bytes to stdout",
+                self.describe()
+            )));
+        }
+        apply_response(cx, &stdout)
+            .map_err(|e| ActionError::new(format!("`{}`: {e}", self.describe())))
+    }
+}
+
+async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> (Vec<u8>, bool) {
+    let Some(pipe) = pipe else {
+        return (Vec::new(), false);
+    };
+    let mut buf = Vec::new();
+    let mut limited = pipe.take(MAX_EXEC_OUTPUT_BYTES as u64 + 1);
+    let _ = limited.read_to_end(&mut buf).await;
+    let over = buf.len() > MAX_EXEC_OUTPUT_BYTES;
+    if over {
+        buf.truncate(MAX_EXEC_OUTPUT_BYTES);
+        // Drain the rest so the program is not blocked writing to a full pipe.
+        let mut rest = limited.into_inner();
+        let mut sink = [0u8; 8192];
+        while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
+    }
+    (buf, over)
+}
+
+fn tail(text: &str) -> String {
+    let trimmed = text.trim();
+    let start = trimmed.len().saturating_sub(STDERR_TAIL);
+    let start = (start..=trimmed.len())
+        .find(|&i| trimmed.is_char_boundary(i))
+        .unwrap_or(trimmed.len());
+    trimmed[start..].replace('\n', " | ")
+}
+
+/// Apply a program's response to the action context; returns the event.
+fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
+    if stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let value: Value = serde_json::from_slice(stdout).map_err(|e| {
+        let shown = String::from_utf8_lossy(&stdout[..stdout.len().min(200)]).into_owned();
+        ActionError::new(format!("output is not JSON ({e}): {shown}"))
+    })?;
+    let Value::Object(mut response) = value else {
+        return Err(ActionError::new("output must be a JSON object"));
+    };
+    for unsupported in ["forks", "spawn", "token"] {
+        if response.get(unsupported).is_some_and(|v| !v.is_null()) {
+            return Err(ActionError::new(format!(
+                "`{unsupported}` in a response is not supported by this version of phasm"
+            )));
+        }
+    }
+    if let Some(context) = response.remove("context") {
+        match context {
+            Value::Object(map) => cx.context = map,
+            Value::Null => {}
+            _ => return Err(ActionError::new("`context` must be a JSON object")),
+        }
+    }
+    if let Some(log) = response.remove("log") {
+        match log {
+            Value::Array(lines) => {
+                for line in lines {
+                    match line {
+                        Value::String(s) => cx.info(s),
+                        other => cx.info(other.to_string()),
+                    }
+                }
+            }
+            Value::String(s) => cx.info(s),
+            Value::Null => {}
+            _ => return Err(ActionError::new("`log` must be an array of strings")),
+        }
+    }
+    match response.remove("halt") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => cx.halt("halted by the action"),
+        Some(Value::String(reason)) => cx.halt(reason),
+        Some(_) => return Err(ActionError::new("`halt` must be true, false or a reason")),
+    }
+    match response.remove("event") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(e)) => Ok(Some(e)),
+        Some(other) => Err(ActionError::new(format!(
+            "`event` must be a string, found {other}"
+        ))),
+    }
+}

@@ -1,0 +1,351 @@
+//! What actions are: the [`Action`] trait, the [`ActionContext`] they work with, and the
+//! [`Registry`] that binds action names to Rust handlers and to programs (`exec`).
+
+mod exec;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use exec::{ExecAction, DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT_BYTES};
+
+use crate::clock::{Clock, Micros};
+use crate::engine::{Call, Context, LogLine};
+use crate::machine::{ActionBinding, ActionRole, Config, Logging, Machine};
+
+/// Why an action failed. The attempt fails and is retried by the transition's policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ActionError {
+    message: String,
+}
+
+impl ActionError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<String> for ActionError {
+    fn from(message: String) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<&str> for ActionError {
+    fn from(message: &str) -> Self {
+        Self::new(message)
+    }
+}
+
+impl From<serde_json::Error> for ActionError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for ActionError {
+    fn from(e: std::io::Error) -> Self {
+        Self::new(e.to_string())
+    }
+}
+
+/// What an action returns: the next event (only the main action's counts), or an error.
+pub type ActionResult = Result<Option<String>, ActionError>;
+
+/// An action: code run in a state's `entry`, `action` or `exit` slot, or on a transition.
+///
+/// Actions run **at least once**: a step whose worker dies, or whose commit is refused, runs
+/// again. Use [`ActionContext::idempotency_key`] to make side effects idempotent.
+#[async_trait]
+pub trait Action: Send + Sync {
+    /// Run once. The main action (role [`ActionRole::Action`]) returns the next event.
+    async fn run(&self, cx: &mut ActionContext) -> ActionResult;
+}
+
+/// A closure as an action.
+struct FnAction<F>(F);
+
+#[async_trait]
+impl<F> Action for FnAction<F>
+where
+    F: Fn(&mut ActionContext) -> ActionResult + Send + Sync,
+{
+    async fn run(&self, cx: &mut ActionContext) -> ActionResult {
+        (self.0)(cx)
+    }
+}
+
+/// What an action sees and changes while it runs.
+#[derive(Debug)]
+pub struct ActionContext {
+    pub(crate) machine: String,
+    pub(crate) instance: String,
+    pub(crate) state: String,
+    pub(crate) role: ActionRole,
+    pub(crate) event: String,
+    pub(crate) task: String,
+    pub(crate) attempt: u32,
+    pub(crate) context: Context,
+    pub(crate) obj: HashMap<String, serde_json::Value>,
+    pub(crate) halted: Option<String>,
+    pub(crate) logs: Vec<LogLine>,
+    pub(crate) persistent: bool,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl ActionContext {
+    /// A context for running actions outside a worker (tests of a single action).
+    pub fn new(machine: &str, instance: &str, context: Context, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            machine: machine.into(),
+            instance: instance.into(),
+            state: String::new(),
+            role: ActionRole::Action,
+            event: String::new(),
+            task: format!("{instance}--test"),
+            attempt: 0,
+            context,
+            obj: HashMap::new(),
+            halted: None,
+            logs: Vec::new(),
+            persistent: true,
+            clock,
+        }
+    }
+
+    /// The machine's name.
+    pub fn machine(&self) -> &str {
+        &self.machine
+    }
+
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The state this call belongs to.
+    pub fn state(&self) -> &str {
+        &self.state
+    }
+
+    /// Which slot the running action fills.
+    pub fn role(&self) -> ActionRole {
+        self.role
+    }
+
+    /// The event being dispatched (`pseudo-init` when entering the initial state).
+    pub fn event(&self) -> &str {
+        &self.event
+    }
+
+    /// A key unique to this step of this instance and the same on every attempt of it: use
+    /// it to make side effects idempotent (e.g. as a payment provider's idempotency key).
+    pub fn idempotency_key(&self) -> &str {
+        &self.task
+    }
+
+    /// Earlier attempts of this step (0 on the first).
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// A context value, converted from JSON; `Ok(None)` when absent.
+    ///
+    /// # Errors
+    /// When the stored value does not convert to `T`.
+    pub fn get<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ActionError> {
+        match self.context.get(key) {
+            None => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| ActionError::new(format!("context key `{key}`: {e}"))),
+        }
+    }
+
+    /// Set a context value (carried to the next step).
+    ///
+    /// # Errors
+    /// When the value cannot be represented as JSON.
+    pub fn put<T: Serialize>(&mut self, key: &str, value: T) -> Result<(), ActionError> {
+        let v = serde_json::to_value(value)?;
+        self.context.insert(key.to_string(), v);
+        Ok(())
+    }
+
+    /// Remove a context value, returning it.
+    pub fn remove(&mut self, key: &str) -> Option<serde_json::Value> {
+        self.context.remove(key)
+    }
+
+    /// The whole context.
+    pub fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// The whole context, to change.
+    pub fn context_mut(&mut self) -> &mut Context {
+        &mut self.context
+    }
+
+    /// A scratch map shared by the actions of one step and then dropped (Fantasm's `obj`):
+    /// for values that must not be stored, such as open handles' descriptions or caches.
+    pub fn scratch(&mut self) -> &mut HashMap<String, serde_json::Value> {
+        &mut self.obj
+    }
+
+    /// Stop the machine deliberately after this action: the instance ends `halted`, nothing
+    /// is retried, pending work of the instance is dropped.
+    pub fn halt(&mut self, reason: impl Into<String>) {
+        self.halted = Some(reason.into());
+    }
+
+    /// Write a log line. It goes to phasm's own log output, and is kept with the instance
+    /// (`phasm logs`) when the machine has `logging: persistent`.
+    pub fn log(&mut self, level: &str, message: impl Into<String>) {
+        let message = message.into();
+        match level {
+            "error" => tracing::error!(instance = %self.instance, state = %self.state, "{message}"),
+            "warning" | "warn" => {
+                tracing::warn!(instance = %self.instance, state = %self.state, "{message}")
+            }
+            "debug" => tracing::debug!(instance = %self.instance, state = %self.state, "{message}"),
+            _ => tracing::info!(instance = %self.instance, state = %self.state, "{message}"),
+        }
+        if self.persistent {
+            self.logs.push(LogLine {
+                at: self.clock.now(),
+                level: level.to_string(),
+                message,
+                task: self.task.clone(),
+            });
+        }
+    }
+
+    /// Shorthand for `log("info", …)`.
+    pub fn info(&mut self, message: impl Into<String>) {
+        self.log("info", message);
+    }
+
+    /// Shorthand for `log("warning", …)`.
+    pub fn warn(&mut self, message: impl Into<String>) {
+        self.log("warning", message);
+    }
+
+    /// The current time.
+    pub fn now(&self) -> Micros {
+        self.clock.now()
+    }
+}
+
+/// Action names bound to implementations: Rust handlers registered by name, and the `exec`
+/// bindings of a configuration. A name is looked up as `NAMESPACE.NAME`, then `NAME`; a Rust
+/// handler wins over an `exec` binding of the same name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    rust: HashMap<String, Arc<dyn Action>>,
+    exec: HashMap<String, Arc<dyn Action>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut rust: Vec<_> = self.rust.keys().collect();
+        rust.sort();
+        let mut exec: Vec<_> = self.exec.keys().collect();
+        exec.sort();
+        f.debug_struct("Registry")
+            .field("rust", &rust)
+            .field("exec", &exec)
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bind a name to a Rust action.
+    pub fn register(
+        &mut self,
+        name: impl Into<String>,
+        action: impl Action + 'static,
+    ) -> &mut Self {
+        self.rust.insert(name.into(), Arc::new(action));
+        self
+    }
+
+    /// Bind a name to a closure.
+    pub fn register_fn<F>(&mut self, name: impl Into<String>, f: F) -> &mut Self
+    where
+        F: Fn(&mut ActionContext) -> ActionResult + Send + Sync + 'static,
+    {
+        self.register(name, FnAction(f))
+    }
+
+    /// Add the `exec` bindings of a configuration.
+    pub fn bind_config(&mut self, config: &Config) -> &mut Self {
+        for (name, binding) in &config.actions {
+            let ActionBinding::Exec(exec) = binding;
+            self.exec
+                .insert(name.clone(), Arc::new(ExecAction::new(exec.clone())));
+        }
+        self
+    }
+
+    /// Names registered in Rust.
+    pub fn rust_names(&self) -> Vec<String> {
+        self.rust.keys().cloned().collect()
+    }
+
+    fn lookup(&self, name: &str) -> Option<Arc<dyn Action>> {
+        self.rust.get(name).or_else(|| self.exec.get(name)).cloned()
+    }
+
+    /// The action a call runs, if bound.
+    pub fn resolve(&self, call: &Call) -> Option<Arc<dyn Action>> {
+        call.namespace
+            .as_ref()
+            .and_then(|ns| self.lookup(&format!("{ns}.{}", call.action)))
+            .or_else(|| self.lookup(&call.action))
+    }
+
+    /// Every action name of `machine` that is bound to nothing, described for an error
+    /// message (`state `s` action `X` (tried `ns.X`, `X`)`).
+    pub fn unbound(&self, machine: &Machine) -> Vec<String> {
+        let mut missing = Vec::new();
+        for r in machine.action_refs() {
+            let names = r.lookup_names();
+            if names.iter().all(|n| self.lookup(n).is_none()) {
+                let place = match r.event {
+                    Some(e) => format!("transition `{}--{e}`", r.state),
+                    None => format!("state `{}` {}", r.state, r.role.as_str()),
+                };
+                let tried: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+                missing.push(format!(
+                    "{place}: `{}` (looked up as {})",
+                    r.name,
+                    tried.join(" or ")
+                ));
+            }
+        }
+        missing
+    }
+}
+
+/// Whether a machine's action logs are kept with its instances.
+pub(crate) fn keeps_logs(machine: &Machine) -> bool {
+    machine.logging == Logging::Persistent
+}

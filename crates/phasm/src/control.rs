@@ -1,0 +1,236 @@
+//! What users do to instances, with the checks a command line or HTTP API needs: start one
+//! (with typed `KEY=VALUE` context values), and the errors that explain what was wrong.
+
+use serde_json::Value;
+
+use crate::clock::Clock;
+use crate::engine::{self, Context, Limits};
+use crate::machine::{Config, Machine, ValueKind};
+use crate::store::{InstanceStatus, NewInstance, Started, Store, StoreError};
+
+/// What starting an instance did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartOutcome {
+    /// A new instance of this name was created and queued.
+    Started(String),
+    /// An instance of this name already existed; nothing was changed (starting is idempotent).
+    AlreadyExists {
+        /// Its name.
+        name: String,
+        /// Its machine.
+        machine: String,
+        /// Its status.
+        status: InstanceStatus,
+    },
+}
+
+impl StartOutcome {
+    /// The instance's name.
+    pub fn name(&self) -> &str {
+        match self {
+            StartOutcome::Started(name) | StartOutcome::AlreadyExists { name, .. } => name,
+        }
+    }
+}
+
+/// Why an instance could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// No machine of that name.
+    #[error("no machine named `{name}`; the configuration has: {}", known.join(", "))]
+    UnknownMachine {
+        /// Asked for.
+        name: String,
+        /// Defined.
+        known: Vec<String>,
+    },
+    /// A caller-given name is not usable.
+    #[error("invalid instance name `{0}`: use 1 to 200 letters, digits, `-`, `_` and `.`")]
+    InvalidName(String),
+    /// The name exists for another machine.
+    #[error("instance `{name}` already exists for machine `{machine}`")]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// Its machine.
+        machine: String,
+    },
+    /// The context is too large.
+    #[error("the context is {bytes} bytes, over the limit of {limit} bytes; keep large data outside the context")]
+    ContextTooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Start an instance of `machine` with `context`, named `name` or a generated
+/// `MACHINE-YYYYMMDDHHMMSS-XXXXXX`. Starting an existing name again changes nothing.
+///
+/// # Errors
+/// See [`StartError`].
+pub async fn start_instance(
+    store: &dyn Store,
+    config: &Config,
+    clock: &dyn Clock,
+    machine: &str,
+    context: Context,
+    name: Option<&str>,
+    limits: &Limits,
+) -> Result<StartOutcome, StartError> {
+    let Some(m) = config.machine(machine) else {
+        return Err(StartError::UnknownMachine {
+            name: machine.to_string(),
+            known: config.machines.iter().map(|m| m.name.clone()).collect(),
+        });
+    };
+    let bytes = serde_json::to_vec(&context).map_or(0, |v| v.len());
+    if bytes > limits.max_context_bytes {
+        return Err(StartError::ContextTooLarge {
+            bytes,
+            limit: limits.max_context_bytes,
+        });
+    }
+    let now = clock.now();
+    let name = match name {
+        Some(n) if engine::is_valid_instance_name(n) => n.to_string(),
+        Some(n) => return Err(StartError::InvalidName(n.to_string())),
+        None => engine::instance_name(&m.name, now, &mut fastrand::Rng::new()),
+    };
+    let start = engine::start_task(m, &name, context.clone(), now);
+    let started = store
+        .start(
+            now,
+            NewInstance {
+                name: name.clone(),
+                machine: m.name.clone(),
+                context,
+                start,
+            },
+        )
+        .await?;
+    match started {
+        Started::Created => Ok(StartOutcome::Started(name)),
+        Started::Existing { machine, status } if machine == m.name => {
+            Ok(StartOutcome::AlreadyExists {
+                name,
+                machine,
+                status,
+            })
+        }
+        Started::Existing { machine, .. } => Err(StartError::NameTaken { name, machine }),
+    }
+}
+
+/// Parse a `KEY=VALUE` pair, converting the value by the machine's `context_types`
+/// (`int`, `float`, `bool`, `json`, `datetime`; anything else stays a string).
+///
+/// # Errors
+/// A message saying what is wrong with the pair.
+pub fn parse_set(machine: &Machine, pair: &str) -> Result<(String, Value), String> {
+    let Some((key, raw)) = pair.split_once('=') else {
+        return Err(format!("`{pair}` is not KEY=VALUE"));
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("`{pair}` has an empty key"));
+    }
+    let Some(t) = machine.context_types.get(key) else {
+        return Ok((key.to_string(), Value::String(raw.to_string())));
+    };
+    let bad = |what: &str| {
+        format!(
+            "`{key}` is typed `{}` in machine `{}`, but `{raw}` is not {what}",
+            t.0, machine.name
+        )
+    };
+    let value = match t.kind() {
+        ValueKind::Int => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::from)
+            .map_err(|_| bad("a whole number"))?,
+        ValueKind::Float => raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|f| serde_json::Number::from_f64(f).map(Value::Number))
+            .ok_or_else(|| bad("a number"))?,
+        ValueKind::Bool => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Value::Bool(true),
+            "false" | "0" | "no" | "off" => Value::Bool(false),
+            _ => return Err(bad("true or false")),
+        },
+        ValueKind::Json => serde_json::from_str(raw).map_err(|e| bad(&format!("JSON ({e})")))?,
+        ValueKind::Datetime => {
+            let parsed = chrono::DateTime::parse_from_rfc3339(raw.trim())
+                .map(|d| d.with_timezone(&chrono::Utc).to_rfc3339())
+                .or_else(|_| {
+                    chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d").map(|d| d.to_string())
+                })
+                .map_err(|_| {
+                    bad("an RFC 3339 date-time (2024-05-01T12:00:00Z) or a date (2024-05-01)")
+                })?;
+            Value::String(parsed)
+        }
+        ValueKind::Str | ValueKind::Other => Value::String(raw.to_string()),
+    };
+    Ok((key.to_string(), value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_str, LoadOptions};
+
+    fn machine() -> Machine {
+        let yaml = "state_machines:\n- name: M\n  context_types:\n    n: int\n    f: float\n    b: bool\n    j: json\n    d: datetime\n    k: google.appengine.ext.db.Key\n  states:\n  - name: a\n    initial: true\n    final: true\n";
+        load_str(yaml, "m.yaml", &LoadOptions::default())
+            .unwrap()
+            .config
+            .machines[0]
+            .clone()
+    }
+
+    #[test]
+    fn values_convert_by_context_types() {
+        let m = machine();
+        assert_eq!(parse_set(&m, "n=42"), Ok(("n".into(), Value::from(42))));
+        assert_eq!(parse_set(&m, "f=2.5"), Ok(("f".into(), Value::from(2.5))));
+        assert_eq!(parse_set(&m, "b=True"), Ok(("b".into(), Value::Bool(true))));
+        assert_eq!(
+            parse_set(&m, r#"j={"a":[1]}"#).unwrap().1,
+            serde_json::json!({"a": [1]})
+        );
+        assert_eq!(
+            parse_set(&m, "d=2024-05-01T12:00:00+02:00").unwrap().1,
+            Value::from("2024-05-01T10:00:00+00:00")
+        );
+        assert_eq!(parse_set(&m, "k=agxz").unwrap().1, Value::from("agxz"));
+        assert_eq!(
+            parse_set(&m, "untyped=a=b").unwrap(),
+            ("untyped".into(), Value::from("a=b"))
+        );
+    }
+
+    #[test]
+    fn bad_values_say_what_was_expected() {
+        let m = machine();
+        let err = parse_set(&m, "n=abc").unwrap_err();
+        assert_eq!(
+            err,
+            "`n` is typed `int` in machine `M`, but `abc` is not a whole number"
+        );
+        assert!(parse_set(&m, "b=maybe")
+            .unwrap_err()
+            .contains("true or false"));
+        assert!(parse_set(&m, "j={").unwrap_err().contains("JSON"));
+        assert!(parse_set(&m, "novalue")
+            .unwrap_err()
+            .contains("not KEY=VALUE"));
+    }
+}

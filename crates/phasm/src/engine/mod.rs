@@ -1,0 +1,615 @@
+//! The deterministic step: what one task does to an instance, as data.
+//!
+//! A worker asks [`plan`] which actions a claimed task runs, runs them (outside any
+//! transaction), and hands what they produced to [`complete`] — or the failure to
+//! [`failed_attempt`]. Both return a [`Commit`]: every effect of the step (the task finished
+//! or rescheduled, the next tasks, history, log lines, the instance's end), which the store
+//! applies in one transaction fenced by the task's lease. Nothing here does IO, reads a clock
+//! or draws a random number by itself, so every rule is unit-tested without a store.
+
+mod naming;
+
+pub use naming::{instance_name, is_valid_instance_name, task_name};
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{micros, Micros};
+use crate::machine::{
+    is_valid_event, ActionRole, Countdown, Machine, RetryPolicy, State, TransitionPolicy,
+};
+
+/// An instance's data: a JSON object.
+pub type Context = serde_json::Map<String, serde_json::Value>;
+
+/// The pseudo-event and pseudo-state of the task that starts an instance.
+pub const PSEUDO_INIT: &str = "pseudo-init";
+/// The pseudo-event and pseudo-state of the task that runs a final state's exit action.
+pub const PSEUDO_FINAL: &str = "pseudo-final";
+
+/// The default limit on a context's size when serialized as JSON.
+pub const DEFAULT_MAX_CONTEXT_BYTES: usize = 1024 * 1024;
+
+/// What a task dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskKind {
+    /// Dispatch `event` from `from_state` (or enter the initial state, for a start task).
+    Dispatch,
+    /// Run the exit action of `from_state`, a final state its branch ended in.
+    FinalExit,
+}
+
+impl TaskKind {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Dispatch => "dispatch",
+            TaskKind::FinalExit => "final-exit",
+        }
+    }
+
+    /// Parse the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "dispatch" => Some(TaskKind::Dispatch),
+            "final-exit" => Some(TaskKind::FinalExit),
+            _ => None,
+        }
+    }
+}
+
+/// A task claimed by a worker: one dispatch of one branch of one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// Store id of the task.
+    pub id: i64,
+    /// Fencing token of this claim: a commit carries it and is refused once another claim
+    /// (or the lease's expiry) has superseded it.
+    pub claim: i64,
+    /// The instance's name.
+    pub instance: String,
+    /// The instance's machine.
+    pub machine: String,
+    /// Unique per instance; the idempotency key actions see.
+    pub name: String,
+    /// The state the dispatch leaves; `None` for the task that starts the instance.
+    pub from_state: Option<String>,
+    /// The event dispatched.
+    pub event: String,
+    /// Dispatch or final exit.
+    pub kind: TaskKind,
+    /// The branch's context.
+    pub context: Context,
+    /// Steps taken by the branch before this one.
+    pub step: u64,
+    /// The branch (empty for an instance's first branch).
+    pub branch: String,
+    /// Earlier claims of this task (0 on the first attempt).
+    pub attempt: u32,
+    /// When the first attempt was claimed.
+    pub first_attempt_at: Micros,
+    /// The queue the task ran on.
+    pub queue: String,
+}
+
+/// A task to create.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Unique per instance.
+    pub name: String,
+    /// The state the dispatch leaves (`None`: the start task).
+    pub from_state: Option<String>,
+    /// The event dispatched.
+    pub event: String,
+    /// Dispatch or final exit.
+    pub kind: TaskKind,
+    /// The branch's context.
+    pub context: Context,
+    /// Steps of the branch before this one.
+    pub step: u64,
+    /// The branch.
+    pub branch: String,
+    /// Queue.
+    pub queue: String,
+    /// Worker pool.
+    pub target: Option<String>,
+    /// When it becomes due.
+    pub due_at: Micros,
+}
+
+/// One action call of a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    /// Which slot the action fills.
+    pub role: ActionRole,
+    /// The action name as written.
+    pub action: String,
+    /// The namespace it is looked up in first.
+    pub namespace: Option<String>,
+    /// The state the call belongs to (the target for entry/action, the source for exit and
+    /// transition actions).
+    pub state: String,
+}
+
+/// The actions a task runs, in order, and where it leads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The state entered (`None` for a final-exit task).
+    pub to_state: Option<String>,
+    /// Calls in DESIGN.md's order: source exit, transition action, target entry, target action.
+    pub calls: Vec<Call>,
+}
+
+/// What the actions of a step produced.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Outcome {
+    /// The context after the step.
+    pub context: Context,
+    /// The event returned by the target's main action.
+    pub event: Option<String>,
+    /// An action asked to stop the machine.
+    pub halted: Option<String>,
+    /// Log lines the actions wrote.
+    pub logs: Vec<LogLine>,
+}
+
+/// A log line of an instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// When it was written.
+    pub at: Micros,
+    /// `debug`, `info`, `warning` or `error`.
+    pub level: String,
+    /// The text.
+    pub message: String,
+    /// The task that wrote it.
+    pub task: String,
+}
+
+/// One committed transition, as shown by `phasm status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryEntry {
+    /// The state left (`None` for the step into the initial state).
+    pub from: Option<String>,
+    /// The event dispatched.
+    pub event: String,
+    /// The state entered.
+    pub to: String,
+    /// The attempt that committed (0 on the first try).
+    pub attempt: u32,
+    /// When that attempt started.
+    pub started_at: Micros,
+    /// When it committed.
+    pub finished_at: Micros,
+    /// The task.
+    pub task: String,
+    /// The branch.
+    pub branch: String,
+}
+
+/// What happens to the task that ran.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Done: delete it.
+    Finished,
+    /// Failed, with retries left: run again at `due_at`.
+    Retry {
+        /// When to try again.
+        due_at: Micros,
+        /// Why the attempt failed.
+        error: String,
+    },
+    /// Failed for good: keep it (for `phasm retry`) and fail the instance.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// How a step changes its instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceChange {
+    /// Nothing beyond the tasks.
+    None,
+    /// A branch ended with this context: the instance is completed if nothing else of it is
+    /// pending.
+    BranchEnded(Context),
+    /// An action halted the machine: end it, drop its pending tasks.
+    Halt(String),
+    /// A branch failed for good: the instance is failed, its other tasks held.
+    Fail(String),
+}
+
+/// Every effect of one step, applied atomically by the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    /// The task that ran.
+    pub task_id: i64,
+    /// Its claim (the fence).
+    pub claim: i64,
+    /// The instance.
+    pub instance: String,
+    /// What becomes of the task.
+    pub disposition: Disposition,
+    /// Tasks to create.
+    pub new_tasks: Vec<NewTask>,
+    /// The transition committed, if the step succeeded.
+    pub history: Option<HistoryEntry>,
+    /// Log lines to keep.
+    pub logs: Vec<LogLine>,
+    /// The instance's change.
+    pub instance_change: InstanceChange,
+}
+
+/// Limits the engine enforces on what actions produce.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest context, in bytes of JSON.
+    pub max_context_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_context_bytes: DEFAULT_MAX_CONTEXT_BYTES,
+        }
+    }
+}
+
+/// Why a task cannot be planned: the machine no longer matches what was queued (it was
+/// edited while instances were running). A mistake in the machine, not a passing fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PlanError(pub String);
+
+/// The calls a task makes and the state it leads to.
+///
+/// # Errors
+/// When the task names a state or event the machine does not have.
+pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
+    let ns = |state: &State| {
+        state
+            .namespace
+            .clone()
+            .or_else(|| machine.namespace.clone())
+    };
+    let call = |role, action: &Option<String>, state: &State, namespace: Option<String>| {
+        action.as_ref().map(|a| Call {
+            role,
+            action: a.clone(),
+            namespace,
+            state: state.name.clone(),
+        })
+    };
+    let state = |name: &str| {
+        machine.state(name).ok_or_else(|| {
+            PlanError(format!(
+                "machine `{}` has no state `{name}` (was the machine changed while instance `{}` ran?)",
+                machine.name, task.instance
+            ))
+        })
+    };
+    if task.kind == TaskKind::FinalExit {
+        let from_name = task.from_state.as_deref().unwrap_or_default();
+        let from = state(from_name)?;
+        return Ok(Plan {
+            to_state: None,
+            calls: call(ActionRole::Exit, &from.exit, from, ns(from))
+                .into_iter()
+                .collect(),
+        });
+    }
+    let mut calls = Vec::new();
+    let target = match &task.from_state {
+        None => machine
+            .initial_state()
+            .ok_or_else(|| PlanError(format!("machine `{}` has no initial state", machine.name)))?,
+        Some(from_name) => {
+            let from = state(from_name)?;
+            let t = from.transition(&task.event).ok_or_else(|| {
+                PlanError(format!(
+                    "state `{from_name}` of machine `{}` has no transition on event `{}`",
+                    machine.name, task.event
+                ))
+            })?;
+            calls.extend(call(ActionRole::Exit, &from.exit, from, ns(from)));
+            let t_ns = t.namespace.clone().or_else(|| machine.namespace.clone());
+            calls.extend(call(ActionRole::Transition, &t.action, from, t_ns));
+            state(&t.to)?
+        }
+    };
+    calls.extend(call(ActionRole::Entry, &target.entry, target, ns(target)));
+    calls.extend(call(ActionRole::Action, &target.action, target, ns(target)));
+    Ok(Plan {
+        to_state: Some(target.name.clone()),
+        calls,
+    })
+}
+
+/// The retry policy of a task: that of the transition that queued it (the machine's for
+/// start and final-exit tasks).
+pub fn retry_policy(machine: &Machine, task: &Task) -> RetryPolicy {
+    match (&task.kind, &task.from_state) {
+        (TaskKind::Dispatch, Some(from)) => machine
+            .state(from)
+            .and_then(|s| s.transition(&task.event))
+            .map_or(machine.start_policy.retry, |t| t.effective.retry),
+        _ => machine.start_policy.retry,
+    }
+}
+
+/// When a step's attempt started, and when it finished (the commit's time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepTimes {
+    /// The attempt started.
+    pub started_at: Micros,
+    /// The actions finished.
+    pub now: Micros,
+}
+
+/// Turn a successful run of a task's actions into its commit.
+pub fn complete(
+    machine: &Machine,
+    task: &Task,
+    plan: &Plan,
+    outcome: Outcome,
+    times: StepTimes,
+    rng: &mut fastrand::Rng,
+    limits: &Limits,
+) -> Commit {
+    let StepTimes { started_at, now } = times;
+    let mut commit = Commit {
+        task_id: task.id,
+        claim: task.claim,
+        instance: task.instance.clone(),
+        disposition: Disposition::Finished,
+        new_tasks: Vec::new(),
+        history: None,
+        logs: outcome.logs,
+        instance_change: InstanceChange::None,
+    };
+    if let Some(reason) = outcome.halted {
+        commit.instance_change = InstanceChange::Halt(reason);
+        return commit;
+    }
+    let context_bytes = serde_json::to_vec(&outcome.context).map_or(0, |v| v.len());
+    if context_bytes > limits.max_context_bytes {
+        let error = format!(
+            "the context of instance `{}` grew to {context_bytes} bytes in state `{}`, over the limit of {} bytes; \
+             keep large data outside the context (store a reference), or raise the limit",
+            task.instance,
+            plan.to_state.as_deref().or(task.from_state.as_deref()).unwrap_or(PSEUDO_INIT),
+            limits.max_context_bytes
+        );
+        return fail_for_good(commit, error, now, task);
+    }
+    let Some(to_name) = &plan.to_state else {
+        // A final state's exit action ran: the branch is over.
+        commit.history = Some(HistoryEntry {
+            from: task.from_state.clone(),
+            event: PSEUDO_FINAL.into(),
+            to: PSEUDO_FINAL.into(),
+            attempt: task.attempt,
+            started_at,
+            finished_at: now,
+            task: task.name.clone(),
+            branch: task.branch.clone(),
+        });
+        commit.instance_change = InstanceChange::BranchEnded(outcome.context);
+        return commit;
+    };
+    let Some(to) = machine.state(to_name) else {
+        return fail_for_good(commit, format!("unknown state `{to_name}`"), now, task);
+    };
+    commit.history = Some(HistoryEntry {
+        from: task.from_state.clone(),
+        event: task.event.clone(),
+        to: to_name.clone(),
+        attempt: task.attempt,
+        started_at,
+        finished_at: now,
+        task: task.name.clone(),
+        branch: task.branch.clone(),
+    });
+    let step = task.step + 1;
+    match outcome.event {
+        Some(event) => {
+            let where_ = format!("state `{to_name}` of machine `{}`", machine.name);
+            if !is_valid_event(&event) {
+                return fail_for_good(
+                    commit,
+                    format!("the action of {where_} returned `{event}`, which is not a valid event name"),
+                    now,
+                    task,
+                );
+            }
+            let Some(t) = to.transition(&event) else {
+                let known: Vec<&str> = to.transitions.iter().map(|t| t.event.as_str()).collect();
+                let known = if known.is_empty() {
+                    "it has no transitions".to_string()
+                } else {
+                    format!("its events: {}", known.join(", "))
+                };
+                return fail_for_good(
+                    commit,
+                    format!("the action of {where_} returned event `{event}`, which has no transition there ({known})"),
+                    now,
+                    task,
+                );
+            };
+            commit.new_tasks.push(NewTask {
+                name: task_name(&task.instance, &task.branch, to_name, &event, &t.to, step),
+                from_state: Some(to_name.clone()),
+                event,
+                kind: TaskKind::Dispatch,
+                context: outcome.context,
+                step,
+                branch: task.branch.clone(),
+                queue: t.effective.queue.clone(),
+                target: t.effective.target.clone(),
+                due_at: now + countdown(&t.effective, rng),
+            });
+        }
+        None if to.is_final && to.exit.is_some() => {
+            let policy = &machine.start_policy;
+            commit.new_tasks.push(NewTask {
+                name: task_name(
+                    &task.instance,
+                    &task.branch,
+                    to_name,
+                    PSEUDO_FINAL,
+                    PSEUDO_FINAL,
+                    step,
+                ),
+                from_state: Some(to_name.clone()),
+                event: PSEUDO_FINAL.into(),
+                kind: TaskKind::FinalExit,
+                context: outcome.context,
+                step,
+                branch: task.branch.clone(),
+                queue: policy.queue.clone(),
+                target: policy.target.clone(),
+                due_at: now,
+            });
+        }
+        None if to.is_final => {
+            commit.instance_change = InstanceChange::BranchEnded(outcome.context)
+        }
+        None => {
+            let error = match &to.action {
+                Some(action) => format!(
+                    "the action `{action}` of state `{to_name}` (machine `{}`) returned no event, but `{to_name}` is not a final state",
+                    machine.name
+                ),
+                None => format!("state `{to_name}` of machine `{}` has no action and is not final", machine.name),
+            };
+            return fail_for_good(commit, error, now, task);
+        }
+    }
+    commit
+}
+
+/// Turn a failed attempt into its commit: a retry after the policy's backoff, or — past the
+/// retry limit or the age limit — the instance's failure.
+pub fn failed_attempt(machine: &Machine, task: &Task, error: String, now: Micros) -> Commit {
+    let policy = retry_policy(machine, task);
+    let base = Commit {
+        task_id: task.id,
+        claim: task.claim,
+        instance: task.instance.clone(),
+        disposition: Disposition::Finished,
+        new_tasks: Vec::new(),
+        history: None,
+        logs: Vec::new(),
+        instance_change: InstanceChange::None,
+    };
+    let retry = task.attempt + 1;
+    let backoff = micros(policy.backoff(retry));
+    let too_old = policy
+        .age_limit
+        .is_some_and(|limit| now + backoff - task.first_attempt_at > micros(limit));
+    if task.attempt >= policy.retry_limit || too_old {
+        let why = if too_old {
+            "the task age limit was reached".to_string()
+        } else {
+            format!("after {} attempts", task.attempt + 1)
+        };
+        let error = format!("{error} ({why})");
+        return fail_for_good(base, error, now, task);
+    }
+    let mut commit = base;
+    commit.logs.push(LogLine {
+        at: now,
+        level: "error".into(),
+        message: format!(
+            "attempt {} failed: {error}; retrying in {:.1}s",
+            task.attempt,
+            backoff as f64 / 1e6
+        ),
+        task: task.name.clone(),
+    });
+    commit.disposition = Disposition::Retry {
+        due_at: now + backoff,
+        error,
+    };
+    commit
+}
+
+/// When earlier attempts of a task were lost with their workers (crashed, or paused past
+/// their lease) often enough to use up its retries, the commit that fails it without running
+/// it again.
+pub fn lost_attempts(machine: &Machine, task: &Task, now: Micros) -> Option<Commit> {
+    let policy = retry_policy(machine, task);
+    (task.attempt > policy.retry_limit).then(|| {
+        mistake(
+            task,
+            format!(
+                "gave up after {} attempts: the workers running the earlier ones were lost (crashed, or paused past their lease)",
+                task.attempt
+            ),
+            now,
+        )
+    })
+}
+
+/// Turn a mistake in the machine (see [`PlanError`]) into its commit: no retries.
+pub fn mistake(task: &Task, error: String, now: Micros) -> Commit {
+    let base = Commit {
+        task_id: task.id,
+        claim: task.claim,
+        instance: task.instance.clone(),
+        disposition: Disposition::Finished,
+        new_tasks: Vec::new(),
+        history: None,
+        logs: Vec::new(),
+        instance_change: InstanceChange::None,
+    };
+    fail_for_good(base, error, now, task)
+}
+
+fn fail_for_good(mut commit: Commit, error: String, now: Micros, task: &Task) -> Commit {
+    commit.history = None;
+    commit.new_tasks.clear();
+    commit.logs.push(LogLine {
+        at: now,
+        level: "error".into(),
+        message: format!("attempt {} failed for good: {error}", task.attempt),
+        task: task.name.clone(),
+    });
+    commit.disposition = Disposition::Failed {
+        error: error.clone(),
+    };
+    commit.instance_change = InstanceChange::Fail(error);
+    commit
+}
+
+/// A countdown's delay, drawn for a random range.
+fn countdown(policy: &TransitionPolicy, rng: &mut fastrand::Rng) -> Micros {
+    match policy.countdown {
+        Countdown::Fixed(d) => micros(d),
+        Countdown::Random { minimum, maximum } => rng.i64(micros(minimum)..=micros(maximum)),
+    }
+}
+
+/// The task that starts an instance.
+pub fn start_task(machine: &Machine, instance: &str, context: Context, now: Micros) -> NewTask {
+    let initial = machine
+        .initial_state()
+        .map_or(String::new(), |s| s.name.clone());
+    let policy = &machine.start_policy;
+    NewTask {
+        name: task_name(instance, "", PSEUDO_INIT, PSEUDO_INIT, &initial, 0),
+        from_state: None,
+        event: PSEUDO_INIT.into(),
+        kind: TaskKind::Dispatch,
+        context,
+        step: 0,
+        branch: String::new(),
+        queue: policy.queue.clone(),
+        target: policy.target.clone(),
+        due_at: now,
+    }
+}
+
+#[cfg(test)]
+mod tests;

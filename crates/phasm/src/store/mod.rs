@@ -1,0 +1,284 @@
+//! The persistence boundary: the [`Store`] trait, and one implementation per backend.
+//!
+//! Everything a worker or a command needs from a database goes through this trait, so the
+//! engine and the worker never see SQL. Every implementation must pass the shared
+//! conformance suite in `tests/store_conformance`.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::clock::Micros;
+use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task};
+
+pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
+
+/// Where an instance is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceStatus {
+    /// Has pending work.
+    Running,
+    /// Every branch ended in a final state.
+    Completed,
+    /// A step failed for good; resumable with `retry`.
+    Failed,
+    /// An action halted the machine.
+    Halted,
+    /// Cancelled by a user.
+    Cancelled,
+}
+
+impl InstanceStatus {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceStatus::Running => "running",
+            InstanceStatus::Completed => "completed",
+            InstanceStatus::Failed => "failed",
+            InstanceStatus::Halted => "halted",
+            InstanceStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parse the stored spelling.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "running" => InstanceStatus::Running,
+            "completed" => InstanceStatus::Completed,
+            "failed" => InstanceStatus::Failed,
+            "halted" => InstanceStatus::Halted,
+            "cancelled" => InstanceStatus::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// True for every status but `running`.
+    pub fn is_end(self) -> bool {
+        self != InstanceStatus::Running
+    }
+}
+
+impl std::fmt::Display for InstanceStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An instance to create, with the task that starts it.
+#[derive(Debug, Clone)]
+pub struct NewInstance {
+    /// Unique name.
+    pub name: String,
+    /// Its machine.
+    pub machine: String,
+    /// The context it starts with.
+    pub context: Context,
+    /// The start task (from [`crate::engine::start_task`]).
+    pub start: NewTask,
+}
+
+/// What [`Store::start`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Started {
+    /// A new instance was created.
+    Created,
+    /// An instance of that name already existed; nothing was changed.
+    Existing {
+        /// Its machine.
+        machine: String,
+        /// Its status.
+        status: InstanceStatus,
+    },
+}
+
+/// Which tasks a worker wants.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// Who claims (shown in task views; fencing uses the claim number).
+    pub owner: String,
+    /// How long the lease lasts unless renewed.
+    pub lease: Duration,
+    /// Most tasks to claim.
+    pub limit: usize,
+    /// Most tasks to claim per queue, for queues with a concurrency limit.
+    pub queue_limits: Vec<(String, usize)>,
+    /// Only tasks of these queues (`None`: every queue).
+    pub queues: Option<Vec<String>>,
+}
+
+/// The result of applying one commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied.
+    Yes,
+    /// Refused: the lease was lost (expired, or the task was claimed again, cancelled or
+    /// finished by someone else). Nothing of the commit was applied.
+    Fenced,
+}
+
+/// A pending task, as shown by `phasm status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskView {
+    /// Task name.
+    pub name: String,
+    /// The state it leaves (`null` for the start task).
+    pub from: Option<String>,
+    /// The event it dispatches.
+    pub event: String,
+    /// `ready`, `failed` (stopped the instance) or `held` (waiting for a retry).
+    pub status: String,
+    /// When it is due, or when its lease expires if a worker holds it.
+    pub due_at: Micros,
+    /// Whether a worker holds it now.
+    pub leased_by: Option<String>,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last attempt's error.
+    pub last_error: Option<String>,
+    /// Its queue.
+    pub queue: String,
+}
+
+/// Everything known about one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceView {
+    /// Name.
+    pub name: String,
+    /// Machine.
+    pub machine: String,
+    /// Status.
+    pub status: InstanceStatus,
+    /// The context it started with.
+    pub context: Context,
+    /// Why it failed or halted.
+    pub error: Option<String>,
+    /// Created.
+    pub created_at: Micros,
+    /// Last status change.
+    pub updated_at: Micros,
+    /// Ended.
+    pub ended_at: Option<Micros>,
+    /// Committed transitions, oldest first.
+    pub history: Vec<HistoryEntry>,
+    /// Pending tasks.
+    pub tasks: Vec<TaskView>,
+    /// The latest context: that of the oldest pending task, else the context the last
+    /// branch ended with.
+    pub current_context: Option<Context>,
+}
+
+/// One line of `phasm list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceSummary {
+    /// Name.
+    pub instance: String,
+    /// Machine.
+    pub machine: String,
+    /// Status.
+    pub status: InstanceStatus,
+    /// Created.
+    pub created_at: Micros,
+    /// Last status change.
+    pub updated_at: Micros,
+    /// Why it failed or halted.
+    pub error: Option<String>,
+}
+
+/// Which instances `list` returns.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    /// Only this machine.
+    pub machine: Option<String>,
+    /// Only this status.
+    pub status: Option<InstanceStatus>,
+    /// At most this many (newest first); 0 means 100.
+    pub limit: usize,
+}
+
+/// What `retry` or `cancel` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// Done.
+    Done,
+    /// No instance has that name.
+    NotFound,
+    /// The instance's status does not allow it.
+    NotAllowed(InstanceStatus),
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Database(String),
+    /// Stored data could not be read back.
+    #[error("corrupt data in the store: {0}")]
+    Corrupt(String),
+    /// The store has shut down.
+    #[error("the store is closed")]
+    Closed,
+    /// The database was written by a newer phasm.
+    #[error("the database has schema version {found}, newer than this phasm understands ({supported}); upgrade phasm")]
+    TooNew {
+        /// Version found.
+        found: i64,
+        /// Newest version this build knows.
+        supported: i64,
+    },
+}
+
+/// Result of a store operation.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The persistence boundary. Every method is atomic; `apply` is fenced by leases.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Create an instance and its start task, unless one of that name exists (idempotent).
+    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started>;
+
+    /// Claim due tasks of running instances with a lease until `now + request.lease`.
+    async fn claim(&self, now: Micros, request: &ClaimRequest) -> StoreResult<Vec<Task>>;
+
+    /// Extend leases still held (`(task id, claim)`) to `until`; `false` where lost.
+    async fn renew(
+        &self,
+        now: Micros,
+        leases: &[(i64, i64)],
+        until: Micros,
+    ) -> StoreResult<Vec<bool>>;
+
+    /// Apply commits, each atomically and only if its lease is still held at `now`.
+    async fn apply(&self, now: Micros, commits: Vec<Commit>) -> StoreResult<Vec<Applied>>;
+
+    /// The earliest time a task becomes due (or a lease expires), if any task is pending.
+    async fn next_due(&self) -> StoreResult<Option<Micros>>;
+
+    /// One instance with its history and pending tasks.
+    async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>>;
+
+    /// Instances, newest first.
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>>;
+
+    /// An instance's log lines, oldest first.
+    async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>>;
+
+    /// Resume a failed instance: its failed and held tasks run again from attempt 0.
+    async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;
+
+    /// Cancel a running or failed instance: drop its pending tasks.
+    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control>;
+
+    /// Measure the backend's durable single-row commit rate (commits per second), the
+    /// physical limit `phasm bench` compares against.
+    async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64>;
+
+    /// Notified whenever this process creates or reschedules a task, so an idle worker in
+    /// the same process wakes at once.
+    fn changes(&self) -> Arc<tokio::sync::Notify>;
+}

@@ -1,0 +1,1007 @@
+//! The embedded store: one SQLite file in WAL mode, driven by a thread this store owns.
+//!
+//! Every request travels over a channel to the writer thread, which drains whatever has
+//! queued up and runs it all in one transaction (group commit): with `synchronous=FULL` each
+//! transaction costs one fsync, so many concurrent steps share one. Replies are sent only
+//! after the transaction is durable. Each request runs inside its own savepoint, so one
+//! failing request never undoes another's work.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::{oneshot, Notify};
+
+use super::{
+    Applied, ClaimRequest, Control, InstanceStatus, InstanceSummary, InstanceView, ListFilter,
+    NewInstance, Started, Store, StoreError, StoreResult, TaskView,
+};
+use crate::clock::{micros, Micros};
+use crate::engine::{
+    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Task, TaskKind,
+};
+
+/// How hard SQLite works to make each commit durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync at every commit: nothing committed is lost, even on power loss (the default).
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a crash of phasm, but a power loss can lose the
+    /// last commits.
+    Normal,
+    /// Never fsync: for benchmarks and throwaway runs; a power loss can corrupt nothing
+    /// committed long ago but loses recent commits.
+    Off,
+}
+
+/// How to open a SQLite store.
+#[derive(Debug, Clone, Default)]
+pub struct SqliteOptions {
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+}
+
+/// The SQLite store. Cheap to clone; the writer thread stops when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    requests: mpsc::Sender<Request>,
+    changes: Arc<Notify>,
+    path: PathBuf,
+}
+
+type Reply<T> = oneshot::Sender<StoreResult<T>>;
+
+enum Request {
+    Start(Micros, Box<NewInstance>, Reply<Started>),
+    Claim(Micros, ClaimRequest, Reply<Vec<Task>>),
+    Renew(Micros, Vec<(i64, i64)>, Micros, Reply<Vec<bool>>),
+    Apply(Micros, Vec<Commit>, Reply<Vec<Applied>>),
+    NextDue(Reply<Option<Micros>>),
+    Instance(String, Reply<Option<InstanceView>>),
+    List(ListFilter, Reply<Vec<InstanceSummary>>),
+    Logs(String, Reply<Vec<LogLine>>),
+    Retry(Micros, String, Reply<Control>),
+    Cancel(Micros, String, Reply<Control>),
+    Probe(usize, Reply<f64>),
+}
+
+/// The newest schema version this build writes.
+const SCHEMA_VERSION: i64 = 1;
+
+/// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[r"
+CREATE TABLE instances (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    machine     TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    result      TEXT,
+    error       TEXT,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL,
+    ended_at    INTEGER
+);
+CREATE INDEX instances_by_machine ON instances (machine, id);
+CREATE INDEX instances_by_status ON instances (status, id);
+
+-- A pending task. While a worker holds it, `due_at` is its lease's expiry, so one index
+-- answers both 'what is due' and 'which leases expired'.
+CREATE TABLE tasks (
+    id               INTEGER PRIMARY KEY,
+    instance_id      INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    name             TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    from_state       TEXT,
+    event            TEXT NOT NULL,
+    context          TEXT NOT NULL,
+    step             INTEGER NOT NULL,
+    branch           TEXT NOT NULL,
+    queue            TEXT NOT NULL,
+    target           TEXT,
+    status           TEXT NOT NULL,
+    due_at           INTEGER NOT NULL,
+    claim            INTEGER NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    first_attempt_at INTEGER,
+    last_error       TEXT,
+    created_at       INTEGER NOT NULL,
+    UNIQUE (instance_id, name)
+);
+CREATE INDEX tasks_ready ON tasks (due_at) WHERE status = 'ready';
+
+CREATE TABLE history (
+    id          INTEGER PRIMARY KEY,
+    instance_id INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    from_state  TEXT,
+    event       TEXT NOT NULL,
+    to_state    TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    task        TEXT NOT NULL,
+    branch      TEXT NOT NULL
+);
+CREATE INDEX history_by_instance ON history (instance_id, id);
+
+CREATE TABLE logs (
+    id          INTEGER PRIMARY KEY,
+    instance_id INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    at          INTEGER NOT NULL,
+    level       TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    task        TEXT NOT NULL
+);
+CREATE INDEX logs_by_instance ON logs (instance_id, id);
+"];
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`, migrate its schema, and start the
+    /// writer thread.
+    ///
+    /// # Errors
+    /// When the file cannot be opened, is not a phasm database, or is from a newer phasm.
+    pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> StoreResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        let conn = open_connection(&path, options)?;
+        let (requests, receiver) = mpsc::channel();
+        let changes = Arc::new(Notify::new());
+        std::thread::Builder::new()
+            .name("phasm-sqlite".into())
+            .spawn(move || Writer { conn }.run(receiver))
+            .map_err(|e| StoreError::Database(format!("cannot start the SQLite thread: {e}")))?;
+        Ok(Self {
+            requests,
+            changes,
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(make(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    StoreError::Database(e.to_string())
+}
+
+fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Database(format!("cannot open `{}`: {e}", path.display())))?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+    let sync = match options.synchronous {
+        Synchronous::Full => "FULL",
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Off => "OFF",
+    };
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+    ))
+    .map_err(|e| {
+        StoreError::Database(format!(
+            "`{}` is not a usable SQLite database: {e}",
+            path.display()
+        ))
+    })?;
+    migrate(&conn)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection) -> StoreResult<()> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
+    let result = (|| {
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS phasm_schema (version INTEGER NOT NULL)")
+            .map_err(db)?;
+        let version: i64 = conn
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM phasm_schema",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            conn.execute_batch(sql).map_err(db)?;
+            conn.execute(
+                "INSERT INTO phasm_schema (version) VALUES (?1)",
+                [i as i64 + 1],
+            )
+            .map_err(db)?;
+        }
+        Ok(())
+    })();
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    conn.execute_batch(end).map_err(db)?;
+    result
+}
+
+/// Sends a request's result once the batch it ran in has committed.
+type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+fn pending<T: Send + 'static>(reply: Reply<T>, result: StoreResult<T>) -> Pending {
+    Box::new(move |batch_error| {
+        let result = match (batch_error, result) {
+            (Some(e), _) => Err(StoreError::Database(format!("commit failed: {e}"))),
+            (None, r) => r,
+        };
+        let _ = reply.send(result);
+    })
+}
+
+struct Writer {
+    conn: Connection,
+}
+
+/// Most requests run in one transaction.
+const MAX_BATCH: usize = 512;
+
+impl Writer {
+    fn run(mut self, receiver: mpsc::Receiver<Request>) {
+        while let Ok(first) = receiver.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let mut probes = Vec::new();
+            let mut work = Vec::with_capacity(batch.len());
+            for r in batch {
+                match r {
+                    Request::Probe(n, reply) => probes.push((n, reply)),
+                    other => work.push(other),
+                }
+            }
+            if !work.is_empty() {
+                self.run_batch(work);
+            }
+            for (n, reply) in probes {
+                let _ = reply.send(self.probe(n));
+            }
+        }
+    }
+
+    fn run_batch(&mut self, batch: Vec<Request>) {
+        let tx = match self.conn.transaction() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let e = db(e);
+                for r in batch {
+                    fail_request(r, &e);
+                }
+                return;
+            }
+        };
+        let mut replies: Vec<Pending> = Vec::with_capacity(batch.len());
+        for request in batch {
+            replies.push(handle(&tx, request));
+        }
+        match tx.commit().map_err(db) {
+            Ok(()) => replies.into_iter().for_each(|r| r(None)),
+            Err(e) => replies.into_iter().for_each(|r| r(Some(&e))),
+        }
+    }
+
+    fn probe(&mut self, n: usize) -> StoreResult<f64> {
+        self.conn
+            .execute_batch(
+                "CREATE TABLE IF NOT EXISTS phasm_probe (id INTEGER PRIMARY KEY, at INTEGER)",
+            )
+            .map_err(db)?;
+        let started = Instant::now();
+        for i in 0..n {
+            let tx = self.conn.transaction().map_err(db)?;
+            tx.execute("INSERT INTO phasm_probe (at) VALUES (?1)", [i as i64])
+                .map_err(db)?;
+            tx.commit().map_err(db)?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        self.conn
+            .execute_batch("DROP TABLE phasm_probe")
+            .map_err(db)?;
+        Ok(n as f64 / secs.max(1e-9))
+    }
+}
+
+fn fail_request(request: Request, e: &StoreError) {
+    let err = || StoreError::Database(e.to_string());
+    match request {
+        Request::Start(_, _, r) => drop(r.send(Err(err()))),
+        Request::Claim(_, _, r) => drop(r.send(Err(err()))),
+        Request::Renew(_, _, _, r) => drop(r.send(Err(err()))),
+        Request::Apply(_, _, r) => drop(r.send(Err(err()))),
+        Request::NextDue(r) => drop(r.send(Err(err()))),
+        Request::Instance(_, r) => drop(r.send(Err(err()))),
+        Request::List(_, r) => drop(r.send(Err(err()))),
+        Request::Logs(_, r) => drop(r.send(Err(err()))),
+        Request::Retry(_, _, r) | Request::Cancel(_, _, r) => drop(r.send(Err(err()))),
+        Request::Probe(_, r) => drop(r.send(Err(err()))),
+    }
+}
+
+/// Run one request inside a savepoint of the batch's transaction.
+fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
+    fn scoped<T>(
+        tx: &Transaction<'_>,
+        f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
+    ) -> StoreResult<T> {
+        tx.execute_batch("SAVEPOINT request").map_err(db)?;
+        let result = f(tx);
+        let end = if result.is_ok() {
+            "RELEASE request"
+        } else {
+            "ROLLBACK TO request; RELEASE request"
+        };
+        tx.execute_batch(end).map_err(db)?;
+        result
+    }
+    match request {
+        Request::Start(now, instance, reply) => {
+            pending(reply, scoped(tx, |tx| start(tx, now, &instance)))
+        }
+        Request::Claim(now, req, reply) => pending(reply, scoped(tx, |tx| claim(tx, now, &req))),
+        Request::Renew(now, leases, until, reply) => {
+            pending(reply, scoped(tx, |tx| renew(tx, now, &leases, until)))
+        }
+        Request::Apply(now, commits, reply) => {
+            let results = commits
+                .iter()
+                .map(|c| scoped(tx, |tx| apply(tx, now, c)))
+                .collect::<StoreResult<Vec<_>>>();
+            pending(reply, results)
+        }
+        Request::NextDue(reply) => pending(reply, next_due(tx)),
+        Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
+        Request::List(filter, reply) => pending(reply, list(tx, &filter)),
+        Request::Logs(name, reply) => pending(reply, logs(tx, &name)),
+        Request::Retry(now, name, reply) => pending(reply, scoped(tx, |tx| retry(tx, now, &name))),
+        Request::Cancel(now, name, reply) => {
+            pending(reply, scoped(tx, |tx| cancel(tx, now, &name)))
+        }
+        Request::Probe(_, reply) => pending(
+            reply,
+            Err(StoreError::Database("probe inside a batch".into())),
+        ),
+    }
+}
+
+fn to_json(context: &Context) -> StoreResult<String> {
+    serde_json::to_string(context).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json(text: &str) -> StoreResult<Context> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad context JSON: {e}")))
+}
+
+fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<Started> {
+    let existing = tx
+        .query_row(
+            "SELECT machine, status FROM instances WHERE name = ?1",
+            [&new.name],
+            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    if let Some((machine, status)) = existing {
+        return Ok(Started::Existing {
+            machine,
+            status: parse_status(&status)?,
+        });
+    }
+    tx.execute(
+        "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
+         VALUES (?1, ?2, 'running', ?3, ?4, ?4)",
+        params![new.name, new.machine, to_json(&new.context)?, now],
+    )
+    .map_err(db)?;
+    let id = tx.last_insert_rowid();
+    insert_task(tx, id, &new.start, now)?;
+    Ok(Started::Created)
+}
+
+fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
+    InstanceStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
+}
+
+fn insert_task(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    t: &NewTask,
+    now: Micros,
+) -> StoreResult<()> {
+    let mut stmt = tx
+        .prepare_cached(
+            "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
+                                queue, target, status, due_at, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12)
+             ON CONFLICT (instance_id, name) DO NOTHING",
+        )
+        .map_err(db)?;
+    stmt.execute(params![
+        instance_id,
+        t.name,
+        t.kind.as_str(),
+        t.from_state,
+        t.event,
+        to_json(&t.context)?,
+        t.step as i64,
+        t.branch,
+        t.queue,
+        t.target,
+        t.due_at,
+        now
+    ])
+    .map_err(db)?;
+    Ok(())
+}
+
+fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
+    if req.limit == 0 {
+        return Ok(Vec::new());
+    }
+    // Look at a few more candidates than wanted, so per-queue limits can skip some.
+    let window = (req.limit * 2).max(16) as i64;
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT t.id, t.claim, i.name, i.machine, t.name, t.from_state, t.event, t.kind,
+                    t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue
+             FROM tasks t JOIN instances i ON i.id = t.instance_id
+             WHERE t.status = 'ready' AND t.due_at <= ?1
+             ORDER BY t.due_at LIMIT ?2",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(params![now, window], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, String>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, String>(8)?,
+                r.get::<_, i64>(9)?,
+                r.get::<_, String>(10)?,
+                r.get::<_, i64>(11)?,
+                r.get::<_, Option<i64>>(12)?,
+                r.get::<_, String>(13)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let until = now + micros(req.lease);
+    let mut per_queue: Vec<(String, usize)> = req.queue_limits.clone();
+    let mut claimed = Vec::new();
+    let mut update = tx
+        .prepare_cached(
+            "UPDATE tasks SET claim = claim + 1, lease_owner = ?2, due_at = ?3, attempts = attempts + 1,
+                              first_attempt_at = COALESCE(first_attempt_at, ?4)
+             WHERE id = ?1",
+        )
+        .map_err(db)?;
+    for (
+        id,
+        claim,
+        instance,
+        machine,
+        name,
+        from_state,
+        event,
+        kind,
+        context,
+        step,
+        branch,
+        attempts,
+        first,
+        queue,
+    ) in rows
+    {
+        if claimed.len() >= req.limit {
+            break;
+        }
+        if let Some(only) = &req.queues {
+            if !only.contains(&queue) {
+                continue;
+            }
+        }
+        if let Some((_, left)) = per_queue.iter_mut().find(|(q, _)| *q == queue) {
+            if *left == 0 {
+                continue;
+            }
+            *left -= 1;
+        }
+        update
+            .execute(params![id, req.owner, until, now])
+            .map_err(db)?;
+        claimed.push(Task {
+            id,
+            claim: claim + 1,
+            instance,
+            machine,
+            name,
+            from_state,
+            event,
+            kind: TaskKind::parse(&kind)
+                .ok_or_else(|| StoreError::Corrupt(format!("task kind `{kind}`")))?,
+            context: from_json(&context)?,
+            step: step as u64,
+            branch,
+            attempt: attempts as u32,
+            first_attempt_at: first.unwrap_or(now),
+            queue,
+        });
+    }
+    Ok(claimed)
+}
+
+fn renew(
+    tx: &Transaction<'_>,
+    now: Micros,
+    leases: &[(i64, i64)],
+    until: Micros,
+) -> StoreResult<Vec<bool>> {
+    let mut stmt = tx
+        .prepare_cached(
+            "UPDATE tasks SET due_at = ?3
+             WHERE id = ?1 AND claim = ?2 AND status = 'ready' AND due_at > ?4",
+        )
+        .map_err(db)?;
+    leases
+        .iter()
+        .map(|(id, claim)| Ok(stmt.execute(params![id, claim, until, now]).map_err(db)? == 1))
+        .collect()
+}
+
+fn apply(tx: &Transaction<'_>, now: Micros, c: &Commit) -> StoreResult<Applied> {
+    // The fence: the task must still be ours, and our lease unexpired.
+    let instance_id: Option<i64> = tx
+        .prepare_cached(
+            "SELECT instance_id FROM tasks
+             WHERE id = ?1 AND claim = ?2 AND status = 'ready' AND due_at > ?3",
+        )
+        .map_err(db)?
+        .query_row(params![c.task_id, c.claim, now], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    let Some(instance_id) = instance_id else {
+        return Ok(Applied::Fenced);
+    };
+    match &c.disposition {
+        Disposition::Finished => {
+            tx.prepare_cached("DELETE FROM tasks WHERE id = ?1")
+                .map_err(db)?
+                .execute([c.task_id])
+                .map_err(db)?;
+        }
+        Disposition::Retry { due_at, error } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET due_at = ?2, lease_owner = NULL, last_error = ?3 WHERE id = ?1",
+            )
+            .map_err(db)?
+            .execute(params![c.task_id, due_at, error])
+            .map_err(db)?;
+        }
+        Disposition::Failed { error } => {
+            tx.prepare_cached(
+                "UPDATE tasks SET status = 'failed', due_at = ?2, lease_owner = NULL, last_error = ?3
+                 WHERE id = ?1",
+            )
+            .map_err(db)?
+            .execute(params![c.task_id, now, error])
+            .map_err(db)?;
+        }
+    }
+    for t in &c.new_tasks {
+        insert_task(tx, instance_id, t, now)?;
+    }
+    if let Some(h) = &c.history {
+        tx.prepare_cached(
+            "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
+                                  finished_at, task, branch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )
+        .map_err(db)?
+        .execute(params![
+            instance_id,
+            h.from,
+            h.event,
+            h.to,
+            h.attempt,
+            h.started_at,
+            h.finished_at,
+            h.task,
+            h.branch
+        ])
+        .map_err(db)?;
+    }
+    for l in &c.logs {
+        insert_log(tx, instance_id, l)?;
+    }
+    match &c.instance_change {
+        InstanceChange::None => {}
+        InstanceChange::BranchEnded(context) => {
+            // The last branch to end leaves its context as the instance's result.
+            tx.prepare_cached(
+                "UPDATE instances SET result = ?3,
+                        status = CASE WHEN NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+                                      THEN 'completed' ELSE status END,
+                        updated_at = ?2,
+                        ended_at = CASE WHEN NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+                                        THEN ?2 ELSE ended_at END
+                 WHERE id = ?1 AND status = 'running'",
+            )
+            .map_err(db)?
+            .execute(params![instance_id, now, to_json(context)?])
+            .map_err(db)?;
+        }
+        InstanceChange::Halt(reason) => {
+            tx.execute("DELETE FROM tasks WHERE instance_id = ?1", [instance_id])
+                .map_err(db)?;
+            end_instance(tx, instance_id, InstanceStatus::Halted, Some(reason), now)?;
+        }
+        InstanceChange::Fail(error) => {
+            tx.execute(
+                "UPDATE tasks SET status = 'held', lease_owner = NULL
+                 WHERE instance_id = ?1 AND status = 'ready'",
+                [instance_id],
+            )
+            .map_err(db)?;
+            end_instance(tx, instance_id, InstanceStatus::Failed, Some(error), now)?;
+        }
+    }
+    Ok(Applied::Yes)
+}
+
+fn insert_log(tx: &Transaction<'_>, instance_id: i64, l: &LogLine) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO logs (instance_id, at, level, message, task) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .map_err(db)?
+    .execute(params![instance_id, l.at, l.level, l.message, l.task])
+    .map_err(db)?;
+    Ok(())
+}
+
+fn end_instance(
+    tx: &Transaction<'_>,
+    id: i64,
+    status: InstanceStatus,
+    error: Option<&String>,
+    now: Micros,
+) -> StoreResult<()> {
+    tx.execute(
+        "UPDATE instances SET status = ?2, error = ?3, updated_at = ?4, ended_at = ?4 WHERE id = ?1",
+        params![id, status.as_str(), error, now],
+    )
+    .map_err(db)?;
+    Ok(())
+}
+
+fn next_due(tx: &Transaction<'_>) -> StoreResult<Option<Micros>> {
+    tx.query_row(
+        "SELECT MIN(due_at) FROM tasks WHERE status = 'ready'",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db)
+}
+
+fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView>> {
+    let row = tx
+        .query_row(
+            "SELECT id, machine, status, context, error, created_at, updated_at, ended_at, result
+             FROM instances WHERE name = ?1",
+            [name],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(db)?;
+    let Some((id, machine, status, context, error, created_at, updated_at, ended_at, result)) = row
+    else {
+        return Ok(None);
+    };
+    let history = tx
+        .prepare_cached(
+            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch
+             FROM history WHERE instance_id = ?1 ORDER BY id",
+        )
+        .map_err(db)?
+        .query_map([id], |r| {
+            Ok(HistoryEntry {
+                from: r.get(0)?,
+                event: r.get(1)?,
+                to: r.get(2)?,
+                attempt: r.get(3)?,
+                started_at: r.get(4)?,
+                finished_at: r.get(5)?,
+                task: r.get(6)?,
+                branch: r.get(7)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut contexts = Vec::new();
+    let tasks = tx
+        .prepare_cached(
+            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context
+             FROM tasks WHERE instance_id = ?1 ORDER BY id",
+        )
+        .map_err(db)?
+        .query_map([id], |r| {
+            Ok((
+                TaskView {
+                    name: r.get(0)?,
+                    from: r.get(1)?,
+                    event: r.get(2)?,
+                    status: r.get(3)?,
+                    due_at: r.get(4)?,
+                    leased_by: r.get(5)?,
+                    attempts: r.get(6)?,
+                    last_error: r.get(7)?,
+                    queue: r.get(8)?,
+                },
+                r.get::<_, String>(9)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?
+        .into_iter()
+        .map(|(view, ctx)| {
+            contexts.push(ctx);
+            view
+        })
+        .collect();
+    let current_context = match contexts.first().or(result.as_ref()) {
+        Some(c) => Some(from_json(c)?),
+        None => None,
+    };
+    Ok(Some(InstanceView {
+        name: name.to_string(),
+        machine,
+        status: parse_status(&status)?,
+        context: from_json(&context)?,
+        error,
+        created_at,
+        updated_at,
+        ended_at,
+        history,
+        tasks,
+        current_context,
+    }))
+}
+
+fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
+    let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT name, machine, status, created_at, updated_at, error FROM instances
+             WHERE (?1 IS NULL OR machine = ?1) AND (?2 IS NULL OR status = ?2)
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(
+            params![
+                filter.machine,
+                filter.status.map(InstanceStatus::as_str),
+                limit
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            },
+        )
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(
+            |(instance, machine, status, created_at, updated_at, error)| {
+                Ok(InstanceSummary {
+                    instance,
+                    machine,
+                    status: parse_status(&status)?,
+                    created_at,
+                    updated_at,
+                    error,
+                })
+            },
+        )
+        .collect()
+}
+
+fn logs(tx: &Transaction<'_>, name: &str) -> StoreResult<Vec<LogLine>> {
+    tx.prepare_cached(
+        "SELECT l.at, l.level, l.message, l.task FROM logs l
+         JOIN instances i ON i.id = l.instance_id WHERE i.name = ?1 ORDER BY l.id",
+    )
+    .map_err(db)?
+    .query_map([name], |r| {
+        Ok(LogLine {
+            at: r.get(0)?,
+            level: r.get(1)?,
+            message: r.get(2)?,
+            task: r.get(3)?,
+        })
+    })
+    .map_err(db)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(db)
+}
+
+fn lookup(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<(i64, InstanceStatus)>> {
+    let row = tx
+        .query_row(
+            "SELECT id, status FROM instances WHERE name = ?1",
+            [name],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        )
+        .optional()
+        .map_err(db)?;
+    row.map(|(id, s)| Ok((id, parse_status(&s)?))).transpose()
+}
+
+fn retry(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control> {
+    let Some((id, status)) = lookup(tx, name)? else {
+        return Ok(Control::NotFound);
+    };
+    if status != InstanceStatus::Failed {
+        return Ok(Control::NotAllowed(status));
+    }
+    tx.execute(
+        "UPDATE tasks SET status = 'ready', due_at = ?2, attempts = 0, first_attempt_at = NULL,
+                          lease_owner = NULL, last_error = NULL
+         WHERE instance_id = ?1 AND status IN ('failed', 'held')",
+        params![id, now],
+    )
+    .map_err(db)?;
+    tx.execute(
+        "INSERT INTO logs (instance_id, at, level, message, task) VALUES (?1, ?2, 'info', 'resumed by retry', '')",
+        params![id, now],
+    )
+    .map_err(db)?;
+    tx.execute(
+        "UPDATE instances SET status = 'running', error = NULL, updated_at = ?2, ended_at = NULL WHERE id = ?1",
+        params![id, now],
+    )
+    .map_err(db)?;
+    Ok(Control::Done)
+}
+
+fn cancel(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control> {
+    let Some((id, status)) = lookup(tx, name)? else {
+        return Ok(Control::NotFound);
+    };
+    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+        return Ok(Control::NotAllowed(status));
+    }
+    tx.execute("DELETE FROM tasks WHERE instance_id = ?1", [id])
+        .map_err(db)?;
+    end_instance(tx, id, InstanceStatus::Cancelled, None, now)?;
+    Ok(Control::Done)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
+        let started = self
+            .call(|r| Request::Start(now, Box::new(instance), r))
+            .await?;
+        self.changes.notify_waiters();
+        Ok(started)
+    }
+
+    async fn claim(&self, now: Micros, request: &ClaimRequest) -> StoreResult<Vec<Task>> {
+        let request = request.clone();
+        self.call(|r| Request::Claim(now, request, r)).await
+    }
+
+    async fn renew(
+        &self,
+        now: Micros,
+        leases: &[(i64, i64)],
+        until: Micros,
+    ) -> StoreResult<Vec<bool>> {
+        let leases = leases.to_vec();
+        self.call(|r| Request::Renew(now, leases, until, r)).await
+    }
+
+    async fn apply(&self, now: Micros, commits: Vec<Commit>) -> StoreResult<Vec<Applied>> {
+        let creates = commits
+            .iter()
+            .any(|c| !c.new_tasks.is_empty() || !matches!(c.disposition, Disposition::Finished));
+        let applied = self.call(|r| Request::Apply(now, commits, r)).await?;
+        if creates {
+            self.changes.notify_waiters();
+        }
+        Ok(applied)
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Micros>> {
+        self.call(Request::NextDue).await
+    }
+
+    async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
+        let name = name.to_string();
+        self.call(|r| Request::Instance(name, r)).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
+        let filter = filter.clone();
+        self.call(|r| Request::List(filter, r)).await
+    }
+
+    async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
+        let name = name.to_string();
+        self.call(|r| Request::Logs(name, r)).await
+    }
+
+    async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        let name = name.to_string();
+        let done = self.call(|r| Request::Retry(now, name, r)).await?;
+        self.changes.notify_waiters();
+        Ok(done)
+    }
+
+    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        let name = name.to_string();
+        self.call(|r| Request::Cancel(now, name, r)).await
+    }
+
+    async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
+        self.call(|r| Request::Probe(commits, r)).await
+    }
+
+    fn changes(&self) -> Arc<Notify> {
+        Arc::clone(&self.changes)
+    }
+}

@@ -1,0 +1,607 @@
+//! The runtime: claim due tasks, run their actions, commit, renew leases, shut down cleanly.
+//!
+//! A [`Worker`] claims tasks with a lease, runs each on its own tokio task (up to
+//! `concurrency` at once, and within each queue's `max_concurrent` and `rate`), renews the
+//! leases of running tasks on a heartbeat, and commits each step through the store, which
+//! batches concurrent commits into one transaction. A panic in an action is a failed
+//! attempt, never a crashed worker. On shutdown it stops claiming and lets running steps
+//! finish and commit.
+
+mod limits;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinSet;
+
+use crate::action::{keeps_logs, ActionContext, Registry};
+use crate::clock::{micros, Clock, Micros};
+use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task};
+use crate::machine::{ActionRole, Config};
+use crate::store::{Applied, ClaimRequest, InstanceStatus, Store, StoreError};
+use limits::QueueGate;
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Name of this worker in leases (default: host, process id and a random suffix).
+    pub owner: String,
+    /// Most steps running at once.
+    pub concurrency: usize,
+    /// Lease length; leases are renewed every third of it while a step runs.
+    pub lease: Duration,
+    /// Longest sleep when idle before looking for work again (other processes may queue
+    /// work this one is not told about).
+    pub poll_interval: Duration,
+    /// Only tasks of these queues (`None`: all).
+    pub queues: Option<Vec<String>>,
+    /// Limits on what actions produce.
+    pub limits: Limits,
+    /// Seed of the random numbers (countdown ranges); `None` for a random seed.
+    pub seed: Option<u64>,
+    /// When to stop on its own.
+    pub stop: StopWhen,
+    /// Where to report progress.
+    pub events: Option<UnboundedSender<WorkerEvent>>,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        Self {
+            owner: default_owner(),
+            concurrency: 64,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_millis(500),
+            queues: None,
+            limits: Limits::default(),
+            seed: None,
+            stop: StopWhen::Never,
+            events: None,
+        }
+    }
+}
+
+fn default_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// When a worker stops by itself (it always stops when its shutdown future completes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopWhen {
+    /// Never.
+    Never,
+    /// When every one of these instances has ended.
+    Ended(Vec<String>),
+    /// When no task is pending at all.
+    Idle,
+}
+
+/// Progress a worker reports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEvent {
+    /// A step committed.
+    Step {
+        /// Instance.
+        instance: String,
+        /// State left (`None`: the start).
+        from: Option<String>,
+        /// Event.
+        event: String,
+        /// State entered.
+        to: String,
+        /// Attempt that succeeded.
+        attempt: u32,
+    },
+    /// An attempt failed and will be retried.
+    Retry {
+        /// Instance.
+        instance: String,
+        /// The task.
+        task: String,
+        /// Why.
+        error: String,
+        /// When it runs again.
+        due_at: Micros,
+    },
+    /// An instance ended (or a branch of it did).
+    Changed {
+        /// Instance.
+        instance: String,
+    },
+}
+
+/// What a worker did, returned when it stops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkerReport {
+    /// Steps committed.
+    pub steps: u64,
+    /// Attempts failed and rescheduled.
+    pub retries: u64,
+    /// Tasks failed for good.
+    pub failures: u64,
+    /// Commits refused because the lease was lost.
+    pub fenced: u64,
+}
+
+/// Why a worker cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Some action names have no implementation.
+    #[error("machine `{machine}` uses actions that are bound to nothing:\n  {}\nbind them under `actions:` with an `exec:` program, or register Rust handlers", missing.join("\n  "))]
+    Unbound {
+        /// The machine.
+        machine: String,
+        /// Descriptions of the unbound names.
+        missing: Vec<String>,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A worker for one configuration and registry.
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    config: Arc<Config>,
+    registry: Arc<Registry>,
+    clock: Arc<dyn Clock>,
+    options: WorkerOptions,
+    rng: Mutex<fastrand::Rng>,
+    leases: Mutex<HashMap<i64, i64>>,
+    machines: Vec<String>,
+}
+
+/// Check that every action of every machine is bound.
+///
+/// # Errors
+/// [`WorkerError::Unbound`] for the first machine with unbound names.
+pub fn check_bindings(config: &Config, registry: &Registry) -> Result<(), WorkerError> {
+    for m in &config.machines {
+        let missing = registry.unbound(m);
+        if !missing.is_empty() {
+            return Err(WorkerError::Unbound {
+                machine: m.name.clone(),
+                missing,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Worker {
+    /// A worker. Fails if any action name of the configuration is bound to nothing.
+    ///
+    /// # Errors
+    /// [`WorkerError::Unbound`].
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Arc<Config>,
+        registry: Arc<Registry>,
+        clock: Arc<dyn Clock>,
+        options: WorkerOptions,
+    ) -> Result<Self, WorkerError> {
+        check_bindings(&config, &registry)?;
+        let rng = options
+            .seed
+            .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
+        let machines = config.machines.iter().map(|m| m.name.clone()).collect();
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                registry,
+                clock,
+                options,
+                rng: Mutex::new(rng),
+                leases: Mutex::new(HashMap::new()),
+                machines,
+            }),
+        })
+    }
+
+    /// Work until `shutdown` completes (then finish running steps) or the stop condition
+    /// holds.
+    ///
+    /// # Errors
+    /// Only for store failures that persist; passing ones are logged and retried.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> Result<WorkerReport, WorkerError> {
+        let inner = self.inner;
+        let opts = &inner.options;
+        let changes = inner.store.changes();
+        let mut gate = QueueGate::new(&inner.config);
+        let mut running: JoinSet<Executed> = JoinSet::new();
+        let mut report = WorkerReport::default();
+        let mut heartbeat = tokio::time::interval(opts.lease / 3);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watching: HashSet<String> = match &opts.stop {
+            StopWhen::Ended(names) => names.iter().cloned().collect(),
+            _ => HashSet::new(),
+        };
+        let mut stopping = false;
+        let mut store_failures = 0u32;
+        tokio::pin!(shutdown);
+        loop {
+            if stopping && running.is_empty() {
+                break;
+            }
+            let mut claimed_any = false;
+            let free = opts.concurrency.saturating_sub(running.len());
+            let notified = changes.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !stopping && free > 0 {
+                let now = inner.clock.now();
+                let request = ClaimRequest {
+                    owner: opts.owner.clone(),
+                    lease: opts.lease,
+                    limit: free.min(gate.budget(now)),
+                    queue_limits: gate.queue_limits(now),
+                    queues: opts.queues.clone(),
+                };
+                match claim(&inner, now, &request).await {
+                    Ok(tasks) => {
+                        store_failures = 0;
+                        claimed_any = !tasks.is_empty();
+                        for task in tasks {
+                            gate.started(&task.queue, now);
+                            lock(&inner.leases).insert(task.id, task.claim);
+                            running.spawn(execute(Arc::clone(&inner), task));
+                        }
+                    }
+                    Err(e) => {
+                        store_failures += 1;
+                        let wait = backoff(store_failures);
+                        tracing::warn!(error = %e, "claiming tasks failed; trying again in {wait:?}");
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                }
+            }
+            if claimed_any && running.len() < opts.concurrency {
+                continue; // more may be due right now
+            }
+            let wake = if stopping || running.len() >= opts.concurrency {
+                inner.clock.now() + micros(opts.poll_interval)
+            } else {
+                next_wake(&inner, &gate).await
+            };
+            let sleep = tokio::time::sleep(Duration::from_micros(
+                u64::try_from((wake - inner.clock.now()).max(0)).unwrap_or(0),
+            ));
+            tokio::select! {
+                () = &mut shutdown, if !stopping => {
+                    tracing::info!(running = running.len(), "shutting down: finishing running steps");
+                    stopping = true;
+                }
+                Some(done) = running.join_next() => {
+                    let done = match done {
+                        Ok(done) => done,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a step's task was lost");
+                            continue;
+                        }
+                    };
+                    gate.finished(&done.queue);
+                    report.steps += u64::from(done.step);
+                    report.retries += u64::from(done.retry);
+                    report.failures += u64::from(done.failed);
+                    report.fenced += u64::from(done.fenced);
+                    if done.instance_changed && watching.contains(&done.instance) {
+                        check_watched(&inner, &mut watching).await;
+                        if watching.is_empty() {
+                            stopping = true;
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => renew(&inner).await,
+                () = &mut notified => {}
+                () = sleep => {
+                    match &opts.stop {
+                        StopWhen::Ended(_) => {
+                            check_watched(&inner, &mut watching).await;
+                            if watching.is_empty() {
+                                stopping = true;
+                            }
+                        }
+                        StopWhen::Idle if running.is_empty() => {
+                            if matches!(inner.store.next_due().await, Ok(None)) {
+                                stopping = true;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)))
+}
+
+async fn claim(
+    inner: &Inner,
+    now: Micros,
+    request: &ClaimRequest,
+) -> Result<Vec<Task>, StoreError> {
+    if request.limit == 0 {
+        return Ok(Vec::new());
+    }
+    let tasks = inner.store.claim(now, request).await?;
+    // Tasks of machines this worker does not know are left alone: release them at once.
+    let (mine, foreign): (Vec<Task>, Vec<Task>) = tasks
+        .into_iter()
+        .partition(|t| inner.machines.contains(&t.machine));
+    for t in foreign {
+        tracing::warn!(instance = %t.instance, machine = %t.machine, "task of a machine this worker does not know; leaving it for another worker");
+        let release = Commit {
+            task_id: t.id,
+            claim: t.claim,
+            instance: t.instance.clone(),
+            disposition: Disposition::Retry {
+                due_at: now + micros(inner.options.lease),
+                error: format!(
+                    "worker {} does not know machine `{}`",
+                    inner.options.owner, t.machine
+                ),
+            },
+            new_tasks: Vec::new(),
+            history: None,
+            logs: Vec::new(),
+            instance_change: InstanceChange::None,
+        };
+        let _ = inner.store.apply(now, vec![release]).await;
+    }
+    Ok(mine)
+}
+
+/// When to look for work next: the next due task, the next rate-limit refill, or the poll
+/// interval, whichever is first.
+async fn next_wake(inner: &Inner, gate: &QueueGate) -> Micros {
+    let now = inner.clock.now();
+    let mut wake = now + micros(inner.options.poll_interval);
+    if let Ok(Some(due)) = inner.store.next_due().await {
+        wake = wake.min(due.max(now));
+    }
+    if let Some(refill) = gate.next_refill(now) {
+        wake = wake.min(refill);
+    }
+    wake
+}
+
+async fn check_watched(inner: &Inner, watching: &mut HashSet<String>) {
+    let names: Vec<String> = watching.iter().cloned().collect();
+    for name in names {
+        match inner.store.instance(&name).await {
+            Ok(Some(view)) if view.status != InstanceStatus::Running => {
+                watching.remove(&name);
+            }
+            Ok(None) => {
+                watching.remove(&name);
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn renew(inner: &Inner) {
+    let leases: Vec<(i64, i64)> = lock(&inner.leases).iter().map(|(k, v)| (*k, *v)).collect();
+    if leases.is_empty() {
+        return;
+    }
+    let now = inner.clock.now();
+    match inner
+        .store
+        .renew(now, &leases, now + micros(inner.options.lease))
+        .await
+    {
+        Ok(held) => {
+            for ((id, _), ok) in leases.iter().zip(held) {
+                if !ok {
+                    tracing::warn!(task = id, "lease lost: the step's commit will be refused");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
+    }
+}
+
+/// What one execution did.
+struct Executed {
+    instance: String,
+    queue: String,
+    instance_changed: bool,
+    step: bool,
+    retry: bool,
+    failed: bool,
+    fenced: bool,
+}
+
+async fn execute(inner: Arc<Inner>, task: Task) -> Executed {
+    let started = inner.clock.now();
+    let commit = step(&inner, &task, started).await;
+    lock(&inner.leases).remove(&task.id);
+    let mut done = Executed {
+        instance: task.instance.clone(),
+        queue: task.queue.clone(),
+        instance_changed: commit.instance_change != InstanceChange::None,
+        step: commit.history.is_some(),
+        retry: matches!(commit.disposition, Disposition::Retry { .. }),
+        failed: matches!(commit.disposition, Disposition::Failed { .. }),
+        fenced: false,
+    };
+    let event = progress_event(&commit);
+    let mut failures = 0;
+    loop {
+        match inner
+            .store
+            .apply(inner.clock.now(), vec![commit.clone()])
+            .await
+        {
+            Ok(applied) => {
+                if applied.first() == Some(&Applied::Fenced) {
+                    tracing::warn!(task = %task.name, "commit refused: the lease was lost, another attempt will run");
+                    done.fenced = true;
+                    done.step = false;
+                    done.instance_changed = false;
+                } else if let (Some(tx), Some(e)) = (&inner.options.events, event) {
+                    let _ = tx.send(e);
+                    if done.instance_changed {
+                        let _ = tx.send(WorkerEvent::Changed {
+                            instance: task.instance.clone(),
+                        });
+                    }
+                }
+                return done;
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff(failures);
+                if inner.clock.now() + micros(wait) > started + micros(inner.options.lease) * 2 {
+                    tracing::error!(task = %task.name, error = %e, "giving up on a commit; the step will run again");
+                    done.fenced = true;
+                    return done;
+                }
+                tracing::warn!(task = %task.name, error = %e, "commit failed; trying again in {wait:?}");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
+    if let Some(h) = &commit.history {
+        return Some(WorkerEvent::Step {
+            instance: commit.instance.clone(),
+            from: h.from.clone(),
+            event: h.event.clone(),
+            to: h.to.clone(),
+            attempt: h.attempt,
+        });
+    }
+    match &commit.disposition {
+        Disposition::Retry { due_at, error } => Some(WorkerEvent::Retry {
+            instance: commit.instance.clone(),
+            task: String::new(),
+            error: error.clone(),
+            due_at: *due_at,
+        }),
+        _ => None,
+    }
+}
+
+/// Run a task's actions and turn the result into its commit.
+async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
+    let Some(machine) = inner.config.machine(&task.machine) else {
+        return engine::mistake(task, format!("unknown machine `{}`", task.machine), started);
+    };
+    if let Some(commit) = engine::lost_attempts(machine, task, started) {
+        return commit;
+    }
+    let plan = match engine::plan(machine, task) {
+        Ok(plan) => plan,
+        Err(e) => return engine::mistake(task, e.0, started),
+    };
+    let mut cx = ActionContext {
+        machine: machine.name.clone(),
+        instance: task.instance.clone(),
+        state: String::new(),
+        role: ActionRole::Action,
+        event: task.event.clone(),
+        task: task.name.clone(),
+        attempt: task.attempt,
+        context: task.context.clone(),
+        obj: HashMap::new(),
+        halted: None,
+        logs: Vec::new(),
+        persistent: keeps_logs(machine),
+        clock: Arc::clone(&inner.clock),
+    };
+    let calls = async {
+        let mut event = None;
+        for call in &plan.calls {
+            let Some(action) = inner.registry.resolve(call) else {
+                return Err(format!("action `{}` is bound to nothing", call.action));
+            };
+            cx.state = call.state.clone();
+            cx.role = call.role;
+            match action.run(&mut cx).await {
+                Ok(ev) if call.role == ActionRole::Action => event = ev,
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(format!(
+                        "{} action `{}` of state `{}` failed: {e}",
+                        call.role.as_str(),
+                        call.action,
+                        call.state
+                    ))
+                }
+            }
+            if cx.halted.is_some() {
+                break;
+            }
+        }
+        Ok(event)
+    };
+    let result = AssertUnwindSafe(calls).catch_unwind().await;
+    let now = inner.clock.now();
+    match result {
+        Ok(Ok(event)) => {
+            let outcome = Outcome {
+                context: cx.context,
+                event,
+                halted: cx.halted,
+                logs: cx.logs,
+            };
+            let mut rng = lock(&inner.rng);
+            engine::complete(
+                machine,
+                task,
+                &plan,
+                outcome,
+                engine::StepTimes {
+                    started_at: started,
+                    now,
+                },
+                &mut rng,
+                &inner.options.limits,
+            )
+        }
+        Ok(Err(error)) => {
+            let mut commit = engine::failed_attempt(machine, task, error, now);
+            let mut logs = std::mem::take(&mut cx.logs);
+            logs.append(&mut commit.logs);
+            commit.logs = logs;
+            commit
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            engine::failed_attempt(machine, task, format!("an action panicked: {message}"), now)
+        }
+    }
+}
