@@ -1,17 +1,20 @@
 //! The `phasm` command: a thin layer over the `phasm` library that parses arguments, calls
-//! the library, and turns its results into output and exit codes.
+//! the library, and turns its results into output and exit codes (0 success, 1 an instance
+//! failed or an operation was refused, 2 invalid input).
 
-use std::io::Write as _;
+mod cmd;
+mod db;
+mod output;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use phasm::config::{self, LoadOptions};
-use phasm::diagnostic::Diagnostics;
-use phasm::graph;
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Exit status for invalid input (bad files, bad arguments), as documented in the README.
 const EXIT_INVALID: u8 = 2;
+/// Exit status when an instance failed or an operation was refused.
+const EXIT_FAILED: u8 = 1;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +25,42 @@ const EXIT_INVALID: u8 = 2;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where instances are stored.
+#[derive(Args, Clone, Debug)]
+struct DbArgs {
+    /// Database: a SQLite file path.
+    #[arg(long, env = "PHASM_DB", default_value = "phasm.db")]
+    db: String,
+    /// SQLite durability: `full` (fsync every commit; the default), or `normal`/`off`, which
+    /// are faster but can lose the last commits on power loss.
+    #[arg(long, value_enum, default_value_t = cmd::SyncMode::Full)]
+    sync: cmd::SyncMode,
+}
+
+/// What a new instance starts with.
+#[derive(Args, Clone, Debug)]
+struct StartArgs {
+    /// The machine file.
+    file: PathBuf,
+    /// The machine to start (needed when the file has several).
+    #[arg(long, short)]
+    machine: Option<String>,
+    /// The initial context, a JSON object.
+    #[arg(long)]
+    context: Option<String>,
+    /// A context value, converted by the machine's `context_types`; repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Name the instance (starting an existing name again changes nothing).
+    #[arg(long)]
+    name: Option<String>,
+    /// Largest context allowed, in bytes of JSON.
+    #[arg(long, default_value_t = phasm::engine::DEFAULT_MAX_CONTEXT_BYTES)]
+    max_context_bytes: usize,
+    #[command(flatten)]
+    db: DbArgs,
 }
 
 #[derive(Subcommand)]
@@ -52,6 +91,96 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Start an instance and work it to the end with an embedded worker.
+    Run {
+        #[command(flatten)]
+        start: StartArgs,
+        /// Print a JSON object with the result as the last line.
+        #[arg(long)]
+        json: bool,
+        /// Most steps running at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
+    /// Queue an instance for a worker and print its name.
+    Start {
+        #[command(flatten)]
+        start: StartArgs,
+    },
+    /// Work on every instance of the file's machines until stopped (SIGINT/SIGTERM finish the
+    /// running steps, then exit).
+    Worker {
+        /// The machine file.
+        file: PathBuf,
+        /// Only tasks of these queues (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        queues: Option<Vec<String>>,
+        /// Most steps running at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Lease of a claimed task, renewed while it runs; a dead worker's tasks run again
+        /// after it expires.
+        #[arg(long, default_value = "30s", value_parser = cmd::parse_duration)]
+        lease: std::time::Duration,
+        /// Largest context allowed, in bytes of JSON.
+        #[arg(long, default_value_t = phasm::engine::DEFAULT_MAX_CONTEXT_BYTES)]
+        max_context_bytes: usize,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show an instance: status, history, pending tasks, context.
+    Status {
+        /// The instance's name.
+        instance: String,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// List instances, newest first.
+    List {
+        /// Only this machine.
+        #[arg(long, short)]
+        machine: Option<String>,
+        /// Only this status (running, completed, failed, halted, cancelled).
+        #[arg(long)]
+        status: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Show an instance's log.
+    Logs {
+        /// The instance's name.
+        instance: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Resume a failed instance: its failed steps run again.
+    Retry {
+        /// The instance's name.
+        instance: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Cancel a running or failed instance.
+    Cancel {
+        /// The instance's name.
+        instance: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Measure phasm on this machine.
+    Bench {
+        #[command(subcommand)]
+        bench: cmd::bench::Bench,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,143 +191,64 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    output::init_tracing();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate {
             files,
             strict,
             deny_warnings,
-        } => validate(&files, strict, deny_warnings),
+        } => cmd::files::validate(&files, strict, deny_warnings),
         Command::Graph {
             file,
             machine,
             format,
             output,
-        } => draw(&file, machine.as_deref(), format, output.as_deref()),
+        } => cmd::files::draw(&file, machine.as_deref(), format, output.as_deref()),
+        other => runtime().map_or_else(
+            |e| {
+                eprintln!("error: cannot start the async runtime: {e}");
+                ExitCode::FAILURE
+            },
+            |rt| rt.block_on(run_async(other)),
+        ),
     }
 }
 
-fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCode {
-    let options = LoadOptions {
-        strict,
-        ..LoadOptions::default()
-    };
-    let mut failed = false;
-    let mut ok_lines = Vec::new();
-    for file in files {
-        match config::load_file(file, &options) {
-            Ok(loaded) => {
-                print_diagnostics(&Diagnostics(loaded.warnings.clone()));
-                failed |= deny_warnings && !loaded.warnings.is_empty();
-                let machines = loaded.config.machines.len();
-                let states: usize = loaded.config.machines.iter().map(|m| m.states.len()).sum();
-                let warnings = match loaded.warnings.len() {
-                    0 => String::new(),
-                    1 => ", 1 warning".to_string(),
-                    n => format!(", {n} warnings"),
-                };
-                ok_lines.push(format!(
-                    "ok: {} ({}, {}{warnings})",
-                    file.display(),
-                    plural(machines, "machine"),
-                    plural(states, "state")
-                ));
-            }
-            Err(diags) => {
-                print_diagnostics(&diags);
-                failed = true;
-            }
-        }
-    }
-    if failed {
-        return ExitCode::from(EXIT_INVALID);
-    }
-    for line in ok_lines {
-        println!("{line}");
-    }
-    ExitCode::SUCCESS
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
-fn plural(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
+async fn run_async(command: Command) -> ExitCode {
+    match command {
+        Command::Run {
+            start,
+            json,
+            concurrency,
+        } => cmd::run::run(&start, json, concurrency).await,
+        Command::Start { start } => cmd::run::start(&start).await,
+        Command::Worker {
+            file,
+            queues,
+            concurrency,
+            lease,
+            max_context_bytes,
+            db,
+        } => cmd::run::worker(&file, queues, concurrency, lease, max_context_bytes, &db).await,
+        Command::Status { instance, json, db } => cmd::inspect::status(&instance, json, &db).await,
+        Command::List {
+            machine,
+            status,
+            limit,
+            json,
+            db,
+        } => cmd::inspect::list(machine, status.as_deref(), limit, json, &db).await,
+        Command::Logs { instance, db } => cmd::inspect::logs(&instance, &db).await,
+        Command::Retry { instance, db } => cmd::inspect::retry(&instance, &db).await,
+        Command::Cancel { instance, db } => cmd::inspect::cancel(&instance, &db).await,
+        Command::Bench { bench } => cmd::bench::run(bench).await,
+        Command::Validate { .. } | Command::Graph { .. } => ExitCode::from(EXIT_INVALID),
     }
-}
-
-fn print_diagnostics(diags: &Diagnostics) {
-    if !diags.0.is_empty() {
-        eprint!("{diags}");
-    }
-}
-
-fn draw(
-    file: &std::path::Path,
-    machine: Option<&str>,
-    format: Format,
-    output: Option<&std::path::Path>,
-) -> ExitCode {
-    let loaded = match config::load_file(file, &LoadOptions::default()) {
-        Ok(loaded) => loaded,
-        Err(diags) => {
-            print_diagnostics(&diags);
-            return ExitCode::from(EXIT_INVALID);
-        }
-    };
-    let machines = &loaded.config.machines;
-    let chosen = match machine {
-        Some(name) => match loaded.config.machine(name) {
-            Some(m) => m,
-            None => {
-                eprintln!(
-                    "error: `{}` has no machine named `{name}`\n = note: its machines: {}",
-                    file.display(),
-                    names(machines)
-                );
-                return ExitCode::from(EXIT_INVALID);
-            }
-        },
-        None => match machines.as_slice() {
-            [only] => only,
-            [] => {
-                eprintln!("error: `{}` defines no machine", file.display());
-                return ExitCode::from(EXIT_INVALID);
-            }
-            _ => {
-                eprintln!(
-                    "error: `{}` defines {} machines; choose one with --machine NAME\n = note: its machines: {}",
-                    file.display(),
-                    machines.len(),
-                    names(machines)
-                );
-                return ExitCode::from(EXIT_INVALID);
-            }
-        },
-    };
-    let text = match format {
-        Format::Dot => graph::to_dot(chosen),
-        Format::Mermaid => graph::to_mermaid(chosen),
-        Format::Svg => graph::to_svg(chosen),
-    };
-    let written = match output {
-        Some(path) => std::fs::write(path, text.as_bytes()),
-        None => std::io::stdout().write_all(text.as_bytes()),
-    };
-    if let Err(e) = written {
-        let target = output.map_or("standard output".to_string(), |p| {
-            format!("`{}`", p.display())
-        });
-        eprintln!("error: cannot write to {target}: {e}");
-        return ExitCode::FAILURE;
-    }
-    ExitCode::SUCCESS
-}
-
-fn names(machines: &[phasm::machine::Machine]) -> String {
-    machines
-        .iter()
-        .map(|m| m.name.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -40,6 +40,15 @@ pub struct LoadOptions {
     pub registered_actions: Vec<String>,
 }
 
+/// Parse a duration as machine files write them: seconds (`30`, `2.5`) or `500ms`, `90s`,
+/// `5m`, `12h`, `1h30m`.
+///
+/// # Errors
+/// A message saying why the text is not a duration.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    duration::parse(text)
+}
+
 /// Load and validate a machine file and the files it imports.
 ///
 /// # Errors

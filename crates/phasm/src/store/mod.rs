@@ -121,6 +121,45 @@ pub enum Applied {
     Fenced,
 }
 
+/// Lets a commit hand the tasks it creates straight back to its worker, already leased, so a
+/// chain of steps continues without a separate claim (one store round trip per step).
+#[derive(Debug, Clone)]
+pub struct SuccessorClaim {
+    /// Who claims.
+    pub owner: String,
+    /// Lease length.
+    pub lease: Duration,
+    /// Only tasks of these queues (`None`: every queue)...
+    pub queues: Option<Vec<String>>,
+    /// ...except these (queues with limits the worker must count).
+    pub exclude: Vec<String>,
+    /// Only instances of these machines.
+    pub machines: Vec<String>,
+    /// At most this many per commit.
+    pub max: usize,
+}
+
+impl SuccessorClaim {
+    /// Whether a new task on `queue` of `machine` may be claimed.
+    pub fn takes(&self, queue: &str, machine: &str) -> bool {
+        self.queues
+            .as_ref()
+            .is_none_or(|q| q.iter().any(|x| x == queue))
+            && !self.exclude.iter().any(|x| x == queue)
+            && self.machines.iter().any(|m| m == machine)
+    }
+}
+
+/// The result of applying one commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppliedCommit {
+    /// Applied or fenced.
+    pub applied: Applied,
+    /// Tasks the commit created that are due now, leased to the committing worker (see
+    /// [`SuccessorClaim`]).
+    pub claimed: Vec<Task>,
+}
+
 /// A pending task, as shown by `phasm status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TaskView {
@@ -253,8 +292,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         until: Micros,
     ) -> StoreResult<Vec<bool>>;
 
-    /// Apply commits, each atomically and only if its lease is still held at `now`.
-    async fn apply(&self, now: Micros, commits: Vec<Commit>) -> StoreResult<Vec<Applied>>;
+    /// Apply commits, each atomically and only if its lease is still held at `now`. With
+    /// `successors`, new tasks that are due at once are leased to that worker and returned.
+    async fn apply(
+        &self,
+        now: Micros,
+        commits: Vec<Commit>,
+        successors: Option<&SuccessorClaim>,
+    ) -> StoreResult<Vec<AppliedCommit>>;
 
     /// The earliest time a task becomes due (or a lease expires), if any task is pending.
     async fn next_due(&self) -> StoreResult<Option<Micros>>;

@@ -16,8 +16,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    Applied, ClaimRequest, Control, InstanceStatus, InstanceSummary, InstanceView, ListFilter,
-    NewInstance, Started, Store, StoreError, StoreResult, TaskView,
+    Applied, AppliedCommit, ClaimRequest, Control, InstanceStatus, InstanceSummary, InstanceView,
+    ListFilter, NewInstance, Started, Store, StoreError, StoreResult, SuccessorClaim, TaskView,
 };
 use crate::clock::{micros, Micros};
 use crate::engine::{
@@ -59,7 +59,12 @@ enum Request {
     Start(Micros, Box<NewInstance>, Reply<Started>),
     Claim(Micros, ClaimRequest, Reply<Vec<Task>>),
     Renew(Micros, Vec<(i64, i64)>, Micros, Reply<Vec<bool>>),
-    Apply(Micros, Vec<Commit>, Reply<Vec<Applied>>),
+    Apply(
+        Micros,
+        Vec<Commit>,
+        Option<SuccessorClaim>,
+        Reply<Vec<AppliedCommit>>,
+    ),
     NextDue(Reply<Option<Micros>>),
     Instance(String, Reply<Option<InstanceView>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
@@ -334,7 +339,7 @@ fn fail_request(request: Request, e: &StoreError) {
         Request::Start(_, _, r) => drop(r.send(Err(err()))),
         Request::Claim(_, _, r) => drop(r.send(Err(err()))),
         Request::Renew(_, _, _, r) => drop(r.send(Err(err()))),
-        Request::Apply(_, _, r) => drop(r.send(Err(err()))),
+        Request::Apply(_, _, _, r) => drop(r.send(Err(err()))),
         Request::NextDue(r) => drop(r.send(Err(err()))),
         Request::Instance(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
@@ -368,10 +373,10 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Renew(now, leases, until, reply) => {
             pending(reply, scoped(tx, |tx| renew(tx, now, &leases, until)))
         }
-        Request::Apply(now, commits, reply) => {
+        Request::Apply(now, commits, successors, reply) => {
             let results = commits
                 .iter()
-                .map(|c| scoped(tx, |tx| apply(tx, now, c)))
+                .map(|c| scoped(tx, |tx| apply(tx, now, c, successors.as_ref())))
                 .collect::<StoreResult<Vec<_>>>();
             pending(reply, results)
         }
@@ -420,7 +425,7 @@ fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<St
     )
     .map_err(db)?;
     let id = tx.last_insert_rowid();
-    insert_task(tx, id, &new.start, now)?;
+    insert_task(tx, id, &new.start, now, None)?;
     Ok(Started::Created)
 }
 
@@ -429,36 +434,49 @@ fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
         .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
 }
 
+/// Insert a task (a task of that name already pending is left as it is). With a lease
+/// (owner, expiry), the task is inserted already claimed; returns its id when inserted.
 fn insert_task(
     tx: &Transaction<'_>,
     instance_id: i64,
     t: &NewTask,
     now: Micros,
-) -> StoreResult<()> {
+    lease: Option<(&str, Micros)>,
+) -> StoreResult<Option<i64>> {
+    let (owner, due_at, claim, attempts, first) = match lease {
+        Some((owner, until)) => (Some(owner), until, 1, 1, Some(now)),
+        None => (None, t.due_at, 0, 0, None),
+    };
     let mut stmt = tx
         .prepare_cached(
             "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
-                                queue, target, status, due_at, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12)
+                                queue, target, status, due_at, created_at, lease_owner, claim,
+                                attempts, first_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12, ?13, ?14, ?15, ?16)
              ON CONFLICT (instance_id, name) DO NOTHING",
         )
         .map_err(db)?;
-    stmt.execute(params![
-        instance_id,
-        t.name,
-        t.kind.as_str(),
-        t.from_state,
-        t.event,
-        to_json(&t.context)?,
-        t.step as i64,
-        t.branch,
-        t.queue,
-        t.target,
-        t.due_at,
-        now
-    ])
-    .map_err(db)?;
-    Ok(())
+    let inserted = stmt
+        .execute(params![
+            instance_id,
+            t.name,
+            t.kind.as_str(),
+            t.from_state,
+            t.event,
+            to_json(&t.context)?,
+            t.step as i64,
+            t.branch,
+            t.queue,
+            t.target,
+            due_at,
+            now,
+            owner,
+            claim,
+            attempts,
+            first
+        ])
+        .map_err(db)?;
+    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
 }
 
 fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
@@ -581,19 +599,29 @@ fn renew(
         .collect()
 }
 
-fn apply(tx: &Transaction<'_>, now: Micros, c: &Commit) -> StoreResult<Applied> {
+fn apply(
+    tx: &Transaction<'_>,
+    now: Micros,
+    c: &Commit,
+    successors: Option<&SuccessorClaim>,
+) -> StoreResult<AppliedCommit> {
     // The fence: the task must still be ours, and our lease unexpired.
-    let instance_id: Option<i64> = tx
+    let found: Option<(i64, String)> = tx
         .prepare_cached(
-            "SELECT instance_id FROM tasks
-             WHERE id = ?1 AND claim = ?2 AND status = 'ready' AND due_at > ?3",
+            "SELECT t.instance_id, i.machine FROM tasks t JOIN instances i ON i.id = t.instance_id
+             WHERE t.id = ?1 AND t.claim = ?2 AND t.status = 'ready' AND t.due_at > ?3",
         )
         .map_err(db)?
-        .query_row(params![c.task_id, c.claim, now], |r| r.get(0))
+        .query_row(params![c.task_id, c.claim, now], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .optional()
         .map_err(db)?;
-    let Some(instance_id) = instance_id else {
-        return Ok(Applied::Fenced);
+    let Some((instance_id, machine)) = found else {
+        return Ok(AppliedCommit {
+            applied: Applied::Fenced,
+            claimed: Vec::new(),
+        });
     };
     match &c.disposition {
         Disposition::Finished => {
@@ -620,8 +648,29 @@ fn apply(tx: &Transaction<'_>, now: Micros, c: &Commit) -> StoreResult<Applied> 
             .map_err(db)?;
         }
     }
+    let mut claimed = Vec::new();
     for t in &c.new_tasks {
-        insert_task(tx, instance_id, t, now)?;
+        let lease = successors
+            .filter(|s| t.due_at <= now && claimed.len() < s.max && s.takes(&t.queue, &machine));
+        let until = lease.map(|s| (s.owner.as_str(), now + micros(s.lease)));
+        if let (Some(id), Some(_)) = (insert_task(tx, instance_id, t, now, until)?, until) {
+            claimed.push(Task {
+                id,
+                claim: 1,
+                instance: c.instance.clone(),
+                machine: machine.clone(),
+                name: t.name.clone(),
+                from_state: t.from_state.clone(),
+                event: t.event.clone(),
+                kind: t.kind,
+                context: t.context.clone(),
+                step: t.step,
+                branch: t.branch.clone(),
+                attempt: 0,
+                first_attempt_at: now,
+                queue: t.queue.clone(),
+            });
+        }
     }
     if let Some(h) = &c.history {
         tx.prepare_cached(
@@ -678,7 +727,10 @@ fn apply(tx: &Transaction<'_>, now: Micros, c: &Commit) -> StoreResult<Applied> 
             end_instance(tx, instance_id, InstanceStatus::Failed, Some(error), now)?;
         }
     }
-    Ok(Applied::Yes)
+    Ok(AppliedCommit {
+        applied: Applied::Yes,
+        claimed,
+    })
 }
 
 fn insert_log(tx: &Transaction<'_>, instance_id: i64, l: &LogLine) -> StoreResult<()> {
@@ -955,12 +1007,28 @@ impl Store for SqliteStore {
         self.call(|r| Request::Renew(now, leases, until, r)).await
     }
 
-    async fn apply(&self, now: Micros, commits: Vec<Commit>) -> StoreResult<Vec<Applied>> {
-        let creates = commits
+    async fn apply(
+        &self,
+        now: Micros,
+        commits: Vec<Commit>,
+        successors: Option<&SuccessorClaim>,
+    ) -> StoreResult<Vec<AppliedCommit>> {
+        let changed: Vec<(bool, usize)> = commits
             .iter()
-            .any(|c| !c.new_tasks.is_empty() || !matches!(c.disposition, Disposition::Finished));
-        let applied = self.call(|r| Request::Apply(now, commits, r)).await?;
-        if creates {
+            .map(|c| {
+                let rescheduled = !matches!(c.disposition, Disposition::Finished);
+                (rescheduled || !c.new_tasks.is_empty(), c.new_tasks.len())
+            })
+            .collect();
+        let successors = successors.cloned();
+        let applied = self
+            .call(|r| Request::Apply(now, commits, successors, r))
+            .await?;
+        // Wake idle workers of this process when work was queued that nobody holds yet.
+        let queued = applied.iter().zip(&changed).any(|(a, (changed, n))| {
+            a.applied == Applied::Yes && *changed && a.claimed.len() < (*n).max(1)
+        });
+        if queued {
             self.changes.notify_waiters();
         }
         Ok(applied)

@@ -23,7 +23,7 @@ use crate::action::{keeps_logs, ActionContext, Registry};
 use crate::clock::{micros, Clock, Micros};
 use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task};
 use crate::machine::{ActionRole, Config};
-use crate::store::{Applied, ClaimRequest, InstanceStatus, Store, StoreError};
+use crate::store::{Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim};
 use limits::QueueGate;
 
 /// How a worker runs.
@@ -161,6 +161,7 @@ struct Inner {
     rng: Mutex<fastrand::Rng>,
     leases: Mutex<HashMap<i64, i64>>,
     machines: Vec<String>,
+    successors: SuccessorClaim,
 }
 
 /// Check that every action of every machine is bound.
@@ -196,7 +197,16 @@ impl Worker {
         let rng = options
             .seed
             .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
-        let machines = config.machines.iter().map(|m| m.name.clone()).collect();
+        let machines: Vec<String> = config.machines.iter().map(|m| m.name.clone()).collect();
+        let successors = SuccessorClaim {
+            owner: options.owner.clone(),
+            lease: options.lease,
+            queues: options.queues.clone(),
+            // Queues with limits are counted by the claim loop's gate.
+            exclude: config.queues.keys().cloned().collect(),
+            machines: machines.clone(),
+            max: 1,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -207,6 +217,7 @@ impl Worker {
                 rng: Mutex::new(rng),
                 leases: Mutex::new(HashMap::new()),
                 machines,
+                successors,
             }),
         })
     }
@@ -297,15 +308,21 @@ impl Worker {
                         }
                     };
                     gate.finished(&done.queue);
-                    report.steps += u64::from(done.step);
-                    report.retries += u64::from(done.retry);
-                    report.failures += u64::from(done.failed);
-                    report.fenced += u64::from(done.fenced);
+                    report.steps += done.steps;
+                    report.retries += done.retries;
+                    report.failures += done.failures;
+                    report.fenced += done.fenced;
                     if done.instance_changed && watching.contains(&done.instance) {
                         check_watched(&inner, &mut watching).await;
                         if watching.is_empty() {
                             stopping = true;
                         }
+                    }
+                    if opts.stop == StopWhen::Idle
+                        && running.is_empty()
+                        && matches!(inner.store.next_due().await, Ok(None))
+                    {
+                        stopping = true;
                     }
                 }
                 _ = heartbeat.tick() => renew(&inner).await,
@@ -371,7 +388,7 @@ async fn claim(
             logs: Vec::new(),
             instance_change: InstanceChange::None,
         };
-        let _ = inner.store.apply(now, vec![release]).await;
+        let _ = inner.store.apply(now, vec![release], None).await;
     }
     Ok(mine)
 }
@@ -417,8 +434,9 @@ async fn renew(inner: &Inner) {
         .await
     {
         Ok(held) => {
-            for ((id, _), ok) in leases.iter().zip(held) {
-                if !ok {
+            let still_running = lock(&inner.leases).clone();
+            for ((id, claim), ok) in leases.iter().zip(held) {
+                if !ok && still_running.get(id) == Some(claim) {
                     tracing::warn!(task = id, "lease lost: the step's commit will be refused");
                 }
             }
@@ -427,61 +445,82 @@ async fn renew(inner: &Inner) {
     }
 }
 
-/// What one execution did.
+/// What one execution (a task and the successors it went on with) did.
+#[derive(Default)]
 struct Executed {
     instance: String,
     queue: String,
     instance_changed: bool,
-    step: bool,
-    retry: bool,
-    failed: bool,
-    fenced: bool,
+    steps: u64,
+    retries: u64,
+    failures: u64,
+    fenced: u64,
 }
 
+/// Run a task, commit it, and go on with the successors the commit handed back (a chain
+/// continues in this tokio task without another claim).
 async fn execute(inner: Arc<Inner>, task: Task) -> Executed {
-    let started = inner.clock.now();
-    let commit = step(&inner, &task, started).await;
-    lock(&inner.leases).remove(&task.id);
     let mut done = Executed {
         instance: task.instance.clone(),
         queue: task.queue.clone(),
-        instance_changed: commit.instance_change != InstanceChange::None,
-        step: commit.history.is_some(),
-        retry: matches!(commit.disposition, Disposition::Retry { .. }),
-        failed: matches!(commit.disposition, Disposition::Failed { .. }),
-        fenced: false,
+        ..Executed::default()
     };
+    let mut queue = vec![task];
+    while let Some(task) = queue.pop() {
+        let claimed = execute_one(&inner, &task, &mut done).await;
+        for t in &claimed {
+            lock(&inner.leases).insert(t.id, t.claim);
+        }
+        queue.extend(claimed);
+    }
+    done
+}
+
+async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Task> {
+    let started = inner.clock.now();
+    let commit = step(inner, task, started).await;
+    lock(&inner.leases).remove(&task.id);
+    let changed = commit.instance_change != InstanceChange::None;
     let event = progress_event(&commit);
+    let successors = inner.successors.clone();
     let mut failures = 0;
     loop {
-        match inner
+        let applied = inner
             .store
-            .apply(inner.clock.now(), vec![commit.clone()])
-            .await
-        {
-            Ok(applied) => {
-                if applied.first() == Some(&Applied::Fenced) {
-                    tracing::warn!(task = %task.name, "commit refused: the lease was lost, another attempt will run");
-                    done.fenced = true;
-                    done.step = false;
-                    done.instance_changed = false;
-                } else if let (Some(tx), Some(e)) = (&inner.options.events, event) {
+            .apply(inner.clock.now(), vec![commit.clone()], Some(&successors))
+            .await;
+        match applied.map(|mut v| v.pop()) {
+            Ok(Some(result)) if result.applied == Applied::Yes => {
+                done.steps += u64::from(commit.history.is_some());
+                done.retries += u64::from(matches!(commit.disposition, Disposition::Retry { .. }));
+                done.failures +=
+                    u64::from(matches!(commit.disposition, Disposition::Failed { .. }));
+                if changed {
+                    done.instance_changed = true;
+                    done.instance.clone_from(&task.instance);
+                }
+                if let (Some(tx), Some(e)) = (&inner.options.events, event) {
                     let _ = tx.send(e);
-                    if done.instance_changed {
+                    if changed {
                         let _ = tx.send(WorkerEvent::Changed {
                             instance: task.instance.clone(),
                         });
                     }
                 }
-                return done;
+                return result.claimed;
+            }
+            Ok(_) => {
+                tracing::warn!(task = %task.name, "commit refused: the lease was lost, another attempt will run");
+                done.fenced += 1;
+                return Vec::new();
             }
             Err(e) => {
                 failures += 1;
                 let wait = backoff(failures);
                 if inner.clock.now() + micros(wait) > started + micros(inner.options.lease) * 2 {
                     tracing::error!(task = %task.name, error = %e, "giving up on a commit; the step will run again");
-                    done.fenced = true;
-                    return done;
+                    done.fenced += 1;
+                    return Vec::new();
                 }
                 tracing::warn!(task = %task.name, error = %e, "commit failed; trying again in {wait:?}");
                 tokio::time::sleep(wait).await;

@@ -1,0 +1,250 @@
+//! `phasm bench`: measured throughput and latency on this machine.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Subcommand;
+use phasm::action::Registry;
+use phasm::clock::{Clock, SystemClock};
+use phasm::config::{load_str, LoadOptions};
+use phasm::control::start_instance;
+use phasm::engine::{Context, Limits};
+use phasm::store::Store;
+use phasm::worker::{StopWhen, Worker, WorkerOptions};
+use serde_json::json;
+
+use crate::{db, DbArgs, EXIT_FAILED, EXIT_INVALID};
+
+/// The benchmarks.
+#[derive(Subcommand, Clone, Debug)]
+pub enum Bench {
+    /// N instances of a K-state linear machine with no-op Rust actions.
+    Chain {
+        /// Instances.
+        #[arg(long, default_value_t = 1000)]
+        instances: usize,
+        /// States per instance (= steps per instance).
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Most steps running at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Database (default: a temporary file in the current folder, removed afterwards).
+        #[arg(long, env = "PHASM_DB")]
+        db: Option<String>,
+        /// SQLite durability.
+        #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
+        sync: super::SyncMode,
+    },
+}
+
+fn chain_yaml(steps: usize) -> String {
+    let mut y = String::from("state_machines:\n- name: Chain\n  states:\n");
+    for i in 1..=steps {
+        let _ = writeln!(y, "  - name: s{i}");
+        if i == 1 {
+            y.push_str("    initial: true\n");
+        }
+        if i == steps {
+            y.push_str("    final: true\n    action: Last\n");
+        } else {
+            let _ = write!(
+                y,
+                "    action: Step\n    transitions:\n    - event: next\n      to: s{}\n",
+                i + 1
+            );
+        }
+    }
+    y
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1000.0
+}
+
+/// Run a benchmark.
+pub async fn run(bench: Bench) -> ExitCode {
+    let Bench::Chain {
+        instances,
+        steps,
+        concurrency,
+        json: as_json,
+        db: db_path,
+        sync,
+    } = bench;
+    if instances == 0 || steps == 0 {
+        eprintln!("error: --instances and --steps must be at least 1");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let temp = match &db_path {
+        Some(_) => None,
+        None => match tempfile::Builder::new()
+            .prefix("phasm-bench-")
+            .suffix(".db")
+            .tempfile_in(".")
+        {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("error: cannot create a temporary database here: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        },
+    };
+    let path = db_path.unwrap_or_else(|| {
+        temp.as_ref()
+            .map(|t| t.path().display().to_string())
+            .unwrap_or_default()
+    });
+    let store = match db::open(&DbArgs {
+        db: path.clone(),
+        sync,
+    }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let config = match load_str(
+        &chain_yaml(steps),
+        "bench-chain.yaml",
+        &LoadOptions::default(),
+    ) {
+        Ok(l) => Arc::new(l.config),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let mut registry = Registry::new();
+    registry.register_fn("Step", |_| Ok(Some("next".into())));
+    registry.register_fn("Last", |_| Ok(None));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+    let start_began = Instant::now();
+    let mut names = Vec::with_capacity(instances);
+    for _ in 0..instances {
+        match start_instance(
+            &*store,
+            &config,
+            &*clock,
+            "Chain",
+            Context::new(),
+            None,
+            &Limits::default(),
+        )
+        .await
+        {
+            Ok(o) => names.push(o.name().to_string()),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_FAILED);
+            }
+        }
+    }
+    let start_secs = start_began.elapsed().as_secs_f64();
+
+    let options = WorkerOptions {
+        concurrency,
+        stop: StopWhen::Idle,
+        seed: Some(1),
+        ..WorkerOptions::default()
+    };
+    let worker = match Worker::new(
+        Arc::clone(&store),
+        config,
+        Arc::new(registry),
+        clock,
+        options,
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let began = Instant::now();
+    let report = match worker.run(std::future::pending()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let secs = began.elapsed().as_secs_f64();
+    let total = instances * steps;
+
+    let (latencies, completed) = match latencies(&*store, &names).await {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let fsync_rate = store.probe_commit_rate(300).await.unwrap_or(0.0);
+    let steps_per_sec = report.steps as f64 / secs;
+    let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "bench": "chain",
+                "instances": instances,
+                "steps_per_instance": steps,
+                "steps": report.steps,
+                "completed": completed,
+                "wall_s": secs,
+                "steps_per_s": steps_per_sec,
+                "step_latency_p50_ms": p50,
+                "step_latency_p99_ms": p99,
+                "start_s": start_secs,
+                "fsync_commits_per_s": fsync_rate,
+                "concurrency": concurrency,
+                "sync": format!("{sync:?}").to_lowercase(),
+            })
+        );
+    } else {
+        println!("chain: {instances} instances × {steps} steps = {total} steps ({} committed, {completed} instances completed)", report.steps);
+        println!("  {secs:.2}s, {steps_per_sec:.0} steps/s (starting the instances took {start_secs:.2}s)");
+        println!("  step latency p50 {p50:.2} ms, p99 {p99:.2} ms");
+        println!("  reference: {fsync_rate:.0} durable single-row commits/s on this store");
+    }
+    if report.steps as usize != total || completed != instances {
+        eprintln!("error: expected {total} steps and {instances} completed instances");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Time between consecutive commits of each instance (the first measured from its start).
+async fn latencies(
+    store: &dyn Store,
+    names: &[String],
+) -> Result<(Vec<i64>, usize), phasm::store::StoreError> {
+    let mut all = Vec::new();
+    let mut completed = 0;
+    for name in names {
+        let Some(view) = store.instance(name).await? else {
+            continue;
+        };
+        if view.status == phasm::store::InstanceStatus::Completed {
+            completed += 1;
+        }
+        let mut previous = view.created_at;
+        for h in &view.history {
+            all.push(h.finished_at - previous);
+            previous = h.finished_at;
+        }
+    }
+    all.sort_unstable();
+    Ok((all, completed))
+}

@@ -1,0 +1,151 @@
+//! Commands on machine files: `validate` and `graph`.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use phasm::config::{self, LoadOptions};
+use phasm::diagnostic::Diagnostics;
+use phasm::graph;
+use phasm::machine::{Config, Machine};
+
+use crate::output::print_diagnostics;
+use crate::{Format, EXIT_INVALID};
+
+/// Load a machine file for running, printing its diagnostics; `None` after an error.
+pub fn load(file: &Path) -> Option<Config> {
+    match config::load_file(file, &LoadOptions::default()) {
+        Ok(loaded) => {
+            print_diagnostics(&Diagnostics(loaded.warnings));
+            Some(loaded.config)
+        }
+        Err(diags) => {
+            print_diagnostics(&diags);
+            None
+        }
+    }
+}
+
+/// The machine a command names, or the only one; prints why not.
+pub fn choose<'c>(config: &'c Config, file: &Path, machine: Option<&str>) -> Option<&'c Machine> {
+    let machines = &config.machines;
+    match machine {
+        Some(name) => {
+            let found = config.machine(name);
+            if found.is_none() {
+                eprintln!(
+                    "error: `{}` has no machine named `{name}`\n = note: its machines: {}",
+                    file.display(),
+                    names(machines)
+                );
+            }
+            found
+        }
+        None => match machines.as_slice() {
+            [only] => Some(only),
+            [] => {
+                eprintln!("error: `{}` defines no machine", file.display());
+                None
+            }
+            _ => {
+                eprintln!(
+                    "error: `{}` defines {} machines; choose one with --machine NAME\n = note: its machines: {}",
+                    file.display(),
+                    machines.len(),
+                    names(machines)
+                );
+                None
+            }
+        },
+    }
+}
+
+/// `phasm validate`.
+pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCode {
+    let options = LoadOptions {
+        strict,
+        ..LoadOptions::default()
+    };
+    let mut failed = false;
+    let mut ok_lines = Vec::new();
+    for file in files {
+        match config::load_file(file, &options) {
+            Ok(loaded) => {
+                print_diagnostics(&Diagnostics(loaded.warnings.clone()));
+                failed |= deny_warnings && !loaded.warnings.is_empty();
+                let machines = loaded.config.machines.len();
+                let states: usize = loaded.config.machines.iter().map(|m| m.states.len()).sum();
+                let warnings = match loaded.warnings.len() {
+                    0 => String::new(),
+                    1 => ", 1 warning".to_string(),
+                    n => format!(", {n} warnings"),
+                };
+                ok_lines.push(format!(
+                    "ok: {} ({}, {}{warnings})",
+                    file.display(),
+                    plural(machines, "machine"),
+                    plural(states, "state")
+                ));
+            }
+            Err(diags) => {
+                print_diagnostics(&diags);
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return ExitCode::from(EXIT_INVALID);
+    }
+    for line in ok_lines {
+        println!("{line}");
+    }
+    ExitCode::SUCCESS
+}
+
+fn plural(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// `phasm graph`.
+pub fn draw(
+    file: &std::path::Path,
+    machine: Option<&str>,
+    format: Format,
+    output: Option<&std::path::Path>,
+) -> ExitCode {
+    let Some(config) = load(file) else {
+        return ExitCode::from(EXIT_INVALID);
+    };
+    let Some(chosen) = choose(&config, file, machine) else {
+        return ExitCode::from(EXIT_INVALID);
+    };
+    let text = match format {
+        Format::Dot => graph::to_dot(chosen),
+        Format::Mermaid => graph::to_mermaid(chosen),
+        Format::Svg => graph::to_svg(chosen),
+    };
+    let written = match output {
+        Some(path) => std::fs::write(path, text.as_bytes()),
+        None => std::io::stdout().write_all(text.as_bytes()),
+    };
+    if let Err(e) = written {
+        let target = output.map_or("standard output".to_string(), |p| {
+            format!("`{}`", p.display())
+        });
+        eprintln!("error: cannot write to {target}: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+fn names(machines: &[Machine]) -> String {
+    machines
+        .iter()
+        .map(|m| m.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

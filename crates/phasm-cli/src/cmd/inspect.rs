@@ -1,0 +1,298 @@
+//! `status`, `list`, `logs`, `retry` and `cancel`: looking at instances and acting on them.
+
+use std::process::ExitCode;
+
+use phasm::clock::{Clock, SystemClock};
+use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
+use serde_json::{json, Value};
+
+use crate::output::{duration, time};
+use crate::{db, DbArgs, EXIT_FAILED, EXIT_INVALID};
+
+fn open(args: &DbArgs) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
+    db::open(args).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceView, ExitCode> {
+    match store.instance(name).await {
+        Ok(Some(view)) => Ok(view),
+        Ok(None) => {
+            eprintln!("error: no instance named `{name}` in {}", args.db);
+            Err(ExitCode::from(EXIT_INVALID))
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EXIT_FAILED))
+        }
+    }
+}
+
+/// The JSON form of an instance (`phasm status --json`, and later the HTTP API).
+pub fn instance_json(view: &InstanceView) -> Value {
+    let history: Vec<Value> = view
+        .history
+        .iter()
+        .map(|h| {
+            json!({
+                "from": h.from,
+                "event": h.event,
+                "to": h.to,
+                "attempt": h.attempt,
+                "at": time(h.finished_at),
+                "started_at": time(h.started_at),
+                "duration_ms": (h.finished_at - h.started_at) as f64 / 1000.0,
+                "branch": h.branch,
+                "task": h.task,
+            })
+        })
+        .collect();
+    let tasks: Vec<Value> = view
+        .tasks
+        .iter()
+        .map(|t| {
+            json!({
+                "task": t.name,
+                "from": t.from,
+                "event": t.event,
+                "status": t.status,
+                "due_at": time(t.due_at),
+                "leased_by": t.leased_by,
+                "attempts": t.attempts,
+                "last_error": t.last_error,
+                "queue": t.queue,
+            })
+        })
+        .collect();
+    json!({
+        "instance": view.name,
+        "machine": view.machine,
+        "status": view.status,
+        "error": view.error,
+        "created_at": time(view.created_at),
+        "updated_at": time(view.updated_at),
+        "ended_at": view.ended_at.map(time),
+        "context": view.current_context,
+        "initial_context": view.context,
+        "history": history,
+        "tasks": tasks,
+    })
+}
+
+/// `phasm status`.
+pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
+    let store = match open(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let view = match find(&*store, name, args).await {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if as_json {
+        println!("{}", instance_json(&view));
+        return ExitCode::SUCCESS;
+    }
+    println!("instance  {}", view.name);
+    println!("machine   {}", view.machine);
+    println!("status    {}", view.status);
+    if let Some(error) = &view.error {
+        println!("error     {error}");
+    }
+    println!("created   {}", time(view.created_at));
+    if let Some(ended) = view.ended_at {
+        println!(
+            "ended     {} (after {})",
+            time(ended),
+            duration(ended - view.created_at)
+        );
+    }
+    if let Some(context) = &view.current_context {
+        println!("context   {}", Value::Object(context.clone()));
+    }
+    println!("history");
+    println!(
+        "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} took",
+        "#", "from", "event", "to", "attempt", "at"
+    );
+    for (i, h) in view.history.iter().enumerate() {
+        println!(
+            "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} {}",
+            i + 1,
+            h.from.as_deref().unwrap_or("-"),
+            h.event,
+            h.to,
+            h.attempt,
+            time(h.finished_at),
+            duration(h.finished_at - h.started_at)
+        );
+    }
+    if !view.tasks.is_empty() {
+        println!("pending");
+        for t in &view.tasks {
+            let holder = t
+                .leased_by
+                .as_deref()
+                .map(|w| format!(", running on {w}"))
+                .unwrap_or_default();
+            let error = t
+                .last_error
+                .as_deref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default();
+            println!(
+                "  {} --{}--> ({}; {} attempts; due {}{holder}{error})",
+                t.from.as_deref().unwrap_or("start"),
+                t.event,
+                t.status,
+                t.attempts,
+                time(t.due_at)
+            );
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `phasm list`.
+pub async fn list(
+    machine: Option<String>,
+    status: Option<&str>,
+    limit: usize,
+    as_json: bool,
+    args: &DbArgs,
+) -> ExitCode {
+    let status = match status.map(|s| InstanceStatus::parse(s).ok_or(s)) {
+        None => None,
+        Some(Ok(s)) => Some(s),
+        Some(Err(bad)) => {
+            eprintln!("error: unknown status `{bad}`; use running, completed, failed, halted or cancelled");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let store = match open(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let filter = ListFilter {
+        machine,
+        status,
+        limit,
+    };
+    let rows = match store.list(&filter).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    if as_json {
+        let rows: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "instance": r.instance,
+                    "machine": r.machine,
+                    "status": r.status,
+                    "created_at": time(r.created_at),
+                    "updated_at": time(r.updated_at),
+                    "error": r.error,
+                })
+            })
+            .collect();
+        println!("{}", Value::Array(rows));
+        return ExitCode::SUCCESS;
+    }
+    if rows.is_empty() {
+        eprintln!("no instances");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:<44} {:<24} {:<10} created",
+        "instance", "machine", "status"
+    );
+    for r in rows {
+        println!(
+            "{:<44} {:<24} {:<10} {}",
+            r.instance,
+            r.machine,
+            r.status.as_str(),
+            time(r.created_at)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `phasm logs`.
+pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
+    let store = match open(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(code) = find(&*store, name, args).await {
+        return code;
+    }
+    match store.logs(name).await {
+        Ok(lines) => {
+            for l in lines {
+                println!("{} {:<7} {} [{}]", time(l.at), l.level, l.message, l.task);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreError>) -> ExitCode {
+    match result {
+        Ok(Control::Done) => {
+            println!("{name}: {what}");
+            ExitCode::SUCCESS
+        }
+        Ok(Control::NotFound) => {
+            eprintln!("error: no instance named `{name}`");
+            ExitCode::from(EXIT_INVALID)
+        }
+        Ok(Control::NotAllowed(status)) => {
+            eprintln!(
+                "error: `{name}` is {status}; only {}",
+                if what == "resumed" {
+                    "failed instances can be retried"
+                } else {
+                    "running or failed instances can be cancelled"
+                }
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// `phasm retry`.
+pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
+    let store = match open(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    report(name, "resumed", store.retry(SystemClock.now(), name).await)
+}
+
+/// `phasm cancel`.
+pub async fn cancel(name: &str, args: &DbArgs) -> ExitCode {
+    let store = match open(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    report(
+        name,
+        "cancelled",
+        store.cancel(SystemClock.now(), name).await,
+    )
+}

@@ -1,0 +1,356 @@
+//! `run`, `start` and `worker`: queueing instances and working on them.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use phasm::action::Registry;
+use phasm::clock::{Clock, SystemClock};
+use phasm::control::{parse_set, start_instance, StartOutcome};
+use phasm::engine::{Context, Limits};
+use phasm::machine::{Config, Machine};
+use phasm::store::{InstanceStatus, Store};
+use phasm::worker::{check_bindings, StopWhen, Worker, WorkerEvent, WorkerOptions};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::files::{choose, load};
+use crate::{db, DbArgs, StartArgs, EXIT_FAILED, EXIT_INVALID};
+
+/// The parts of a start that are checked before anything is written.
+struct Prepared {
+    config: Arc<Config>,
+    machine: String,
+    context: Context,
+    store: Arc<dyn Store>,
+    limits: Limits,
+}
+
+fn prepare(args: &StartArgs) -> Result<Prepared, ExitCode> {
+    let invalid = || ExitCode::from(EXIT_INVALID);
+    let config = load(&args.file).ok_or_else(invalid)?;
+    let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
+    let context = build_context(machine, args.context.as_deref(), &args.set).map_err(|e| {
+        eprintln!("error: {e}");
+        invalid()
+    })?;
+    let registry = registry(&config);
+    if let Err(e) = check_bindings(&config, &registry) {
+        eprintln!("error: {e}");
+        return Err(invalid());
+    }
+    let store = db::open(&args.db).map_err(|e| {
+        eprintln!("error: {e}");
+        invalid()
+    })?;
+    Ok(Prepared {
+        machine: machine.name.clone(),
+        config: Arc::new(config),
+        context,
+        store,
+        limits: Limits {
+            max_context_bytes: args.max_context_bytes,
+        },
+    })
+}
+
+fn registry(config: &Config) -> Registry {
+    let mut registry = Registry::new();
+    registry.bind_config(config);
+    registry
+}
+
+fn build_context(
+    machine: &Machine,
+    json: Option<&str>,
+    sets: &[String],
+) -> Result<Context, String> {
+    let mut context = match json {
+        None => Context::new(),
+        Some(text) => match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(map)) => map,
+            Ok(other) => return Err(format!("--context must be a JSON object, not {other}")),
+            Err(e) => return Err(format!("--context is not valid JSON: {e}")),
+        },
+    };
+    for pair in sets {
+        let (key, value) = parse_set(machine, pair).map_err(|e| format!("--set {e}"))?;
+        context.insert(key, value);
+    }
+    Ok(context)
+}
+
+async fn start_prepared(p: &Prepared, name: Option<&str>) -> Result<StartOutcome, ExitCode> {
+    start_instance(
+        &*p.store,
+        &p.config,
+        &SystemClock,
+        &p.machine,
+        p.context.clone(),
+        name,
+        &p.limits,
+    )
+    .await
+    .map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_INVALID)
+    })
+}
+
+/// `phasm start`: queue an instance; its name is the last line of output.
+pub async fn start(args: &StartArgs) -> ExitCode {
+    let p = match prepare(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match start_prepared(&p, args.name.as_deref()).await {
+        Ok(StartOutcome::Started(name)) => {
+            println!("{name}");
+            ExitCode::SUCCESS
+        }
+        Ok(StartOutcome::AlreadyExists { name, status, .. }) => {
+            eprintln!("instance `{name}` already exists ({status}); nothing was started");
+            println!("{name}");
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// Resolve on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// `phasm run`: start an instance and work it to the end, showing progress.
+pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCode {
+    let p = match prepare(args) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let started_at = Instant::now();
+    let name = match start_prepared(&p, args.name.as_deref()).await {
+        Ok(outcome) => outcome.name().to_string(),
+        Err(code) => return code,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let options = WorkerOptions {
+        concurrency,
+        stop: StopWhen::Ended(vec![name.clone()]),
+        limits: p.limits,
+        events: Some(tx),
+        poll_interval: Duration::from_millis(200),
+        ..WorkerOptions::default()
+    };
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let worker = match Worker::new(
+        Arc::clone(&p.store),
+        Arc::clone(&p.config),
+        Arc::new(registry(&p.config)),
+        clock,
+        options,
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let progress = tokio::spawn(show_progress(rx, name.clone(), json_out));
+    let interrupted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = Arc::clone(&interrupted);
+    let result = worker
+        .run(async move {
+            shutdown_signal().await;
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .await;
+    let _ = progress.await;
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    let view = match p.store.instance(&name).await {
+        Ok(Some(view)) => view,
+        Ok(None) => {
+            eprintln!("error: instance `{name}` vanished");
+            return ExitCode::from(EXIT_FAILED);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let elapsed = started_at.elapsed();
+    if interrupted.load(std::sync::atomic::Ordering::SeqCst)
+        && view.status == InstanceStatus::Running
+    {
+        eprintln!(
+            "interrupted: `{name}` is still running; `phasm worker {}` continues it",
+            args.file.display()
+        );
+    }
+    let steps = view.history.len();
+    if json_out {
+        let out = json!({
+            "instance": name,
+            "machine": view.machine,
+            "status": view.status,
+            "steps": steps,
+            "error": view.error,
+            "context": view.current_context,
+            "elapsed_ms": elapsed.as_millis() as u64,
+        });
+        println!("{out}");
+    } else {
+        let error = view
+            .error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        println!(
+            "{name} {} after {steps} step{} in {:.2}s{error}",
+            view.status,
+            if steps == 1 { "" } else { "s" },
+            elapsed.as_secs_f64()
+        );
+        if let Some(context) = &view.current_context {
+            println!("context: {}", Value::Object(context.clone()));
+        }
+    }
+    match view.status {
+        InstanceStatus::Completed | InstanceStatus::Halted => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_FAILED),
+    }
+}
+
+async fn show_progress(mut rx: mpsc::UnboundedReceiver<WorkerEvent>, name: String, quiet: bool) {
+    let terminal = std::io::stderr().is_terminal() && !quiet;
+    let bar = terminal.then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(100));
+        bar
+    });
+    let (mut steps, mut retries) = (0u64, 0u64);
+    let mut current = String::from("starting");
+    while let Some(event) = rx.recv().await {
+        let line = match &event {
+            WorkerEvent::Step {
+                from,
+                event,
+                to,
+                attempt,
+                instance,
+            } => {
+                steps += 1;
+                current = to.clone();
+                let retry = if *attempt > 0 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                let from = from.as_deref().unwrap_or("start");
+                let who = if *instance == name {
+                    String::new()
+                } else {
+                    format!("[{instance}] ")
+                };
+                Some(format!("{who}{from} --{event}--> {to}{retry}"))
+            }
+            WorkerEvent::Retry { error, due_at, .. } => {
+                retries += 1;
+                let wait = (*due_at - SystemClock.now()).max(0) as f64 / 1e6;
+                Some(format!("retrying in {wait:.1}s: {error}"))
+            }
+            WorkerEvent::Changed { .. } => None,
+        };
+        match (&bar, line) {
+            (Some(bar), _) => bar.set_message(format!(
+                "{name}: in `{current}`, {steps} steps, {retries} retries"
+            )),
+            (None, Some(line)) if !quiet => eprintln!("{line}"),
+            _ => {}
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+/// `phasm worker`: work until stopped.
+pub async fn worker(
+    file: &Path,
+    queues: Option<Vec<String>>,
+    concurrency: usize,
+    lease: Duration,
+    max_context_bytes: usize,
+    db_args: &DbArgs,
+) -> ExitCode {
+    let Some(config) = load(file) else {
+        return ExitCode::from(EXIT_INVALID);
+    };
+    let store = match db::open(db_args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let options = WorkerOptions {
+        concurrency,
+        lease,
+        queues,
+        limits: Limits { max_context_bytes },
+        ..WorkerOptions::default()
+    };
+    let owner = options.owner.clone();
+    let config = Arc::new(config);
+    let registry = Arc::new(registry(&config));
+    let worker = match Worker::new(store, config, registry, Arc::new(SystemClock), options) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    eprintln!("worker {owner} started on {}", db_args.db);
+    match worker.run(shutdown_signal()).await {
+        Ok(report) => {
+            eprintln!(
+                "worker {owner} stopped: {} steps, {} retries, {} failed, {} refused commits",
+                report.steps, report.retries, report.failures, report.fenced
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
