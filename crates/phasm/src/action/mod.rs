@@ -215,14 +215,9 @@ impl ActionContext {
     /// (`phasm logs`) when the machine has `logging: persistent`.
     pub fn log(&mut self, level: &str, message: impl Into<String>) {
         let message = message.into();
-        match level {
-            "error" => tracing::error!(instance = %self.instance, state = %self.state, "{message}"),
-            "warning" | "warn" => {
-                tracing::warn!(instance = %self.instance, state = %self.state, "{message}")
-            }
-            "debug" => tracing::debug!(instance = %self.instance, state = %self.state, "{message}"),
-            _ => tracing::info!(instance = %self.instance, state = %self.state, "{message}"),
-        }
+        // The action's own words: phasm's log output shows them at `info` (`RUST_LOG=info`),
+        // whatever level the action chose, which is kept with the record.
+        tracing::info!(instance = %self.instance, state = %self.state, level, "{message}");
         if self.persistent {
             self.logs.push(LogLine {
                 at: self.clock.now(),

@@ -589,12 +589,16 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
                 Ok(ev) if call.role == ActionRole::Action => event = ev,
                 Ok(_) => {}
                 Err(e) => {
+                    let slot = match call.role {
+                        ActionRole::Action => "action",
+                        ActionRole::Entry => "entry action",
+                        ActionRole::Exit => "exit action",
+                        ActionRole::Transition => "transition action",
+                    };
                     return Err(format!(
-                        "{} action `{}` of state `{}` failed: {e}",
-                        call.role.as_str(),
-                        call.action,
-                        call.state
-                    ))
+                        "{slot} `{}` of state `{}` failed: {e}",
+                        call.action, call.state
+                    ));
                 }
             }
             if cx.halted.is_some() {

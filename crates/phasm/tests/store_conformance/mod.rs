@@ -1,0 +1,475 @@
+//! The conformance suite every `Store` implementation must pass. Each check takes a fresh,
+//! empty store; a backend's test file calls every one of them (see `sqlite_store.rs`).
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use phasm::engine::{
+    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Task, TaskKind,
+};
+use phasm::store::{
+    Applied, ClaimRequest, Control, InstanceStatus, ListFilter, NewInstance, Started, Store,
+    SuccessorClaim,
+};
+
+const SEC: i64 = 1_000_000;
+const T0: i64 = 1_800_000_000 * SEC;
+
+fn ctx(n: i64) -> Context {
+    let mut c = Context::new();
+    c.insert("n".into(), n.into());
+    c
+}
+
+fn new_task(name: &str, from: Option<&str>, due_at: i64) -> NewTask {
+    NewTask {
+        name: name.into(),
+        from_state: from.map(str::to_string),
+        event: "go".into(),
+        kind: TaskKind::Dispatch,
+        context: ctx(1),
+        step: 0,
+        branch: String::new(),
+        queue: "default".into(),
+        target: None,
+        due_at,
+    }
+}
+
+async fn start(store: &dyn Store, name: &str, due_at: i64) {
+    let started = store
+        .start(
+            T0,
+            NewInstance {
+                name: name.into(),
+                machine: "M".into(),
+                context: ctx(0),
+                start: new_task(&format!("{name}--start"), None, due_at),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(started, Started::Created);
+}
+
+fn request(limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        owner: "w1".into(),
+        lease: Duration::from_secs(10),
+        limit,
+        queue_limits: Vec::new(),
+        queues: None,
+    }
+}
+
+fn commit(task: &Task) -> Commit {
+    Commit {
+        task_id: task.id,
+        claim: task.claim,
+        instance: task.instance.clone(),
+        disposition: Disposition::Finished,
+        new_tasks: Vec::new(),
+        history: Some(HistoryEntry {
+            from: task.from_state.clone(),
+            event: task.event.clone(),
+            to: "a".into(),
+            attempt: task.attempt,
+            started_at: T0,
+            finished_at: T0,
+            task: task.name.clone(),
+            branch: String::new(),
+        }),
+        logs: Vec::new(),
+        instance_change: InstanceChange::None,
+    }
+}
+
+async fn apply_one(store: &dyn Store, now: i64, c: Commit) -> Applied {
+    store.apply(now, vec![c], None).await.unwrap()[0].applied
+}
+
+pub async fn starting_is_idempotent(store: &dyn Store) {
+    start(store, "i1", T0).await;
+    let again = store
+        .start(
+            T0,
+            NewInstance {
+                name: "i1".into(),
+                machine: "M".into(),
+                context: ctx(5),
+                start: new_task("other", None, T0),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Started::Existing {
+            machine: "M".into(),
+            status: InstanceStatus::Running
+        }
+    );
+    let view = store.instance("i1").await.unwrap().unwrap();
+    assert_eq!(view.tasks.len(), 1, "the second start queued nothing");
+    assert_eq!(view.context, ctx(0));
+}
+
+pub async fn claims_only_due_tasks_once_until_the_lease_expires(store: &dyn Store) {
+    start(store, "now", T0).await;
+    start(store, "later", T0 + 60 * SEC).await;
+    let claimed = store.claim(T0, &request(10)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let t = &claimed[0];
+    assert_eq!(
+        (t.instance.as_str(), t.machine.as_str(), t.attempt),
+        ("now", "M", 0)
+    );
+    assert_eq!(t.context, ctx(1));
+    assert!(
+        store
+            .claim(T0 + SEC, &request(10))
+            .await
+            .unwrap()
+            .is_empty(),
+        "leased"
+    );
+    // After the lease (10 s) the task may be claimed again, as a new attempt.
+    let again = store.claim(T0 + 11 * SEC, &request(10)).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].id, t.id);
+    assert_eq!(again[0].attempt, 1);
+    assert_ne!(again[0].claim, t.claim);
+    assert_eq!(again[0].first_attempt_at, T0, "first attempt time is kept");
+}
+
+pub async fn claim_respects_limits_and_queues(store: &dyn Store) {
+    for i in 0..5 {
+        start(store, &format!("i{i}"), T0).await;
+    }
+    assert_eq!(store.claim(T0, &request(2)).await.unwrap().len(), 2);
+    let mut other_queue = request(10);
+    other_queue.queues = Some(vec!["elsewhere".into()]);
+    assert!(store.claim(T0, &other_queue).await.unwrap().is_empty());
+    let mut limited = request(10);
+    limited.queue_limits = vec![("default".into(), 1)];
+    assert_eq!(store.claim(T0, &limited).await.unwrap().len(), 1);
+    assert_eq!(store.claim(T0, &request(10)).await.unwrap().len(), 2);
+}
+
+pub async fn a_superseded_claim_cannot_commit(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let first = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let second = store
+        .claim(T0 + 11 * SEC, &request(1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        apply_one(store, T0 + 12 * SEC, commit(&first)).await,
+        Applied::Fenced
+    );
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert!(view.history.is_empty(), "a fenced commit applies nothing");
+    assert_eq!(
+        apply_one(store, T0 + 12 * SEC, commit(&second)).await,
+        Applied::Yes
+    );
+    assert_eq!(store.instance("i").await.unwrap().unwrap().history.len(), 1);
+}
+
+pub async fn an_expired_lease_cannot_commit(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    // A worker paused past its lease, nobody else claimed: still refused.
+    assert_eq!(
+        apply_one(store, T0 + 11 * SEC, commit(&t)).await,
+        Applied::Fenced
+    );
+    assert_eq!(store.instance("i").await.unwrap().unwrap().tasks.len(), 1);
+}
+
+pub async fn renewing_extends_a_held_lease(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let held = store
+        .renew(T0 + 5 * SEC, &[(t.id, t.claim), (999, 1)], T0 + 30 * SEC)
+        .await
+        .unwrap();
+    assert_eq!(held, vec![true, false]);
+    assert!(store
+        .claim(T0 + 20 * SEC, &request(1))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        apply_one(store, T0 + 25 * SEC, commit(&t)).await,
+        Applied::Yes
+    );
+    // Once expired, a lease cannot be renewed.
+    start(store, "j", T0).await;
+    let u = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    assert_eq!(
+        store
+            .renew(T0 + 11 * SEC, &[(u.id, u.claim)], T0 + 40 * SEC)
+            .await
+            .unwrap(),
+        vec![false]
+    );
+}
+
+pub async fn a_commit_applies_everything_together(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks
+        .push(new_task("i--next", Some("a"), T0 + 5 * SEC));
+    c.logs.push(LogLine {
+        at: T0,
+        level: "info".into(),
+        message: "hello".into(),
+        task: t.name.clone(),
+    });
+    assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.history.len(), 1);
+    assert_eq!(view.tasks.len(), 1);
+    assert_eq!(view.tasks[0].name, "i--next");
+    assert_eq!(view.tasks[0].due_at, T0 + 5 * SEC);
+    assert_eq!(store.logs("i").await.unwrap()[0].message, "hello");
+    assert_eq!(store.next_due().await.unwrap(), Some(T0 + 5 * SEC));
+    assert!(store
+        .claim(T0 + 2 * SEC, &request(5))
+        .await
+        .unwrap()
+        .is_empty());
+    let next = store
+        .claim(T0 + 5 * SEC, &request(5))
+        .await
+        .unwrap()
+        .remove(0);
+    let mut end = commit(&next);
+    end.instance_change = InstanceChange::BranchEnded(ctx(42));
+    assert_eq!(apply_one(store, T0 + 6 * SEC, end).await, Applied::Yes);
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Completed);
+    assert_eq!(view.ended_at, Some(T0 + 6 * SEC));
+    assert_eq!(view.current_context, Some(ctx(42)));
+    assert_eq!(store.next_due().await.unwrap(), None);
+}
+
+pub async fn a_branch_ending_while_others_are_pending_does_not_complete(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks.push(new_task("i--other-branch", Some("a"), T0));
+    c.instance_change = InstanceChange::BranchEnded(ctx(1));
+    apply_one(store, T0, c).await;
+    assert_eq!(
+        store.instance("i").await.unwrap().unwrap().status,
+        InstanceStatus::Running
+    );
+}
+
+pub async fn a_retry_reschedules_the_task(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.history = None;
+    c.disposition = Disposition::Retry {
+        due_at: T0 + 3 * SEC,
+        error: "boom".into(),
+    };
+    assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.tasks[0].last_error.as_deref(), Some("boom"));
+    assert!(store
+        .claim(T0 + 2 * SEC, &request(1))
+        .await
+        .unwrap()
+        .is_empty());
+    let again = store
+        .claim(T0 + 3 * SEC, &request(1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.attempt, 1);
+}
+
+pub async fn a_failure_holds_the_instance_until_retried(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.history = None;
+    c.new_tasks.clear();
+    c.disposition = Disposition::Failed {
+        error: "bad".into(),
+    };
+    c.instance_change = InstanceChange::Fail("bad".into());
+    apply_one(store, T0, c).await;
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Failed);
+    assert_eq!(view.error.as_deref(), Some("bad"));
+    assert_eq!(view.tasks[0].status, "failed");
+    assert!(store
+        .claim(T0 + 100 * SEC, &request(1))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.cancel(T0, "nope").await.unwrap(), Control::NotFound);
+    assert_eq!(
+        store.retry(T0 + 100 * SEC, "i").await.unwrap(),
+        Control::Done
+    );
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(
+        (view.status, view.error.clone()),
+        (InstanceStatus::Running, None)
+    );
+    let again = store
+        .claim(T0 + 100 * SEC, &request(1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        again.attempt, 0,
+        "a retried instance starts its attempts over"
+    );
+    assert_eq!(
+        store.retry(T0, "i").await.unwrap(),
+        Control::NotAllowed(InstanceStatus::Running)
+    );
+}
+
+pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
+    start(store, "c", T0).await;
+    assert_eq!(store.cancel(T0, "c").await.unwrap(), Control::Done);
+    let view = store.instance("c").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Cancelled);
+    assert!(view.tasks.is_empty());
+    assert_eq!(
+        store.cancel(T0, "c").await.unwrap(),
+        Control::NotAllowed(InstanceStatus::Cancelled)
+    );
+
+    start(store, "h", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.history = None;
+    c.new_tasks.push(new_task("h--x", Some("a"), T0));
+    c.instance_change = InstanceChange::Halt("enough".into());
+    apply_one(store, T0, c).await;
+    let view = store.instance("h").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Halted);
+    assert!(view.tasks.is_empty());
+}
+
+pub async fn a_cancelled_instances_running_step_cannot_commit(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    store.cancel(T0, "i").await.unwrap();
+    assert_eq!(
+        apply_one(store, T0 + SEC, commit(&t)).await,
+        Applied::Fenced
+    );
+    assert_eq!(
+        store.instance("i").await.unwrap().unwrap().status,
+        InstanceStatus::Cancelled
+    );
+}
+
+pub async fn successors_due_now_come_back_leased(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks.push(new_task("i--now", Some("a"), T0));
+    c.new_tasks
+        .push(new_task("i--later", Some("a"), T0 + 60 * SEC));
+    let successors = SuccessorClaim {
+        owner: "w1".into(),
+        lease: Duration::from_secs(10),
+        queues: None,
+        exclude: Vec::new(),
+        machines: vec!["M".into()],
+        max: 5,
+    };
+    let result = store
+        .apply(T0, vec![c], Some(&successors))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(result.applied, Applied::Yes);
+    assert_eq!(result.claimed.len(), 1);
+    let next = &result.claimed[0];
+    assert_eq!(
+        (next.name.as_str(), next.attempt, next.machine.as_str()),
+        ("i--now", 0, "M")
+    );
+    assert!(
+        store.claim(T0, &request(5)).await.unwrap().is_empty(),
+        "already leased"
+    );
+    assert_eq!(apply_one(store, T0 + SEC, commit(next)).await, Applied::Yes);
+}
+
+pub async fn task_names_are_unique_per_instance(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks.push(new_task("i--dup", Some("a"), T0));
+    c.new_tasks.push(new_task("i--dup", Some("a"), T0));
+    apply_one(store, T0, c).await;
+    assert_eq!(store.instance("i").await.unwrap().unwrap().tasks.len(), 1);
+}
+
+pub async fn list_filters_newest_first(store: &dyn Store) {
+    start(store, "a", T0).await;
+    start(store, "b", T0).await;
+    store
+        .start(
+            T0,
+            NewInstance {
+                name: "c".into(),
+                machine: "Other".into(),
+                context: ctx(0),
+                start: new_task("c--start", None, T0),
+            },
+        )
+        .await
+        .unwrap();
+    store.cancel(T0, "b").await.unwrap();
+    let all = store.list(&ListFilter::default()).await.unwrap();
+    let names: Vec<&str> = all.iter().map(|s| s.instance.as_str()).collect();
+    assert_eq!(names, ["c", "b", "a"]);
+    let m = store
+        .list(&ListFilter {
+            machine: Some("M".into()),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(m.len(), 2);
+    let cancelled = store
+        .list(&ListFilter {
+            status: Some(InstanceStatus::Cancelled),
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].instance, "b");
+    let limited = store
+        .list(&ListFilter {
+            limit: 1,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(limited.len(), 1);
+    assert!(store.instance("zzz").await.unwrap().is_none());
+}
+
+pub async fn commits_probe_reports_a_rate(store: &dyn Store) {
+    let rate = store.probe_commit_rate(20).await.unwrap();
+    assert!(rate > 0.0);
+}
