@@ -39,4 +39,5 @@ pub mod engine;
 pub mod graph;
 pub mod machine;
 pub mod store;
+pub mod testing;
 pub mod worker;

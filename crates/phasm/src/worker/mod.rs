@@ -550,9 +550,29 @@ fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
     }
 }
 
-/// Run a task's actions and turn the result into its commit.
 async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
-    let Some(machine) = inner.config.machine(&task.machine) else {
+    let env = StepEnv {
+        config: &inner.config,
+        registry: &inner.registry,
+        clock: &inner.clock,
+        limits: &inner.options.limits,
+        rng: &inner.rng,
+    };
+    run_task(&env, task, started).await
+}
+
+/// What running one task needs.
+pub(crate) struct StepEnv<'a> {
+    pub config: &'a Config,
+    pub registry: &'a Registry,
+    pub clock: &'a Arc<dyn Clock>,
+    pub limits: &'a Limits,
+    pub rng: &'a Mutex<fastrand::Rng>,
+}
+
+/// Run a task's actions and turn the result into its commit.
+pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) -> Commit {
+    let Some(machine) = env.config.machine(&task.machine) else {
         return engine::mistake(task, format!("unknown machine `{}`", task.machine), started);
     };
     if let Some(commit) = engine::lost_attempts(machine, task, started) {
@@ -575,12 +595,12 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
         halted: None,
         logs: Vec::new(),
         persistent: keeps_logs(machine),
-        clock: Arc::clone(&inner.clock),
+        clock: Arc::clone(env.clock),
     };
     let calls = async {
         let mut event = None;
         for call in &plan.calls {
-            let Some(action) = inner.registry.resolve(call) else {
+            let Some(action) = env.registry.resolve(call) else {
                 return Err(format!("action `{}` is bound to nothing", call.action));
             };
             cx.state = call.state.clone();
@@ -608,7 +628,7 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
         Ok(event)
     };
     let result = AssertUnwindSafe(calls).catch_unwind().await;
-    let now = inner.clock.now();
+    let now = env.clock.now();
     match result {
         Ok(Ok(event)) => {
             let outcome = Outcome {
@@ -617,7 +637,7 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
                 halted: cx.halted,
                 logs: cx.logs,
             };
-            let mut rng = lock(&inner.rng);
+            let mut rng = lock(env.rng);
             engine::complete(
                 machine,
                 task,
@@ -628,7 +648,7 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
                     now,
                 },
                 &mut rng,
-                &inner.options.limits,
+                env.limits,
             )
         }
         Ok(Err(error)) => {
