@@ -120,32 +120,44 @@ pub async fn start(args: &StartArgs) -> ExitCode {
     }
 }
 
-/// Resolve on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, listened for from the moment this is created (so a signal that arrives
+/// while a worker is still starting is not lost).
+struct Shutdown {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Shutdown {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signals = signal(SignalKind::interrupt())
+                .and_then(|i| Ok((i, signal(SignalKind::terminate())?)))
+                .ok();
+            Self { signals }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    /// Resolve on the first SIGINT or SIGTERM.
+    async fn wait(self) {
+        #[cfg(unix)]
+        if let Some((mut int, mut term)) = self.signals {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
 /// `phasm run`: start an instance and work it to the end, showing progress.
 pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCode {
+    let shutdown = Shutdown::install();
     let p = match prepare(args) {
         Ok(p) => p,
         Err(code) => return code,
@@ -183,7 +195,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
     let flag = Arc::clone(&interrupted);
     let result = worker
         .run(async move {
-            shutdown_signal().await;
+            shutdown.wait().await;
             flag.store(true, std::sync::atomic::Ordering::SeqCst);
         })
         .await;
@@ -312,6 +324,7 @@ pub async fn worker(
     max_context_bytes: usize,
     db_args: &DbArgs,
 ) -> ExitCode {
+    let shutdown = Shutdown::install();
     let Some(config) = load(file) else {
         return ExitCode::from(EXIT_INVALID);
     };
@@ -340,7 +353,7 @@ pub async fn worker(
         }
     };
     eprintln!("worker {owner} started on {}", db_args.db);
-    match worker.run(shutdown_signal()).await {
+    match worker.run(shutdown.wait()).await {
         Ok(report) => {
             eprintln!(
                 "worker {owner} stopped: {} steps, {} retries, {} failed, {} refused commits",
