@@ -1,0 +1,296 @@
+//! `phasm run`, `start`, `status`, `list`, `logs`, `retry`, `cancel` as a user runs them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn phasm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(args)
+        .current_dir(dir)
+        .env("PHASM_DB", dir.join("phasm.db"))
+        .output()
+        .expect("phasm runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn last_json(out: &Output) -> Value {
+    let stdout = text(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"))
+}
+
+/// A copy of an example in a scratch folder.
+fn example(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let from = repo().join("examples").join(name);
+    copy_dir(&from, dir.path());
+    dir
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.path().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+const SMALL: &str = "actions:\n  Go:\n    exec: [sh, -c, \"cat > /dev/null; echo '{\\\"event\\\": \\\"next\\\", \\\"context\\\": {\\\"done\\\": true}}'\"]\n  Stop:\n    exec: [sh, -c, \"cat > /dev/null; echo '{\\\"halt\\\": \\\"not today\\\"}'\"]\nstate_machines:\n- name: Small\n  context_types:\n    count: int\n  states:\n  - name: a\n    initial: true\n    action: Go\n    transitions:\n    - event: next\n      to: b\n  - name: b\n    final: true\n- name: Halting\n  states:\n  - name: a\n    initial: true\n    action: Stop\n    transitions:\n    - event: next\n      to: b\n  - name: b\n    final: true\n";
+
+fn small() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fsm.yaml"), SMALL).unwrap();
+    dir
+}
+
+#[test]
+fn run_completes_and_reports_json() {
+    let dir = small();
+    let out = phasm(
+        dir.path(),
+        &[
+            "run", "fsm.yaml", "-m", "Small", "--set", "count=3", "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let result = last_json(&out);
+    assert_eq!(result["status"], "completed");
+    assert_eq!(result["machine"], "Small");
+    assert_eq!(result["steps"], 2);
+    assert_eq!(result["context"]["done"], true);
+    let name = result["instance"].as_str().unwrap();
+    assert!(name.starts_with("Small-"), "{name}");
+
+    let status = phasm(dir.path(), &["status", name, "--json"]);
+    let s: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["instance"], name);
+    assert_eq!(s["status"], "completed");
+    assert_eq!(
+        s["initial_context"]["count"], 3,
+        "--set converts by context_types"
+    );
+    let h = &s["history"];
+    assert_eq!(h[0]["from"], Value::Null);
+    assert_eq!(h[0]["event"], "pseudo-init");
+    assert_eq!(h[0]["to"], "a");
+    assert_eq!(h[1]["from"], "a");
+    assert_eq!(h[1]["event"], "next");
+    assert_eq!(h[1]["to"], "b");
+    assert_eq!(h[1]["attempt"], 0);
+    assert!(h[1]["at"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn a_halted_run_exits_zero() {
+    let dir = small();
+    let out = phasm(dir.path(), &["run", "fsm.yaml", "-m", "Halting", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let result = last_json(&out);
+    assert_eq!(result["status"], "halted");
+    assert_eq!(result["error"], "not today");
+}
+
+#[test]
+fn a_failed_run_exits_one_and_retry_resumes_it() {
+    let dir = example("report");
+    let d = dir.path();
+    let out = phasm(d, &["run", "report.yaml", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let result = last_json(&out);
+    assert_eq!(result["status"], "failed");
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("outbox/ does not exist"), "{error}");
+    assert!(error.contains("(after 3 attempts)"), "{error}");
+    let name = result["instance"].as_str().unwrap().to_string();
+
+    let logs = text(&phasm(d, &["logs", &name]).stdout);
+    assert_eq!(
+        logs.matches("attempt 0 failed").count() + logs.matches("attempt 1 failed").count(),
+        2,
+        "{logs}"
+    );
+
+    std::fs::create_dir(d.join("outbox")).unwrap();
+    let retry = phasm(d, &["retry", &name]);
+    assert_eq!(retry.status.code(), Some(0), "{}", text(&retry.stderr));
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["worker", "report.yaml"])
+        .current_dir(d)
+        .env("PHASM_DB", d.join("phasm.db"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s: Value =
+            serde_json::from_slice(&phasm(d, &["status", &name, "--json"]).stdout).unwrap();
+        if s["status"] == "completed" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not resumed: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let published = std::fs::read_to_string(d.join("outbox/published.txt")).unwrap();
+    assert_eq!(published.lines().count(), 1);
+    // Only failed instances can be retried.
+    assert_eq!(phasm(d, &["retry", &name]).status.code(), Some(1));
+}
+
+#[test]
+fn start_is_idempotent_and_cancel_stops_an_instance() {
+    let dir = small();
+    let d = dir.path();
+    let first = phasm(d, &["start", "fsm.yaml", "-m", "Small", "--name", "job-1"]);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    assert_eq!(text(&first.stdout).lines().last(), Some("job-1"));
+    let again = phasm(d, &["start", "fsm.yaml", "-m", "Small", "--name", "job-1"]);
+    assert_eq!(text(&again.stdout).lines().last(), Some("job-1"));
+    assert!(text(&again.stderr).contains("already exists (running); nothing was started"));
+
+    let s: Value =
+        serde_json::from_slice(&phasm(d, &["status", "job-1", "--json"]).stdout).unwrap();
+    assert_eq!(s["status"], "running");
+    assert_eq!(s["tasks"].as_array().unwrap().len(), 1);
+
+    assert_eq!(phasm(d, &["cancel", "job-1"]).status.code(), Some(0));
+    assert_eq!(
+        phasm(d, &["cancel", "job-1"]).status.code(),
+        Some(1),
+        "already cancelled"
+    );
+    let listed: Value =
+        serde_json::from_slice(&phasm(d, &["list", "--status", "cancelled", "--json"]).stdout)
+            .unwrap();
+    assert_eq!(listed[0]["instance"], "job-1");
+    let text_list = text(&phasm(d, &["list"]).stdout);
+    assert!(
+        text_list.contains("job-1") && text_list.contains("cancelled"),
+        "{text_list}"
+    );
+}
+
+#[test]
+fn bad_input_exits_two_with_a_clear_message() {
+    let dir = small();
+    let d = dir.path();
+    let cases: [(&[&str], &str); 8] = [
+        (
+            &["run", "fsm.yaml", "-m", "Small", "--set", "count=many"],
+            "`count` is typed `int` in machine `Small`, but `many` is not a whole number",
+        ),
+        (
+            &["run", "fsm.yaml", "-m", "Small", "--context", "[1]"],
+            "--context must be a JSON object",
+        ),
+        (
+            &["run", "fsm.yaml", "-m", "Small", "--context", "{oops"],
+            "--context is not valid JSON",
+        ),
+        (
+            &["run", "fsm.yaml"],
+            "defines 2 machines; choose one with --machine NAME",
+        ),
+        (
+            &["run", "fsm.yaml", "-m", "Nope"],
+            "has no machine named `Nope`",
+        ),
+        (
+            &["start", "fsm.yaml", "-m", "Small", "--name", "bad name"],
+            "invalid instance name `bad name`",
+        ),
+        (
+            &["status", "no-such-instance"],
+            "no instance named `no-such-instance`",
+        ),
+        (
+            &[
+                "run",
+                "fsm.yaml",
+                "-m",
+                "Small",
+                "--db",
+                "postgres://postgres@127.0.0.1:5432/test",
+            ],
+            "PostgreSQL databases are not supported",
+        ),
+    ];
+    for (args, message) in cases {
+        let out = phasm(d, args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stderr).contains(message),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn unbound_actions_are_refused_before_anything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let fsm = repo().join("crates/phasm/tests/fixtures/fantasm-yaml/test/fsm.yaml");
+    let out = phasm(
+        dir.path(),
+        &["run", fsm.to_str().unwrap(), "-m", "SimpleMachine"],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("machine `Backup` uses actions that are bound to nothing")
+            || err.contains("bound to nothing"),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("phasm.db").exists()
+            || phasm(dir.path(), &["list", "--json"])
+                .stdout
+                .starts_with(b"[]")
+    );
+}
+
+#[test]
+fn an_oversized_start_context_is_refused() {
+    let dir = small();
+    let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(2000));
+    let out = phasm(
+        dir.path(),
+        &[
+            "start",
+            "fsm.yaml",
+            "-m",
+            "Small",
+            "--context",
+            &big,
+            "--max-context-bytes",
+            "1000",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("over the limit of 1000 bytes"),
+        "{}",
+        text(&out.stderr)
+    );
+}
