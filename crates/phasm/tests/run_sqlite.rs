@@ -171,3 +171,117 @@ async fn starting_the_same_name_twice_is_idempotent() {
         1
     );
 }
+
+struct Tracked {
+    running: Arc<AtomicU32>,
+    peak: Arc<AtomicU32>,
+}
+
+#[async_trait::async_trait]
+impl phasm::action::Action for Tracked {
+    async fn run(&self, _cx: &mut phasm::action::ActionContext) -> phasm::action::ActionResult {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        Ok(None)
+    }
+}
+
+const LIMITED: &str = r#"
+queues:
+  narrow:
+    max_concurrent: 2
+  slow:
+    rate: 10/s
+state_machines:
+- name: Narrow
+  queue: narrow
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: Tracked
+- name: Slow
+  queue: slow
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: Quick
+"#;
+
+async fn run_all(
+    store: Arc<dyn Store>,
+    cfg: Arc<Config>,
+    registry: Registry,
+    machine: &str,
+    n: usize,
+) {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    for _ in 0..n {
+        start_instance(
+            &*store,
+            &cfg,
+            &*clock,
+            machine,
+            Context::new(),
+            None,
+            &Limits::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let options = WorkerOptions {
+        stop: StopWhen::Idle,
+        concurrency: 32,
+        ..WorkerOptions::default()
+    };
+    let worker = Worker::new(store, cfg, Arc::new(registry), clock, options).unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), worker.run(std::future::pending()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.steps, n as u64);
+}
+
+#[tokio::test]
+async fn a_queue_runs_at_most_max_concurrent_steps_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let peak = Arc::new(AtomicU32::new(0));
+    let mut registry = Registry::new();
+    registry.register(
+        "Tracked",
+        Tracked {
+            running: Arc::new(AtomicU32::new(0)),
+            peak: Arc::clone(&peak),
+        },
+    );
+    registry.register_fn("Quick", |_| Ok(None));
+    run_all(store, config(LIMITED, dir.path()), registry, "Narrow", 10).await;
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        2,
+        "max_concurrent: 2 with 32 worker slots"
+    );
+}
+
+#[tokio::test]
+async fn a_queue_starts_no_more_than_its_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let mut registry = Registry::new();
+    registry.register_fn("Tracked", |_| Ok(None));
+    registry.register_fn("Quick", |_| Ok(None));
+    let began = std::time::Instant::now();
+    run_all(store, config(LIMITED, dir.path()), registry, "Slow", 20).await;
+    // 10 start at once (a full bucket), the other 10 at 10 per second: at least ~0.9 s.
+    assert!(
+        began.elapsed() >= Duration::from_millis(850),
+        "{:?}",
+        began.elapsed()
+    );
+}

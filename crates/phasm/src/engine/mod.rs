@@ -229,6 +229,8 @@ pub struct Commit {
     pub claim: i64,
     /// The instance.
     pub instance: String,
+    /// The instance's machine.
+    pub machine: String,
     /// What becomes of the task.
     pub disposition: Disposition,
     /// Tasks to create.
@@ -362,6 +364,7 @@ pub fn complete(
         task_id: task.id,
         claim: task.claim,
         instance: task.instance.clone(),
+        machine: task.machine.clone(),
         disposition: Disposition::Finished,
         new_tasks: Vec::new(),
         history: None,
@@ -497,6 +500,7 @@ pub fn failed_attempt(machine: &Machine, task: &Task, error: String, now: Micros
         task_id: task.id,
         claim: task.claim,
         instance: task.instance.clone(),
+        machine: task.machine.clone(),
         disposition: Disposition::Finished,
         new_tasks: Vec::new(),
         history: None,
@@ -558,6 +562,7 @@ pub fn mistake(task: &Task, error: String, now: Micros) -> Commit {
         task_id: task.id,
         claim: task.claim,
         instance: task.instance.clone(),
+        machine: task.machine.clone(),
         disposition: Disposition::Finished,
         new_tasks: Vec::new(),
         history: None,

@@ -237,7 +237,7 @@ impl Worker {
         let mut gate = QueueGate::new(&inner.config);
         let mut running: JoinSet<Executed> = JoinSet::new();
         let mut report = WorkerReport::default();
-        let mut heartbeat = tokio::time::interval(opts.lease / 3);
+        let mut heartbeat = tokio::time::interval((opts.lease / 3).max(Duration::from_millis(10)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watching: HashSet<String> = match &opts.stop {
             StopWhen::Ended(names) => names.iter().cloned().collect(),
@@ -376,6 +376,7 @@ async fn claim(
             task_id: t.id,
             claim: t.claim,
             instance: t.instance.clone(),
+            machine: t.machine.clone(),
             disposition: Disposition::Retry {
                 due_at: now + micros(inner.options.lease),
                 error: format!(

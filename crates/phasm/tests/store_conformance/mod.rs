@@ -68,6 +68,7 @@ fn commit(task: &Task) -> Commit {
         task_id: task.id,
         claim: task.claim,
         instance: task.instance.clone(),
+        machine: task.machine.clone(),
         disposition: Disposition::Finished,
         new_tasks: Vec::new(),
         history: Some(HistoryEntry {
