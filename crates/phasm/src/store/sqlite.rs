@@ -645,7 +645,7 @@ fn apply(
     let mut claimed = Vec::new();
     for t in &c.new_tasks {
         let lease = successors
-            .filter(|s| t.due_at <= now && claimed.len() < s.max && s.takes(&t.queue, &machine));
+            .filter(|s| t.due_at <= now && claimed.len() < s.max && s.takes(&t.queue, machine));
         let until = lease.map(|s| (s.owner.as_str(), now + micros(s.lease)));
         if let (Some(id), Some(_)) = (insert_task(tx, instance_id, t, now, until)?, until) {
             claimed.push(Task {
