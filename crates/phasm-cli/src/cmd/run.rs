@@ -13,7 +13,7 @@ use phasm::control::{parse_set, start_instance, StartOutcome};
 use phasm::engine::{Context, Limits};
 use phasm::machine::{Config, Machine};
 use phasm::store::{InstanceStatus, Store};
-use phasm::worker::{check_bindings, StopWhen, Worker, WorkerEvent, WorkerOptions};
+use phasm::worker::{check_machine, StopWhen, Worker, WorkerEvent, WorkerOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -38,10 +38,15 @@ fn prepare(args: &StartArgs) -> Result<Prepared, ExitCode> {
         invalid()
     })?;
     let registry = registry(&config);
-    if let Err(e) = check_bindings(&config, &registry) {
+    if let Err(e) = check_machine(machine, &registry) {
         eprintln!("error: {e}");
         return Err(invalid());
     }
+    // Only the chosen machine is worked on by `run`.
+    let config = Config {
+        machines: vec![machine.clone()],
+        ..config.clone()
+    };
     let store = db::open(&args.db).map_err(|e| {
         eprintln!("error: {e}");
         invalid()

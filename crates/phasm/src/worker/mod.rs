@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 use crate::action::{keeps_logs, ActionContext, Registry};
 use crate::clock::{micros, Clock, Micros};
 use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task};
-use crate::machine::{ActionRole, Config};
+use crate::machine::{ActionRole, Config, Machine};
 use crate::store::{Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim};
 use limits::QueueGate;
 
@@ -142,6 +142,14 @@ pub enum WorkerError {
         /// Descriptions of the unbound names.
         missing: Vec<String>,
     },
+    /// The machine uses a pattern this version cannot run yet.
+    #[error("machine `{machine}` cannot run in this version of phasm: {what}")]
+    Unsupported {
+        /// The machine.
+        machine: String,
+        /// What it uses.
+        what: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -164,21 +172,49 @@ struct Inner {
     successors: SuccessorClaim,
 }
 
-/// Check that every action of every machine is bound.
+/// Check that every machine of a configuration can run (see [`check_machine`]).
 ///
 /// # Errors
-/// [`WorkerError::Unbound`] for the first machine with unbound names.
+/// The first machine's problem.
 pub fn check_bindings(config: &Config, registry: &Registry) -> Result<(), WorkerError> {
-    for m in &config.machines {
-        let missing = registry.unbound(m);
-        if !missing.is_empty() {
-            return Err(WorkerError::Unbound {
-                machine: m.name.clone(),
-                missing,
-            });
-        }
+    config
+        .machines
+        .iter()
+        .try_for_each(|m| check_machine(m, registry))
+}
+
+/// Check that a machine can run: every action bound, no pattern this version lacks.
+///
+/// # Errors
+/// [`WorkerError::Unbound`] or [`WorkerError::Unsupported`].
+pub fn check_machine(m: &Machine, registry: &Registry) -> Result<(), WorkerError> {
+    if let Some(s) = m
+        .states
+        .iter()
+        .find(|s| s.continuation || s.fan_in.is_some())
+    {
+        let kind = if s.continuation {
+            "continuation"
+        } else {
+            "fan-in"
+        };
+        return Err(WorkerError::Unsupported {
+            machine: m.name.clone(),
+            what: format!(
+                "state `{}` is a {kind} state, and continuation and fan-in states are not supported yet",
+                s.name
+            ),
+        });
     }
-    Ok(())
+    let missing = registry.unbound(m);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(WorkerError::Unbound {
+            machine: m.name.clone(),
+            missing,
+        })
+    }
 }
 
 impl Worker {
