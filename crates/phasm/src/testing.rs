@@ -140,6 +140,7 @@ impl Immediate {
     pub async fn run_pending(&self) -> Result<usize, ImmediateError> {
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
         let env = StepEnv {
+            action_timeout: Duration::from_secs(300),
             config: &self.config,
             registry: &self.registry,
             clock: &clock,

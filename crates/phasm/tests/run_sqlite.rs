@@ -285,3 +285,54 @@ async fn a_queue_starts_no_more_than_its_rate() {
         began.elapsed()
     );
 }
+
+struct Hang;
+
+#[async_trait::async_trait]
+impl phasm::action::Action for Hang {
+    async fn run(&self, _cx: &mut phasm::action::ActionContext) -> phasm::action::ActionResult {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        Ok(None)
+    }
+}
+
+#[tokio::test]
+async fn a_rust_action_past_the_worker_timeout_fails_its_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let yaml = "state_machines:\n- name: H\n  task_retry_limit: 0\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Hang\n";
+    let cfg = config(yaml, dir.path());
+    let mut registry = Registry::new();
+    registry.register("Hang", Hang);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let name = start_instance(
+        &*store,
+        &cfg,
+        &*clock,
+        "H",
+        Context::new(),
+        None,
+        &Limits::default(),
+    )
+    .await
+    .unwrap()
+    .name()
+    .to_string();
+    let options = WorkerOptions {
+        stop: StopWhen::Ended(vec![name.clone()]),
+        action_timeout: Duration::from_millis(200),
+        ..WorkerOptions::default()
+    };
+    let worker = Worker::new(Arc::clone(&store), cfg, Arc::new(registry), clock, options).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), worker.run(std::future::pending()))
+        .await
+        .unwrap()
+        .unwrap();
+    let view = store.instance(&name).await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Failed);
+    assert!(view
+        .error
+        .unwrap()
+        .contains("action `Hang` of state `a` failed: timed out after 0.2s"));
+}

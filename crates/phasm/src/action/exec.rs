@@ -44,6 +44,10 @@ impl ExecAction {
 
 #[async_trait]
 impl Action for ExecAction {
+    fn timeout(&self) -> Option<Duration> {
+        Some(self.binding.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT))
+    }
+
     async fn run(&self, cx: &mut ActionContext) -> ActionResult {
         let request = json!({
             "machine": cx.machine,

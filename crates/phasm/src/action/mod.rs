@@ -72,6 +72,12 @@ pub type ActionResult = Result<Option<String>, ActionError>;
 pub trait Action: Send + Sync {
     /// Run once. The main action (role [`ActionRole::Action`]) returns the next event.
     async fn run(&self, cx: &mut ActionContext) -> ActionResult;
+
+    /// How long one call may take. `None` (the default) leaves it to the worker's
+    /// `action_timeout`; an action that enforces its own limit (like `exec`) says so here.
+    fn timeout(&self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// A closure as an action.

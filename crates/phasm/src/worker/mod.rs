@@ -42,6 +42,10 @@ pub struct WorkerOptions {
     pub queues: Option<Vec<String>>,
     /// Limits on what actions produce.
     pub limits: Limits,
+    /// Longest a Rust action may run before its attempt fails (actions with their own
+    /// limit, like `exec`, use that instead). An action that blocks its thread instead of
+    /// awaiting cannot be interrupted: keep blocking work in `spawn_blocking`.
+    pub action_timeout: Duration,
     /// Seed of the random numbers (countdown ranges); `None` for a random seed.
     pub seed: Option<u64>,
     /// When to stop on its own.
@@ -59,6 +63,7 @@ impl Default for WorkerOptions {
             poll_interval: Duration::from_millis(500),
             queues: None,
             limits: Limits::default(),
+            action_timeout: Duration::from_secs(300),
             seed: None,
             stop: StopWhen::Never,
             events: None,
@@ -589,6 +594,7 @@ fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
 
 async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
     let env = StepEnv {
+        action_timeout: inner.options.action_timeout,
         config: &inner.config,
         registry: &inner.registry,
         clock: &inner.clock,
@@ -600,6 +606,7 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
 
 /// What running one task needs.
 pub(crate) struct StepEnv<'a> {
+    pub action_timeout: Duration,
     pub config: &'a Config,
     pub registry: &'a Registry,
     pub clock: &'a Arc<dyn Clock>,
@@ -642,7 +649,17 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
             };
             cx.state = call.state.clone();
             cx.role = call.role;
-            match action.run(&mut cx).await {
+            let limit = action
+                .timeout()
+                .map_or(env.action_timeout, |own| own + Duration::from_secs(5));
+            let result = match tokio::time::timeout(limit, action.run(&mut cx)).await {
+                Ok(result) => result,
+                Err(_) => Err(crate::action::ActionError::new(format!(
+                    "timed out after {}s",
+                    limit.as_secs_f64()
+                ))),
+            };
+            match result {
                 Ok(ev) if call.role == ActionRole::Action => event = ev,
                 Ok(_) => {}
                 Err(e) => {
