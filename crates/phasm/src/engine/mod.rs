@@ -243,6 +243,23 @@ pub struct Commit {
     pub instance_change: InstanceChange,
 }
 
+impl Commit {
+    /// A commit that finishes `task` and does nothing else; the step's effects are added to it.
+    pub fn finishing(task: &Task) -> Self {
+        Self {
+            task_id: task.id,
+            claim: task.claim,
+            instance: task.instance.clone(),
+            machine: task.machine.clone(),
+            disposition: Disposition::Finished,
+            new_tasks: Vec::new(),
+            history: None,
+            logs: Vec::new(),
+            instance_change: InstanceChange::None,
+        }
+    }
+}
+
 /// Limits the engine enforces on what actions produce.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -361,15 +378,8 @@ pub fn complete(
 ) -> Commit {
     let StepTimes { started_at, now } = times;
     let mut commit = Commit {
-        task_id: task.id,
-        claim: task.claim,
-        instance: task.instance.clone(),
-        machine: task.machine.clone(),
-        disposition: Disposition::Finished,
-        new_tasks: Vec::new(),
-        history: None,
         logs: outcome.logs,
-        instance_change: InstanceChange::None,
+        ..Commit::finishing(task)
     };
     if let Some(reason) = outcome.halted {
         commit.instance_change = InstanceChange::Halt(reason);
@@ -496,17 +506,7 @@ pub fn complete(
 /// retry limit or the age limit — the instance's failure.
 pub fn failed_attempt(machine: &Machine, task: &Task, error: String, now: Micros) -> Commit {
     let policy = retry_policy(machine, task);
-    let base = Commit {
-        task_id: task.id,
-        claim: task.claim,
-        instance: task.instance.clone(),
-        machine: task.machine.clone(),
-        disposition: Disposition::Finished,
-        new_tasks: Vec::new(),
-        history: None,
-        logs: Vec::new(),
-        instance_change: InstanceChange::None,
-    };
+    let base = Commit::finishing(task);
     let retry = task.attempt + 1;
     let backoff = micros(policy.backoff(retry));
     let too_old = policy
@@ -558,17 +558,7 @@ pub fn lost_attempts(machine: &Machine, task: &Task, now: Micros) -> Option<Comm
 
 /// Turn a mistake in the machine (see [`PlanError`]) into its commit: no retries.
 pub fn mistake(task: &Task, error: String, now: Micros) -> Commit {
-    let base = Commit {
-        task_id: task.id,
-        claim: task.claim,
-        instance: task.instance.clone(),
-        machine: task.machine.clone(),
-        disposition: Disposition::Finished,
-        new_tasks: Vec::new(),
-        history: None,
-        logs: Vec::new(),
-        instance_change: InstanceChange::None,
-    };
+    let base = Commit::finishing(task);
     fail_for_good(base, error, now, task)
 }
 

@@ -414,10 +414,6 @@ async fn claim(
     for t in foreign {
         tracing::warn!(instance = %t.instance, machine = %t.machine, "task of a machine this worker does not know; leaving it for another worker");
         let release = Commit {
-            task_id: t.id,
-            claim: t.claim,
-            instance: t.instance.clone(),
-            machine: t.machine.clone(),
             disposition: Disposition::Retry {
                 due_at: now + micros(inner.options.lease),
                 error: format!(
@@ -425,10 +421,7 @@ async fn claim(
                     inner.options.owner, t.machine
                 ),
             },
-            new_tasks: Vec::new(),
-            history: None,
-            logs: Vec::new(),
-            instance_change: InstanceChange::None,
+            ..Commit::finishing(&t)
         };
         let _ = inner.store.apply(now, vec![release], None).await;
     }

@@ -65,12 +65,6 @@ fn request(limit: usize) -> ClaimRequest {
 
 fn commit(task: &Task) -> Commit {
     Commit {
-        task_id: task.id,
-        claim: task.claim,
-        instance: task.instance.clone(),
-        machine: task.machine.clone(),
-        disposition: Disposition::Finished,
-        new_tasks: Vec::new(),
         history: Some(HistoryEntry {
             from: task.from_state.clone(),
             event: task.event.clone(),
@@ -81,8 +75,7 @@ fn commit(task: &Task) -> Commit {
             task: task.name.clone(),
             branch: String::new(),
         }),
-        logs: Vec::new(),
-        instance_change: InstanceChange::None,
+        ..Commit::finishing(task)
     }
 }
 
