@@ -140,6 +140,9 @@ impl Immediate {
     pub async fn run_pending(&self) -> Result<usize, ImmediateError> {
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
         let env = StepEnv {
+            store: &self.store,
+            successors: None,
+            adopt: None,
             action_timeout: Duration::from_secs(300),
             config: &self.config,
             registry: &self.registry,

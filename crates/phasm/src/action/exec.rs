@@ -49,7 +49,7 @@ impl Action for ExecAction {
     }
 
     async fn run(&self, cx: &mut ActionContext) -> ActionResult {
-        let request = json!({
+        let mut request = json!({
             "machine": cx.machine,
             "instance": cx.instance,
             "state": cx.state,
@@ -58,7 +58,11 @@ impl Action for ExecAction {
             "task": cx.task,
             "attempt": cx.attempt,
             "context": cx.context,
+            "token": cx.token,
         });
+        if !cx.contexts.is_empty() {
+            request["contexts"] = json!(cx.contexts);
+        }
         let timeout = self.binding.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
         let (program, args) = self
             .binding
@@ -193,12 +197,46 @@ fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
     let Value::Object(mut response) = value else {
         return Err(ActionError::new("output must be a JSON object"));
     };
-    for unsupported in ["forks", "spawn", "token"] {
-        if response.get(unsupported).is_some_and(|v| !v.is_null()) {
-            return Err(ActionError::new(format!(
-                "`{unsupported}` in a response is not supported by this version of phasm"
-            )));
+    match response.remove("forks") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(forks)) => {
+            for fork in forks {
+                match fork {
+                    Value::Object(data) => cx.fork(data),
+                    _ => return Err(ActionError::new("each of `forks` must be a JSON object")),
+                }
+            }
         }
+        Some(_) => return Err(ActionError::new("`forks` must be an array of objects")),
+    }
+    match response.remove("spawn") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(spawns)) => {
+            for spawn in spawns {
+                let machine = spawn
+                    .get("machine")
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                let contexts = spawn.get("contexts").and_then(Value::as_array).map(|cs| {
+                    cs.iter()
+                        .map(|c| c.as_object().cloned())
+                        .collect::<Option<Vec<_>>>()
+                });
+                match (machine, contexts) {
+                    (Some(machine), Some(Some(contexts))) => cx.spawn(&machine, contexts),
+                    _ => {
+                        return Err(ActionError::new(
+                            "each of `spawn` must be {\"machine\": NAME, \"contexts\": [objects]}",
+                        ))
+                    }
+                }
+            }
+        }
+        Some(_) => return Err(ActionError::new("`spawn` must be an array")),
+    }
+    match response.remove("token") {
+        None | Some(Value::Null) => {}
+        Some(token) => cx.set_next_token(token),
     }
     if let Some(context) = response.remove("context") {
         match context {

@@ -13,7 +13,7 @@ use serde::Serialize;
 pub use exec::{ExecAction, DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT_BYTES};
 
 use crate::clock::{Clock, Micros};
-use crate::engine::{Call, Context, LogLine};
+use crate::engine::{Call, Context, LogLine, SpawnRequest};
 use crate::machine::{ActionBinding, ActionRole, Config, Logging, Machine};
 
 /// Why an action failed. The attempt fails and is retried by the transition's policy.
@@ -73,6 +73,18 @@ pub trait Action: Send + Sync {
     /// Run once. The main action (role [`ActionRole::Action`]) returns the next event.
     async fn run(&self, cx: &mut ActionContext) -> ActionResult;
 
+    /// For a continuation state's action: given the current page's token (`cx.token()`,
+    /// `None` on the first page), return the next page's token, or `None` on the last page.
+    /// phasm queues the next page before [`Action::run`] processes this one, so pages run in
+    /// parallel. The default, `None`, means the action reports the next token from `run`
+    /// instead ([`ActionContext::set_next_token`]), and the next page is queued after it.
+    async fn continuation(
+        &self,
+        _cx: &mut ActionContext,
+    ) -> Option<Result<Option<serde_json::Value>, ActionError>> {
+        None
+    }
+
     /// How long one call may take. `None` (the default) leaves it to the worker's
     /// `action_timeout`; an action that enforces its own limit (like `exec`) says so here.
     fn timeout(&self) -> Option<std::time::Duration> {
@@ -109,6 +121,11 @@ pub struct ActionContext {
     pub(crate) logs: Vec<LogLine>,
     pub(crate) persistent: bool,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) contexts: Vec<Context>,
+    pub(crate) token: Option<serde_json::Value>,
+    pub(crate) next_token: Option<serde_json::Value>,
+    pub(crate) forks: Vec<Context>,
+    pub(crate) spawns: Vec<SpawnRequest>,
 }
 
 impl ActionContext {
@@ -128,6 +145,11 @@ impl ActionContext {
             logs: Vec::new(),
             persistent: true,
             clock,
+            contexts: Vec::new(),
+            token: None,
+            next_token: None,
+            forks: Vec::new(),
+            spawns: Vec::new(),
         }
     }
 
@@ -247,6 +269,40 @@ impl ActionContext {
     /// The current time.
     pub fn now(&self) -> Micros {
         self.clock.now()
+    }
+
+    /// At a fan-in state: the contexts of the branches being joined, in order of arrival.
+    /// The joined branch goes on with [`ActionContext::context`], which starts as the first
+    /// of them.
+    pub fn contexts(&self) -> &[Context] {
+        &self.contexts
+    }
+
+    /// In a continuation state: the current page's token (`None` on the first page).
+    pub fn token(&self) -> Option<&serde_json::Value> {
+        self.token.as_ref()
+    }
+
+    /// In a continuation state: the next page's token (none set: this is the last page).
+    pub fn set_next_token(&mut self, token: serde_json::Value) {
+        self.next_token = Some(token);
+    }
+
+    /// Fork the machine: a copy of the current context with `data` merged in becomes a new
+    /// branch, which takes the same next event as this one. N forks make N+1 branches.
+    pub fn fork(&mut self, data: Context) {
+        let mut copy = self.context.clone();
+        copy.extend(data);
+        self.forks.push(copy);
+    }
+
+    /// Start one instance of `machine` per context when this step commits. Retries of the
+    /// step start nothing twice: the instances are named after the step.
+    pub fn spawn(&mut self, machine: &str, contexts: Vec<Context>) {
+        self.spawns.push(SpawnRequest {
+            machine: machine.to_string(),
+            contexts,
+        });
     }
 }
 

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::{micros, Micros};
 use crate::machine::{
-    is_valid_event, ActionRole, Countdown, Machine, RetryPolicy, State, TransitionPolicy,
+    is_valid_event, ActionRole, Config, Countdown, FanIn, Machine, RetryPolicy, State,
+    TransitionPolicy,
 };
 
 /// An instance's data: a JSON object.
@@ -37,6 +38,9 @@ pub enum TaskKind {
     Dispatch,
     /// Run the exit action of `from_state`, a final state its branch ended in.
     FinalExit,
+    /// Join the branches parked at fan-in state `from_state`: run its entry and action once
+    /// with their contexts.
+    Join,
 }
 
 impl TaskKind {
@@ -45,6 +49,7 @@ impl TaskKind {
         match self {
             TaskKind::Dispatch => "dispatch",
             TaskKind::FinalExit => "final-exit",
+            TaskKind::Join => "join",
         }
     }
 
@@ -53,6 +58,7 @@ impl TaskKind {
         match s {
             "dispatch" => Some(TaskKind::Dispatch),
             "final-exit" => Some(TaskKind::FinalExit),
+            "join" => Some(TaskKind::Join),
             _ => None,
         }
     }
@@ -90,6 +96,10 @@ pub struct Task {
     pub first_attempt_at: Micros,
     /// The queue the task ran on.
     pub queue: String,
+    /// A continuation page's token (`None` on the first page and outside continuations).
+    pub token: Option<serde_json::Value>,
+    /// For a join: the parked contexts it joins, in order of arrival.
+    pub contexts: Vec<Context>,
 }
 
 /// A task to create.
@@ -115,6 +125,52 @@ pub struct NewTask {
     pub target: Option<String>,
     /// When it becomes due.
     pub due_at: Micros,
+    /// A continuation page's token.
+    pub token: Option<serde_json::Value>,
+}
+
+/// A branch parking its context at a fan-in state, to be joined.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    /// The fan-in state.
+    pub state: String,
+    /// The value of the state's `fan_in_group` key in the context (`""` without one).
+    pub group: String,
+    /// The branch's context.
+    pub context: Context,
+    /// The branch.
+    pub branch: String,
+    /// Steps of the branch so far.
+    pub step: u64,
+    /// A window join runs this long after a window's first arrival; `None` is a barrier
+    /// (`fan_in: all`), which runs when no branch of the instance is live any more.
+    pub window: Option<Micros>,
+    /// Queue of the join task.
+    pub queue: String,
+    /// Worker pool of the join task.
+    pub target: Option<String>,
+}
+
+/// An instance an action asked to start (`spawn`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spawned {
+    /// Its name, derived from the spawning step so a retry cannot start it twice.
+    pub name: String,
+    /// Its machine.
+    pub machine: String,
+    /// Its context.
+    pub context: Context,
+    /// Its start task.
+    pub start: NewTask,
+}
+
+/// A request to start instances of a machine, from an action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpawnRequest {
+    /// The machine.
+    pub machine: String,
+    /// One instance per context.
+    pub contexts: Vec<Context>,
 }
 
 /// One action call of a step.
@@ -151,6 +207,12 @@ pub struct Outcome {
     pub halted: Option<String>,
     /// Log lines the actions wrote.
     pub logs: Vec<LogLine>,
+    /// Contexts the actions forked: each becomes a branch that gets the same next event.
+    pub forks: Vec<Context>,
+    /// Instances to start.
+    pub spawns: Vec<SpawnRequest>,
+    /// A continuation's next token, when the next page was not queued before the action ran.
+    pub next_token: Option<serde_json::Value>,
 }
 
 /// A log line of an instance.
@@ -185,6 +247,8 @@ pub struct HistoryEntry {
     pub task: String,
     /// The branch.
     pub branch: String,
+    /// This step ended its branch.
+    pub ends_branch: bool,
 }
 
 /// What happens to the task that ran.
@@ -204,6 +268,8 @@ pub enum Disposition {
         /// Why.
         error: String,
     },
+    /// Keep it leased: the step is not over (a continuation queues its next page first).
+    Keep,
 }
 
 /// How a step changes its instance.
@@ -235,8 +301,12 @@ pub struct Commit {
     pub disposition: Disposition,
     /// Tasks to create.
     pub new_tasks: Vec<NewTask>,
-    /// The transition committed, if the step succeeded.
-    pub history: Option<HistoryEntry>,
+    /// The transitions committed (none when the step failed).
+    pub history: Vec<HistoryEntry>,
+    /// Branches parked at fan-in states.
+    pub parked: Vec<Parked>,
+    /// Instances started.
+    pub spawns: Vec<Spawned>,
     /// Log lines to keep.
     pub logs: Vec<LogLine>,
     /// The instance's change.
@@ -253,7 +323,9 @@ impl Commit {
             machine: task.machine.clone(),
             disposition: Disposition::Finished,
             new_tasks: Vec::new(),
-            history: None,
+            history: Vec::new(),
+            parked: Vec::new(),
+            spawns: Vec::new(),
             logs: Vec::new(),
             instance_change: InstanceChange::None,
         }
@@ -283,6 +355,9 @@ pub struct PlanError(pub String);
 
 /// The calls a task makes and the state it leads to.
 ///
+/// A dispatch into a fan-in state makes no calls: the arriving branch parks, and the fan-in
+/// state's entry and action run once per join ([`TaskKind::Join`]).
+///
 /// # Errors
 /// When the task names a state or event the machine does not have.
 pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
@@ -308,15 +383,31 @@ pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
             ))
         })
     };
-    if task.kind == TaskKind::FinalExit {
-        let from_name = task.from_state.as_deref().unwrap_or_default();
-        let from = state(from_name)?;
-        return Ok(Plan {
-            to_state: None,
-            calls: call(ActionRole::Exit, &from.exit, from, ns(from))
+    let from_name = task.from_state.as_deref().unwrap_or_default();
+    match task.kind {
+        TaskKind::FinalExit => {
+            let from = state(from_name)?;
+            return Ok(Plan {
+                to_state: None,
+                calls: call(ActionRole::Exit, &from.exit, from, ns(from))
+                    .into_iter()
+                    .collect(),
+            });
+        }
+        TaskKind::Join => {
+            let at = state(from_name)?;
+            return Ok(Plan {
+                to_state: Some(at.name.clone()),
+                calls: [
+                    call(ActionRole::Entry, &at.entry, at, ns(at)),
+                    call(ActionRole::Action, &at.action, at, ns(at)),
+                ]
                 .into_iter()
+                .flatten()
                 .collect(),
-        });
+            });
+        }
+        TaskKind::Dispatch => {}
     }
     let mut calls = Vec::new();
     let target = match &task.from_state {
@@ -337,8 +428,10 @@ pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
             state(&t.to)?
         }
     };
-    calls.extend(call(ActionRole::Entry, &target.entry, target, ns(target)));
-    calls.extend(call(ActionRole::Action, &target.action, target, ns(target)));
+    if target.fan_in.is_none() {
+        calls.extend(call(ActionRole::Entry, &target.entry, target, ns(target)));
+        calls.extend(call(ActionRole::Action, &target.action, target, ns(target)));
+    }
     Ok(Plan {
         to_state: Some(target.name.clone()),
         calls,
@@ -346,7 +439,7 @@ pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
 }
 
 /// The retry policy of a task: that of the transition that queued it (the machine's for
-/// start and final-exit tasks).
+/// start, final-exit and join tasks).
 pub fn retry_policy(machine: &Machine, task: &Task) -> RetryPolicy {
     match (&task.kind, &task.from_state) {
         (TaskKind::Dispatch, Some(from)) => machine
@@ -366,9 +459,27 @@ pub struct StepTimes {
     pub now: Micros,
 }
 
+/// The name of a child branch: `PARENT.PART`, or `PART` for the first branch's children.
+pub fn child_branch(parent: &str, part: &str) -> String {
+    if parent.is_empty() {
+        part.to_string()
+    } else {
+        format!("{parent}.{part}")
+    }
+}
+
+/// The `fan_in_group` value of a context: the key's string, or its JSON text; `""` without.
+pub fn group_value(state: &State, context: &Context) -> String {
+    match state.fan_in_group.as_ref().and_then(|k| context.get(k)) {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
 /// Turn a successful run of a task's actions into its commit.
 pub fn complete(
-    machine: &Machine,
+    config: &Config,
     task: &Task,
     plan: &Plan,
     outcome: Outcome,
@@ -381,94 +492,125 @@ pub fn complete(
         logs: outcome.logs,
         ..Commit::finishing(task)
     };
+    let Some(machine) = config.machine(&task.machine) else {
+        return fail_for_good(
+            commit,
+            format!("unknown machine `{}`", task.machine),
+            now,
+            task,
+        );
+    };
     if let Some(reason) = outcome.halted {
         commit.instance_change = InstanceChange::Halt(reason);
         return commit;
     }
-    let context_bytes = serde_json::to_vec(&outcome.context).map_or(0, |v| v.len());
-    if context_bytes > limits.max_context_bytes {
-        let error = format!(
-            "the context of instance `{}` grew to {context_bytes} bytes in state `{}`, over the limit of {} bytes; \
-             keep large data outside the context (store a reference), or raise the limit",
-            task.instance,
-            plan.to_state.as_deref().or(task.from_state.as_deref()).unwrap_or(PSEUDO_INIT),
-            limits.max_context_bytes
-        );
-        return fail_for_good(commit, error, now, task);
+    let where_ = plan
+        .to_state
+        .as_deref()
+        .or(task.from_state.as_deref())
+        .unwrap_or(PSEUDO_INIT);
+    for context in std::iter::once(&outcome.context).chain(&outcome.forks) {
+        let bytes = serde_json::to_vec(context).map_or(0, |v| v.len());
+        if bytes > limits.max_context_bytes {
+            let error = format!(
+                "the context of instance `{}` grew to {bytes} bytes in state `{where_}`, over the limit of {} bytes; \
+                 keep large data outside the context (store a reference), or raise the limit",
+                task.instance, limits.max_context_bytes
+            );
+            return fail_for_good(commit, error, now, task);
+        }
     }
+    let entry = |from: Option<String>, event: &str, to: &str, branch: &str| HistoryEntry {
+        from,
+        event: event.to_string(),
+        to: to.to_string(),
+        attempt: task.attempt,
+        started_at,
+        finished_at: now,
+        task: task.name.clone(),
+        branch: branch.to_string(),
+        ends_branch: false,
+    };
     let Some(to_name) = &plan.to_state else {
         // A final state's exit action ran: the branch is over.
-        commit.history = Some(HistoryEntry {
-            from: task.from_state.clone(),
-            event: PSEUDO_FINAL.into(),
-            to: PSEUDO_FINAL.into(),
-            attempt: task.attempt,
-            started_at,
-            finished_at: now,
-            task: task.name.clone(),
-            branch: task.branch.clone(),
-        });
+        let mut h = entry(
+            task.from_state.clone(),
+            PSEUDO_FINAL,
+            PSEUDO_FINAL,
+            &task.branch,
+        );
+        h.ends_branch = true;
+        commit.history.push(h);
         commit.instance_change = InstanceChange::BranchEnded(outcome.context);
         return commit;
     };
     let Some(to) = machine.state(to_name) else {
         return fail_for_good(commit, format!("unknown state `{to_name}`"), now, task);
     };
-    commit.history = Some(HistoryEntry {
-        from: task.from_state.clone(),
-        event: task.event.clone(),
-        to: to_name.clone(),
-        attempt: task.attempt,
-        started_at,
-        finished_at: now,
-        task: task.name.clone(),
-        branch: task.branch.clone(),
-    });
+    if task.kind == TaskKind::Dispatch && to.fan_in.is_some() {
+        // Arriving at a fan-in state: park until the join.
+        commit.history.push(entry(
+            task.from_state.clone(),
+            &task.event,
+            to_name,
+            &task.branch,
+        ));
+        let policy = task
+            .from_state
+            .as_deref()
+            .and_then(|f| machine.state(f))
+            .and_then(|f| f.transition(&task.event))
+            .map_or(&machine.start_policy, |t| &t.effective);
+        commit.parked.push(park(
+            to,
+            &task.branch,
+            task.step + 1,
+            outcome.context,
+            policy,
+        ));
+        return commit;
+    }
+    let (branch, history_from, history_event) = match task.kind {
+        TaskKind::Join => (format!("j{}", task.id), Some(to_name.clone()), FAN_IN_EVENT),
+        _ => (
+            task.branch.clone(),
+            task.from_state.clone(),
+            task.event.as_str(),
+        ),
+    };
     let step = task.step + 1;
-    match outcome.event {
-        Some(event) => {
-            let where_ = format!("state `{to_name}` of machine `{}`", machine.name);
-            if !is_valid_event(&event) {
-                return fail_for_good(
-                    commit,
-                    format!("the action of {where_} returned `{event}`, which is not a valid event name"),
-                    now,
-                    task,
-                );
-            }
-            let Some(t) = to.transition(&event) else {
-                let known: Vec<&str> = to.transitions.iter().map(|t| t.event.as_str()).collect();
-                let known = if known.is_empty() {
-                    "it has no transitions".to_string()
-                } else {
-                    format!("its events: {}", known.join(", "))
-                };
-                return fail_for_good(
-                    commit,
-                    format!("the action of {where_} returned event `{event}`, which has no transition there ({known})"),
-                    now,
-                    task,
-                );
-            };
-            commit.new_tasks.push(NewTask {
-                name: task_name(&task.instance, &task.branch, to_name, &event, &t.to, step),
-                from_state: Some(to_name.clone()),
-                event,
-                kind: TaskKind::Dispatch,
-                context: outcome.context,
-                step,
-                branch: task.branch.clone(),
-                queue: t.effective.queue.clone(),
-                target: t.effective.target.clone(),
-                due_at: now + countdown(&t.effective, rng),
-            });
+    let mut ran = entry(history_from, history_event, to_name, &branch);
+
+    // A continuation page whose action reported the next token itself (`exec`).
+    if let (Some(token), TaskKind::Dispatch, true) =
+        (&outcome.next_token, task.kind, to.continuation)
+    {
+        commit
+            .new_tasks
+            .push(next_page(machine, task, token.clone(), now));
+    }
+    match spawned(config, task, outcome.spawns, now) {
+        Ok(spawns) => commit.spawns = spawns,
+        Err(error) => return fail_for_good(commit, error, now, task),
+    }
+
+    let where_ = format!("state `{to_name}` of machine `{}`", machine.name);
+    let Some(event) = outcome.event else {
+        if !outcome.forks.is_empty() {
+            return fail_for_good(
+                commit,
+                format!("the action of {where_} forked the context but returned no event for the forks to take"),
+                now,
+                task,
+            );
         }
-        None if to.is_final && to.exit.is_some() => {
+        if to.is_final && to.exit.is_some() {
             let policy = &machine.start_policy;
+            commit.history.push(ran);
             commit.new_tasks.push(NewTask {
                 name: task_name(
                     &task.instance,
-                    &task.branch,
+                    &branch,
                     to_name,
                     PSEUDO_FINAL,
                     PSEUDO_FINAL,
@@ -479,16 +621,17 @@ pub fn complete(
                 kind: TaskKind::FinalExit,
                 context: outcome.context,
                 step,
-                branch: task.branch.clone(),
+                branch,
                 queue: policy.queue.clone(),
                 target: policy.target.clone(),
                 due_at: now,
+                token: None,
             });
-        }
-        None if to.is_final => {
-            commit.instance_change = InstanceChange::BranchEnded(outcome.context)
-        }
-        None => {
+        } else if to.is_final {
+            ran.ends_branch = true;
+            commit.history.push(ran);
+            commit.instance_change = InstanceChange::BranchEnded(outcome.context);
+        } else {
             let error = match &to.action {
                 Some(action) => format!(
                     "the action `{action}` of state `{to_name}` (machine `{}`) returned no event, but `{to_name}` is not a final state",
@@ -498,8 +641,187 @@ pub fn complete(
             };
             return fail_for_good(commit, error, now, task);
         }
+        return commit;
+    };
+    if !is_valid_event(&event) {
+        return fail_for_good(
+            commit,
+            format!("the action of {where_} returned `{event}`, which is not a valid event name"),
+            now,
+            task,
+        );
+    }
+    let Some(t) = to.transition(&event) else {
+        let known: Vec<&str> = to.transitions.iter().map(|t| t.event.as_str()).collect();
+        let known = if known.is_empty() {
+            "it has no transitions".to_string()
+        } else {
+            format!("its events: {}", known.join(", "))
+        };
+        return fail_for_good(
+            commit,
+            format!("the action of {where_} returned event `{event}`, which has no transition there ({known})"),
+            now,
+            task,
+        );
+    };
+    commit.history.push(ran);
+    let Some(target) = machine.state(&t.to) else {
+        return fail_for_good(commit, format!("unknown state `{}`", t.to), now, task);
+    };
+    let mut branches = vec![(branch.clone(), outcome.context)];
+    for (i, fork) in outcome.forks.into_iter().enumerate() {
+        branches.push((child_branch(&branch, &format!("f{step}-{}", i + 1)), fork));
+    }
+    for (b, context) in branches {
+        if target.fan_in.is_some() {
+            // Straight into a fan-in: park now rather than queue a task that would only park.
+            commit.history.push(HistoryEntry {
+                from: Some(to_name.clone()),
+                event: event.clone(),
+                to: target.name.clone(),
+                branch: b.clone(),
+                ..entry(None, "", "", "")
+            });
+            commit
+                .parked
+                .push(park(target, &b, step + 1, context, &t.effective));
+        } else {
+            commit.new_tasks.push(NewTask {
+                name: task_name(&task.instance, &b, to_name, &event, &t.to, step),
+                from_state: Some(to_name.clone()),
+                event: event.clone(),
+                kind: TaskKind::Dispatch,
+                context,
+                step,
+                branch: b,
+                queue: t.effective.queue.clone(),
+                target: t.effective.target.clone(),
+                due_at: now + countdown(&t.effective, rng),
+                token: None,
+            });
+        }
     }
     commit
+}
+
+/// The pseudo-event of a join in the history.
+pub const FAN_IN_EVENT: &str = "fan-in";
+
+fn park(
+    state: &State,
+    branch: &str,
+    step: u64,
+    context: Context,
+    policy: &TransitionPolicy,
+) -> Parked {
+    Parked {
+        state: state.name.clone(),
+        group: group_value(state, &context),
+        context,
+        branch: branch.to_string(),
+        step,
+        window: match state.fan_in {
+            Some(FanIn::Window(d)) => Some(micros(d)),
+            _ => None,
+        },
+        queue: policy.queue.clone(),
+        target: policy.target.clone(),
+    }
+}
+
+/// The task of a continuation's next page: the same dispatch as `task`, with the next token,
+/// on its own branch, after the state's `continuation_countdown`. Page `n` of a dispatch is
+/// named `BASE--page-n`, so a retried page queues the same next page.
+pub fn next_page(machine: &Machine, task: &Task, token: serde_json::Value, now: Micros) -> NewTask {
+    let transition = task
+        .from_state
+        .as_deref()
+        .and_then(|f| machine.state(f))
+        .and_then(|f| f.transition(&task.event));
+    let to = transition
+        .map(|t| t.to.clone())
+        .or_else(|| machine.initial_state().map(|s| s.name.clone()))
+        .unwrap_or_default();
+    let countdown = machine
+        .state(&to)
+        .and_then(|s| s.continuation_countdown)
+        .map_or(0, micros);
+    let (base_name, page) = match task.name.rsplit_once("--page-") {
+        Some((base, n)) => (base, n.parse::<u64>().unwrap_or(0)),
+        None => (task.name.as_str(), 0),
+    };
+    let base_branch = if page == 0 {
+        task.branch.clone()
+    } else {
+        task.branch
+            .rsplit_once('.')
+            .map_or(String::new(), |(parent, _)| parent.to_string())
+    };
+    let next = page + 1;
+    let policy = transition.map_or(&machine.start_policy, |t| &t.effective);
+    NewTask {
+        name: format!("{base_name}--page-{next}"),
+        from_state: task.from_state.clone(),
+        event: task.event.clone(),
+        kind: TaskKind::Dispatch,
+        context: task.context.clone(),
+        step: task.step,
+        branch: child_branch(&base_branch, &format!("p{}-{next}", task.step)),
+        queue: policy.queue.clone(),
+        target: policy.target.clone(),
+        due_at: now + countdown,
+        token: Some(token),
+    }
+}
+
+/// Turn spawn requests into instances to start, named after the spawning step so that a
+/// retried step starts the same instances (which the store then ignores).
+fn spawned(
+    config: &Config,
+    task: &Task,
+    requests: Vec<SpawnRequest>,
+    now: Micros,
+) -> Result<Vec<Spawned>, String> {
+    let mut out = Vec::new();
+    for request in requests {
+        let Some(machine) = config.machine(&request.machine) else {
+            return Err(format!(
+                "an action spawned machine `{}`, which is not in the configuration",
+                request.machine
+            ));
+        };
+        for context in request.contexts {
+            let n = out.len() + 1;
+            let name = child_instance_name(&task.instance, &task.branch, task.step, n);
+            let start = start_task(machine, &name, context.clone(), now);
+            out.push(Spawned {
+                name,
+                machine: machine.name.clone(),
+                context,
+                start,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `PARENT.s{step}[.b{branch}].{n}`, shortened with a hash when it would pass 200 characters.
+fn child_instance_name(parent: &str, branch: &str, step: u64, n: usize) -> String {
+    let name = if branch.is_empty() {
+        format!("{parent}.s{step}.{n}")
+    } else {
+        format!("{parent}.s{step}.b{branch}.{n}")
+    };
+    if name.len() <= 200 {
+        return name;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let keep: String = parent.chars().take(150).collect();
+    format!("{keep}.{hash:016x}.{n}")
 }
 
 /// Turn a failed attempt into its commit: a retry after the policy's backoff, or — past the
@@ -563,7 +885,9 @@ pub fn mistake(task: &Task, error: String, now: Micros) -> Commit {
 }
 
 fn fail_for_good(mut commit: Commit, error: String, now: Micros, task: &Task) -> Commit {
-    commit.history = None;
+    commit.history.clear();
+    commit.parked.clear();
+    commit.spawns.clear();
     commit.new_tasks.clear();
     commit.logs.push(LogLine {
         at: now,
@@ -603,6 +927,7 @@ pub fn start_task(machine: &Machine, instance: &str, context: Context, now: Micr
         queue: policy.queue.clone(),
         target: policy.target.clone(),
         due_at: now,
+        token: None,
     }
 }
 

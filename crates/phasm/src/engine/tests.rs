@@ -61,6 +61,8 @@ fn task(from: Option<&str>, event: &str) -> Task {
         attempt: 0,
         first_attempt_at: 1_000,
         queue: "default".into(),
+        token: None,
+        contexts: Vec::new(),
     }
 }
 
@@ -84,7 +86,7 @@ fn run(t: &Task, event: Option<&str>) -> Commit {
     let p = plan(m, t).unwrap();
     let mut rng = fastrand::Rng::with_seed(1);
     complete(
-        m,
+        &c,
         t,
         &p,
         outcome(event),
@@ -141,14 +143,14 @@ fn final_exit_runs_only_the_exit_action() {
         commit.instance_change,
         InstanceChange::BranchEnded(_)
     ));
-    assert_eq!(commit.history.unwrap().event, PSEUDO_FINAL);
+    assert_eq!(commit.history[0].event, PSEUDO_FINAL);
 }
 
 #[test]
 fn an_event_queues_the_next_task_with_its_transition_settings() {
     let commit = run(&task(None, PSEUDO_INIT), Some("next"));
     assert_eq!(commit.disposition, Disposition::Finished);
-    let h = commit.history.unwrap();
+    let h = commit.history[0].clone();
     assert_eq!(
         (h.from, h.event.as_str(), h.to.as_str()),
         (None, PSEUDO_INIT, "a")
@@ -171,7 +173,7 @@ fn random_countdowns_stay_in_range() {
         let p = plan(m, &t).unwrap();
         let mut rng = fastrand::Rng::with_seed(seed);
         let commit = complete(
-            m,
+            &c,
             &t,
             &p,
             outcome(Some("wait")),
@@ -215,7 +217,7 @@ fn no_event_in_a_non_final_state_fails_the_branch_without_retry() {
         "{error}"
     );
     assert!(matches!(commit.disposition, Disposition::Failed { .. }));
-    assert!(commit.history.is_none() && commit.new_tasks.is_empty());
+    assert!(commit.history.is_empty() && commit.new_tasks.is_empty());
 }
 
 #[test]
@@ -248,7 +250,7 @@ fn halting_ends_the_instance_without_history() {
         ..Outcome::default()
     };
     let commit = complete(
-        m,
+        &c,
         &t,
         &p,
         out,
@@ -260,7 +262,7 @@ fn halting_ends_the_instance_without_history() {
         &Limits::default(),
     );
     assert_eq!(commit.instance_change, InstanceChange::Halt("stop".into()));
-    assert!(commit.new_tasks.is_empty() && commit.history.is_none());
+    assert!(commit.new_tasks.is_empty() && commit.history.is_empty());
 }
 
 #[test]
@@ -280,7 +282,7 @@ fn an_oversized_context_is_refused_and_fails_the_branch() {
         max_context_bytes: 1000,
     };
     let commit = complete(
-        m,
+        &c,
         &t,
         &p,
         out,

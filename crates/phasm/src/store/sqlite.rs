@@ -21,7 +21,8 @@ use super::{
 };
 use crate::clock::{micros, Micros};
 use crate::engine::{
-    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Task, TaskKind,
+    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
+    TaskKind,
 };
 
 /// How hard SQLite works to make each commit durable.
@@ -75,10 +76,11 @@ enum Request {
 }
 
 /// The newest schema version this build writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE instances (
     id          INTEGER PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
@@ -143,7 +145,32 @@ CREATE TABLE logs (
     task        TEXT NOT NULL
 );
 CREATE INDEX logs_by_instance ON logs (instance_id, id);
-"];
+",
+    r"
+-- Parallel patterns: spawned instances know their parent; continuation pages carry a token;
+-- join tasks name their fan-in group; branches parked at fan-in states are items.
+ALTER TABLE instances ADD COLUMN parent TEXT;
+CREATE INDEX instances_by_parent ON instances (parent) WHERE parent IS NOT NULL;
+ALTER TABLE tasks ADD COLUMN token TEXT;
+ALTER TABLE tasks ADD COLUMN grp TEXT;
+-- Barrier joins wait (status 'waiting') until no branch of their instance is live.
+CREATE INDEX tasks_waiting ON tasks (instance_id) WHERE status = 'waiting';
+ALTER TABLE history ADD COLUMN ends_branch INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE items (
+    id          INTEGER PRIMARY KEY,
+    instance_id INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    state       TEXT NOT NULL,
+    grp         TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    step        INTEGER NOT NULL,
+    join_task   INTEGER,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX items_by_group ON items (instance_id, state, grp, id);
+CREATE INDEX items_by_join ON items (join_task) WHERE join_task IS NOT NULL;
+",
+];
 
 impl SqliteStore {
     /// Open (creating if needed) the database at `path`, migrate its schema, and start the
@@ -453,8 +480,8 @@ fn insert_task(
         .prepare_cached(
             "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                                 queue, target, status, due_at, created_at, lease_owner, claim,
-                                attempts, first_attempt_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12, ?13, ?14, ?15, ?16)
+                                attempts, first_attempt_at, token)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12, ?13, ?14, ?15, ?16, ?17)
              ON CONFLICT (instance_id, name) DO NOTHING",
         )
         .map_err(db)?;
@@ -475,10 +502,32 @@ fn insert_task(
             owner,
             claim,
             attempts,
-            first
+            first,
+            t.token.as_ref().map(ToString::to_string)
         ])
         .map_err(db)?;
     Ok((inserted == 1).then(|| tx.last_insert_rowid()))
+}
+
+/// A claimable task as read from the database.
+struct ClaimRow {
+    id: i64,
+    claim: i64,
+    instance_id: i64,
+    instance: String,
+    machine: String,
+    name: String,
+    from_state: Option<String>,
+    event: String,
+    kind: String,
+    context: String,
+    step: i64,
+    branch: String,
+    attempts: i64,
+    first: Option<i64>,
+    queue: String,
+    token: Option<String>,
+    grp: Option<String>,
 }
 
 fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
@@ -487,33 +536,36 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
     }
     // Look at a few more candidates than wanted, so per-queue limits can skip some.
     let window = (req.limit * 2).max(16) as i64;
-    let mut stmt = tx
+    let rows = tx
         .prepare_cached(
-            "SELECT t.id, t.claim, i.name, i.machine, t.name, t.from_state, t.event, t.kind,
-                    t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue
+            "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
+                    t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue,
+                    t.token, t.grp
              FROM tasks t JOIN instances i ON i.id = t.instance_id
              WHERE t.status = 'ready' AND t.due_at <= ?1
              ORDER BY t.due_at LIMIT ?2",
         )
-        .map_err(db)?;
-    let rows = stmt
+        .map_err(db)?
         .query_map(params![now, window], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, Option<String>>(5)?,
-                r.get::<_, String>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, String>(8)?,
-                r.get::<_, i64>(9)?,
-                r.get::<_, String>(10)?,
-                r.get::<_, i64>(11)?,
-                r.get::<_, Option<i64>>(12)?,
-                r.get::<_, String>(13)?,
-            ))
+            Ok(ClaimRow {
+                id: r.get(0)?,
+                claim: r.get(1)?,
+                instance_id: r.get(2)?,
+                instance: r.get(3)?,
+                machine: r.get(4)?,
+                name: r.get(5)?,
+                from_state: r.get(6)?,
+                event: r.get(7)?,
+                kind: r.get(8)?,
+                context: r.get(9)?,
+                step: r.get(10)?,
+                branch: r.get(11)?,
+                attempts: r.get(12)?,
+                first: r.get(13)?,
+                queue: r.get(14)?,
+                token: r.get(15)?,
+                grp: r.get(16)?,
+            })
         })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
@@ -521,66 +573,82 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
     let until = now + micros(req.lease);
     let mut per_queue: Vec<(String, usize)> = req.queue_limits.clone();
     let mut claimed = Vec::new();
-    let mut update = tx
-        .prepare_cached(
-            "UPDATE tasks SET claim = claim + 1, lease_owner = ?2, due_at = ?3, attempts = attempts + 1,
-                              first_attempt_at = COALESCE(first_attempt_at, ?4)
-             WHERE id = ?1",
-        )
-        .map_err(db)?;
-    for (
-        id,
-        claim,
-        instance,
-        machine,
-        name,
-        from_state,
-        event,
-        kind,
-        context,
-        step,
-        branch,
-        attempts,
-        first,
-        queue,
-    ) in rows
-    {
+    for row in rows {
         if claimed.len() >= req.limit {
             break;
         }
         if let Some(only) = &req.queues {
-            if !only.contains(&queue) {
+            if !only.contains(&row.queue) {
                 continue;
             }
         }
-        if let Some((_, left)) = per_queue.iter_mut().find(|(q, _)| *q == queue) {
+        if let Some((_, left)) = per_queue.iter_mut().find(|(q, _)| *q == row.queue) {
             if *left == 0 {
                 continue;
             }
             *left -= 1;
         }
-        update
-            .execute(params![id, req.owner, until, now])
-            .map_err(db)?;
+        tx.prepare_cached(
+            "UPDATE tasks SET claim = claim + 1, lease_owner = ?2, due_at = ?3, attempts = attempts + 1,
+                              first_attempt_at = COALESCE(first_attempt_at, ?4)
+             WHERE id = ?1",
+        )
+        .map_err(db)?
+        .execute(params![row.id, req.owner, until, now])
+        .map_err(db)?;
+        let kind = TaskKind::parse(&row.kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("task kind `{}`", row.kind)))?;
+        let contexts = if kind == TaskKind::Join {
+            join_items(tx, &row)?
+        } else {
+            Vec::new()
+        };
         claimed.push(Task {
-            id,
-            claim: claim + 1,
-            instance,
-            machine,
-            name,
-            from_state,
-            event,
-            kind: TaskKind::parse(&kind)
-                .ok_or_else(|| StoreError::Corrupt(format!("task kind `{kind}`")))?,
-            context: from_json(&context)?,
-            step: step as u64,
-            branch,
-            attempt: attempts as u32,
-            first_attempt_at: first.unwrap_or(now),
-            queue,
+            id: row.id,
+            claim: row.claim + 1,
+            instance: row.instance,
+            machine: row.machine,
+            name: row.name,
+            from_state: row.from_state,
+            event: row.event,
+            kind,
+            context: from_json(&row.context)?,
+            step: row.step as u64,
+            branch: row.branch,
+            attempt: row.attempts as u32,
+            first_attempt_at: row.first.unwrap_or(now),
+            queue: row.queue,
+            token: row
+                .token
+                .map(|t| serde_json::from_str(&t))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("bad token: {e}")))?,
+            contexts,
         });
     }
     Ok(claimed)
+}
+
+/// A join takes every item parked in its group and not taken by another join (an item
+/// taken by an earlier attempt of this same join stays with it).
+fn join_items(tx: &Transaction<'_>, row: &ClaimRow) -> StoreResult<Vec<Context>> {
+    let state = row.from_state.as_deref().unwrap_or_default();
+    let grp = row.grp.as_deref().unwrap_or_default();
+    tx.prepare_cached(
+        "UPDATE items SET join_task = ?1
+         WHERE instance_id = ?2 AND state = ?3 AND grp = ?4 AND (join_task IS NULL OR join_task = ?1)",
+    )
+    .map_err(db)?
+    .execute(params![row.id, row.instance_id, state, grp])
+    .map_err(db)?;
+    let texts = tx
+        .prepare_cached("SELECT context FROM items WHERE join_task = ?1 ORDER BY id")
+        .map_err(db)?
+        .query_map([row.id], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    texts.iter().map(|t| from_json(t)).collect()
 }
 
 fn renew(
@@ -609,9 +677,10 @@ fn apply(
 ) -> StoreResult<AppliedCommit> {
     // The fence: the task must still be ours and our lease unexpired. Finishing or
     // rescheduling the task and checking the fence are one statement.
-    let fence = "AND claim = ?2 AND status = 'ready' AND due_at > ?3 RETURNING instance_id";
+    let fence = "AND claim = ?2 AND status = 'ready' AND due_at > ?3 RETURNING instance_id, kind";
     let (sql, extra): (String, Option<(Micros, &String)>) = match &c.disposition {
         Disposition::Finished => (format!("DELETE FROM tasks WHERE id = ?1 {fence}"), None),
+        Disposition::Keep => (format!("UPDATE tasks SET claim = claim WHERE id = ?1 {fence}"), None),
         Disposition::Retry { due_at, error } => (
             format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {fence}"),
             Some((*due_at, error)),
@@ -625,16 +694,29 @@ fn apply(
         ),
     };
     let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
-    let found: Option<i64> = match extra {
-        None => stmt.query_row(params![c.task_id, c.claim, now], |r| r.get(0)),
-        Some((due_at, error)) => stmt
-            .query_row(params![c.task_id, c.claim, now, due_at, error], |r| {
-                r.get(0)
-            }),
+    let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
+    let found: Option<(i64, String)> = match extra {
+        None => stmt.query_row(params![c.task_id, c.claim, now], row),
+        Some((due_at, error)) => {
+            stmt.query_row(params![c.task_id, c.claim, now, due_at, error], row)
+        }
     }
     .optional()
     .map_err(db)?;
     drop(stmt);
+    let found = match found {
+        Some((instance_id, kind)) => {
+            if kind == TaskKind::Join.as_str() && c.disposition == Disposition::Finished {
+                // The join's outcome is committed: the contexts it joined are gone with it.
+                tx.prepare_cached("DELETE FROM items WHERE join_task = ?1")
+                    .map_err(db)?
+                    .execute([c.task_id])
+                    .map_err(db)?;
+            }
+            Some(instance_id)
+        }
+        None => None,
+    };
     let Some(instance_id) = found else {
         return Ok(AppliedCommit {
             applied: Applied::Fenced,
@@ -663,14 +745,16 @@ fn apply(
                 attempt: 0,
                 first_attempt_at: now,
                 queue: t.queue.clone(),
+                token: t.token.clone(),
+                contexts: Vec::new(),
             });
         }
     }
-    if let Some(h) = &c.history {
+    for h in &c.history {
         tx.prepare_cached(
             "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                                  finished_at, task, branch)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                                  finished_at, task, branch, ends_branch)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )
         .map_err(db)?
         .execute(params![
@@ -682,9 +766,28 @@ fn apply(
             h.started_at,
             h.finished_at,
             h.task,
-            h.branch
+            h.branch,
+            h.ends_branch
         ])
         .map_err(db)?;
+    }
+    for p in &c.parked {
+        park(tx, instance_id, &c.instance, p, now)?;
+    }
+    for child in &c.spawns {
+        let inserted = tx
+            .prepare_cached(
+                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at)
+                 VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?5)
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .map_err(db)?
+            .execute(params![child.name, child.machine, to_json(&child.context)?, c.instance, now])
+            .map_err(db)?;
+        if inserted == 1 {
+            let child_id = tx.last_insert_rowid();
+            insert_task(tx, child_id, &child.start, now, None)?;
+        }
     }
     for l in &c.logs {
         insert_log(tx, instance_id, l)?;
@@ -692,13 +795,16 @@ fn apply(
     match &c.instance_change {
         InstanceChange::None => {}
         InstanceChange::BranchEnded(context) => {
-            // The last branch to end leaves its context as the instance's result.
+            // The last branch to end leaves its context as the instance's result; the
+            // instance is completed when no task and no parked branch of it is left.
             tx.prepare_cached(
                 "UPDATE instances SET result = ?3,
                         status = CASE WHEN NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+                                       AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)
                                       THEN 'completed' ELSE status END,
                         updated_at = ?2,
                         ended_at = CASE WHEN NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+                                         AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)
                                         THEN ?2 ELSE ended_at END
                  WHERE id = ?1 AND status = 'running'",
             )
@@ -721,10 +827,94 @@ fn apply(
             end_instance(tx, instance_id, InstanceStatus::Failed, Some(error), now)?;
         }
     }
+    if c.disposition != Disposition::Keep {
+        release_barriers(tx, instance_id, now)?;
+    }
     Ok(AppliedCommit {
         applied: Applied::Yes,
         claimed,
     })
+}
+
+/// Park a branch at a fan-in state, and make sure a join will take it: a window join due
+/// `window` after the first arrival (unless one not yet started is pending), or a waiting
+/// barrier join.
+fn park(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    instance: &str,
+    p: &Parked,
+    now: Micros,
+) -> StoreResult<()> {
+    tx.prepare_cached(
+        "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .map_err(db)?
+    .execute(params![
+        instance_id,
+        p.state,
+        p.group,
+        to_json(&p.context)?,
+        p.branch,
+        p.step as i64,
+        now
+    ])
+    .map_err(db)?;
+    let item = tx.last_insert_rowid();
+    let pending: bool = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM tasks
+                            WHERE instance_id = ?1 AND kind = 'join' AND from_state = ?2 AND grp = ?3
+                              AND status IN ('ready', 'waiting') AND lease_owner IS NULL)",
+        )
+        .map_err(db)?
+        .query_row(params![instance_id, p.state, p.group], |r| r.get(0))
+        .map_err(db)?;
+    if pending {
+        return Ok(());
+    }
+    let (status, due_at, suffix) = match p.window {
+        Some(window) => ("ready", now + window, "window"),
+        None => ("waiting", now, "all"),
+    };
+    tx.prepare_cached(
+        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
+                            queue, target, status, due_at, created_at, grp)
+         VALUES (?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10)",
+    )
+    .map_err(db)?
+    .execute(params![
+        instance_id,
+        format!(
+            "{instance}--{}--fan-in--{}--{suffix}-{item}",
+            p.state, p.group
+        ),
+        p.state,
+        p.step as i64,
+        p.queue,
+        p.target,
+        status,
+        due_at,
+        now,
+        p.group
+    ])
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Barrier joins (`fan_in: all`) run once no branch of their instance is live: when the
+/// instance has no ready task left, its waiting joins become due.
+fn release_barriers(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> StoreResult<()> {
+    tx.prepare_cached(
+        "UPDATE tasks SET status = 'ready', due_at = ?2
+         WHERE instance_id = ?1 AND status = 'waiting'
+           AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1 AND status = 'ready')",
+    )
+    .map_err(db)?
+    .execute(params![instance_id, now])
+    .map_err(db)?;
+    Ok(())
 }
 
 fn insert_log(tx: &Transaction<'_>, instance_id: i64, l: &LogLine) -> StoreResult<()> {
@@ -789,7 +979,8 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
     };
     let history = tx
         .prepare_cached(
-            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch
+            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch
              FROM history WHERE instance_id = ?1 ORDER BY id",
         )
         .map_err(db)?
@@ -803,6 +994,7 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
                 finished_at: r.get(5)?,
                 task: r.get(6)?,
                 branch: r.get(7)?,
+                ends_branch: r.get(8)?,
             })
         })
         .map_err(db)?

@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 
 use crate::action::{keeps_logs, ActionContext, Registry};
 use crate::clock::{micros, Clock, Micros};
-use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task};
+use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task, TaskKind};
 use crate::machine::{ActionRole, Config, Machine};
 use crate::store::{Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim};
 use limits::QueueGate;
@@ -163,6 +163,7 @@ pub enum WorkerError {
 /// A worker for one configuration and registry.
 pub struct Worker {
     inner: Arc<Inner>,
+    adopted: tokio::sync::mpsc::UnboundedReceiver<Task>,
 }
 
 struct Inner {
@@ -175,6 +176,8 @@ struct Inner {
     leases: Mutex<HashMap<i64, i64>>,
     machines: Vec<String>,
     successors: SuccessorClaim,
+    /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
+    adopt: UnboundedSender<Task>,
 }
 
 /// Check that every machine of a configuration can run (see [`check_machine`]).
@@ -239,6 +242,7 @@ impl Worker {
             .seed
             .map_or_else(fastrand::Rng::new, fastrand::Rng::with_seed);
         let machines: Vec<String> = config.machines.iter().map(|m| m.name.clone()).collect();
+        let (adopt, adopted) = tokio::sync::mpsc::unbounded_channel();
         let successors = SuccessorClaim {
             owner: options.owner.clone(),
             lease: options.lease,
@@ -259,7 +263,9 @@ impl Worker {
                 leases: Mutex::new(HashMap::new()),
                 machines,
                 successors,
+                adopt,
             }),
+            adopted,
         })
     }
 
@@ -273,6 +279,7 @@ impl Worker {
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<WorkerReport, WorkerError> {
         let inner = self.inner;
+        let mut adopted = self.adopted;
         let opts = &inner.options;
         let changes = inner.store.changes();
         let mut gate = QueueGate::new(&inner.config);
@@ -365,6 +372,11 @@ impl Worker {
                     {
                         stopping = true;
                     }
+                }
+                Some(task) = adopted.recv() => {
+                    gate.started(&task.queue, inner.clock.now());
+                    lock(&inner.leases).insert(task.id, task.claim);
+                    running.spawn(execute(Arc::clone(&inner), task));
                 }
                 _ = heartbeat.tick() => renew(&inner).await,
                 () = &mut notified => {}
@@ -526,7 +538,7 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
             .await;
         match applied.map(|mut v| v.pop()) {
             Ok(Some(result)) if result.applied == Applied::Yes => {
-                done.steps += u64::from(commit.history.is_some());
+                done.steps += u64::from(!commit.history.is_empty());
                 done.retries += u64::from(matches!(commit.disposition, Disposition::Retry { .. }));
                 done.failures +=
                     u64::from(matches!(commit.disposition, Disposition::Failed { .. }));
@@ -565,7 +577,7 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
 }
 
 fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
-    if let Some(h) = &commit.history {
+    if let Some(h) = commit.history.first() {
         return Some(WorkerEvent::Step {
             instance: commit.instance.clone(),
             from: h.from.clone(),
@@ -587,6 +599,9 @@ fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
 
 async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
     let env = StepEnv {
+        store: &*inner.store,
+        successors: Some(&inner.successors),
+        adopt: Some(&inner.adopt),
         action_timeout: inner.options.action_timeout,
         config: &inner.config,
         registry: &inner.registry,
@@ -599,12 +614,50 @@ async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
 
 /// What running one task needs.
 pub(crate) struct StepEnv<'a> {
+    /// Where a continuation queues its next page before processing the current one.
+    pub store: &'a dyn Store,
+    /// Lets that commit hand the next page straight back...
+    pub successors: Option<&'a SuccessorClaim>,
+    /// ...to be run concurrently by the worker.
+    pub adopt: Option<&'a UnboundedSender<Task>>,
     pub action_timeout: Duration,
     pub config: &'a Config,
     pub registry: &'a Registry,
     pub clock: &'a Arc<dyn Clock>,
     pub limits: &'a Limits,
     pub rng: &'a Mutex<fastrand::Rng>,
+}
+
+/// Queue a continuation's next page (fenced by the current page's lease) before the current
+/// page is processed; the next page may come straight back to run alongside this one.
+async fn queue_next_page(
+    env: &StepEnv<'_>,
+    machine: &Machine,
+    task: &Task,
+    token: serde_json::Value,
+) -> Result<(), String> {
+    let now = env.clock.now();
+    let commit = Commit {
+        disposition: Disposition::Keep,
+        new_tasks: vec![engine::next_page(machine, task, token, now)],
+        ..Commit::finishing(task)
+    };
+    let applied = env
+        .store
+        .apply(now, vec![commit], env.successors)
+        .await
+        .map_err(|e| format!("queueing the next page failed: {e}"))?;
+    match applied.into_iter().next() {
+        Some(a) if a.applied == Applied::Yes => {
+            if let Some(adopt) = env.adopt {
+                for t in a.claimed {
+                    let _ = adopt.send(t);
+                }
+            }
+            Ok(())
+        }
+        _ => Err("the lease was lost before the next page could be queued".into()),
+    }
 }
 
 /// Run a task's actions and turn the result into its commit.
@@ -619,6 +672,16 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         Ok(plan) => plan,
         Err(e) => return engine::mistake(task, e.0, started),
     };
+    if task.kind == TaskKind::Join && task.contexts.is_empty() {
+        // Every branch of this window was taken by an earlier join: nothing to do.
+        return Commit::finishing(task);
+    }
+    let continuation = task.kind == TaskKind::Dispatch
+        && plan
+            .to_state
+            .as_deref()
+            .and_then(|s| machine.state(s))
+            .is_some_and(|s| s.continuation);
     let mut cx = ActionContext {
         machine: machine.name.clone(),
         instance: task.instance.clone(),
@@ -633,7 +696,15 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         logs: Vec::new(),
         persistent: keeps_logs(machine),
         clock: Arc::clone(env.clock),
+        contexts: task.contexts.clone(),
+        token: task.token.clone(),
+        next_token: None,
+        forks: Vec::new(),
+        spawns: Vec::new(),
     };
+    if let Some(first) = task.contexts.first() {
+        cx.context = first.clone();
+    }
     let calls = async {
         let mut event = None;
         for call in &plan.calls {
@@ -642,6 +713,19 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
             };
             cx.state = call.state.clone();
             cx.role = call.role;
+            if continuation && call.role == ActionRole::Action {
+                if let Some(next) = action.continuation(&mut cx).await {
+                    let next = next.map_err(|e| {
+                        format!(
+                            "continuation of `{}` in state `{}` failed: {e}",
+                            call.action, call.state
+                        )
+                    })?;
+                    if let Some(token) = next {
+                        queue_next_page(env, machine, task, token).await?;
+                    }
+                }
+            }
             let limit = action
                 .timeout()
                 .map_or(env.action_timeout, |own| own + Duration::from_secs(5));
@@ -683,10 +767,13 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                 event,
                 halted: cx.halted,
                 logs: cx.logs,
+                forks: cx.forks,
+                spawns: cx.spawns,
+                next_token: cx.next_token,
             };
             let mut rng = lock(env.rng);
             engine::complete(
-                machine,
+                env.config,
                 task,
                 &plan,
                 outcome,

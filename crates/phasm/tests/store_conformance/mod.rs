@@ -34,6 +34,7 @@ fn new_task(name: &str, from: Option<&str>, due_at: i64) -> NewTask {
         queue: "default".into(),
         target: None,
         due_at,
+        token: None,
     }
 }
 
@@ -65,7 +66,7 @@ fn request(limit: usize) -> ClaimRequest {
 
 fn commit(task: &Task) -> Commit {
     Commit {
-        history: Some(HistoryEntry {
+        history: vec![HistoryEntry {
             from: task.from_state.clone(),
             event: task.event.clone(),
             to: "a".into(),
@@ -74,7 +75,8 @@ fn commit(task: &Task) -> Commit {
             finished_at: T0,
             task: task.name.clone(),
             branch: String::new(),
-        }),
+            ends_branch: false,
+        }],
         ..Commit::finishing(task)
     }
 }
@@ -269,7 +271,7 @@ pub async fn a_retry_reschedules_the_task(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
     let mut c = commit(&t);
-    c.history = None;
+    c.history.clear();
     c.disposition = Disposition::Retry {
         due_at: T0 + 3 * SEC,
         error: "boom".into(),
@@ -294,7 +296,7 @@ pub async fn a_failure_holds_the_instance_until_retried(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
     let mut c = commit(&t);
-    c.history = None;
+    c.history.clear();
     c.new_tasks.clear();
     c.disposition = Disposition::Failed {
         error: "bad".into(),
@@ -349,7 +351,7 @@ pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
     start(store, "h", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
     let mut c = commit(&t);
-    c.history = None;
+    c.history.clear();
     c.new_tasks.push(new_task("h--x", Some("a"), T0));
     c.instance_change = InstanceChange::Halt("enough".into());
     apply_one(store, T0, c).await;
