@@ -266,19 +266,6 @@ fn unbound_actions_are_refused_before_anything_runs() {
 }
 
 #[test]
-fn machines_with_continuations_are_refused_until_supported() {
-    let dir = tempfile::tempdir().unwrap();
-    let fsm = repo().join("crates/phasm/tests/fixtures/fantasm-yaml/test/fsm.yaml");
-    let out = phasm(
-        dir.path(),
-        &["start", fsm.to_str().unwrap(), "-m", "ComplexMachine"],
-    );
-    assert_eq!(out.status.code(), Some(2));
-    let err = text(&out.stderr);
-    assert!(err.contains("machine `ComplexMachine` cannot run in this version of phasm: state `state2` is a continuation state"), "{err}");
-}
-
-#[test]
 fn an_oversized_start_context_is_refused() {
     let dir = small();
     let big = format!("{{\"blob\": \"{}\"}}", "x".repeat(2000));

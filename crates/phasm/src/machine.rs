@@ -455,6 +455,41 @@ impl ContextType {
 pub enum ActionBinding {
     /// Run a program per call: one JSON request on stdin, one JSON response on stdout.
     Exec(ExecBinding),
+    /// Built-in continuation: page through the lines of a file.
+    Lines(LinesBinding),
+    /// Built-in continuation: page through a list in the context.
+    List(ListBinding),
+}
+
+/// The built-in `lines:` action: in a continuation state, each page puts the next `batch`
+/// lines of a file into the context (JSON Lines as objects, CSV rows as objects keyed by the
+/// header, other files as strings) and returns `event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinesBinding {
+    /// The file, relative to `working_dir` unless absolute.
+    pub path: PathBuf,
+    /// The folder of the YAML file that declared the binding.
+    pub working_dir: PathBuf,
+    /// Lines per page (at least 1).
+    pub batch: u32,
+    /// The context key that receives the page.
+    pub into: String,
+    /// The event each page returns (`None`: no event, for a final state).
+    pub event: Option<String>,
+}
+
+/// The built-in `list:` action: in a continuation state, each page puts the next `batch`
+/// items of the context's list `key` into `into` and returns `event`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListBinding {
+    /// The context key holding a JSON array.
+    pub key: String,
+    /// Items per page (at least 1).
+    pub batch: u32,
+    /// The context key that receives the page.
+    pub into: String,
+    /// The event each page returns.
+    pub event: Option<String>,
 }
 
 /// The `exec:` binding of an action name.

@@ -76,6 +76,9 @@ pub fn instance_json(view: &InstanceView) -> Value {
         "ended_at": view.ended_at.map(time),
         "context": view.current_context,
         "initial_context": view.context,
+        "parent": view.parent,
+        "children": view.children,
+        "branches": view.branches,
         "history": history,
         "tasks": tasks,
     })
@@ -111,6 +114,17 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
     }
     if let Some(context) = &view.current_context {
         println!("context   {}", Value::Object(context.clone()));
+    }
+    let b = &view.branches;
+    println!(
+        "branches  {} live, {} parked at fan-ins, {} ended, {} failed",
+        b.live, b.parked, b.ended, b.failed
+    );
+    if let Some(parent) = &view.parent {
+        println!("parent    {parent}");
+    }
+    if !view.children.is_empty() {
+        println!("children  {}", view.children.join(", "));
     }
     println!("history");
     println!(

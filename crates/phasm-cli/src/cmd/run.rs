@@ -42,9 +42,16 @@ fn prepare(args: &StartArgs) -> Result<Prepared, ExitCode> {
         eprintln!("error: {e}");
         return Err(invalid());
     }
-    // Only the chosen machine is worked on by `run`.
+    // `run` works on the chosen machine, and on the other machines of the file that can
+    // run (every action bound), which the instance may spawn.
+    let runnable: Vec<_> = config
+        .machines
+        .iter()
+        .filter(|m| m.name == machine.name || check_machine(m, &registry).is_ok())
+        .cloned()
+        .collect();
     let config = Config {
-        machines: vec![machine.clone()],
+        machines: runnable,
         ..config.clone()
     };
     let store = db::open(&args.db).map_err(|e| {
@@ -238,6 +245,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
             "steps": steps,
             "error": view.error,
             "context": view.current_context,
+            "children": view.children,
             "elapsed_ms": elapsed.as_millis() as u64,
         });
         println!("{out}");

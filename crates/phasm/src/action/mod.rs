@@ -1,6 +1,7 @@
 //! What actions are: the [`Action`] trait, the [`ActionContext`] they work with, and the
 //! [`Registry`] that binds action names to Rust handlers and to programs (`exec`).
 
+mod builtin;
 mod exec;
 
 use std::collections::HashMap;
@@ -10,6 +11,7 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+pub use builtin::{LinesAction, ListAction};
 pub use exec::{ExecAction, DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT_BYTES};
 
 use crate::clock::{Clock, Micros};
@@ -355,9 +357,12 @@ impl Registry {
     /// Add the `exec` bindings of a configuration.
     pub fn bind_config(&mut self, config: &Config) -> &mut Self {
         for (name, binding) in &config.actions {
-            let ActionBinding::Exec(exec) = binding;
-            self.exec
-                .insert(name.clone(), Arc::new(ExecAction::new(exec.clone())));
+            let action: Arc<dyn Action> = match binding {
+                ActionBinding::Exec(exec) => Arc::new(ExecAction::new(exec.clone())),
+                ActionBinding::Lines(lines) => Arc::new(LinesAction::new(lines.clone())),
+                ActionBinding::List(list) => Arc::new(ListAction::new(list.clone())),
+            };
+            self.exec.insert(name.clone(), action);
         }
         self
     }

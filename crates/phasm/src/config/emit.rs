@@ -22,12 +22,23 @@ pub fn to_yaml(config: &Config) -> String {
     if !config.actions.is_empty() {
         out.push_str("actions:\n");
         for (name, binding) in &config.actions {
-            let ActionBinding::Exec(exec) = binding;
             let _ = writeln!(out, "  {}:", scalar(name));
-            let argv: Vec<String> = exec.argv.iter().map(|a| quoted(a)).collect();
-            line(&mut out, 4, "exec", &format!("[{}]", argv.join(", ")));
-            if let Some(t) = exec.timeout {
-                line(&mut out, 4, "timeout", &duration::format(t));
+            match binding {
+                ActionBinding::Exec(exec) => {
+                    let argv: Vec<String> = exec.argv.iter().map(|a| quoted(a)).collect();
+                    line(&mut out, 4, "exec", &format!("[{}]", argv.join(", ")));
+                    if let Some(t) = exec.timeout {
+                        line(&mut out, 4, "timeout", &duration::format(t));
+                    }
+                }
+                ActionBinding::Lines(l) => {
+                    line(&mut out, 4, "lines", &quoted(&l.path.to_string_lossy()));
+                    page_keys(&mut out, l.batch, &l.into, l.event.as_deref());
+                }
+                ActionBinding::List(l) => {
+                    line(&mut out, 4, "list", &scalar(&l.key));
+                    page_keys(&mut out, l.batch, &l.into, l.event.as_deref());
+                }
             }
         }
     }
@@ -52,6 +63,14 @@ pub fn to_yaml(config: &Config) -> String {
         machine(&mut out, m);
     }
     out
+}
+
+fn page_keys(out: &mut String, batch: u32, into: &str, event: Option<&str>) {
+    line(out, 4, "batch", &batch.to_string());
+    line(out, 4, "into", &scalar(into));
+    if let Some(e) = event {
+        line(out, 4, "event", &scalar(e));
+    }
 }
 
 fn machine(out: &mut String, m: &Machine) {

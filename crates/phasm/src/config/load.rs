@@ -14,7 +14,9 @@ use super::source::{SourceFile, Sources};
 use super::yaml::{self, Node, NodeKind, Pos, Span};
 use super::{LoadOptions, Loaded};
 use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::machine::{ActionBinding, Config, ExecBinding, QueueLimits, Rate, DEFAULT_QUEUE};
+use crate::machine::{
+    ActionBinding, Config, ExecBinding, LinesBinding, ListBinding, QueueLimits, Rate, DEFAULT_QUEUE,
+};
 
 /// Keys of a file's top level.
 const TOP_KEYS: &[&str] = &[
@@ -384,29 +386,114 @@ impl Assembler<'_> {
                 );
                 continue;
             }
-            let Some(f) = cx.fields(value, &format!("action `{name}`"), &["exec", "timeout"])
-            else {
+            let Some(f) = cx.fields(
+                value,
+                &format!("action `{name}`"),
+                &["exec", "timeout", "lines", "list", "batch", "into", "event"],
+            ) else {
                 continue;
             };
-            let timeout = f.get("timeout").and_then(|n| cx.duration(n, "timeout"));
-            let Some(exec) = f.get("exec") else {
-                cx.error(
-                    key.span,
-                    format!("action `{name}` has no binding"),
-                    Some("add `exec: [PROGRAM, ARGS...]`".into()),
-                );
-                continue;
+            let kinds: Vec<&str> = ["exec", "lines", "list"]
+                .into_iter()
+                .filter(|k| f.get(k).is_some())
+                .collect();
+            let binding = match kinds.as_slice() {
+                [] => {
+                    cx.error(
+                        key.span,
+                        format!("action `{name}` has no binding"),
+                        Some("add `exec: [PROGRAM, ARGS...]`, or a built-in `lines: FILE` or `list: KEY`".into()),
+                    );
+                    continue;
+                }
+                ["exec"] => {
+                    for extra in ["batch", "into", "event"] {
+                        if f.get(extra).is_some() {
+                            cx.error(
+                                f.spans().key(extra),
+                                format!("`{extra}` belongs to `lines:` and `list:` bindings, not `exec:`"),
+                                None,
+                            );
+                        }
+                    }
+                    let timeout = f.get("timeout").and_then(|n| cx.duration(n, "timeout"));
+                    let Some(argv) = f.get("exec").and_then(|n| argv(cx, n)) else {
+                        continue;
+                    };
+                    ActionBinding::Exec(ExecBinding {
+                        argv,
+                        working_dir: dir.clone(),
+                        timeout,
+                    })
+                }
+                [kind] => {
+                    if f.get("timeout").is_some() {
+                        cx.error(
+                            f.spans().key("timeout"),
+                            "`timeout` belongs to `exec:` bindings",
+                            None,
+                        );
+                    }
+                    let source = f.get(kind).and_then(|n| cx.string(n, kind));
+                    let batch = match f.get("batch") {
+                        None => Some(100),
+                        Some(n) => match cx.count(n, "batch") {
+                            Some(0) => {
+                                cx.error(n.span, "`batch` must be at least 1", None);
+                                None
+                            }
+                            other => other,
+                        },
+                    };
+                    let into = f
+                        .get("into")
+                        .and_then(|n| cx.string(n, "into"))
+                        .unwrap_or_else(|| "items".to_string());
+                    let event = match f.get("event") {
+                        None => None,
+                        Some(n) => match cx.string(n, "event") {
+                            Some(e) if crate::machine::is_valid_event(&e) => Some(e),
+                            Some(e) => {
+                                cx.error(n.span, format!("invalid event name `{e}`"), None);
+                                None
+                            }
+                            None => None,
+                        },
+                    };
+                    let (Some(source), Some(batch)) = (source, batch) else {
+                        continue;
+                    };
+                    if *kind == "lines" {
+                        ActionBinding::Lines(LinesBinding {
+                            path: PathBuf::from(source),
+                            working_dir: dir.clone(),
+                            batch,
+                            into,
+                            event,
+                        })
+                    } else {
+                        ActionBinding::List(ListBinding {
+                            key: source,
+                            batch,
+                            into,
+                            event,
+                        })
+                    }
+                }
+                _ => {
+                    cx.error(
+                        key.span,
+                        format!(
+                            "action `{name}` has more than one binding ({})",
+                            kinds.join(", ")
+                        ),
+                        Some("keep one of `exec:`, `lines:` and `list:`".into()),
+                    );
+                    continue;
+                }
             };
-            let Some(argv) = argv(cx, exec) else { continue };
             self.action_spans.insert(name.to_string(), key.span);
-            self.config.actions.insert(
-                name.to_string(),
-                ActionBinding::Exec(ExecBinding {
-                    argv,
-                    working_dir: dir.clone(),
-                    timeout,
-                }),
-            );
+            self.config.actions.insert(name.to_string(), binding);
         }
     }
 

@@ -209,6 +209,26 @@ pub struct InstanceView {
     /// The latest context: that of the oldest pending task, else the context the last
     /// branch ended with.
     pub current_context: Option<Context>,
+    /// The instance whose action spawned this one.
+    pub parent: Option<String>,
+    /// Instances this one spawned.
+    pub children: Vec<String>,
+    /// Where its branches are.
+    pub branches: BranchCounts,
+}
+
+/// Where an instance's branches are, counted from its pending tasks, parked items and
+/// history (no counter row that every branch would have to update).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct BranchCounts {
+    /// Pending steps (due, waiting for a countdown, or running).
+    pub live: u64,
+    /// Branches parked at fan-in states, waiting for a join.
+    pub parked: u64,
+    /// Branches that ended in a final state.
+    pub ended: u64,
+    /// Steps that failed for good.
+    pub failed: u64,
 }
 
 /// One line of `phasm list`.

@@ -16,8 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    Applied, AppliedCommit, ClaimRequest, Control, InstanceStatus, InstanceSummary, InstanceView,
-    ListFilter, NewInstance, Started, Store, StoreError, StoreResult, SuccessorClaim, TaskView,
+    Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus, InstanceSummary,
+    InstanceView, ListFilter, NewInstance, Started, Store, StoreError, StoreResult, SuccessorClaim,
+    TaskView,
 };
 use crate::clock::{micros, Micros};
 use crate::engine::{
@@ -1036,7 +1037,36 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
         Some(c) => Some(from_json(c)?),
         None => None,
     };
+    let parent: Option<String> = tx
+        .query_row("SELECT parent FROM instances WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .map_err(db)?;
+    let children = tx
+        .prepare_cached("SELECT name FROM instances WHERE parent = ?1 ORDER BY id")
+        .map_err(db)?
+        .query_map([name], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let count = |sql: &str| -> StoreResult<u64> {
+        tx.prepare_cached(sql)
+            .map_err(db)?
+            .query_row([id], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(db)
+    };
+    let branches = BranchCounts {
+        live: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status IN ('ready', 'held') AND kind <> 'join'")?
+            + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status IN ('ready', 'held') AND kind = 'join' AND lease_owner IS NOT NULL")?,
+        parked: count("SELECT COUNT(*) FROM items WHERE instance_id = ?1")?,
+        ended: count("SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1")?,
+        failed: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'failed'")?,
+    };
     Ok(Some(InstanceView {
+        parent,
+        children,
+        branches,
         name: name.to_string(),
         machine,
         status: parse_status(&status)?,

@@ -147,14 +147,6 @@ pub enum WorkerError {
         /// Descriptions of the unbound names.
         missing: Vec<String>,
     },
-    /// The machine uses a pattern this version cannot run yet.
-    #[error("machine `{machine}` cannot run in this version of phasm: {what}")]
-    Unsupported {
-        /// The machine.
-        machine: String,
-        /// What it uses.
-        what: String,
-    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -191,29 +183,11 @@ pub fn check_bindings(config: &Config, registry: &Registry) -> Result<(), Worker
         .try_for_each(|m| check_machine(m, registry))
 }
 
-/// Check that a machine can run: every action bound, no pattern this version lacks.
+/// Check that a machine can run: every action bound.
 ///
 /// # Errors
-/// [`WorkerError::Unbound`] or [`WorkerError::Unsupported`].
+/// [`WorkerError::Unbound`].
 pub fn check_machine(m: &Machine, registry: &Registry) -> Result<(), WorkerError> {
-    if let Some(s) = m
-        .states
-        .iter()
-        .find(|s| s.continuation || s.fan_in.is_some())
-    {
-        let kind = if s.continuation {
-            "continuation"
-        } else {
-            "fan-in"
-        };
-        return Err(WorkerError::Unsupported {
-            machine: m.name.clone(),
-            what: format!(
-                "state `{}` is a {kind} state, and continuation and fan-in states are not supported yet",
-                s.name
-            ),
-        });
-    }
     let missing = registry.unbound(m);
     if missing.is_empty() {
         Ok(())
@@ -454,12 +428,19 @@ async fn next_wake(inner: &Inner, gate: &QueueGate) -> Micros {
     wake
 }
 
+/// Forget watched instances that ended, and watch the instances they spawned instead (so
+/// `phasm run` waits for the children of the instance it started).
 async fn check_watched(inner: &Inner, watching: &mut HashSet<String>) {
-    let names: Vec<String> = watching.iter().cloned().collect();
-    for name in names {
+    let mut queue: Vec<String> = watching.iter().cloned().collect();
+    while let Some(name) = queue.pop() {
         match inner.store.instance(&name).await {
             Ok(Some(view)) if view.status != InstanceStatus::Running => {
                 watching.remove(&name);
+                for child in view.children {
+                    if watching.insert(child.clone()) {
+                        queue.push(child);
+                    }
+                }
             }
             Ok(None) => {
                 watching.remove(&name);
