@@ -57,6 +57,7 @@ pub struct Immediate {
     limits: Limits,
     rng: Mutex<fastrand::Rng>,
     max_steps: usize,
+    chaos: Option<Mutex<(fastrand::Rng, f64)>>,
 }
 
 /// Why an immediate run stopped short.
@@ -90,7 +91,17 @@ impl Immediate {
             limits: Limits::default(),
             rng: Mutex::new(fastrand::Rng::with_seed(0)),
             max_steps: 100_000,
+            chaos: None,
         })
+    }
+
+    /// Simulate crashes: after a step's actions ran, with probability `crash_rate` its
+    /// commit is dropped (as if the worker died just before committing) and the clock jumps
+    /// past the lease, so the step runs again. Deterministic for a seed. For testing that
+    /// machines (and phasm) lose nothing and commit nothing twice.
+    pub fn with_crashes(mut self, seed: u64, crash_rate: f64) -> Self {
+        self.chaos = Some(Mutex::new((fastrand::Rng::with_seed(seed), crash_rate)));
+        self
     }
 
     /// Allow at most this many steps per run (default 100 000).
@@ -150,9 +161,10 @@ impl Immediate {
             limits: &self.limits,
             rng: &self.rng,
         };
+        let lease = Duration::from_secs(60);
         let request = ClaimRequest {
             owner: "immediate".into(),
-            lease: Duration::from_secs(3600),
+            lease,
             limit: 1,
             queue_limits: Vec::new(),
             queues: None,
@@ -166,9 +178,20 @@ impl Immediate {
                     return Err(ImmediateError::TooManySteps(self.max_steps));
                 }
                 let commit = run_task(&env, &task, now).await;
-                self.store
-                    .apply(self.clock.now(), vec![commit], None)
-                    .await?;
+                let crashed = self.chaos.as_ref().is_some_and(|chaos| {
+                    let mut chaos = chaos
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let rate = chaos.1;
+                    chaos.0.f64() < rate
+                });
+                if crashed {
+                    self.clock.advance(lease + Duration::from_secs(1));
+                } else {
+                    self.store
+                        .apply(self.clock.now(), vec![commit], None)
+                        .await?;
+                }
                 continue;
             }
             match self.store.next_due().await? {

@@ -39,6 +39,7 @@ conformance!(
     successors_due_now_come_back_leased,
     task_names_are_unique_per_instance,
     list_filters_newest_first,
+    task_ids_are_never_reused,
     commits_probe_reports_a_rate,
 );
 

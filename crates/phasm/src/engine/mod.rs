@@ -100,6 +100,8 @@ pub struct Task {
     pub token: Option<serde_json::Value>,
     /// For a join: the parked contexts it joins, in order of arrival.
     pub contexts: Vec<Context>,
+    /// For a continuation page: an earlier attempt already queued the next page.
+    pub next_page_queued: bool,
 }
 
 /// A task to create.

@@ -63,6 +63,7 @@ fn task(from: Option<&str>, event: &str) -> Task {
         queue: "default".into(),
         token: None,
         contexts: Vec::new(),
+        next_page_queued: false,
     }
 }
 

@@ -99,8 +99,10 @@ CREATE INDEX instances_by_status ON instances (status, id);
 
 -- A pending task. While a worker holds it, `due_at` is its lease's expiry, so one index
 -- answers both 'what is due' and 'which leases expired'.
+-- AUTOINCREMENT: a task id is never reused, so a stale worker's (id, claim) fence can never
+-- match a later task that happened to get the same id.
 CREATE TABLE tasks (
-    id               INTEGER PRIMARY KEY,
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
     instance_id      INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
     name             TEXT NOT NULL,
     kind             TEXT NOT NULL,
@@ -154,11 +156,14 @@ ALTER TABLE instances ADD COLUMN parent TEXT;
 CREATE INDEX instances_by_parent ON instances (parent) WHERE parent IS NOT NULL;
 ALTER TABLE tasks ADD COLUMN token TEXT;
 ALTER TABLE tasks ADD COLUMN grp TEXT;
+-- Set when a continuation page queued the next page: a retry of the page must not queue it
+-- again (the next page may have finished, and its task row be gone, by then).
+ALTER TABLE tasks ADD COLUMN page_queued INTEGER NOT NULL DEFAULT 0;
 -- Barrier joins wait (status 'waiting') until no branch of their instance is live.
 CREATE INDEX tasks_waiting ON tasks (instance_id) WHERE status = 'waiting';
 ALTER TABLE history ADD COLUMN ends_branch INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE items (
-    id          INTEGER PRIMARY KEY,
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     instance_id INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
     state       TEXT NOT NULL,
     grp         TEXT NOT NULL,
@@ -529,6 +534,7 @@ struct ClaimRow {
     queue: String,
     token: Option<String>,
     grp: Option<String>,
+    page_queued: bool,
 }
 
 fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
@@ -541,7 +547,7 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
         .prepare_cached(
             "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
                     t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue,
-                    t.token, t.grp
+                    t.token, t.grp, t.page_queued
              FROM tasks t JOIN instances i ON i.id = t.instance_id
              WHERE t.status = 'ready' AND t.due_at <= ?1
              ORDER BY t.due_at LIMIT ?2",
@@ -566,6 +572,7 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
                 queue: r.get(14)?,
                 token: r.get(15)?,
                 grp: r.get(16)?,
+                page_queued: r.get(17)?,
             })
         })
         .map_err(db)?
@@ -625,6 +632,7 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
                 .transpose()
                 .map_err(|e| StoreError::Corrupt(format!("bad token: {e}")))?,
             contexts,
+            next_page_queued: row.page_queued,
         });
     }
     Ok(claimed)
@@ -681,7 +689,7 @@ fn apply(
     let fence = "AND claim = ?2 AND status = 'ready' AND due_at > ?3 RETURNING instance_id, kind";
     let (sql, extra): (String, Option<(Micros, &String)>) = match &c.disposition {
         Disposition::Finished => (format!("DELETE FROM tasks WHERE id = ?1 {fence}"), None),
-        Disposition::Keep => (format!("UPDATE tasks SET claim = claim WHERE id = ?1 {fence}"), None),
+        Disposition::Keep => (format!("UPDATE tasks SET page_queued = 1 WHERE id = ?1 {fence}"), None),
         Disposition::Retry { due_at, error } => (
             format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {fence}"),
             Some((*due_at, error)),
@@ -748,6 +756,7 @@ fn apply(
                 queue: t.queue.clone(),
                 token: t.token.clone(),
                 contexts: Vec::new(),
+                next_page_queued: false,
             });
         }
     }

@@ -703,7 +703,9 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                         )
                     })?;
                     if let Some(token) = next {
-                        queue_next_page(env, machine, task, token).await?;
+                        if !task.next_page_queued {
+                            queue_next_page(env, machine, task, token).await?;
+                        }
                     }
                 }
             }

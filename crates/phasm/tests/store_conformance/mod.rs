@@ -465,6 +465,18 @@ pub async fn list_filters_newest_first(store: &dyn Store) {
     assert!(store.instance("zzz").await.unwrap().is_none());
 }
 
+pub async fn task_ids_are_never_reused(store: &dyn Store) {
+    // A stale worker fences its commit with (task id, claim): if a finished task's id came
+    // back for a new task, that fence could match the wrong task.
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    assert_eq!(apply_one(store, T0, commit(&t)).await, Applied::Yes);
+    start(store, "j", T0).await;
+    let u = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    assert_ne!(u.id, t.id);
+    assert_eq!(apply_one(store, T0, commit(&t)).await, Applied::Fenced);
+}
+
 pub async fn commits_probe_reports_a_rate(store: &dyn Store) {
     let rate = store.probe_commit_rate(20).await.unwrap();
     assert!(rate > 0.0);

@@ -1,0 +1,191 @@
+//! Seeded simulations: random machines that page through a list with a continuation, fork a
+//! branch per item, fail and retry at random, park in fan-ins (windows or barriers), while
+//! steps "crash" at random (their commits are dropped and they run again after their
+//! lease). Whatever happens, every instance completes, and every item was paged once,
+//! forked once and joined exactly once.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use phasm::action::{Action, ActionContext, ActionError, ActionResult, Registry};
+use phasm::config::{load_str, LoadOptions};
+use phasm::engine::Context;
+use phasm::store::InstanceStatus;
+use phasm::testing::Immediate;
+use serde_json::{json, Value};
+
+struct Page {
+    size: u64,
+}
+
+#[async_trait]
+impl Action for Page {
+    async fn continuation(
+        &self,
+        cx: &mut ActionContext,
+    ) -> Option<Result<Option<Value>, ActionError>> {
+        let n = cx.get::<u64>("n").ok().flatten().unwrap_or(0);
+        let at = cx.token().and_then(Value::as_u64).unwrap_or(0);
+        Some(Ok((at + self.size < n).then(|| json!(at + self.size))))
+    }
+
+    async fn run(&self, cx: &mut ActionContext) -> ActionResult {
+        let n: u64 = cx.get("n")?.unwrap_or(0);
+        let at = cx.token().and_then(Value::as_u64).unwrap_or(0);
+        let ids: Vec<u64> = (at..(at + self.size).min(n)).collect();
+        cx.put("page", ids)?;
+        Ok(Some("split".into()))
+    }
+}
+
+fn machine(window: &str, countdown: u64) -> String {
+    format!(
+        r#"
+state_machines:
+- name: Chaos
+  task_retry_limit: 40
+  min_backoff_seconds: 1
+  max_backoff_seconds: 5
+  states:
+  - name: read
+    initial: true
+    continuation: true
+    action: Page
+    transitions:
+    - event: split
+      to: split
+  - name: split
+    action: Split
+    transitions:
+    - event: work
+      to: work
+      countdown: {{minimum: 0, maximum: {countdown}}}
+  - name: work
+    action: Work
+    transitions:
+    - event: join
+      to: gather
+  - name: gather
+    fan_in: {window}
+    action: Gather
+    transitions:
+    - event: done
+      to: total
+  - name: total
+    fan_in: all
+    action: Total
+    final: true
+"#
+    )
+}
+
+fn registry(page: u64, fail_rate: f64, seed: u64) -> Registry {
+    let mut r = Registry::new();
+    r.register("Page", Page { size: page });
+    r.register_fn("Split", |cx| {
+        let page: Vec<u64> = cx.get("page")?.unwrap_or_default();
+        let Some((first, rest)) = page.split_first() else {
+            return Err("an empty page".into());
+        };
+        for id in rest {
+            let mut data = Context::new();
+            data.insert("ids".into(), json!([id]));
+            cx.fork(data);
+        }
+        cx.put("ids", [first])?;
+        Ok(Some("work".into()))
+    });
+    let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
+    r.register_fn("Work", move |_| {
+        if rng.lock().unwrap().f64() < fail_rate {
+            return Err("a passing fault".into());
+        }
+        Ok(Some("join".into()))
+    });
+    r.register_fn("Gather", |cx| {
+        let mut ids = Vec::new();
+        for c in cx.contexts() {
+            ids.extend(
+                c.get("ids")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+        }
+        let mut out = Context::new();
+        out.insert("joined".into(), Value::Array(ids));
+        *cx.context_mut() = out;
+        Ok(Some("done".into()))
+    });
+    r.register_fn("Total", |cx| {
+        let mut all = Vec::new();
+        for c in cx.contexts() {
+            all.extend(
+                c.get("joined")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default(),
+            );
+        }
+        let joins = cx.contexts().len();
+        cx.put("all", all)?;
+        cx.put("joins", joins)?;
+        Ok(None)
+    });
+    r
+}
+
+#[tokio::test]
+async fn random_machines_with_crashes_join_every_branch_exactly_once() {
+    let windows = ["0", "1", "5", "all"];
+    for seed in 0..200u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let n = rng.u64(1..=60);
+        let page = rng.u64(1..=10);
+        let window = windows[rng.usize(..windows.len())];
+        let countdown = rng.u64(0..=4);
+        let crash_rate = [0.0, 0.1, 0.3][rng.usize(..3)];
+        let fail_rate = [0.0, 0.2][rng.usize(..2)];
+        let about = format!(
+            "seed {seed}: n={n} page={page} fan_in={window} countdown<={countdown}s crashes={crash_rate} failures={fail_rate}"
+        );
+        let config = load_str(
+            &machine(window, countdown),
+            "chaos.yaml",
+            &LoadOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("{about}: {e}"))
+        .config;
+        let run = Immediate::new(config, registry(page, fail_rate, seed))
+            .unwrap()
+            .with_crashes(seed, crash_rate);
+        let mut start = Context::new();
+        start.insert("n".into(), json!(n));
+        let view = run
+            .run("Chaos", start)
+            .await
+            .unwrap_or_else(|e| panic!("{about}: {e}"));
+        assert_eq!(view.status, InstanceStatus::Completed, "{about}: {view:?}");
+        let result = view.current_context.unwrap_or_default();
+        let mut ids: Vec<u64> = result["all"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{about}: {result:?}"))
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        ids.sort_unstable();
+        assert_eq!(
+            ids,
+            (0..n).collect::<Vec<_>>(),
+            "{about}: every item joined exactly once"
+        );
+        let pages = view.history.iter().filter(|h| h.to == "read").count() as u64;
+        assert_eq!(
+            pages,
+            n.div_ceil(page),
+            "{about}: every page committed once"
+        );
+        assert_eq!(view.branches.parked, 0, "{about}");
+        assert!(view.tasks.is_empty(), "{about}");
+    }
+}
