@@ -197,6 +197,14 @@ fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
     let Value::Object(mut response) = value else {
         return Err(ActionError::new("output must be a JSON object"));
     };
+    // The new context first: forks are copies of it.
+    if let Some(context) = response.remove("context") {
+        match context {
+            Value::Object(map) => cx.context = map,
+            Value::Null => {}
+            _ => return Err(ActionError::new("`context` must be a JSON object")),
+        }
+    }
     match response.remove("forks") {
         None | Some(Value::Null) => {}
         Some(Value::Array(forks)) => {
@@ -237,13 +245,6 @@ fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
     match response.remove("token") {
         None | Some(Value::Null) => {}
         Some(token) => cx.set_next_token(token),
-    }
-    if let Some(context) = response.remove("context") {
-        match context {
-            Value::Object(map) => cx.context = map,
-            Value::Null => {}
-            _ => return Err(ActionError::new("`context` must be a JSON object")),
-        }
     }
     if let Some(log) = response.remove("log") {
         match log {
