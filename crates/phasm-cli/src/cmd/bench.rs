@@ -41,6 +41,184 @@ pub enum Bench {
         #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
         sync: super::SyncMode,
     },
+    /// One instance forks into N branches that each take one no-op step, then join in one
+    /// fan-in state (`fan_in: all`).
+    Fanout {
+        /// Branches.
+        #[arg(long, default_value_t = 10_000)]
+        branches: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Database (default: a temporary file in the current folder, removed afterwards).
+        #[arg(long, env = "PHASM_DB")]
+        db: Option<String>,
+        /// SQLite durability.
+        #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
+        sync: super::SyncMode,
+    },
+}
+
+const FANOUT_YAML: &str = "state_machines:
+- name: Fanout
+  states:
+  - name: fan
+    initial: true
+    action: Fan
+    transitions:
+    - event: go
+      to: work
+  - name: work
+    action: Work
+    transitions:
+    - event: done
+      to: join
+  - name: join
+    fan_in: all
+    action: Join
+    final: true
+";
+
+/// Peak resident memory of this process, from Linux's /proc (None elsewhere).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A temporary database in the current folder, unless one was named.
+fn bench_db(db: Option<String>) -> Result<(Option<tempfile::NamedTempFile>, String), ExitCode> {
+    match db {
+        Some(path) => Ok((None, path)),
+        None => match tempfile::Builder::new()
+            .prefix("phasm-bench-")
+            .suffix(".db")
+            .tempfile_in(".")
+        {
+            Ok(t) => {
+                let path = t.path().display().to_string();
+                Ok((Some(t), path))
+            }
+            Err(e) => {
+                eprintln!("error: cannot create a temporary database here: {e}");
+                Err(ExitCode::from(EXIT_FAILED))
+            }
+        },
+    }
+}
+
+async fn fanout(
+    branches: usize,
+    as_json: bool,
+    db_path: Option<String>,
+    sync: super::SyncMode,
+) -> ExitCode {
+    if branches == 0 {
+        eprintln!("error: --branches must be at least 1");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let (_temp, path) = match bench_db(db_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let store = match db::open(&DbArgs { db: path, sync }) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let config = match load_str(FANOUT_YAML, "bench-fanout.yaml", &LoadOptions::default()) {
+        Ok(l) => Arc::new(l.config),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let mut registry = Registry::new();
+    registry.register_fn("Fan", move |cx| {
+        for _ in 1..branches {
+            cx.fork(phasm::engine::Context::new());
+        }
+        Ok(Some("go".into()))
+    });
+    registry.register_fn("Work", |_| Ok(Some("done".into())));
+    let joined = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&joined);
+    registry.register_fn("Join", move |cx| {
+        seen.fetch_add(cx.contexts().len(), std::sync::atomic::Ordering::SeqCst);
+        Ok(None)
+    });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let began = Instant::now();
+    let name = match start_instance(
+        &*store,
+        &config,
+        &*clock,
+        "Fanout",
+        Context::new(),
+        None,
+        &Limits::default(),
+    )
+    .await
+    {
+        Ok(o) => o.name().to_string(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let options = WorkerOptions {
+        stop: StopWhen::Ended(vec![name.clone()]),
+        ..WorkerOptions::default()
+    };
+    let worker = match Worker::new(
+        Arc::clone(&store),
+        config,
+        Arc::new(registry),
+        clock,
+        options,
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    if let Err(e) = worker.run(std::future::pending()).await {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    let wall = began.elapsed().as_secs_f64();
+    let status = store.instance(&name).await.ok().flatten().map(|v| v.status);
+    let joined = joined.load(std::sync::atomic::Ordering::SeqCst);
+    let rss = peak_rss_bytes();
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "bench": "fanout",
+                "branches": branches,
+                "joined": joined,
+                "wall_s": wall,
+                "peak_rss_bytes": rss,
+                "status": status,
+                "sync": format!("{sync:?}").to_lowercase(),
+            })
+        );
+    } else {
+        let rss = rss.map_or("unknown".to_string(), |b| {
+            format!("{:.0} MB", b as f64 / 1e6)
+        });
+        println!("fanout: {branches} branches, one no-op step each, joined in one fan-in ({joined} contexts joined)");
+        println!("  {wall:.2}s, peak RSS {rss}");
+    }
+    if joined != branches || status != Some(phasm::store::InstanceStatus::Completed) {
+        eprintln!("error: expected {branches} contexts joined and a completed instance");
+        return ExitCode::from(EXIT_FAILED);
+    }
+    ExitCode::SUCCESS
 }
 
 fn chain_yaml(steps: usize) -> String {
@@ -73,14 +251,32 @@ fn percentile(sorted: &[i64], p: f64) -> f64 {
 
 /// Run a benchmark.
 pub async fn run(bench: Bench) -> ExitCode {
-    let Bench::Chain {
-        instances,
-        steps,
-        concurrency,
-        json: as_json,
-        db: db_path,
-        sync,
-    } = bench;
+    match bench {
+        Bench::Chain {
+            instances,
+            steps,
+            concurrency,
+            json,
+            db,
+            sync,
+        } => chain(instances, steps, concurrency, json, db, sync).await,
+        Bench::Fanout {
+            branches,
+            json,
+            db,
+            sync,
+        } => fanout(branches, json, db, sync).await,
+    }
+}
+
+async fn chain(
+    instances: usize,
+    steps: usize,
+    concurrency: usize,
+    as_json: bool,
+    db_path: Option<String>,
+    sync: super::SyncMode,
+) -> ExitCode {
     if instances == 0 || steps == 0 {
         eprintln!("error: --instances and --steps must be at least 1");
         return ExitCode::from(EXIT_INVALID);

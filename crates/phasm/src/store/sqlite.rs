@@ -161,6 +161,9 @@ ALTER TABLE tasks ADD COLUMN grp TEXT;
 ALTER TABLE tasks ADD COLUMN page_queued INTEGER NOT NULL DEFAULT 0;
 -- Barrier joins wait (status 'waiting') until no branch of their instance is live.
 CREATE INDEX tasks_waiting ON tasks (instance_id) WHERE status = 'waiting';
+-- Finding a group's pending join when a branch parks (without it, parking N branches of one
+-- instance costs O(N²)).
+CREATE INDEX tasks_joins ON tasks (instance_id, from_state, grp) WHERE kind = 'join';
 ALTER TABLE history ADD COLUMN ends_branch INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE items (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -277,7 +277,10 @@ impl Worker {
             let notified = changes.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if !stopping && free > 0 {
+            // Claim when enough slots are free to make the round trip worth it (or when
+            // nothing runs at all), so a busy worker claims in batches.
+            let worth_claiming = running.is_empty() || free >= (opts.concurrency / 8).max(1);
+            if !stopping && free > 0 && worth_claiming {
                 let now = inner.clock.now();
                 let request = ClaimRequest {
                     owner: opts.owner.clone(),
@@ -321,20 +324,30 @@ impl Worker {
                     tracing::info!(running = running.len(), "shutting down: finishing running steps");
                     stopping = true;
                 }
-                Some(done) = running.join_next() => {
-                    let done = match done {
-                        Ok(done) => done,
-                        Err(e) => {
-                            tracing::error!(error = %e, "a step's task was lost");
-                            continue;
-                        }
-                    };
-                    gate.finished(&done.queue);
-                    report.steps += done.steps;
-                    report.retries += done.retries;
-                    report.failures += done.failures;
-                    report.fenced += done.fenced;
-                    if done.instance_changed && watching.contains(&done.instance) {
+                Some(first) = running.join_next() => {
+                    // Take every step that has finished, then claim for all the freed slots
+                    // at once (one claim per finished step would cost a round trip each).
+                    let mut finished = vec![first];
+                    while let Some(more) = running.try_join_next() {
+                        finished.push(more);
+                    }
+                    let mut changed = false;
+                    for done in finished {
+                        let done = match done {
+                            Ok(done) => done,
+                            Err(e) => {
+                                tracing::error!(error = %e, "a step's task was lost");
+                                continue;
+                            }
+                        };
+                        gate.finished(&done.queue);
+                        report.steps += done.steps;
+                        report.retries += done.retries;
+                        report.failures += done.failures;
+                        report.fenced += done.fenced;
+                        changed |= done.instance_changed && watching.contains(&done.instance);
+                    }
+                    if changed {
                         check_watched(&inner, &mut watching).await;
                         if watching.is_empty() {
                             stopping = true;
