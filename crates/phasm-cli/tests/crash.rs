@@ -252,3 +252,53 @@ fn a_worker_paused_past_its_lease_cannot_commit() {
     );
     assert_eq!(history[1]["to"], "b");
 }
+
+#[test]
+fn the_totals_example_gives_the_same_total_however_often_its_worker_is_killed() {
+    let dir = scratch();
+    let d = dir.path();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/totals");
+    for entry in ["totals.yaml", "records.jsonl"] {
+        std::fs::copy(example.join(entry), d.join(entry)).unwrap();
+    }
+    std::fs::create_dir(d.join("actions")).unwrap();
+    for entry in std::fs::read_dir(example.join("actions")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), d.join("actions").join(entry.file_name())).unwrap();
+    }
+    std::fs::rename(d.join("totals.yaml"), d.join("fsm.yaml")).unwrap();
+    let out = phasm(d, &["start", "fsm.yaml", "--name", "totals"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.as_nanos() as u64)
+        .unwrap_or(11);
+    eprintln!("kill schedule seed: {seed}");
+    let mut rng = Lcg(seed);
+    for _ in 0..5 {
+        let (mut worker, _) = spawn_worker(d, "2s");
+        std::thread::sleep(Duration::from_millis(300 + rng.next(1200)));
+        worker.kill().expect("SIGKILL");
+        worker.wait().expect("reaped");
+    }
+    let (worker, _) = spawn_worker(d, "2s");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while status(d, "totals")["status"] == "running" {
+        assert!(
+            Instant::now() < deadline,
+            "not finished: {}",
+            status(d, "totals")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&worker, "TERM");
+    let s = status(d, "totals");
+    assert_eq!(s["status"], "completed", "{s}");
+    assert_eq!(s["context"]["count"], 10_000);
+    assert_eq!(s["context"]["total_cents"], 4_995_000);
+    assert_eq!(s["branches"]["parked"], 0);
+}
