@@ -289,3 +289,30 @@ fn an_oversized_start_context_is_refused() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn run_waits_for_the_instances_it_spawned() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "actions:\n  Spawn:\n    exec: [sh, -c, \"cat > /dev/null; echo '{\\\"spawn\\\": [{\\\"machine\\\": \\\"Child\\\", \\\"contexts\\\": [{\\\"n\\\": 1}, {\\\"n\\\": 2}]}]}'\"]\n  Slow:\n    exec: [sh, -c, \"cat > /dev/null; sleep 0.5\"]\nstate_machines:\n- name: Parent\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Spawn\n- name: Child\n  states:\n  - name: c\n    initial: true\n    final: true\n    action: Slow\n",
+    )
+    .unwrap();
+    let out = phasm(d, &["run", "fsm.yaml", "-m", "Parent", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let result = last_json(&out);
+    let children = result["children"].as_array().unwrap();
+    assert_eq!(children.len(), 2);
+    for child in children {
+        let s: Value = serde_json::from_slice(
+            &phasm(d, &["status", child.as_str().unwrap(), "--json"]).stdout,
+        )
+        .unwrap();
+        assert_eq!(
+            s["status"], "completed",
+            "run returned before its child finished: {s}"
+        );
+        assert_eq!(s["parent"], result["instance"]);
+    }
+}
