@@ -102,6 +102,16 @@ fn write_machine(dir: &Path) {
     std::fs::write(dir.join("fsm.yaml"), yaml).expect("write machine");
 }
 
+/// The seed of a kill schedule, printed so that a failure can be replayed.
+fn kill_schedule() -> Lcg {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(7);
+    eprintln!("kill schedule seed: {seed}");
+    Lcg(seed)
+}
+
 /// A small deterministic random sequence (the seed is printed, so a failure can be replayed).
 struct Lcg(u64);
 
@@ -136,12 +146,7 @@ fn killing_workers_at_random_moments_loses_nothing_and_commits_each_step_once() 
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
-    eprintln!("kill schedule seed: {seed}");
-    let mut rng = Lcg(seed);
+    let mut rng = kill_schedule();
     for round in 0..8 {
         let (mut worker, _) = spawn_worker(dir, "2s");
         std::thread::sleep(Duration::from_millis(300 + rng.next(900)));
@@ -273,12 +278,7 @@ fn the_totals_example_gives_the_same_total_however_often_its_worker_is_killed() 
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.as_nanos() as u64)
-        .unwrap_or(11);
-    eprintln!("kill schedule seed: {seed}");
-    let mut rng = Lcg(seed);
+    let mut rng = kill_schedule();
     for _ in 0..5 {
         let (mut worker, _) = spawn_worker(d, "2s");
         std::thread::sleep(Duration::from_millis(300 + rng.next(1200)));

@@ -79,6 +79,12 @@ const FANOUT_YAML: &str = "state_machines:
     final: true
 ";
 
+/// Report an error and the exit status of a failed benchmark.
+fn failed(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {e}");
+    ExitCode::from(EXIT_FAILED)
+}
+
 /// Peak resident memory of this process, from Linux's /proc (None elsewhere).
 fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -181,10 +187,7 @@ async fn fanout(
         options,
     ) {
         Ok(w) => w,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
+        Err(e) => return failed(e),
     };
     if let Err(e) = worker.run(std::future::pending()).await {
         eprintln!("error: {e}");
@@ -363,10 +366,7 @@ async fn chain(
         options,
     ) {
         Ok(w) => w,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
+        Err(e) => return failed(e),
     };
     let began = Instant::now();
     let report = match worker.run(std::future::pending()).await {
