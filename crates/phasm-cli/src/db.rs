@@ -1,16 +1,36 @@
-//! Opening the store a command names with `--db` / `PHASM_DB`.
+//! Opening the store a command names with `--db` / `PHASM_DB`: a SQLite file path, or a
+//! `postgres://` URL.
 
 use std::sync::Arc;
 
-use phasm::store::{SqliteOptions, SqliteStore, Store, Synchronous};
+use phasm::store::{
+    PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, Synchronous,
+};
 
 use crate::cmd::SyncMode;
 use crate::DbArgs;
 
-/// Open the store, or explain why not.
-pub fn open(args: &DbArgs) -> Result<Arc<dyn Store>, String> {
-    if args.db.starts_with("postgres://") || args.db.starts_with("postgresql://") {
-        return Err("PostgreSQL databases are not supported by this version of phasm yet; use a SQLite file path".into());
+/// Most connections one process opens to PostgreSQL.
+const MAX_POOL: usize = 24;
+
+/// True for a PostgreSQL URL.
+pub fn is_postgres(db: &str) -> bool {
+    db.starts_with("postgres://") || db.starts_with("postgresql://")
+}
+
+/// Open the store, or explain why not. `connections` sizes a PostgreSQL pool (a worker's
+/// concurrency plus a few for claims and heartbeats).
+pub async fn open(args: &DbArgs, connections: usize) -> Result<Arc<dyn Store>, String> {
+    if is_postgres(&args.db) {
+        // A PostgreSQL server allows about 100 connections in all (`max_connections`), shared
+        // by every worker: steps wait for a pooled connection rather than open more.
+        let options = PostgresOptions {
+            pool_size: (connections + 4).min(MAX_POOL),
+        };
+        return PostgresStore::open(&args.db, &options)
+            .await
+            .map(|s| Arc::new(s) as Arc<dyn Store>)
+            .map_err(|e| format!("{e} (database {})", redact(&args.db)));
     }
     let synchronous = match args.sync {
         SyncMode::Full => Synchronous::Full,
@@ -20,4 +40,18 @@ pub fn open(args: &DbArgs) -> Result<Arc<dyn Store>, String> {
     SqliteStore::open(&args.db, &SqliteOptions { synchronous })
         .map(|s| Arc::new(s) as Arc<dyn Store>)
         .map_err(|e| e.to_string())
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }

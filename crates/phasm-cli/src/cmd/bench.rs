@@ -128,7 +128,7 @@ async fn fanout(
         Ok(x) => x,
         Err(code) => return code,
     };
-    let store = match db::open(&DbArgs { db: path, sync }) {
+    let store = match db::open(&DbArgs { db: path, sync }, 64).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
@@ -303,10 +303,15 @@ async fn chain(
             .map(|t| t.path().display().to_string())
             .unwrap_or_default()
     });
-    let store = match db::open(&DbArgs {
-        db: path.clone(),
-        sync,
-    }) {
+    let store = match db::open(
+        &DbArgs {
+            db: path.clone(),
+            sync,
+        },
+        concurrency,
+    )
+    .await
+    {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 use crate::output::{duration, time};
 use crate::{db, DbArgs, EXIT_FAILED, EXIT_INVALID};
 
-fn open(args: &DbArgs) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
-    db::open(args).map_err(|e| {
+async fn open(args: &DbArgs) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
+    db::open(args, 2).await.map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_INVALID)
     })
@@ -86,7 +86,7 @@ pub fn instance_json(view: &InstanceView) -> Value {
 
 /// `phasm status`.
 pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
-    let store = match open(args) {
+    let store = match open(args).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -185,7 +185,7 @@ pub async fn list(
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    let store = match open(args) {
+    let store = match open(args).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -240,7 +240,7 @@ pub async fn list(
 
 /// `phasm logs`.
 pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
-    let store = match open(args) {
+    let store = match open(args).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -291,7 +291,7 @@ fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreErr
 
 /// `phasm retry`.
 pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
-    let store = match open(args) {
+    let store = match open(args).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -300,7 +300,7 @@ pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
 
 /// `phasm cancel`.
 pub async fn cancel(name: &str, args: &DbArgs) -> ExitCode {
-    let store = match open(args) {
+    let store = match open(args).await {
         Ok(s) => s,
         Err(code) => return code,
     };

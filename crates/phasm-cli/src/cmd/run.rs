@@ -29,7 +29,7 @@ struct Prepared {
     limits: Limits,
 }
 
-fn prepare(args: &StartArgs) -> Result<Prepared, ExitCode> {
+async fn prepare(args: &StartArgs, connections: usize) -> Result<Prepared, ExitCode> {
     let invalid = || ExitCode::from(EXIT_INVALID);
     let config = load(&args.file).ok_or_else(invalid)?;
     let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
@@ -54,7 +54,7 @@ fn prepare(args: &StartArgs) -> Result<Prepared, ExitCode> {
         machines: runnable,
         ..config.clone()
     };
-    let store = db::open(&args.db).map_err(|e| {
+    let store = db::open(&args.db, connections).await.map_err(|e| {
         eprintln!("error: {e}");
         invalid()
     })?;
@@ -114,7 +114,7 @@ async fn start_prepared(p: &Prepared, name: Option<&str>) -> Result<StartOutcome
 
 /// `phasm start`: queue an instance; its name is the last line of output.
 pub async fn start(args: &StartArgs) -> ExitCode {
-    let p = match prepare(args) {
+    let p = match prepare(args, 2).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -170,7 +170,7 @@ impl Shutdown {
 /// `phasm run`: start an instance and work it to the end, showing progress.
 pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCode {
     let shutdown = Shutdown::install();
-    let p = match prepare(args) {
+    let p = match prepare(args, concurrency).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -341,7 +341,7 @@ pub async fn worker(
     let Some(config) = load(file) else {
         return ExitCode::from(EXIT_INVALID);
     };
-    let store = match db::open(db_args) {
+    let store = match db::open(db_args, concurrency).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

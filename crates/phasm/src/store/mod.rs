@@ -4,6 +4,7 @@
 //! engine and the worker never see SQL. Every implementation must pass the shared
 //! conformance suite in `tests/store_conformance`.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use serde::Serialize;
 use crate::clock::Micros;
 use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task};
 
+pub use postgres::{PostgresOptions, PostgresStore};
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 /// Where an instance is in its life.
@@ -344,6 +346,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64>;
 
     /// Notified whenever this process creates or reschedules a task, so an idle worker in
-    /// the same process wakes at once.
+    /// the same process wakes at once. (A shared database also notifies for other
+    /// processes' work.)
     fn changes(&self) -> Arc<tokio::sync::Notify>;
+
+    /// Whether [`Store::changes`] also reports work queued by other processes, so an idle
+    /// worker may poll rarely.
+    fn notifies_other_processes(&self) -> bool {
+        false
+    }
+
+    /// Repair what a crash between a commit and its follow-up could leave undone (an
+    /// instance whose last branch ended but was not marked completed, a barrier join not
+    /// released). Workers call it now and then; a no-op where commits do it all atomically.
+    async fn sweep(&self, _now: Micros) -> StoreResult<()> {
+        Ok(())
+    }
 }

@@ -260,6 +260,7 @@ impl Worker {
         let mut running: JoinSet<Executed> = JoinSet::new();
         let mut report = WorkerReport::default();
         let mut heartbeat = tokio::time::interval((opts.lease / 3).max(Duration::from_millis(10)));
+        let mut last_sweep = inner.clock.now();
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watching: HashSet<String> = match &opts.stop {
             StopWhen::Ended(names) => names.iter().cloned().collect(),
@@ -365,7 +366,16 @@ impl Worker {
                     lock(&inner.leases).insert(task.id, task.claim);
                     running.spawn(execute(Arc::clone(&inner), task));
                 }
-                _ = heartbeat.tick() => renew(&inner).await,
+                _ = heartbeat.tick() => {
+                    renew(&inner).await;
+                    let now = inner.clock.now();
+                    if now - last_sweep >= micros(SWEEP_EVERY) {
+                        last_sweep = now;
+                        if let Err(e) = inner.store.sweep(now).await {
+                            tracing::warn!(error = %e, "sweeping the store failed");
+                        }
+                    }
+                }
                 () = &mut notified => {}
                 () = sleep => {
                     match &opts.stop {
@@ -427,11 +437,22 @@ async fn claim(
     Ok(mine)
 }
 
+/// How often a worker repairs what crashed workers left half done ([`Store::sweep`]).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// How long an idle worker sleeps when the store tells it about other processes' work.
+const NOTIFIED_POLL: Duration = Duration::from_secs(5);
+
 /// When to look for work next: the next due task, the next rate-limit refill, or the poll
 /// interval, whichever is first.
 async fn next_wake(inner: &Inner, gate: &QueueGate) -> Micros {
     let now = inner.clock.now();
-    let mut wake = now + micros(inner.options.poll_interval);
+    let poll = if inner.store.notifies_other_processes() {
+        inner.options.poll_interval.max(NOTIFIED_POLL)
+    } else {
+        inner.options.poll_interval
+    };
+    let mut wake = now + micros(poll);
     if let Ok(Some(due)) = inner.store.next_due().await {
         wake = wake.min(due.max(now));
     }
