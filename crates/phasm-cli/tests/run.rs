@@ -226,9 +226,9 @@ fn bad_input_exits_two_with_a_clear_message() {
                 "-m",
                 "Small",
                 "--db",
-                "postgres://postgres@127.0.0.1:5432/test",
+                "postgres://postgres@127.0.0.1:1/nowhere",
             ],
-            "PostgreSQL databases are not supported",
+            "cannot connect to PostgreSQL",
         ),
     ];
     for (args, message) in cases {
