@@ -118,6 +118,10 @@ enum Command {
         /// Most steps running at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Work only on tasks of this worker pool (a transition's `target`); repeatable.
+        /// Without it, the worker takes only tasks that name no target.
+        #[arg(long = "target", value_name = "NAME")]
+        targets: Vec<String>,
         /// Lease of a claimed task, renewed while it runs; a dead worker's tasks run again
         /// after it expires.
         #[arg(long, default_value = "30s", value_parser = cmd::parse_duration)]
@@ -232,11 +236,21 @@ async fn run_async(command: Command) -> ExitCode {
         Command::Worker {
             file,
             queues,
+            targets,
             concurrency,
             lease,
             max_context_bytes,
             db,
-        } => cmd::run::worker(&file, queues, concurrency, lease, max_context_bytes, &db).await,
+        } => {
+            let options = cmd::run::WorkerArgs {
+                queues,
+                targets,
+                concurrency,
+                lease,
+                max_context_bytes,
+            };
+            cmd::run::worker(&file, options, &db).await
+        }
         Command::Status { instance, json, db } => cmd::inspect::status(&instance, json, &db).await,
         Command::List {
             machine,

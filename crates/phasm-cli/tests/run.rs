@@ -316,3 +316,37 @@ fn run_waits_for_the_instances_it_spawned() {
         assert_eq!(s["parent"], result["instance"]);
     }
 }
+
+#[test]
+fn targeted_steps_wait_for_a_worker_of_their_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "actions:\n  Go:\n    exec: [sh, -c, \"cat > /dev/null; echo '{\\\"event\\\": \\\"next\\\"}'\"]\n  End:\n    exec: [sh, -c, \"cat > /dev/null\"]\nstate_machines:\n- name: Pools\n  states:\n  - name: light\n    initial: true\n    action: Go\n    transitions:\n    - event: next\n      to: heavy\n      target: gpu\n  - name: heavy\n    final: true\n    action: End\n",
+    )
+    .unwrap();
+    assert!(phasm(d, &["start", "fsm.yaml", "--name", "p"])
+        .status
+        .success());
+    let run_worker = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_phasm"))
+            .args(["worker", "fsm.yaml"])
+            .args(extra)
+            .current_dir(d)
+            .env("PHASM_DB", d.join("phasm.db"))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    run_worker(&[]);
+    let s: Value = serde_json::from_slice(&phasm(d, &["status", "p", "--json"]).stdout).unwrap();
+    assert_eq!(s["status"], "running", "the gpu step waits: {s}");
+    assert_eq!(s["history"].as_array().unwrap().len(), 1);
+    run_worker(&["--target", "gpu"]);
+    let s: Value = serde_json::from_slice(&phasm(d, &["status", "p", "--json"]).stdout).unwrap();
+    assert_eq!(s["status"], "completed", "{s}");
+}

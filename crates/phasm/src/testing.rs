@@ -168,6 +168,7 @@ impl Immediate {
             limit: 1,
             queue_limits: Vec::new(),
             queues: None,
+            targets: crate::store::Targets::Any,
         };
         let mut steps = 0;
         loop {

@@ -40,6 +40,7 @@ conformance!(
     task_names_are_unique_per_instance,
     list_filters_newest_first,
     task_ids_are_never_reused,
+    targets_route_tasks_to_their_pools,
     commits_probe_reports_a_rate,
 );
 

@@ -12,7 +12,7 @@ use phasm::clock::{Clock, SystemClock};
 use phasm::control::{parse_set, start_instance, StartOutcome};
 use phasm::engine::{Context, Limits};
 use phasm::machine::{Config, Machine};
-use phasm::store::{InstanceStatus, Store};
+use phasm::store::{InstanceStatus, Store, Targets};
 use phasm::worker::{check_machine, StopWhen, Worker, WorkerEvent, WorkerOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -328,15 +328,29 @@ async fn show_progress(mut rx: mpsc::UnboundedReceiver<WorkerEvent>, name: Strin
     }
 }
 
+/// The options of `phasm worker`.
+pub struct WorkerArgs {
+    /// Only these queues.
+    pub queues: Option<Vec<String>>,
+    /// Only these worker pools (none: untargeted tasks).
+    pub targets: Vec<String>,
+    /// Most steps at once.
+    pub concurrency: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Largest context.
+    pub max_context_bytes: usize,
+}
+
 /// `phasm worker`: work until stopped.
-pub async fn worker(
-    file: &Path,
-    queues: Option<Vec<String>>,
-    concurrency: usize,
-    lease: Duration,
-    max_context_bytes: usize,
-    db_args: &DbArgs,
-) -> ExitCode {
+pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode {
+    let WorkerArgs {
+        queues,
+        targets,
+        concurrency,
+        lease,
+        max_context_bytes,
+    } = args;
     let shutdown = Shutdown::install();
     let Some(config) = load(file) else {
         return ExitCode::from(EXIT_INVALID);
@@ -348,10 +362,20 @@ pub async fn worker(
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    let pools = if targets.is_empty() {
+        "untargeted tasks".to_string()
+    } else {
+        format!("target {}", targets.join(", "))
+    };
     let options = WorkerOptions {
         concurrency,
         lease,
         queues,
+        targets: if targets.is_empty() {
+            Targets::Untargeted
+        } else {
+            Targets::Only(targets)
+        },
         limits: Limits { max_context_bytes },
         ..WorkerOptions::default()
     };
@@ -365,7 +389,10 @@ pub async fn worker(
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    eprintln!("worker {owner} started on {}", db_args.db);
+    eprintln!(
+        "worker {owner} started on {} ({pools})",
+        db::redact(&db_args.db)
+    );
     match worker.run(shutdown.wait()).await {
         Ok(report) => {
             eprintln!(

@@ -17,6 +17,7 @@ use crate::clock::Micros;
 use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task};
 
 pub use postgres::{PostgresOptions, PostgresStore};
+
 pub use sqlite::{SqliteOptions, SqliteStore, Synchronous};
 
 /// Where an instance is in its life.
@@ -111,6 +112,33 @@ pub struct ClaimRequest {
     pub queue_limits: Vec<(String, usize)>,
     /// Only tasks of these queues (`None`: every queue).
     pub queues: Option<Vec<String>>,
+    /// Which worker pools' tasks (a transition's `target`).
+    pub targets: Targets,
+}
+
+/// Which tasks a worker takes by their `target` (Fantasm's App Engine target: a pool of
+/// workers for heavy steps).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Targets {
+    /// Every task, targeted or not (`phasm run`, immediate mode).
+    #[default]
+    Any,
+    /// Only tasks without a target (a plain `phasm worker`).
+    Untargeted,
+    /// Only tasks with one of these targets (`phasm worker --target NAME`).
+    Only(Vec<String>),
+}
+
+impl Targets {
+    /// Whether a task with this target is taken.
+    pub fn takes(&self, target: Option<&str>) -> bool {
+        match (self, target) {
+            (Targets::Any, _) => true,
+            (Targets::Untargeted, t) => t.is_none(),
+            (Targets::Only(names), Some(t)) => names.iter().any(|n| n == t),
+            (Targets::Only(_), None) => false,
+        }
+    }
 }
 
 /// The result of applying one commit.
@@ -137,16 +165,20 @@ pub struct SuccessorClaim {
     pub exclude: Vec<String>,
     /// Only instances of these machines.
     pub machines: Vec<String>,
+    /// Only tasks of these worker pools.
+    pub targets: Targets,
     /// At most this many per commit.
     pub max: usize,
 }
 
 impl SuccessorClaim {
-    /// Whether a new task on `queue` of `machine` may be claimed.
-    pub fn takes(&self, queue: &str, machine: &str) -> bool {
-        self.queues
-            .as_ref()
-            .is_none_or(|q| q.iter().any(|x| x == queue))
+    /// Whether a new task on `queue` of `machine`, for pool `target`, may be claimed.
+    pub fn takes(&self, queue: &str, machine: &str, target: Option<&str>) -> bool {
+        self.targets.takes(target)
+            && self
+                .queues
+                .as_ref()
+                .is_none_or(|q| q.iter().any(|x| x == queue))
             && !self.exclude.iter().any(|x| x == queue)
             && self.machines.iter().any(|m| m == machine)
     }

@@ -725,7 +725,9 @@ async fn apply_simple(
     let t = c.new_tasks.first();
     let lease = t.and_then(|t| {
         successors
-            .filter(|s| t.due_at <= now && s.max > 0 && s.takes(&t.queue, &c.machine))
+            .filter(|s| {
+                t.due_at <= now && s.max > 0 && s.takes(&t.queue, &c.machine, t.target.as_deref())
+            })
             .map(|s| (s.owner.clone(), now + micros(s.lease)))
     });
     let (owner, due_at, claim, attempts, first) = match (&lease, t) {
@@ -1001,8 +1003,11 @@ async fn apply_one(
     let mut notify = !matches!(c.disposition, Disposition::Finished | Disposition::Keep);
     let mut bulk = Vec::new();
     for t in &c.new_tasks {
-        let lease = successors
-            .filter(|s| t.due_at <= now && claimed.len() < s.max && s.takes(&t.queue, &c.machine));
+        let lease = successors.filter(|s| {
+            t.due_at <= now
+                && claimed.len() < s.max
+                && s.takes(&t.queue, &c.machine, t.target.as_deref())
+        });
         let Some(s) = lease else {
             bulk.push(t);
             continue;
@@ -1189,16 +1194,22 @@ impl Store for PostgresStore {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
         let window = (req.limit * 2).max(16) as i64;
+        let (any_target, untargeted, only_targets) = match &req.targets {
+            super::Targets::Any => (true, false, Vec::new()),
+            super::Targets::Untargeted => (false, true, Vec::new()),
+            super::Targets::Only(names) => (false, false, names.clone()),
+        };
         let rows = tx
             .query(
                 "SELECT t.id, t.claim, t.instance_id, i.name AS instance, i.machine, t.name, t.from_state,
                         t.event, t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at,
-                        t.queue, t.token, t.grp, t.page_queued
+                        t.queue, t.token, t.grp, t.page_queued, t.target
                  FROM tasks t JOIN instances i ON i.id = t.instance_id
                  WHERE t.status = 'ready' AND t.due_at <= $1
+                   AND ($3 OR ($4 AND t.target IS NULL) OR t.target = ANY($5))
                  ORDER BY t.due_at LIMIT $2
                  FOR UPDATE OF t SKIP LOCKED",
-                &[&now, &window],
+                &[&now, &window, &any_target, &untargeted, &only_targets],
             )
             .await
             .map_err(pg)?;

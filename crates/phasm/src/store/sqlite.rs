@@ -538,6 +538,7 @@ struct ClaimRow {
     token: Option<String>,
     grp: Option<String>,
     page_queued: bool,
+    target: Option<String>,
 }
 
 fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
@@ -550,7 +551,7 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
         .prepare_cached(
             "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
                     t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue,
-                    t.token, t.grp, t.page_queued
+                    t.token, t.grp, t.page_queued, t.target
              FROM tasks t JOIN instances i ON i.id = t.instance_id
              WHERE t.status = 'ready' AND t.due_at <= ?1
              ORDER BY t.due_at LIMIT ?2",
@@ -576,6 +577,7 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
                 token: r.get(15)?,
                 grp: r.get(16)?,
                 page_queued: r.get(17)?,
+                target: r.get(18)?,
             })
         })
         .map_err(db)?
@@ -592,6 +594,9 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
             if !only.contains(&row.queue) {
                 continue;
             }
+        }
+        if !req.targets.takes(row.target.as_deref()) {
+            continue;
         }
         if let Some((_, left)) = per_queue.iter_mut().find(|(q, _)| *q == row.queue) {
             if *left == 0 {
@@ -738,8 +743,11 @@ fn apply(
     let machine = &c.machine;
     let mut claimed = Vec::new();
     for t in &c.new_tasks {
-        let lease = successors
-            .filter(|s| t.due_at <= now && claimed.len() < s.max && s.takes(&t.queue, machine));
+        let lease = successors.filter(|s| {
+            t.due_at <= now
+                && claimed.len() < s.max
+                && s.takes(&t.queue, machine, t.target.as_deref())
+        });
         let until = lease.map(|s| (s.owner.as_str(), now + micros(s.lease)));
         if let (Some(id), Some(_)) = (insert_task(tx, instance_id, t, now, until)?, until) {
             claimed.push(Task {

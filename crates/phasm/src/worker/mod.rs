@@ -23,7 +23,9 @@ use crate::action::{keeps_logs, ActionContext, Registry};
 use crate::clock::{micros, Clock, Micros};
 use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task, TaskKind};
 use crate::machine::{ActionRole, Config, Machine};
-use crate::store::{Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim};
+use crate::store::{
+    Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim, Targets,
+};
 use limits::QueueGate;
 
 /// How a worker runs.
@@ -40,6 +42,8 @@ pub struct WorkerOptions {
     pub poll_interval: Duration,
     /// Only tasks of these queues (`None`: all).
     pub queues: Option<Vec<String>>,
+    /// Which worker pools' tasks (`target`) to take.
+    pub targets: Targets,
     /// Limits on what actions produce.
     pub limits: Limits,
     /// Longest a Rust action may run before its attempt fails (actions with their own
@@ -62,6 +66,7 @@ impl Default for WorkerOptions {
             lease: Duration::from_secs(30),
             poll_interval: Duration::from_millis(500),
             queues: None,
+            targets: Targets::Any,
             limits: Limits::default(),
             action_timeout: Duration::from_secs(300),
             seed: None,
@@ -224,6 +229,7 @@ impl Worker {
             // Queues with limits are counted by the claim loop's gate.
             exclude: config.queues.keys().cloned().collect(),
             machines: machines.clone(),
+            targets: options.targets.clone(),
             max: 1,
         };
         Ok(Self {
@@ -289,6 +295,7 @@ impl Worker {
                     limit: free.min(gate.budget(now)),
                     queue_limits: gate.queue_limits(now),
                     queues: opts.queues.clone(),
+                    targets: opts.targets.clone(),
                 };
                 match claim(&inner, now, &request).await {
                     Ok(tasks) => {

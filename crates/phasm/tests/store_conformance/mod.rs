@@ -10,7 +10,7 @@ use phasm::engine::{
 };
 use phasm::store::{
     Applied, ClaimRequest, Control, InstanceStatus, ListFilter, NewInstance, Started, Store,
-    SuccessorClaim,
+    SuccessorClaim, Targets,
 };
 
 const SEC: i64 = 1_000_000;
@@ -61,6 +61,7 @@ fn request(limit: usize) -> ClaimRequest {
         limit,
         queue_limits: Vec::new(),
         queues: None,
+        targets: Targets::Any,
     }
 }
 
@@ -387,6 +388,7 @@ pub async fn successors_due_now_come_back_leased(store: &dyn Store) {
         queues: None,
         exclude: Vec::new(),
         machines: vec!["M".into()],
+        targets: Targets::Any,
         max: 5,
     };
     let result = store
@@ -463,6 +465,47 @@ pub async fn list_filters_newest_first(store: &dyn Store) {
         .unwrap();
     assert_eq!(limited.len(), 1);
     assert!(store.instance("zzz").await.unwrap().is_none());
+}
+
+pub async fn targets_route_tasks_to_their_pools(store: &dyn Store) {
+    let mut heavy = new_task("heavy--start", None, T0);
+    heavy.target = Some("heavy".into());
+    store
+        .start(
+            T0,
+            NewInstance {
+                name: "heavy".into(),
+                machine: "M".into(),
+                context: ctx(0),
+                start: heavy,
+            },
+        )
+        .await
+        .unwrap();
+    start(store, "plain", T0).await;
+    let mut untargeted = request(10);
+    untargeted.targets = Targets::Untargeted;
+    let plain = store.claim(T0, &untargeted).await.unwrap();
+    assert_eq!(
+        plain
+            .iter()
+            .map(|t| t.instance.as_str())
+            .collect::<Vec<_>>(),
+        ["plain"]
+    );
+    let mut other = request(10);
+    other.targets = Targets::Only(vec!["gpu".into()]);
+    assert!(store.claim(T0, &other).await.unwrap().is_empty());
+    let mut pool = request(10);
+    pool.targets = Targets::Only(vec!["heavy".into()]);
+    let taken = store.claim(T0, &pool).await.unwrap();
+    assert_eq!(
+        taken
+            .iter()
+            .map(|t| t.instance.as_str())
+            .collect::<Vec<_>>(),
+        ["heavy"]
+    );
 }
 
 pub async fn task_ids_are_never_reused(store: &dyn Store) {
