@@ -70,3 +70,57 @@ fn three_workers_share_the_work_and_a_killed_one_loses_nothing() {
         assert_joined_once(d, &db, &format!("fj-{i:03}"));
     }
 }
+
+/// `max_concurrent` holds across workers: two workers with 8 slots each never run more than
+/// 2 steps of a queue limited to 2 at once.
+#[test]
+fn a_queue_limit_holds_across_workers() {
+    let Some(db) = postgres_schema("limits") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "actions:\n  Slow:\n    exec: [sh, -c, \"cat > /dev/null; echo start $(date +%s%N) >> runs.log; sleep 0.3; echo end $(date +%s%N) >> runs.log\"]\nqueues:\n  narrow:\n    max_concurrent: 2\nstate_machines:\n- name: Narrow\n  queue: narrow\n  states:\n  - name: only\n    initial: true\n    final: true\n    action: Slow\n",
+    )
+    .unwrap();
+    for i in 0..10 {
+        assert!(
+            phasm(d, &db, &["start", "fsm.yaml", "--name", &format!("n{i}")])
+                .status
+                .success()
+        );
+    }
+    let workers = [
+        worker(d, &db, &["--concurrency", "8"]),
+        worker(d, &db, &["--concurrency", "8"]),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(d, &db, "completed") < 10 {
+        assert!(Instant::now() < deadline, "not finished");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for mut w in workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    let log = std::fs::read_to_string(d.join("runs.log")).unwrap();
+    let mut events: Vec<(u128, i32)> = log
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(kind, t)| {
+            t.trim()
+                .parse::<u128>()
+                .ok()
+                .map(|t| (t, if kind == "start" { 1 } else { -1 }))
+        })
+        .collect();
+    events.sort();
+    let (mut running, mut peak) = (0, 0);
+    for (_, delta) in events {
+        running += delta;
+        peak = peak.max(running);
+    }
+    assert_eq!(peak, 2, "{log}");
+}

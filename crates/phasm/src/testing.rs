@@ -169,6 +169,7 @@ impl Immediate {
             queue_limits: Vec::new(),
             queues: None,
             targets: crate::store::Targets::Any,
+            shared_limits: Vec::new(),
         };
         let mut steps = 0;
         loop {

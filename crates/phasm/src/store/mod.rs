@@ -114,6 +114,9 @@ pub struct ClaimRequest {
     pub queues: Option<Vec<String>>,
     /// Which worker pools' tasks (a transition's `target`).
     pub targets: Targets,
+    /// The configured limits of queues (`queues:`), for stores shared by several workers to
+    /// enforce across all of them. `queue_limits` already holds this worker's own share.
+    pub shared_limits: Vec<(String, crate::machine::QueueLimits)>,
 }
 
 /// Which tasks a worker takes by their `target` (Fantasm's App Engine target: a pool of

@@ -153,6 +153,15 @@ CREATE TABLE items (
 );
 CREATE INDEX items_by_group ON items (instance_id, state, grp, id);
 CREATE INDEX items_by_join ON items (join_task) WHERE join_task IS NOT NULL;
+-- Counting a queue's running steps across workers (`max_concurrent`).
+CREATE INDEX tasks_leased ON tasks (queue) WHERE lease_owner IS NOT NULL;
+
+-- A queue's `rate`, shared by every worker: a token bucket.
+CREATE TABLE queue_rates (
+    queue      TEXT PRIMARY KEY,
+    tokens     DOUBLE PRECISION NOT NULL,
+    updated_at BIGINT NOT NULL
+);
 "];
 
 /// Any number, the same in every phasm: serialises schema migrations of workers starting at
@@ -506,6 +515,61 @@ async fn insert_task(
         .await
         .map_err(pg)?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// How many more steps each limited queue may start now, across every worker: its
+/// `max_concurrent` minus the steps running anywhere, and the tokens its `rate` bucket holds.
+/// Claimers of one limited queue take turns (an advisory lock per queue), so two workers
+/// cannot both take the last slot.
+async fn shared_allowance(
+    tx: &Transaction<'_>,
+    now: Micros,
+    limits: &[(String, crate::machine::QueueLimits)],
+) -> StoreResult<Vec<(String, usize)>> {
+    let mut allowance = Vec::new();
+    for (queue, l) in limits {
+        if l.max_concurrent.is_none() && l.rate.is_none() {
+            continue;
+        }
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('phasm-queue:' || $1))",
+            &[queue],
+        )
+        .await
+        .map_err(pg)?;
+        let mut allowed = usize::MAX;
+        if let Some(max) = l.max_concurrent {
+            let running: i64 = tx
+                .query_one(
+                    "SELECT COUNT(*) FROM tasks
+                     WHERE queue = $1 AND lease_owner IS NOT NULL AND status = 'ready' AND due_at > $2",
+                    &[queue, &now],
+                )
+                .await
+                .map_err(pg)?
+                .get(0);
+            allowed = allowed.min((i64::from(max) - running).max(0) as usize);
+        }
+        if let Some(rate) = l.rate {
+            let capacity = f64::from(rate.count);
+            let per_micro = capacity / micros(rate.per).max(1) as f64;
+            let row = tx
+                .query_one(
+                    "INSERT INTO queue_rates (queue, tokens, updated_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (queue) DO UPDATE
+                       SET tokens = LEAST($2, queue_rates.tokens + ($3 - queue_rates.updated_at) * $4),
+                           updated_at = $3
+                     RETURNING tokens",
+                    &[queue, &capacity, &now, &per_micro],
+                )
+                .await
+                .map_err(pg)?;
+            let tokens: f64 = row.get(0);
+            allowed = allowed.min(tokens.floor().max(0.0) as usize);
+        }
+        allowance.push((queue.clone(), allowed));
+    }
+    Ok(allowance)
 }
 
 /// Insert many unleased tasks in one statement (a step that forks thousands of branches
@@ -1215,6 +1279,13 @@ impl Store for PostgresStore {
             .map_err(pg)?;
         let until = now + micros(req.lease);
         let mut per_queue = req.queue_limits.clone();
+        let shared = shared_allowance(&tx, now, &req.shared_limits).await?;
+        for (queue, allowed) in &shared {
+            match per_queue.iter_mut().find(|(q, _)| q == queue) {
+                Some((_, left)) => *left = (*left).min(*allowed),
+                None => per_queue.push((queue.clone(), *allowed)),
+            }
+        }
         let mut chosen = Vec::new();
         for row in &rows {
             if chosen.len() >= req.limit {
@@ -1247,6 +1318,19 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(pg)?;
+        }
+        for (queue, limits) in &req.shared_limits {
+            if limits.rate.is_some() {
+                let taken = chosen.iter().filter(|(t, _, _)| &t.queue == queue).count() as f64;
+                if taken > 0.0 {
+                    tx.execute(
+                        "UPDATE queue_rates SET tokens = GREATEST(tokens - $2, 0) WHERE queue = $1",
+                        &[queue, &taken],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+            }
         }
         let mut claimed = Vec::with_capacity(chosen.len());
         for (mut task, instance_id, grp) in chosen {

@@ -296,6 +296,12 @@ impl Worker {
                     queue_limits: gate.queue_limits(now),
                     queues: opts.queues.clone(),
                     targets: opts.targets.clone(),
+                    shared_limits: inner
+                        .config
+                        .queues
+                        .iter()
+                        .map(|(q, l)| (q.clone(), *l))
+                        .collect(),
                 };
                 match claim(&inner, now, &request).await {
                     Ok(tasks) => {

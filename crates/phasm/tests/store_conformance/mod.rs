@@ -62,6 +62,7 @@ fn request(limit: usize) -> ClaimRequest {
         queue_limits: Vec::new(),
         queues: None,
         targets: Targets::Any,
+        shared_limits: Vec::new(),
     }
 }
 
