@@ -28,9 +28,15 @@ pub enum Bench {
         /// States per instance (= steps per instance).
         #[arg(long, default_value_t = 10)]
         steps: usize,
-        /// Most steps running at once.
+        /// Most steps running at once (per worker).
         #[arg(long, default_value_t = 256)]
         concurrency: usize,
+        /// Worker processes (more than 1 needs a PostgreSQL `--db`).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Only work (a worker process started by `--workers`).
+        #[arg(long, hide = true)]
+        worker_only: bool,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -259,10 +265,17 @@ pub async fn run(bench: Bench) -> ExitCode {
             instances,
             steps,
             concurrency,
+            workers,
+            worker_only,
             json,
             db,
             sync,
-        } => chain(instances, steps, concurrency, json, db, sync).await,
+        } => {
+            if worker_only {
+                return chain_worker(steps, concurrency, db, sync).await;
+            }
+            chain(instances, steps, concurrency, workers, json, db, sync).await
+        }
         Bench::Fanout {
             branches,
             json,
@@ -272,16 +285,75 @@ pub async fn run(bench: Bench) -> ExitCode {
     }
 }
 
+fn chain_setup(steps: usize) -> Result<(Arc<phasm::machine::Config>, Registry), ExitCode> {
+    let config = match load_str(
+        &chain_yaml(steps),
+        "bench-chain.yaml",
+        &LoadOptions::default(),
+    ) {
+        Ok(l) => Arc::new(l.config),
+        Err(e) => return Err(failed(e)),
+    };
+    let mut registry = Registry::new();
+    registry.register_fn("Step", |_| Ok(Some("next".into())));
+    registry.register_fn("Last", |_| Ok(None));
+    Ok((config, registry))
+}
+
+/// A worker process of `--workers`: work until nothing is pending.
+async fn chain_worker(
+    steps: usize,
+    concurrency: usize,
+    db: Option<String>,
+    sync: super::SyncMode,
+) -> ExitCode {
+    let Some(db) = db else {
+        return failed("--worker-only needs --db");
+    };
+    let store = match db::open(&DbArgs { db, sync }, concurrency).await {
+        Ok(s) => s,
+        Err(e) => return failed(e),
+    };
+    let (config, registry) = match chain_setup(steps) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let options = WorkerOptions {
+        concurrency,
+        stop: StopWhen::Idle,
+        ..WorkerOptions::default()
+    };
+    let worker = match Worker::new(
+        store,
+        config,
+        Arc::new(registry),
+        Arc::new(SystemClock),
+        options,
+    ) {
+        Ok(w) => w,
+        Err(e) => return failed(e),
+    };
+    match worker.run(std::future::pending()).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => failed(e),
+    }
+}
+
 async fn chain(
     instances: usize,
     steps: usize,
     concurrency: usize,
+    workers: usize,
     as_json: bool,
     db_path: Option<String>,
     sync: super::SyncMode,
 ) -> ExitCode {
-    if instances == 0 || steps == 0 {
-        eprintln!("error: --instances and --steps must be at least 1");
+    if instances == 0 || steps == 0 || workers == 0 {
+        eprintln!("error: --instances, --steps and --workers must be at least 1");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    if workers > 1 && !db_path.as_deref().is_some_and(db::is_postgres) {
+        eprintln!("error: --workers {workers} needs a database the processes can share: --db postgres://...");
         return ExitCode::from(EXIT_INVALID);
     }
     let temp = match &db_path {
@@ -357,34 +429,63 @@ async fn chain(
     }
     let start_secs = start_began.elapsed().as_secs_f64();
 
-    let options = WorkerOptions {
-        concurrency,
-        stop: StopWhen::Idle,
-        seed: Some(1),
-        ..WorkerOptions::default()
-    };
-    let worker = match Worker::new(
-        Arc::clone(&store),
-        config,
-        Arc::new(registry),
-        clock,
-        options,
-    ) {
-        Ok(w) => w,
-        Err(e) => return failed(e),
-    };
     let began = Instant::now();
-    let report = match worker.run(std::future::pending()).await {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
+    let report_steps = if workers == 1 {
+        let options = WorkerOptions {
+            concurrency,
+            stop: StopWhen::Idle,
+            seed: Some(1),
+            ..WorkerOptions::default()
+        };
+        let worker = match Worker::new(
+            Arc::clone(&store),
+            config,
+            Arc::new(registry),
+            clock,
+            options,
+        ) {
+            Ok(w) => w,
+            Err(e) => return failed(e),
+        };
+        match worker.run(std::future::pending()).await {
+            Ok(r) => r.steps,
+            Err(e) => return failed(e),
         }
+    } else {
+        let exe = match std::env::current_exe() {
+            Ok(exe) => exe,
+            Err(e) => return failed(e),
+        };
+        let children: Vec<_> = (0..workers)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args([
+                        "bench",
+                        "chain",
+                        "--worker-only",
+                        "--steps",
+                        &steps.to_string(),
+                    ])
+                    .args(["--concurrency", &concurrency.to_string(), "--db", &path])
+                    .spawn()
+            })
+            .collect();
+        let mut ok = true;
+        for child in children {
+            match child.and_then(|mut c| c.wait()) {
+                Ok(status) => ok &= status.success(),
+                Err(e) => return failed(e),
+            }
+        }
+        if !ok {
+            return failed("a worker process failed");
+        }
+        (instances * steps) as u64
     };
     let secs = began.elapsed().as_secs_f64();
     let total = instances * steps;
 
-    let (latencies, completed) = match latencies(&*store, &names).await {
+    let (latencies, completed, committed) = match latencies(&*store, &names).await {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: {e}");
@@ -392,7 +493,11 @@ async fn chain(
         }
     };
     let fsync_rate = store.probe_commit_rate(300).await.unwrap_or(0.0);
-    let steps_per_sec = report.steps as f64 / secs;
+    // Every step of every instance, counted from the committed history (the worker's own
+    // count, where there is one, must agree).
+    debug_assert!(workers > 1 || report_steps == committed);
+    let report_steps = committed;
+    let steps_per_sec = report_steps as f64 / secs;
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     if as_json {
         println!(
@@ -401,7 +506,7 @@ async fn chain(
                 "bench": "chain",
                 "instances": instances,
                 "steps_per_instance": steps,
-                "steps": report.steps,
+                "steps": report_steps,
                 "completed": completed,
                 "wall_s": secs,
                 "steps_per_s": steps_per_sec,
@@ -414,12 +519,12 @@ async fn chain(
             })
         );
     } else {
-        println!("chain: {instances} instances × {steps} steps = {total} steps ({} committed, {completed} instances completed)", report.steps);
+        println!("chain: {instances} instances × {steps} steps = {total} steps ({} committed, {completed} instances completed)", report_steps);
         println!("  {secs:.2}s, {steps_per_sec:.0} steps/s (starting the instances took {start_secs:.2}s)");
         println!("  step latency p50 {p50:.2} ms, p99 {p99:.2} ms");
         println!("  reference: {fsync_rate:.0} durable single-row commits/s on this store");
     }
-    if report.steps as usize != total || completed != instances {
+    if report_steps as usize != total || completed != instances {
         eprintln!("error: expected {total} steps and {instances} completed instances");
         return ExitCode::from(EXIT_FAILED);
     }
@@ -432,9 +537,10 @@ async fn chain(
 async fn latencies(
     store: &dyn Store,
     names: &[String],
-) -> Result<(Vec<i64>, usize), phasm::store::StoreError> {
+) -> Result<(Vec<i64>, usize, u64), phasm::store::StoreError> {
     let mut all = Vec::new();
     let mut completed = 0;
+    let mut committed = 0u64;
     for name in names {
         let Some(view) = store.instance(name).await? else {
             continue;
@@ -442,10 +548,11 @@ async fn latencies(
         if view.status == phasm::store::InstanceStatus::Completed {
             completed += 1;
         }
+        committed += view.history.len() as u64;
         for pair in view.history.windows(2) {
             all.push(pair[1].finished_at - pair[0].finished_at);
         }
     }
     all.sort_unstable();
-    Ok((all, completed))
+    Ok((all, completed, committed))
 }
