@@ -430,6 +430,7 @@ async fn chain(
     let start_secs = start_began.elapsed().as_secs_f64();
 
     let began = Instant::now();
+    let began_at = SystemClock.now();
     let report_steps = if workers == 1 {
         let options = WorkerOptions {
             concurrency,
@@ -485,12 +486,18 @@ async fn chain(
     let secs = began.elapsed().as_secs_f64();
     let total = instances * steps;
 
-    let (latencies, completed, committed) = match latencies(&*store, &names).await {
+    let (latencies, completed, committed, last_commit) = match latencies(&*store, &names).await {
         Ok(x) => x,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_FAILED);
         }
+    };
+    // Until the last commit: worker processes noticing that nothing is left is not work.
+    let secs = if last_commit > began_at {
+        (last_commit - began_at) as f64 / 1e6
+    } else {
+        secs
     };
     let fsync_rate = store.probe_commit_rate(300).await.unwrap_or(0.0);
     // Every step of every instance, counted from the committed history (the worker's own
@@ -537,10 +544,11 @@ async fn chain(
 async fn latencies(
     store: &dyn Store,
     names: &[String],
-) -> Result<(Vec<i64>, usize, u64), phasm::store::StoreError> {
+) -> Result<(Vec<i64>, usize, u64, i64), phasm::store::StoreError> {
     let mut all = Vec::new();
     let mut completed = 0;
     let mut committed = 0u64;
+    let mut last = 0;
     for name in names {
         let Some(view) = store.instance(name).await? else {
             continue;
@@ -549,10 +557,15 @@ async fn latencies(
             completed += 1;
         }
         committed += view.history.len() as u64;
+        last = view
+            .history
+            .iter()
+            .map(|h| h.finished_at)
+            .fold(last, i64::max);
         for pair in view.history.windows(2) {
             all.push(pair[1].finished_at - pair[0].finished_at);
         }
     }
     all.sort_unstable();
-    Ok((all, completed, committed))
+    Ok((all, completed, committed, last))
 }
