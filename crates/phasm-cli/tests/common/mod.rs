@@ -5,9 +5,29 @@
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
-/// A PostgreSQL URL whose connections use a fresh schema, or `None` (after saying so) when
-/// no server is reachable — a failure instead when `PHASM_REQUIRE_POSTGRES=1`.
-pub fn postgres_schema(test: &str) -> Option<String> {
+/// A fresh schema, dropped (with everything in it) when this goes out of scope.
+pub struct Schema {
+    base: String,
+    name: String,
+    /// A URL whose connections use the schema.
+    pub url: String,
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &self.base,
+                "-qc",
+                &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+            ])
+            .output();
+    }
+}
+
+/// A fresh schema, or `None` (after saying so) when no PostgreSQL server is reachable — a
+/// failure instead when `PHASM_REQUIRE_POSTGRES=1`.
+pub fn postgres_schema(test: &str) -> Option<Schema> {
     let base = std::env::var("PHASM_TEST_POSTGRES")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!(
@@ -35,7 +55,12 @@ pub fn postgres_schema(test: &str) -> Option<String> {
         }
     }
     let sep = if base.contains('?') { '&' } else { '?' };
-    Some(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+    let url = format!("{base}{sep}options=-csearch_path%3D{schema}");
+    Some(Schema {
+        base,
+        name: schema,
+        url,
+    })
 }
 
 /// Run `phasm` to completion.
