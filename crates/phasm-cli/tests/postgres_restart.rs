@@ -29,9 +29,10 @@ fn restart_postgres() -> Result<(), String> {
 
 #[test]
 fn workers_survive_a_database_restart() {
-    let Some(db) = postgres_schema("restart") else {
+    let Some(schema) = postgres_schema("restart") else {
         return;
     };
+    let db = schema.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("fsm.yaml"), FORK_JOIN).unwrap();

@@ -10,9 +10,10 @@ use common::{assert_joined_once, count, phasm, postgres_schema, worker, FORK_JOI
 
 #[test]
 fn three_workers_share_the_work_and_a_killed_one_loses_nothing() {
-    let Some(db) = postgres_schema("workers") else {
+    let Some(schema) = postgres_schema("workers") else {
         return;
     };
+    let db = schema.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("fsm.yaml"), FORK_JOIN).unwrap();
@@ -75,9 +76,10 @@ fn three_workers_share_the_work_and_a_killed_one_loses_nothing() {
 /// 2 steps of a queue limited to 2 at once.
 #[test]
 fn a_queue_limit_holds_across_workers() {
-    let Some(db) = postgres_schema("limits") else {
+    let Some(schema) = postgres_schema("limits") else {
         return;
     };
+    let db = schema.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(
