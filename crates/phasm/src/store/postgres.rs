@@ -1169,6 +1169,9 @@ async fn apply_one(
             tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&instance_id])
                 .await
                 .map_err(pg)?;
+            tx.execute("DELETE FROM items WHERE instance_id = $1", &[&instance_id])
+                .await
+                .map_err(pg)?;
             end_instance(&tx, instance_id, InstanceStatus::Halted, Some(reason), now).await?;
         }
         InstanceChange::Fail(error) => {

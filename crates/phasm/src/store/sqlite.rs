@@ -834,8 +834,7 @@ fn apply(
             .map_err(db)?;
         }
         InstanceChange::Halt(reason) => {
-            tx.execute("DELETE FROM tasks WHERE instance_id = ?1", [instance_id])
-                .map_err(db)?;
+            drop_pending(tx, instance_id).map_err(db)?;
             end_instance(tx, instance_id, InstanceStatus::Halted, Some(reason), now)?;
         }
         InstanceChange::Fail(error) => {
@@ -936,6 +935,12 @@ fn release_barriers(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> Stor
     .execute(params![instance_id, now])
     .map_err(db)?;
     Ok(())
+}
+
+/// Drop an instance's pending tasks and parked branches (it was halted or cancelled).
+fn drop_pending(tx: &Transaction<'_>, instance_id: i64) -> rusqlite::Result<usize> {
+    tx.execute("DELETE FROM items WHERE instance_id = ?1", [instance_id])?;
+    tx.execute("DELETE FROM tasks WHERE instance_id = ?1", [instance_id])
 }
 
 fn insert_log(tx: &Transaction<'_>, instance_id: i64, l: &LogLine) -> StoreResult<()> {
@@ -1212,8 +1217,7 @@ fn cancel(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control>
     if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
         return Ok(Control::NotAllowed(status));
     }
-    tx.execute("DELETE FROM tasks WHERE instance_id = ?1", [id])
-        .map_err(db)?;
+    drop_pending(tx, id).map_err(db)?;
     end_instance(tx, id, InstanceStatus::Cancelled, None, now)?;
     Ok(Control::Done)
 }

@@ -355,11 +355,22 @@ pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
     let mut c = commit(&t);
     c.history.clear();
     c.new_tasks.push(new_task("h--x", Some("a"), T0));
+    c.parked.push(phasm::engine::Parked {
+        state: "j".into(),
+        group: String::new(),
+        context: ctx(1),
+        branch: "f1".into(),
+        step: 1,
+        window: Some(5 * SEC),
+        queue: "default".into(),
+        target: None,
+    });
     c.instance_change = InstanceChange::Halt("enough".into());
     apply_one(store, T0, c).await;
     let view = store.instance("h").await.unwrap().unwrap();
     assert_eq!(view.status, InstanceStatus::Halted);
     assert!(view.tasks.is_empty());
+    assert_eq!(view.branches.parked, 0, "parked branches go with the halt");
 }
 
 pub async fn a_cancelled_instances_running_step_cannot_commit(store: &dyn Store) {
