@@ -132,6 +132,22 @@ enum Command {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Run a worker and the HTTP API in one process.
+    Serve {
+        /// The machine file.
+        file: PathBuf,
+        /// Address to listen on. Any address other than loopback needs --token.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Require `Authorization: Bearer TOKEN` on every API call.
+        #[arg(long, env = "PHASM_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Most steps running at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Show an instance: status, history, pending tasks, context.
     Status {
         /// The instance's name.
@@ -251,6 +267,13 @@ async fn run_async(command: Command) -> ExitCode {
             };
             cmd::run::worker(&file, options, &db).await
         }
+        Command::Serve {
+            file,
+            listen,
+            token,
+            concurrency,
+            db,
+        } => cmd::run::serve(&file, listen, token, concurrency, &db).await,
         Command::Status { instance, json, db } => cmd::inspect::status(&instance, json, &db).await,
         Command::List {
             machine,

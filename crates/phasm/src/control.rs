@@ -3,10 +3,10 @@
 
 use serde_json::Value;
 
-use crate::clock::Clock;
+use crate::clock::{rfc3339, Clock};
 use crate::engine::{self, Context, Limits};
 use crate::machine::{Config, Machine, ValueKind};
-use crate::store::{InstanceStatus, NewInstance, Started, Store, StoreError};
+use crate::store::{InstanceStatus, InstanceView, NewInstance, Started, Store, StoreError};
 
 /// What starting an instance did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +180,60 @@ pub fn parse_set(machine: &Machine, pair: &str) -> Result<(String, Value), Strin
         ValueKind::Str | ValueKind::Other => Value::String(raw.to_string()),
     };
     Ok((key.to_string(), value))
+}
+
+/// The JSON form of an instance: `phasm status --json` and `GET /api/instances/{name}`.
+pub fn instance_json(view: &InstanceView) -> serde_json::Value {
+    let history: Vec<serde_json::Value> = view
+        .history
+        .iter()
+        .map(|h| {
+            serde_json::json!({
+                "from": h.from,
+                "event": h.event,
+                "to": h.to,
+                "attempt": h.attempt,
+                "at": rfc3339(h.finished_at),
+                "started_at": rfc3339(h.started_at),
+                "duration_ms": (h.finished_at - h.started_at) as f64 / 1000.0,
+                "branch": h.branch,
+                "task": h.task,
+            })
+        })
+        .collect();
+    let tasks: Vec<serde_json::Value> = view
+        .tasks
+        .iter()
+        .map(|t| {
+            serde_json::json!({
+                "task": t.name,
+                "from": t.from,
+                "event": t.event,
+                "status": t.status,
+                "due_at": rfc3339(t.due_at),
+                "leased_by": t.leased_by,
+                "attempts": t.attempts,
+                "last_error": t.last_error,
+                "queue": t.queue,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "instance": view.name,
+        "machine": view.machine,
+        "status": view.status,
+        "error": view.error,
+        "created_at": rfc3339(view.created_at),
+        "updated_at": rfc3339(view.updated_at),
+        "ended_at": view.ended_at.map(rfc3339),
+        "context": view.current_context,
+        "initial_context": view.context,
+        "parent": view.parent,
+        "children": view.children,
+        "branches": view.branches,
+        "history": history,
+        "tasks": tasks,
+    })
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ pub mod diagnostic;
 pub mod engine;
 pub mod graph;
 pub mod machine;
+pub mod server;
 pub mod store;
 pub mod testing;
 pub mod worker;

@@ -30,60 +30,6 @@ async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceVi
     }
 }
 
-/// The JSON form of an instance (`phasm status --json`, and later the HTTP API).
-pub fn instance_json(view: &InstanceView) -> Value {
-    let history: Vec<Value> = view
-        .history
-        .iter()
-        .map(|h| {
-            json!({
-                "from": h.from,
-                "event": h.event,
-                "to": h.to,
-                "attempt": h.attempt,
-                "at": time(h.finished_at),
-                "started_at": time(h.started_at),
-                "duration_ms": (h.finished_at - h.started_at) as f64 / 1000.0,
-                "branch": h.branch,
-                "task": h.task,
-            })
-        })
-        .collect();
-    let tasks: Vec<Value> = view
-        .tasks
-        .iter()
-        .map(|t| {
-            json!({
-                "task": t.name,
-                "from": t.from,
-                "event": t.event,
-                "status": t.status,
-                "due_at": time(t.due_at),
-                "leased_by": t.leased_by,
-                "attempts": t.attempts,
-                "last_error": t.last_error,
-                "queue": t.queue,
-            })
-        })
-        .collect();
-    json!({
-        "instance": view.name,
-        "machine": view.machine,
-        "status": view.status,
-        "error": view.error,
-        "created_at": time(view.created_at),
-        "updated_at": time(view.updated_at),
-        "ended_at": view.ended_at.map(time),
-        "context": view.current_context,
-        "initial_context": view.context,
-        "parent": view.parent,
-        "children": view.children,
-        "branches": view.branches,
-        "history": history,
-        "tasks": tasks,
-    })
-}
-
 /// `phasm status`.
 pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
     let store = match open(args).await {
@@ -95,7 +41,7 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
         Err(code) => return code,
     };
     if as_json {
-        println!("{}", instance_json(&view));
+        println!("{}", phasm::control::instance_json(&view));
         return ExitCode::SUCCESS;
     }
     println!("instance  {}", view.name);

@@ -407,3 +407,90 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         }
     }
 }
+
+/// `phasm serve`: a worker and the HTTP API, until SIGINT or SIGTERM.
+pub async fn serve(
+    file: &Path,
+    listen: std::net::SocketAddr,
+    token: Option<String>,
+    concurrency: usize,
+    db_args: &DbArgs,
+) -> ExitCode {
+    let shutdown = Shutdown::install();
+    if !listen.ip().is_loopback() && token.as_deref().is_none_or(str::is_empty) {
+        eprintln!("error: listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN");
+        return ExitCode::from(EXIT_INVALID);
+    }
+    let Some(config) = load(file) else {
+        return ExitCode::from(EXIT_INVALID);
+    };
+    let store = match db::open(db_args, concurrency).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let config = Arc::new(config);
+    let registry = Arc::new(registry(&config));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let options = WorkerOptions {
+        concurrency,
+        ..WorkerOptions::default()
+    };
+    let worker = match Worker::new(
+        Arc::clone(&store),
+        Arc::clone(&config),
+        registry,
+        Arc::clone(&clock),
+        options,
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: cannot listen on {listen}: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let state = Arc::new(phasm::server::ServerState {
+        store,
+        config,
+        clock,
+        limits: Limits::default(),
+        token,
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut api_stop = stop_rx.clone();
+    let api = tokio::spawn(phasm::server::serve(listener, state, async move {
+        let _ = api_stop.changed().await;
+    }));
+    eprintln!(
+        "phasm serving http://{listen} (API under /api, health at /healthz) on {}",
+        db::redact(&db_args.db)
+    );
+    let mut worker_stop = stop_rx;
+    let work = tokio::spawn(worker.run(async move {
+        let _ = worker_stop.changed().await;
+    }));
+    shutdown.wait().await;
+    eprintln!("shutting down: finishing running steps");
+    let _ = stop_tx.send(true);
+    let _ = api.await;
+    match work.await {
+        Ok(Ok(_)) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}

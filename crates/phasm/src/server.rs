@@ -1,0 +1,333 @@
+//! The HTTP API (`phasm serve`): JSON over HTTP for starting, inspecting, cancelling and
+//! retrying instances, plus the machines and their drawings.
+//!
+//! The router only calls the library ([`crate::control`], the [`Store`]); errors are JSON
+//! objects `{"error": MESSAGE}` with a 4xx status for bad requests, never a 500 for bad
+//! input. The entry point takes its listener and shutdown signal as arguments, so tests and
+//! embedders choose the address and the lifetime.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::clock::Clock;
+use crate::control::{instance_json, start_instance, StartError, StartOutcome};
+use crate::engine::{is_valid_instance_name, Context, Limits};
+use crate::machine::Config;
+use crate::store::{Control, InstanceStatus, ListFilter, Store};
+
+/// Largest request body accepted (a context is at most `Limits::max_context_bytes` anyway).
+pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// What the API serves.
+pub struct ServerState {
+    /// Where instances live.
+    pub store: Arc<dyn Store>,
+    /// The machines.
+    pub config: Arc<Config>,
+    /// The time.
+    pub clock: Arc<dyn Clock>,
+    /// Limits on contexts.
+    pub limits: Limits,
+    /// When set, every request must carry `Authorization: Bearer TOKEN`.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerState").finish_non_exhaustive()
+    }
+}
+
+/// A JSON error response.
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// The API's routes.
+pub fn router(state: Arc<ServerState>) -> Router {
+    let api = Router::new()
+        .route("/api/machines", get(machines))
+        .route("/api/machines/{machine}/graph.svg", get(graph))
+        .route("/api/machines/{machine}/instances", post(start))
+        .route("/api/instances", get(list))
+        .route("/api/instances/{name}", get(instance))
+        .route("/api/instances/{name}/cancel", post(cancel))
+        .route("/api/instances/{name}/retry", post(retry))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            authorize,
+        ));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .merge(api)
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "no such endpoint; see the README for the API",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serve the API on `listener` until `shutdown` completes.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<ServerState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn authorize(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Some(token) = &state.token {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if given != Some(token.as_str()) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong token: send `Authorization: Bearer TOKEN`",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
+    match state.store.next_due().await {
+        Ok(_) => Json(json!({ "status": "ok" })).into_response(),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the store is unavailable: {e}"),
+        ),
+    }
+}
+
+async fn machines(State(state): State<Arc<ServerState>>) -> Response {
+    let machines: Vec<Value> = state
+        .config
+        .machines
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.name,
+                "states": m.states.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                "initial": m.initial_state().map(|s| s.name.clone()),
+            })
+        })
+        .collect();
+    Json(json!({ "machines": machines })).into_response()
+}
+
+async fn graph(State(state): State<Arc<ServerState>>, Path(machine): Path<String>) -> Response {
+    match state.config.machine(&machine) {
+        Some(m) => (
+            [(header::CONTENT_TYPE, "image/svg+xml")],
+            crate::graph::to_svg(m),
+        )
+            .into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!("no machine named `{machine}`"),
+        ),
+    }
+}
+
+async fn start(
+    State(state): State<Arc<ServerState>>,
+    Path(machine): Path<String>,
+    body: Bytes,
+) -> Response {
+    let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body is not JSON: {e}"),
+                )
+            }
+        }
+    };
+    let Value::Object(mut request) = request else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object: {\"context\": {...}, \"name\": optional}",
+        );
+    };
+    let context: Context = match request.remove("context") {
+        None | Some(Value::Null) => Context::new(),
+        Some(Value::Object(c)) => c,
+        Some(_) => return error(StatusCode::BAD_REQUEST, "`context` must be a JSON object"),
+    };
+    let name = match request.remove("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) => Some(n),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "`name` must be a string"),
+    };
+    if let Some(key) = request.keys().next() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown field `{key}`; expected `context` and `name`"),
+        );
+    }
+    let outcome = start_instance(
+        &*state.store,
+        &state.config,
+        &*state.clock,
+        &machine,
+        context,
+        name.as_deref(),
+        &state.limits,
+    )
+    .await;
+    match outcome {
+        Ok(StartOutcome::Started(name)) => (
+            StatusCode::CREATED,
+            Json(json!({ "instance": name, "created": true })),
+        )
+            .into_response(),
+        Ok(StartOutcome::AlreadyExists { name, status, .. }) => {
+            Json(json!({ "instance": name, "created": false, "status": status })).into_response()
+        }
+        Err(e @ StartError::UnknownMachine { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ (StartError::InvalidName(_) | StartError::ContextTooLarge { .. })) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        Err(e @ StartError::NameTaken { .. }) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(StartError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Query parameters of `GET /api/instances`.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    machine: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQuery>) -> Response {
+    let status =
+        match query.status.as_deref() {
+            None | Some("") => None,
+            Some(s) => match InstanceStatus::parse(s) {
+                Some(s) => Some(s),
+                None => return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "unknown status `{s}`; use running, completed, failed, halted or cancelled"
+                    ),
+                ),
+            },
+        };
+    let filter = ListFilter {
+        machine: query.machine.filter(|m| !m.is_empty()),
+        status,
+        limit: query.limit.unwrap_or(50).min(1000),
+    };
+    match state.store.list(&filter).await {
+        Ok(rows) => {
+            let rows: Vec<Value> = rows
+                .iter()
+                .map(|r| {
+                    json!({
+                        "instance": r.instance,
+                        "machine": r.machine,
+                        "status": r.status,
+                        "created_at": crate::clock::rfc3339(r.created_at),
+                        "updated_at": crate::clock::rfc3339(r.updated_at),
+                        "error": r.error,
+                    })
+                })
+                .collect();
+            Json(json!({ "instances": rows })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+fn check_name(name: &str) -> Option<Response> {
+    (!is_valid_instance_name(name)).then(|| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("invalid instance name `{name}`"),
+        )
+    })
+}
+
+async fn instance(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+    if let Some(bad) = check_name(&name) {
+        return bad;
+    }
+    match state.store.instance(&name).await {
+        Ok(Some(view)) => Json(instance_json(&view)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance named `{name}`")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn control(
+    name: &str,
+    result: Result<Control, crate::store::StoreError>,
+    done: &str,
+) -> Response {
+    match result {
+        Ok(Control::Done) => Json(json!({ "instance": name, "status": done })).into_response(),
+        Ok(Control::NotFound) => {
+            error(StatusCode::NOT_FOUND, format!("no instance named `{name}`"))
+        }
+        Ok(Control::NotAllowed(status)) => {
+            error(StatusCode::CONFLICT, format!("`{name}` is {status}"))
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn cancel(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+    if let Some(bad) = check_name(&name) {
+        return bad;
+    }
+    control(
+        &name,
+        state.store.cancel(state.clock.now(), &name).await,
+        "cancelled",
+    )
+    .await
+}
+
+async fn retry(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+    if let Some(bad) = check_name(&name) {
+        return bad;
+    }
+    control(
+        &name,
+        state.store.retry(state.clock.now(), &name).await,
+        "running",
+    )
+    .await
+}

@@ -1,0 +1,245 @@
+//! The HTTP API over a real socket: status codes, JSON bodies, errors, authentication.
+
+use std::sync::Arc;
+
+use phasm::clock::SystemClock;
+use phasm::config::{load_str, LoadOptions};
+use phasm::engine::Limits;
+use phasm::server::{serve, ServerState};
+use phasm::store::{SqliteOptions, SqliteStore};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const YAML: &str = "state_machines:\n- name: Job\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - event: go\n      to: b\n  - name: b\n    final: true\n";
+
+struct Api {
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+async fn api(token: Option<&str>) -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let config = Arc::new(
+        load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
+            .unwrap()
+            .config,
+    );
+    let state = Arc::new(ServerState {
+        store,
+        config,
+        clock: Arc::new(SystemClock),
+        limits: Limits {
+            max_context_bytes: 1000,
+        },
+        token: token.map(str::to_string),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    Api { addr, _dir: dir }
+}
+
+/// One HTTP/1.1 request; returns the status and the body.
+async fn call(
+    api: &Api,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[tokio::test]
+async fn start_inspect_list_and_cancel_an_instance() {
+    let api = api(None).await;
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"context": {"n": 1}, "name": "job-1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(json(&body)["instance"], "job-1");
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"name": "job-1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "starting the same name again is idempotent: {body}"
+    );
+    assert_eq!(json(&body)["created"], false);
+
+    let (status, body) = call(&api, "GET", "/api/instances/job-1", None, None).await;
+    assert_eq!(status, 200);
+    let view = json(&body);
+    assert_eq!(
+        (view["instance"].as_str(), view["status"].as_str()),
+        (Some("job-1"), Some("running"))
+    );
+    assert_eq!(view["initial_context"]["n"], 1);
+
+    let (status, body) = call(
+        &api,
+        "GET",
+        "/api/instances?machine=Job&status=running",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["instances"][0]["instance"], "job-1");
+
+    let (status, _) = call(&api, "POST", "/api/instances/job-1/cancel", None, None).await;
+    assert_eq!(status, 200);
+    let (status, body) = call(&api, "POST", "/api/instances/job-1/cancel", None, None).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = call(&api, "POST", "/api/instances/job-1/retry", None, None).await;
+    assert_eq!(status, 409, "only failed instances can be retried: {body}");
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_not_500s() {
+    let api = api(None).await;
+    let cases: [(&str, &str, Option<&str>, u16, &str); 9] = [
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some("{oops"),
+            400,
+            "not JSON",
+        ),
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some("[1]"),
+            400,
+            "must be a JSON object",
+        ),
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some(r#"{"context": 5}"#),
+            400,
+            "`context` must be a JSON object",
+        ),
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some(r#"{"contxt": {}}"#),
+            400,
+            "unknown field `contxt`",
+        ),
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some(r#"{"name": "bad name"}"#),
+            400,
+            "invalid instance name",
+        ),
+        (
+            "POST",
+            "/api/machines/Nope/instances",
+            Some("{}"),
+            404,
+            "no machine named `Nope`",
+        ),
+        (
+            "GET",
+            "/api/instances/nobody",
+            None,
+            404,
+            "no instance named `nobody`",
+        ),
+        (
+            "GET",
+            "/api/instances?status=sleeping",
+            None,
+            400,
+            "unknown status `sleeping`",
+        ),
+        ("GET", "/api/nothing-here", None, 404, "no such endpoint"),
+    ];
+    for (method, path, body, want, message) in cases {
+        let (status, text) = call(&api, method, path, body, None).await;
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let error = json(&text)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(error.contains(message), "{method} {path}: {error}");
+    }
+    let big = format!(r#"{{"context": {{"blob": "{}"}}}}"#, "x".repeat(2000));
+    let (status, text) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(&big),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(json(&text)["error"]
+        .as_str()
+        .unwrap()
+        .contains("over the limit of 1000 bytes"));
+}
+
+#[tokio::test]
+async fn machines_graphs_and_health() {
+    let api = api(None).await;
+    let (status, body) = call(&api, "GET", "/api/machines", None, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(json(&body)["machines"][0]["name"], "Job");
+    let (status, body) = call(&api, "GET", "/api/machines/Job/graph.svg", None, None).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("<svg"), "{body}");
+    let (status, body) = call(&api, "GET", "/healthz", None, None).await;
+    assert_eq!((status, json(&body)["status"].as_str()), (200, Some("ok")));
+}
+
+#[tokio::test]
+async fn a_token_protects_every_api_call() {
+    let api = api(Some("s3cret")).await;
+    let (status, body) = call(&api, "GET", "/api/machines", None, None).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = call(&api, "GET", "/api/machines", None, Some("wrong")).await;
+    assert_eq!(status, 401);
+    let (status, _) = call(&api, "GET", "/api/machines", None, Some("s3cret")).await;
+    assert_eq!(status, 200);
+}
