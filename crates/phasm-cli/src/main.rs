@@ -145,6 +145,20 @@ enum Command {
         /// Most steps running at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
+        /// Every hour, delete instances that ended longer ago than this (as `phasm scrub`).
+        #[arg(long, value_parser = cmd::parse_duration)]
+        scrub_older_than: Option<std::time::Duration>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Delete ended instances (with their history and logs) older than a cutoff.
+    Scrub {
+        /// Age of the instances to delete, counted from when they ended (`30d`, `12h`).
+        #[arg(long, value_parser = cmd::parse_duration)]
+        older_than: std::time::Duration,
+        /// Instances deleted per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch: usize,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -272,8 +286,14 @@ async fn run_async(command: Command) -> ExitCode {
             listen,
             token,
             concurrency,
+            scrub_older_than,
             db,
-        } => cmd::run::serve(&file, listen, token, concurrency, &db).await,
+        } => cmd::run::serve(&file, listen, token, concurrency, scrub_older_than, &db).await,
+        Command::Scrub {
+            older_than,
+            batch,
+            db,
+        } => cmd::inspect::scrub(older_than, batch, &db).await,
         Command::Status { instance, json, db } => cmd::inspect::status(&instance, json, &db).await,
         Command::List {
             machine,

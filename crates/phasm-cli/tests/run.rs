@@ -350,3 +350,40 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
     let s: Value = serde_json::from_slice(&phasm(d, &["status", "p", "--json"]).stdout).unwrap();
     assert_eq!(s["status"], "completed", "{s}");
 }
+
+#[test]
+fn scrub_removes_ended_instances_and_keeps_running_ones() {
+    let dir = small();
+    let d = dir.path();
+    assert_eq!(
+        phasm(d, &["run", "fsm.yaml", "-m", "Small"]).status.code(),
+        Some(0)
+    );
+    assert!(phasm(
+        d,
+        &["start", "fsm.yaml", "-m", "Small", "--name", "waiting"]
+    )
+    .status
+    .success());
+    let kept = phasm(d, &["scrub", "--older-than", "30d"]);
+    assert_eq!(
+        text(&kept.stdout).trim(),
+        "removed 0 ended instances older than 30d (with their history and logs)"
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    let out = phasm(d, &["scrub", "--older-than", "0s", "--batch", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("removed 1 ended instance older than 0s"),
+        "{}",
+        text(&out.stdout)
+    );
+    let listed: Value = serde_json::from_slice(&phasm(d, &["list", "--json"]).stdout).unwrap();
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["instance"].as_str())
+        .collect();
+    assert_eq!(names, ["waiting"], "the running instance stays");
+}

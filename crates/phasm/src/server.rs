@@ -232,19 +232,20 @@ struct ListQuery {
 }
 
 async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQuery>) -> Response {
-    let status =
-        match query.status.as_deref() {
-            None | Some("") => None,
-            Some(s) => match InstanceStatus::parse(s) {
-                Some(s) => Some(s),
-                None => return error(
+    let status = match query.status.as_deref() {
+        None | Some("") => None,
+        Some(s) => match InstanceStatus::parse(s) {
+            Some(s) => Some(s),
+            None => {
+                return error(
                     StatusCode::BAD_REQUEST,
                     format!(
                         "unknown status `{s}`; use running, completed, failed, halted or cancelled"
                     ),
-                ),
-            },
-        };
+                )
+            }
+        },
+    };
     let filter = ListFilter {
         machine: query.machine.filter(|m| !m.is_empty()),
         status,

@@ -41,6 +41,7 @@ conformance!(
     list_filters_newest_first,
     task_ids_are_never_reused,
     targets_route_tasks_to_their_pools,
+    scrub_removes_only_old_ended_instances,
     commits_probe_reports_a_rate,
 );
 

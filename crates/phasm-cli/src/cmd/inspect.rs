@@ -256,3 +256,54 @@ pub async fn cancel(name: &str, args: &DbArgs) -> ExitCode {
         store.cancel(SystemClock.now(), name).await,
     )
 }
+
+/// Delete every ended instance older than `older_than`, `batch` at a time; returns how many.
+pub async fn scrub_all(
+    store: &dyn Store,
+    older_than: std::time::Duration,
+    batch: usize,
+) -> Result<u64, phasm::store::StoreError> {
+    let cutoff = SystemClock.now() - phasm::clock::micros(older_than);
+    let mut total = 0;
+    loop {
+        let n = store.scrub(cutoff, batch.max(1)).await?;
+        total += n;
+        if n < batch.max(1) as u64 {
+            return Ok(total);
+        }
+    }
+}
+
+/// `phasm scrub`.
+pub async fn scrub(older_than: std::time::Duration, batch: usize, args: &DbArgs) -> ExitCode {
+    let store = match open(args).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match scrub_all(&*store, older_than, batch).await {
+        Ok(n) => {
+            println!(
+                "removed {n} ended instance{} older than {} (with their history and logs)",
+                if n == 1 { "" } else { "s" },
+                age(older_than)
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
+/// A whole duration the way users write it (`30d`, `12h`, `90m`, `45s`).
+fn age(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => "0s".into(),
+        s if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}

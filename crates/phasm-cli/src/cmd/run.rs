@@ -414,6 +414,7 @@ pub async fn serve(
     listen: std::net::SocketAddr,
     token: Option<String>,
     concurrency: usize,
+    scrub_older_than: Option<Duration>,
     db_args: &DbArgs,
 ) -> ExitCode {
     let shutdown = Shutdown::install();
@@ -458,6 +459,20 @@ pub async fn serve(
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    if let Some(age) = scrub_older_than {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                every.tick().await;
+                match super::inspect::scrub_all(&*store, age, 1000).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "scrubbed ended instances"),
+                    Err(e) => tracing::warn!(error = %e, "scrubbing failed"),
+                }
+            }
+        });
+    }
     let state = Arc::new(phasm::server::ServerState {
         store,
         config,

@@ -376,6 +376,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Cancel a running or failed instance: drop its pending tasks.
     async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control>;
 
+    /// Delete up to `batch` instances that ended before `cutoff`, with their history, logs and
+    /// any leftovers; returns how many were deleted. Running instances are never touched.
+    /// Call it repeatedly until it returns less than `batch` (each call is one short
+    /// transaction, so workers are not held up).
+    async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64>;
+
     /// Measure the backend's durable single-row commit rate (commits per second), the
     /// physical limit `phasm bench` compares against.
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64>;

@@ -82,6 +82,7 @@ CREATE TABLE instances (
 CREATE INDEX instances_by_machine ON instances (machine, id);
 CREATE INDEX instances_by_status ON instances (status, id);
 CREATE INDEX instances_by_parent ON instances (parent) WHERE parent IS NOT NULL;
+CREATE INDEX instances_ended ON instances (ended_at) WHERE status <> 'running';
 
 -- No foreign keys to `instances`: every insert would share-lock the instance's row, and the
 -- branches of one instance (100,000 of them, say) would all contend for that one row.
@@ -1658,6 +1659,39 @@ impl Store for PostgresStore {
             .await
             .map_err(pg)?;
         Ok(commits as f64 / secs.max(1e-9))
+    }
+
+    async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        let ids: Vec<i64> = tx
+            .query(
+                "SELECT id FROM instances
+                 WHERE status <> 'running' AND ended_at IS NOT NULL AND ended_at < $1
+                 ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
+                &[&cutoff, &(batch as i64)],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        for table in ["history", "logs", "items", "tasks"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE instance_id = ANY($1)"),
+                &[&ids],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.execute("DELETE FROM instances WHERE id = ANY($1)", &[&ids])
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(ids.len() as u64)
     }
 
     fn changes(&self) -> Arc<Notify> {

@@ -74,6 +74,7 @@ enum Request {
     Retry(Micros, String, Reply<Control>),
     Cancel(Micros, String, Reply<Control>),
     Probe(usize, Reply<f64>),
+    Scrub(Micros, usize, Reply<u64>),
 }
 
 /// The newest schema version this build writes.
@@ -154,6 +155,7 @@ CREATE INDEX logs_by_instance ON logs (instance_id, id);
 -- join tasks name their fan-in group; branches parked at fan-in states are items.
 ALTER TABLE instances ADD COLUMN parent TEXT;
 CREATE INDEX instances_by_parent ON instances (parent) WHERE parent IS NOT NULL;
+CREATE INDEX instances_ended ON instances (ended_at) WHERE status <> 'running';
 ALTER TABLE tasks ADD COLUMN token TEXT;
 ALTER TABLE tasks ADD COLUMN grp TEXT;
 -- Set when a continuation page queued the next page: a retry of the page must not queue it
@@ -384,6 +386,7 @@ fn fail_request(request: Request, e: &StoreError) {
         Request::Logs(_, r) => drop(r.send(Err(err()))),
         Request::Retry(_, _, r) | Request::Cancel(_, _, r) => drop(r.send(Err(err()))),
         Request::Probe(_, r) => drop(r.send(Err(err()))),
+        Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -425,6 +428,9 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Retry(now, name, reply) => pending(reply, scoped(tx, |tx| retry(tx, now, &name))),
         Request::Cancel(now, name, reply) => {
             pending(reply, scoped(tx, |tx| cancel(tx, now, &name)))
+        }
+        Request::Scrub(cutoff, batch, reply) => {
+            pending(reply, scoped(tx, |tx| scrub(tx, cutoff, batch)))
         }
         Request::Probe(_, reply) => pending(
             reply,
@@ -1210,6 +1216,20 @@ fn retry(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control> 
     Ok(Control::Done)
 }
 
+fn scrub(tx: &Transaction<'_>, cutoff: Micros, batch: usize) -> StoreResult<u64> {
+    // Foreign keys cascade to tasks, history, logs and items.
+    let deleted = tx
+        .execute(
+            "DELETE FROM instances WHERE id IN (
+                 SELECT id FROM instances
+                 WHERE status <> 'running' AND ended_at IS NOT NULL AND ended_at < ?1
+                 ORDER BY id LIMIT ?2)",
+            params![cutoff, batch as i64],
+        )
+        .map_err(db)?;
+    Ok(deleted as u64)
+}
+
 fn cancel(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control> {
     let Some((id, status)) = lookup(tx, name)? else {
         return Ok(Control::NotFound);
@@ -1307,6 +1327,10 @@ impl Store for SqliteStore {
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
         self.call(|r| Request::Probe(commits, r)).await
+    }
+
+    async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
+        self.call(|r| Request::Scrub(cutoff, batch, r)).await
     }
 
     fn changes(&self) -> Arc<Notify> {

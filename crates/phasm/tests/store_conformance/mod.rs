@@ -532,6 +532,30 @@ pub async fn task_ids_are_never_reused(store: &dyn Store) {
     assert_eq!(apply_one(store, T0, commit(&t)).await, Applied::Fenced);
 }
 
+pub async fn scrub_removes_only_old_ended_instances(store: &dyn Store) {
+    for name in ["old-1", "old-2", "live", "recent"] {
+        start(store, name, T0).await;
+    }
+    store.cancel(T0, "old-1").await.unwrap();
+    store.cancel(T0 + SEC, "old-2").await.unwrap();
+    store.cancel(T0 + 100 * SEC, "recent").await.unwrap();
+    let cutoff = T0 + 50 * SEC;
+    assert_eq!(store.scrub(cutoff, 1).await.unwrap(), 1, "bounded batches");
+    assert_eq!(store.scrub(cutoff, 10).await.unwrap(), 1);
+    assert_eq!(store.scrub(cutoff, 10).await.unwrap(), 0);
+    assert!(store.instance("old-1").await.unwrap().is_none());
+    assert!(store.instance("old-2").await.unwrap().is_none());
+    assert!(store.logs("old-1").await.unwrap().is_empty());
+    assert_eq!(
+        store.instance("live").await.unwrap().unwrap().status,
+        InstanceStatus::Running
+    );
+    assert_eq!(
+        store.instance("recent").await.unwrap().unwrap().status,
+        InstanceStatus::Cancelled
+    );
+}
+
 pub async fn commits_probe_reports_a_rate(store: &dyn Store) {
     let rate = store.probe_commit_rate(20).await.unwrap();
     assert!(rate > 0.0);
