@@ -40,6 +40,8 @@ pub struct ServerState {
     pub limits: Limits,
     /// When set, every request must carry `Authorization: Bearer TOKEN`.
     pub token: Option<String>,
+    /// The installed Prometheus recorder, when `GET /metrics` is enabled.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl std::fmt::Debug for ServerState {
@@ -63,6 +65,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/instances/{name}", get(instance))
         .route("/api/instances/{name}/cancel", post(cancel))
         .route("/api/instances/{name}/retry", post(retry))
+        .route("/metrics", get(prometheus))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authorize,
@@ -123,6 +126,57 @@ async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
             format!("the store is unavailable: {e}"),
         ),
     }
+}
+
+/// Install the process-wide Prometheus recorder (once) and return its handle.
+///
+/// # Errors
+/// When another metrics recorder is already installed.
+pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
+    static HANDLE: std::sync::Mutex<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        std::sync::Mutex::new(None);
+    let mut installed = HANDLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(h) = installed.as_ref() {
+        return Ok(h.clone());
+    }
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    *installed = Some(handle.clone());
+    Ok(handle)
+}
+
+/// Prometheus text: the worker's counters and histograms, and pending work sampled now.
+async fn prometheus(State(state): State<Arc<ServerState>>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "metrics are not enabled in this server",
+        );
+    };
+    match state.store.stats(state.clock.now()).await {
+        Ok(stats) => {
+            for q in &stats.queues {
+                let queue = q.queue.clone();
+                metrics::gauge!("phasm_queue_due", "queue" => queue.clone()).set(q.due as f64);
+                metrics::gauge!("phasm_queue_scheduled", "queue" => queue.clone())
+                    .set(q.scheduled as f64);
+                metrics::gauge!("phasm_queue_running", "queue" => queue.clone())
+                    .set(q.running as f64);
+                metrics::gauge!("phasm_queue_oldest_due_age_seconds", "queue" => queue)
+                    .set(q.oldest_due_age_seconds);
+            }
+            metrics::gauge!("phasm_parked_branches").set(stats.parked as f64);
+        }
+        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        handle.render(),
+    )
+        .into_response()
 }
 
 async fn machines(State(state): State<Arc<ServerState>>) -> Response {

@@ -34,6 +34,7 @@ async fn api(token: Option<&str>) -> Api {
             max_context_bytes: 1000,
         },
         token: token.map(str::to_string),
+        metrics: Some(phasm::server::install_metrics().unwrap()),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -242,4 +243,32 @@ async fn a_token_protects_every_api_call() {
     assert_eq!(status, 401);
     let (status, _) = call(&api, "GET", "/api/machines", None, Some("s3cret")).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn metrics_show_pending_work_and_step_counters() {
+    let api = api(None).await;
+    for _ in 0..3 {
+        let (status, _) = call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances",
+            Some("{}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    metrics::counter!("phasm_steps_total", "machine" => "Job", "state" => "a", "outcome" => "committed").increment(1);
+    let (status, body) = call(&api, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("phasm_queue_due{queue=\"default\"} 3"),
+        "{body}"
+    );
+    assert!(body.contains("phasm_parked_branches 0"), "{body}");
+    assert!(
+        body.contains("phasm_steps_total{machine=\"Job\",state=\"a\",outcome=\"committed\"}"),
+        "{body}"
+    );
 }

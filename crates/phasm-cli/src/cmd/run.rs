@@ -473,12 +473,20 @@ pub async fn serve(
             }
         });
     }
+    let metrics = match phasm::server::install_metrics() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics are disabled");
+            None
+        }
+    };
     let state = Arc::new(phasm::server::ServerState {
         store,
         config,
         clock,
         limits: Limits::default(),
         token,
+        metrics,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();

@@ -144,6 +144,30 @@ impl Targets {
     }
 }
 
+/// Pending work of one queue, for metrics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QueueStats {
+    /// The queue.
+    pub queue: String,
+    /// Steps due now and not running.
+    pub due: u64,
+    /// Steps waiting for a countdown or a retry backoff.
+    pub scheduled: u64,
+    /// Steps a worker holds.
+    pub running: u64,
+    /// How long the oldest due step has waited, in seconds (0 with none due).
+    pub oldest_due_age_seconds: f64,
+}
+
+/// A snapshot of the store's pending work, for metrics.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+pub struct StoreStats {
+    /// Per queue.
+    pub queues: Vec<QueueStats>,
+    /// Branches parked at fan-in states.
+    pub parked: u64,
+}
+
 /// The result of applying one commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -381,6 +405,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Call it repeatedly until it returns less than `batch` (each call is one short
     /// transaction, so workers are not held up).
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64>;
+
+    /// Pending work per queue and parked branches, for metrics.
+    async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;
 
     /// Measure the backend's durable single-row commit rate (commits per second), the
     /// physical limit `phasm bench` compares against.

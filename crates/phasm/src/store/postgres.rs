@@ -1661,6 +1661,44 @@ impl Store for PostgresStore {
         Ok(commits as f64 / secs.max(1e-9))
     }
 
+    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT queue,
+       SUM(CASE WHEN lease_owner IS NULL AND due_at <= $1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN lease_owner IS NULL AND due_at > $1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN lease_owner IS NOT NULL AND due_at > $1 THEN 1 ELSE 0 END),
+       MIN(CASE WHEN lease_owner IS NULL AND due_at <= $1 THEN due_at END)
+FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue",
+                &[&now],
+            )
+            .await
+            .map_err(pg)?;
+        let queues = rows
+            .iter()
+            .map(|r| {
+                let oldest: Option<i64> = r.get(4);
+                super::QueueStats {
+                    queue: r.get(0),
+                    due: r.get::<_, i64>(1).max(0) as u64,
+                    scheduled: r.get::<_, i64>(2).max(0) as u64,
+                    running: r.get::<_, i64>(3).max(0) as u64,
+                    oldest_due_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6),
+                }
+            })
+            .collect();
+        let parked: i64 = client
+            .query_one("SELECT COUNT(*) FROM items", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        Ok(super::StoreStats {
+            queues,
+            parked: parked.max(0) as u64,
+        })
+    }
+
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;

@@ -75,6 +75,7 @@ enum Request {
     Cancel(Micros, String, Reply<Control>),
     Probe(usize, Reply<f64>),
     Scrub(Micros, usize, Reply<u64>),
+    Stats(Micros, Reply<super::StoreStats>),
 }
 
 /// The newest schema version this build writes.
@@ -387,6 +388,7 @@ fn fail_request(request: Request, e: &StoreError) {
         Request::Retry(_, _, r) | Request::Cancel(_, _, r) => drop(r.send(Err(err()))),
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
+        Request::Stats(_, r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -429,6 +431,7 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Cancel(now, name, reply) => {
             pending(reply, scoped(tx, |tx| cancel(tx, now, &name)))
         }
+        Request::Stats(now, reply) => pending(reply, stats(tx, now)),
         Request::Scrub(cutoff, batch, reply) => {
             pending(reply, scoped(tx, |tx| scrub(tx, cutoff, batch)))
         }
@@ -1216,6 +1219,38 @@ fn retry(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control> 
     Ok(Control::Done)
 }
 
+fn stats(tx: &Transaction<'_>, now: Micros) -> StoreResult<super::StoreStats> {
+    let sql = "SELECT queue,
+       SUM(CASE WHEN lease_owner IS NULL AND due_at <= ?1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN lease_owner IS NULL AND due_at > ?1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN lease_owner IS NOT NULL AND due_at > ?1 THEN 1 ELSE 0 END),
+       MIN(CASE WHEN lease_owner IS NULL AND due_at <= ?1 THEN due_at END)
+FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue";
+    let queues = tx
+        .prepare_cached(sql)
+        .map_err(db)?
+        .query_map([now], |r| {
+            let oldest: Option<i64> = r.get(4)?;
+            Ok(super::QueueStats {
+                queue: r.get(0)?,
+                due: r.get::<_, i64>(1)?.max(0) as u64,
+                scheduled: r.get::<_, i64>(2)?.max(0) as u64,
+                running: r.get::<_, i64>(3)?.max(0) as u64,
+                oldest_due_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6),
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let parked: i64 = tx
+        .query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))
+        .map_err(db)?;
+    Ok(super::StoreStats {
+        queues,
+        parked: parked.max(0) as u64,
+    })
+}
+
 fn scrub(tx: &Transaction<'_>, cutoff: Micros, batch: usize) -> StoreResult<u64> {
     // Foreign keys cascade to tasks, history, logs and items.
     let deleted = tx
@@ -1331,6 +1366,10 @@ impl Store for SqliteStore {
 
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
         self.call(|r| Request::Scrub(cutoff, batch, r)).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
+        self.call(|r| Request::Stats(now, r)).await
     }
 
     fn changes(&self) -> Arc<Notify> {

@@ -512,6 +512,7 @@ async fn renew(inner: &Inner) {
             let still_running = lock(&inner.leases).clone();
             for ((id, claim), ok) in leases.iter().zip(held) {
                 if !ok && still_running.get(id) == Some(claim) {
+                    metrics::counter!("phasm_leases_lost_total").increment(1);
                     tracing::warn!(task = id, "lease lost: the step's commit will be refused");
                 }
             }
@@ -566,6 +567,7 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
             .await;
         match applied.map(|mut v| v.pop()) {
             Ok(Some(result)) if result.applied == Applied::Yes => {
+                record_metrics(task, &commit, started, inner.clock.now());
                 done.steps += u64::from(!commit.history.is_empty());
                 done.retries += u64::from(matches!(commit.disposition, Disposition::Retry { .. }));
                 done.failures +=
@@ -585,6 +587,8 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
                 return result.claimed;
             }
             Ok(_) => {
+                metrics::counter!("phasm_commits_refused_total", "machine" => task.machine.clone())
+                    .increment(1);
                 tracing::warn!(task = %task.name, "commit refused: the lease was lost, another attempt will run");
                 done.fenced += 1;
                 return Vec::new();
@@ -602,6 +606,31 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
             }
         }
     }
+}
+
+/// Count a committed step for `GET /metrics` (a no-op unless a recorder is installed).
+fn record_metrics(task: &Task, commit: &Commit, started: Micros, now: Micros) {
+    let outcome = match &commit.disposition {
+        Disposition::Retry { .. } => "retried",
+        Disposition::Failed { .. } => "failed",
+        Disposition::Keep => return,
+        Disposition::Finished => "committed",
+    };
+    let state = commit
+        .history
+        .first()
+        .map(|h| h.to.clone())
+        .or_else(|| task.from_state.clone())
+        .unwrap_or_default();
+    metrics::counter!(
+        "phasm_steps_total",
+        "machine" => task.machine.clone(),
+        "state" => state.clone(),
+        "outcome" => outcome
+    )
+    .increment(1);
+    metrics::histogram!("phasm_step_seconds", "machine" => task.machine.clone(), "state" => state)
+        .record((now - started).max(0) as f64 / 1e6);
 }
 
 fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
