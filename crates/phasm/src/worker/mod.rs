@@ -553,8 +553,19 @@ async fn execute(inner: Arc<Inner>, task: Task) -> Executed {
 }
 
 async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Task> {
+    use tracing::Instrument;
     let started = inner.clock.now();
-    let commit = step(inner, task, started).await;
+    // Every log line of the step (phasm's and the actions') carries where it happened.
+    let span = tracing::info_span!(
+        "step",
+        instance = %task.instance,
+        machine = %task.machine,
+        state = task.from_state.as_deref().unwrap_or(engine::PSEUDO_INIT),
+        event = %task.event,
+        task = %task.name,
+        attempt = task.attempt
+    );
+    let commit = step(inner, task, started).instrument(span).await;
     lock(&inner.leases).remove(&task.id);
     let changed = commit.instance_change != InstanceChange::None;
     let event = progress_event(&commit);
