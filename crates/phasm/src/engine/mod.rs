@@ -131,6 +131,32 @@ pub struct NewTask {
     pub token: Option<serde_json::Value>,
 }
 
+impl NewTask {
+    /// This task as claimed at its creation (first claim, attempt 0) by the worker whose
+    /// commit created it: the task a store hands back as a successor.
+    pub fn claimed(&self, id: i64, instance: &str, machine: &str, now: Micros) -> Task {
+        Task {
+            id,
+            claim: 1,
+            instance: instance.to_string(),
+            machine: machine.to_string(),
+            name: self.name.clone(),
+            from_state: self.from_state.clone(),
+            event: self.event.clone(),
+            kind: self.kind,
+            context: self.context.clone(),
+            step: self.step,
+            branch: self.branch.clone(),
+            attempt: 0,
+            first_attempt_at: now,
+            queue: self.queue.clone(),
+            token: self.token.clone(),
+            contexts: Vec::new(),
+            next_page_queued: false,
+        }
+    }
+}
+
 /// A branch parking its context at a fan-in state, to be joined.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Parked {

@@ -725,6 +725,22 @@ async fn park(
     Ok(false)
 }
 
+impl Outcome {
+    /// A commit refused by its fence: nothing happened.
+    fn fenced() -> Self {
+        Outcome {
+            result: AppliedCommit {
+                applied: Applied::Fenced,
+                claimed: Vec::new(),
+            },
+            instance_id: None,
+            settle: false,
+            complete: false,
+            notify: false,
+        }
+    }
+}
+
 /// What one commit did, for the follow-ups outside its transaction.
 struct Outcome {
     result: AppliedCommit,
@@ -853,39 +869,12 @@ async fn apply_simple(
         .map_err(pg)?;
     let instance_id: Option<i64> = row.get(0);
     let Some(instance_id) = instance_id else {
-        return Ok(Outcome {
-            result: AppliedCommit {
-                applied: Applied::Fenced,
-                claimed: Vec::new(),
-            },
-            instance_id: None,
-            settle: false,
-            complete: false,
-            notify: false,
-        });
+        return Ok(Outcome::fenced());
     };
     let inserted: Option<i64> = row.get(1);
     let mut claimed = Vec::new();
     if let (Some(id), Some(t), Some(_)) = (inserted, t, &lease) {
-        claimed.push(Task {
-            id,
-            claim: 1,
-            instance: c.instance.clone(),
-            machine: c.machine.clone(),
-            name: t.name.clone(),
-            from_state: t.from_state.clone(),
-            event: t.event.clone(),
-            kind: t.kind,
-            context: t.context.clone(),
-            step: t.step,
-            branch: t.branch.clone(),
-            attempt: 0,
-            first_attempt_at: now,
-            queue: t.queue.clone(),
-            token: t.token.clone(),
-            contexts: Vec::new(),
-            next_page_queued: false,
-        });
+        claimed.push(t.claimed(id, &c.instance, &c.machine, now));
     }
     Ok(Outcome {
         result: AppliedCommit {
@@ -1046,16 +1035,7 @@ async fn apply_one(
     }
     .map_err(pg)?;
     let Some(row) = found else {
-        return Ok(Outcome {
-            result: AppliedCommit {
-                applied: Applied::Fenced,
-                claimed: Vec::new(),
-            },
-            instance_id: None,
-            settle: false,
-            complete: false,
-            notify: false,
-        });
+        return Ok(Outcome::fenced());
     };
     let instance_id: i64 = row.get(0);
     let kind: String = row.get(1);
@@ -1079,25 +1059,7 @@ async fn apply_one(
         };
         let until = Some((s.owner.as_str(), now + micros(s.lease)));
         if let Some(id) = insert_task(&tx, instance_id, t, now, until).await? {
-            claimed.push(Task {
-                id,
-                claim: 1,
-                instance: c.instance.clone(),
-                machine: c.machine.clone(),
-                name: t.name.clone(),
-                from_state: t.from_state.clone(),
-                event: t.event.clone(),
-                kind: t.kind,
-                context: t.context.clone(),
-                step: t.step,
-                branch: t.branch.clone(),
-                attempt: 0,
-                first_attempt_at: now,
-                queue: t.queue.clone(),
-                token: t.token.clone(),
-                contexts: Vec::new(),
-                next_page_queued: false,
-            });
+            claimed.push(t.claimed(id, &c.instance, &c.machine, now));
         }
     }
     if !bulk.is_empty() {

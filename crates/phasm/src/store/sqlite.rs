@@ -759,25 +759,7 @@ fn apply(
         });
         let until = lease.map(|s| (s.owner.as_str(), now + micros(s.lease)));
         if let (Some(id), Some(_)) = (insert_task(tx, instance_id, t, now, until)?, until) {
-            claimed.push(Task {
-                id,
-                claim: 1,
-                instance: c.instance.clone(),
-                machine: machine.clone(),
-                name: t.name.clone(),
-                from_state: t.from_state.clone(),
-                event: t.event.clone(),
-                kind: t.kind,
-                context: t.context.clone(),
-                step: t.step,
-                branch: t.branch.clone(),
-                attempt: 0,
-                first_attempt_at: now,
-                queue: t.queue.clone(),
-                token: t.token.clone(),
-                contexts: Vec::new(),
-                next_page_queued: false,
-            });
+            claimed.push(t.claimed(id, &c.instance, machine, now));
         }
     }
     for h in &c.history {
