@@ -33,6 +33,7 @@
 pub mod action;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod diagnostic;
 pub mod engine;

@@ -1,5 +1,6 @@
 //! The HTTP API (`phasm serve`): JSON over HTTP for starting, inspecting, cancelling and
-//! retrying instances, plus the machines and their drawings.
+//! retrying instances, plus the machines and their drawings, and the web console's pages
+//! ([`crate::console`]).
 //!
 //! The router only calls the library ([`crate::control`], the [`Store`]); errors are JSON
 //! objects `{"error": MESSAGE}` with a 4xx status for bad requests, never a 500 for bad
@@ -70,9 +71,28 @@ pub fn router(state: Arc<ServerState>) -> Router {
             Arc::clone(&state),
             authorize,
         ));
+    let pages = Router::new()
+        .route("/", get(crate::console::machines))
+        .route("/instances", get(crate::console::instances))
+        .route("/instances/{name}", get(crate::console::instance))
+        .route(
+            "/instances/{name}/graph.svg",
+            get(crate::console::instance_graph),
+        )
+        .route("/instances/{name}/cancel", post(crate::console::cancel))
+        .route("/instances/{name}/retry", post(crate::console::retry))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            crate::console::authorize_pages,
+        ));
     Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/login",
+            get(crate::console::login_form).post(crate::console::login),
+        )
         .merge(api)
+        .merge(pages)
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
@@ -104,11 +124,7 @@ async fn authorize(
     next: Next,
 ) -> Response {
     if let Some(token) = &state.token {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(token.as_str()) {
+        if crate::console::token_given(&headers).as_deref() != Some(token.as_str()) {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send `Authorization: Bearer TOKEN`",

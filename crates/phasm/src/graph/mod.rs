@@ -11,7 +11,7 @@ mod svg;
 
 pub use dot::to_dot;
 pub use mermaid::to_mermaid;
-pub use svg::to_svg;
+pub use svg::{to_svg, to_svg_highlighting};
 
 use crate::machine::{FanIn, State};
 
@@ -21,6 +21,8 @@ const INITIAL_COLOR: &str = "#2e7d32";
 const CONTINUATION_FILL: &str = "#dbeafe";
 /// Fill of fan-in states.
 const FAN_IN_FILL: &str = "#fef3c7";
+/// Fill of the states an instance's branches are in now (the console's instance page).
+const HIGHLIGHT_FILL: &str = "#fb923c";
 /// Fill of every other state.
 const PLAIN_FILL: &str = "#ffffff";
 /// Label of a continuation state's loop edge.

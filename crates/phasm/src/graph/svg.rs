@@ -17,6 +17,12 @@ const EDGE_FONT_SIZE: usize = 12;
 
 /// The machine as a standalone SVG document.
 pub fn to_svg(machine: &Machine) -> String {
+    to_svg_highlighting(machine, &[])
+}
+
+/// The machine as SVG, with the named states drawn in the highlight colour (where an
+/// instance's branches are now).
+pub fn to_svg_highlighting(machine: &Machine, highlight: &[&str]) -> String {
     let dir = Orientation::TopToBottom;
     let mut graph = VisualGraph::new(dir);
 
@@ -43,10 +49,15 @@ pub fn to_svg(machine: &Machine) -> String {
             } else {
                 ("#333333", 1)
             };
+            let fill = if highlight.contains(&state.name.as_str()) {
+                super::HIGHLIGHT_FILL
+            } else {
+                fill(state)
+            };
             let look = StyleAttr::new(
                 Color::fast(border),
                 width,
-                Some(Color::fast(fill(state))),
+                Some(Color::fast(fill)),
                 10,
                 FONT_SIZE,
             );

@@ -1,0 +1,181 @@
+//! The web console in a real browser: headless Chromium loads the pages of a `phasm serve`
+//! process, watches an instance started through the API complete, and takes a screenshot.
+//! Without Chromium the test prints `SKIPPED` — or fails when `PHASM_REQUIRE_CHROMIUM=1`
+//! (as `.ci/run` sets it, after installing Debian's `chromium`).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn chromium() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var("PHASM_CHROMIUM").ok(),
+        Some("/usr/bin/chromium".into()),
+        Some("/usr/bin/chromium-browser".into()),
+    ];
+    let found = candidates
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .find(|p| p.exists());
+    if found.is_none() {
+        if std::env::var("PHASM_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1") {
+            panic!("Chromium is required (PHASM_REQUIRE_CHROMIUM=1) but was not found");
+        }
+        eprintln!("SKIPPED console test: no Chromium (install Debian's `chromium`)");
+    }
+    found
+}
+
+/// Run headless Chromium on a URL with extra arguments; returns its stdout.
+fn browse(chromium: &Path, profile: &Path, args: &[&str], url: &str) -> String {
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=3000",
+            "--timeout=30000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .stderr(Stdio::null())
+        .output()
+        .expect("chromium runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn post(port: u16, path: &str, body: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    response
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn the_console_shows_an_instance_run_to_completion() {
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "actions:\n  Work:\n    exec: [sh, -c, \"cat > /dev/null; sleep 1; echo '{\\\"event\\\": \\\"done\\\"}'\"]\nstate_machines:\n- name: Console\n  states:\n  - name: working\n    initial: true\n    action: Work\n    transitions:\n    - event: done\n      to: finished\n  - name: finished\n    final: true\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let server = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args([
+            "serve",
+            "fsm.yaml",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .current_dir(d)
+        .env("PHASM_DB", d.join("phasm.db"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = KillOnDrop(server);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let created = post(
+        port,
+        "/api/machines/Console/instances",
+        r#"{"name": "c1", "context": {"note": "<script>alert(1)</script>"}}"#,
+    );
+    assert!(created.starts_with("HTTP/1.1 201"), "{created}");
+
+    let base = format!("http://127.0.0.1:{port}");
+    let machines = browse(
+        &chromium,
+        &d.join("p1"),
+        &["--dump-dom"],
+        &format!("{base}/"),
+    );
+    assert!(machines.contains("<h2>Console</h2>"), "{machines}");
+    let list = browse(
+        &chromium,
+        &d.join("p2"),
+        &["--dump-dom"],
+        &format!("{base}/instances"),
+    );
+    assert!(list.contains("href=\"/instances/c1\""), "{list}");
+
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let page = loop {
+        let page = browse(
+            &chromium,
+            &d.join("p3"),
+            &["--dump-dom"],
+            &format!("{base}/instances/c1"),
+        );
+        if page.contains("class=\"s-completed\"") {
+            break page;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never showed the instance completed:\n{page}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(page.contains("<td>working</td>"), "the history is shown");
+    assert!(
+        page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "context is escaped"
+    );
+    assert!(
+        !page.contains("<script>alert(1)"),
+        "context is never markup"
+    );
+
+    let shot = d.join("console.png");
+    browse(
+        &chromium,
+        &d.join("p4"),
+        &[
+            "--window-size=1200,1000",
+            &format!("--screenshot={}", shot.display()),
+        ],
+        &format!("{base}/instances/c1"),
+    );
+    let png = std::fs::read(&shot).expect("a screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
+}
+
+/// Stops the server however the test ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -1,0 +1,492 @@
+//! The web console: server-rendered pages (no JavaScript build step) for the machines, the
+//! instances, and one instance — its graph with the states its branches are in highlighted,
+//! branch counts, history, pending steps and their errors, log, context, parent and children,
+//! and buttons to cancel or retry. An instance page refreshes its live part every two seconds
+//! with a few lines of inline script. Every value that comes from users (names, contexts, log
+//! lines, errors) is HTML-escaped.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::{Form, Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use serde::Deserialize;
+
+use crate::clock::rfc3339;
+use crate::server::ServerState;
+use crate::store::{Control, InstanceStatus, InstanceView, ListFilter};
+
+/// The cookie that carries the token for the console's pages.
+pub const TOKEN_COOKIE: &str = "phasm_token";
+
+/// Escape text for HTML (element content and quoted attribute values).
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Escape a path segment (instance and machine names are restricted, but be safe).
+fn seg(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0;color:#1f2937}\
+header{background:#111827;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.5rem;align-items:center}\
+header a{color:#fff;text-decoration:none}main{padding:1rem 1.2rem}\
+table{border-collapse:collapse;width:100%;font-size:.9rem}td,th{border-bottom:1px solid #e5e7eb;padding:.3rem .5rem;text-align:left;vertical-align:top}\
+.s-running{color:#2563eb}.s-completed{color:#15803d}.s-failed{color:#b91c1c}.s-halted,.s-cancelled{color:#6b7280}\
+pre{background:#f3f4f6;padding:.6rem;overflow:auto;max-height:24rem}.err{color:#b91c1c}\
+.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #e5e7eb;border-radius:.4rem;padding:.6rem 1rem}\
+form.inline{display:inline}button{padding:.3rem .8rem}img.graph{max-width:100%;border:1px solid #e5e7eb}";
+
+fn page(title: &str, body: &str) -> Html<String> {
+    Html(format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · phasm</title>\
+         <meta name=\"viewport\" content=\"width=device-width\"><style>{STYLE}</style></head>\
+         <body><header><strong>phasm</strong><a href=\"/\">Machines</a><a href=\"/instances\">Instances</a></header>\
+         <main>{body}</main></body></html>",
+        esc(title)
+    ))
+}
+
+fn status_span(status: InstanceStatus) -> String {
+    format!("<span class=\"s-{0}\">{0}</span>", status.as_str())
+}
+
+/// Pages need the token too: a bearer header, or the cookie set by the login form.
+pub(crate) fn token_given(headers: &HeaderMap) -> Option<String> {
+    if let Some(bearer) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some(bearer.to_string());
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == TOKEN_COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+/// Let a page through, or send the browser to the login form.
+pub(crate) async fn authorize_pages(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &state.token {
+        Some(token) if token_given(&headers).as_deref() != Some(token.as_str()) => {
+            Redirect::to("/login").into_response()
+        }
+        _ => next.run(request).await,
+    }
+}
+
+/// `GET /login`.
+pub(crate) async fn login_form() -> Html<String> {
+    page(
+        "Log in",
+        "<h1>Log in</h1><form method=\"post\" action=\"/login\"><label>Token <input type=\"password\" name=\"token\" autofocus></label> <button>Log in</button></form>",
+    )
+}
+
+#[derive(Deserialize)]
+pub(crate) struct Login {
+    token: String,
+}
+
+/// `POST /login`: a right token sets the cookie.
+pub(crate) async fn login(
+    State(state): State<Arc<ServerState>>,
+    Form(form): Form<Login>,
+) -> Response {
+    match &state.token {
+        Some(token) if *token == form.token => (
+            [(
+                header::SET_COOKIE,
+                format!("{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict", seg(&form.token)),
+            )],
+            Redirect::to("/"),
+        )
+            .into_response(),
+        Some(_) => (StatusCode::UNAUTHORIZED, page("Log in", "<h1>Log in</h1><p class=\"err\">Wrong token.</p><p><a href=\"/login\">Try again</a></p>")).into_response(),
+        None => Redirect::to("/").into_response(),
+    }
+}
+
+/// `GET /`: the machines and their graphs.
+pub(crate) async fn machines(State(state): State<Arc<ServerState>>) -> Html<String> {
+    let mut body = String::from("<h1>Machines</h1>");
+    for m in &state.config.machines {
+        let _ = write!(
+            body,
+            "<section class=\"card\"><h2>{name}</h2><p>{n} states · <a href=\"/instances?machine={q}\">instances</a></p>\
+             <img class=\"graph\" alt=\"graph of {name}\" src=\"/api/machines/{q}/graph.svg\"></section>",
+            name = esc(&m.name),
+            n = m.states.len(),
+            q = seg(&m.name),
+        );
+    }
+    page("Machines", &body)
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    machine: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /instances`: newest first, filtered by machine and status.
+pub(crate) async fn instances(
+    State(state): State<Arc<ServerState>>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let machine = q.machine.filter(|m| !m.is_empty());
+    let status = q
+        .status
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .and_then(InstanceStatus::parse);
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    let rows = match state
+        .store
+        .list(&ListFilter {
+            machine: machine.clone(),
+            status,
+            limit,
+        })
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                page(
+                    "Instances",
+                    &format!("<p class=\"err\">{}</p>", esc(&e.to_string())),
+                ),
+            )
+                .into_response()
+        }
+    };
+    let mut body = String::from("<h1>Instances</h1><form method=\"get\">Machine <select name=\"machine\"><option value=\"\">any</option>");
+    for m in &state.config.machines {
+        let selected = if machine.as_deref() == Some(m.name.as_str()) {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(body, "<option{selected}>{}</option>", esc(&m.name));
+    }
+    body.push_str("</select> Status <select name=\"status\"><option value=\"\">any</option>");
+    for s in ["running", "completed", "failed", "halted", "cancelled"] {
+        let selected = if status.map(InstanceStatus::as_str) == Some(s) {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(body, "<option{selected}>{s}</option>");
+    }
+    let _ = write!(
+        body,
+        "</select> <button>Filter</button></form><table><tr><th>instance</th><th>machine</th><th>status</th><th>created</th><th>error</th></tr>"
+    );
+    for r in &rows {
+        let _ = write!(
+            body,
+            "<tr><td><a href=\"/instances/{q}\">{name}</a></td><td>{machine}</td><td>{status}</td><td>{created}</td><td class=\"err\">{error}</td></tr>",
+            q = seg(&r.instance),
+            name = esc(&r.instance),
+            machine = esc(&r.machine),
+            status = status_span(r.status),
+            created = rfc3339(r.created_at),
+            error = esc(r.error.as_deref().unwrap_or("")),
+        );
+    }
+    body.push_str("</table>");
+    if rows.len() == limit {
+        let _ = write!(
+            body,
+            "<p><a href=\"/instances?machine={}&status={}&limit={}\">Show more</a></p>",
+            seg(machine.as_deref().unwrap_or("")),
+            status.map_or("", InstanceStatus::as_str),
+            limit * 2
+        );
+    }
+    page("Instances", &body).into_response()
+}
+
+/// The part of an instance page that refreshes itself.
+fn live_part(view: &InstanceView) -> String {
+    let b = &view.branches;
+    let mut out = format!(
+        "<div class=\"cards\"><div class=\"card\">status <strong id=\"status\">{}</strong></div>\
+         <div class=\"card\">{} live · {} parked at fan-ins · {} ended · {} failed</div></div>",
+        status_span(view.status),
+        b.live,
+        b.parked,
+        b.ended,
+        b.failed
+    );
+    if let Some(error) = &view.error {
+        let _ = write!(out, "<p class=\"err\">{}</p>", esc(error));
+    }
+    let _ = write!(
+        out,
+        "<p><img class=\"graph\" alt=\"graph\" src=\"/instances/{}/graph.svg?t={}\"></p>",
+        seg(&view.name),
+        view.history.len() + view.tasks.len()
+    );
+    out.push_str("<h2>History</h2><table><tr><th>#</th><th>from</th><th>event</th><th>to</th><th>attempt</th><th>at</th><th>took</th><th>branch</th></tr>");
+    for (i, h) in view.history.iter().enumerate() {
+        let _ = write!(
+            out,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} ms</td><td>{}</td></tr>",
+            i + 1,
+            esc(h.from.as_deref().unwrap_or("—")),
+            esc(&h.event),
+            esc(&h.to),
+            h.attempt,
+            rfc3339(h.finished_at),
+            (h.finished_at - h.started_at) as f64 / 1000.0,
+            esc(&h.branch)
+        );
+    }
+    out.push_str("</table>");
+    if !view.tasks.is_empty() {
+        out.push_str("<h2>Pending</h2><table><tr><th>from</th><th>event</th><th>status</th><th>attempts</th><th>due</th><th>last error</th></tr>");
+        for t in &view.tasks {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>",
+                esc(t.from.as_deref().unwrap_or("start")),
+                esc(&t.event),
+                esc(&t.status),
+                t.attempts,
+                rfc3339(t.due_at),
+                esc(t.last_error.as_deref().unwrap_or(""))
+            );
+        }
+        out.push_str("</table>");
+    }
+    if let Some(context) = &view.current_context {
+        let pretty = serde_json::to_string_pretty(context).unwrap_or_default();
+        let _ = write!(out, "<h2>Context</h2><pre>{}</pre>", esc(&pretty));
+    }
+    out
+}
+
+/// `GET /instances/{name}`; with `X-Partial: 1`, only the part that refreshes itself.
+pub(crate) async fn instance(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let view = match state.store.instance(&name).await {
+        Ok(Some(view)) => view,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                page(
+                    "Not found",
+                    &format!("<p>No instance named <code>{}</code>.</p>", esc(&name)),
+                ),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                page(
+                    "Error",
+                    &format!("<p class=\"err\">{}</p>", esc(&e.to_string())),
+                ),
+            )
+                .into_response()
+        }
+    };
+    if headers.get("x-partial").is_some() {
+        return Html(live_part(&view)).into_response();
+    }
+    let logs = state.store.logs(&name).await.unwrap_or_default();
+    let q = seg(&view.name);
+    let mut body = format!(
+        "<h1>{}</h1><p>machine <a href=\"/instances?machine={}\">{}</a> · created {}",
+        esc(&view.name),
+        seg(&view.machine),
+        esc(&view.machine),
+        rfc3339(view.created_at)
+    );
+    if let Some(parent) = &view.parent {
+        let _ = write!(
+            body,
+            " · parent <a href=\"/instances/{}\">{}</a>",
+            seg(parent),
+            esc(parent)
+        );
+    }
+    body.push_str("</p><p>");
+    if matches!(
+        view.status,
+        InstanceStatus::Running | InstanceStatus::Failed
+    ) {
+        let _ = write!(body, "<form class=\"inline\" method=\"post\" action=\"/instances/{q}/cancel\"><button id=\"cancel\">Cancel</button></form> ");
+    }
+    if view.status == InstanceStatus::Failed {
+        let _ = write!(body, "<form class=\"inline\" method=\"post\" action=\"/instances/{q}/retry\"><button id=\"retry\">Retry</button></form>");
+    }
+    body.push_str("</p>");
+    let _ = write!(body, "<div id=\"live\">{}</div>", live_part(&view));
+    if !view.children.is_empty() {
+        body.push_str("<h2>Children</h2><ul>");
+        for c in &view.children {
+            let _ = write!(
+                body,
+                "<li><a href=\"/instances/{}\">{}</a></li>",
+                seg(c),
+                esc(c)
+            );
+        }
+        body.push_str("</ul>");
+    }
+    body.push_str("<h2>Log</h2><pre id=\"log\">");
+    for l in &logs {
+        let _ = writeln!(
+            body,
+            "{} {:<7} {}",
+            rfc3339(l.at),
+            esc(&l.level),
+            esc(&l.message)
+        );
+    }
+    body.push_str("</pre>");
+    if view.status == InstanceStatus::Running {
+        body.push_str(
+            "<script>setInterval(async()=>{const r=await fetch(location.pathname,{headers:{'X-Partial':'1'}});\
+             if(r.ok){document.getElementById('live').innerHTML=await r.text();}},2000);</script>",
+        );
+    }
+    page(&view.name, &body).into_response()
+}
+
+/// `GET /instances/{name}/graph.svg`: the machine with the branches' states highlighted.
+pub(crate) async fn instance_graph(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Ok(Some(view)) = state.store.instance(&name).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Some(machine) = state.config.machine(&view.machine) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let here: Vec<&str> = view
+        .tasks
+        .iter()
+        .filter_map(|t| t.from.as_deref())
+        .collect();
+    let initial: Vec<&str> = if view.tasks.iter().any(|t| t.from.is_none()) {
+        machine
+            .initial_state()
+            .map(|s| vec![s.name.as_str()])
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let highlight: Vec<&str> = here.into_iter().chain(initial).collect();
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        crate::graph::to_svg_highlighting(machine, &highlight),
+    )
+        .into_response()
+}
+
+async fn act(state: &ServerState, name: &str, cancel: bool) -> Response {
+    let now = state.clock.now();
+    let result = if cancel {
+        state.store.cancel(now, name).await
+    } else {
+        state.store.retry(now, name).await
+    };
+    match result {
+        Ok(Control::Done) => Redirect::to(&format!("/instances/{}", seg(name))).into_response(),
+        Ok(Control::NotFound) => (
+            StatusCode::NOT_FOUND,
+            page("Not found", "<p>No such instance.</p>"),
+        )
+            .into_response(),
+        Ok(Control::NotAllowed(status)) => (
+            StatusCode::CONFLICT,
+            page(
+                "Not allowed",
+                &format!(
+                    "<p>The instance is {}.</p><p><a href=\"/instances/{}\">Back</a></p>",
+                    status.as_str(),
+                    seg(name)
+                ),
+            ),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            page(
+                "Error",
+                &format!("<p class=\"err\">{}</p>", esc(&e.to_string())),
+            ),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /instances/{name}/cancel` (the page's button).
+pub(crate) async fn cancel(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+) -> Response {
+    act(&state, &name, true).await
+}
+
+/// `POST /instances/{name}/retry` (the page's button).
+pub(crate) async fn retry(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+) -> Response {
+    act(&state, &name, false).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_users_write() {
+        assert_eq!(
+            esc("<script>alert('x')</script> & \"q\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
+        );
+        assert_eq!(seg("a b/c"), "a%20b%2Fc");
+    }
+}
