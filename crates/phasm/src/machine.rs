@@ -455,10 +455,23 @@ impl ContextType {
 pub enum ActionBinding {
     /// Run a program per call: one JSON request on stdin, one JSON response on stdout.
     Exec(ExecBinding),
+    /// Call a URL per call (a webhook): the same JSON request and response as `exec`.
+    Http(HttpBinding),
     /// Built-in continuation: page through the lines of a file.
     Lines(LinesBinding),
     /// Built-in continuation: page through a list in the context.
     List(ListBinding),
+}
+
+/// The `http:` binding of an action name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpBinding {
+    /// The URL, `http://` or `https://`, called with `POST`.
+    pub url: String,
+    /// Longest a call may take before the attempt fails.
+    pub timeout: Option<Duration>,
+    /// Extra request headers (e.g. an `Authorization` for the service).
+    pub headers: BTreeMap<String, String>,
 }
 
 /// The built-in `lines:` action: in a continuation state, each page puts the next `batch`

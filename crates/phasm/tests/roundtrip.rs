@@ -364,3 +364,15 @@ proptest! {
         prop_assert_eq!(&loaded.config, &config, "YAML was:\n{}", yaml);
     }
 }
+
+#[test]
+fn http_and_built_in_bindings_round_trip() {
+    let yaml = "actions:\n  Hook:\n    http: https://hooks.example/pay?x=1\n    timeout: 1500ms\n    headers:\n      Authorization: Bearer abc\n  Read:\n    lines: data/r.jsonl\n    batch: 7\n    into: rows\n    event: got\n  Each:\n    list: ids\nstate_machines:\n- name: M\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Hook\n";
+    let first = load_str(yaml, PATH, &LoadOptions::default())
+        .unwrap()
+        .config;
+    let again = load_str(&to_yaml(&first), PATH, &LoadOptions::default())
+        .unwrap()
+        .config;
+    assert_eq!(first, again);
+}

@@ -49,20 +49,7 @@ impl Action for ExecAction {
     }
 
     async fn run(&self, cx: &mut ActionContext) -> ActionResult {
-        let mut request = json!({
-            "machine": cx.machine,
-            "instance": cx.instance,
-            "state": cx.state,
-            "role": cx.role.as_str(),
-            "event": cx.event,
-            "task": cx.task,
-            "attempt": cx.attempt,
-            "context": cx.context,
-            "token": cx.token,
-        });
-        if !cx.contexts.is_empty() {
-            request["contexts"] = json!(cx.contexts);
-        }
+        let request = request(cx);
         let timeout = self.binding.timeout.unwrap_or(DEFAULT_EXEC_TIMEOUT);
         let (program, args) = self
             .binding
@@ -158,6 +145,25 @@ impl Action for ExecAction {
     }
 }
 
+/// The JSON request a program (or a webhook) receives for a call.
+pub(crate) fn request(cx: &ActionContext) -> Value {
+    let mut request = json!({
+        "machine": cx.machine,
+        "instance": cx.instance,
+        "state": cx.state,
+        "role": cx.role.as_str(),
+        "event": cx.event,
+        "task": cx.task,
+        "attempt": cx.attempt,
+        "context": cx.context,
+        "token": cx.token,
+    });
+    if !cx.contexts.is_empty() {
+        request["contexts"] = json!(cx.contexts);
+    }
+    request
+}
+
 async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> (Vec<u8>, bool) {
     let Some(pipe) = pipe else {
         return (Vec::new(), false);
@@ -185,8 +191,8 @@ fn tail(text: &str) -> String {
     trimmed[start..].replace('\n', " | ")
 }
 
-/// Apply a program's response to the action context; returns the event.
-fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
+/// Apply a program's (or a webhook's) response to the action context; returns the event.
+pub(crate) fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
     if stdout.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

@@ -3,6 +3,7 @@
 
 mod builtin;
 mod exec;
+mod http;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use serde::Serialize;
 
 pub use builtin::{LinesAction, ListAction};
 pub use exec::{ExecAction, DEFAULT_EXEC_TIMEOUT, MAX_EXEC_OUTPUT_BYTES};
+pub use http::HttpAction;
 
 use crate::clock::{Clock, Micros};
 use crate::engine::{Call, Context, LogLine, SpawnRequest};
@@ -359,6 +361,7 @@ impl Registry {
         for (name, binding) in &config.actions {
             let action: Arc<dyn Action> = match binding {
                 ActionBinding::Exec(exec) => Arc::new(ExecAction::new(exec.clone())),
+                ActionBinding::Http(http) => Arc::new(HttpAction::new(http.clone())),
                 ActionBinding::Lines(lines) => Arc::new(LinesAction::new(lines.clone())),
                 ActionBinding::List(list) => Arc::new(ListAction::new(list.clone())),
             };

@@ -31,6 +31,18 @@ pub fn to_yaml(config: &Config) -> String {
                         line(&mut out, 4, "timeout", &duration::format(t));
                     }
                 }
+                ActionBinding::Http(h) => {
+                    line(&mut out, 4, "http", &quoted(&h.url));
+                    if let Some(t) = h.timeout {
+                        line(&mut out, 4, "timeout", &duration::format(t));
+                    }
+                    if !h.headers.is_empty() {
+                        out.push_str("    headers:\n");
+                        for (k, v) in &h.headers {
+                            line(&mut out, 6, &scalar(k), &quoted(v));
+                        }
+                    }
+                }
                 ActionBinding::Lines(l) => {
                     line(&mut out, 4, "lines", &quoted(&l.path.to_string_lossy()));
                     page_keys(&mut out, l.batch, &l.into, l.event.as_deref());

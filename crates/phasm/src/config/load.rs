@@ -15,7 +15,8 @@ use super::yaml::{self, Node, NodeKind, Pos, Span};
 use super::{LoadOptions, Loaded};
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::machine::{
-    ActionBinding, Config, ExecBinding, LinesBinding, ListBinding, QueueLimits, Rate, DEFAULT_QUEUE,
+    ActionBinding, Config, ExecBinding, HttpBinding, LinesBinding, ListBinding, QueueLimits, Rate,
+    DEFAULT_QUEUE,
 };
 
 /// Keys of a file's top level.
@@ -389,11 +390,13 @@ impl Assembler<'_> {
             let Some(f) = cx.fields(
                 value,
                 &format!("action `{name}`"),
-                &["exec", "timeout", "lines", "list", "batch", "into", "event"],
+                &[
+                    "exec", "http", "headers", "timeout", "lines", "list", "batch", "into", "event",
+                ],
             ) else {
                 continue;
             };
-            let kinds: Vec<&str> = ["exec", "lines", "list"]
+            let kinds: Vec<&str> = ["exec", "http", "lines", "list"]
                 .into_iter()
                 .filter(|k| f.get(k).is_some())
                 .collect();
@@ -402,12 +405,12 @@ impl Assembler<'_> {
                     cx.error(
                         key.span,
                         format!("action `{name}` has no binding"),
-                        Some("add `exec: [PROGRAM, ARGS...]`, or a built-in `lines: FILE` or `list: KEY`".into()),
+                        Some("add `exec: [PROGRAM, ARGS...]` or `http: URL`, or a built-in `lines: FILE` or `list: KEY`".into()),
                     );
                     continue;
                 }
                 ["exec"] => {
-                    for extra in ["batch", "into", "event"] {
+                    for extra in ["batch", "into", "event", "headers"] {
                         if f.get(extra).is_some() {
                             cx.error(
                                 f.spans().key(extra),
@@ -424,6 +427,44 @@ impl Assembler<'_> {
                         argv,
                         working_dir: dir.clone(),
                         timeout,
+                    })
+                }
+                ["http"] => {
+                    let timeout = f.get("timeout").and_then(|n| cx.duration(n, "timeout"));
+                    let Some(url) = f.get("http").and_then(|n| cx.string(n, "http")) else {
+                        continue;
+                    };
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        cx.error(
+                            f.spans().value("http"),
+                            format!("`http` must be an http:// or https:// URL, found `{url}`"),
+                            None,
+                        );
+                        continue;
+                    }
+                    let mut headers = BTreeMap::new();
+                    if let Some(node) = f.get("headers") {
+                        match &node.kind {
+                            NodeKind::Map(entries) => {
+                                for (k, v) in entries {
+                                    if let (Some(k), Some(v)) =
+                                        (k.scalar(), cx.string(v, "headers"))
+                                    {
+                                        headers.insert(k.to_string(), v);
+                                    }
+                                }
+                            }
+                            _ => cx.error(
+                                node.span,
+                                "`headers` must map header names to values",
+                                None,
+                            ),
+                        }
+                    }
+                    ActionBinding::Http(HttpBinding {
+                        url,
+                        timeout,
+                        headers,
                     })
                 }
                 [kind] => {
