@@ -177,6 +177,7 @@ pub(crate) async fn instances(
             machine: machine.clone(),
             status,
             limit,
+            before: None,
         })
         .await
     {

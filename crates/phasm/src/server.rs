@@ -299,6 +299,7 @@ struct ListQuery {
     machine: Option<String>,
     status: Option<String>,
     limit: Option<usize>,
+    cursor: Option<String>,
 }
 
 async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQuery>) -> Response {
@@ -316,10 +317,12 @@ async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQue
             }
         },
     };
+    let limit = query.limit.unwrap_or(50).clamp(1, 1000);
     let filter = ListFilter {
         machine: query.machine.filter(|m| !m.is_empty()),
         status,
-        limit: query.limit.unwrap_or(50).min(1000),
+        limit,
+        before: query.cursor.filter(|c| !c.is_empty()),
     };
     match state.store.list(&filter).await {
         Ok(rows) => {
@@ -336,7 +339,14 @@ async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQue
                     })
                 })
                 .collect();
-            Json(json!({ "instances": rows })).into_response()
+            // A full page may have a next one: it starts after this page's last instance.
+            let next = (rows.len() == limit)
+                .then(|| {
+                    rows.last()
+                        .and_then(|r| r["instance"].as_str().map(str::to_string))
+                })
+                .flatten();
+            Json(json!({ "instances": rows, "next_cursor": next })).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

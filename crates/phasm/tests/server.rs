@@ -272,3 +272,39 @@ async fn metrics_show_pending_work_and_step_counters() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn the_instance_list_pages_with_a_cursor_and_the_console_renders() {
+    let api = api(None).await;
+    for i in 0..3 {
+        let body = format!(r#"{{"name": "p{i}"}}"#);
+        let (status, _) = call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances",
+            Some(&body),
+            None,
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let (_, body) = call(&api, "GET", "/api/instances?limit=2", None, None).await;
+    let first = json(&body);
+    assert_eq!(first["instances"][0]["instance"], "p2");
+    assert_eq!(first["next_cursor"], "p1");
+    let (_, body) = call(&api, "GET", "/api/instances?limit=2&cursor=p1", None, None).await;
+    let second = json(&body);
+    assert_eq!(second["instances"][0]["instance"], "p0");
+    assert_eq!(second["next_cursor"], Value::Null);
+
+    let (status, page) = call(&api, "GET", "/instances/p0", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<h1>p0</h1>") && page.contains("id=\"cancel\""),
+        "{page}"
+    );
+    let (status, _) = call(&api, "POST", "/instances/p0/cancel", None, None).await;
+    assert_eq!(status, 303, "the button redirects back to the page");
+    let (_, page) = call(&api, "GET", "/instances/p0", None, None).await;
+    assert!(page.contains("s-cancelled"), "{page}");
+}

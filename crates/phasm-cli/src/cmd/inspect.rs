@@ -139,6 +139,7 @@ pub async fn list(
         machine,
         status,
         limit,
+        before: None,
     };
     let rows = match store.list(&filter).await {
         Ok(rows) => rows,

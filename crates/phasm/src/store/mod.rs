@@ -318,6 +318,8 @@ pub struct ListFilter {
     pub status: Option<InstanceStatus>,
     /// At most this many (newest first); 0 means 100.
     pub limit: usize,
+    /// Only instances older than this one (the last of the previous page): cursor paging.
+    pub before: Option<String>,
 }
 
 /// What `retry` or `cancel` did.

@@ -1486,8 +1486,9 @@ impl Store for PostgresStore {
             .query(
                 "SELECT name, machine, status, created_at, updated_at, error FROM instances
                  WHERE ($1::TEXT IS NULL OR machine = $1) AND ($2::TEXT IS NULL OR status = $2)
+                   AND ($4::TEXT IS NULL OR id < (SELECT id FROM instances WHERE name = $4))
                  ORDER BY id DESC LIMIT $3",
-                &[&filter.machine, &status, &limit],
+                &[&filter.machine, &status, &limit, &filter.before],
             )
             .await
             .map_err(pg)?

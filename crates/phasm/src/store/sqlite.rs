@@ -1103,6 +1103,7 @@ fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSu
         .prepare_cached(
             "SELECT name, machine, status, created_at, updated_at, error FROM instances
              WHERE (?1 IS NULL OR machine = ?1) AND (?2 IS NULL OR status = ?2)
+               AND (?4 IS NULL OR id < (SELECT id FROM instances WHERE name = ?4))
              ORDER BY id DESC LIMIT ?3",
         )
         .map_err(db)?;
@@ -1111,7 +1112,8 @@ fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSu
             params![
                 filter.machine,
                 filter.status.map(InstanceStatus::as_str),
-                limit
+                limit,
+                filter.before
             ],
             |r| {
                 Ok((
