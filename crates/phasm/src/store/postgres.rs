@@ -218,6 +218,25 @@ async fn begin(client: &mut Object) -> StoreResult<Transaction<'_>> {
     client.transaction().await.map(Transaction).map_err(pg)
 }
 
+/// Lock an instance's row for the rest of `tx` (so a worker cannot end or advance it
+/// meanwhile) and return its id and status; `None` when no instance has that name.
+async fn lock_instance_by_name(
+    tx: &Transaction<'_>,
+    name: &str,
+) -> StoreResult<Option<(i64, InstanceStatus)>> {
+    let Some(row) = tx
+        .query_opt(
+            "SELECT id, status FROM instances WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await
+        .map_err(pg)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some((row.get(0), parse_status(row.get(1))?)))
+}
+
 fn pg(e: tokio_postgres::Error) -> StoreError {
     match e.as_db_error() {
         Some(db) => StoreError::Database(format!("{}: {}", db.code().code(), db.message())),
@@ -1529,18 +1548,9 @@ impl Store for PostgresStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
-        let Some(row) = tx
-            .query_opt(
-                "SELECT id, status FROM instances WHERE name = $1 FOR UPDATE",
-                &[&name],
-            )
-            .await
-            .map_err(pg)?
-        else {
+        let Some((id, status)) = lock_instance_by_name(&tx, name).await? else {
             return Ok(Control::NotFound);
         };
-        let id: i64 = row.get(0);
-        let status = parse_status(row.get(1))?;
         if status != InstanceStatus::Failed {
             return Ok(Control::NotAllowed(status));
         }
@@ -1575,18 +1585,9 @@ impl Store for PostgresStore {
     async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
-        let Some(row) = tx
-            .query_opt(
-                "SELECT id, status FROM instances WHERE name = $1 FOR UPDATE",
-                &[&name],
-            )
-            .await
-            .map_err(pg)?
-        else {
+        let Some((id, status)) = lock_instance_by_name(&tx, name).await? else {
             return Ok(Control::NotFound);
         };
-        let id: i64 = row.get(0);
-        let status = parse_status(row.get(1))?;
         if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
             return Ok(Control::NotAllowed(status));
         }
