@@ -29,6 +29,9 @@ pub struct Config {
     pub actions: BTreeMap<String, ActionBinding>,
     /// Per-queue limits (`queues:`), from all files.
     pub queues: BTreeMap<String, QueueLimits>,
+    /// Python actions (`python:`): with it, every action name no other binding or Rust
+    /// handler takes is a Python class or function run by phasm's action hosts.
+    pub python: Option<PythonSettings>,
 }
 
 impl Config {
@@ -515,6 +518,24 @@ pub struct ExecBinding {
     pub working_dir: PathBuf,
     /// Longest a call may run before it is killed and the attempt fails.
     pub timeout: Option<Duration>,
+}
+
+/// The `python:` section: how phasm runs Python actions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PythonSettings {
+    /// Import roots, absolute (default: the folder of the file that declared the section).
+    pub path: Vec<PathBuf>,
+    /// Host processes per worker (`None`: the number of cores).
+    pub processes: Option<u32>,
+    /// Longest a step's Python calls may run together before the host is killed and the
+    /// attempt fails (`None`: 300 s).
+    pub timeout: Option<Duration>,
+    /// The Python interpreter (`None`: `python3` on the PATH).
+    pub interpreter: Option<String>,
+    /// The folder of the file that declared the section: hosts run there.
+    pub working_dir: PathBuf,
+    /// `path` as written, for writing the section back.
+    pub path_as_written: Option<Vec<String>>,
 }
 
 /// Limits of one queue, shared by every worker.

@@ -14,10 +14,15 @@ use crate::{Format, EXIT_INVALID};
 
 /// Load a machine file for running, printing its diagnostics; `None` after an error.
 pub fn load(file: &Path) -> Option<Config> {
+    load_with_sites(file).map(|(config, _)| config)
+}
+
+/// As [`load`], with where the file names its actions and events.
+pub fn load_with_sites(file: &Path) -> Option<(Config, config::Sites)> {
     match config::load_file(file, &LoadOptions::default()) {
         Ok(loaded) => {
             print_diagnostics(&Diagnostics(loaded.warnings));
-            Some(loaded.config)
+            Some((loaded.config, loaded.sites))
         }
         Err(diags) => {
             print_diagnostics(&diags);

@@ -17,27 +17,37 @@ use phasm::worker::{check_machine, StopWhen, Worker, WorkerEvent, WorkerOptions}
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::files::{choose, load};
+use super::files::{choose, load_with_sites};
 use crate::{db, DbArgs, StartArgs, EXIT_FAILED, EXIT_INVALID};
 
 /// The parts of a start that are checked before anything is written.
 struct Prepared {
     config: Arc<Config>,
+    registry: Arc<Registry>,
     machine: String,
     context: Context,
     store: Arc<dyn Store>,
     limits: Limits,
 }
 
-async fn prepare(args: &StartArgs, connections: usize) -> Result<Prepared, ExitCode> {
+/// Check a start, and (with `hosts`) start the action hosts of a configuration's Python
+/// actions, which also resolves its events written as Python constants.
+async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Prepared, ExitCode> {
     let invalid = || ExitCode::from(EXIT_INVALID);
-    let config = load(&args.file).ok_or_else(invalid)?;
+    let (mut config, sites) = load_with_sites(&args.file).ok_or_else(invalid)?;
+    let context = {
+        let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
+        build_context(machine, args.context.as_deref(), &args.set).map_err(|e| {
+            eprintln!("error: {e}");
+            invalid()
+        })?
+    };
+    let registry = if hosts {
+        bind(&mut config, &sites).await.ok_or_else(invalid)?
+    } else {
+        registry(&config)
+    };
     let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
-    let context = build_context(machine, args.context.as_deref(), &args.set).map_err(|e| {
-        eprintln!("error: {e}");
-        invalid()
-    })?;
-    let registry = registry(&config);
     if let Err(e) = check_machine(machine, &registry) {
         eprintln!("error: {e}");
         return Err(invalid());
@@ -60,6 +70,7 @@ async fn prepare(args: &StartArgs, connections: usize) -> Result<Prepared, ExitC
     })?;
     Ok(Prepared {
         machine: machine.name.clone(),
+        registry: Arc::new(registry),
         config: Arc::new(config),
         context,
         store,
@@ -73,6 +84,26 @@ fn registry(config: &Config) -> Registry {
     let mut registry = Registry::new();
     registry.bind_config(config);
     registry
+}
+
+/// The registry for working on `config`: its bindings, and hosts started for its Python
+/// actions (events written as Python constants are resolved into `config`). Prints why not.
+pub(crate) async fn bind(config: &mut Config, sites: &phasm::config::Sites) -> Option<Registry> {
+    let mut registry = registry(config);
+    match phasm::action::python::start(config, sites, &mut registry).await {
+        Ok(_) => Some(registry),
+        Err(e) => {
+            eprintln!("error: {e}");
+            None
+        }
+    }
+}
+
+/// Let the action hosts finish and exit (what is left after the grace period is killed).
+pub(crate) async fn close_hosts(registry: &Registry) {
+    if let Some(pool) = registry.hosts() {
+        pool.close(Duration::from_secs(10)).await;
+    }
 }
 
 fn build_context(
@@ -114,7 +145,7 @@ async fn start_prepared(p: &Prepared, name: Option<&str>) -> Result<StartOutcome
 
 /// `phasm start`: queue an instance; its name is the last line of output.
 pub async fn start(args: &StartArgs) -> ExitCode {
-    let p = match prepare(args, 2).await {
+    let p = match prepare(args, 2, false).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -170,7 +201,7 @@ impl Shutdown {
 /// `phasm run`: start an instance and work it to the end, showing progress.
 pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCode {
     let shutdown = Shutdown::install();
-    let p = match prepare(args, concurrency).await {
+    let p = match prepare(args, concurrency, true).await {
         Ok(p) => p,
         Err(code) => return code,
     };
@@ -192,7 +223,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
     let worker = match Worker::new(
         Arc::clone(&p.store),
         Arc::clone(&p.config),
-        Arc::new(registry(&p.config)),
+        Arc::clone(&p.registry),
         clock,
         options,
     ) {
@@ -212,6 +243,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         })
         .await;
     let _ = progress.await;
+    close_hosts(&p.registry).await;
     if let Err(e) = result {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_FAILED);
@@ -352,7 +384,7 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         max_context_bytes,
     } = args;
     let shutdown = Shutdown::install();
-    let Some(config) = load(file) else {
+    let Some((mut config, sites)) = load_with_sites(file) else {
         return ExitCode::from(EXIT_INVALID);
     };
     let store = match db::open(db_args, concurrency).await {
@@ -361,6 +393,9 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_INVALID);
         }
+    };
+    let Some(registry) = bind(&mut config, &sites).await else {
+        return ExitCode::from(EXIT_INVALID);
     };
     let pools = if targets.is_empty() {
         "untargeted tasks".to_string()
@@ -381,8 +416,14 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     };
     let owner = options.owner.clone();
     let config = Arc::new(config);
-    let registry = Arc::new(registry(&config));
-    let worker = match Worker::new(store, config, registry, Arc::new(SystemClock), options) {
+    let registry = Arc::new(registry);
+    let worker = match Worker::new(
+        store,
+        config,
+        Arc::clone(&registry),
+        Arc::new(SystemClock),
+        options,
+    ) {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error: {e}");
@@ -393,7 +434,9 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         "worker {owner} started on {} ({pools})",
         db::redact(&db_args.db)
     );
-    match worker.run(shutdown.wait()).await {
+    let result = worker.run(shutdown.wait()).await;
+    close_hosts(&registry).await;
+    match result {
         Ok(report) => {
             eprintln!(
                 "worker {owner} stopped: {} steps, {} retries, {} failed, {} refused commits",
@@ -422,7 +465,7 @@ pub async fn serve(
         eprintln!("error: listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN");
         return ExitCode::from(EXIT_INVALID);
     }
-    let Some(config) = load(file) else {
+    let Some((mut config, sites)) = load_with_sites(file) else {
         return ExitCode::from(EXIT_INVALID);
     };
     let store = match db::open(db_args, concurrency).await {
@@ -432,8 +475,11 @@ pub async fn serve(
             return ExitCode::from(EXIT_INVALID);
         }
     };
+    let Some(registry) = bind(&mut config, &sites).await else {
+        return ExitCode::from(EXIT_INVALID);
+    };
     let config = Arc::new(config);
-    let registry = Arc::new(registry(&config));
+    let registry = Arc::new(registry);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let options = WorkerOptions {
         concurrency,
@@ -442,7 +488,7 @@ pub async fn serve(
     let worker = match Worker::new(
         Arc::clone(&store),
         Arc::clone(&config),
-        registry,
+        Arc::clone(&registry),
         Arc::clone(&clock),
         options,
     ) {
@@ -505,7 +551,9 @@ pub async fn serve(
     eprintln!("shutting down: finishing running steps");
     let _ = stop_tx.send(true);
     let _ = api.await;
-    match work.await {
+    let worked = work.await;
+    close_hosts(&registry).await;
+    match worked {
         Ok(Ok(_)) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {e}");

@@ -3,7 +3,9 @@
 
 mod builtin;
 mod exec;
+pub mod host;
 mod http;
+pub mod python;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -303,9 +305,20 @@ impl ActionContext {
     /// Start one instance of `machine` per context when this step commits. Retries of the
     /// step start nothing twice: the instances are named after the step.
     pub fn spawn(&mut self, machine: &str, contexts: Vec<Context>) {
+        self.spawn_after(machine, contexts, std::time::Duration::ZERO);
+    }
+
+    /// As [`ActionContext::spawn`], the instances starting `countdown` after the commit.
+    pub fn spawn_after(
+        &mut self,
+        machine: &str,
+        contexts: Vec<Context>,
+        countdown: std::time::Duration,
+    ) {
         self.spawns.push(SpawnRequest {
             machine: machine.to_string(),
             contexts,
+            countdown,
         });
     }
 }
@@ -317,6 +330,10 @@ impl ActionContext {
 pub struct Registry {
     rust: HashMap<String, Arc<dyn Action>>,
     exec: HashMap<String, Arc<dyn Action>>,
+    /// The configuration has a `python:` section: other names are Python actions.
+    python_declared: bool,
+    /// The hosts running them, once started, and the references they resolved.
+    hosts: Option<(Arc<host::HostPool>, std::collections::HashSet<String>)>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -356,8 +373,34 @@ impl Registry {
         self.register(name, FnAction(f))
     }
 
+    /// Bind the Python actions a host pool resolved (see [`python::start`]).
+    pub fn bind_hosts(&mut self, pool: Arc<host::HostPool>, references: Vec<String>) {
+        self.hosts = Some((pool, references.into_iter().collect()));
+    }
+
+    /// The host pool running this registry's Python actions, if started.
+    pub fn hosts(&self) -> Option<&Arc<host::HostPool>> {
+        self.hosts.as_ref().map(|(pool, _)| pool)
+    }
+
+    /// Whether a Rust handler or an `actions:` binding takes one of these names.
+    pub fn binds_outside_python(&self, names: &[String]) -> bool {
+        names.iter().any(|n| self.lookup(n).is_some())
+    }
+
+    /// The host pool and reference for a call that a Python action carries out.
+    pub fn hosted(&self, call: &Call) -> Option<(&Arc<host::HostPool>, String)> {
+        let (pool, references) = self.hosts.as_ref()?;
+        if self.resolve(call).is_some() {
+            return None;
+        }
+        let reference = python::reference(&call.action, call.namespace.as_deref());
+        references.contains(&reference).then_some((pool, reference))
+    }
+
     /// Add the `exec` bindings of a configuration.
     pub fn bind_config(&mut self, config: &Config) -> &mut Self {
+        self.python_declared |= config.python.is_some();
         for (name, binding) in &config.actions {
             let action: Arc<dyn Action> = match binding {
                 ActionBinding::Exec(exec) => Arc::new(ExecAction::new(exec.clone())),
@@ -393,7 +436,13 @@ impl Registry {
         let mut missing = Vec::new();
         for r in machine.action_refs() {
             let names = r.lookup_names();
-            if names.iter().all(|n| self.lookup(n).is_none()) {
+            let python = self.python_declared && {
+                let reference = python::reference(r.name, r.namespace);
+                self.hosts
+                    .as_ref()
+                    .is_none_or(|(_, refs)| refs.contains(&reference))
+            };
+            if !python && names.iter().all(|n| self.lookup(n).is_none()) {
                 let place = match r.event {
                     Some(e) => format!("transition `{}--{e}`", r.state),
                     None => format!("state `{}` {}", r.state, r.role.as_str()),

@@ -70,6 +70,30 @@ pub fn to_yaml(config: &Config) -> String {
             }
         }
     }
+    if let Some(py) = &config.python {
+        let empty = py.path_as_written.is_none()
+            && py.processes.is_none()
+            && py.timeout.is_none()
+            && py.interpreter.is_none();
+        if empty {
+            out.push_str("python: {}\n");
+        } else {
+            out.push_str("python:\n");
+            if let Some(path) = &py.path_as_written {
+                let items: Vec<String> = path.iter().map(|p| quoted(p)).collect();
+                line(&mut out, 2, "path", &format!("[{}]", items.join(", ")));
+            }
+            if let Some(n) = py.processes {
+                line(&mut out, 2, "processes", &n.to_string());
+            }
+            if let Some(t) = py.timeout {
+                line(&mut out, 2, "timeout", &duration::format(t));
+            }
+            if let Some(i) = &py.interpreter {
+                line(&mut out, 2, "interpreter", &quoted(i));
+            }
+        }
+    }
     out.push_str("state_machines:\n");
     for m in &config.machines {
         machine(&mut out, m);

@@ -12,11 +12,11 @@ use super::build::{self, MachineSpans};
 use super::read::{suggest, Cx};
 use super::source::{SourceFile, Sources};
 use super::yaml::{self, Node, NodeKind, Pos, Span};
-use super::{LoadOptions, Loaded};
+use super::{LoadOptions, Loaded, Sites};
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::machine::{
-    ActionBinding, Config, ExecBinding, HttpBinding, LinesBinding, ListBinding, QueueLimits, Rate,
-    DEFAULT_QUEUE,
+    ActionBinding, Config, ExecBinding, HttpBinding, LinesBinding, ListBinding, PythonSettings,
+    QueueLimits, Rate, DEFAULT_QUEUE,
 };
 
 /// Keys of a file's top level.
@@ -26,6 +26,7 @@ const TOP_KEYS: &[&str] = &[
     "enable_capabilities_check",
     "actions",
     "queues",
+    "python",
 ];
 
 /// Load a file from disk, with its imports.
@@ -76,9 +77,11 @@ pub(crate) fn load_text(
         spans: Vec::new(),
         action_spans: HashMap::new(),
         queue_spans: HashMap::new(),
+        python_span: None,
     };
     asm.file(&mut cx, root, false);
     asm.finish(&mut cx, options);
+    let sites = asm.sites(&cx);
     let mut diags = cx.diags;
     diags.sort_by(|a, b| {
         let key = |d: &Diagnostic| {
@@ -95,6 +98,7 @@ pub(crate) fn load_text(
     Ok(Loaded {
         config: asm.config,
         warnings: diags.0,
+        sites,
     })
 }
 
@@ -272,6 +276,7 @@ struct Assembler<'a> {
     spans: Vec<MachineSpans>,
     action_spans: HashMap<String, Span>,
     queue_spans: HashMap<String, Span>,
+    python_span: Option<Span>,
 }
 
 impl Assembler<'_> {
@@ -312,6 +317,9 @@ impl Assembler<'_> {
         }
         if let Some(node) = top.get("queues") {
             self.queues(cx, node);
+        }
+        if let Some(node) = top.get("python") {
+            self.python(cx, node, top.spans().key("python"), file);
         }
         let Some(list) = top.get("state_machines") else {
             cx.error(
@@ -589,6 +597,77 @@ impl Assembler<'_> {
         }
     }
 
+    /// The `python:` section (once across all files): import roots, host processes, the
+    /// per-step timeout and the interpreter.
+    fn python(&mut self, cx: &mut Cx<'_>, node: &Node, key: Span, file: usize) {
+        if let Some(first) = self.python_span {
+            let first = cx.sources.location(first);
+            cx.error(
+                key,
+                "`python` is configured twice",
+                Some(format!("first configured at {}:{}", first.file, first.line)),
+            );
+            return;
+        }
+        self.python_span = Some(key);
+        let dir = cx.sources.files[file]
+            .path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut settings = PythonSettings {
+            path: vec![dir.clone()],
+            processes: None,
+            timeout: None,
+            interpreter: None,
+            working_dir: dir.clone(),
+            path_as_written: None,
+        };
+        if !node.is_null() {
+            let Some(f) = cx.fields(
+                node,
+                "the `python` section",
+                &["path", "processes", "timeout", "interpreter"],
+            ) else {
+                return;
+            };
+            if let Some(n) = f.get("path") {
+                let entries: Vec<String> = match &n.kind {
+                    NodeKind::Seq(items) => items
+                        .iter()
+                        .filter_map(|item| cx.string(item, "path"))
+                        .collect(),
+                    _ => cx.string(n, "path").into_iter().collect(),
+                };
+                if entries.is_empty() {
+                    cx.error(
+                        n.span,
+                        "`path` needs at least one folder",
+                        Some("write `path: [.]` for the folder of this file".into()),
+                    );
+                }
+                settings.path = entries.iter().map(|e| dir.join(e)).collect();
+                settings.path_as_written = Some(entries);
+            }
+            if let Some(n) = f.get("processes") {
+                settings.processes = cx.count(n, "processes");
+                if settings.processes == Some(0) {
+                    cx.error(n.span, "`processes` must be at least 1", None);
+                }
+            }
+            if let Some(n) = f.get("timeout") {
+                settings.timeout = cx.duration(n, "timeout");
+                if settings.timeout.is_some_and(|t| t.is_zero()) {
+                    cx.error(n.span, "`timeout` must be longer than zero", None);
+                }
+            }
+            if let Some(n) = f.get("interpreter") {
+                settings.interpreter = cx.string(n, "interpreter").filter(|i| !i.is_empty());
+            }
+        }
+        self.config.python = Some(settings);
+    }
+
     fn finish(&mut self, cx: &mut Cx<'_>, options: &LoadOptions) {
         let mut names: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, m) in self.config.machines.iter().enumerate() {
@@ -609,7 +688,9 @@ impl Assembler<'_> {
         if !self.config.queues.is_empty() {
             self.undeclared_queues(cx);
         }
-        if options.strict {
+        // With a `python:` section every other name is a Python action, checked when a
+        // worker starts its hosts.
+        if options.strict && self.config.python.is_none() {
             self.unbound_actions(cx, &options.registered_actions);
         }
     }
@@ -640,6 +721,41 @@ impl Assembler<'_> {
                 }
             }
         }
+    }
+
+    /// Where each machine names its actions and events.
+    fn sites(&self, cx: &Cx<'_>) -> Sites {
+        let mut sites = Sites::default();
+        let place = |span: Span| {
+            let l = cx.sources.location(span);
+            format!("{}:{}:{}", l.file, l.line, l.column)
+        };
+        for (m, spans) in self.config.machines.iter().zip(&self.spans) {
+            for (s, ss) in m.states.iter().zip(&spans.states) {
+                for (key, name) in [("entry", &s.entry), ("action", &s.action), ("exit", &s.exit)] {
+                    if name.is_some() {
+                        sites.insert(&m.name, &s.name, key.into(), place(ss.obj.value(key)));
+                    }
+                }
+                for (t, ts) in s.transitions.iter().zip(&ss.transitions) {
+                    sites.insert(
+                        &m.name,
+                        &s.name,
+                        format!("event:{}", t.event),
+                        place(ts.value("event")),
+                    );
+                    if t.action.is_some() {
+                        sites.insert(
+                            &m.name,
+                            &s.name,
+                            format!("transition:{}", t.event),
+                            place(ts.value("action")),
+                        );
+                    }
+                }
+            }
+        }
+        sites
     }
 
     fn unbound_actions(&self, cx: &mut Cx<'_>, registered: &[String]) {

@@ -28,6 +28,47 @@ pub struct Loaded {
     pub config: Config,
     /// Problems that do not reject the file (unreachable states, deprecated keys, …).
     pub warnings: Vec<Diagnostic>,
+    /// Where the files name actions and events, for messages about them after loading
+    /// (e.g. a Python class that cannot be imported).
+    pub sites: Sites,
+}
+
+/// Where machine files name actions and events: `FILE:LINE:COL` by machine, state and slot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sites {
+    places: std::collections::HashMap<(String, String, String), String>,
+}
+
+impl Sites {
+    /// Where the action of a state's `entry`, `action` or `exit` slot, or (with `event`) of
+    /// a transition, is named.
+    pub fn action(
+        &self,
+        machine: &str,
+        state: &str,
+        role: crate::machine::ActionRole,
+        event: Option<&str>,
+    ) -> Option<&str> {
+        let slot = match event {
+            Some(e) => format!("transition:{e}"),
+            None => role.as_str().to_string(),
+        };
+        self.places
+            .get(&(machine.to_string(), state.to_string(), slot))
+            .map(String::as_str)
+    }
+
+    /// Where a transition's `event` is written.
+    pub fn event(&self, machine: &str, state: &str, event: &str) -> Option<&str> {
+        self.places
+            .get(&(machine.to_string(), state.to_string(), format!("event:{event}")))
+            .map(String::as_str)
+    }
+
+    pub(crate) fn insert(&mut self, machine: &str, state: &str, slot: String, place: String) {
+        self.places
+            .insert((machine.to_string(), state.to_string(), slot), place);
+    }
 }
 
 /// What a load checks beyond the language itself.

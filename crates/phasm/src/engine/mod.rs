@@ -199,6 +199,8 @@ pub struct SpawnRequest {
     pub machine: String,
     /// One instance per context.
     pub contexts: Vec<Context>,
+    /// How long after the spawning step commits the instances start (zero: at once).
+    pub countdown: std::time::Duration,
 }
 
 /// One action call of a step.
@@ -822,7 +824,8 @@ fn spawned(
         for context in request.contexts {
             let n = out.len() + 1;
             let name = child_instance_name(&task.instance, &task.branch, task.step, n);
-            let start = start_task(machine, &name, context.clone(), now);
+            let mut start = start_task(machine, &name, context.clone(), now);
+            start.due_at += micros(request.countdown);
             out.push(Spawned {
                 name,
                 machine: machine.name.clone(),

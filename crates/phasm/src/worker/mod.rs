@@ -7,6 +7,7 @@
 //! attempt, never a crashed worker. On shutdown it stops claiming and lets running steps
 //! finish and commit.
 
+mod hosted;
 mod limits;
 
 use std::collections::{HashMap, HashSet};
@@ -775,7 +776,31 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
     }
     let calls = async {
         let mut event = None;
-        for call in &plan.calls {
+        let mut next = 0;
+        while next < plan.calls.len() {
+            // Consecutive calls a host carries out (Python actions) go in one request.
+            if let Some((pool, _)) = env.registry.hosted(&plan.calls[next]) {
+                let pool = Arc::clone(pool);
+                let mut group = Vec::new();
+                while let Some(call) = plan.calls.get(next) {
+                    let Some((_, reference)) = env.registry.hosted(call) else {
+                        break;
+                    };
+                    group.push((call.clone(), reference));
+                    next += 1;
+                }
+                if let Some(ev) =
+                    hosted::run(env, machine, task, &pool, &group, continuation, &mut cx).await?
+                {
+                    event = Some(ev);
+                }
+                if cx.halted.is_some() {
+                    break;
+                }
+                continue;
+            }
+            let call = &plan.calls[next];
+            next += 1;
             let Some(action) = env.registry.resolve(call) else {
                 return Err(format!("action `{}` is bound to nothing", call.action));
             };
