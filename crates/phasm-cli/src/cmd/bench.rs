@@ -46,6 +46,13 @@ pub enum Bench {
         /// SQLite durability.
         #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
         sync: super::SyncMode,
+        /// What the no-op actions are written in: Rust handlers, Python functions run by
+        /// phasm's action hosts, or `exec` programs (one `python3` process per call).
+        #[arg(long, value_enum, default_value_t = Actions::Rust)]
+        actions: Actions,
+        /// Python host processes (with `--actions python`; default: the number of cores).
+        #[arg(long)]
+        processes: Option<u32>,
     },
     /// One instance forks into N branches that each take one no-op step, then join in one
     /// fan-in state (`fan_in: all`).
@@ -64,6 +71,36 @@ pub enum Bench {
         sync: super::SyncMode,
     },
 }
+
+/// What the chain benchmark's actions are written in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Actions {
+    /// Rust closures.
+    Rust,
+    /// Python functions in phasm's action hosts.
+    Python,
+    /// A `python3` program per call (`exec`).
+    Exec,
+}
+
+/// The no-op Python actions of `--actions python` and `--actions exec`.
+const CHAIN_PY: &str = r#""""No-op actions of `phasm bench chain`."""
+import json
+import sys
+
+
+def Step(ctx):
+    return "next"
+
+
+def Last(ctx):
+    return None
+
+
+if __name__ == "__main__":
+    request = json.load(sys.stdin)
+    json.dump({"event": "next" if sys.argv[1] == "Step" else None}, sys.stdout)
+"#;
 
 const FANOUT_YAML: &str = "state_machines:
 - name: Fanout
@@ -230,8 +267,20 @@ async fn fanout(
     ExitCode::SUCCESS
 }
 
-fn chain_yaml(steps: usize) -> String {
-    let mut y = String::from("state_machines:\n- name: Chain\n  states:\n");
+fn actions_name(actions: Actions) -> &'static str {
+    match actions {
+        Actions::Rust => "rust",
+        Actions::Python => "python",
+        Actions::Exec => "exec",
+    }
+}
+
+fn chain_yaml(steps: usize, namespaced: bool) -> String {
+    let mut y = String::from("state_machines:\n- name: Chain\n");
+    if namespaced {
+        y.push_str("  namespace: bench_actions\n");
+    }
+    y.push_str("  states:\n");
     for i in 1..=steps {
         let _ = writeln!(y, "  - name: s{i}");
         if i == 1 {
@@ -270,11 +319,24 @@ pub async fn run(bench: Bench) -> ExitCode {
             json,
             db,
             sync,
+            actions,
+            processes,
         } => {
             if worker_only {
-                return chain_worker(steps, concurrency, db, sync).await;
+                return chain_worker(steps, concurrency, db, sync, actions, processes).await;
             }
-            chain(instances, steps, concurrency, workers, json, db, sync).await
+            chain(ChainArgs {
+                instances,
+                steps,
+                concurrency,
+                workers,
+                as_json: json,
+                db_path: db,
+                sync,
+                actions,
+                processes,
+            })
+            .await
         }
         Bench::Fanout {
             branches,
@@ -285,19 +347,66 @@ pub async fn run(bench: Bench) -> ExitCode {
     }
 }
 
-fn chain_setup(steps: usize) -> Result<(Arc<phasm::machine::Config>, Registry), ExitCode> {
-    let config = match load_str(
-        &chain_yaml(steps),
-        "bench-chain.yaml",
-        &LoadOptions::default(),
-    ) {
-        Ok(l) => Arc::new(l.config),
-        Err(e) => return Err(failed(e)),
-    };
+/// The chain machine and its actions; for Python and exec, the module lives in `dir`.
+async fn chain_setup(
+    steps: usize,
+    actions: Actions,
+    processes: Option<u32>,
+    dir: &std::path::Path,
+) -> Result<(Arc<phasm::machine::Config>, Registry), ExitCode> {
+    let mut yaml = chain_yaml(steps, actions != Actions::Rust);
+    match actions {
+        Actions::Rust => {}
+        Actions::Python => {
+            let processes = processes.map(|n| format!("  processes: {n}\n")).unwrap_or_default();
+            yaml = format!("python:\n  path: [.]\n{processes}{yaml}");
+        }
+        Actions::Exec => {
+            yaml = format!(
+                "actions:\n  bench_actions.Step:\n    exec: [python3, bench_actions.py, Step]\n  bench_actions.Last:\n    exec: [python3, bench_actions.py, Last]\n{yaml}"
+            );
+        }
+    }
+    if actions != Actions::Rust {
+        std::fs::write(dir.join("bench_actions.py"), CHAIN_PY).map_err(failed)?;
+    }
+    let loaded = load_str(&yaml, dir.join("bench-chain.yaml"), &LoadOptions::default())
+        .map_err(failed)?;
+    let mut config = loaded.config;
     let mut registry = Registry::new();
-    registry.register_fn("Step", |_| Ok(Some("next".into())));
-    registry.register_fn("Last", |_| Ok(None));
-    Ok((config, registry))
+    registry.bind_config(&config);
+    if actions == Actions::Rust {
+        registry.register_fn("Step", |_| Ok(Some("next".into())));
+        registry.register_fn("Last", |_| Ok(None));
+    }
+    phasm::action::python::start(&mut config, &loaded.sites, &mut registry)
+        .await
+        .map_err(failed)?;
+    Ok((Arc::new(config), registry))
+}
+
+/// A folder for the benchmark's action module (removed afterwards).
+fn bench_dir() -> Result<tempfile::TempDir, ExitCode> {
+    tempfile::Builder::new()
+        .prefix("phasm-bench-")
+        .tempdir()
+        .map_err(failed)
+}
+
+/// Peak resident memory of each host process, in bytes.
+fn host_memory(registry: &Registry) -> Vec<u64> {
+    let Some(pool) = registry.hosts() else {
+        return Vec::new();
+    };
+    pool.pids()
+        .into_iter()
+        .filter_map(|pid| {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024)
+        })
+        .collect()
 }
 
 /// A worker process of `--workers`: work until nothing is pending.
@@ -306,6 +415,8 @@ async fn chain_worker(
     concurrency: usize,
     db: Option<String>,
     sync: super::SyncMode,
+    actions: Actions,
+    processes: Option<u32>,
 ) -> ExitCode {
     let Some(db) = db else {
         return failed("--worker-only needs --db");
@@ -314,10 +425,15 @@ async fn chain_worker(
         Ok(s) => s,
         Err(e) => return failed(e),
     };
-    let (config, registry) = match chain_setup(steps) {
+    let dir = match bench_dir() {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let (config, registry) = match chain_setup(steps, actions, processes, dir.path()).await {
         Ok(x) => x,
         Err(code) => return code,
     };
+    let registry = Arc::new(registry);
     let options = WorkerOptions {
         concurrency,
         stop: StopWhen::Idle,
@@ -326,20 +442,23 @@ async fn chain_worker(
     let worker = match Worker::new(
         store,
         config,
-        Arc::new(registry),
+        Arc::clone(&registry),
         Arc::new(SystemClock),
         options,
     ) {
         Ok(w) => w,
         Err(e) => return failed(e),
     };
-    match worker.run(std::future::pending()).await {
+    let result = worker.run(std::future::pending()).await;
+    super::run::close_hosts(&registry).await;
+    match result {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => failed(e),
     }
 }
 
-async fn chain(
+/// The options of `bench chain`.
+struct ChainArgs {
     instances: usize,
     steps: usize,
     concurrency: usize,
@@ -347,7 +466,22 @@ async fn chain(
     as_json: bool,
     db_path: Option<String>,
     sync: super::SyncMode,
-) -> ExitCode {
+    actions: Actions,
+    processes: Option<u32>,
+}
+
+async fn chain(args: ChainArgs) -> ExitCode {
+    let ChainArgs {
+        instances,
+        steps,
+        concurrency,
+        workers,
+        as_json,
+        db_path,
+        sync,
+        actions,
+        processes,
+    } = args;
     if instances == 0 || steps == 0 || workers == 0 {
         eprintln!("error: --instances, --steps and --workers must be at least 1");
         return ExitCode::from(EXIT_INVALID);
@@ -390,20 +524,17 @@ async fn chain(
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    let config = match load_str(
-        &chain_yaml(steps),
-        "bench-chain.yaml",
-        &LoadOptions::default(),
-    ) {
-        Ok(l) => Arc::new(l.config),
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
-        }
+    let dir = match bench_dir() {
+        Ok(d) => d,
+        Err(code) => return code,
     };
-    let mut registry = Registry::new();
-    registry.register_fn("Step", |_| Ok(Some("next".into())));
-    registry.register_fn("Last", |_| Ok(None));
+    // The Python hosts of the measuring process work only when it runs the worker itself.
+    let own_actions = if workers == 1 { actions } else { Actions::Rust };
+    let (config, registry) = match chain_setup(steps, own_actions, processes, dir.path()).await {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let registry = Arc::new(registry);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     let start_began = Instant::now();
@@ -441,7 +572,7 @@ async fn chain(
         let worker = match Worker::new(
             Arc::clone(&store),
             config,
-            Arc::new(registry),
+            Arc::clone(&registry),
             clock,
             options,
         ) {
@@ -468,6 +599,12 @@ async fn chain(
                         &steps.to_string(),
                     ])
                     .args(["--concurrency", &concurrency.to_string(), "--db", &path])
+                    .args(["--actions", actions_name(actions)])
+                    .args(
+                        processes
+                            .map(|n| vec!["--processes".to_string(), n.to_string()])
+                            .unwrap_or_default(),
+                    )
                     .spawn()
             })
             .collect();
@@ -485,6 +622,8 @@ async fn chain(
     };
     let secs = began.elapsed().as_secs_f64();
     let total = instances * steps;
+    let host_rss = host_memory(&registry);
+    super::run::close_hosts(&registry).await;
 
     let (latencies, completed, committed, last_commit) = match latencies(&*store, &names).await {
         Ok(x) => x,
@@ -523,6 +662,8 @@ async fn chain(
                 "fsync_commits_per_s": fsync_rate,
                 "concurrency": concurrency,
                 "sync": format!("{sync:?}").to_lowercase(),
+                "actions": actions_name(actions),
+                "host_peak_rss_bytes": host_rss,
             })
         );
     } else {
@@ -530,6 +671,17 @@ async fn chain(
         println!("  {secs:.2}s, {steps_per_sec:.0} steps/s (starting the instances took {start_secs:.2}s)");
         println!("  step latency p50 {p50:.2} ms, p99 {p99:.2} ms");
         println!("  reference: {fsync_rate:.0} durable single-row commits/s on this store");
+        if !host_rss.is_empty() {
+            let mib: Vec<String> = host_rss
+                .iter()
+                .map(|b| format!("{:.1} MiB", *b as f64 / 1048576.0))
+                .collect();
+            println!(
+                "  {} Python host processes, peak memory {}",
+                host_rss.len(),
+                mib.join(", ")
+            );
+        }
     }
     if report_steps as usize != total || completed != instances {
         eprintln!("error: expected {total} steps and {instances} completed instances");
