@@ -95,6 +95,21 @@ impl Immediate {
         })
     }
 
+    /// An immediate runner whose Python actions (a `python:` section) run in real action
+    /// hosts, started here; events written as Python constants are resolved first.
+    ///
+    /// # Errors
+    /// As [`Immediate::new`], and when the Python actions cannot be resolved.
+    pub async fn with_hosts(
+        loaded: crate::config::Loaded,
+        mut registry: Registry,
+    ) -> Result<Self, WorkerError> {
+        let mut config = loaded.config;
+        registry.bind_config(&config);
+        crate::action::python::start(&mut config, &loaded.sites, &mut registry).await?;
+        Self::new(config, registry)
+    }
+
     /// Simulate crashes: after a step's actions ran, with probability `crash_rate` its
     /// commit is dropped (as if the worker died just before committing) and the clock jumps
     /// past the lease, so the step runs again. Deterministic for a seed. For testing that

@@ -146,7 +146,7 @@ pub struct WorkerReport {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// Some action names have no implementation.
-    #[error("machine `{machine}` uses actions that are bound to nothing:\n  {}\nbind them under `actions:` with an `exec:` program, or register Rust handlers", missing.join("\n  "))]
+    #[error("machine `{machine}` uses actions that are bound to nothing:\n  {}\nbind them under `actions:` with an `exec:` program, add a `python:` section for Python actions, or register Rust handlers", missing.join("\n  "))]
     Unbound {
         /// The machine.
         machine: String,
@@ -156,6 +156,9 @@ pub enum WorkerError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Python actions cannot run.
+    #[error(transparent)]
+    Python(#[from] crate::action::python::PythonError),
 }
 
 /// A worker for one configuration and registry.
