@@ -125,6 +125,11 @@ impl Immediate {
         self
     }
 
+    /// The registry (its host pool, for instance).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The fake clock (to read, or to move forward between runs).
     pub fn clock(&self) -> &ManualClock {
         &self.clock

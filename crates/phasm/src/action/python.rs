@@ -217,11 +217,16 @@ pub async fn start(
             .collect(),
     };
     let package = package_dir()?;
+    // An interpreter given as a relative path (`venv/bin/python`) is relative to the YAML.
+    let program = match settings.interpreter.clone() {
+        None => "python3".to_string(),
+        Some(i) if i.contains('/') && Path::new(&i).is_relative() => {
+            settings.working_dir.join(i).display().to_string()
+        }
+        Some(i) => i,
+    };
     let command = HostCommand {
-        program: settings
-            .interpreter
-            .clone()
-            .unwrap_or_else(|| "python3".into()),
+        program,
         args: vec![
             "-c".into(),
             BOOT.into(),

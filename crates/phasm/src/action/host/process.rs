@@ -108,14 +108,13 @@ impl HostProcess {
         let hello_line = serde_json::to_string(hello)
             .map_err(|e| format!("cannot write the hello message: {e}"))?;
         let handshake = async {
-            stdin
-                .write_all(format!("{hello_line}\n").as_bytes())
+            let written = async {
+                stdin.write_all(format!("{hello_line}\n").as_bytes()).await?;
+                stdin.flush().await
+            };
+            written
                 .await
-                .map_err(|e| format!("cannot write to it: {e}"))?;
-            stdin
-                .flush()
-                .await
-                .map_err(|e| format!("cannot write to it: {e}"))?;
+                .map_err(|e| format!("it exited before reading hello ({e})"))?;
             let mut line = Vec::new();
             match read_line(&mut stdout, &mut line).await {
                 Ok(0) => Err("it exited before answering hello".to_string()),
