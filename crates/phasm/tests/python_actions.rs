@@ -474,3 +474,62 @@ async fn an_event_constant_that_is_not_a_string_is_refused() {
         "{error}"
     );
 }
+
+/// Fantasm's own machine file, unchanged but for the `python:` lines, with its test actions.
+async fn fantasm_file_runner() -> Immediate {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fantasm-yaml/test/fantasm_tests/yaml/test-TaskQueueFSMTests.yaml");
+    let original = std::fs::read_to_string(&file).unwrap();
+    let yaml = format!(
+        "python:\n  path: [{}]\n  processes: 1\n{original}",
+        fixtures().display()
+    );
+    let loaded = load_str(&yaml, &file, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}"));
+    Immediate::with_hosts(loaded, Registry::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test]
+async fn fantasms_own_linear_machine_runs_every_call_once_in_fantasms_order() {
+    let run = fantasm_file_runner().await;
+    let view = run.run("TaskQueueFSMTests", Context::new()).await.unwrap();
+    assert_eq!(view.status, InstanceStatus::Completed, "{view:?}");
+    assert_eq!(view.history.len(), 3);
+    // exit → transition action → entry → action, one step each (Fantasm's E1 counts).
+    assert_eq!(
+        result(&view)["calls"],
+        json!([
+            "state-initial:CountExecuteCalls",
+            "state-initial:CountExecuteCalls",
+            "state-initial:CountExecuteCalls",
+            "state-initial:CountExecuteCalls",
+            "state-normal:CountExecuteCalls",
+            "state-normal:CountExecuteCalls",
+            "state-normal:CountExecuteCalls",
+            "state-normal:CountExecuteCalls",
+            "state-final:CountExecuteCalls",
+            "state-final:CountExecuteCallsFinal"
+        ])
+    );
+}
+
+#[tokio::test]
+async fn fantasms_self_transition_machine_loops_five_times() {
+    let run = fantasm_file_runner().await;
+    let view = run.run("SelfTransitionTests", Context::new()).await.unwrap();
+    assert_eq!(view.status, InstanceStatus::Completed, "{view:?}");
+    // Fantasm's E3: init, five self transitions, then state2.
+    let events: Vec<&str> = view.history.iter().map(|h| h.event.as_str()).collect();
+    assert_eq!(
+        events,
+        ["pseudo-init", "next-event1", "next-event1", "next-event1", "next-event1", "next-event1", "next-event2"]
+    );
+    let calls = result(&view)["calls"].as_array().unwrap().clone();
+    let count = |what: &str| calls.iter().filter(|c| c.as_str() == Some(what)).count();
+    // state1: entry 6, action 6, exit 6 and transition actions 6 (recorded in state1).
+    assert_eq!(count("state1:SelfTransition"), 6);
+    assert_eq!(count("state1:CountExecuteCalls"), 6 + 6 + 6);
+    assert_eq!(count("state2:CountExecuteCalls"), 1);
+    assert_eq!(count("state2:CountExecuteCallsFinal"), 1);
+}
