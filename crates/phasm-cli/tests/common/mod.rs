@@ -181,3 +181,51 @@ pub fn assert_joined_once(dir: &Path, db: &str, name: &str) {
     // start, split, then 4 × (work → join arrival), then the join.
     assert_eq!(history.len(), 1 + 4 + 4 + 1, "{s}");
 }
+
+/// [`FORK_JOIN`] with Python actions (phasm's native API) run by action hosts.
+pub const FORK_JOIN_PY: &str = r#"
+python:
+  processes: 2
+state_machines:
+- name: ForkJoin
+  namespace: forkjoin
+  task_retry_limit: 20
+  min_backoff_seconds: 0.2
+  states:
+  - name: split
+    initial: true
+    action: Split
+    transitions:
+    - event: work
+      to: work
+  - name: work
+    action: Work
+    transitions:
+    - event: join
+      to: join
+  - name: join
+    fan_in: all
+    action: Join
+    final: true
+"#;
+
+/// The actions of [`FORK_JOIN_PY`] (`forkjoin.py`).
+pub const FORK_JOIN_PY_MODULE: &str = r#"
+import time
+
+
+def Split(ctx):
+    ctx.put("b", 0)
+    for b in (1, 2, 3):
+        ctx.fork({"b": b})
+    return "work"
+
+
+def Work(ctx):
+    time.sleep(0.05)
+    return "join"
+
+
+def Join(ctx):
+    ctx.put("joined", sorted(c["b"] for c in ctx.contexts))
+"#;

@@ -1,0 +1,113 @@
+//! `phasm worker` processes with Python actions, one of them killed with SIGKILL again and
+//! again while Python steps run: on SQLite and on PostgreSQL every instance completes, every
+//! transition is committed once, every fan-in sees each branch once, and no host outlives
+//! its worker for long.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{
+    assert_joined_once, count, phasm, postgres_schema, worker, FORK_JOIN_PY, FORK_JOIN_PY_MODULE,
+};
+
+fn start_all(d: &Path, db: &str, instances: usize) {
+    for i in 0..instances {
+        let out = phasm(d, db, &["start", "fsm.yaml", "--name", &format!("fj-{i:03}")]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The Python hosts started by workers in `d` (their command line names the package).
+fn hosts_of(d: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cwd = std::fs::read_link(format!("/proc/{pid}/cwd")).ok();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if cwd.as_deref() == Some(d) && String::from_utf8_lossy(&cmdline).contains("phasm.host") {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn kill_workers_while_they_run(d: &Path, db: &str, instances: usize, kills: usize) {
+    let steady = worker(d, db, &["--concurrency", "16"]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut done = 0;
+    while count(d, db, "completed") < instances {
+        assert!(
+            Instant::now() < deadline,
+            "only {} completed",
+            count(d, db, "completed")
+        );
+        if done < kills {
+            let mut victim = worker(d, db, &["--concurrency", "16"]);
+            std::thread::sleep(Duration::from_millis(600));
+            victim.kill().expect("SIGKILL");
+            victim.wait().unwrap();
+            done += 1;
+        } else {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let mut steady = steady;
+    // A SIGTERM drains the worker, which closes its hosts.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &steady.id().to_string()])
+        .status();
+    assert!(steady.wait().unwrap().success());
+    assert_eq!(count(d, db, "failed"), 0);
+    let mut interrupted = 0;
+    for i in 0..instances {
+        let name = format!("fj-{i:03}");
+        assert_joined_once(d, db, &name);
+        let s = common::status(d, db, &name);
+        interrupted += s["history"]
+            .as_array()
+            .map_or(0, |h| h.iter().filter(|e| e["attempt"].as_u64() > Some(0)).count());
+    }
+    // The kills hit running steps: their later attempts committed instead.
+    assert!(interrupted > 0, "no step was interrupted by a kill");
+    // Hosts of killed workers see their stdin close and exit; none is left behind.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !hosts_of(d).is_empty() {
+        assert!(Instant::now() < deadline, "hosts left running: {:?}", hosts_of(d));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn setup() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fsm.yaml"), FORK_JOIN_PY).unwrap();
+    std::fs::write(dir.path().join("forkjoin.py"), FORK_JOIN_PY_MODULE).unwrap();
+    dir
+}
+
+#[test]
+fn sqlite_workers_with_python_actions_killed_at_random_lose_nothing() {
+    let dir = setup();
+    let d = dir.path();
+    let db = d.join("phasm.db").display().to_string();
+    start_all(d, &db, 120);
+    kill_workers_while_they_run(d, &db, 120, 4);
+}
+
+#[test]
+fn postgres_workers_with_python_actions_killed_at_random_lose_nothing() {
+    let Some(schema) = postgres_schema("python") else {
+        return;
+    };
+    let dir = setup();
+    let d = dir.path();
+    start_all(d, &schema.url, 120);
+    kill_workers_while_they_run(d, &schema.url, 120, 4);
+}
