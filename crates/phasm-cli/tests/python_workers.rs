@@ -14,7 +14,11 @@ use common::{
 
 fn start_all(d: &Path, db: &str, instances: usize) {
     for i in 0..instances {
-        let out = phasm(d, db, &["start", "fsm.yaml", "--name", &format!("fj-{i:03}")]);
+        let out = phasm(
+            d,
+            db,
+            &["start", "fsm.yaml", "--name", &format!("fj-{i:03}")],
+        );
         assert!(
             out.status.success(),
             "{}",
@@ -71,16 +75,20 @@ fn kill_workers_while_they_run(d: &Path, db: &str, instances: usize, kills: usiz
         let name = format!("fj-{i:03}");
         assert_joined_once(d, db, &name);
         let s = common::status(d, db, &name);
-        interrupted += s["history"]
-            .as_array()
-            .map_or(0, |h| h.iter().filter(|e| e["attempt"].as_u64() > Some(0)).count());
+        interrupted += s["history"].as_array().map_or(0, |h| {
+            h.iter().filter(|e| e["attempt"].as_u64() > Some(0)).count()
+        });
     }
     // The kills hit running steps: their later attempts committed instead.
     assert!(interrupted > 0, "no step was interrupted by a kill");
     // Hosts of killed workers see their stdin close and exit; none is left behind.
     let deadline = Instant::now() + Duration::from_secs(20);
     while !hosts_of(d).is_empty() {
-        assert!(Instant::now() < deadline, "hosts left running: {:?}", hosts_of(d));
+        assert!(
+            Instant::now() < deadline,
+            "hosts left running: {:?}",
+            hosts_of(d)
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -141,3 +141,104 @@ async fn a_program_that_ignores_its_input_still_works() {
     let action = sh(r#"echo '{"event": "ok"}'"#, None);
     assert_eq!(action.run(&mut cx()).await.unwrap().as_deref(), Some("ok"));
 }
+
+/// True while `pid` exists and is not a zombie.
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+    }
+}
+
+async fn gone(pid: u32) -> bool {
+    for _ in 0..50 {
+        if !running(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_timeout_kills_the_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    let script = format!("sleep 1000 & echo $! > {}; sleep 1000", pidfile.display());
+    let err = sh(&script, Some(Duration::from_millis(500)))
+        .run(&mut cx())
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("killed with its process group"),
+        "{err}"
+    );
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(gone(pid).await, "the background process {pid} survived");
+}
+
+#[tokio::test]
+async fn a_program_that_exited_is_not_waited_on_for_output_a_grandchild_holds_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let pidfile = dir.path().join("pid");
+    // The background sleep inherits stdout, so its end never comes while it lives.
+    let script = format!(
+        "cat > /dev/null; sleep 30 & echo $! > {}; echo '{{\"event\": \"ok\"}}'",
+        pidfile.display()
+    );
+    let started = Instant::now();
+    let event = sh(&script, Some(Duration::from_secs(20)))
+        .run(&mut cx())
+        .await
+        .unwrap();
+    assert_eq!(event.as_deref(), Some("ok"));
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // What the call left behind in its process group is stopped with it.
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(gone(pid).await, "the background process {pid} survived");
+}
+
+#[tokio::test]
+async fn an_unknown_response_field_is_named_with_a_suggestion() {
+    let err = sh(r#"cat > /dev/null; echo '{"evnet": "ok"}'"#, None)
+        .run(&mut cx())
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("unknown field `evnet` in the response (did you mean `event`?)"),
+        "{err}"
+    );
+    let err = sh(r#"cat > /dev/null; echo '{"frobnicate": 1}'"#, None)
+        .run(&mut cx())
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .contains("unknown field `frobnicate` in the response; the fields are `event`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_first_line_with_only_a_token_outside_a_continuation_is_the_response() {
+    // No worker listens for an early token here: the line is an ordinary response.
+    let mut cx = cx();
+    let event = sh(r#"cat > /dev/null; echo '{"token": 3}'"#, None)
+        .run(&mut cx)
+        .await
+        .unwrap();
+    assert_eq!(event, None);
+}

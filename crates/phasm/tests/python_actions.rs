@@ -122,9 +122,23 @@ async fn a_failed_attempt_keeps_its_traceback_and_the_retry_sees_the_retry_count
         .find(|(_, m)| m.contains("first attempt fails"))
         .expect("the traceback is in the log");
     assert_eq!(traceback.0, "error");
-    assert!(traceback.1.starts_with("Traceback (most recent call last):\n"), "{}", traceback.1);
-    assert!(traceback.1.contains("in helper_that_raises"), "{}", traceback.1);
-    assert!(traceback.1.ends_with("ValueError: first attempt fails"), "{}", traceback.1);
+    assert!(
+        traceback
+            .1
+            .starts_with("Traceback (most recent call last):\n"),
+        "{}",
+        traceback.1
+    );
+    assert!(
+        traceback.1.contains("in helper_that_raises"),
+        "{}",
+        traceback.1
+    );
+    assert!(
+        traceback.1.ends_with("ValueError: first attempt fails"),
+        "{}",
+        traceback.1
+    );
     // A UserTransientError is logged as a warning.
     assert!(
         logs.iter()
@@ -343,7 +357,8 @@ async fn context_types_give_actions_python_values_and_store_them_back_as_json() 
 ",
     )
     .await;
-    let start = ctx(json!({"n": "41", "when": "2026-01-02T03:04:05", "flag": "true", "day": "2026-05-06"}));
+    let start =
+        ctx(json!({"n": "41", "when": "2026-01-02T03:04:05", "flag": "true", "day": "2026-05-06"}));
     let view = run.run("M", start).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Completed, "{view:?}");
     let c = result(&view);
@@ -517,13 +532,24 @@ async fn fantasms_own_linear_machine_runs_every_call_once_in_fantasms_order() {
 #[tokio::test]
 async fn fantasms_self_transition_machine_loops_five_times() {
     let run = fantasm_file_runner().await;
-    let view = run.run("SelfTransitionTests", Context::new()).await.unwrap();
+    let view = run
+        .run("SelfTransitionTests", Context::new())
+        .await
+        .unwrap();
     assert_eq!(view.status, InstanceStatus::Completed, "{view:?}");
     // Fantasm's E3: init, five self transitions, then state2.
     let events: Vec<&str> = view.history.iter().map(|h| h.event.as_str()).collect();
     assert_eq!(
         events,
-        ["pseudo-init", "next-event1", "next-event1", "next-event1", "next-event1", "next-event1", "next-event2"]
+        [
+            "pseudo-init",
+            "next-event1",
+            "next-event1",
+            "next-event1",
+            "next-event1",
+            "next-event1",
+            "next-event2"
+        ]
     );
     let calls = result(&view)["calls"].as_array().unwrap().clone();
     let count = |what: &str| calls.iter().filter(|c| c.as_str() == Some(what)).count();

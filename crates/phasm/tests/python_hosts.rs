@@ -92,7 +92,10 @@ async fn a_step_past_its_timeout_kills_the_host_with_its_process_group() {
     assert_eq!(view.status, InstanceStatus::Failed);
     let error = view.error.unwrap_or_default();
     assert!(error.contains("timed out after 1s"), "{error}");
-    assert!(error.contains("was killed with its process group"), "{error}");
+    assert!(
+        error.contains("was killed with its process group"),
+        "{error}"
+    );
     let grandchild: u32 = std::fs::read_to_string(&pidfile)
         .unwrap()
         .trim()
@@ -177,12 +180,18 @@ async fn hosts_that_cannot_start_or_speak_another_version_are_refused() {
     .await
     .err()
     .unwrap();
-    assert!(error.contains("speaks protocol 2, phasm speaks 1"), "{error}");
+    assert!(
+        error.contains("speaks protocol 2, phasm speaks 1"),
+        "{error}"
+    );
     let error = runner("  interpreter: no-such-python\n", &one_state("x.y", 0))
         .await
         .err()
         .unwrap();
-    assert!(error.contains("cannot start the Python host (`no-such-python`"), "{error}");
+    assert!(
+        error.contains("cannot start the Python host (`no-such-python`"),
+        "{error}"
+    );
     let error = runner("  interpreter: \"false\"\n", &one_state("x.y", 0))
         .await
         .err()

@@ -358,7 +358,9 @@ async fn chain_setup(
     match actions {
         Actions::Rust => {}
         Actions::Python => {
-            let processes = processes.map(|n| format!("  processes: {n}\n")).unwrap_or_default();
+            let processes = processes
+                .map(|n| format!("  processes: {n}\n"))
+                .unwrap_or_default();
             yaml = format!("python:\n  path: [.]\n{processes}{yaml}");
         }
         Actions::Exec => {
@@ -370,8 +372,8 @@ async fn chain_setup(
     if actions != Actions::Rust {
         std::fs::write(dir.join("bench_actions.py"), CHAIN_PY).map_err(failed)?;
     }
-    let loaded = load_str(&yaml, dir.join("bench-chain.yaml"), &LoadOptions::default())
-        .map_err(failed)?;
+    let loaded =
+        load_str(&yaml, dir.join("bench-chain.yaml"), &LoadOptions::default()).map_err(failed)?;
     let mut config = loaded.config;
     let mut registry = Registry::new();
     registry.bind_config(&config);

@@ -62,6 +62,8 @@ impl Action for ExecAction {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: a timeout kills what it started too.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
@@ -71,31 +73,47 @@ impl Action for ExecAction {
                     self.binding.working_dir.display()
                 ))
             })?;
-        let mut stdin = child.stdin.take();
+        let pid = child.id().unwrap_or(0);
+        // Whatever happens from here on, nothing of the program's group outlives the call.
+        let _group = GroupGuard(pid);
+        let stdin = child.stdin.take();
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
         let body = serde_json::to_vec(&request)?;
+        let mut out = Output::default();
+        let mut err = Output::default();
+        let early = cx.early_token.clone();
         let run = async {
-            let write = async {
-                if let Some(mut pipe) = stdin.take() {
-                    // A program may exit without reading its input: that is its business.
-                    let _ = pipe.write_all(&body).await;
-                    let _ = pipe.shutdown().await;
-                }
+            let reads = async {
+                let write = async {
+                    if let Some(mut pipe) = stdin {
+                        // A program may exit without reading its input: that is its business.
+                        let _ = pipe.write_all(&body).await;
+                        let _ = pipe.shutdown().await;
+                    }
+                };
+                tokio::join!(
+                    write,
+                    read_capped(stdout, &mut out, early.as_ref()),
+                    read_capped(stderr, &mut err, None)
+                );
             };
-            let (_, out, err, status) = tokio::join!(
-                write,
-                read_capped(stdout),
-                read_capped(stderr),
-                child.wait()
-            );
-            (out, err, status)
+            tokio::pin!(reads);
+            tokio::select! {
+                status = child.wait() => {
+                    // It exited: take what is in the pipes, without waiting for the end of
+                    // output that a process it left behind may hold open.
+                    let _ = tokio::time::timeout(AFTER_EXIT, &mut reads).await;
+                    status
+                }
+                () = &mut reads => child.wait().await,
+            }
         };
-        let (out, err, status) = match tokio::time::timeout(timeout, run).await {
+        let status = match tokio::time::timeout(timeout, run).await {
             Ok(done) => done,
             Err(_) => {
                 return Err(ActionError::new(format!(
-                    "`{}` timed out after {}s and was killed",
+                    "`{}` timed out after {}s and was killed with its process group",
                     self.describe(),
                     timeout.as_secs_f64()
                 )))
@@ -103,15 +121,14 @@ impl Action for ExecAction {
         };
         let status = status
             .map_err(|e| ActionError::new(format!("waiting for `{}`: {e}", self.describe())))?;
-        let (stderr_text, stderr_over) = err;
-        let stderr_text = String::from_utf8_lossy(&stderr_text).into_owned();
+        let stderr_text = String::from_utf8_lossy(&err.bytes).into_owned();
         for line in stderr_text.lines().filter(|l| !l.trim().is_empty()) {
             cx.log(
                 if status.success() { "info" } else { "error" },
                 format!("stderr: {line}"),
             );
         }
-        if stderr_over {
+        if err.over {
             cx.log(
                 "warning",
                 format!("stderr was cut at {MAX_EXEC_OUTPUT_BYTES} bytes"),
@@ -133,16 +150,47 @@ impl Action for ExecAction {
                 self.describe()
             )));
         }
-        let (stdout, stdout_over) = out;
-        if stdout_over {
+        if out.over {
             return Err(ActionError::new(format!(
                 "`{}` wrote more than {MAX_EXEC_OUTPUT_BYTES} bytes to stdout",
                 self.describe()
             )));
         }
-        apply_response(cx, &stdout)
-            .map_err(|e| ActionError::new(format!("`{}`: {e}", self.describe())))
+        let reported_early = out.early_token;
+        let event = apply_response(cx, &out.bytes)
+            .map_err(|e| ActionError::new(format!("`{}`: {e}", self.describe())))?;
+        if reported_early && cx.next_token.is_some() {
+            return Err(ActionError::new(format!(
+                "`{}` reported the next page's token on its first line and again in its response; report it once",
+                self.describe()
+            )));
+        }
+        Ok(event)
     }
+}
+
+/// How long the pipes of a program that has exited are still read.
+const AFTER_EXIT: Duration = Duration::from_millis(200);
+
+/// Kills a process group when dropped.
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0 != 0 {
+            super::host::kill_group(self.0);
+        }
+    }
+}
+
+/// What was read from one of a program's pipes.
+#[derive(Default)]
+struct Output {
+    bytes: Vec<u8>,
+    /// More than [`MAX_EXEC_OUTPUT_BYTES`] were written.
+    over: bool,
+    /// The first line was `{"token": ...}`, handed over before the program finished.
+    early_token: bool,
 }
 
 /// The JSON request a program (or a webhook) receives for a call.
@@ -164,22 +212,52 @@ pub(crate) fn request(cx: &ActionContext) -> Value {
     request
 }
 
-async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> (Vec<u8>, bool) {
-    let Some(pipe) = pipe else {
-        return (Vec::new(), false);
+/// Read a pipe into `out` (at most [`MAX_EXEC_OUTPUT_BYTES`], draining the rest). With
+/// `early`, a first line that is `{"token": ...}` alone is the next page's token, sent on at
+/// once and not kept.
+async fn read_capped(
+    pipe: Option<impl AsyncRead + Unpin>,
+    out: &mut Output,
+    early: Option<&tokio::sync::mpsc::UnboundedSender<Value>>,
+) {
+    let Some(mut pipe) = pipe else {
+        return;
     };
-    let mut buf = Vec::new();
-    let mut limited = pipe.take(MAX_EXEC_OUTPUT_BYTES as u64 + 1);
-    let _ = limited.read_to_end(&mut buf).await;
-    let over = buf.len() > MAX_EXEC_OUTPUT_BYTES;
-    if over {
-        buf.truncate(MAX_EXEC_OUTPUT_BYTES);
-        // Drain the rest so the program is not blocked writing to a full pipe.
-        let mut rest = limited.into_inner();
-        let mut sink = [0u8; 8192];
-        while matches!(rest.read(&mut sink).await, Ok(n) if n > 0) {}
+    let mut first_line_checked = early.is_none();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = match pipe.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if out.over {
+            continue; // drain, so the program is not blocked writing to a full pipe
+        }
+        out.bytes.extend_from_slice(&chunk[..n]);
+        if out.bytes.len() > MAX_EXEC_OUTPUT_BYTES {
+            out.bytes.truncate(MAX_EXEC_OUTPUT_BYTES);
+            out.over = true;
+            continue;
+        }
+        if !first_line_checked {
+            if let Some(end) = out.bytes.iter().position(|&b| b == b'\n') {
+                first_line_checked = true;
+                if let (Some(token), Some(tx)) = (early_token(&out.bytes[..end]), early) {
+                    let _ = tx.send(token);
+                    out.early_token = true;
+                    out.bytes.drain(..=end);
+                }
+            }
+        }
     }
-    (buf, over)
+}
+
+/// The token of a line `{"token": T}` (nothing else in the object, `T` not null).
+fn early_token(line: &[u8]) -> Option<Value> {
+    match serde_json::from_slice::<Value>(line).ok()? {
+        Value::Object(mut map) if map.len() == 1 => map.remove("token").filter(|t| !t.is_null()),
+        _ => None,
+    }
 }
 
 fn tail(text: &str) -> String {
@@ -190,6 +268,9 @@ fn tail(text: &str) -> String {
         .unwrap_or(trimmed.len());
     trimmed[start..].replace('\n', " | ")
 }
+
+/// The fields of a response.
+const RESPONSE_FIELDS: &[&str] = &["event", "context", "forks", "spawn", "token", "log", "halt"];
 
 /// Apply a program's (or a webhook's) response to the action context; returns the event.
 pub(crate) fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionResult {
@@ -203,6 +284,25 @@ pub(crate) fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionRes
     let Value::Object(mut response) = value else {
         return Err(ActionError::new("output must be a JSON object"));
     };
+    if let Some(unknown) = response
+        .keys()
+        .find(|k| !RESPONSE_FIELDS.contains(&k.as_str()))
+    {
+        let hint = RESPONSE_FIELDS
+            .iter()
+            .map(|f| (strsim::jaro_winkler(unknown, f), f))
+            .filter(|(score, _)| *score > 0.8)
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map_or(String::new(), |(_, f)| format!(" (did you mean `{f}`?)"));
+        return Err(ActionError::new(format!(
+            "unknown field `{unknown}` in the response{hint}; the fields are {}",
+            RESPONSE_FIELDS
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     // The new context first: forks are copies of it.
     if let Some(context) = response.remove("context") {
         match context {
@@ -236,11 +336,20 @@ pub(crate) fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionRes
                         .map(|c| c.as_object().cloned())
                         .collect::<Option<Vec<_>>>()
                 });
-                match (machine, contexts) {
-                    (Some(machine), Some(Some(contexts))) => cx.spawn(&machine, contexts),
+                let countdown = match spawn.get("countdown") {
+                    None | Some(Value::Null) => Some(Duration::ZERO),
+                    Some(v) => v
+                        .as_f64()
+                        .filter(|s| s.is_finite() && *s >= 0.0)
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok()),
+                };
+                match (machine, contexts, countdown) {
+                    (Some(machine), Some(Some(contexts)), Some(countdown)) => {
+                        cx.spawn_after(&machine, contexts, countdown);
+                    }
                     _ => {
                         return Err(ActionError::new(
-                            "each of `spawn` must be {\"machine\": NAME, \"contexts\": [objects]}",
+                            "each of `spawn` must be {\"machine\": NAME, \"contexts\": [objects], \"countdown\": SECONDS (optional)}",
                         ))
                     }
                 }

@@ -132,6 +132,9 @@ pub struct ActionContext {
     pub(crate) next_token: Option<serde_json::Value>,
     pub(crate) forks: Vec<Context>,
     pub(crate) spawns: Vec<SpawnRequest>,
+    /// In a continuation page: where an action reports the next page's token before it
+    /// finishes, so the worker queues the next page at once (exec's early `token` line).
+    pub(crate) early_token: Option<tokio::sync::mpsc::UnboundedSender<serde_json::Value>>,
 }
 
 impl ActionContext {
@@ -156,6 +159,7 @@ impl ActionContext {
             next_token: None,
             forks: Vec::new(),
             spawns: Vec::new(),
+            early_token: None,
         }
     }
 

@@ -62,7 +62,8 @@ const PACKAGE: &[(&str, &str)] = &[
 ];
 
 /// The program a host runs: put the package first on `sys.path`, then serve.
-const BOOT: &str = "import sys; sys.path.insert(0, sys.argv[1]); import phasm.host; phasm.host.main()";
+const BOOT: &str =
+    "import sys; sys.path.insert(0, sys.argv[1]); import phasm.host; phasm.host.main()";
 
 /// Why Python actions cannot run.
 #[derive(Debug, thiserror::Error)]
@@ -227,16 +228,14 @@ pub async fn start(
     };
     let command = HostCommand {
         program,
-        args: vec![
-            "-c".into(),
-            BOOT.into(),
-            package.display().to_string(),
-        ],
+        args: vec!["-c".into(), BOOT.into(), package.display().to_string()],
         working_dir: settings.working_dir.clone(),
         label: "Python host".into(),
     };
     let options = PoolOptions {
-        processes: settings.processes.map_or_else(default_processes, |n| n as usize),
+        processes: settings
+            .processes
+            .map_or_else(default_processes, |n| n as usize),
         in_flight: STEPS_PER_HOST,
         timeout: timeout_of(&settings),
     };

@@ -732,7 +732,11 @@ impl Assembler<'_> {
         };
         for (m, spans) in self.config.machines.iter().zip(&self.spans) {
             for (s, ss) in m.states.iter().zip(&spans.states) {
-                for (key, name) in [("entry", &s.entry), ("action", &s.action), ("exit", &s.exit)] {
+                for (key, name) in [
+                    ("entry", &s.entry),
+                    ("action", &s.action),
+                    ("exit", &s.exit),
+                ] {
                     if name.is_some() {
                         sites.insert(&m.name, &s.name, key.into(), place(ss.obj.value(key)));
                     }

@@ -61,7 +61,11 @@ impl Sites {
     /// Where a transition's `event` is written.
     pub fn event(&self, machine: &str, state: &str, event: &str) -> Option<&str> {
         self.places
-            .get(&(machine.to_string(), state.to_string(), format!("event:{event}")))
+            .get(&(
+                machine.to_string(),
+                state.to_string(),
+                format!("event:{event}"),
+            ))
             .map(String::as_str)
     }
 

@@ -773,6 +773,7 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         next_token: None,
         forks: Vec::new(),
         spawns: Vec::new(),
+        early_token: None,
     };
     if let Some(first) = task.contexts.first() {
         cx.context = first.clone();
@@ -827,7 +828,36 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
             let limit = action
                 .timeout()
                 .map_or(env.action_timeout, |own| own + Duration::from_secs(5));
-            let result = match tokio::time::timeout(limit, action.run(&mut cx)).await {
+            // A continuation page may report its next token before it finishes: queue the
+            // next page then, while the page goes on.
+            let mut early = None;
+            if continuation && call.role == ActionRole::Action {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                cx.early_token = Some(tx);
+                early = Some(rx);
+            }
+            let result = {
+                let run = tokio::time::timeout(limit, action.run(&mut cx));
+                tokio::pin!(run);
+                loop {
+                    let token = async {
+                        match early.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        done = &mut run => break done,
+                        Some(token) = token => {
+                            if !task.next_page_queued {
+                                queue_next_page(env, machine, task, token).await?;
+                            }
+                        }
+                    }
+                }
+            };
+            cx.early_token = None;
+            let result = match result {
                 Ok(result) => result,
                 Err(_) => Err(crate::action::ActionError::new(format!(
                     "timed out after {}s",

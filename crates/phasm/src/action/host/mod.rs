@@ -130,7 +130,12 @@ impl HostPool {
     pub fn pids(&self) -> Vec<u32> {
         self.slots
             .iter()
-            .filter_map(|s| lock(&s.process).as_ref().filter(|p| p.is_alive()).map(|p| p.pid))
+            .filter_map(|s| {
+                lock(&s.process)
+                    .as_ref()
+                    .filter(|p| p.is_alive())
+                    .map(|p| p.pid)
+            })
             .collect()
     }
 
@@ -138,7 +143,10 @@ impl HostPool {
     ///
     /// # Errors
     /// When no host runs (one is being restarted) or the chosen one cannot be written to.
-    pub async fn start_step(self: &Arc<Self>, mut request: StepRequest) -> Result<RunningStep, String> {
+    pub async fn start_step(
+        self: &Arc<Self>,
+        mut request: StepRequest,
+    ) -> Result<RunningStep, String> {
         let (process, permit) = self.acquire().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         request.id = id;

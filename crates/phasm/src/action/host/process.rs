@@ -109,7 +109,9 @@ impl HostProcess {
             .map_err(|e| format!("cannot write the hello message: {e}"))?;
         let handshake = async {
             let written = async {
-                stdin.write_all(format!("{hello_line}\n").as_bytes()).await?;
+                stdin
+                    .write_all(format!("{hello_line}\n").as_bytes())
+                    .await?;
                 stdin.flush().await
             };
             written
@@ -303,7 +305,9 @@ async fn read_line<R: AsyncBufRead + Unpin>(
         buf.extend_from_slice(&available[..end]);
         reader.consume(taken);
         if buf.len() > MAX_LINE_BYTES {
-            return Err(format!("it wrote a line longer than {MAX_LINE_BYTES} bytes"));
+            return Err(format!(
+                "it wrote a line longer than {MAX_LINE_BYTES} bytes"
+            ));
         }
         if done {
             // An empty line counts as a line (not the end of input).
@@ -350,7 +354,9 @@ async fn read_messages(mut r: Reader) {
                             Some(tx) => {
                                 let _ = tx.send(message);
                             }
-                            None => tracing::debug!(host = %r.name, id, "a message for a step nobody waits for"),
+                            None => {
+                                tracing::debug!(host = %r.name, id, "a message for a step nobody waits for")
+                            }
                         }
                     }
                     Err(e) => {
