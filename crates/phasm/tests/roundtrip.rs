@@ -7,7 +7,8 @@ use std::time::Duration;
 use phasm::config::{load_str, to_yaml, LoadOptions};
 use phasm::machine::{
     ActionBinding, Config, ContextType, Countdown, ExecBinding, FanIn, Logging, Machine,
-    MachineDefaults, QueueLimits, Rate, RetrySettings, State, Transition, TransitionPolicy,
+    MachineDefaults, PythonSettings, QueueLimits, Rate, RetrySettings, State, Transition,
+    TransitionPolicy,
 };
 use proptest::collection::{btree_map, vec};
 use proptest::option;
@@ -310,47 +311,66 @@ fn config() -> impl Strategy<Value = Config> {
             ),
             0..3,
         ),
+        option::of((
+            option::of(vec(text(), 1..3)),
+            option::of(1u32..16),
+            option::of(duration().prop_filter("positive", |d| !d.is_zero())),
+            option::of(text()),
+        )),
     )
-        .prop_map(move |(root_url, check, machines, actions, queues)| {
-            let mut seen = std::collections::HashSet::new();
-            let machines = machines
-                .into_iter()
-                .filter(|m| seen.insert(m.name.clone()))
-                .collect();
-            Config {
-                root_url,
-                enable_capabilities_check: check,
-                machines,
-                actions: actions
+        .prop_map(
+            move |(root_url, check, machines, actions, queues, python)| {
+                let mut seen = std::collections::HashSet::new();
+                let machines = machines
                     .into_iter()
-                    .map(|(k, (argv, timeout))| {
-                        (
-                            k,
-                            ActionBinding::Exec(ExecBinding {
-                                argv,
-                                working_dir: dir.clone(),
-                                timeout,
-                            }),
-                        )
-                    })
-                    .collect(),
-                queues: queues
-                    .into_iter()
-                    .map(|(k, (max, rate))| {
-                        (
-                            k,
-                            QueueLimits {
-                                max_concurrent: max,
-                                rate: rate.map(|(count, ms)| Rate {
-                                    count,
-                                    per: Duration::from_millis(ms),
+                    .filter(|m| seen.insert(m.name.clone()))
+                    .collect();
+                Config {
+                    root_url,
+                    enable_capabilities_check: check,
+                    machines,
+                    actions: actions
+                        .into_iter()
+                        .map(|(k, (argv, timeout))| {
+                            (
+                                k,
+                                ActionBinding::Exec(ExecBinding {
+                                    argv,
+                                    working_dir: dir.clone(),
+                                    timeout,
                                 }),
-                            },
-                        )
-                    })
-                    .collect(),
-            }
-        })
+                            )
+                        })
+                        .collect(),
+                    queues: queues
+                        .into_iter()
+                        .map(|(k, (max, rate))| {
+                            (
+                                k,
+                                QueueLimits {
+                                    max_concurrent: max,
+                                    rate: rate.map(|(count, ms)| Rate {
+                                        count,
+                                        per: Duration::from_millis(ms),
+                                    }),
+                                },
+                            )
+                        })
+                        .collect(),
+                    python: python.map(|(path, processes, timeout, interpreter)| PythonSettings {
+                        path: path.as_ref().map_or_else(
+                            || vec![dir.clone()],
+                            |p| p.iter().map(|e| dir.join(e)).collect(),
+                        ),
+                        processes,
+                        timeout,
+                        interpreter,
+                        working_dir: dir.clone(),
+                        path_as_written: path,
+                    }),
+                }
+            },
+        )
 }
 
 proptest! {
