@@ -10,6 +10,7 @@ continuation page, ``token`` first). The protocol owns the process's real stdout
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import json
@@ -68,8 +69,10 @@ def resolve(ref: str) -> Any:
         value: Any = module
         for attr in parts[cut:]:
             if not hasattr(value, attr):
+                close = difflib.get_close_matches(attr, [n for n in dir(value) if not n.startswith("_")], n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
                 raise ResolveError(
-                    f"`{attr}` was not found in {_describe(value)} (looking up `{ref}`)"
+                    f"`{attr}` was not found in {_describe(value)} (looking up `{ref}`){hint}"
                 )
             value = getattr(value, attr)
         return value

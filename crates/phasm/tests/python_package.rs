@@ -14,5 +14,8 @@ fn the_python_packages_own_tests_pass() {
     let report = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{report}");
     // unittest ends with "OK" after "Ran N tests"; make sure some ran.
-    assert!(report.contains("Ran ") && !report.contains("Ran 0 tests"), "{report}");
+    assert!(
+        report.contains("Ran ") && !report.contains("Ran 0 tests"),
+        "{report}"
+    );
 }

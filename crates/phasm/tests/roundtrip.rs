@@ -360,7 +360,11 @@ fn config() -> impl Strategy<Value = Config> {
                     python: python.map(|(path, processes, timeout, interpreter)| PythonSettings {
                         path: path.as_ref().map_or_else(
                             || vec![dir.clone()],
-                            |p| p.iter().map(|e| dir.join(e)).collect(),
+                            |p| {
+                                p.iter()
+                                    .map(|e| dir.join(e).components().collect())
+                                    .collect()
+                            },
                         ),
                         processes,
                         timeout,

@@ -78,6 +78,13 @@ pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCod
             Ok(loaded) => {
                 print_diagnostics(&Diagnostics(loaded.warnings.clone()));
                 failed |= deny_warnings && !loaded.warnings.is_empty();
+                if strict && loaded.config.python.is_some() {
+                    if let Err(e) = check_python(&loaded) {
+                        eprintln!("error: {e}");
+                        failed = true;
+                        continue;
+                    }
+                }
                 let machines = loaded.config.machines.len();
                 let states: usize = loaded.config.machines.iter().map(|m| m.states.len()).sum();
                 let warnings = match loaded.warnings.len() {
@@ -105,6 +112,31 @@ pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCod
         println!("{line}");
     }
     ExitCode::SUCCESS
+}
+
+/// With `--strict`: start one Python host to resolve every Python action name and event
+/// constant, as a worker would before running anything.
+fn check_python(loaded: &config::Loaded) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        let mut config = loaded.config.clone();
+        if let Some(python) = &mut config.python {
+            python.processes = Some(1);
+        }
+        let mut registry = phasm::action::Registry::new();
+        registry.bind_config(&config);
+        match phasm::action::python::start(&mut config, &loaded.sites, &mut registry).await {
+            Ok(Some(pool)) => {
+                pool.close(std::time::Duration::from_secs(5)).await;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
 }
 
 fn plural(n: usize, noun: &str) -> String {

@@ -646,7 +646,10 @@ impl Assembler<'_> {
                         Some("write `path: [.]` for the folder of this file".into()),
                     );
                 }
-                settings.path = entries.iter().map(|e| dir.join(e)).collect();
+                settings.path = entries
+                    .iter()
+                    .map(|e| dir.join(e).components().collect())
+                    .collect();
                 settings.path_as_written = Some(entries);
             }
             if let Some(n) = f.get("processes") {
