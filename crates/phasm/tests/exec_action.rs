@@ -1,5 +1,7 @@
 //! The `exec` binding's protocol and failure modes, against real processes.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -142,28 +144,6 @@ async fn a_program_that_ignores_its_input_still_works() {
     assert_eq!(action.run(&mut cx()).await.unwrap().as_deref(), Some("ok"));
 }
 
-/// True while `pid` exists and is not a zombie.
-fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-    }
-}
-
-async fn gone(pid: u32) -> bool {
-    for _ in 0..50 {
-        if !running(pid) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
 #[tokio::test]
 async fn a_timeout_kills_the_whole_process_group() {
     let dir = tempfile::tempdir().unwrap();
@@ -182,7 +162,10 @@ async fn a_timeout_kills_the_whole_process_group() {
         .trim()
         .parse()
         .unwrap();
-    assert!(gone(pid).await, "the background process {pid} survived");
+    assert!(
+        common::gone(pid).await,
+        "the background process {pid} survived"
+    );
 }
 
 #[tokio::test]
@@ -207,7 +190,10 @@ async fn a_program_that_exited_is_not_waited_on_for_output_a_grandchild_holds_op
         .trim()
         .parse()
         .unwrap();
-    assert!(gone(pid).await, "the background process {pid} survived");
+    assert!(
+        common::gone(pid).await,
+        "the background process {pid} survived"
+    );
 }
 
 #[tokio::test]

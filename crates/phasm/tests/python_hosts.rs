@@ -2,6 +2,8 @@
 //! grandchild), write lines that are not the protocol, exit at hello. Each failure is a
 //! clear, retried attempt; nothing is left running.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -102,27 +104,10 @@ async fn a_step_past_its_timeout_kills_the_host_with_its_process_group() {
         .parse()
         .unwrap();
     for pid in [host, grandchild] {
-        let mut gone = false;
-        for _ in 0..50 {
-            if !running(pid) {
-                gone = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(gone, "process {pid} survived the timeout");
-    }
-}
-
-/// True while `pid` exists and is not a zombie.
-fn running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => false,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .and_then(|rest| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
+        assert!(
+            common::gone(pid).await,
+            "process {pid} survived the timeout"
+        );
     }
 }
 

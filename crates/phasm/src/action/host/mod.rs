@@ -168,6 +168,19 @@ impl HostPool {
     /// A live host and a place on it: the one with the most room, waiting for room when
     /// every host is busy. Dead hosts are restarted in the background.
     async fn acquire(self: &Arc<Self>) -> Result<(Arc<HostProcess>, OwnedSemaphorePermit), String> {
+        // A host may die while a step waits for room on it: then choose again.
+        for _ in 0..3 {
+            let (process, permit) = self.acquire_once().await?;
+            if process.is_alive() {
+                return Ok((process, permit));
+            }
+        }
+        self.acquire_once().await
+    }
+
+    async fn acquire_once(
+        self: &Arc<Self>,
+    ) -> Result<(Arc<HostProcess>, OwnedSemaphorePermit), String> {
         let mut best: Option<Arc<HostProcess>> = None;
         let start = self.turn.fetch_add(1, Ordering::Relaxed);
         for k in 0..self.slots.len() {

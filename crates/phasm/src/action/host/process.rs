@@ -210,6 +210,11 @@ impl HostProcess {
     ) -> Result<mpsc::UnboundedReceiver<FromHost>, String> {
         let (tx, rx) = mpsc::unbounded_channel();
         lock(&self.pending).insert(id, tx);
+        if let Some(reason) = self.died.borrow().clone() {
+            // It went before the request was registered: nobody would answer.
+            lock(&self.pending).remove(&id);
+            return Err(reason);
+        }
         if let Err(e) = self.write(line).await {
             lock(&self.pending).remove(&id);
             return Err(e);
