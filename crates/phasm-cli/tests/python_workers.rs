@@ -44,6 +44,11 @@ fn hosts_of(d: &Path) -> Vec<u32> {
 }
 
 fn kill_workers_while_they_run(d: &Path, db: &str, instances: usize, kills: usize) {
+    // The first victim works alone, so it surely holds running Python steps when it dies.
+    let mut first = worker(d, db, &["--concurrency", "16"]);
+    std::thread::sleep(Duration::from_millis(800));
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
     let steady = worker(d, db, &["--concurrency", "16"]);
     let deadline = Instant::now() + Duration::from_secs(180);
     let mut done = 0;
@@ -118,4 +123,93 @@ fn postgres_workers_with_python_actions_killed_at_random_lose_nothing() {
     let d = dir.path();
     start_all(d, &schema.url, 120);
     kill_workers_while_they_run(d, &schema.url, 120, 4);
+}
+
+const MISBEHAVING: &str = r#"
+python:
+  processes: 1
+  timeout: 1s
+state_machines:
+- name: Dies
+  namespace: misbehave
+  logging: persistent
+  min_backoff_seconds: 0.1
+  states:
+  - name: a
+    initial: true
+    action: dies_once
+    transitions:
+    - event: ok
+      to: b
+  - name: b
+    final: true
+- name: Hangs
+  namespace: misbehave
+  task_retry_limit: 0
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: hangs
+"#;
+
+const MISBEHAVING_MODULE: &str = r#"
+import os
+import time
+
+
+def dies_once(ctx):
+    if not os.path.exists("died"):
+        open("died", "w").close()
+        os._exit(3)
+    print("second attempt, on a new host")
+    return "ok"
+
+
+def hangs(ctx):
+    time.sleep(1000)
+"#;
+
+/// A host that dies mid-step and a step that hangs, through `phasm run` on one store.
+fn misbehaving_hosts_on(d: &Path, db: &str) {
+    let run = |machine: &str| phasm(d, db, &["run", "fsm.yaml", "--machine", machine, "--json"]);
+    let out = run("Dies");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "completed", "{text}");
+    let name = last["instance"].as_str().unwrap().to_string();
+    let s = common::status(d, db, &name);
+    assert_eq!(s["history"][0]["attempt"], 1, "{s}");
+    let logs = phasm(d, db, &["logs", &name]);
+    let logs = String::from_utf8_lossy(&logs.stdout);
+    assert!(logs.contains("second attempt, on a new host"), "{logs}");
+
+    let out = run("Hangs");
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("timed out after 1s"), "{text}");
+    assert!(
+        hosts_of(d).is_empty(),
+        "hosts left running: {:?}",
+        hosts_of(d)
+    );
+}
+
+#[test]
+fn misbehaving_hosts_fail_attempts_clearly_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("fsm.yaml"), MISBEHAVING).unwrap();
+    std::fs::write(d.join("misbehave.py"), MISBEHAVING_MODULE).unwrap();
+    misbehaving_hosts_on(d, &d.join("phasm.db").display().to_string());
+    let Some(schema) = postgres_schema("misbehave") else {
+        return;
+    };
+    std::fs::remove_file(d.join("died")).unwrap();
+    misbehaving_hosts_on(d, &schema.url);
 }
