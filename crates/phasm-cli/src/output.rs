@@ -1,6 +1,6 @@
 //! Output helpers shared by the commands: logging setup, diagnostics, times.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 
 use phasm::diagnostic::Diagnostics;
 
@@ -35,4 +35,34 @@ pub fn duration(micros: i64) -> String {
     } else {
         format!("{:.2}s", ms / 1000.0)
     }
+}
+
+/// Print a line to stdout, like `println!`, but a closed pipe (`phasm list | head -1`) ends
+/// the program quietly (exit status 0) instead of panicking.
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+pub(crate) use outln;
+
+/// Write to stdout; on a closed pipe, exit quietly; on another error, say so and exit 1.
+pub fn write_out(args: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.flush()) {
+        exit_on_write_error(&e);
+    }
+}
+
+/// A failed write to stdout ends the program: quietly for a closed pipe (the reader has all
+/// it wanted), with a message otherwise.
+pub fn exit_on_write_error(e: &std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(0);
+    }
+    eprintln!("error: cannot write to stdout: {e}");
+    std::process::exit(1);
 }

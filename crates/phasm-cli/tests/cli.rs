@@ -198,3 +198,60 @@ fn tempdir() -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Run `phasm ARGS` with its stdout closed before it writes: as `phasm ARGS | head -0`.
+fn with_closed_stdout(dir: &Path, args: &[&str]) -> Output {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("phasm runs");
+    drop(child.stdout.take());
+    child.wait_with_output().expect("phasm ends")
+}
+
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("phasm.db").display().to_string();
+    // 3,000 instances: far more output than a pipe holds, so writing must meet the closed end.
+    let made = phasm(&[
+        "bench",
+        "chain",
+        "--instances",
+        "3000",
+        "--steps",
+        "1",
+        "--db",
+        &db,
+        "--sync",
+        "off",
+    ]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let name = text(&phasm(&["list", "--db", &db, "--limit", "1", "--json"]).stdout);
+    let name = serde_json::from_str::<serde_json::Value>(&name).unwrap()[0]["instance"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for args in [
+        vec!["list", "--db", &db, "--limit", "100000"],
+        vec!["list", "--db", &db, "--limit", "100000", "--json"],
+        vec!["status", &name, "--db", &db],
+        vec![
+            "graph",
+            FANTASM_FSM,
+            "--machine",
+            "ComplexMachine",
+            "--format",
+            "svg",
+        ],
+    ] {
+        let out = with_closed_stdout(&repo(), &args);
+        let err = text(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}

@@ -1,5 +1,6 @@
 //! `phasm bench`: measured throughput and latency on this machine.
 
+use crate::output::outln;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -241,7 +242,7 @@ async fn fanout(
     let joined = joined.load(std::sync::atomic::Ordering::SeqCst);
     let rss = peak_rss_bytes();
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "bench": "fanout",
@@ -257,8 +258,8 @@ async fn fanout(
         let rss = rss.map_or("unknown".to_string(), |b| {
             format!("{:.0} MB", b as f64 / 1e6)
         });
-        println!("fanout: {branches} branches, one no-op step each, joined in one fan-in ({joined} contexts joined)");
-        println!("  {wall:.2}s, peak RSS {rss}");
+        outln!("fanout: {branches} branches, one no-op step each, joined in one fan-in ({joined} contexts joined)");
+        outln!("  {wall:.2}s, peak RSS {rss}");
     }
     if joined != branches || status != Some(phasm::store::InstanceStatus::Completed) {
         eprintln!("error: expected {branches} contexts joined and a completed instance");
@@ -648,7 +649,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
     let steps_per_sec = report_steps as f64 / secs;
     let (p50, p99) = (percentile(&latencies, 0.5), percentile(&latencies, 0.99));
     if as_json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "bench": "chain",
@@ -669,16 +670,16 @@ async fn chain(args: ChainArgs) -> ExitCode {
             })
         );
     } else {
-        println!("chain: {instances} instances × {steps} steps = {total} steps ({} committed, {completed} instances completed)", report_steps);
-        println!("  {secs:.2}s, {steps_per_sec:.0} steps/s (starting the instances took {start_secs:.2}s)");
-        println!("  step latency p50 {p50:.2} ms, p99 {p99:.2} ms");
-        println!("  reference: {fsync_rate:.0} durable single-row commits/s on this store");
+        outln!("chain: {instances} instances × {steps} steps = {total} steps ({} committed, {completed} instances completed)", report_steps);
+        outln!("  {secs:.2}s, {steps_per_sec:.0} steps/s (starting the instances took {start_secs:.2}s)");
+        outln!("  step latency p50 {p50:.2} ms, p99 {p99:.2} ms");
+        outln!("  reference: {fsync_rate:.0} durable single-row commits/s on this store");
         if !host_rss.is_empty() {
             let mib: Vec<String> = host_rss
                 .iter()
                 .map(|b| format!("{:.1} MiB", *b as f64 / 1048576.0))
                 .collect();
-            println!(
+            outln!(
                 "  {} Python host processes, peak memory {}",
                 host_rss.len(),
                 mib.join(", ")

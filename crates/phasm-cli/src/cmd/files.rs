@@ -1,5 +1,6 @@
 //! Commands on machine files: `validate` and `graph`.
 
+use crate::output::outln;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -109,7 +110,7 @@ pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCod
         return ExitCode::from(EXIT_INVALID);
     }
     for line in ok_lines {
-        println!("{line}");
+        outln!("{line}");
     }
     ExitCode::SUCCESS
 }
@@ -170,6 +171,9 @@ pub fn draw(
         None => std::io::stdout().write_all(text.as_bytes()),
     };
     if let Err(e) = written {
+        if output.is_none() && e.kind() == std::io::ErrorKind::BrokenPipe {
+            return ExitCode::SUCCESS; // `phasm graph … | head`: the reader has what it wanted
+        }
         let target = output.map_or("standard output".to_string(), |p| {
             format!("`{}`", p.display())
         });

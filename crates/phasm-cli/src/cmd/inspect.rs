@@ -1,5 +1,6 @@
 //! `status`, `list`, `logs`, `retry` and `cancel`: looking at instances and acting on them.
 
+use crate::output::outln;
 use std::process::ExitCode;
 
 use phasm::clock::{Clock, SystemClock};
@@ -41,44 +42,52 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
         Err(code) => return code,
     };
     if as_json {
-        println!("{}", phasm::control::instance_json(&view));
+        outln!("{}", phasm::control::instance_json(&view));
         return ExitCode::SUCCESS;
     }
-    println!("instance  {}", view.name);
-    println!("machine   {}", view.machine);
-    println!("status    {}", view.status);
+    outln!("instance  {}", view.name);
+    outln!("machine   {}", view.machine);
+    outln!("status    {}", view.status);
     if let Some(error) = &view.error {
-        println!("error     {error}");
+        outln!("error     {error}");
     }
-    println!("created   {}", time(view.created_at));
+    outln!("created   {}", time(view.created_at));
     if let Some(ended) = view.ended_at {
-        println!(
+        outln!(
             "ended     {} (after {})",
             time(ended),
             duration(ended - view.created_at)
         );
     }
     if let Some(context) = &view.current_context {
-        println!("context   {}", Value::Object(context.clone()));
+        outln!("context   {}", Value::Object(context.clone()));
     }
     let b = &view.branches;
-    println!(
+    outln!(
         "branches  {} live, {} parked at fan-ins, {} ended, {} failed",
-        b.live, b.parked, b.ended, b.failed
+        b.live,
+        b.parked,
+        b.ended,
+        b.failed
     );
     if let Some(parent) = &view.parent {
-        println!("parent    {parent}");
+        outln!("parent    {parent}");
     }
     if !view.children.is_empty() {
-        println!("children  {}", view.children.join(", "));
+        outln!("children  {}", view.children.join(", "));
     }
-    println!("history");
-    println!(
+    outln!("history");
+    outln!(
         "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} took",
-        "#", "from", "event", "to", "attempt", "at"
+        "#",
+        "from",
+        "event",
+        "to",
+        "attempt",
+        "at"
     );
     for (i, h) in view.history.iter().enumerate() {
-        println!(
+        outln!(
             "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} {}",
             i + 1,
             h.from.as_deref().unwrap_or("-"),
@@ -90,7 +99,7 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
         );
     }
     if !view.tasks.is_empty() {
-        println!("pending");
+        outln!("pending");
         for t in &view.tasks {
             let holder = t
                 .leased_by
@@ -102,7 +111,7 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
                 .as_deref()
                 .map(|e| format!(", last error: {e}"))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "  {} --{}--> ({}; {} attempts; due {}{holder}{error})",
                 t.from.as_deref().unwrap_or("start"),
                 t.event,
@@ -162,19 +171,21 @@ pub async fn list(
                 })
             })
             .collect();
-        println!("{}", Value::Array(rows));
+        outln!("{}", Value::Array(rows));
         return ExitCode::SUCCESS;
     }
     if rows.is_empty() {
         eprintln!("no instances");
         return ExitCode::SUCCESS;
     }
-    println!(
+    outln!(
         "{:<44} {:<24} {:<10} created",
-        "instance", "machine", "status"
+        "instance",
+        "machine",
+        "status"
     );
     for r in rows {
-        println!(
+        outln!(
             "{:<44} {:<24} {:<10} {}",
             r.instance,
             r.machine,
@@ -197,7 +208,7 @@ pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
     match store.logs(name).await {
         Ok(lines) => {
             for l in lines {
-                println!("{} {:<7} {} [{}]", time(l.at), l.level, l.message, l.task);
+                outln!("{} {:<7} {} [{}]", time(l.at), l.level, l.message, l.task);
             }
             ExitCode::SUCCESS
         }
@@ -211,7 +222,7 @@ pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
 fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreError>) -> ExitCode {
     match result {
         Ok(Control::Done) => {
-            println!("{name}: {what}");
+            outln!("{name}: {what}");
             ExitCode::SUCCESS
         }
         Ok(Control::NotFound) => {
@@ -283,7 +294,7 @@ pub async fn scrub(older_than: std::time::Duration, batch: usize, args: &DbArgs)
     };
     match scrub_all(&*store, older_than, batch).await {
         Ok(n) => {
-            println!(
+            outln!(
                 "removed {n} ended instance{} older than {} (with their history and logs)",
                 if n == 1 { "" } else { "s" },
                 age(older_than)

@@ -1,5 +1,6 @@
 //! `run`, `start` and `worker`: queueing instances and working on them.
 
+use crate::output::outln;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -151,12 +152,12 @@ pub async fn start(args: &StartArgs) -> ExitCode {
     };
     match start_prepared(&p, args.name.as_deref()).await {
         Ok(StartOutcome::Started(name)) => {
-            println!("{name}");
+            outln!("{name}");
             ExitCode::SUCCESS
         }
         Ok(StartOutcome::AlreadyExists { name, status, .. }) => {
             eprintln!("instance `{name}` already exists ({status}); nothing was started");
-            println!("{name}");
+            outln!("{name}");
             ExitCode::SUCCESS
         }
         Err(code) => code,
@@ -280,21 +281,21 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
             "children": view.children,
             "elapsed_ms": elapsed.as_millis() as u64,
         });
-        println!("{out}");
+        outln!("{out}");
     } else {
         let error = view
             .error
             .as_deref()
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
-        println!(
+        outln!(
             "{name} {} after {steps} step{} in {:.2}s{error}",
             view.status,
             if steps == 1 { "" } else { "s" },
             elapsed.as_secs_f64()
         );
         if let Some(context) = &view.current_context {
-            println!("context: {}", Value::Object(context.clone()));
+            outln!("context: {}", Value::Object(context.clone()));
         }
     }
     match view.status {
