@@ -137,7 +137,7 @@ async fn start_inspect_list_and_cancel_an_instance() {
 #[tokio::test]
 async fn bad_requests_get_json_errors_not_500s() {
     let api = api(None).await;
-    let cases: [(&str, &str, Option<&str>, u16, &str); 9] = [
+    let cases: [(&str, &str, Option<&str>, u16, &str); 11] = [
         (
             "POST",
             "/api/machines/Job/instances",
@@ -172,6 +172,20 @@ async fn bad_requests_get_json_errors_not_500s() {
             Some(r#"{"name": "bad name"}"#),
             400,
             "invalid instance name",
+        ),
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some(r#"{"name": ".."}"#),
+            400,
+            "invalid instance name `..`",
+        ),
+        (
+            "POST",
+            "/api/machines/Job/instances",
+            Some(r#"{"name": "."}"#),
+            400,
+            "invalid instance name `.`",
         ),
         (
             "POST",

@@ -14,9 +14,12 @@ pub fn instance_name(machine: &str, now: Micros, rng: &mut fastrand::Rng) -> Str
 }
 
 /// True for a name a caller may give an instance: 1 to 200 characters of letters, digits,
-/// `-`, `_` and `.` (names appear in URLs and in task names).
+/// `-`, `_` and `.`, other than `.` and `..` (names appear as URL path segments, where those
+/// two mean "this folder" and "the folder above", and in task names).
 pub fn is_valid_instance_name(name: &str) -> bool {
     !name.is_empty()
+        && name != "."
+        && name != ".."
         && name.len() <= 200
         && name
             .bytes()

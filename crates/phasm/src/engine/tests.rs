@@ -379,4 +379,8 @@ fn instance_names_follow_fantasm() {
     assert_eq!(name.len(), "Order-".len() + 14 + 1 + 6);
     assert!(is_valid_instance_name(&name));
     assert!(!is_valid_instance_name("has space"));
+    assert!(!is_valid_instance_name("."));
+    assert!(!is_valid_instance_name(".."));
+    assert!(is_valid_instance_name("..."));
+    assert!(is_valid_instance_name("v1.2"));
 }
