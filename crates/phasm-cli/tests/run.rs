@@ -387,3 +387,49 @@ fn scrub_removes_ended_instances_and_keeps_running_ones() {
         .collect();
     assert_eq!(names, ["waiting"], "the running instance stays");
 }
+
+#[test]
+fn the_result_names_the_state_the_instance_ended_in() {
+    let dir = example("orders");
+    let d = dir.path();
+    let out = phasm(d, &["run", "orders.yaml", "--set", "card=declined"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let first = text(&out.stdout);
+    assert!(
+        first
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains(" completed in state `cancelled` after 3 steps in "),
+        "{first}"
+    );
+    let out = phasm(
+        d,
+        &["run", "orders.yaml", "--set", "card=declined", "--json"],
+    );
+    let json = last_json(&out);
+    assert_eq!(json["state"], "cancelled", "{json}");
+    assert_eq!(json["states"], serde_json::json!(["cancelled"]), "{json}");
+}
+
+#[test]
+fn on_a_terminal_the_transitions_stay_above_the_spinner() {
+    let dir = small();
+    let d = dir.path();
+    // `script` gives phasm a terminal; what it shows is captured in the typescript file.
+    let typescript = d.join("typescript");
+    let command = format!("{} run fsm.yaml -m Small", env!("CARGO_BIN_EXE_phasm"));
+    let status = Command::new("script")
+        .args(["-qec", &command])
+        .arg(&typescript)
+        .current_dir(d)
+        .env("PHASM_DB", d.join("phasm.db"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("script runs (util-linux)");
+    assert!(status.success());
+    let screen = std::fs::read_to_string(&typescript).unwrap();
+    assert!(screen.contains("start --pseudo-init--> "), "{screen}");
+    assert!(screen.contains(" completed in state `"), "{screen}");
+}

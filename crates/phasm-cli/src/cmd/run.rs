@@ -270,11 +270,14 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         );
     }
     let steps = view.history.len();
+    let end_states = end_states(&view);
     if json_out {
         let out = json!({
             "instance": name,
             "machine": view.machine,
             "status": view.status,
+            "state": end_states.last(),
+            "states": end_states,
             "steps": steps,
             "error": view.error,
             "context": view.current_context,
@@ -288,10 +291,21 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
             .as_deref()
             .map(|e| format!(": {e}"))
             .unwrap_or_default();
+        let place = match end_states.as_slice() {
+            [] => String::new(),
+            [one] => format!(" in state `{one}`"),
+            many => format!(
+                " in states {}",
+                many.iter()
+                    .map(|s| format!("`{s}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         outln!(
-            "{name} {} after {steps} step{} in {:.2}s{error}",
+            "{name} {}{place} after {} in {:.2}s{error}",
             view.status,
-            if steps == 1 { "" } else { "s" },
+            count(steps as u64, "step"),
             elapsed.as_secs_f64()
         );
         if let Some(context) = &view.current_context {
@@ -302,6 +316,31 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         InstanceStatus::Completed | InstanceStatus::Halted => ExitCode::SUCCESS,
         _ => ExitCode::from(EXIT_FAILED),
     }
+}
+
+/// `1 step`, `2 steps`, `1 retry`, `3 retries`.
+fn count(n: u64, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
+/// The states an instance's branches ended in (in the order they ended, each once); for an
+/// instance that has not ended, the state its last step entered.
+fn end_states(view: &phasm::store::InstanceView) -> Vec<String> {
+    let mut states: Vec<String> = Vec::new();
+    for h in view.history.iter().filter(|h| h.ends_branch) {
+        states.retain(|s| s != &h.to);
+        states.push(h.to.clone());
+    }
+    if states.is_empty() {
+        if let Some(last) = view.history.last() {
+            states.push(last.to.clone());
+        }
+    }
+    states
 }
 
 async fn show_progress(mut rx: mpsc::UnboundedReceiver<WorkerEvent>, name: String, quiet: bool) {
@@ -349,9 +388,17 @@ async fn show_progress(mut rx: mpsc::UnboundedReceiver<WorkerEvent>, name: Strin
             WorkerEvent::Changed { .. } => None,
         };
         match (&bar, line) {
-            (Some(bar), _) => bar.set_message(format!(
-                "{name}: in `{current}`, {steps} steps, {retries} retries"
-            )),
+            (Some(bar), line) => {
+                // Above the spinner, the transitions stay on the screen.
+                if let Some(line) = line {
+                    bar.println(line);
+                }
+                bar.set_message(format!(
+                    "{name}: in `{current}`, {}, {}",
+                    count(steps, "step"),
+                    count(retries, "retry")
+                ));
+            }
             (None, Some(line)) if !quiet => eprintln!("{line}"),
             _ => {}
         }
