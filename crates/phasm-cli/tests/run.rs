@@ -433,3 +433,49 @@ fn on_a_terminal_the_transitions_stay_above_the_spinner() {
     assert!(screen.contains("start --pseudo-init--> "), "{screen}");
     assert!(screen.contains(" completed in state `"), "{screen}");
 }
+
+#[test]
+fn string_values_of_typed_keys_are_converted_at_start() {
+    let dir = small();
+    let d = dir.path();
+    let out = phasm(
+        d,
+        &[
+            "run",
+            "fsm.yaml",
+            "-m",
+            "Small",
+            "--context",
+            r#"{"count": "3", "other": "4"}"#,
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let result = last_json(&out);
+    let status = phasm(
+        d,
+        &["status", result["instance"].as_str().unwrap(), "--json"],
+    );
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["initial_context"]["count"], 3, "{status}");
+    assert_eq!(status["initial_context"]["other"], "4", "{status}");
+    let bad = phasm(
+        d,
+        &[
+            "start",
+            "fsm.yaml",
+            "-m",
+            "Small",
+            "--context",
+            r#"{"count": "three"}"#,
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains(
+            "`count` is typed `int` in machine `Small`, but `three` is not a whole number"
+        ),
+        "{}",
+        text(&bad.stderr)
+    );
+}

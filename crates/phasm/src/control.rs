@@ -55,6 +55,9 @@ pub enum StartError {
         /// Its machine.
         machine: String,
     },
+    /// A context value given as a string does not convert to its `context_types` type.
+    #[error("{0}")]
+    BadValue(String),
     /// The context is too large.
     #[error("the context is {bytes} bytes, over the limit of {limit} bytes; keep large data outside the context")]
     ContextTooLarge {
@@ -88,6 +91,7 @@ pub async fn start_instance(
             known: config.machines.iter().map(|m| m.name.clone()).collect(),
         });
     };
+    let context = typed_context(m, context).map_err(StartError::BadValue)?;
     let bytes = serde_json::to_vec(&context).map_or(0, |v| v.len());
     if bytes > limits.max_context_bytes {
         return Err(StartError::ContextTooLarge {
@@ -139,8 +143,30 @@ pub fn parse_set(machine: &Machine, pair: &str) -> Result<(String, Value), Strin
     if key.is_empty() {
         return Err(format!("`{pair}` has an empty key"));
     }
+    Ok((key.to_string(), convert(machine, key, raw)?))
+}
+
+/// A starting context with every string value whose key has a `context_types` entry
+/// converted as `--set` converts it (`{"quantity": "2"}` with `quantity: int` becomes 2), as
+/// Fantasm converted the string values of a start request. Values that are not strings are
+/// kept as given.
+///
+/// # Errors
+/// A message naming the first value that does not convert.
+pub fn typed_context(machine: &Machine, mut context: Context) -> Result<Context, String> {
+    for key in machine.context_types.keys() {
+        if let Some(Value::String(raw)) = context.get(key) {
+            let value = convert(machine, key, raw)?;
+            context.insert(key.clone(), value);
+        }
+    }
+    Ok(context)
+}
+
+/// The value of `raw` for `key`, by the machine's `context_types` (a string when untyped).
+fn convert(machine: &Machine, key: &str, raw: &str) -> Result<Value, String> {
     let Some(t) = machine.context_types.get(key) else {
-        return Ok((key.to_string(), Value::String(raw.to_string())));
+        return Ok(Value::String(raw.to_string()));
     };
     let bad = |what: &str| {
         format!(
@@ -179,7 +205,7 @@ pub fn parse_set(machine: &Machine, pair: &str) -> Result<(String, Value), Strin
         }
         ValueKind::Str | ValueKind::Other => Value::String(raw.to_string()),
     };
-    Ok((key.to_string(), value))
+    Ok(value)
 }
 
 /// The JSON form of an instance: `phasm status --json` and `GET /api/instances/{name}`.

@@ -285,9 +285,11 @@ async fn start(
             Json(json!({ "instance": name, "created": false, "status": status })).into_response()
         }
         Err(e @ StartError::UnknownMachine { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(e @ (StartError::InvalidName(_) | StartError::ContextTooLarge { .. })) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
+        Err(
+            e @ (StartError::InvalidName(_)
+            | StartError::ContextTooLarge { .. }
+            | StartError::BadValue(_)),
+        ) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ StartError::NameTaken { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(StartError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

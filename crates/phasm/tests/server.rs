@@ -10,7 +10,7 @@ use phasm::store::{SqliteOptions, SqliteStore};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const YAML: &str = "state_machines:\n- name: Job\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - event: go\n      to: b\n  - name: b\n    final: true\n";
+const YAML: &str = "state_machines:\n- name: Job\n  context_types:\n    count: int\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - event: go\n      to: b\n  - name: b\n    final: true\n";
 
 struct Api {
     addr: std::net::SocketAddr,
@@ -321,4 +321,32 @@ async fn the_instance_list_pages_with_a_cursor_and_the_console_renders() {
     assert_eq!(status, 303, "the button redirects back to the page");
     let (_, page) = call(&api, "GET", "/instances/p0", None, None).await;
     assert!(page.contains("s-cancelled"), "{page}");
+}
+
+#[tokio::test]
+async fn string_values_of_typed_keys_are_converted_at_start() {
+    let api = api(None).await;
+    // A string value of a typed key is converted, as `--set` converts it.
+    let (status, body2) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"context": {"count": "2", "free": "2"}, "name": "typed"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body2}");
+    let (_, typed) = call(&api, "GET", "/api/instances/typed", None, None).await;
+    assert_eq!(json(&typed)["initial_context"]["count"], 2, "{typed}");
+    assert_eq!(json(&typed)["initial_context"]["free"], "2", "{typed}");
+    let (status, bad) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"context": {"count": "two"}}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{bad}");
+    assert!(bad.contains("is not a whole number"), "{bad}");
 }
