@@ -179,6 +179,10 @@ struct Inner {
     successors: SuccessorClaim,
     /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
     adopt: UnboundedSender<Task>,
+    /// Shutdown was asked for: a commit that fails is given up at once (the step runs again
+    /// elsewhere) instead of being retried, so a worker stops promptly even while its
+    /// database is failing.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 /// Check that every machine of a configuration can run (see [`check_machine`]).
@@ -248,6 +252,7 @@ impl Worker {
                 machines,
                 successors,
                 adopt,
+                shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
             adopted,
         })
@@ -321,7 +326,15 @@ impl Worker {
                         store_failures += 1;
                         let wait = backoff(store_failures);
                         tracing::warn!(error = %e, "claiming tasks failed; trying again in {wait:?}");
-                        tokio::time::sleep(wait).await;
+                        // Keep listening for shutdown while the database is failing.
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = &mut shutdown => {
+                                tracing::info!(running = running.len(), "shutting down: finishing running steps");
+                                stopping = true;
+                                inner.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                            }
+                        }
                         continue;
                     }
                 }
@@ -341,6 +354,7 @@ impl Worker {
                 () = &mut shutdown, if !stopping => {
                     tracing::info!(running = running.len(), "shutting down: finishing running steps");
                     stopping = true;
+                    inner.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 Some(first) = running.join_next() => {
                     // Take every step that has finished, then claim for all the freed slots
@@ -611,6 +625,14 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
             Err(e) => {
                 failures += 1;
                 let wait = backoff(failures);
+                if inner
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    tracing::error!(task = %task.name, error = %e, "shutting down: giving up on a commit; the step will run again");
+                    done.fenced += 1;
+                    return Vec::new();
+                }
                 if inner.clock.now() + micros(wait) > started + micros(inner.options.lease) * 2 {
                     tracing::error!(task = %task.name, error = %e, "giving up on a commit; the step will run again");
                     done.fenced += 1;
