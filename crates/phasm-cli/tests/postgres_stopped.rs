@@ -76,6 +76,8 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
             panic!("cannot stop PostgreSQL for this test: {why}");
         }
         eprintln!("SKIPPED: cannot stop PostgreSQL ({why})");
+        let _ = running.kill();
+        let _ = running.wait();
         return;
     }
     // Let the worker meet the outage (failed claims and commits, backing off).
@@ -85,19 +87,18 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
         .args(["-TERM", &running.id().to_string()])
         .status();
     let deadline = asked + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = running.try_wait().unwrap() {
-            break status;
+    loop {
+        if running.try_wait().unwrap().is_some() {
+            break;
         }
         if Instant::now() > deadline {
             let _ = running.kill();
             panic!("the worker still ran 15 s after SIGTERM with the database down");
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(10), "stopping took {took:?}");
-    drop(status);
     drop(restart); // the server is back
     let mut finisher = worker(d, &db, &["--concurrency", "8"]);
     let deadline = Instant::now() + Duration::from_secs(120);
