@@ -62,7 +62,8 @@ fn validate_accepts_fantasm_files_and_reports_each() {
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains(
-            "ok: crates/phasm/tests/fixtures/fantasm-yaml/test/fsm.yaml (11 machines, 33 states)"
+            // Its Python classes are bound to nothing here: one warning per action name.
+            "ok: crates/phasm/tests/fixtures/fantasm-yaml/test/fsm.yaml (11 machines, 33 states, 52 warnings)"
         ),
         "{stdout}"
     );
@@ -254,4 +255,27 @@ fn a_closed_pipe_ends_output_quietly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn validate_warns_about_unbound_actions_and_strict_refuses_them() {
+    let dir = tempdir();
+    let file = dir.join("unbound.yaml");
+    std::fs::write(
+        &file,
+        "state_machines:\n- name: M\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Missing\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let out = phasm(&["validate", path]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(":7:13: warning: action `Missing` is not bound: `phasm run` and `phasm worker` refuse to start"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).contains("1 warning"));
+    let strict = phasm(&["validate", "--strict", path]);
+    assert_eq!(strict.status.code(), Some(2));
+    assert!(text(&strict.stderr).contains(":7:13: error: action `Missing` is not bound"));
 }

@@ -70,6 +70,7 @@ pub fn choose<'c>(config: &'c Config, file: &Path, machine: Option<&str>) -> Opt
 pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCode {
     let options = LoadOptions {
         strict,
+        warn_unbound: true,
         ..LoadOptions::default()
     };
     let mut failed = false;

@@ -693,8 +693,9 @@ impl Assembler<'_> {
         }
         // With a `python:` section every other name is a Python action, checked when a
         // worker starts its hosts.
-        if options.strict && self.config.python.is_none() {
-            self.unbound_actions(cx, &options.registered_actions);
+        let unbound_check = options.strict || (options.warn_unbound && cx.error_count() == 0);
+        if unbound_check && self.config.python.is_none() {
+            self.unbound_actions(cx, &options.registered_actions, options.strict);
         }
     }
 
@@ -765,7 +766,7 @@ impl Assembler<'_> {
         sites
     }
 
-    fn unbound_actions(&self, cx: &mut Cx<'_>, registered: &[String]) {
+    fn unbound_actions(&self, cx: &mut Cx<'_>, registered: &[String], as_errors: bool) {
         let bound = |name: &str| {
             self.config.actions.contains_key(name) || registered.iter().any(|r| r == name)
         };
@@ -779,13 +780,13 @@ impl Assembler<'_> {
                         _ => &s.exit,
                     };
                     if let Some(name) = name {
-                        report_unbound(cx, name, ns, ss.obj.value(key), &bound);
+                        report_unbound(cx, name, ns, ss.obj.value(key), &bound, as_errors);
                     }
                 }
                 for (t, ts) in s.transitions.iter().zip(&ss.transitions) {
                     if let Some(name) = &t.action {
                         let ns = t.namespace.as_deref().or(m.namespace.as_deref());
-                        report_unbound(cx, name, ns, ts.value("action"), &bound);
+                        report_unbound(cx, name, ns, ts.value("action"), &bound, as_errors);
                     }
                 }
             }
@@ -799,6 +800,7 @@ fn report_unbound(
     namespace: Option<&str>,
     span: Span,
     bound: &impl Fn(&str) -> bool,
+    as_error: bool,
 ) {
     let qualified = namespace.map(|ns| format!("{ns}.{name}"));
     if bound(name) || qualified.as_deref().is_some_and(bound) {
@@ -808,11 +810,17 @@ fn report_unbound(
         Some(q) => format!("`{q}` or `{name}`"),
         None => format!("`{name}`"),
     };
-    cx.error(
-        span,
-        format!("action `{name}` is not bound"),
-        Some(format!("bind {tried} under `actions:` with an `exec:` program, or register a Rust handler by that name")),
-    );
+    let message = format!("action `{name}` is not bound");
+    let label = Some(format!("bind {tried} under `actions:` with an `exec:` program, add a `python:` section for Python actions, or register a Rust handler by that name"));
+    if as_error {
+        cx.error(span, message, label);
+    } else {
+        cx.warning(
+            span,
+            format!("{message}: `phasm run` and `phasm worker` refuse to start"),
+            label,
+        );
+    }
 }
 
 /// `exec:` as a list of program and arguments, or one string split on whitespace.

@@ -83,6 +83,9 @@ pub struct LoadOptions {
     pub strict: bool,
     /// Action names registered in Rust, which count as bound under `strict`.
     pub registered_actions: Vec<String>,
+    /// Without `strict`: report unbound action names as warnings (`phasm validate`), when the
+    /// files have no errors.
+    pub warn_unbound: bool,
 }
 
 /// Parse a duration as machine files write them: seconds (`30`, `2.5`) or `500ms`, `90s`,
