@@ -279,3 +279,32 @@ fn validate_warns_about_unbound_actions_and_strict_refuses_them() {
     assert_eq!(strict.status.code(), Some(2));
     assert!(text(&strict.stderr).contains(":7:13: error: action `Missing` is not bound"));
 }
+
+#[test]
+fn serve_refuses_a_short_or_blank_token_before_listening() {
+    for (token, why) in [
+        ("short", "use at least 16"),
+        ("                    ", "empty or only white space"),
+        (
+            "a token with spaces in it",
+            "printable ASCII without spaces",
+        ),
+    ] {
+        let out = phasm(&[
+            "serve",
+            "examples/orders/orders.yaml",
+            "--listen",
+            "127.0.0.1:0",
+            "--token",
+            token,
+            "--db",
+            "/nonexistent/never-opened.db",
+        ]);
+        assert_eq!(out.status.code(), Some(2), "{token:?}");
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("--token/PHASM_TOKEN") && err.contains(why),
+            "{err}"
+        );
+    }
+}

@@ -19,7 +19,8 @@ use crate::server::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, ListFilter};
 
 /// The cookie that carries the token for the console's pages.
-pub const TOKEN_COOKIE: &str = "phasm_token";
+pub use crate::server::auth::TOKEN_COOKIE;
+use crate::server::auth::{cookie_value, token_given, token_matches};
 
 /// Escape text for HTML (element content and quoted attribute values).
 pub fn esc(text: &str) -> String {
@@ -71,24 +72,6 @@ fn status_span(status: InstanceStatus) -> String {
 }
 
 /// Pages need the token too: a bearer header, or the cookie set by the login form.
-pub(crate) fn token_given(headers: &HeaderMap) -> Option<String> {
-    if let Some(bearer) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        return Some(bearer.to_string());
-    }
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == TOKEN_COOKIE)
-        .map(|(_, v)| v.to_string())
-}
-
 /// Let a page through, or send the browser to the login form.
 pub(crate) async fn authorize_pages(
     State(state): State<Arc<ServerState>>,
@@ -97,7 +80,7 @@ pub(crate) async fn authorize_pages(
     next: Next,
 ) -> Response {
     match &state.token {
-        Some(token) if token_given(&headers).as_deref() != Some(token.as_str()) => {
+        Some(token) if !token_matches(token_given(&headers).as_deref(), token) => {
             Redirect::to("/login").into_response()
         }
         _ => next.run(request).await,
@@ -120,20 +103,36 @@ pub(crate) struct Login {
 /// `POST /login`: a right token sets the cookie.
 pub(crate) async fn login(
     State(state): State<Arc<ServerState>>,
+    client: crate::server::Client,
     Form(form): Form<Login>,
 ) -> Response {
-    match &state.token {
-        Some(token) if *token == form.token => (
+    let Some(token) = &state.token else {
+        return Redirect::to("/").into_response();
+    };
+    if let Some(wait) = state.throttle.blocked(client.0) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
+            page("Log in", &format!("<h1>Log in</h1><p class=\"err\">Too many wrong tokens from this address: try again in {} s.</p>", wait.as_secs().max(1))),
+        )
+            .into_response();
+    }
+    if token_matches(Some(&form.token), token) {
+        state.throttle.succeeded(client.0);
+        return (
             [(
                 header::SET_COOKIE,
-                format!("{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict", seg(&form.token)),
+                format!(
+                    "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+                    cookie_value(&form.token)
+                ),
             )],
             Redirect::to("/"),
         )
-            .into_response(),
-        Some(_) => (StatusCode::UNAUTHORIZED, page("Log in", "<h1>Log in</h1><p class=\"err\">Wrong token.</p><p><a href=\"/login\">Try again</a></p>")).into_response(),
-        None => Redirect::to("/").into_response(),
+            .into_response();
     }
+    state.throttle.failed(client.0);
+    (StatusCode::UNAUTHORIZED, page("Log in", "<h1>Log in</h1><p class=\"err\">Wrong token.</p><p><a href=\"/login\">Try again</a></p>")).into_response()
 }
 
 /// `GET /`: the machines and their graphs.

@@ -35,6 +35,7 @@ async fn api(token: Option<&str>) -> Api {
         },
         token: token.map(str::to_string),
         metrics: Some(phasm::server::install_metrics().unwrap()),
+        throttle: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -250,12 +251,19 @@ async fn machines_graphs_and_health() {
 
 #[tokio::test]
 async fn a_token_protects_every_api_call() {
-    let api = api(Some("s3cret")).await;
+    let api = api(Some("s3cret-s3cret-s3cret")).await;
     let (status, body) = call(&api, "GET", "/api/machines", None, None).await;
     assert_eq!(status, 401, "{body}");
     let (status, _) = call(&api, "GET", "/api/machines", None, Some("wrong")).await;
     assert_eq!(status, 401);
-    let (status, _) = call(&api, "GET", "/api/machines", None, Some("s3cret")).await;
+    let (status, _) = call(
+        &api,
+        "GET",
+        "/api/machines",
+        None,
+        Some("s3cret-s3cret-s3cret"),
+    )
+    .await;
     assert_eq!(status, 200);
 }
 
@@ -349,4 +357,87 @@ async fn string_values_of_typed_keys_are_converted_at_start() {
     .await;
     assert_eq!(status, 400, "{bad}");
     assert!(bad.contains("is not a whole number"), "{bad}");
+}
+
+/// One raw HTTP/1.1 request; the whole response (status line, headers, body).
+async fn raw(api: &Api, request: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(api.addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+const BASE64_TOKEN: &str = "q+7/Zk3=Lm9/Pw==+Xy";
+
+#[tokio::test]
+async fn login_works_for_tokens_with_plus_slash_and_equals() {
+    let api = api(Some(BASE64_TOKEN)).await;
+    let form = format!(
+        "token={}",
+        BASE64_TOKEN
+            .replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+    );
+    let response = raw(
+        &api,
+        &format!(
+            "POST /login HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 303"), "{response}");
+    let cookie = response
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no cookie: {response}"))
+        .to_string();
+    // With the cookie the console's pages are served, not the login form again.
+    let page = raw(
+        &api,
+        &format!("GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n"),
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("<h1>Machines</h1>"), "{page}");
+}
+
+#[tokio::test]
+async fn a_burst_of_wrong_tokens_is_refused_for_a_while() {
+    let api = api(Some(BASE64_TOKEN)).await;
+    for _ in 0..phasm::server::auth::MAX_FAILURES {
+        let (status, _) = call(
+            &api,
+            "GET",
+            "/api/machines",
+            None,
+            Some("wrong-token-guess"),
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+    // Now even the right token waits: the address is refused until the window ends.
+    let (status, body) = call(&api, "GET", "/api/machines", None, Some(BASE64_TOKEN)).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(json(&body)["error"]
+        .as_str()
+        .unwrap()
+        .contains("too many wrong tokens"));
+    let form = "token=guess";
+    let response = raw(
+        &api,
+        &format!(
+            "POST /login HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after: "),
+        "{response}"
+    );
 }

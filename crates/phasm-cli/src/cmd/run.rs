@@ -509,6 +509,10 @@ pub async fn serve(
     db_args: &DbArgs,
 ) -> ExitCode {
     let shutdown = Shutdown::install();
+    if let Some(Err(e)) = token.as_deref().map(phasm::server::auth::check_token) {
+        eprintln!("error: --token/PHASM_TOKEN: {e}");
+        return ExitCode::from(EXIT_INVALID);
+    }
     if !listen.ip().is_loopback() && token.as_deref().is_none_or(str::is_empty) {
         eprintln!("error: listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN");
         return ExitCode::from(EXIT_INVALID);
@@ -581,6 +585,7 @@ pub async fn serve(
         limits: Limits::default(),
         token,
         metrics,
+        throttle: Default::default(),
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();

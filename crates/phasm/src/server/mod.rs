@@ -7,11 +7,14 @@
 //! input. The entry point takes its listener and shutdown signal as arguments, so tests and
 //! embedders choose the address and the lifetime.
 
+pub mod auth;
+
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -43,6 +46,29 @@ pub struct ServerState {
     pub token: Option<String>,
     /// The installed Prometheus recorder, when `GET /metrics` is enabled.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Wrong tokens by client address (a burst is refused for a while).
+    pub throttle: auth::Throttle,
+}
+
+/// The address a request came from (unspecified when the server was not started by
+/// [`serve`], e.g. a router used directly in a test).
+#[derive(Debug, Clone, Copy)]
+pub struct Client(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Client(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip()),
+        ))
+    }
 }
 
 impl std::fmt::Debug for ServerState {
@@ -112,19 +138,38 @@ pub async fn serve(
     state: Arc<ServerState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn authorize(
     State(state): State<Arc<ServerState>>,
+    client: Client,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
     if let Some(token) = &state.token {
-        if crate::console::token_given(&headers).as_deref() != Some(token.as_str()) {
+        if let Some(wait) = state.throttle.blocked(client.0) {
+            let secs = wait.as_secs().max(1);
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("too many wrong tokens from this address: try again in {secs} s"),
+            );
+            if let Ok(value) = secs.to_string().parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            return response;
+        }
+        let given = auth::token_given(&headers);
+        if !auth::token_matches(given.as_deref(), token) {
+            if given.is_some() {
+                state.throttle.failed(client.0);
+            }
             return error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong token: send `Authorization: Bearer TOKEN`",
