@@ -441,3 +441,63 @@ async fn a_burst_of_wrong_tokens_is_refused_for_a_while() {
         "{response}"
     );
 }
+
+#[tokio::test]
+async fn every_api_error_is_a_json_object() {
+    let api = api(None).await;
+    let cases: [(&str, &str, Option<&str>, u16, &str); 5] = [
+        ("DELETE", "/api/machines", None, 405, "method not allowed"),
+        ("GET", "/api/instances?limit=-1", None, 400, "limit"),
+        ("GET", "/api/instances/%FF%FE", None, 400, "UTF-8"),
+        (
+            "GET",
+            "/api/instances?cursor=nobody-here",
+            None,
+            400,
+            "unknown cursor `nobody-here`",
+        ),
+        (
+            "GET",
+            "/api/instances?cursor=bad%20name",
+            None,
+            400,
+            "unknown cursor",
+        ),
+    ];
+    for (method, path, body, want, says) in cases {
+        let (status, text) = call(&api, method, path, body, None).await;
+        assert_eq!(status, want, "{method} {path}: {text}");
+        let message = json(&text)["error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(message.contains(says), "{method} {path}: {text}");
+    }
+    // A body over the limit.
+    let big = format!(
+        r#"{{"context": {{"x": "{}"}}}}"#,
+        "a".repeat(3 * 1024 * 1024)
+    );
+    let (status, text) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(&big),
+        None,
+    )
+    .await;
+    assert_eq!(status, 413, "{text}");
+    assert!(json(&text)["error"].as_str().is_some(), "{text}");
+    // A cursor that names an instance still pages.
+    call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"name": "only"}"#),
+        None,
+    )
+    .await;
+    let (status, text) = call(&api, "GET", "/api/instances?cursor=only", None, None).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["instances"], serde_json::json!([]));
+}

@@ -96,7 +96,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authorize,
-        ));
+        ))
+        .layer(middleware::from_fn(json_errors));
     let pages = Router::new()
         .route("/", get(crate::console::machines))
         .route("/instances", get(crate::console::instances))
@@ -127,6 +128,55 @@ pub fn router(state: Arc<ServerState>) -> Router {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Every error answer of the API is `{"error": MESSAGE}`, including those the router and
+/// axum's extractors make in plain text or with no body (a method the route does not take, a
+/// bad query string, invalid UTF-8 in the path, a body over the limit).
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        match status {
+            StatusCode::METHOD_NOT_ALLOWED => {
+                let allowed = parts
+                    .headers
+                    .get(header::ALLOW)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                format!("method not allowed here; allowed: {allowed}")
+            }
+            other => other
+                .canonical_reason()
+                .unwrap_or("error")
+                .to_ascii_lowercase(),
+        }
+    } else {
+        text
+    };
+    let mut answer = error(status, message);
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(value) = parts.headers.get(&name) {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
 }
 
 /// Serve the API on `listener` until `shutdown` completes.
@@ -365,14 +415,27 @@ async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQue
         },
     };
     let limit = query.limit.unwrap_or(50).clamp(1, 1000);
+    let cursor = query.cursor.filter(|c| !c.is_empty());
+    if let Some(c) = cursor.as_deref().filter(|c| !is_valid_instance_name(c)) {
+        return error(StatusCode::BAD_REQUEST, format!("unknown cursor `{c}`"));
+    }
     let filter = ListFilter {
         machine: query.machine.filter(|m| !m.is_empty()),
         status,
         limit,
-        before: query.cursor.filter(|c| !c.is_empty()),
+        before: cursor.clone(),
     };
     match state.store.list(&filter).await {
         Ok(rows) => {
+            // An empty page after a cursor: is it the end, or a cursor that names nothing?
+            if let (true, Some(c)) = (rows.is_empty(), cursor.as_deref()) {
+                if matches!(state.store.instance(c).await, Ok(None)) {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("unknown cursor `{c}`: use the `next_cursor` of the previous page"),
+                    );
+                }
+            }
             let rows: Vec<Value> = rows
                 .iter()
                 .map(|r| {
