@@ -8,6 +8,9 @@
 //! embedders choose the address and the lifetime.
 
 pub mod auth;
+mod listen;
+
+pub use listen::ServeOptions;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -31,6 +34,12 @@ use crate::store::{Control, InstanceStatus, ListFilter, Store};
 
 /// Largest request body accepted (a context is at most `Limits::max_context_bytes` anyway).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Longest request target (path and query) answered; longer ones get a JSON 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// Most header bytes a request may carry; more get a JSON 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// What the API serves.
 pub struct ServerState {
@@ -127,7 +136,34 @@ pub fn router(state: Arc<ServerState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_head))
         .with_state(state)
+}
+
+/// Refuse request targets and header sets over the limits, with a JSON error.
+async fn limit_head(request: Request, next: Next) -> Response {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |p| p.as_str().len());
+    if target > MAX_URI_BYTES {
+        return error(
+            StatusCode::URI_TOO_LONG,
+            format!("the request target is {target} bytes; at most {MAX_URI_BYTES} are accepted"),
+        );
+    }
+    let headers: usize = request
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request's headers are {headers} bytes; at most {MAX_HEADER_BYTES} are accepted"),
+        );
+    }
+    next.run(request).await
 }
 
 /// Every error answer of the API is `{"error": MESSAGE}`, including those the router and
@@ -188,12 +224,20 @@ pub async fn serve(
     state: Arc<ServerState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve_with(listener, state, ServeOptions::default(), shutdown).await
+}
+
+/// [`serve`] with chosen connection limits.
+///
+/// # Errors
+/// When the listener fails.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: Arc<ServerState>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    listen::serve_app(listener, router(state), options, shutdown).await
 }
 
 async fn authorize(
