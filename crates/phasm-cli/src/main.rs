@@ -142,6 +142,10 @@ enum Command {
         /// Require `Authorization: Bearer TOKEN` on every API call.
         #[arg(long, env = "PHASM_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Also answer to this `Host` name (repeatable); on loopback only `localhost`,
+        /// `127.0.0.1` and `[::1]` are served otherwise.
+        #[arg(long = "allow-host", value_name = "NAME")]
+        allow_hosts: Vec<String>,
         /// Most steps running at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -285,10 +289,22 @@ async fn run_async(command: Command) -> ExitCode {
             file,
             listen,
             token,
+            allow_hosts,
             concurrency,
             scrub_older_than,
             db,
-        } => cmd::run::serve(&file, listen, token, concurrency, scrub_older_than, &db).await,
+        } => {
+            cmd::run::serve(
+                &file,
+                listen,
+                token,
+                allow_hosts,
+                concurrency,
+                scrub_older_than,
+                &db,
+            )
+            .await
+        }
         Command::Scrub {
             older_than,
             batch,

@@ -56,7 +56,7 @@ fn post(port: u16, path: &str, body: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -178,4 +178,93 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+fn get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn a_page_on_another_origin_can_neither_start_nor_cancel() {
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "actions:\n  Wait:\n    exec: [sh, -c, \"cat > /dev/null; sleep 60\"]\nstate_machines:\n- name: Victim\n  states:\n  - name: waiting\n    initial: true\n    final: true\n    action: Wait\n",
+    )
+    .unwrap();
+    let port = free_port();
+    let server = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args([
+            "serve",
+            "fsm.yaml",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .current_dir(d)
+        .env("PHASM_DB", d.join("phasm.db"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _server = KillOnDrop(server);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        post(port, "/api/machines/Victim/instances", r#"{"name": "v1"}"#)
+            .starts_with("HTTP/1.1 201")
+    );
+    // The attacker's page: another origin on the same site (another port of 127.0.0.1).
+    let site = d.join("site");
+    std::fs::create_dir(&site).unwrap();
+    std::fs::write(
+        site.join("attack.html"),
+        format!(
+            "<html><body><form id=\"f\" method=\"post\" action=\"http://127.0.0.1:{port}/instances/v1/cancel\"></form>\
+             <script>fetch('http://127.0.0.1:{port}/api/machines/Victim/instances', {{method: 'POST', mode: 'no-cors', headers: {{'Content-Type': 'text/plain'}}, body: '{{\"name\": \"forged\"}}'}}).finally(() => document.getElementById('f').submit());</script></body></html>"
+        ),
+    )
+    .unwrap();
+    let other = free_port();
+    let attacker = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &other.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(&site)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _attacker = KillOnDrop(attacker);
+    while TcpStream::connect(("127.0.0.1", other)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the attacker's server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let shown = browse(
+        &chromium,
+        &d.join("p5"),
+        &["--dump-dom"],
+        &format!("http://127.0.0.1:{other}/attack.html"),
+    );
+    // The form did go: the browser shows the console's refusal.
+    assert!(shown.contains("another origin"), "{shown}");
+    let v1 = get(port, "/api/instances/v1");
+    assert!(v1.contains("\"status\":\"running\""), "{v1}");
+    let forged = get(port, "/api/instances/forged");
+    assert!(forged.starts_with("HTTP/1.1 404"), "{forged}");
 }

@@ -36,6 +36,7 @@ async fn api(token: Option<&str>) -> Api {
         token: token.map(str::to_string),
         metrics: Some(phasm::server::install_metrics().unwrap()),
         throttle: Default::default(),
+        allowed_hosts: None,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -325,7 +326,16 @@ async fn the_instance_list_pages_with_a_cursor_and_the_console_renders() {
         page.contains("<h1>p0</h1>") && page.contains("id=\"cancel\""),
         "{page}"
     );
-    let (status, _) = call(&api, "POST", "/instances/p0/cancel", None, None).await;
+    let answer = raw(
+        &api,
+        "POST /instances/p0/cancel HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let status: u16 = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     assert_eq!(status, 303, "the button redirects back to the page");
     let (_, page) = call(&api, "GET", "/instances/p0", None, None).await;
     assert!(page.contains("s-cancelled"), "{page}");
@@ -383,7 +393,7 @@ async fn login_works_for_tokens_with_plus_slash_and_equals() {
     let response = raw(
         &api,
         &format!(
-            "POST /login HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            "POST /login HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
             form.len()
         ),
     )
@@ -430,7 +440,7 @@ async fn a_burst_of_wrong_tokens_is_refused_for_a_while() {
     let response = raw(
         &api,
         &format!(
-            "POST /login HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            "POST /login HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
             form.len()
         ),
     )
@@ -500,4 +510,98 @@ async fn every_api_error_is_a_json_object() {
     let (status, text) = call(&api, "GET", "/api/instances?cursor=only", None, None).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(json(&text)["instances"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn api_writes_must_be_json_and_console_forms_same_origin() {
+    let api = api(None).await;
+    // A cross-site `no-cors` POST can only send text/plain or form bodies.
+    let body = r#"{"name": "from-elsewhere"}"#;
+    let answer = raw(
+        &api,
+        &format!(
+            "POST /api/machines/Job/instances HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 415"), "{answer}");
+    assert!(answer.contains("application/json"), "{answer}");
+    let (status, _) = call(&api, "GET", "/api/instances/from-elsewhere", None, None).await;
+    assert_eq!(status, 404, "nothing was started");
+
+    call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"name": "victim"}"#),
+        None,
+    )
+    .await;
+    let form = |origin: &str| {
+        format!("POST /instances/victim/cancel HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{origin}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n\r\n")
+    };
+    for other in [
+        "Origin: http://evil.example\r\n",
+        "Origin: http://sub.test\r\n",
+        "Origin: null\r\n",
+        "Referer: http://evil.example/page\r\n",
+        "",
+    ] {
+        let answer = raw(&api, &form(other)).await;
+        assert!(answer.starts_with("HTTP/1.1 403"), "{other:?}: {answer}");
+    }
+    let (_, body) = call(&api, "GET", "/api/instances/victim", None, None).await;
+    assert_eq!(json(&body)["status"], "running", "{body}");
+    let answer = raw(&api, &form("Origin: http://test\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let (_, body) = call(&api, "GET", "/api/instances/victim", None, None).await;
+    assert_eq!(json(&body)["status"], "cancelled", "{body}");
+}
+
+#[tokio::test]
+async fn a_loopback_server_answers_only_to_loopback_names() {
+    let api = api_with_hosts(&["localhost", "127.0.0.1", "[::1]"]).await;
+    for (host, want) in [
+        ("localhost:8080", "200"),
+        ("127.0.0.1", "200"),
+        ("[::1]:80", "200"),
+        ("attacker.example", "421"),
+        ("127.0.0.1.nip.example:8080", "421"),
+    ] {
+        let answer = raw(
+            &api,
+            &format!("GET /api/machines HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"),
+        )
+        .await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {want}")),
+            "{host}: {answer}"
+        );
+    }
+}
+
+async fn api_with_hosts(hosts: &[&str]) -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let config = Arc::new(
+        load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
+            .unwrap()
+            .config,
+    );
+    let state = Arc::new(ServerState {
+        store,
+        config,
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        token: None,
+        metrics: None,
+        throttle: Default::default(),
+        allowed_hosts: Some(hosts.iter().map(|h| (*h).to_string()).collect()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    Api { addr, _dir: dir }
 }

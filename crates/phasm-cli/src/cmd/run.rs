@@ -504,10 +504,26 @@ pub async fn serve(
     file: &Path,
     listen: std::net::SocketAddr,
     token: Option<String>,
+    allow_hosts: Vec<String>,
     concurrency: usize,
     scrub_older_than: Option<Duration>,
     db_args: &DbArgs,
 ) -> ExitCode {
+    // On loopback only the loopback names are served (a page elsewhere cannot reach the API
+    // through a name that resolves to 127.0.0.1); elsewhere any, unless names are given.
+    let allowed_hosts = if listen.ip().is_loopback() || !allow_hosts.is_empty() {
+        let mut names: Vec<String> = allow_hosts;
+        if listen.ip().is_loopback() {
+            names.extend(
+                phasm::server::LOOPBACK_HOSTS
+                    .iter()
+                    .map(|h| (*h).to_string()),
+            );
+        }
+        Some(names)
+    } else {
+        None
+    };
     let shutdown = Shutdown::install();
     if let Some(Err(e)) = token.as_deref().map(phasm::server::auth::check_token) {
         eprintln!("error: --token/PHASM_TOKEN: {e}");
@@ -586,6 +602,7 @@ pub async fn serve(
         token,
         metrics,
         throttle: Default::default(),
+        allowed_hosts,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();

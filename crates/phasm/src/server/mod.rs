@@ -8,7 +8,10 @@
 //! embedders choose the address and the lifetime.
 
 pub mod auth;
+mod guard;
 mod listen;
+
+pub use guard::LOOPBACK_HOSTS;
 
 pub use listen::ServeOptions;
 
@@ -57,6 +60,9 @@ pub struct ServerState {
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Wrong tokens by client address (a burst is refused for a while).
     pub throttle: auth::Throttle,
+    /// The `Host` names served (any port); others get 421. `None`: any (a listener reachable
+    /// only through names the operator controls, behind a token).
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// The address a request came from (unspecified when the server was not started by
@@ -106,6 +112,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
             Arc::clone(&state),
             authorize,
         ))
+        .layer(middleware::from_fn(guard::json_writes))
         .layer(middleware::from_fn(json_errors));
     let pages = Router::new()
         .route("/", get(crate::console::machines))
@@ -120,12 +127,17 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             crate::console::authorize_pages,
-        ));
+        ))
+        .layer(middleware::from_fn(guard::same_origin_forms));
     Router::new()
         .route("/healthz", get(healthz))
-        .route(
-            "/login",
-            get(crate::console::login_form).post(crate::console::login),
+        .merge(
+            Router::new()
+                .route(
+                    "/login",
+                    get(crate::console::login_form).post(crate::console::login),
+                )
+                .layer(middleware::from_fn(guard::same_origin_forms)),
         )
         .merge(api)
         .merge(pages)
@@ -136,6 +148,10 @@ pub fn router(state: Arc<ServerState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            guard::check_host,
+        ))
         .layer(middleware::from_fn(limit_head))
         .with_state(state)
 }
