@@ -330,23 +330,37 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
         .status
         .success());
     let run_worker = |extra: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        let child = Command::new(env!("CARGO_BIN_EXE_phasm"))
             .args(["worker", "fsm.yaml"])
             .args(extra)
             .current_dir(d)
             .env("PHASM_DB", d.join("phasm.db"))
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
-        let _ = child.kill();
-        let _ = child.wait();
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        text(&child.wait_with_output().unwrap().stderr)
     };
-    run_worker(&[]);
+    let said = run_worker(&[]);
+    // The worker says at start which of the file's targets it will not serve.
+    assert!(
+        said.contains("warning: this worker does not take steps with target `gpu`"),
+        "{said}"
+    );
     let s: Value = serde_json::from_slice(&phasm(d, &["status", "p", "--json"]).stdout).unwrap();
     assert_eq!(s["status"], "running", "the gpu step waits: {s}");
     assert_eq!(s["history"].as_array().unwrap().len(), 1);
-    run_worker(&["--target", "gpu"]);
+    assert_eq!(s["tasks"][0]["target"], "gpu", "{s}");
+    let shown = text(&phasm(d, &["status", "p"]).stdout);
+    assert!(
+        shown.contains("target `gpu`: only `phasm worker --target gpu` takes it"),
+        "{shown}"
+    );
+    let said = run_worker(&["--target", "gpu"]);
+    assert!(!said.contains("does not take steps"), "{said}");
     let s: Value = serde_json::from_slice(&phasm(d, &["status", "p", "--json"]).stdout).unwrap();
     assert_eq!(s["status"], "completed", "{s}");
 }

@@ -241,6 +241,7 @@ pub fn instance_json(view: &InstanceView) -> serde_json::Value {
                 "attempts": t.attempts,
                 "last_error": t.last_error,
                 "queue": t.queue,
+                "target": t.target,
             })
         })
         .collect();

@@ -111,12 +111,20 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
                 .as_deref()
                 .map(|e| format!(", last error: {e}"))
                 .unwrap_or_default();
+            let target = t
+                .target
+                .as_deref()
+                .map(|p| format!("; target `{p}`: only `phasm worker --target {p}` takes it"))
+                .unwrap_or_default();
             outln!(
-                "  {} --{}--> ({}; {} attempts; due {}{holder}{error})",
+                "  {} --{}--> ({}; {}; due {}{holder}{target}{error})",
                 t.from.as_deref().unwrap_or("start"),
                 t.event,
                 t.status,
-                t.attempts,
+                match t.attempts {
+                    1 => "1 attempt".to_string(),
+                    n => format!("{n} attempts"),
+                },
                 time(t.due_at)
             );
         }

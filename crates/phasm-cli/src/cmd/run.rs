@@ -450,6 +450,19 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     } else {
         format!("target {}", targets.join(", "))
     };
+    let unserved = unserved_targets(&config, &targets);
+    if !unserved.is_empty() {
+        eprintln!(
+            "warning: this worker does not take steps with target {} (used in {}): they wait for `phasm worker {} --target NAME`",
+            unserved
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            file.display(),
+            file.display()
+        );
+    }
     let options = WorkerOptions {
         concurrency,
         lease,
@@ -497,6 +510,21 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
             ExitCode::from(EXIT_FAILED)
         }
     }
+}
+
+/// The `target`s a configuration's machines and transitions name that a worker serving
+/// `targets` (none: untargeted steps only) does not take.
+fn unserved_targets(config: &Config, targets: &[String]) -> Vec<String> {
+    let mut used = std::collections::BTreeSet::new();
+    for m in &config.machines {
+        used.extend(m.start_policy.target.clone());
+        for s in &m.states {
+            for t in &s.transitions {
+                used.extend(t.effective.target.clone());
+            }
+        }
+    }
+    used.into_iter().filter(|t| !targets.contains(t)).collect()
 }
 
 /// `phasm serve`: a worker and the HTTP API, until SIGINT or SIGTERM.

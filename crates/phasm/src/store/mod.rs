@@ -242,6 +242,8 @@ pub struct TaskView {
     pub last_error: Option<String>,
     /// Its queue.
     pub queue: String,
+    /// The worker pool it is for (`target`); only `phasm worker --target NAME` takes it.
+    pub target: Option<String>,
 }
 
 /// Everything known about one instance.

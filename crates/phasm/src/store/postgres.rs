@@ -1425,7 +1425,7 @@ impl Store for PostgresStore {
             .collect();
         let task_rows = client
             .query(
-                "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context
+                "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
                  FROM tasks WHERE instance_id = $1 ORDER BY id",
                 &[&id],
             )
@@ -1443,6 +1443,7 @@ impl Store for PostgresStore {
                 attempts: r.get::<_, i64>(6).clamp(0, i64::from(u32::MAX)) as u32,
                 last_error: r.get(7),
                 queue: r.get(8),
+                target: r.get(10),
             })
             .collect();
         let result: Option<String> = row.get(8);

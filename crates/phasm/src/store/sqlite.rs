@@ -1020,7 +1020,7 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
     let mut contexts = Vec::new();
     let tasks = tx
         .prepare_cached(
-            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context
+            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
              FROM tasks WHERE instance_id = ?1 ORDER BY id",
         )
         .map_err(db)?
@@ -1036,6 +1036,7 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
                     attempts: r.get(6)?,
                     last_error: r.get(7)?,
                     queue: r.get(8)?,
+                    target: r.get(10)?,
                 },
                 r.get::<_, String>(9)?,
             ))
