@@ -15,6 +15,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 const EXIT_INVALID: u8 = 2;
 /// Exit status when an instance failed or an operation was refused.
 const EXIT_FAILED: u8 = 1;
+/// Exit status when the database cannot be opened or fails.
+const EXIT_DATABASE: u8 = 3;
 
 #[derive(Parser)]
 #[command(

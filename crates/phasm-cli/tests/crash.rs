@@ -206,7 +206,7 @@ fn a_worker_paused_past_its_lease_cannot_commit() {
     let dir = dir.path();
     std::fs::write(
         dir.join("fsm.yaml"),
-        "actions:\n  Slow:\n    exec: [sh, -c, \"cat > /dev/null; sleep 2; echo '{\\\"event\\\": \\\"next\\\"}'\"]\nstate_machines:\n- name: Paused\n  states:\n  - name: a\n    initial: true\n    action: Slow\n    transitions:\n    - event: next\n      to: b\n  - name: b\n    final: true\n",
+        "actions:\n  Slow:\n    exec: [sh, -c, \"cat > /dev/null; sleep 4; echo '{\\\"event\\\": \\\"next\\\"}'\"]\nstate_machines:\n- name: Paused\n  states:\n  - name: a\n    initial: true\n    action: Slow\n    transitions:\n    - event: next\n      to: b\n  - name: b\n    final: true\n",
     )
     .unwrap();
     let out = phasm(dir, &["start", "fsm.yaml", "--name", "p1"]);
@@ -224,7 +224,23 @@ fn a_worker_paused_past_its_lease_cannot_commit() {
     signal(&first, "STOP");
     std::thread::sleep(Duration::from_millis(2500)); // well past the 1 s lease
 
+    let first_owner = status(dir, "p1")["tasks"][0]["leased_by"].clone();
     let (mut second, _) = spawn_worker(dir, "10s");
+    // Once the second worker holds the step, the first wakes up while its own attempt is
+    // still running: its renewals now find the lease lost, tick after tick.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holder = status(dir, "p1")["tasks"][0]["leased_by"].clone();
+        if !holder.is_null() && holder != first_owner {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second worker never claimed the step"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&first, "CONT");
     let deadline = Instant::now() + Duration::from_secs(30);
     while status(dir, "p1")["status"] != "completed" {
         assert!(
@@ -234,7 +250,6 @@ fn a_worker_paused_past_its_lease_cannot_commit() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    signal(&first, "CONT");
     std::thread::sleep(Duration::from_millis(1500));
     signal(&first, "TERM");
     signal(&second, "TERM");
@@ -243,8 +258,15 @@ fn a_worker_paused_past_its_lease_cannot_commit() {
     second.wait().expect("second exits");
     let stderr = first_stderr.join().expect("stderr read");
     assert!(
-        stderr.contains("1 refused commits"),
+        stderr.contains("1 commit refused (lease lost), 0 commits given up"),
         "the paused worker must have been refused:\n{stderr}"
+    );
+    assert_eq!(
+        stderr
+            .matches("lease lost: the step's commit will be refused")
+            .count(),
+        1,
+        "a lost lease is reported once, not on every renewal:\n{stderr}"
     );
 
     let s = status(dir, "p1");

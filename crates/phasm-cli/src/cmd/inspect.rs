@@ -8,12 +8,12 @@ use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
 use serde_json::{json, Value};
 
 use crate::output::{duration, time};
-use crate::{db, DbArgs, EXIT_FAILED, EXIT_INVALID};
+use crate::{db, DbArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
 
 async fn open(args: &DbArgs) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
     db::open(args, 2).await.map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(EXIT_INVALID)
+        ExitCode::from(EXIT_DATABASE)
     })
 }
 
@@ -26,7 +26,7 @@ async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceVi
         }
         Err(e) => {
             eprintln!("error: {e}");
-            Err(ExitCode::from(EXIT_FAILED))
+            Err(ExitCode::from(EXIT_DATABASE))
         }
     }
 }
@@ -162,7 +162,7 @@ pub async fn list(
         Ok(rows) => rows,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            return ExitCode::from(EXIT_DATABASE);
         }
     };
     if as_json {
@@ -222,7 +222,7 @@ pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
+            ExitCode::from(EXIT_DATABASE)
         }
     }
 }
@@ -250,7 +250,7 @@ fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreErr
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
+            ExitCode::from(EXIT_DATABASE)
         }
     }
 }
@@ -311,7 +311,7 @@ pub async fn scrub(older_than: std::time::Duration, batch: usize, args: &DbArgs)
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
+            ExitCode::from(EXIT_DATABASE)
         }
     }
 }

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::files::{choose, load_with_sites};
-use crate::{db, DbArgs, StartArgs, EXIT_FAILED, EXIT_INVALID};
+use crate::{db, DbArgs, StartArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
 
 /// The parts of a start that are checked before anything is written.
 struct Prepared {
@@ -67,7 +67,7 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
     };
     let store = db::open(&args.db, connections).await.map_err(|e| {
         eprintln!("error: {e}");
-        invalid()
+        ExitCode::from(EXIT_DATABASE)
     })?;
     Ok(Prepared {
         machine: machine.name.clone(),
@@ -140,7 +140,10 @@ async fn start_prepared(p: &Prepared, name: Option<&str>) -> Result<StartOutcome
     .await
     .map_err(|e| {
         eprintln!("error: {e}");
-        ExitCode::from(EXIT_INVALID)
+        match e {
+            phasm::control::StartError::Store(_) => ExitCode::from(EXIT_DATABASE),
+            _ => ExitCode::from(EXIT_INVALID),
+        }
     })
 }
 
@@ -439,7 +442,7 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return ExitCode::from(EXIT_DATABASE);
         }
     };
     let Some(registry) = bind(&mut config, &sites).await else {
@@ -500,14 +503,18 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     match result {
         Ok(report) => {
             eprintln!(
-                "worker {owner} stopped: {} steps, {} retries, {} failed, {} refused commits",
-                report.steps, report.retries, report.failures, report.fenced
+                "worker {owner} stopped: {}, {}, {} failed, {} refused (lease lost), {} given up (database unavailable; those steps run again)",
+                count(report.steps, "step"),
+                count(report.retries, "retry"),
+                report.failures,
+                count(report.fenced, "commit"),
+                count(report.given_up, "commit"),
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
+            ExitCode::from(EXIT_DATABASE)
         }
     }
 }
@@ -568,7 +575,7 @@ pub async fn serve(
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return ExitCode::from(EXIT_DATABASE);
         }
     };
     let Some(registry) = bind(&mut config, &sites).await else {

@@ -138,8 +138,11 @@ pub struct WorkerReport {
     pub retries: u64,
     /// Tasks failed for good.
     pub failures: u64,
-    /// Commits refused because the lease was lost.
+    /// Commits refused because the lease was lost (another attempt ran or runs the step).
     pub fenced: u64,
+    /// Commits given up because the database kept failing (or the worker was stopping while
+    /// it failed); those steps run again once their lease expires.
+    pub given_up: u64,
 }
 
 /// Why a worker cannot run.
@@ -175,6 +178,8 @@ struct Inner {
     options: WorkerOptions,
     rng: Mutex<fastrand::Rng>,
     leases: Mutex<HashMap<i64, i64>>,
+    /// Leases already reported lost (task id, claim): each is logged once.
+    lost: Mutex<HashSet<(i64, i64)>>,
     machines: Vec<String>,
     successors: SuccessorClaim,
     /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
@@ -249,6 +254,7 @@ impl Worker {
                 options,
                 rng: Mutex::new(rng),
                 leases: Mutex::new(HashMap::new()),
+                lost: Mutex::new(HashSet::new()),
                 machines,
                 successors,
                 adopt,
@@ -377,6 +383,7 @@ impl Worker {
                         report.retries += done.retries;
                         report.failures += done.failures;
                         report.fenced += done.fenced;
+                        report.given_up += done.given_up;
                         changed |= done.instance_changed && watching.contains(&done.instance);
                     }
                     if changed {
@@ -528,12 +535,15 @@ async fn renew(inner: &Inner) {
     {
         Ok(held) => {
             let still_running = lock(&inner.leases).clone();
+            let mut lost = lock(&inner.lost);
             for ((id, claim), ok) in leases.iter().zip(held) {
-                if !ok && still_running.get(id) == Some(claim) {
+                if !ok && still_running.get(id) == Some(claim) && lost.insert((*id, *claim)) {
                     metrics::counter!("phasm_leases_lost_total").increment(1);
                     tracing::warn!(task = id, "lease lost: the step's commit will be refused");
                 }
             }
+            // Forget what no longer runs.
+            lost.retain(|(id, claim)| still_running.get(id) == Some(claim));
         }
         Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
     }
@@ -549,6 +559,7 @@ struct Executed {
     retries: u64,
     failures: u64,
     fenced: u64,
+    given_up: u64,
 }
 
 /// Run a task, commit it, and go on with the successors the commit handed back (a chain
@@ -630,12 +641,12 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
                     .load(std::sync::atomic::Ordering::SeqCst)
                 {
                     tracing::error!(task = %task.name, error = %e, "shutting down: giving up on a commit; the step will run again");
-                    done.fenced += 1;
+                    done.given_up += 1;
                     return Vec::new();
                 }
                 if inner.clock.now() + micros(wait) > started + micros(inner.options.lease) * 2 {
                     tracing::error!(task = %task.name, error = %e, "giving up on a commit; the step will run again");
-                    done.fenced += 1;
+                    done.given_up += 1;
                     return Vec::new();
                 }
                 tracing::warn!(task = %task.name, error = %e, "commit failed; trying again in {wait:?}");
