@@ -32,7 +32,8 @@ struct Cli {
 /// Where instances are stored.
 #[derive(Args, Clone, Debug)]
 struct DbArgs {
-    /// Database: a SQLite file path.
+    /// Database: a SQLite file path, or a PostgreSQL URL
+    /// (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`).
     #[arg(long, env = "PHASM_DB", default_value = "phasm.db")]
     db: String,
     /// SQLite durability: `full` (fsync every commit; the default), or `normal`/`off`, which
@@ -131,6 +132,10 @@ enum Command {
         /// Largest context allowed, in bytes of JSON.
         #[arg(long, default_value_t = phasm::engine::DEFAULT_MAX_CONTEXT_BYTES)]
         max_context_bytes: usize,
+        /// Print nothing per step (by default each committed step and each retry is a
+        /// line on stderr).
+        #[arg(long, short)]
+        quiet: bool,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -276,6 +281,7 @@ async fn run_async(command: Command) -> ExitCode {
             concurrency,
             lease,
             max_context_bytes,
+            quiet,
             db,
         } => {
             let options = cmd::run::WorkerArgs {
@@ -284,6 +290,7 @@ async fn run_async(command: Command) -> ExitCode {
                 concurrency,
                 lease,
                 max_context_bytes,
+                quiet,
             };
             cmd::run::worker(&file, options, &db).await
         }

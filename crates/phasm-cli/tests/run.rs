@@ -385,6 +385,8 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
     );
     let said = run_worker(&["--target", "gpu"]);
     assert!(!said.contains("does not take steps"), "{said}");
+    // A worker shows each step it commits, without RUST_LOG.
+    assert!(said.contains("p: light --next--> heavy"), "{said}");
     let s: Value = serde_json::from_slice(&phasm(d, &["status", "p", "--json"]).stdout).unwrap();
     assert_eq!(s["status"], "completed", "{s}");
 }
@@ -516,4 +518,25 @@ fn string_values_of_typed_keys_are_converted_at_start() {
         "{}",
         text(&bad.stderr)
     );
+}
+
+#[test]
+fn smaller_messages_read_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "actions:\n  Fail:\n    exec: [sh, -c, \"cat > /dev/null; exit 3\"]\nstate_machines:\n- name: F\n  task_retry_limit: 0\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Fail\n",
+    )
+    .unwrap();
+    let out = phasm(d, &["run", "fsm.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains(" failed before its first step in "),
+        "{shown}"
+    );
+    assert!(shown.contains("(after 1 attempt)"), "{shown}");
+    let help = text(&phasm(d, &["status", "--help"]).stdout);
+    assert!(help.contains("postgres://"), "{help}");
 }

@@ -228,3 +228,63 @@ async fn a_first_line_with_only_a_token_outside_a_continuation_is_the_response()
         .unwrap();
     assert_eq!(event, None);
 }
+
+#[tokio::test]
+async fn log_lines_may_carry_a_level() {
+    use phasm::config::{load_str, LoadOptions};
+    use phasm::store::Store;
+    let yaml = r#"
+actions:
+  Talk:
+    exec: [sh, -c, "cat > /dev/null; echo '{\"log\": [\"plain\", {\"level\": \"warning\", \"message\": \"careful\"}, {\"level\": \"critical\", \"message\": \"on fire\"}]}'"]
+  Bad:
+    exec: [sh, -c, "cat > /dev/null; echo '{\"log\": [{\"level\": \"loud\", \"message\": \"x\"}]}'"]
+state_machines:
+- name: M
+  logging: persistent
+  task_retry_limit: 0
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: Talk
+- name: N
+  task_retry_limit: 0
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: Bad
+"#;
+    let config = load_str(
+        yaml,
+        std::env::temp_dir().join("fsm.yaml"),
+        &LoadOptions::default(),
+    )
+    .unwrap()
+    .config;
+    let run = phasm::testing::Immediate::new(config, phasm::action::Registry::new()).unwrap();
+    let view = run.run("M", Context::new()).await.unwrap();
+    let logs: Vec<(String, String)> = run
+        .store()
+        .logs(&view.name)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.level, l.message))
+        .collect();
+    assert_eq!(
+        logs,
+        [
+            ("info".to_string(), "plain".to_string()),
+            ("warning".to_string(), "careful".to_string()),
+            ("critical".to_string(), "on fire".to_string()),
+        ]
+    );
+    let bad = run.run("N", Context::new()).await.unwrap();
+    let error = bad.error.unwrap_or_default();
+    assert!(
+        error.contains("a `log` line's `level` must be one of debug, info"),
+        "{error}"
+    );
+}

@@ -305,10 +305,14 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
                     .join(", ")
             ),
         };
+        let after = if steps == 0 {
+            "before its first step".to_string()
+        } else {
+            format!("after {}", count(steps as u64, "step"))
+        };
         outln!(
-            "{name} {}{place} after {} in {:.2}s{error}",
+            "{name} {}{place} {after} in {:.2}s{error}",
             view.status,
-            count(steps as u64, "step"),
             elapsed.as_secs_f64()
         );
         if let Some(context) = &view.current_context {
@@ -411,6 +415,41 @@ async fn show_progress(mut rx: mpsc::UnboundedReceiver<WorkerEvent>, name: Strin
     }
 }
 
+/// `phasm worker`'s line per committed step and per retry, on stderr.
+async fn print_steps(mut rx: mpsc::UnboundedReceiver<WorkerEvent>) {
+    while let Some(event) = rx.recv().await {
+        match event {
+            WorkerEvent::Step {
+                instance,
+                from,
+                event,
+                to,
+                attempt,
+            } => {
+                let retry = if attempt > 0 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "{instance}: {} --{event}--> {to}{retry}",
+                    from.as_deref().unwrap_or("start")
+                );
+            }
+            WorkerEvent::Retry {
+                instance,
+                error,
+                due_at,
+                ..
+            } => {
+                let wait = (due_at - SystemClock.now()).max(0) as f64 / 1e6;
+                eprintln!("{instance}: retrying in {wait:.1}s: {error}");
+            }
+            WorkerEvent::Changed { .. } => {}
+        }
+    }
+}
+
 /// The options of `phasm worker`.
 pub struct WorkerArgs {
     /// Only these queues.
@@ -423,6 +462,8 @@ pub struct WorkerArgs {
     pub lease: Duration,
     /// Largest context.
     pub max_context_bytes: usize,
+    /// No line per step.
+    pub quiet: bool,
 }
 
 /// `phasm worker`: work until stopped.
@@ -433,6 +474,7 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         concurrency,
         lease,
         max_context_bytes,
+        quiet,
     } = args;
     let shutdown = Shutdown::install();
     let Some((mut config, sites)) = load_with_sites(file) else {
@@ -453,19 +495,6 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     } else {
         format!("target {}", targets.join(", "))
     };
-    let unserved = unserved_targets(&config, &targets);
-    if !unserved.is_empty() {
-        eprintln!(
-            "warning: this worker does not take steps with target {} (used in {}): they wait for `phasm worker {} --target NAME`",
-            unserved
-                .iter()
-                .map(|t| format!("`{t}`"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            file.display(),
-            file.display()
-        );
-    }
     let options = WorkerOptions {
         concurrency,
         lease,
@@ -473,13 +502,20 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         targets: if targets.is_empty() {
             Targets::Untargeted
         } else {
-            Targets::Only(targets)
+            Targets::Only(targets.clone())
         },
         limits: Limits { max_context_bytes },
+        events: (!quiet).then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(print_steps(rx));
+            tx
+        }),
         ..WorkerOptions::default()
     };
     let owner = options.owner.clone();
+    let served = targets;
     let config = Arc::new(config);
+    let worker_config = Arc::clone(&config);
     let registry = Arc::new(registry);
     let worker = match Worker::new(
         store,
@@ -498,6 +534,19 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         "worker {owner} started on {} ({pools})",
         db::redact(&db_args.db)
     );
+    let unserved = unserved_targets(&worker_config, &served);
+    if !unserved.is_empty() {
+        eprintln!(
+            "warning: this worker does not take steps with target {} (used in {}): they wait for `phasm worker {} --target NAME`",
+            unserved
+                .iter()
+                .map(|t| format!("`{t}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            file.display(),
+            file.display()
+        );
+    }
     let result = worker.run(shutdown.wait()).await;
     close_hosts(&registry).await;
     match result {

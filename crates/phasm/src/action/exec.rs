@@ -269,6 +269,9 @@ fn tail(text: &str) -> String {
     trimmed[start..].replace('\n', " | ")
 }
 
+/// The levels a `log` line may name.
+const LOG_LEVELS: &[&str] = &["debug", "info", "warning", "error", "critical"];
+
 /// The fields of a response.
 const RESPONSE_FIELDS: &[&str] = &["event", "context", "forks", "spawn", "token", "log", "halt"];
 
@@ -367,6 +370,25 @@ pub(crate) fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionRes
                 for line in lines {
                     match line {
                         Value::String(s) => cx.info(s),
+                        // {"level": "warning", "message": "..."}
+                        Value::Object(mut entry) => {
+                            let level = match entry.remove("level") {
+                                None | Some(Value::Null) => "info".to_string(),
+                                Some(Value::String(l)) if LOG_LEVELS.contains(&l.as_str()) => l,
+                                Some(other) => {
+                                    return Err(ActionError::new(format!(
+                                        "a `log` line's `level` must be one of {}, found {other}",
+                                        LOG_LEVELS.join(", ")
+                                    )))
+                                }
+                            };
+                            let message = match entry.remove("message") {
+                                Some(Value::String(m)) => m,
+                                Some(other) => other.to_string(),
+                                None => String::new(),
+                            };
+                            cx.log(&level, message);
+                        }
                         other => cx.info(other.to_string()),
                     }
                 }

@@ -20,7 +20,7 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
     match initial.as_slice() {
         [] => cx.error(
             name_span,
-            format!("machine `{}` has no initial state", m.name),
+            format!("{} has no initial state", label(m)),
             Some("mark the state where instances start with `initial: true`".into()),
         ),
         [_] => {}
@@ -28,7 +28,7 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
             for &i in rest {
                 cx.error(
                     spans.states[i].obj.value("initial"),
-                    format!("machine `{}` has more than one initial state", m.name),
+                    format!("{} has more than one initial state", label(m)),
                     Some(format!("`{}` is already initial", m.states[*first].name)),
                 );
             }
@@ -37,7 +37,7 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
     if !m.states.iter().any(|s| s.is_final) {
         cx.error(
             name_span,
-            format!("machine `{}` has no final state", m.name),
+            format!("{} has no final state", label(m)),
             Some("mark the states where instances may end with `final: true`".into()),
         );
     }
@@ -126,8 +126,8 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
                 let label = match suggest(&t.to, m.states.iter().map(|s| s.name.as_str())) {
                     Some(near) => format!("did you mean `{near}`?"),
                     None => format!(
-                        "states of `{}`: {}",
-                        m.name,
+                        "states of {}: {}",
+                        label(m),
                         m.states
                             .iter()
                             .map(|s| s.name.as_str())
@@ -219,7 +219,7 @@ fn state_index<'m>(
             let first_line = spans.states[first].obj.value("name").start.line;
             cx.error(
                 spans.states[i].obj.value("name"),
-                format!("machine `{}` has two states named `{}`", m.name, s.name),
+                format!("{} has two states named `{}`", label(m), s.name),
                 Some(format!("the first is on line {first_line}")),
             );
         } else {
@@ -287,4 +287,14 @@ fn search(starts: &[usize], next: impl Fn(usize) -> Vec<usize>) -> HashSet<usize
         }
     }
     seen
+}
+
+/// How messages name a machine: `machine `NAME``, or `this machine` when its name was invalid
+/// (that error is reported on its own).
+fn label(m: &Machine) -> String {
+    if m.name.is_empty() {
+        "this machine".to_string()
+    } else {
+        format!("machine `{}`", m.name)
+    }
 }

@@ -869,7 +869,10 @@ pub fn failed_attempt(machine: &Machine, task: &Task, error: String, now: Micros
         let why = if too_old {
             "the task age limit was reached".to_string()
         } else {
-            format!("after {} attempts", task.attempt + 1)
+            match task.attempt + 1 {
+                1 => "after 1 attempt".to_string(),
+                n => format!("after {n} attempts"),
+            }
         };
         let error = format!("{error} ({why})");
         return fail_for_good(base, error, now, task);
