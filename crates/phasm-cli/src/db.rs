@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use phasm::store::{
-    PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, Synchronous,
+    Access, PostgresOptions, PostgresStore, SqliteOptions, SqliteStore, Store, Synchronous,
 };
 
 use crate::cmd::SyncMode;
@@ -18,9 +18,20 @@ pub fn is_postgres(db: &str) -> bool {
     db.starts_with("postgres://") || db.starts_with("postgresql://")
 }
 
-/// Open the store, or explain why not. `connections` sizes a PostgreSQL pool (a worker's
-/// concurrency plus a few for claims and heartbeats).
+/// Open the store for work, creating a SQLite file if there is none, or explain why not.
+/// `connections` sizes a PostgreSQL pool (a worker's concurrency plus a few for claims and
+/// heartbeats).
 pub async fn open(args: &DbArgs, connections: usize) -> Result<Arc<dyn Store>, String> {
+    open_as(args, connections, Access::Create).await
+}
+
+/// Open the store with the given SQLite access (PostgreSQL is always opened for work: its
+/// schema lives in the database the URL names).
+pub async fn open_as(
+    args: &DbArgs,
+    connections: usize,
+    access: Access,
+) -> Result<Arc<dyn Store>, String> {
     if is_postgres(&args.db) {
         // A PostgreSQL server allows about 100 connections in all (`max_connections`), shared
         // by every worker: steps wait for a pooled connection rather than open more.
@@ -37,9 +48,15 @@ pub async fn open(args: &DbArgs, connections: usize) -> Result<Arc<dyn Store>, S
         SyncMode::Normal => Synchronous::Normal,
         SyncMode::Off => Synchronous::Off,
     };
-    SqliteStore::open(&args.db, &SqliteOptions { synchronous })
-        .map(|s| Arc::new(s) as Arc<dyn Store>)
-        .map_err(|e| e.to_string())
+    SqliteStore::open(
+        &args.db,
+        &SqliteOptions {
+            synchronous,
+            access,
+        },
+    )
+    .map(|s| Arc::new(s) as Arc<dyn Store>)
+    .map_err(|e| e.to_string())
 }
 
 /// A URL with its password hidden, for messages.

@@ -196,6 +196,11 @@ fn convert(machine: &Machine, key: &str, raw: &str) -> Result<Value, String> {
             let parsed = chrono::DateTime::parse_from_rfc3339(raw.trim())
                 .map(|d| d.with_timezone(&chrono::Utc).to_rfc3339())
                 .or_else(|_| {
+                    // A date-time without a zone (Python's naive datetimes) is kept as written.
+                    chrono::NaiveDateTime::parse_from_str(raw.trim(), "%Y-%m-%dT%H:%M:%S%.f")
+                        .map(|_| raw.trim().to_string())
+                })
+                .or_else(|_| {
                     chrono::NaiveDate::parse_from_str(raw.trim(), "%Y-%m-%d").map(|d| d.to_string())
                 })
                 .map_err(|_| {

@@ -10,8 +10,13 @@ use serde_json::{json, Value};
 use crate::output::{duration, time};
 use crate::{db, DbArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
 
-async fn open(args: &DbArgs) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
-    db::open(args, 2).await.map_err(|e| {
+/// Open the database an inspecting command names: read-only for `status`, `list` and `logs`,
+/// an existing file for `retry`, `cancel` and `scrub`; never a new one.
+async fn open_db(
+    args: &DbArgs,
+    access: phasm::store::Access,
+) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
+    db::open_as(args, 2, access).await.map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_DATABASE)
     })
@@ -33,7 +38,7 @@ async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceVi
 
 /// `phasm status`.
 pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
-    let store = match open(args).await {
+    let store = match open_db(args, phasm::store::Access::ReadOnly).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -148,7 +153,7 @@ pub async fn list(
             return ExitCode::from(EXIT_INVALID);
         }
     };
-    let store = match open(args).await {
+    let store = match open_db(args, phasm::store::Access::ReadOnly).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -206,7 +211,7 @@ pub async fn list(
 
 /// `phasm logs`.
 pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
-    let store = match open(args).await {
+    let store = match open_db(args, phasm::store::Access::ReadOnly).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -257,7 +262,7 @@ fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreErr
 
 /// `phasm retry`.
 pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
-    let store = match open(args).await {
+    let store = match open_db(args, phasm::store::Access::Existing).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -266,7 +271,7 @@ pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
 
 /// `phasm cancel`.
 pub async fn cancel(name: &str, args: &DbArgs) -> ExitCode {
-    let store = match open(args).await {
+    let store = match open_db(args, phasm::store::Access::Existing).await {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -296,7 +301,7 @@ pub async fn scrub_all(
 
 /// `phasm scrub`.
 pub async fn scrub(older_than: std::time::Duration, batch: usize, args: &DbArgs) -> ExitCode {
-    let store = match open(args).await {
+    let store = match open_db(args, phasm::store::Access::Existing).await {
         Ok(s) => s,
         Err(code) => return code,
     };

@@ -45,6 +45,23 @@ pub enum Synchronous {
 pub struct SqliteOptions {
     /// Durability of commits.
     pub synchronous: Synchronous,
+    /// Whether the file may be created, and whether it is written.
+    pub access: Access,
+}
+
+/// What opening a SQLite file may do to it. In every mode a file that holds another
+/// application's tables, or a newer phasm's schema, is refused and left exactly as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Create the file if it is missing, and bring its schema up to date (commands that
+    /// start work: `run`, `start`, `worker`, `serve`).
+    #[default]
+    Create,
+    /// The file must exist; its schema is brought up to date (`retry`, `cancel`, `scrub`).
+    Existing,
+    /// The file must exist and is only read, so it may belong to someone else
+    /// (`status`, `list`, `logs`); its schema must be this phasm's.
+    ReadOnly,
 }
 
 /// The SQLite store. Cheap to clone; the writer thread stops when the last clone is dropped.
@@ -225,9 +242,37 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
-    let conn = Connection::open(path)
+    use rusqlite::OpenFlags;
+    let in_memory = path.as_os_str() == ":memory:";
+    if options.access != Access::Create && !in_memory && !path.exists() {
+        return Err(StoreError::Database(format!(
+            "no phasm database at `{}` (a mistyped path? `phasm run`, `start`, `worker` and `serve` create one)",
+            path.display()
+        )));
+    }
+    let flags = match options.access {
+        Access::Create => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        Access::Existing => OpenFlags::SQLITE_OPEN_READ_WRITE,
+        Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
+    } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StoreError::Database(format!("cannot open `{}`: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+    // Look before touching anything: whose file is this, and which schema does it hold?
+    let version = inspect(&conn, path)?;
+    if options.access == Access::ReadOnly {
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Database(format!(
+                "`{}` has phasm schema version {version}, this phasm reads version {SCHEMA_VERSION}: run a worker on it once to upgrade it",
+                path.display()
+            )));
+        }
+        conn.execute_batch("PRAGMA query_only = ON").map_err(db)?;
+        return Ok(conn);
+    }
+    // Migrate in the file's own journal mode, so a failure leaves it as it was; only then
+    // switch to WAL.
+    migrate(&conn, path)?;
     let sync = match options.synchronous {
         Synchronous::Full => "FULL",
         Synchronous::Normal => "NORMAL",
@@ -242,11 +287,66 @@ fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connecti
             path.display()
         ))
     })?;
-    migrate(&conn)?;
     Ok(conn)
 }
 
-fn migrate(conn: &Connection) -> StoreResult<()> {
+/// The phasm schema version of a file (0: empty, a new database), without changing it.
+///
+/// # Errors
+/// The file is not SQLite, holds another application's tables, or a newer phasm's schema.
+fn inspect(conn: &Connection, path: &Path) -> StoreResult<i64> {
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .and_then(|mut st| {
+            st.query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .map_err(|e| {
+            StoreError::Database(format!(
+                "`{}` is not a SQLite database ({}); phasm left it untouched",
+                path.display(),
+                short(&e)
+            ))
+        })?;
+    if tables.is_empty() {
+        return Ok(0);
+    }
+    if !tables.iter().any(|t| t == "phasm_schema") {
+        let shown: Vec<&str> = tables.iter().take(8).map(String::as_str).collect();
+        return Err(StoreError::Database(format!(
+            "`{}` is a SQLite database of something else (tables: {}{}); phasm left it untouched — name another file with --db",
+            path.display(),
+            shown.join(", "),
+            if tables.len() > shown.len() { ", …" } else { "" }
+        )));
+    }
+    let version: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM phasm_schema",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::TooNew {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(version)
+}
+
+/// SQLite's own words for an error, without the SQL text it failed on.
+fn short(e: &rusqlite::Error) -> String {
+    match e {
+        rusqlite::Error::SqliteFailure(code, Some(message)) => format!("{message} ({code})"),
+        rusqlite::Error::SqliteFailure(code, None) => code.to_string(),
+        rusqlite::Error::SqlInputError { msg, .. } => msg.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn migrate(conn: &Connection, path: &Path) -> StoreResult<()> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(db)?;
     let result = (|| {
         conn.execute_batch("CREATE TABLE IF NOT EXISTS phasm_schema (version INTEGER NOT NULL)")
@@ -269,7 +369,14 @@ fn migrate(conn: &Connection) -> StoreResult<()> {
             .enumerate()
             .skip(usize::try_from(version).unwrap_or(0))
         {
-            conn.execute_batch(sql).map_err(db)?;
+            conn.execute_batch(sql).map_err(|e| {
+                StoreError::Database(format!(
+                    "cannot bring `{}` to phasm schema version {}: {}; phasm left it as it was",
+                    path.display(),
+                    i + 1,
+                    short(&e)
+                ))
+            })?;
             conn.execute(
                 "INSERT INTO phasm_schema (version) VALUES (?1)",
                 [i as i64 + 1],
