@@ -29,9 +29,10 @@ fn chromium() -> Option<PathBuf> {
     found
 }
 
-/// Run headless Chromium on a URL with extra arguments; returns its stdout.
+/// Run headless Chromium on a URL with extra arguments; returns its stdout. A Chromium that
+/// hangs is killed after 45 s (its output so far is returned), so a test never waits forever.
 fn browse(chromium: &Path, profile: &Path, args: &[&str], url: &str) -> String {
-    let out = Command::new(chromium)
+    let mut child = Command::new(chromium)
         .args([
             "--headless",
             "--no-sandbox",
@@ -39,6 +40,7 @@ fn browse(chromium: &Path, profile: &Path, args: &[&str], url: &str) -> String {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            "--disable-breakpad",
             "--no-first-run",
             "--virtual-time-budget=3000",
             "--timeout=30000",
@@ -46,10 +48,26 @@ fn browse(chromium: &Path, profile: &Path, args: &[&str], url: &str) -> String {
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(args)
         .arg(url)
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
-        .output()
+        .spawn()
         .expect("chromium runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while child.try_wait().ok().flatten().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.wait();
+    reader.join().unwrap_or_default()
 }
 
 fn post(port: u16, path: &str, body: &str) -> String {
@@ -225,11 +243,19 @@ fn a_page_on_another_origin_can_neither_start_nor_cancel() {
     // The attacker's page: another origin on the same site (another port of 127.0.0.1).
     let site = d.join("site");
     std::fs::create_dir(&site).unwrap();
+    // A form posted on load (a page navigating away), and a `no-cors` fetch (a page that
+    // stays), each on its own page: headless Chromium stalls on a page that does both.
     std::fs::write(
-        site.join("attack.html"),
+        site.join("form.html"),
         format!(
-            "<html><body><form id=\"f\" method=\"post\" action=\"http://127.0.0.1:{port}/instances/v1/cancel\"></form>\
-             <script>fetch('http://127.0.0.1:{port}/api/machines/Victim/instances', {{method: 'POST', mode: 'no-cors', headers: {{'Content-Type': 'text/plain'}}, body: '{{\"name\": \"forged\"}}'}}).finally(() => document.getElementById('f').submit());</script></body></html>"
+            "<html><body onload=\"document.getElementById('f').submit()\"><form id=\"f\" method=\"post\" action=\"http://127.0.0.1:{port}/instances/v1/cancel\"></form></body></html>"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        site.join("fetch.html"),
+        format!(
+            "<html><body><script>fetch('http://127.0.0.1:{port}/api/machines/Victim/instances', {{method: 'POST', mode: 'no-cors', headers: {{'Content-Type': 'text/plain'}}, body: '{{\"name\": \"forged\"}}'}}).then(() => document.body.append('fetch-sent'), (e) => document.body.append('fetch-failed ' + e));</script></body></html>"
         ),
     )
     .unwrap();
@@ -255,14 +281,22 @@ fn a_page_on_another_origin_can_neither_start_nor_cancel() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The form did go: the browser shows the console's refusal.
     let shown = browse(
         &chromium,
         &d.join("p5"),
         &["--dump-dom"],
-        &format!("http://127.0.0.1:{other}/attack.html"),
+        &format!("http://127.0.0.1:{other}/form.html"),
     );
-    // The form did go: the browser shows the console's refusal.
     assert!(shown.contains("another origin"), "{shown}");
+    // The fetch did go too (its answer is opaque to the page, as no-cors answers are).
+    let shown = browse(
+        &chromium,
+        &d.join("p6"),
+        &["--dump-dom"],
+        &format!("http://127.0.0.1:{other}/fetch.html"),
+    );
+    assert!(shown.contains("fetch-sent"), "{shown}");
     let v1 = get(port, "/api/instances/v1");
     assert!(v1.contains("\"status\":\"running\""), "{v1}");
     let forged = get(port, "/api/instances/forged");
