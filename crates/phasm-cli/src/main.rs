@@ -42,6 +42,24 @@ struct DbArgs {
     sync: cmd::SyncMode,
 }
 
+/// Where instances are stored, for the commands that only read (no durability to choose).
+#[derive(Args, Clone, Debug)]
+struct ReadDbArgs {
+    /// Database: a SQLite file path, or a PostgreSQL URL
+    /// (`postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`).
+    #[arg(long, env = "PHASM_DB", default_value = "phasm.db")]
+    db: String,
+}
+
+impl ReadDbArgs {
+    fn to_db_args(&self) -> DbArgs {
+        DbArgs {
+            db: self.db.clone(),
+            sync: cmd::SyncMode::Full,
+        }
+    }
+}
+
 /// What a new instance starts with.
 #[derive(Args, Clone, Debug)]
 struct StartArgs {
@@ -181,7 +199,7 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        db: DbArgs,
+        db: ReadDbArgs,
     },
     /// List instances, newest first.
     List {
@@ -198,14 +216,14 @@ enum Command {
         #[arg(long)]
         json: bool,
         #[command(flatten)]
-        db: DbArgs,
+        db: ReadDbArgs,
     },
     /// Show an instance's log.
     Logs {
         /// The instance's name.
         instance: String,
         #[command(flatten)]
-        db: DbArgs,
+        db: ReadDbArgs,
     },
     /// Resume a failed instance: its failed steps run again.
     Retry {
@@ -319,15 +337,17 @@ async fn run_async(command: Command) -> ExitCode {
             batch,
             db,
         } => cmd::inspect::scrub(older_than, batch, &db).await,
-        Command::Status { instance, json, db } => cmd::inspect::status(&instance, json, &db).await,
+        Command::Status { instance, json, db } => {
+            cmd::inspect::status(&instance, json, &db.to_db_args()).await
+        }
         Command::List {
             machine,
             status,
             limit,
             json,
             db,
-        } => cmd::inspect::list(machine, status.as_deref(), limit, json, &db).await,
-        Command::Logs { instance, db } => cmd::inspect::logs(&instance, &db).await,
+        } => cmd::inspect::list(machine, status.as_deref(), limit, json, &db.to_db_args()).await,
+        Command::Logs { instance, db } => cmd::inspect::logs(&instance, &db.to_db_args()).await,
         Command::Retry { instance, db } => cmd::inspect::retry(&instance, &db).await,
         Command::Cancel { instance, db } => cmd::inspect::cancel(&instance, &db).await,
         Command::Bench { bench } => cmd::bench::run(bench).await,

@@ -539,4 +539,10 @@ fn smaller_messages_read_right() {
     assert!(shown.contains("(after 1 attempt)"), "{shown}");
     let help = text(&phasm(d, &["status", "--help"]).stdout);
     assert!(help.contains("postgres://"), "{help}");
+    // Durability is for commands that write.
+    for read_only in ["status", "list", "logs"] {
+        let help = text(&phasm(d, &[read_only, "--help"]).stdout);
+        assert!(!help.contains("--sync"), "{read_only}: {help}");
+    }
+    assert!(text(&phasm(d, &["worker", "--help"]).stdout).contains("--sync"));
 }
