@@ -68,7 +68,28 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut running = worker(d, &db, &["--concurrency", "8"]);
+    let mut running = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args([
+            "worker",
+            "fsm.yaml",
+            "--lease",
+            "2s",
+            "--concurrency",
+            "8",
+            "--quiet",
+        ])
+        .current_dir(d)
+        .env("PHASM_DB", &db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("worker starts");
+    let mut stderr = running.stderr.take().expect("stderr");
+    let said = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+        text
+    });
     std::thread::sleep(Duration::from_millis(500));
     let restart = Restart;
     if let Err(why) = cluster("stop") {
@@ -99,6 +120,25 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
     }
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(10), "stopping took {took:?}");
+    // What it could not commit is counted as given up, apart from leases lost.
+    let said = said.join().unwrap_or_default();
+    let last = said
+        .lines()
+        .rev()
+        .find(|l| l.contains("stopped:"))
+        .unwrap_or_default();
+    eprintln!("{last}");
+    assert!(last.contains("0 commits refused (lease lost)"), "{said}");
+    let given_up: u64 = last
+        .split(", ")
+        .find(|p| p.contains("given up"))
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no given-up count: {last}"));
+    assert!(
+        given_up >= 1,
+        "steps were running when the database went: {said}"
+    );
     drop(restart); // the server is back
     let mut finisher = worker(d, &db, &["--concurrency", "8"]);
     let deadline = Instant::now() + Duration::from_secs(120);
