@@ -242,14 +242,20 @@ pub(crate) async fn instances(
 /// The part of an instance page that refreshes itself.
 fn live_part(view: &InstanceView) -> String {
     let b = &view.branches;
-    let mut out = format!(
+    let mut out =
+        format!(
         "<div class=\"cards\"><div class=\"card\">status <strong id=\"status\">{}</strong></div>\
-         <div class=\"card\">{} live · {} parked at fan-ins · {} ended · {} failed</div></div>",
+         <div class=\"card\">{} live · {} parked at fan-ins · {} ended · {} failed{}</div></div>",
         status_span(view.status),
         b.live,
         b.parked,
         b.ended,
-        b.failed
+        b.failed,
+        if b.held > 0 {
+            format!(" · {} held (stopped by the failure; Retry resumes them)", b.held)
+        } else {
+            String::new()
+        }
     );
     if let Some(error) = &view.error {
         let _ = write!(out, "<p class=\"err\">{}</p>", esc(error));

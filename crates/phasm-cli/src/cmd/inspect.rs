@@ -68,8 +68,16 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
         outln!("context   {}", Value::Object(context.clone()));
     }
     let b = &view.branches;
+    let held = if b.held > 0 {
+        format!(
+            ", {} held (stopped by the failure; `phasm retry` resumes them)",
+            b.held
+        )
+    } else {
+        String::new()
+    };
     outln!(
-        "branches  {} live, {} parked at fan-ins, {} ended, {} failed",
+        "branches  {} live, {} parked at fan-ins, {} ended, {} failed{held}",
         b.live,
         b.parked,
         b.ended,
@@ -121,8 +129,13 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
                 .as_deref()
                 .map(|p| format!("; target `{p}`: only `phasm worker --target {p}` takes it"))
                 .unwrap_or_default();
+            let when = if t.status == "held" {
+                "stopped because the instance failed; `phasm retry` resumes it".to_string()
+            } else {
+                format!("due {}", time(t.due_at))
+            };
             outln!(
-                "  {} --{}--> ({}; {}; due {}{holder}{target}{error})",
+                "  {} --{}--> ({}; {}; {when}{holder}{target}{error})",
                 t.from.as_deref().unwrap_or("start"),
                 t.event,
                 t.status,
@@ -130,7 +143,6 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
                     1 => "1 attempt".to_string(),
                     n => format!("{n} attempts"),
                 },
-                time(t.due_at)
             );
         }
     }

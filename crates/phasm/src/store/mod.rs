@@ -286,6 +286,11 @@ pub struct InstanceView {
 pub struct BranchCounts {
     /// Pending steps (due, waiting for a countdown, or running).
     pub live: u64,
+    /// Steps stopped because another branch failed the instance: a failed branch fails the
+    /// whole instance and its sibling branches stop where they are; `phasm retry` resumes
+    /// them with the failed one. (A step that was running when the instance failed has its
+    /// commit refused and is held too: it runs again after a retry.)
+    pub held: u64,
     /// Branches parked at fan-in states, waiting for a join.
     pub parked: u64,
     /// Branches that ended in a final state.

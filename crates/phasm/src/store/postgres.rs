@@ -1465,11 +1465,12 @@ impl Store for PostgresStore {
         let counts = client
             .query_one(
                 "SELECT
-                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status IN ('ready', 'held')
+                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'ready'
                       AND (kind <> 'join' OR lease_owner IS NOT NULL)),
                    (SELECT COUNT(*) FROM items WHERE instance_id = $1),
                    (SELECT COUNT(*) FROM history WHERE instance_id = $1 AND ends_branch),
-                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'failed')",
+                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'failed'),
+                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'held')",
                 &[&id],
             )
             .await
@@ -1491,6 +1492,7 @@ impl Store for PostgresStore {
             children,
             branches: BranchCounts {
                 live: n(0),
+                held: n(4),
                 parked: n(1),
                 ended: n(2),
                 failed: n(3),

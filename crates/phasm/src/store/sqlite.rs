@@ -1181,8 +1181,9 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
             .map_err(db)
     };
     let branches = BranchCounts {
-        live: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status IN ('ready', 'held') AND kind <> 'join'")?
-            + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status IN ('ready', 'held') AND kind = 'join' AND lease_owner IS NOT NULL")?,
+        live: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind <> 'join'")?
+            + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'join' AND lease_owner IS NOT NULL")?,
+        held: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'held'")?,
         parked: count("SELECT COUNT(*) FROM items WHERE instance_id = ?1")?,
         ended: count("SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1")?,
         failed: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'failed'")?,

@@ -629,7 +629,7 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
             Ok(_) => {
                 metrics::counter!("phasm_commits_refused_total", "machine" => task.machine.clone())
                     .increment(1);
-                tracing::warn!(task = %task.name, "commit refused: the lease was lost, another attempt will run");
+                tracing::warn!(task = %task.name, "commit refused: the lease was lost (another worker runs this step) or the instance ended while it ran (a failed instance holds it until `phasm retry`)");
                 done.fenced += 1;
                 return Vec::new();
             }
