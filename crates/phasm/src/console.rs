@@ -266,8 +266,18 @@ fn live_part(view: &InstanceView) -> String {
         seg(&view.name),
         view.history.len() + view.tasks.len()
     );
-    out.push_str("<h2>History</h2><table><tr><th>#</th><th>from</th><th>event</th><th>to</th><th>attempt</th><th>at</th><th>took</th><th>branch</th></tr>");
-    for (i, h) in view.history.iter().enumerate() {
+    out.push_str("<h2>History</h2>");
+    // The latest transitions only: a page stays small whatever the instance did.
+    let skipped = view.history.len().saturating_sub(PAGE_ROWS);
+    if skipped > 0 {
+        let _ = write!(
+            out,
+            "<p>{skipped} earlier transitions are not shown: <a href=\"/api/instances/{}/history\">all of them</a> (JSON, in pages).</p>",
+            seg(&view.name)
+        );
+    }
+    out.push_str("<table><tr><th>#</th><th>from</th><th>event</th><th>to</th><th>attempt</th><th>at</th><th>took</th><th>branch</th></tr>");
+    for (i, h) in view.history.iter().enumerate().skip(skipped) {
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} ms</td><td>{}</td></tr>",
@@ -306,9 +316,19 @@ fn live_part(view: &InstanceView) -> String {
 }
 
 /// `GET /instances/{name}`; with `X-Partial: 1`, only the part that refreshes itself.
+/// Rows of history and lines of log an instance page shows at once.
+const PAGE_ROWS: usize = 100;
+
+/// Query of an instance page: where its log page starts.
+#[derive(Deserialize)]
+pub(crate) struct InstanceQuery {
+    log_cursor: Option<i64>,
+}
+
 pub(crate) async fn instance(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
+    Query(query): Query<InstanceQuery>,
     headers: HeaderMap,
 ) -> Response {
     let view = match state.store.instance(&name).await {
@@ -337,7 +357,18 @@ pub(crate) async fn instance(
     if headers.get("x-partial").is_some() {
         return Html(live_part(&view)).into_response();
     }
-    let logs = state.store.logs(&name).await.unwrap_or_default();
+    let log_page = state
+        .store
+        .logs_page(
+            &name,
+            crate::store::PageRequest {
+                after: query.log_cursor.unwrap_or(0).max(0),
+                limit: PAGE_ROWS,
+            },
+        )
+        .await
+        .ok()
+        .flatten();
     let q = seg(&view.name);
     let mut body = format!(
         "<h1>{}</h1><p>machine <a href=\"/instances?machine={}\">{}</a> · created {}",
@@ -379,6 +410,7 @@ pub(crate) async fn instance(
         body.push_str("</ul>");
     }
     body.push_str("<h2>Log</h2><pre id=\"log\">");
+    let (logs, next_log) = log_page.map_or((Vec::new(), None), |p| (p.items, p.next));
     for l in &logs {
         let _ = writeln!(
             body,
@@ -389,6 +421,12 @@ pub(crate) async fn instance(
         );
     }
     body.push_str("</pre>");
+    if let Some(next) = next_log {
+        let _ = write!(
+            body,
+            "<p><a id=\"log-next\" href=\"/instances/{q}?log_cursor={next}\">next {PAGE_ROWS} log lines</a></p>"
+        );
+    }
     if view.status == InstanceStatus::Running {
         body.push_str(
             "<script>setInterval(async()=>{const r=await fetch(location.pathname,{headers:{'X-Partial':'1'}});\

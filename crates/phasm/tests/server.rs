@@ -605,3 +605,138 @@ async fn api_with_hosts(hosts: &[&str]) -> Api {
     tokio::spawn(serve(listener, state, std::future::pending()));
     Api { addr, _dir: dir }
 }
+
+#[tokio::test]
+async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
+    use phasm::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, TaskKind};
+    use phasm::store::{ClaimRequest, NewInstance, Store, Targets};
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let now = 1_800_000_000_000_000;
+    let start = NewTask {
+        name: "big--start".into(),
+        from_state: None,
+        event: "pseudo-init".into(),
+        kind: TaskKind::Dispatch,
+        context: Context::new(),
+        step: 0,
+        branch: String::new(),
+        queue: "default".into(),
+        target: None,
+        due_at: now,
+        token: None,
+    };
+    store
+        .start(
+            now,
+            NewInstance {
+                name: "big".into(),
+                machine: "Job".into(),
+                context: Context::new(),
+                start,
+            },
+        )
+        .await
+        .unwrap();
+    let claim = ClaimRequest {
+        owner: "w".into(),
+        lease: std::time::Duration::from_secs(30),
+        limit: 1,
+        queue_limits: Vec::new(),
+        queues: None,
+        targets: Targets::Any,
+        shared_limits: Vec::new(),
+    };
+    let task = store.claim(now, &claim).await.unwrap().remove(0);
+    let mut commit = Commit::finishing(&task);
+    commit.history = (0..250)
+        .map(|i| HistoryEntry {
+            from: Some("a".into()),
+            event: "go".into(),
+            to: format!("s{i}"),
+            attempt: 0,
+            started_at: now,
+            finished_at: now,
+            task: task.name.clone(),
+            branch: String::new(),
+            ends_branch: false,
+        })
+        .collect();
+    commit.logs = (0..250)
+        .map(|i| LogLine {
+            at: now,
+            level: "info".into(),
+            message: if i == 0 {
+                "y".repeat(1_000_000)
+            } else {
+                format!("line {i}")
+            },
+            task: task.name.clone(),
+        })
+        .collect();
+    store.apply(now, vec![commit], None).await.unwrap();
+    let config = Arc::new(
+        load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
+            .unwrap()
+            .config,
+    );
+    let state = Arc::new(ServerState {
+        store,
+        config,
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        token: None,
+        metrics: None,
+        throttle: Default::default(),
+        allowed_hosts: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    let api = Api { addr, _dir: dir };
+
+    let mut seen = 0;
+    let mut cursor = String::new();
+    loop {
+        let (status, body) = call(
+            &api,
+            "GET",
+            &format!("/api/instances/big/history?limit=100&cursor={cursor}"),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let page = json(&body);
+        seen += page["history"].as_array().unwrap().len();
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = next.to_string(),
+            None => break,
+        }
+    }
+    assert_eq!(seen, 250);
+    let (status, body) = call(&api, "GET", "/api/instances/big/logs", None, None).await;
+    assert_eq!(status, 200);
+    let page = json(&body);
+    assert_eq!(page["logs"].as_array().unwrap().len(), 100);
+    assert!(page["next_cursor"].is_string());
+    assert!(
+        body.len() < 100_000,
+        "the 1 MB message is cut: {} bytes",
+        body.len()
+    );
+    let (status, body) = call(&api, "GET", "/api/instances/big/logs?cursor=x", None, None).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = call(&api, "GET", "/api/instances/nobody/history", None, None).await;
+    assert_eq!(status, 404);
+
+    let (status, page) = call(&api, "GET", "/instances/big", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("150 earlier transitions are not shown"),
+        "{page:.2000}"
+    );
+    assert!(page.contains("id=\"log-next\""), "{page:.2000}");
+    assert!(page.len() < 150_000, "the page is {} bytes", page.len());
+}

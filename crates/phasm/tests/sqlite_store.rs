@@ -43,6 +43,7 @@ conformance!(
     targets_route_tasks_to_their_pools,
     scrub_removes_only_old_ended_instances,
     commits_probe_reports_a_rate,
+    history_and_logs_page_with_cursors,
 );
 
 #[tokio::test]

@@ -105,6 +105,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/machines/{machine}/instances", post(start))
         .route("/api/instances", get(list))
         .route("/api/instances/{name}", get(instance))
+        .route("/api/instances/{name}/history", get(history_page))
+        .route("/api/instances/{name}/logs", get(logs_page))
         .route("/api/instances/{name}/cancel", post(cancel))
         .route("/api/instances/{name}/retry", post(retry))
         .route("/metrics", get(prometheus))
@@ -447,6 +449,109 @@ async fn start(
         ) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ StartError::NameTaken { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(StartError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Query of a history or log page.
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    cursor: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The page a query asks for (at most 1000 rows, 100 by default), or a 400.
+fn page_request(query: &PageQuery) -> Result<crate::store::PageRequest, Response> {
+    let after = match query.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => match c.parse::<i64>() {
+            Ok(n) if n >= 0 => n,
+            _ => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown cursor `{c}`: use the `next_cursor` of the previous page"),
+                ))
+            }
+        },
+    };
+    Ok(crate::store::PageRequest {
+        after,
+        limit: query.limit.unwrap_or(100).clamp(1, 1000),
+    })
+}
+
+/// `GET /api/instances/{name}/history?cursor=&limit=`: committed transitions, oldest first.
+async fn history_page(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    if let Some(bad) = check_name(&name) {
+        return bad;
+    }
+    let page = match page_request(&query) {
+        Ok(p) => p,
+        Err(bad) => return bad,
+    };
+    match state.store.history_page(&name, page).await {
+        Ok(Some(page)) => {
+            let rows: Vec<Value> = page
+                .items
+                .iter()
+                .map(|h| {
+                    json!({
+                        "from": h.from,
+                        "event": h.event,
+                        "to": h.to,
+                        "attempt": h.attempt,
+                        "started_at": crate::clock::rfc3339(h.started_at),
+                        "at": crate::clock::rfc3339(h.finished_at),
+                        "task": h.task,
+                        "branch": h.branch,
+                        "ends_branch": h.ends_branch,
+                    })
+                })
+                .collect();
+            Json(json!({ "history": rows, "next_cursor": page.next.map(|n| n.to_string()) }))
+                .into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance named `{name}`")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `GET /api/instances/{name}/logs?cursor=&limit=`: log lines, oldest first (each message cut
+/// at 16 Ki characters, with a note).
+async fn logs_page(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> Response {
+    if let Some(bad) = check_name(&name) {
+        return bad;
+    }
+    let page = match page_request(&query) {
+        Ok(p) => p,
+        Err(bad) => return bad,
+    };
+    match state.store.logs_page(&name, page).await {
+        Ok(Some(page)) => {
+            let rows: Vec<Value> = page
+                .items
+                .iter()
+                .map(|l| {
+                    json!({
+                        "at": crate::clock::rfc3339(l.at),
+                        "level": l.level,
+                        "message": l.message,
+                        "task": l.task,
+                    })
+                })
+                .collect();
+            Json(json!({ "logs": rows, "next_cursor": page.next.map(|n| n.to_string()) }))
+                .into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance named `{name}`")),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -246,6 +246,59 @@ pub struct TaskView {
     pub target: Option<String>,
 }
 
+/// The longest log message a page carries; longer ones are cut, with a note of how much.
+pub const MAX_PAGE_MESSAGE_CHARS: usize = 16 * 1024;
+
+/// Which rows of an instance's history or log to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRequest {
+    /// Rows after this cursor (0: from the first; else the `next` of the previous page).
+    pub after: i64,
+    /// At most this many rows.
+    pub limit: usize,
+}
+
+/// One page of rows and the cursor of the next page.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page<T> {
+    /// The rows, oldest first.
+    pub items: Vec<T>,
+    /// The cursor of the next page; `None` when this page is the last.
+    pub next: Option<i64>,
+}
+
+impl<T> Page<T> {
+    /// A page from up to `limit + 1` rows with their cursors: the extra row only says that
+    /// there is a next page.
+    pub fn from_rows(mut rows: Vec<(i64, T)>, limit: usize) -> Self {
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = if more {
+            rows.last().map(|(id, _)| *id)
+        } else {
+            None
+        };
+        Self {
+            items: rows.into_iter().map(|(_, item)| item).collect(),
+            next,
+        }
+    }
+}
+
+/// A message cut for a page: `text` was read cut at [`MAX_PAGE_MESSAGE_CHARS`] characters of
+/// a message `full_chars` long.
+pub fn cut_message(text: String, full_chars: i64) -> String {
+    let full = usize::try_from(full_chars).unwrap_or(0);
+    if full > MAX_PAGE_MESSAGE_CHARS {
+        format!(
+            "{text}… [cut: {} more characters; `phasm logs` shows all]",
+            full - MAX_PAGE_MESSAGE_CHARS
+        )
+    } else {
+        text
+    }
+}
+
 /// Everything known about one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceView {
@@ -402,6 +455,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// An instance's log lines, oldest first.
     async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>>;
+
+    /// A page of an instance's history, oldest first (`None`: no such instance). Memory per
+    /// call is bounded by `page.limit`.
+    async fn history_page(
+        &self,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Option<Page<HistoryEntry>>>;
+
+    /// A page of an instance's log, oldest first (`None`: no such instance). Each message is
+    /// cut at [`MAX_PAGE_MESSAGE_CHARS`] (the cut is said at its end), so memory per call is
+    /// bounded by `page.limit`.
+    async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>>;
 
     /// Resume a failed instance: its failed and held tasks run again from attempt 0.
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;

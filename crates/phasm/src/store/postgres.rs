@@ -21,9 +21,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{
-    Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus, InstanceSummary,
-    InstanceView, ListFilter, NewInstance, Started, Store, StoreError, StoreResult, SuccessorClaim,
-    TaskView,
+    cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
+    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
+    StoreError, StoreResult, SuccessorClaim, TaskView, MAX_PAGE_MESSAGE_CHARS,
 };
 use crate::clock::{micros, Micros};
 use crate::engine::{
@@ -1548,6 +1548,76 @@ impl Store for PostgresStore {
             .collect())
     }
 
+    async fn history_page(
+        &self,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Option<Page<HistoryEntry>>> {
+        let client = self.client().await?;
+        let Some(id) = instance_id(&client, name).await? else {
+            return Ok(None);
+        };
+        let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+        let rows = client
+            .query(
+                "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
+                 FROM history WHERE instance_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&id, &page.after, &(limit + 1)],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    HistoryEntry {
+                        from: r.get(1),
+                        event: r.get(2),
+                        to: r.get(3),
+                        attempt: r.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
+                        started_at: r.get(5),
+                        finished_at: r.get(6),
+                        task: r.get(7),
+                        branch: r.get(8),
+                        ends_branch: r.get(9),
+                    },
+                )
+            })
+            .collect();
+        Ok(Some(Page::from_rows(rows, page.limit)))
+    }
+
+    async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
+        let client = self.client().await?;
+        let Some(id) = instance_id(&client, name).await? else {
+            return Ok(None);
+        };
+        let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+        let cut = i32::try_from(MAX_PAGE_MESSAGE_CHARS).unwrap_or(i32::MAX);
+        let rows = client
+            .query(
+                "SELECT id, at, level, left(message, $4), char_length(message)::BIGINT, task
+                 FROM logs WHERE instance_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+                &[&id, &page.after, &(limit + 1), &cut],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                (
+                    r.get::<_, i64>(0),
+                    LogLine {
+                        at: r.get(1),
+                        level: r.get(2),
+                        message: cut_message(r.get(3), r.get(4)),
+                        task: r.get(5),
+                    },
+                )
+            })
+            .collect();
+        Ok(Some(Page::from_rows(rows, page.limit)))
+    }
+
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let mut client = self.client().await?;
         let tx = begin(&mut client).await?;
@@ -1736,4 +1806,13 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue",
             .map_err(pg)?;
         Ok(())
     }
+}
+
+/// An instance's id by name.
+async fn instance_id(client: &deadpool_postgres::Object, name: &str) -> StoreResult<Option<i64>> {
+    Ok(client
+        .query_opt("SELECT id FROM instances WHERE name = $1", &[&name])
+        .await
+        .map_err(pg)?
+        .map(|r| r.get(0)))
 }

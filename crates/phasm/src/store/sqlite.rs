@@ -16,9 +16,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus, InstanceSummary,
-    InstanceView, ListFilter, NewInstance, Started, Store, StoreError, StoreResult, SuccessorClaim,
-    TaskView,
+    cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
+    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
+    StoreError, StoreResult, SuccessorClaim, TaskView, MAX_PAGE_MESSAGE_CHARS,
 };
 use crate::clock::{micros, Micros};
 use crate::engine::{
@@ -88,6 +88,8 @@ enum Request {
     Instance(String, Reply<Option<InstanceView>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
     Logs(String, Reply<Vec<LogLine>>),
+    HistoryPage(String, PageRequest, Reply<Option<Page<HistoryEntry>>>),
+    LogsPage(String, PageRequest, Reply<Option<Page<LogLine>>>),
     Retry(Micros, String, Reply<Control>),
     Cancel(Micros, String, Reply<Control>),
     Probe(usize, Reply<f64>),
@@ -492,6 +494,8 @@ fn fail_request(request: Request, e: &StoreError) {
         Request::Instance(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
         Request::Logs(_, r) => drop(r.send(Err(err()))),
+        Request::HistoryPage(_, _, r) => drop(r.send(Err(err()))),
+        Request::LogsPage(_, _, r) => drop(r.send(Err(err()))),
         Request::Retry(_, _, r) | Request::Cancel(_, _, r) => drop(r.send(Err(err()))),
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
@@ -534,6 +538,8 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),
         Request::Logs(name, reply) => pending(reply, logs(tx, &name)),
+        Request::HistoryPage(name, page, reply) => pending(reply, history_page(tx, &name, page)),
+        Request::LogsPage(name, page, reply) => pending(reply, logs_page(tx, &name, page)),
         Request::Retry(now, name, reply) => pending(reply, scoped(tx, |tx| retry(tx, now, &name))),
         Request::Cancel(now, name, reply) => {
             pending(reply, scoped(tx, |tx| cancel(tx, now, &name)))
@@ -1273,6 +1279,77 @@ fn logs(tx: &Transaction<'_>, name: &str) -> StoreResult<Vec<LogLine>> {
     .map_err(db)
 }
 
+fn history_page(
+    tx: &Transaction<'_>,
+    name: &str,
+    page: PageRequest,
+) -> StoreResult<Option<Page<HistoryEntry>>> {
+    let Some((id, _)) = lookup(tx, name)? else {
+        return Ok(None);
+    };
+    let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+    let rows = tx
+        .prepare_cached(
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch
+             FROM history WHERE instance_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(db)?
+        .query_map(params![id, page.after, limit + 1], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                HistoryEntry {
+                    from: r.get(1)?,
+                    event: r.get(2)?,
+                    to: r.get(3)?,
+                    attempt: r.get(4)?,
+                    started_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    task: r.get(7)?,
+                    branch: r.get(8)?,
+                    ends_branch: r.get(9)?,
+                },
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+fn logs_page(
+    tx: &Transaction<'_>,
+    name: &str,
+    page: PageRequest,
+) -> StoreResult<Option<Page<LogLine>>> {
+    let Some((id, _)) = lookup(tx, name)? else {
+        return Ok(None);
+    };
+    let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+    let cut = i64::try_from(MAX_PAGE_MESSAGE_CHARS).unwrap_or(i64::MAX);
+    let rows = tx
+        .prepare_cached(
+            "SELECT id, at, level, substr(message, 1, ?4), length(message), task
+             FROM logs WHERE instance_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(db)?
+        .query_map(params![id, page.after, limit + 1, cut], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                LogLine {
+                    at: r.get(1)?,
+                    level: r.get(2)?,
+                    message: cut_message(r.get(3)?, r.get(4)?),
+                    task: r.get(5)?,
+                },
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
 fn lookup(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<(i64, InstanceStatus)>> {
     let row = tx
         .query_row(
@@ -1439,6 +1516,20 @@ impl Store for SqliteStore {
     async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
         let name = name.to_string();
         self.call(|r| Request::Logs(name, r)).await
+    }
+
+    async fn history_page(
+        &self,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Option<Page<HistoryEntry>>> {
+        let name = name.to_string();
+        self.call(|r| Request::HistoryPage(name, page, r)).await
+    }
+
+    async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
+        let name = name.to_string();
+        self.call(|r| Request::LogsPage(name, page, r)).await
     }
 
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {

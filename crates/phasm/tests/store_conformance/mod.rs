@@ -560,3 +560,73 @@ pub async fn commits_probe_reports_a_rate(store: &dyn Store) {
     let rate = store.probe_commit_rate(20).await.unwrap();
     assert!(rate > 0.0);
 }
+
+pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
+    use phasm::store::{PageRequest, MAX_PAGE_MESSAGE_CHARS};
+    start(store, "p", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.history = (0..5)
+        .map(|i| HistoryEntry {
+            to: format!("s{i}"),
+            ..c.history[0].clone()
+        })
+        .collect();
+    c.logs = (0..5)
+        .map(|i| LogLine {
+            at: T0,
+            level: "info".into(),
+            message: if i == 4 {
+                "x".repeat(MAX_PAGE_MESSAGE_CHARS + 10)
+            } else {
+                format!("line {i}")
+            },
+            task: t.name.clone(),
+        })
+        .collect();
+    assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
+    let mut seen = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store
+            .history_page("p", PageRequest { after, limit: 2 })
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(page.items.len() <= 2);
+        seen.extend(page.items.iter().map(|h| h.to.clone()));
+        match page.next {
+            Some(next) => after = next,
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["s0", "s1", "s2", "s3", "s4"]);
+    let first = store
+        .logs_page("p", PageRequest { after: 0, limit: 4 })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.items.len(), 4);
+    assert_eq!(first.items[0].message, "line 0");
+    let rest = store
+        .logs_page(
+            "p",
+            PageRequest {
+                after: first.next.expect("a next page"),
+                limit: 4,
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert_eq!(rest.next, None);
+    assert!(rest.items[0]
+        .message
+        .ends_with("… [cut: 10 more characters; `phasm logs` shows all]"));
+    assert!(store
+        .history_page("nobody", PageRequest { after: 0, limit: 2 })
+        .await
+        .unwrap()
+        .is_none());
+}
