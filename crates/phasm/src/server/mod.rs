@@ -459,16 +459,15 @@ struct PageQuery {
     limit: Option<usize>,
 }
 
-/// The page a query asks for (at most 1000 rows, 100 by default), or a 400.
-fn page_request(query: &PageQuery) -> Result<crate::store::PageRequest, Response> {
+/// The page a query asks for (at most 1000 rows, 100 by default), or why the cursor is bad.
+fn page_request(query: &PageQuery) -> Result<crate::store::PageRequest, String> {
     let after = match query.cursor.as_deref() {
         None | Some("") => 0,
         Some(c) => match c.parse::<i64>() {
             Ok(n) if n >= 0 => n,
             _ => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    format!("unknown cursor `{c}`: use the `next_cursor` of the previous page"),
+                return Err(format!(
+                    "unknown cursor `{c}`: use the `next_cursor` of the previous page"
                 ))
             }
         },
@@ -490,7 +489,7 @@ async fn history_page(
     }
     let page = match page_request(&query) {
         Ok(p) => p,
-        Err(bad) => return bad,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     match state.store.history_page(&name, page).await {
         Ok(Some(page)) => {
@@ -531,7 +530,7 @@ async fn logs_page(
     }
     let page = match page_request(&query) {
         Ok(p) => p,
-        Err(bad) => return bad,
+        Err(why) => return error(StatusCode::BAD_REQUEST, why),
     };
     match state.store.logs_page(&name, page).await {
         Ok(Some(page)) => {
