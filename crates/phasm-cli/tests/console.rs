@@ -101,25 +101,7 @@ fn the_console_shows_an_instance_run_to_completion() {
         "actions:\n  Work:\n    exec: [sh, -c, \"cat > /dev/null; sleep 1; echo '{\\\"event\\\": \\\"done\\\"}'\"]\nstate_machines:\n- name: Console\n  states:\n  - name: working\n    initial: true\n    action: Work\n    transitions:\n    - event: done\n      to: finished\n  - name: finished\n    final: true\n",
     )
     .unwrap();
-    let port = free_port();
-    let server = Command::new(env!("CARGO_BIN_EXE_phasm"))
-        .args([
-            "serve",
-            "fsm.yaml",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .current_dir(d)
-        .env("PHASM_DB", d.join("phasm.db"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = KillOnDrop(server);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (port, _server) = serve(d);
     let created = post(
         port,
         "/api/machines/Console/instances",
@@ -188,6 +170,30 @@ fn the_console_shows_an_instance_run_to_completion() {
     );
 }
 
+/// `phasm serve fsm.yaml` in `d` on a free loopback port, once it accepts connections.
+fn serve(d: &Path) -> (u16, KillOnDrop) {
+    let port = free_port();
+    let server = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args([
+            "serve",
+            "fsm.yaml",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .current_dir(d)
+        .env("PHASM_DB", d.join("phasm.db"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = KillOnDrop(server);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (port, server)
+}
+
 /// Stops the server however the test ends.
 struct KillOnDrop(std::process::Child);
 
@@ -217,25 +223,8 @@ fn a_page_on_another_origin_can_neither_start_nor_cancel() {
         "actions:\n  Wait:\n    exec: [sh, -c, \"cat > /dev/null; sleep 60\"]\nstate_machines:\n- name: Victim\n  states:\n  - name: waiting\n    initial: true\n    final: true\n    action: Wait\n",
     )
     .unwrap();
-    let port = free_port();
-    let server = Command::new(env!("CARGO_BIN_EXE_phasm"))
-        .args([
-            "serve",
-            "fsm.yaml",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .current_dir(d)
-        .env("PHASM_DB", d.join("phasm.db"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = KillOnDrop(server);
+    let (port, _server) = serve(d);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "the server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert!(
         post(port, "/api/machines/Victim/instances", r#"{"name": "v1"}"#)
             .starts_with("HTTP/1.1 201")

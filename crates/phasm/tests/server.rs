@@ -21,6 +21,16 @@ async fn api(token: Option<&str>) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store =
         Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    api_with(dir, store, token, None).await
+}
+
+/// Serve `store` with the test machine on a free port (contexts up to 1000 bytes).
+async fn api_with(
+    dir: tempfile::TempDir,
+    store: Arc<SqliteStore>,
+    token: Option<&str>,
+    hosts: Option<&[&str]>,
+) -> Api {
     let config = Arc::new(
         load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
             .unwrap()
@@ -36,7 +46,7 @@ async fn api(token: Option<&str>) -> Api {
         token: token.map(str::to_string),
         metrics: Some(phasm::server::install_metrics().unwrap()),
         throttle: Default::default(),
-        allowed_hosts: None,
+        allowed_hosts: hosts.map(|h| h.iter().map(|n| (*n).to_string()).collect()),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -585,25 +595,7 @@ async fn api_with_hosts(hosts: &[&str]) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store =
         Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
-    let config = Arc::new(
-        load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
-            .unwrap()
-            .config,
-    );
-    let state = Arc::new(ServerState {
-        store,
-        config,
-        clock: Arc::new(SystemClock),
-        limits: Limits::default(),
-        token: None,
-        metrics: None,
-        throttle: Default::default(),
-        allowed_hosts: Some(hosts.iter().map(|h| (*h).to_string()).collect()),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, state, std::future::pending()));
-    Api { addr, _dir: dir }
+    api_with(dir, store, None, Some(hosts)).await
 }
 
 #[tokio::test]
@@ -676,25 +668,7 @@ async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
         })
         .collect();
     store.apply(now, vec![commit], None).await.unwrap();
-    let config = Arc::new(
-        load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
-            .unwrap()
-            .config,
-    );
-    let state = Arc::new(ServerState {
-        store,
-        config,
-        clock: Arc::new(SystemClock),
-        limits: Limits::default(),
-        token: None,
-        metrics: None,
-        throttle: Default::default(),
-        allowed_hosts: None,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, state, std::future::pending()));
-    let api = Api { addr, _dir: dir };
+    let api = api_with(dir, store, None, None).await;
 
     let mut seen = 0;
     let mut cursor = String::new();

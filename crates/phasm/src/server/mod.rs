@@ -484,38 +484,28 @@ async fn history_page(
     Path(name): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Response {
-    if let Some(bad) = check_name(&name) {
-        return bad;
-    }
-    let page = match page_request(&query) {
+    let page = match check_page(&name, &query) {
         Ok(p) => p,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+        Err(bad) => return *bad,
     };
-    match state.store.history_page(&name, page).await {
-        Ok(Some(page)) => {
-            let rows: Vec<Value> = page
-                .items
-                .iter()
-                .map(|h| {
-                    json!({
-                        "from": h.from,
-                        "event": h.event,
-                        "to": h.to,
-                        "attempt": h.attempt,
-                        "started_at": crate::clock::rfc3339(h.started_at),
-                        "at": crate::clock::rfc3339(h.finished_at),
-                        "task": h.task,
-                        "branch": h.branch,
-                        "ends_branch": h.ends_branch,
-                    })
-                })
-                .collect();
-            Json(json!({ "history": rows, "next_cursor": page.next.map(|n| n.to_string()) }))
-                .into_response()
-        }
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance named `{name}`")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-    }
+    page_response(
+        &name,
+        "history",
+        state.store.history_page(&name, page).await,
+        |h| {
+            json!({
+                "from": h.from,
+                "event": h.event,
+                "to": h.to,
+                "attempt": h.attempt,
+                "started_at": crate::clock::rfc3339(h.started_at),
+                "at": crate::clock::rfc3339(h.finished_at),
+                "task": h.task,
+                "branch": h.branch,
+                "ends_branch": h.ends_branch,
+            })
+        },
+    )
 }
 
 /// `GET /api/instances/{name}/logs?cursor=&limit=`: log lines, oldest first (each message cut
@@ -525,28 +515,44 @@ async fn logs_page(
     Path(name): Path<String>,
     Query(query): Query<PageQuery>,
 ) -> Response {
-    if let Some(bad) = check_name(&name) {
-        return bad;
-    }
-    let page = match page_request(&query) {
+    let page = match check_page(&name, &query) {
         Ok(p) => p,
-        Err(why) => return error(StatusCode::BAD_REQUEST, why),
+        Err(bad) => return *bad,
     };
-    match state.store.logs_page(&name, page).await {
+    page_response(
+        &name,
+        "logs",
+        state.store.logs_page(&name, page).await,
+        |l| {
+            json!({
+                "at": crate::clock::rfc3339(l.at),
+                "level": l.level,
+                "message": l.message,
+                "task": l.task,
+            })
+        },
+    )
+}
+
+/// The instance name and the page a paging request names, or its 400.
+fn check_page(name: &str, query: &PageQuery) -> Result<crate::store::PageRequest, Box<Response>> {
+    if let Some(bad) = check_name(name) {
+        return Err(Box::new(bad));
+    }
+    page_request(query).map_err(|why| Box::new(error(StatusCode::BAD_REQUEST, why)))
+}
+
+/// `{KEY: [rows], "next_cursor": C}`, a 404 for an unknown instance, a 503 for a store error.
+fn page_response<T>(
+    name: &str,
+    key: &str,
+    result: crate::store::StoreResult<Option<crate::store::Page<T>>>,
+    row: impl Fn(&T) -> Value,
+) -> Response {
+    match result {
         Ok(Some(page)) => {
-            let rows: Vec<Value> = page
-                .items
-                .iter()
-                .map(|l| {
-                    json!({
-                        "at": crate::clock::rfc3339(l.at),
-                        "level": l.level,
-                        "message": l.message,
-                        "task": l.task,
-                    })
-                })
-                .collect();
-            Json(json!({ "logs": rows, "next_cursor": page.next.map(|n| n.to_string()) }))
+            let rows: Vec<Value> = page.items.iter().map(row).collect();
+            Json(json!({ key: rows, "next_cursor": page.next.map(|n| n.to_string()) }))
                 .into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance named `{name}`")),
