@@ -22,6 +22,15 @@ pub fn print_diagnostics(diags: &Diagnostics) {
     }
 }
 
+/// `1 step`, `2 steps`, `1 retry`, `3 retries`.
+pub fn count(n: u64, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        _ => format!("{n} {noun}s"),
+    }
+}
+
 /// A timestamp for people.
 pub fn time(at: i64) -> String {
     phasm::clock::rfc3339(at)

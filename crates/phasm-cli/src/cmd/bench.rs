@@ -1,6 +1,5 @@
 //! `phasm bench`: measured throughput and latency on this machine.
 
-use crate::output::outln;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +15,7 @@ use phasm::store::Store;
 use phasm::worker::{StopWhen, Worker, WorkerOptions};
 use serde_json::json;
 
+use crate::output::outln;
 use crate::{db, DbArgs, EXIT_FAILED, EXIT_INVALID};
 
 /// The benchmarks.
@@ -131,7 +131,12 @@ fn failed(e: impl std::fmt::Display) -> ExitCode {
 
 /// Peak resident memory of this process, from Linux's /proc (None elsewhere).
 fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    peak_rss_of("self")
+}
+
+/// Peak resident memory of a process (`self` or a pid), from Linux's /proc.
+fn peak_rss_of(process: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{process}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
@@ -403,12 +408,7 @@ fn host_memory(registry: &Registry) -> Vec<u64> {
     };
     pool.pids()
         .into_iter()
-        .filter_map(|pid| {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-            let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024)
-        })
+        .filter_map(|pid| peak_rss_of(&pid.to_string()))
         .collect()
 }
 

@@ -1,6 +1,5 @@
 //! Commands on machine files: `validate` and `graph`.
 
-use crate::output::outln;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -10,7 +9,7 @@ use phasm::diagnostic::Diagnostics;
 use phasm::graph;
 use phasm::machine::{Config, Machine};
 
-use crate::output::print_diagnostics;
+use crate::output::{count, outln, print_diagnostics};
 use crate::{Format, EXIT_INVALID};
 
 /// Load a machine file for running, printing its diagnostics; `None` after an error.
@@ -97,8 +96,8 @@ pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCod
                 ok_lines.push(format!(
                     "ok: {} ({}, {}{warnings})",
                     file.display(),
-                    plural(machines, "machine"),
-                    plural(states, "state")
+                    count(machines as u64, "machine"),
+                    count(states as u64, "state")
                 ));
             }
             Err(diags) => {
@@ -139,14 +138,6 @@ fn check_python(loaded: &config::Loaded) -> Result<(), String> {
             Err(e) => Err(e.to_string()),
         }
     })
-}
-
-fn plural(n: usize, noun: &str) -> String {
-    if n == 1 {
-        format!("1 {noun}")
-    } else {
-        format!("{n} {noun}s")
-    }
 }
 
 /// `phasm graph`.

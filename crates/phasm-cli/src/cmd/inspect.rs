@@ -1,13 +1,12 @@
 //! `status`, `list`, `logs`, `retry` and `cancel`: looking at instances and acting on them.
 
-use crate::output::outln;
 use std::process::ExitCode;
 
 use phasm::clock::{Clock, SystemClock};
 use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
 use serde_json::{json, Value};
 
-use crate::output::{duration, time};
+use crate::output::{count, duration, outln, time};
 use crate::{db, DbArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
 
 /// Open the database an inspecting command names: read-only for `status`, `list` and `logs`,
@@ -139,10 +138,7 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
                 t.from.as_deref().unwrap_or("start"),
                 t.event,
                 t.status,
-                match t.attempts {
-                    1 => "1 attempt".to_string(),
-                    n => format!("{n} attempts"),
-                },
+                count(u64::from(t.attempts), "attempt"),
             );
         }
     }

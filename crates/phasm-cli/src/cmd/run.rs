@@ -1,6 +1,5 @@
 //! `run`, `start` and `worker`: queueing instances and working on them.
 
-use crate::output::outln;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -19,6 +18,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::files::{choose, load_with_sites};
+use crate::output::{count, outln};
 use crate::{db, DbArgs, StartArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
 
 /// The parts of a start that are checked before anything is written.
@@ -322,15 +322,6 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
     match view.status {
         InstanceStatus::Completed | InstanceStatus::Halted => ExitCode::SUCCESS,
         _ => ExitCode::from(EXIT_FAILED),
-    }
-}
-
-/// `1 step`, `2 steps`, `1 retry`, `3 retries`.
-fn count(n: u64, noun: &str) -> String {
-    match (n, noun.strip_suffix('y')) {
-        (1, _) => format!("1 {noun}"),
-        (_, Some(stem)) => format!("{n} {stem}ies"),
-        _ => format!("{n} {noun}s"),
     }
 }
 

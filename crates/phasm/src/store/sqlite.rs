@@ -322,6 +322,11 @@ fn inspect(conn: &Connection, path: &Path) -> StoreResult<i64> {
             if tables.len() > shown.len() { ", …" } else { "" }
         )));
     }
+    schema_version(conn)
+}
+
+/// The schema version recorded in `phasm_schema`; a newer one than this build's is an error.
+fn schema_version(conn: &Connection) -> StoreResult<i64> {
     let version: i64 = conn
         .query_row(
             "SELECT COALESCE(MAX(version), 0) FROM phasm_schema",
@@ -353,19 +358,8 @@ fn migrate(conn: &Connection, path: &Path) -> StoreResult<()> {
     let result = (|| {
         conn.execute_batch("CREATE TABLE IF NOT EXISTS phasm_schema (version INTEGER NOT NULL)")
             .map_err(db)?;
-        let version: i64 = conn
-            .query_row(
-                "SELECT COALESCE(MAX(version), 0) FROM phasm_schema",
-                [],
-                |r| r.get(0),
-            )
-            .map_err(db)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::TooNew {
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
+        // Read again inside the write transaction: another process may have migrated.
+        let version = schema_version(conn)?;
         for (i, sql) in MIGRATIONS
             .iter()
             .enumerate()

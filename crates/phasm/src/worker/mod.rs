@@ -336,9 +336,8 @@ impl Worker {
                         tokio::select! {
                             () = tokio::time::sleep(wait) => {}
                             () = &mut shutdown => {
-                                tracing::info!(running = running.len(), "shutting down: finishing running steps");
                                 stopping = true;
-                                inner.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                                begin_shutdown(&inner, running.len());
                             }
                         }
                         continue;
@@ -358,9 +357,8 @@ impl Worker {
             ));
             tokio::select! {
                 () = &mut shutdown, if !stopping => {
-                    tracing::info!(running = running.len(), "shutting down: finishing running steps");
                     stopping = true;
-                    inner.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+                    begin_shutdown(&inner, running.len());
                 }
                 Some(first) = running.join_next() => {
                     // Take every step that has finished, then claim for all the freed slots
@@ -435,6 +433,14 @@ impl Worker {
         }
         Ok(report)
     }
+}
+
+/// Shutdown was asked for: say so, and make failing commits give up from now on.
+fn begin_shutdown(inner: &Inner, running: usize) {
+    tracing::info!(running, "shutting down: finishing running steps");
+    inner
+        .shutting_down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -816,9 +822,10 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         let mut next = 0;
         while next < plan.calls.len() {
             // Consecutive calls a host carries out (Python actions) go in one request.
-            if let Some((pool, _)) = env.registry.hosted(&plan.calls[next]) {
+            if let Some((pool, reference)) = env.registry.hosted(&plan.calls[next]) {
                 let pool = Arc::clone(pool);
-                let mut group = Vec::new();
+                let mut group = vec![(plan.calls[next].clone(), reference)];
+                next += 1;
                 while let Some(call) = plan.calls.get(next) {
                     let Some((_, reference)) = env.registry.hosted(call) else {
                         break;
