@@ -22,6 +22,13 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Optional, TextIO
 
+# phasm's own `fantasm` is imported before `hello` puts the application's folders on the
+# path: an application that carries its copy of Fantasm (App Engine imports and all) then
+# still gets these modules, which `sys.modules` keeps.
+import fantasm.action  # noqa: F401
+import fantasm.constants  # noqa: F401
+import fantasm.exceptions  # noqa: F401
+from fantasm.fsm import FanInContexts, FSMContext
 from phasm import PROTOCOL_VERSION, Context, Halt, TransientError
 from phasm._runtime import (
     Aborted,
@@ -240,8 +247,6 @@ class Host:
                 self._idle.notify_all()
 
     def step(self, msg: dict[str, Any]) -> dict[str, Any]:
-        from fantasm.fsm import FanInContexts, FSMContext
-
         types = self.types.get(msg.get("machine", ""), {})
         step = Step(msg, types, self.wait_for_go)
         set_current_step(step)

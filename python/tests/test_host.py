@@ -349,5 +349,32 @@ class WholeHostTests(HostTestCase):
         self.assertIn(b"from a child process", proc.stderr)
 
 
+    def test_a_vendored_fantasm_package_does_not_shadow_phasms(self) -> None:
+        # Fantasm applications carried a copy of Fantasm (App Engine imports and all) in their
+        # folder; the host's own `fantasm` must win whatever `python: path` says.
+        app = tempfile.mkdtemp()
+        os.makedirs(os.path.join(app, "fantasm"))
+        with open(os.path.join(app, "fantasm", "__init__.py"), "w") as f:
+            f.write("from google.appengine.ext import db\n")
+        with open(os.path.join(app, "vend.py"), "w") as f:
+            f.write("from fantasm.action import FSMAction\n\n"
+                    "class Go(FSMAction):\n"
+                    "    def execute(self, context, obj):\n"
+                    "        return 'ok'\n")
+        lines = [
+            {"type": "hello", "protocol": 1, "path": [app], "threads": 1,
+             "actions": [{"ref": "vend.Go"}], "constants": [], "machines": {}},
+        ]
+        boot = "import sys; sys.path.insert(0, sys.argv[1]); import phasm.host; phasm.host.main()"
+        proc = subprocess.run(
+            [sys.executable, "-c", boot, PACKAGE_ROOT],
+            input="".join(json.dumps(line) + "\n" for line in lines).encode(),
+            capture_output=True, timeout=60,
+        )
+        ready = json.loads(proc.stdout.decode().splitlines()[0])
+        self.assertEqual(ready["actions"], [{"ref": "vend.Go", "kind": "fantasm", "continuation": False}],
+                         proc.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()
