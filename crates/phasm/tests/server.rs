@@ -336,11 +336,7 @@ async fn the_instance_list_pages_with_a_cursor_and_the_console_renders() {
         page.contains("<h1>p0</h1>") && page.contains("id=\"cancel\""),
         "{page}"
     );
-    let answer = raw(
-        &api,
-        "POST /instances/p0/cancel HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
-    )
-    .await;
+    let answer = form_post(&api, "/instances/p0/cancel", SAME_ORIGIN, "").await;
     let status: u16 = answer
         .split(' ')
         .nth(1)
@@ -388,6 +384,21 @@ async fn raw(api: &Api, request: &str) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
+/// A browser form `POST` (`extra` holds whole header lines, e.g. an `Origin`); the whole
+/// response.
+async fn form_post(api: &Api, path: &str, extra: &str, body: &str) -> String {
+    raw(
+        api,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await
+}
+
+const SAME_ORIGIN: &str = "Origin: http://test\r\n";
+
 const BASE64_TOKEN: &str = "q+7/Zk3=Lm9/Pw==+Xy";
 
 #[tokio::test]
@@ -400,14 +411,7 @@ async fn login_works_for_tokens_with_plus_slash_and_equals() {
             .replace('/', "%2F")
             .replace('=', "%3D")
     );
-    let response = raw(
-        &api,
-        &format!(
-            "POST /login HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
-            form.len()
-        ),
-    )
-    .await;
+    let response = form_post(&api, "/login", SAME_ORIGIN, &form).await;
     assert!(response.starts_with("HTTP/1.1 303"), "{response}");
     let cookie = response
         .lines()
@@ -447,14 +451,7 @@ async fn a_burst_of_wrong_tokens_is_refused_for_a_while() {
         .unwrap()
         .contains("too many wrong tokens"));
     let form = "token=guess";
-    let response = raw(
-        &api,
-        &format!(
-            "POST /login HTTP/1.1\r\nHost: test\r\nOrigin: http://test\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
-            form.len()
-        ),
-    )
-    .await;
+    let response = form_post(&api, "/login", SAME_ORIGIN, form).await;
     assert!(response.starts_with("HTTP/1.1 429"), "{response}");
     assert!(
         response.to_ascii_lowercase().contains("retry-after: "),
@@ -548,9 +545,6 @@ async fn api_writes_must_be_json_and_console_forms_same_origin() {
         None,
     )
     .await;
-    let form = |origin: &str| {
-        format!("POST /instances/victim/cancel HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{origin}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 0\r\n\r\n")
-    };
     for other in [
         "Origin: http://evil.example\r\n",
         "Origin: http://sub.test\r\n",
@@ -558,12 +552,12 @@ async fn api_writes_must_be_json_and_console_forms_same_origin() {
         "Referer: http://evil.example/page\r\n",
         "",
     ] {
-        let answer = raw(&api, &form(other)).await;
+        let answer = form_post(&api, "/instances/victim/cancel", other, "").await;
         assert!(answer.starts_with("HTTP/1.1 403"), "{other:?}: {answer}");
     }
     let (_, body) = call(&api, "GET", "/api/instances/victim", None, None).await;
     assert_eq!(json(&body)["status"], "running", "{body}");
-    let answer = raw(&api, &form("Origin: http://test\r\n")).await;
+    let answer = form_post(&api, "/instances/victim/cancel", SAME_ORIGIN, "").await;
     assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
     let (_, body) = call(&api, "GET", "/api/instances/victim", None, None).await;
     assert_eq!(json(&body)["status"], "cancelled", "{body}");
