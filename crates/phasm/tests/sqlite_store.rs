@@ -33,6 +33,7 @@ conformance!(
     a_commit_applies_everything_together,
     a_branch_ending_while_others_are_pending_does_not_complete,
     a_retry_reschedules_the_task,
+    a_postponed_step_does_not_count_an_attempt,
     a_failure_holds_the_instance_until_retried,
     cancel_and_halt_drop_pending_work,
     a_cancelled_instances_running_step_cannot_commit,

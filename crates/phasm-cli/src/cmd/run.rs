@@ -383,6 +383,12 @@ async fn show_progress(mut rx: mpsc::UnboundedReceiver<WorkerEvent>, name: Strin
                 let wait = (*due_at - SystemClock.now()).max(0) as f64 / 1e6;
                 Some(format!("retrying in {wait:.1}s: {error}"))
             }
+            WorkerEvent::Postponed { reason, due_at, .. } => {
+                let wait = (*due_at - SystemClock.now()).max(0) as f64 / 1e6;
+                Some(format!(
+                    "postponed {wait:.1}s (not counted as an attempt): {reason}"
+                ))
+            }
             WorkerEvent::Changed { .. } => None,
         };
         match (&bar, line) {
@@ -435,6 +441,14 @@ async fn print_steps(mut rx: mpsc::UnboundedReceiver<WorkerEvent>) {
             } => {
                 let wait = (due_at - SystemClock.now()).max(0) as f64 / 1e6;
                 eprintln!("{instance}: retrying in {wait:.1}s: {error}");
+            }
+            WorkerEvent::Postponed {
+                instance,
+                reason,
+                due_at,
+            } => {
+                let wait = (due_at - SystemClock.now()).max(0) as f64 / 1e6;
+                eprintln!("{instance}: postponed {wait:.1}s (not counted as an attempt): {reason}");
             }
             WorkerEvent::Changed { .. } => {}
         }
@@ -542,8 +556,16 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     close_hosts(&registry).await;
     match result {
         Ok(report) => {
+            let postponed = if report.postponed > 0 {
+                format!(
+                    ", {} postponed (out of file descriptors or processes)",
+                    count(report.postponed, "step")
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "worker {owner} stopped: {}, {}, {} failed, {} refused (lease lost), {} given up (database unavailable; those steps run again)",
+                "worker {owner} stopped: {}, {}, {} failed, {} refused (lease lost), {} given up (database unavailable; those steps run again){postponed}",
                 count(report.steps, "step"),
                 count(report.retries, "retry"),
                 report.failures,

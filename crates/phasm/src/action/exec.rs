@@ -67,11 +67,18 @@ impl Action for ExecAction {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| {
-                ActionError::new(format!(
+                let message = format!(
                     "cannot start `{}` in `{}`: {e}",
                     self.describe(),
                     self.binding.working_dir.display()
-                ))
+                );
+                if super::out_of_resources(&e) {
+                    ActionError::unavailable(format!(
+                        "{message} (this worker is out of file descriptors or processes)"
+                    ))
+                } else {
+                    ActionError::new(message)
+                }
             })?;
         let pid = child.id().unwrap_or(0);
         // Whatever happens from here on, nothing of the program's group outlives the call.

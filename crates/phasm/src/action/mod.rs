@@ -22,18 +22,33 @@ use crate::clock::{Clock, Micros};
 use crate::engine::{Call, Context, LogLine, SpawnRequest};
 use crate::machine::{ActionBinding, ActionRole, Config, Logging, Machine};
 
-/// Why an action failed. The attempt fails and is retried by the transition's policy.
+/// Why an action failed. The attempt fails and is retried by the transition's policy —
+/// unless the error is [`ActionError::unavailable`]: then the action could not even start for
+/// lack of something the worker provides, and the step is run again later without counting
+/// the attempt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ActionError {
     message: String,
+    unavailable: bool,
 }
 
 impl ActionError {
-    /// An error with this message.
+    /// An error with this message: the action failed.
     pub fn new(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
+            unavailable: false,
+        }
+    }
+
+    /// The action could not start because the worker lacks a resource (file descriptors,
+    /// processes, memory): not the action's failure. The step is postponed and the attempt
+    /// is not counted against its retry limit.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            unavailable: true,
         }
     }
 
@@ -41,6 +56,21 @@ impl ActionError {
     pub fn message(&self) -> &str {
         &self.message
     }
+
+    /// Whether the action could not start for lack of the worker's resources (see
+    /// [`ActionError::unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
+    }
+}
+
+/// Whether an error starting a program means this process is out of a resource (file
+/// descriptors, processes, memory) rather than that the program is wrong.
+pub fn out_of_resources(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    Errno::from_io_error(e).is_some_and(|n| {
+        n == Errno::MFILE || n == Errno::NFILE || n == Errno::AGAIN || n == Errno::NOMEM
+    })
 }
 
 impl From<String> for ActionError {

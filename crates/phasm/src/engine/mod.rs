@@ -300,6 +300,15 @@ pub enum Disposition {
     },
     /// Keep it leased: the step is not over (a continuation queues its next page first).
     Keep,
+    /// Not run: the worker could not start it (out of file descriptors or processes, or it
+    /// does not know the machine). Run again at `due_at`; the claim is not counted as an
+    /// attempt.
+    Postpone {
+        /// When to try again.
+        due_at: Micros,
+        /// Why it could not run.
+        reason: String,
+    },
 }
 
 /// How a step changes its instance.
@@ -891,6 +900,37 @@ pub fn failed_attempt(machine: &Machine, task: &Task, error: String, now: Micros
     commit.disposition = Disposition::Retry {
         due_at: now + backoff,
         error,
+    };
+    commit
+}
+
+/// How long a step waits when its worker could not start it (see [`postponed`]).
+pub const POSTPONE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The commit of a step its worker could not start for lack of its own resources (not the
+/// action's failure): run it again after `delay`, without counting this attempt. `logs` are
+/// what the step logged before it stopped.
+pub fn postponed(
+    task: &Task,
+    reason: String,
+    now: Micros,
+    delay: std::time::Duration,
+    logs: Vec<LogLine>,
+) -> Commit {
+    let mut commit = Commit::finishing(task);
+    commit.logs = logs;
+    commit.logs.push(LogLine {
+        at: now,
+        level: "warn".into(),
+        message: format!(
+            "not started: {reason}; trying again in {:.1}s (not counted as an attempt)",
+            delay.as_secs_f64()
+        ),
+        task: task.name.clone(),
+    });
+    commit.disposition = Disposition::Postpone {
+        due_at: now + micros(delay),
+        reason,
     };
     commit
 }

@@ -1051,6 +1051,19 @@ async fn apply_one(
             )
             .await
         }
+        // The claim did not count: take back the attempt it added.
+        Disposition::Postpone { due_at, reason } => {
+            tx.query_opt(
+                &format!(
+                    "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
+                            attempts = GREATEST(attempts - 1, 0),
+                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                     WHERE id = $1 {fence}"
+                ),
+                &[&c.task_id, &c.claim, &now, due_at, reason],
+            )
+            .await
+        }
     }
     .map_err(pg)?;
     let Some(row) = found else {

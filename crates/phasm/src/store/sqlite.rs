@@ -825,6 +825,16 @@ fn apply(
             ),
             Some((now, error)),
         ),
+        // The claim did not count: take back the attempt it added.
+        Disposition::Postpone { due_at, reason } => (
+            format!(
+                "UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5,
+                        attempts = MAX(attempts - 1, 0),
+                        first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                 WHERE id = ?1 {fence}"
+            ),
+            Some((*due_at, reason)),
+        ),
     };
     let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
     let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));

@@ -122,6 +122,16 @@ pub enum WorkerEvent {
         /// When it runs again.
         due_at: Micros,
     },
+    /// A step could not start for lack of the worker's resources (file descriptors,
+    /// processes) and waits; the attempt does not count.
+    Postponed {
+        /// Instance.
+        instance: String,
+        /// Why.
+        reason: String,
+        /// When it runs again.
+        due_at: Micros,
+    },
     /// An instance ended (or a branch of it did).
     Changed {
         /// Instance.
@@ -140,6 +150,9 @@ pub struct WorkerReport {
     pub failures: u64,
     /// Commits refused because the lease was lost (another attempt ran or runs the step).
     pub fenced: u64,
+    /// Steps that could not start for lack of the worker's resources (file descriptors,
+    /// processes), postponed without counting an attempt.
+    pub postponed: u64,
     /// Commits given up because the database kept failing (or the worker was stopping while
     /// it failed); those steps run again once their lease expires.
     pub given_up: u64,
@@ -382,6 +395,7 @@ impl Worker {
                         report.failures += done.failures;
                         report.fenced += done.fenced;
                         report.given_up += done.given_up;
+                        report.postponed += done.postponed;
                         changed |= done.instance_changed && watching.contains(&done.instance);
                     }
                     if changed {
@@ -466,10 +480,11 @@ async fn claim(
         .partition(|t| inner.machines.contains(&t.machine));
     for t in foreign {
         tracing::warn!(instance = %t.instance, machine = %t.machine, "task of a machine this worker does not know; leaving it for another worker");
+        // Not this task's failure: its attempt is not counted.
         let release = Commit {
-            disposition: Disposition::Retry {
+            disposition: Disposition::Postpone {
                 due_at: now + micros(inner.options.lease),
-                error: format!(
+                reason: format!(
                     "worker {} does not know machine `{}`",
                     inner.options.owner, t.machine
                 ),
@@ -566,6 +581,7 @@ struct Executed {
     failures: u64,
     fenced: u64,
     given_up: u64,
+    postponed: u64,
 }
 
 /// Run a task, commit it, and go on with the successors the commit handed back (a chain
@@ -618,6 +634,8 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
                 done.retries += u64::from(matches!(commit.disposition, Disposition::Retry { .. }));
                 done.failures +=
                     u64::from(matches!(commit.disposition, Disposition::Failed { .. }));
+                done.postponed +=
+                    u64::from(matches!(commit.disposition, Disposition::Postpone { .. }));
                 if changed {
                     done.instance_changed = true;
                     done.instance.clone_from(&task.instance);
@@ -667,6 +685,7 @@ fn record_metrics(task: &Task, commit: &Commit, started: Micros, now: Micros) {
     let outcome = match &commit.disposition {
         Disposition::Retry { .. } => "retried",
         Disposition::Failed { .. } => "failed",
+        Disposition::Postpone { .. } => "postponed",
         Disposition::Keep => return,
         Disposition::Finished => "committed",
     };
@@ -702,6 +721,11 @@ fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
             instance: commit.instance.clone(),
             task: String::new(),
             error: error.clone(),
+            due_at: *due_at,
+        }),
+        Disposition::Postpone { due_at, reason } => Some(WorkerEvent::Postponed {
+            instance: commit.instance.clone(),
+            reason: reason.clone(),
             due_at: *due_at,
         }),
         _ => None,
@@ -771,6 +795,26 @@ async fn queue_next_page(
     }
 }
 
+/// Why a step's calls stopped.
+enum StepFailure {
+    /// An action failed: the attempt counts.
+    Failed(String),
+    /// An action could not start for lack of the worker's resources: the step is postponed
+    /// and the attempt does not count.
+    Unavailable(String),
+}
+
+impl StepFailure {
+    /// The failure an action's error means, described by `message`.
+    fn of(e: &crate::action::ActionError, message: String) -> Self {
+        if e.is_unavailable() {
+            StepFailure::Unavailable(message)
+        } else {
+            StepFailure::Failed(message)
+        }
+    }
+}
+
 /// Run a task's actions and turn the result into its commit.
 pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) -> Commit {
     let Some(machine) = env.config.machine(&task.machine) else {
@@ -834,7 +878,9 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                     next += 1;
                 }
                 if let Some(ev) =
-                    hosted::run(env, machine, task, &pool, &group, continuation, &mut cx).await?
+                    hosted::run(env, machine, task, &pool, &group, continuation, &mut cx)
+                        .await
+                        .map_err(StepFailure::Failed)?
                 {
                     event = Some(ev);
                 }
@@ -846,21 +892,29 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
             let call = &plan.calls[next];
             next += 1;
             let Some(action) = env.registry.resolve(call) else {
-                return Err(format!("action `{}` is bound to nothing", call.action));
+                return Err(StepFailure::Failed(format!(
+                    "action `{}` is bound to nothing",
+                    call.action
+                )));
             };
             cx.state = call.state.clone();
             cx.role = call.role;
             if continuation && call.role == ActionRole::Action {
                 if let Some(next) = action.continuation(&mut cx).await {
                     let next = next.map_err(|e| {
-                        format!(
-                            "continuation of `{}` in state `{}` failed: {e}",
-                            call.action, call.state
+                        StepFailure::of(
+                            &e,
+                            format!(
+                                "continuation of `{}` in state `{}` failed: {e}",
+                                call.action, call.state
+                            ),
                         )
                     })?;
                     if let Some(token) = next {
                         if !task.next_page_queued {
-                            queue_next_page(env, machine, task, token).await?;
+                            queue_next_page(env, machine, task, token)
+                                .await
+                                .map_err(StepFailure::Failed)?;
                         }
                     }
                 }
@@ -890,7 +944,9 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                         done = &mut run => break done,
                         Some(token) = token => {
                             if !task.next_page_queued {
-                                queue_next_page(env, machine, task, token).await?;
+                                queue_next_page(env, machine, task, token)
+                                .await
+                                .map_err(StepFailure::Failed)?;
                             }
                         }
                     }
@@ -914,9 +970,12 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                         ActionRole::Exit => "exit action",
                         ActionRole::Transition => "transition action",
                     };
-                    return Err(format!(
-                        "{slot} `{}` of state `{}` failed: {e}",
-                        call.action, call.state
+                    return Err(StepFailure::of(
+                        &e,
+                        format!(
+                            "{slot} `{}` of state `{}` failed: {e}",
+                            call.action, call.state
+                        ),
                     ));
                 }
             }
@@ -953,7 +1012,11 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                 env.limits,
             )
         }
-        Ok(Err(error)) => {
+        Ok(Err(StepFailure::Unavailable(reason))) => {
+            tracing::warn!(task = %task.name, "{reason}; postponed (not counted as an attempt)");
+            engine::postponed(task, reason, now, engine::POSTPONE_DELAY, cx.logs)
+        }
+        Ok(Err(StepFailure::Failed(error))) => {
             let mut commit = engine::failed_attempt(machine, task, error, now);
             let mut logs = std::mem::take(&mut cx.logs);
             logs.append(&mut commit.logs);

@@ -294,6 +294,39 @@ pub async fn a_retry_reschedules_the_task(store: &dyn Store) {
     assert_eq!(again.attempt, 1);
 }
 
+pub async fn a_postponed_step_does_not_count_an_attempt(store: &dyn Store) {
+    start(store, "i", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.history.clear();
+    c.new_tasks.clear();
+    c.disposition = Disposition::Postpone {
+        due_at: T0 + 3 * SEC,
+        reason: "out of file descriptors".into(),
+    };
+    assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.tasks[0].attempts, 0);
+    assert_eq!(view.tasks[0].leased_by, None);
+    assert_eq!(
+        view.tasks[0].last_error.as_deref(),
+        Some("out of file descriptors")
+    );
+    assert!(store
+        .claim(T0 + 2 * SEC, &request(1))
+        .await
+        .unwrap()
+        .is_empty());
+    let again = store
+        .claim(T0 + 3 * SEC, &request(1))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.attempt, 0);
+    // The attempt's clock starts again with the first attempt that runs.
+    assert_eq!(again.first_attempt_at, T0 + 3 * SEC);
+}
+
 pub async fn a_failure_holds_the_instance_until_retried(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
