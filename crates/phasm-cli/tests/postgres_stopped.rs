@@ -128,7 +128,10 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
         .find(|l| l.contains("stopped:"))
         .unwrap_or_default();
     eprintln!("{last}");
-    assert!(last.contains("0 commits refused (lease lost)"), "{said}");
+    assert!(
+        last.contains("0 steps stopped or refused (lease lost)"),
+        "{said}"
+    );
     let given_up: u64 = last
         .split(", ")
         .find(|p| p.contains("given up"))

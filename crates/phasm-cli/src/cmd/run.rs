@@ -565,11 +565,11 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
                 String::new()
             };
             eprintln!(
-                "worker {owner} stopped: {}, {}, {} failed, {} refused (lease lost), {} given up (database unavailable; those steps run again){postponed}",
+                "worker {owner} stopped: {}, {}, {} failed, {} stopped or refused (lease lost), {} given up (database unavailable; those steps run again){postponed}",
                 count(report.steps, "step"),
                 count(report.retries, "retry"),
                 report.failures,
-                count(report.fenced, "commit"),
+                count(report.fenced, "step"),
                 count(report.given_up, "commit"),
             );
             ExitCode::SUCCESS

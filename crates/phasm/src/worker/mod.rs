@@ -148,7 +148,8 @@ pub struct WorkerReport {
     pub retries: u64,
     /// Tasks failed for good.
     pub failures: u64,
-    /// Commits refused because the lease was lost (another attempt ran or runs the step).
+    /// Steps whose lease was lost (another attempt ran or runs the step, or the instance was
+    /// cancelled or failed): stopped when a renewal found out, or their commit refused.
     pub fenced: u64,
     /// Steps that could not start for lack of the worker's resources (file descriptors,
     /// processes), postponed without counting an attempt.
@@ -190,9 +191,8 @@ struct Inner {
     clock: Arc<dyn Clock>,
     options: WorkerOptions,
     rng: Mutex<fastrand::Rng>,
-    leases: Mutex<HashMap<i64, i64>>,
-    /// Leases already reported lost (task id, claim): each is logged once.
-    lost: Mutex<HashSet<(i64, i64)>>,
+    /// The leases of running steps, by task id.
+    leases: Mutex<HashMap<i64, Lease>>,
     machines: Vec<String>,
     successors: SuccessorClaim,
     /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
@@ -267,7 +267,6 @@ impl Worker {
                 options,
                 rng: Mutex::new(rng),
                 leases: Mutex::new(HashMap::new()),
-                lost: Mutex::new(HashSet::new()),
                 machines,
                 successors,
                 adopt,
@@ -337,7 +336,7 @@ impl Worker {
                         claimed_any = !tasks.is_empty();
                         for task in tasks {
                             gate.started(&task.queue, now);
-                            lock(&inner.leases).insert(task.id, task.claim);
+                            hold(&inner, &task);
                             running.spawn(execute(Arc::clone(&inner), task));
                         }
                     }
@@ -413,7 +412,7 @@ impl Worker {
                 }
                 Some(task) = adopted.recv() => {
                     gate.started(&task.queue, inner.clock.now());
-                    lock(&inner.leases).insert(task.id, task.claim);
+                    hold(&inner, &task);
                     running.spawn(execute(Arc::clone(&inner), task));
                 }
                 _ = heartbeat.tick() => {
@@ -543,8 +542,34 @@ async fn check_watched(inner: &Inner, watching: &mut HashSet<String>) {
     }
 }
 
+/// A running step's lease.
+struct Lease {
+    /// The claim that fences the step's commit.
+    claim: i64,
+    /// Told when renewing finds the lease lost: the step is stopped, since its commit would
+    /// be refused.
+    lost: Arc<tokio::sync::Notify>,
+}
+
+/// Track a claimed task's lease while its step runs.
+fn hold(inner: &Inner, task: &Task) {
+    lock(&inner.leases).insert(
+        task.id,
+        Lease {
+            claim: task.claim,
+            lost: Arc::new(tokio::sync::Notify::new()),
+        },
+    );
+}
+
+/// Renew the leases of running steps; stop the steps whose lease is lost (expired and taken
+/// by another worker, or the task cancelled, held or finished by someone else): their
+/// commits would be refused.
 async fn renew(inner: &Inner) {
-    let leases: Vec<(i64, i64)> = lock(&inner.leases).iter().map(|(k, v)| (*k, *v)).collect();
+    let leases: Vec<(i64, i64)> = lock(&inner.leases)
+        .iter()
+        .map(|(id, lease)| (*id, lease.claim))
+        .collect();
     if leases.is_empty() {
         return;
     }
@@ -555,16 +580,13 @@ async fn renew(inner: &Inner) {
         .await
     {
         Ok(held) => {
-            let still_running = lock(&inner.leases).clone();
-            let mut lost = lock(&inner.lost);
+            let running = lock(&inner.leases);
             for ((id, claim), ok) in leases.iter().zip(held) {
-                if !ok && still_running.get(id) == Some(claim) && lost.insert((*id, *claim)) {
-                    metrics::counter!("phasm_leases_lost_total").increment(1);
-                    tracing::warn!(task = id, "lease lost: the step's commit will be refused");
+                match running.get(id) {
+                    Some(lease) if !ok && lease.claim == *claim => lease.lost.notify_one(),
+                    _ => {}
                 }
             }
-            // Forget what no longer runs.
-            lost.retain(|(id, claim)| still_running.get(id) == Some(claim));
         }
         Err(e) => tracing::warn!(error = %e, "renewing leases failed"),
     }
@@ -596,7 +618,7 @@ async fn execute(inner: Arc<Inner>, task: Task) -> Executed {
     while let Some(task) = queue.pop() {
         let claimed = execute_one(&inner, &task, &mut done).await;
         for t in &claimed {
-            lock(&inner.leases).insert(t.id, t.claim);
+            hold(&inner, t);
         }
         queue.extend(claimed);
     }
@@ -616,8 +638,31 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
         task = %task.name,
         attempt = task.attempt
     );
-    let commit = step(inner, task, started).instrument(span).await;
+    let lost = lock(&inner.leases)
+        .get(&task.id)
+        .map(|lease| Arc::clone(&lease.lost));
+    let lost = async {
+        match lost {
+            Some(lost) => lost.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    // A step whose lease is lost is stopped: dropping it kills an `exec` program's process
+    // group and cancels a Rust action at its next await (a Python call runs on in its host,
+    // and its answer is ignored).
+    let commit = tokio::select! {
+        commit = step(inner, task, started).instrument(span.clone()) => Some(commit),
+        () = lost => None,
+    };
     lock(&inner.leases).remove(&task.id);
+    let Some(commit) = commit else {
+        metrics::counter!("phasm_leases_lost_total").increment(1);
+        span.in_scope(|| {
+            tracing::warn!("lease lost (the step ran past its lease and another worker took it, or the instance was cancelled or failed): stopped the step, its commit would be refused");
+        });
+        done.fenced += 1;
+        return Vec::new();
+    };
     let changed = commit.instance_change != InstanceChange::None;
     let event = progress_event(&commit);
     let successors = inner.successors.clone();

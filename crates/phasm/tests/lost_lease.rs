@@ -1,0 +1,116 @@
+//! A step whose lease is lost is stopped, not left to run to an end whose commit would be
+//! refused: cancelling an instance kills its running `exec` program within a renewal tick.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use phasm::action::Registry;
+use phasm::clock::{Clock, SystemClock};
+use phasm::config::{load_str, LoadOptions};
+use phasm::control::start_instance;
+use phasm::engine::{Context, Limits};
+use phasm::store::{Control, InstanceStatus, SqliteOptions, SqliteStore, Store};
+use phasm::worker::{StopWhen, Worker, WorkerOptions};
+
+const MACHINE: &str = r#"
+actions:
+  Slow:
+    exec: [sh, -c, 'echo $$ > pid; exec sleep 60']
+state_machines:
+- name: Slow
+  states:
+  - name: start
+    initial: true
+    action: Slow
+    transitions:
+    - event: done
+      to: end
+  - name: end
+    final: true
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_an_instance_stops_its_running_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let loaded = load_str(
+        MACHINE,
+        dir.path().join("fsm.yaml"),
+        &LoadOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let config = Arc::new(loaded.config);
+    let mut registry = Registry::new();
+    registry.bind_config(&config);
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(dir.path().join("phasm.db"), &SqliteOptions::default()).unwrap(),
+    );
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let name = start_instance(
+        &*store,
+        &config,
+        &*clock,
+        "Slow",
+        Context::new(),
+        None,
+        &Limits::default(),
+    )
+    .await
+    .unwrap()
+    .name()
+    .to_string();
+    let worker = Worker::new(
+        Arc::clone(&store),
+        config,
+        Arc::new(registry),
+        Arc::clone(&clock),
+        WorkerOptions {
+            // Renewed every 200 ms.
+            lease: Duration::from_millis(600),
+            stop: StopWhen::Never,
+            poll_interval: Duration::from_millis(50),
+            ..WorkerOptions::default()
+        },
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+
+    let pid_file = dir.path().join("pid");
+    let mut pid = None;
+    for _ in 0..200 {
+        if let Some(p) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
+            pid = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let pid = pid.expect("the program never started");
+    assert!(common::running(pid));
+
+    assert_eq!(
+        store.cancel(clock.now(), &name).await.unwrap(),
+        Control::Done
+    );
+    assert!(
+        common::gone(pid).await,
+        "the cancelled instance's program is still running"
+    );
+
+    let _ = stop.send(());
+    let report = tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker did not stop")
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.fenced, 1, "{report:?}");
+    assert_eq!(report.steps, 0, "{report:?}");
+    let view = store.instance(&name).await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Cancelled);
+}
