@@ -198,6 +198,17 @@ enum Command {
         /// As JSON.
         #[arg(long)]
         json: bool,
+        /// Every committed transition, not only the latest 100.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        db: ReadDbArgs,
+    },
+    /// The workers running now (on any host sharing the database) and what they take.
+    Workers {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         db: ReadDbArgs,
     },
@@ -337,9 +348,13 @@ async fn run_async(command: Command) -> ExitCode {
             batch,
             db,
         } => cmd::inspect::scrub(older_than, batch, &db).await,
-        Command::Status { instance, json, db } => {
-            cmd::inspect::status(&instance, json, &db.to_db_args()).await
-        }
+        Command::Workers { json, db } => cmd::inspect::workers(json, &db.to_db_args()).await,
+        Command::Status {
+            instance,
+            json,
+            all,
+            db,
+        } => cmd::inspect::status(&instance, json, all, &db.to_db_args()).await,
         Command::List {
             machine,
             status,

@@ -321,4 +321,34 @@ fn the_totals_example_gives_the_same_total_however_often_its_worker_is_killed() 
     assert_eq!(s["context"]["count"], 10_000);
     assert_eq!(s["context"]["total_cents"], 4_995_000);
     assert_eq!(s["branches"]["parked"], 0);
+
+    // Status reads the latest transitions only, whatever the instance did; `--all` pages
+    // through every one.
+    let total = s["history_total"].as_u64().unwrap();
+    assert!(total > 10_000, "{total}");
+    assert_eq!(s["history"].as_array().unwrap().len(), 100);
+    assert_eq!(s["end_states"], serde_json::json!(["total"]));
+    let text = phasm(d, &["status", "totals"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "… {} earlier transitions not shown (`phasm status totals --all` shows every one)",
+            total - 100
+        )),
+        "{text}"
+    );
+    let all = phasm(d, &["status", "totals", "--all"]);
+    let all = String::from_utf8_lossy(&all.stdout);
+    let rows = all
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+        })
+        .count() as u64;
+    assert_eq!(rows, total, "{all}");
+    let every = phasm(d, &["status", "totals", "--all", "--json"]);
+    let every: Value = serde_json::from_slice(&every.stdout).unwrap();
+    assert_eq!(every["history"].as_array().unwrap().len() as u64, total);
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -353,6 +353,13 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
     assert!(phasm(d, &["start", "fsm.yaml", "--name", "p"])
         .status
         .success());
+    // Before any worker runs, status says so.
+    let shown = text(&phasm(d, &["status", "p"]).stdout);
+    assert!(
+        shown.contains("waiting: no worker is running: start one with `phasm worker FILE`"),
+        "{shown}"
+    );
+    // A worker, and what status and `phasm workers` say while it runs.
     let run_worker = |extra: &[&str]| {
         let child = Command::new(env!("CARGO_BIN_EXE_phasm"))
             .args(["worker", "fsm.yaml"])
@@ -363,12 +370,34 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(1500));
+        let workers = text(&phasm(d, &["workers", "--json"]).stdout);
+        let status = text(&phasm(d, &["status", "p"]).stdout);
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        text(&child.wait_with_output().unwrap().stderr)
+        let said = text(&child.wait_with_output().unwrap().stderr);
+        (said, workers, status)
     };
-    let said = run_worker(&[]);
+    let (said, workers, status) = run_worker(&[]);
+    let workers: Value = serde_json::from_str(&workers).unwrap();
+    assert_eq!(workers["workers"].as_array().unwrap().len(), 1, "{workers}");
+    assert_eq!(workers["workers"][0]["targets"], "untargeted", "{workers}");
+    assert_eq!(
+        workers["workers"][0]["machines"],
+        json!(["Pools"]),
+        "{workers}"
+    );
+    assert!(
+        status.contains(
+            "waiting: no running worker takes target `gpu`: start one with `phasm worker FILE --target gpu`"
+        ),
+        "{status}"
+    );
+    // A worker that stopped is gone from the list at once.
+    assert_eq!(
+        text(&phasm(d, &["workers"]).stdout).trim(),
+        format!("no worker is running on {}", d.join("phasm.db").display())
+    );
     // The worker says at start which of the file's targets it will not serve.
     assert!(
         said.contains("warning: this worker does not take steps with target `gpu`"),
@@ -383,7 +412,8 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
         shown.contains("target `gpu`: only `phasm worker --target gpu` takes it"),
         "{shown}"
     );
-    let said = run_worker(&["--target", "gpu"]);
+    let (said, workers, _) = run_worker(&["--target", "gpu"]);
+    assert!(workers.contains(r#""targets":["gpu"]"#), "{workers}");
     assert!(!said.contains("does not take steps"), "{said}");
     // A worker shows each step it commits, without RUST_LOG.
     assert!(said.contains("p: light --next--> heavy"), "{said}");

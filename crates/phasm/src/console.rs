@@ -240,7 +240,7 @@ pub(crate) async fn instances(
 }
 
 /// The part of an instance page that refreshes itself.
-fn live_part(view: &InstanceView) -> String {
+fn live_part(view: &InstanceView, workers: &[crate::store::WorkerView]) -> String {
     let b = &view.branches;
     let mut out =
         format!(
@@ -264,11 +264,12 @@ fn live_part(view: &InstanceView) -> String {
         out,
         "<p><img class=\"graph\" alt=\"graph\" src=\"/instances/{}/graph.svg?t={}\"></p>",
         seg(&view.name),
-        view.history.len() + view.tasks.len()
+        view.history_total + view.tasks_total
     );
     out.push_str("<h2>History</h2>");
-    // The latest transitions only: a page stays small whatever the instance did.
-    let skipped = view.history.len().saturating_sub(PAGE_ROWS);
+    // The latest transitions only (the store reads no more): a page stays small whatever the
+    // instance did.
+    let skipped = view.history_total.saturating_sub(view.history.len() as u64);
     if skipped > 0 {
         let _ = write!(
             out,
@@ -277,7 +278,8 @@ fn live_part(view: &InstanceView) -> String {
         );
     }
     out.push_str("<table><tr><th>#</th><th>from</th><th>event</th><th>to</th><th>attempt</th><th>at</th><th>took</th><th>branch</th></tr>");
-    for (i, h) in view.history.iter().enumerate().skip(skipped) {
+    for (i, h) in view.history.iter().enumerate() {
+        let i = skipped as usize + i;
         let _ = write!(
             out,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.1} ms</td><td>{}</td></tr>",
@@ -303,10 +305,21 @@ fn live_part(view: &InstanceView) -> String {
                 esc(&t.status),
                 t.attempts,
                 rfc3339(t.due_at),
-                esc(t.last_error.as_deref().unwrap_or(""))
+                esc(&[
+                    t.last_error.clone(),
+                    crate::control::unserved(&view.machine, t, workers).map(|w| format!("waiting: {w}")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join(" · "))
             );
         }
         out.push_str("</table>");
+        let more = view.tasks_total.saturating_sub(view.tasks.len() as u64);
+        if more > 0 {
+            let _ = write!(out, "<p>… and {more} more pending steps.</p>");
+        }
     }
     if let Some(context) = &view.current_context {
         let pretty = serde_json::to_string_pretty(context).unwrap_or_default();
@@ -315,8 +328,7 @@ fn live_part(view: &InstanceView) -> String {
     out
 }
 
-/// `GET /instances/{name}`; with `X-Partial: 1`, only the part that refreshes itself.
-/// Rows of history and lines of log an instance page shows at once.
+/// Lines of log an instance page shows at once.
 const PAGE_ROWS: usize = 100;
 
 /// Query of an instance page: where its log page starts.
@@ -325,6 +337,7 @@ pub(crate) struct InstanceQuery {
     log_cursor: Option<i64>,
 }
 
+/// `GET /instances/{name}`; with `X-Partial: 1`, only the part that refreshes itself.
 pub(crate) async fn instance(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
@@ -354,8 +367,14 @@ pub(crate) async fn instance(
                 .into_response()
         }
     };
+    // Without the list of workers, no step is said to be unserved.
+    let workers = state
+        .store
+        .workers(state.clock.now())
+        .await
+        .unwrap_or_default();
     if headers.get("x-partial").is_some() {
-        return Html(live_part(&view)).into_response();
+        return Html(live_part(&view, &workers)).into_response();
     }
     let log_page = state
         .store
@@ -396,7 +415,11 @@ pub(crate) async fn instance(
         let _ = write!(body, "<form class=\"inline\" method=\"post\" action=\"/instances/{q}/retry\"><button id=\"retry\">Retry</button></form>");
     }
     body.push_str("</p>");
-    let _ = write!(body, "<div id=\"live\">{}</div>", live_part(&view));
+    let _ = write!(
+        body,
+        "<div id=\"live\">{}</div>",
+        live_part(&view, &workers)
+    );
     if !view.children.is_empty() {
         body.push_str("<h2>Children</h2><ul>");
         for c in &view.children {

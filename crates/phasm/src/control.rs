@@ -4,9 +4,11 @@
 use serde_json::Value;
 
 use crate::clock::{rfc3339, Clock};
-use crate::engine::{self, Context, Limits};
+use crate::engine::{self, Context, HistoryEntry, Limits};
 use crate::machine::{Config, Machine, ValueKind};
-use crate::store::{InstanceStatus, InstanceView, NewInstance, Started, Store, StoreError};
+use crate::store::{
+    InstanceStatus, InstanceView, NewInstance, Started, Store, StoreError, TaskView, WorkerView,
+};
 
 /// What starting an instance did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,25 +215,80 @@ fn convert(machine: &Machine, key: &str, raw: &str) -> Result<Value, String> {
     Ok(value)
 }
 
-/// The JSON form of an instance: `phasm status --json` and `GET /api/instances/{name}`.
-pub fn instance_json(view: &InstanceView) -> serde_json::Value {
-    let history: Vec<serde_json::Value> = view
-        .history
+/// Why no running worker will take a pending step of an instance of `machine`, if none will
+/// (`workers`: those alive now, from [`Store::workers`]). Steps already running, failed or
+/// held need no worker now and give `None`.
+pub fn unserved(machine: &str, task: &TaskView, workers: &[WorkerView]) -> Option<String> {
+    if task.status != "ready" || task.leased_by.is_some() {
+        return None;
+    }
+    let target = task.target.as_deref();
+    if workers
         .iter()
-        .map(|h| {
-            serde_json::json!({
-                "from": h.from,
-                "event": h.event,
-                "to": h.to,
-                "attempt": h.attempt,
-                "at": rfc3339(h.finished_at),
-                "started_at": rfc3339(h.started_at),
-                "duration_ms": (h.finished_at - h.started_at) as f64 / 1000.0,
-                "branch": h.branch,
-                "task": h.task,
-            })
-        })
-        .collect();
+        .any(|w| w.takes(machine, &task.queue, target))
+    {
+        return None;
+    }
+    Some(if workers.is_empty() {
+        "no worker is running: start one with `phasm worker FILE`".to_string()
+    } else if let Some(t) = target.filter(|t| !workers.iter().any(|w| w.targets.takes(Some(t)))) {
+        format!(
+            "no running worker takes target `{t}`: start one with `phasm worker FILE --target {t}`"
+        )
+    } else if !workers
+        .iter()
+        .any(|w| w.machines.iter().any(|m| m == machine))
+    {
+        format!(
+            "no running worker knows machine `{machine}`: start one with the file that defines it"
+        )
+    } else {
+        format!(
+            "no running worker takes queue `{}`{}: start one with `phasm worker FILE --queues {}`",
+            task.queue,
+            target
+                .map(|t| format!(" with target `{t}`"))
+                .unwrap_or_default(),
+            task.queue
+        )
+    })
+}
+
+/// The JSON form of a worker: `phasm workers --json` and `GET /api/workers`.
+pub fn worker_json(w: &WorkerView) -> serde_json::Value {
+    serde_json::json!({
+        "owner": w.owner,
+        "machines": w.machines,
+        "targets": w.targets,
+        "queues": w.queues,
+        "started_at": rfc3339(w.started_at),
+        "seen_at": rfc3339(w.seen_at),
+        "expires_at": rfc3339(w.expires_at),
+    })
+}
+
+/// The JSON form of one committed transition (in an instance's JSON and in history pages).
+pub fn history_json(h: &HistoryEntry) -> serde_json::Value {
+    serde_json::json!({
+        "from": h.from,
+        "event": h.event,
+        "to": h.to,
+        "attempt": h.attempt,
+        "at": rfc3339(h.finished_at),
+        "started_at": rfc3339(h.started_at),
+        "duration_ms": (h.finished_at - h.started_at) as f64 / 1000.0,
+        "branch": h.branch,
+        "ends_branch": h.ends_branch,
+        "task": h.task,
+    })
+}
+
+/// The JSON form of an instance: `phasm status --json` and `GET /api/instances/{name}`.
+/// `history` holds the latest transitions (`history_total` counts them all; the history
+/// pages read every one), `tasks` the first pending ones (`tasks_total` counts them all).
+/// `workers` (those alive now) say which pending steps no worker will take (`unserved`).
+pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json::Value {
+    let history: Vec<serde_json::Value> = view.history.iter().map(history_json).collect();
     let tasks: Vec<serde_json::Value> = view
         .tasks
         .iter()
@@ -247,6 +304,7 @@ pub fn instance_json(view: &InstanceView) -> serde_json::Value {
                 "last_error": t.last_error,
                 "queue": t.queue,
                 "target": t.target,
+                "unserved": unserved(&view.machine, t, workers),
             })
         })
         .collect();
@@ -264,7 +322,10 @@ pub fn instance_json(view: &InstanceView) -> serde_json::Value {
         "children": view.children,
         "branches": view.branches,
         "history": history,
+        "history_total": view.history_total,
         "tasks": tasks,
+        "tasks_total": view.tasks_total,
+        "end_states": view.end_states,
     })
 }
 

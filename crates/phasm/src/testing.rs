@@ -141,6 +141,8 @@ impl Immediate {
     }
 
     /// Start an instance of `machine` and run it, and everything else pending, to the end.
+    /// Unlike [`Store::instance`], the view carries the instance's whole history, for tests to
+    /// assert on.
     ///
     /// # Errors
     /// See [`ImmediateError`].
@@ -160,8 +162,26 @@ impl Immediate {
         )
         .await?;
         self.run_pending().await?;
-        let view = self.store.instance(started.name()).await?;
-        view.ok_or_else(|| StoreError::Corrupt("the instance vanished".into()).into())
+        let mut view = self
+            .store
+            .instance(started.name())
+            .await?
+            .ok_or_else(|| StoreError::Corrupt("the instance vanished".into()))?;
+        if view.history_total > view.history.len() as u64 {
+            view.history.clear();
+            let mut page = crate::store::PageRequest {
+                after: 0,
+                limit: 1000,
+            };
+            while let Some(rows) = self.store.history_page(&view.name, page).await? {
+                view.history.extend(rows.items);
+                match rows.next {
+                    Some(next) => page.after = next,
+                    None => break,
+                }
+            }
+        }
+        Ok(view)
     }
 
     /// Run every pending task until none is left.

@@ -102,4 +102,6 @@ conformance!(
     scrub_removes_only_old_ended_instances,
     commits_probe_reports_a_rate,
     history_and_logs_page_with_cursors,
+    an_instance_view_is_bounded_however_long_the_instance_ran,
+    workers_are_listed_until_they_stop_or_expire,
 );

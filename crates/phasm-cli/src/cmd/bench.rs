@@ -711,14 +711,25 @@ async fn latencies(
         if view.status == phasm::store::InstanceStatus::Completed {
             completed += 1;
         }
-        committed += view.history.len() as u64;
-        last = view
-            .history
-            .iter()
-            .map(|h| h.finished_at)
-            .fold(last, i64::max);
-        for pair in view.history.windows(2) {
-            all.push(pair[1].finished_at - pair[0].finished_at);
+        committed += view.history_total;
+        // Every transition, a page at a time (the view holds only the latest).
+        let mut page = phasm::store::PageRequest {
+            after: 0,
+            limit: 1000,
+        };
+        let mut previous = None;
+        while let Some(rows) = store.history_page(name, page).await? {
+            for h in &rows.items {
+                last = last.max(h.finished_at);
+                if let Some(p) = previous {
+                    all.push(h.finished_at - p);
+                }
+                previous = Some(h.finished_at);
+            }
+            match rows.next {
+                Some(next) => page.after = next,
+                None => break,
+            }
         }
     }
     all.sort_unstable();

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use phasm::clock::{Clock, SystemClock};
-use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
+use phasm::engine::HistoryEntry;
+use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, PageRequest, Store};
 use serde_json::{json, Value};
 
 use crate::output::{count, duration, outln, time};
@@ -35,8 +36,32 @@ async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceVi
     }
 }
 
-/// `phasm status`.
-pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
+/// Every transition of an instance, a page at a time.
+async fn whole_history(
+    store: &dyn Store,
+    name: &str,
+    mut each: impl FnMut(usize, &HistoryEntry),
+) -> Result<(), phasm::store::StoreError> {
+    let mut page = PageRequest {
+        after: 0,
+        limit: 1000,
+    };
+    let mut n = 0;
+    while let Some(rows) = store.history_page(name, page).await? {
+        for h in &rows.items {
+            each(n, h);
+            n += 1;
+        }
+        match rows.next {
+            Some(next) => page.after = next,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// `phasm status`: the latest transitions, or with `all` every one (read a page at a time).
+pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> ExitCode {
     let store = match open_db(args, phasm::store::Access::ReadOnly).await {
         Ok(s) => s,
         Err(code) => return code,
@@ -45,8 +70,29 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
         Ok(v) => v,
         Err(code) => return code,
     };
+    let truncated = view.history_total > view.history.len() as u64;
+    let workers = match store.workers(SystemClock.now()).await {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_DATABASE);
+        }
+    };
     if as_json {
-        outln!("{}", phasm::control::instance_json(&view));
+        let mut out = phasm::control::instance_json(&view, &workers);
+        if all && truncated {
+            let mut history = Vec::new();
+            if let Err(e) = whole_history(&*store, name, |_, h| {
+                history.push(phasm::control::history_json(h));
+            })
+            .await
+            {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_DATABASE);
+            }
+            out["history"] = Value::Array(history);
+        }
+        outln!("{out}");
         return ExitCode::SUCCESS;
     }
     outln!("instance  {}", view.name);
@@ -98,7 +144,7 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
         "attempt",
         "at"
     );
-    for (i, h) in view.history.iter().enumerate() {
+    let row = |i: usize, h: &HistoryEntry| {
         outln!(
             "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} {}",
             i + 1,
@@ -109,6 +155,23 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
             time(h.finished_at),
             duration(h.finished_at - h.started_at)
         );
+    };
+    if all && truncated {
+        if let Err(e) = whole_history(&*store, name, row).await {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_DATABASE);
+        }
+    } else {
+        let skipped = view.history_total.saturating_sub(view.history.len() as u64);
+        if skipped > 0 {
+            outln!(
+                "  … {} not shown (`phasm status {name} --all` shows every one)",
+                count(skipped, "earlier transition")
+            );
+        }
+        for (i, h) in view.history.iter().enumerate() {
+            row(skipped as usize + i, h);
+        }
     }
     if !view.tasks.is_empty() {
         outln!("pending");
@@ -133,14 +196,63 @@ pub async fn status(name: &str, as_json: bool, args: &DbArgs) -> ExitCode {
             } else {
                 format!("due {}", time(t.due_at))
             };
+            let waiting = phasm::control::unserved(&view.machine, t, &workers)
+                .map(|why| format!("; waiting: {why}"))
+                .unwrap_or_default();
             outln!(
-                "  {} --{}--> ({}; {}; {when}{holder}{target}{error})",
+                "  {} --{}--> ({}; {}; {when}{holder}{target}{error}{waiting})",
                 t.from.as_deref().unwrap_or("start"),
                 t.event,
                 t.status,
                 count(u64::from(t.attempts), "attempt"),
             );
         }
+        let more = view.tasks_total.saturating_sub(view.tasks.len() as u64);
+        if more > 0 {
+            outln!("  … and {} more", count(more, "pending step"));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `phasm workers`: the workers alive now and what they take.
+pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
+    let store = match open_db(args, phasm::store::Access::ReadOnly).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let workers = match store.workers(SystemClock.now()).await {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_DATABASE);
+        }
+    };
+    if as_json {
+        let all: Vec<Value> = workers.iter().map(phasm::control::worker_json).collect();
+        outln!("{}", json!({ "workers": all }));
+        return ExitCode::SUCCESS;
+    }
+    if workers.is_empty() {
+        outln!("no worker is running on {}", args.db);
+        return ExitCode::SUCCESS;
+    }
+    for w in &workers {
+        let targets = match &w.targets {
+            phasm::store::Targets::Any => "every target".to_string(),
+            phasm::store::Targets::Untargeted => "untargeted steps".to_string(),
+            phasm::store::Targets::Only(t) => format!("target {}", t.join(", ")),
+        };
+        let queues = w.queues.as_ref().map_or("every queue".to_string(), |q| {
+            format!("queues {}", q.join(", "))
+        });
+        outln!(
+            "{}  machines {}; {targets}; {queues}; started {}, seen {}",
+            w.owner,
+            w.machines.join(", "),
+            time(w.started_at),
+            time(w.seen_at)
+        );
     }
     ExitCode::SUCCESS
 }

@@ -272,7 +272,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
             args.file.display()
         );
     }
-    let steps = view.history.len();
+    let steps = view.history_total as usize;
     let end_states = end_states(&view);
     if json_out {
         let out = json!({
@@ -328,11 +328,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
 /// The states an instance's branches ended in (in the order they ended, each once); for an
 /// instance that has not ended, the state its last step entered.
 fn end_states(view: &phasm::store::InstanceView) -> Vec<String> {
-    let mut states: Vec<String> = Vec::new();
-    for h in view.history.iter().filter(|h| h.ends_branch) {
-        states.retain(|s| s != &h.to);
-        states.push(h.to.clone());
-    }
+    let mut states = view.end_states.clone();
     if states.is_empty() {
         if let Some(last) = view.history.last() {
             states.push(last.to.clone());

@@ -109,6 +109,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/instances/{name}/logs", get(logs_page))
         .route("/api/instances/{name}/cancel", post(cancel))
         .route("/api/instances/{name}/retry", post(retry))
+        .route("/api/workers", get(workers))
         .route("/metrics", get(prometheus))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -492,19 +493,7 @@ async fn history_page(
         &name,
         "history",
         state.store.history_page(&name, page).await,
-        |h| {
-            json!({
-                "from": h.from,
-                "event": h.event,
-                "to": h.to,
-                "attempt": h.attempt,
-                "started_at": crate::clock::rfc3339(h.started_at),
-                "at": crate::clock::rfc3339(h.finished_at),
-                "task": h.task,
-                "branch": h.branch,
-                "ends_branch": h.ends_branch,
-            })
-        },
+        crate::control::history_json,
     )
 }
 
@@ -641,12 +630,32 @@ fn check_name(name: &str) -> Option<Response> {
     })
 }
 
+/// `GET /api/workers`: the workers alive now, what they take, and when they last said so.
+async fn workers(State(state): State<Arc<ServerState>>) -> Response {
+    match state.store.workers(state.clock.now()).await {
+        Ok(workers) => {
+            let workers: Vec<serde_json::Value> =
+                workers.iter().map(crate::control::worker_json).collect();
+            Json(json!({ "workers": workers })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
 async fn instance(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
     if let Some(bad) = check_name(&name) {
         return bad;
     }
     match state.store.instance(&name).await {
-        Ok(Some(view)) => Json(instance_json(&view)).into_response(),
+        Ok(Some(view)) => {
+            // Without the list of workers, no step is said to be unserved.
+            let workers = state
+                .store
+                .workers(state.clock.now())
+                .await
+                .unwrap_or_default();
+            Json(instance_json(&view, &workers)).into_response()
+        }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no instance named `{name}`")),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

@@ -144,6 +144,103 @@ impl Targets {
     }
 }
 
+impl Targets {
+    /// The stored form: `None` for [`Targets::Any`], else a JSON list (empty for
+    /// [`Targets::Untargeted`]).
+    pub fn to_column(&self) -> Option<String> {
+        match self {
+            Targets::Any => None,
+            Targets::Untargeted => Some("[]".into()),
+            Targets::Only(names) => serde_json::to_string(names).ok(),
+        }
+    }
+
+    /// Read the stored form back (see [`Targets::to_column`]).
+    pub fn from_column(column: Option<&str>) -> StoreResult<Self> {
+        let Some(text) = column else {
+            return Ok(Targets::Any);
+        };
+        let names: Vec<String> = serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("worker targets `{text}`: {e}")))?;
+        Ok(if names.is_empty() {
+            Targets::Untargeted
+        } else {
+            Targets::Only(names)
+        })
+    }
+}
+
+impl Serialize for Targets {
+    /// `"any"`, `"untargeted"`, or the list of target names.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Targets::Any => s.serialize_str("any"),
+            Targets::Untargeted => s.serialize_str("untargeted"),
+            Targets::Only(names) => names.serialize(s),
+        }
+    }
+}
+
+/// A running worker process, as it announces itself (see [`Store::worker_alive`]), so that
+/// `phasm status` can tell when no worker will take a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkerView {
+    /// Its name: the lease owner shown on the steps it runs.
+    pub owner: String,
+    /// The machines it knows (it takes no step of another machine).
+    pub machines: Vec<String>,
+    /// Which worker pools' steps it takes (`target`).
+    pub targets: Targets,
+    /// Only these queues (`None`: every queue).
+    pub queues: Option<Vec<String>>,
+    /// When it started.
+    pub started_at: Micros,
+    /// When it last said it was alive.
+    pub seen_at: Micros,
+    /// When it counts as gone unless it says so again (a killed worker says nothing).
+    pub expires_at: Micros,
+}
+
+impl WorkerView {
+    /// Whether this worker takes steps of `machine` on `queue` for pool `target`.
+    pub fn takes(&self, machine: &str, queue: &str, target: Option<&str>) -> bool {
+        self.targets.takes(target)
+            && self.machines.iter().any(|m| m == machine)
+            && self
+                .queues
+                .as_ref()
+                .is_none_or(|q| q.iter().any(|x| x == queue))
+    }
+}
+
+/// How long the row of a worker that stopped saying it is alive (killed, its host gone) is
+/// kept: a day.
+pub(crate) const WORKERS_KEPT: Micros = 24 * 3600 * 1_000_000;
+
+/// A worker's row read back: `times` are its start, last announcement and expiry.
+pub(crate) fn worker_view(
+    owner: String,
+    machines: &str,
+    targets: Option<&str>,
+    queues: Option<&str>,
+    times: [Micros; 3],
+) -> StoreResult<WorkerView> {
+    let list = |text: &str| -> StoreResult<Vec<String>> {
+        serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("worker `{owner}`: `{text}`: {e}")))
+    };
+    let [started_at, seen_at, expires_at] = times;
+    Ok(WorkerView {
+        machines: list(machines)?,
+        targets: Targets::from_column(targets)?,
+        queues: queues.map(list).transpose()?,
+        started_at,
+        seen_at,
+        expires_at,
+        owner,
+    })
+}
+
 /// Pending work of one queue, for metrics.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QueueStats {
@@ -299,6 +396,10 @@ pub fn cut_message(text: String, full_chars: i64) -> String {
     }
 }
 
+/// How many transitions and pending tasks an [`InstanceView`] carries at most, so that
+/// reading an instance takes bounded memory however long it ran or however wide it forked.
+pub const VIEW_ROWS: usize = 100;
+
 /// Everything known about one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceView {
@@ -318,10 +419,17 @@ pub struct InstanceView {
     pub updated_at: Micros,
     /// Ended.
     pub ended_at: Option<Micros>,
-    /// Committed transitions, oldest first.
+    /// The latest [`VIEW_ROWS`] committed transitions, oldest first ([`Store::history_page`]
+    /// reads them all).
     pub history: Vec<HistoryEntry>,
-    /// Pending tasks.
+    /// How many transitions were committed in all.
+    pub history_total: u64,
+    /// The first [`VIEW_ROWS`] pending tasks, oldest first.
     pub tasks: Vec<TaskView>,
+    /// How many tasks are pending in all.
+    pub tasks_total: u64,
+    /// The states its branches ended in, each once, in the order they were last ended in.
+    pub end_states: Vec<String>,
     /// The latest context: that of the oldest pending task, else the context the last
     /// branch ended with.
     pub current_context: Option<Context>,
@@ -447,7 +555,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The earliest time a task becomes due (or a lease expires), if any task is pending.
     async fn next_due(&self) -> StoreResult<Option<Micros>>;
 
-    /// One instance with its history and pending tasks.
+    /// One instance: its status, counts, latest transitions and first pending tasks (at most
+    /// [`VIEW_ROWS`] of each; memory per call is bounded).
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>>;
 
     /// Instances, newest first.
@@ -480,6 +589,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Call it repeatedly until it returns less than `batch` (each call is one short
     /// transaction, so workers are not held up).
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64>;
+
+    /// Say that a worker is alive until `worker.expires_at` (insert or refresh its row); rows
+    /// of workers gone for a day are removed.
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()>;
+
+    /// A worker stopped: remove its row.
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()>;
+
+    /// The workers alive at `now` (their announcement not expired), oldest first.
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>>;
 
     /// Pending work per queue and parked branches, for metrics.
     async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;

@@ -23,8 +23,10 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
     InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
-    StoreError, StoreResult, SuccessorClaim, TaskView, MAX_PAGE_MESSAGE_CHARS,
+    StoreError, StoreResult, SuccessorClaim, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
+    VIEW_ROWS,
 };
+use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
 use crate::engine::{
     Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
@@ -62,10 +64,11 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 /// The newest schema version this build writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[r"
+const MIGRATIONS: &[&str] = &[
+    r"
 CREATE TABLE instances (
     id          BIGSERIAL PRIMARY KEY,
     name        TEXT NOT NULL UNIQUE,
@@ -163,7 +166,21 @@ CREATE TABLE queue_rates (
     tokens     DOUBLE PRECISION NOT NULL,
     updated_at BIGINT NOT NULL
 );
-"];
+",
+    r"
+-- Workers say they are alive (and what they take), so status can tell that no worker will
+-- take a step.
+CREATE TABLE workers (
+    owner      TEXT PRIMARY KEY,
+    machines   TEXT NOT NULL,
+    targets    TEXT,
+    queues     TEXT,
+    started_at BIGINT NOT NULL,
+    seen_at    BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+",
+];
 
 /// Any number, the same in every phasm: serialises schema migrations of workers starting at
 /// once.
@@ -1418,8 +1435,9 @@ impl Store for PostgresStore {
         let history = client
             .query(
                 "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
-                 FROM history WHERE instance_id = $1 ORDER BY id",
-                &[&id],
+                 FROM (SELECT * FROM history WHERE instance_id = $1 ORDER BY id DESC LIMIT $2) h
+                 ORDER BY id",
+                &[&id, &(VIEW_ROWS as i64)],
             )
             .await
             .map_err(pg)?
@@ -1439,8 +1457,8 @@ impl Store for PostgresStore {
         let task_rows = client
             .query(
                 "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
-                 FROM tasks WHERE instance_id = $1 ORDER BY id",
-                &[&id],
+                 FROM tasks WHERE instance_id = $1 ORDER BY id LIMIT $2",
+                &[&id, &(VIEW_ROWS as i64)],
             )
             .await
             .map_err(pg)?;
@@ -1483,12 +1501,25 @@ impl Store for PostgresStore {
                    (SELECT COUNT(*) FROM items WHERE instance_id = $1),
                    (SELECT COUNT(*) FROM history WHERE instance_id = $1 AND ends_branch),
                    (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'failed'),
-                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'held')",
+                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'held'),
+                   (SELECT COUNT(*) FROM history WHERE instance_id = $1),
+                   (SELECT COUNT(*) FROM tasks WHERE instance_id = $1)",
                 &[&id],
             )
             .await
             .map_err(pg)?;
         let n = |i: usize| counts.get::<_, i64>(i).max(0) as u64;
+        let end_states = client
+            .query(
+                "SELECT to_state FROM history WHERE instance_id = $1 AND ends_branch
+                 GROUP BY to_state ORDER BY MAX(id)",
+                &[&id],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
         Ok(Some(InstanceView {
             name: name.to_string(),
             machine: row.get(1),
@@ -1499,7 +1530,10 @@ impl Store for PostgresStore {
             updated_at: row.get(6),
             ended_at: row.get(7),
             history,
+            history_total: n(5),
             tasks,
+            tasks_total: n(6),
+            end_states,
             current_context,
             parent: row.get(9),
             children,
@@ -1686,6 +1720,72 @@ impl Store for PostgresStore {
         end_instance(&tx, id, InstanceStatus::Cancelled, None, now).await?;
         tx.commit().await.map_err(pg)?;
         Ok(Control::Done)
+    }
+
+    async fn worker_alive(&self, now: Micros, w: &WorkerView) -> StoreResult<()> {
+        let list =
+            |v: &[String]| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()));
+        let queues = w.queues.as_deref().map(list).transpose()?;
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO workers (owner, machines, targets, queues, started_at, seen_at, expires_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (owner) DO UPDATE SET machines = excluded.machines,
+                     targets = excluded.targets, queues = excluded.queues,
+                     seen_at = excluded.seen_at, expires_at = excluded.expires_at",
+                &[
+                    &w.owner,
+                    &list(&w.machines)?,
+                    &w.targets.to_column(),
+                    &queues,
+                    &w.started_at,
+                    &w.seen_at,
+                    &w.expires_at,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        client
+            .execute(
+                "DELETE FROM workers WHERE expires_at < $1",
+                &[&(now - WORKERS_KEPT)],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        self.client()
+            .await?
+            .execute("DELETE FROM workers WHERE owner = $1", &[&owner])
+            .await
+            .map_err(pg)?;
+        Ok(())
+    }
+
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.client()
+            .await?
+            .query(
+                "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at
+                 FROM workers WHERE expires_at > $1 ORDER BY started_at, owner",
+                &[&now],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| {
+                worker_view(
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    r.get(3),
+                    [r.get(4), r.get(5), r.get(6)],
+                )
+            })
+            .collect()
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {

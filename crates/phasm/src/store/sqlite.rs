@@ -18,8 +18,10 @@ use tokio::sync::{oneshot, Notify};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
     InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
-    StoreError, StoreResult, SuccessorClaim, TaskView, MAX_PAGE_MESSAGE_CHARS,
+    StoreError, StoreResult, SuccessorClaim, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
+    VIEW_ROWS,
 };
+use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
 use crate::engine::{
     Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
@@ -95,10 +97,13 @@ enum Request {
     Probe(usize, Reply<f64>),
     Scrub(Micros, usize, Reply<u64>),
     Stats(Micros, Reply<super::StoreStats>),
+    WorkerAlive(Micros, Box<WorkerView>, Reply<()>),
+    WorkerStopped(String, Reply<()>),
+    Workers(Micros, Reply<Vec<WorkerView>>),
 }
 
 /// The newest schema version this build writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -200,6 +205,19 @@ CREATE TABLE items (
 );
 CREATE INDEX items_by_group ON items (instance_id, state, grp, id);
 CREATE INDEX items_by_join ON items (join_task) WHERE join_task IS NOT NULL;
+",
+    r"
+-- Workers say they are alive (and what they take), so status can tell that no worker will
+-- take a step.
+CREATE TABLE workers (
+    owner      TEXT PRIMARY KEY,
+    machines   TEXT NOT NULL,
+    targets    TEXT,
+    queues     TEXT,
+    started_at INTEGER NOT NULL,
+    seen_at    INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL
+);
 ",
 ];
 
@@ -494,6 +512,8 @@ fn fail_request(request: Request, e: &StoreError) {
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
         Request::Stats(_, r) => drop(r.send(Err(err()))),
+        Request::WorkerAlive(_, _, r) | Request::WorkerStopped(_, r) => drop(r.send(Err(err()))),
+        Request::Workers(_, r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -539,6 +559,16 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
             pending(reply, scoped(tx, |tx| cancel(tx, now, &name)))
         }
         Request::Stats(now, reply) => pending(reply, stats(tx, now)),
+        Request::WorkerAlive(now, worker, reply) => {
+            pending(reply, scoped(tx, |tx| worker_alive(tx, now, &worker)))
+        }
+        Request::WorkerStopped(owner, reply) => pending(
+            reply,
+            tx.execute("DELETE FROM workers WHERE owner = ?1", [owner])
+                .map(drop)
+                .map_err(db),
+        ),
+        Request::Workers(now, reply) => pending(reply, workers(tx, now)),
         Request::Scrub(cutoff, batch, reply) => {
             pending(reply, scoped(tx, |tx| scrub(tx, cutoff, batch)))
         }
@@ -547,6 +577,70 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
             Err(StoreError::Database("probe inside a batch".into())),
         ),
     }
+}
+
+fn worker_alive(tx: &Transaction<'_>, now: Micros, w: &WorkerView) -> StoreResult<()> {
+    let list =
+        |v: &[String]| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()));
+    let queues = w.queues.as_deref().map(list).transpose()?;
+    tx.prepare_cached(
+        "INSERT INTO workers (owner, machines, targets, queues, started_at, seen_at, expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (owner) DO UPDATE SET machines = excluded.machines, targets = excluded.targets,
+             queues = excluded.queues, seen_at = excluded.seen_at, expires_at = excluded.expires_at",
+    )
+    .map_err(db)?
+    .execute(params![
+        w.owner,
+        list(&w.machines)?,
+        w.targets.to_column(),
+        queues,
+        w.started_at,
+        w.seen_at,
+        w.expires_at
+    ])
+    .map_err(db)?;
+    tx.prepare_cached("DELETE FROM workers WHERE expires_at < ?1")
+        .map_err(db)?
+        .execute([now - WORKERS_KEPT])
+        .map_err(db)?;
+    Ok(())
+}
+
+fn workers(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<WorkerView>> {
+    let rows = tx
+        .prepare_cached(
+            "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at
+             FROM workers WHERE expires_at > ?1 ORDER BY started_at, owner",
+        )
+        .map_err(db)?
+        .query_map([now], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(
+            |(owner, machines, targets, queues, started_at, seen_at, expires_at)| {
+                worker_view(
+                    owner,
+                    &machines,
+                    targets.as_deref(),
+                    queues.as_deref(),
+                    [started_at, seen_at, expires_at],
+                )
+            },
+        )
+        .collect()
 }
 
 fn to_json(context: &Context) -> StoreResult<String> {
@@ -1115,10 +1209,11 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
         .prepare_cached(
             "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch,
                     ends_branch
-             FROM history WHERE instance_id = ?1 ORDER BY id",
+             FROM (SELECT * FROM history WHERE instance_id = ?1 ORDER BY id DESC LIMIT ?2)
+             ORDER BY id",
         )
         .map_err(db)?
-        .query_map([id], |r| {
+        .query_map(params![id, VIEW_ROWS as i64], |r| {
             Ok(HistoryEntry {
                 from: r.get(0)?,
                 event: r.get(1)?,
@@ -1138,10 +1233,10 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
     let tasks = tx
         .prepare_cached(
             "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
-             FROM tasks WHERE instance_id = ?1 ORDER BY id",
+             FROM tasks WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(db)?
-        .query_map([id], |r| {
+        .query_map(params![id, VIEW_ROWS as i64], |r| {
             Ok((
                 TaskView {
                     name: r.get(0)?,
@@ -1163,7 +1258,9 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
         .map_err(db)?
         .into_iter()
         .map(|(view, ctx)| {
-            contexts.push(ctx);
+            if contexts.is_empty() {
+                contexts.push(ctx);
+            }
             view
         })
         .collect();
@@ -1198,6 +1295,18 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
         ended: count("SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1")?,
         failed: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'failed'")?,
     };
+    let history_total = count("SELECT COUNT(*) FROM history WHERE instance_id = ?1")?;
+    let tasks_total = count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1")?;
+    let end_states = tx
+        .prepare_cached(
+            "SELECT to_state FROM history WHERE instance_id = ?1 AND ends_branch = 1
+             GROUP BY to_state ORDER BY MAX(id)",
+        )
+        .map_err(db)?
+        .query_map([id], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
     Ok(Some(InstanceView {
         parent,
         children,
@@ -1211,7 +1320,10 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
         updated_at,
         ended_at,
         history,
+        history_total,
         tasks,
+        tasks_total,
+        end_states,
         current_context,
     }))
 }
@@ -1546,6 +1658,20 @@ impl Store for SqliteStore {
     async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let name = name.to_string();
         self.call(|r| Request::Cancel(now, name, r)).await
+    }
+
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
+        let worker = Box::new(worker.clone());
+        self.call(|r| Request::WorkerAlive(now, worker, r)).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        let owner = owner.to_string();
+        self.call(|r| Request::WorkerStopped(owner, r)).await
+    }
+
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.call(|r| Request::Workers(now, r)).await
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {

@@ -25,7 +25,7 @@ use crate::clock::{micros, Clock, Micros};
 use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task, TaskKind};
 use crate::machine::{ActionRole, Config, Machine};
 use crate::store::{
-    Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim, Targets,
+    Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim, Targets, WorkerView,
 };
 use limits::QueueGate;
 
@@ -294,6 +294,7 @@ impl Worker {
         let mut report = WorkerReport::default();
         let mut heartbeat = tokio::time::interval((opts.lease / 3).max(Duration::from_millis(10)));
         let mut last_sweep = inner.clock.now();
+        let started_at = last_sweep;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watching: HashSet<String> = match &opts.stop {
             StopWhen::Ended(names) => names.iter().cloned().collect(),
@@ -417,6 +418,7 @@ impl Worker {
                 }
                 _ = heartbeat.tick() => {
                     renew(&inner).await;
+                    announce(&inner, started_at).await;
                     let now = inner.clock.now();
                     if now - last_sweep >= micros(SWEEP_EVERY) {
                         last_sweep = now;
@@ -444,7 +446,29 @@ impl Worker {
                 }
             }
         }
+        if let Err(e) = inner.store.worker_stopped(&opts.owner).await {
+            tracing::debug!(error = %e, "could not say that this worker stopped");
+        }
         Ok(report)
+    }
+}
+
+/// Say in the store that this worker is alive and what it takes, until a little after its
+/// next heartbeat (see [`Store::worker_alive`]).
+async fn announce(inner: &Inner, started_at: Micros) {
+    let now = inner.clock.now();
+    let opts = &inner.options;
+    let view = WorkerView {
+        owner: opts.owner.clone(),
+        machines: inner.machines.clone(),
+        targets: opts.targets.clone(),
+        queues: opts.queues.clone(),
+        started_at,
+        seen_at: now,
+        expires_at: now + micros(opts.lease),
+    };
+    if let Err(e) = inner.store.worker_alive(now, &view).await {
+        tracing::debug!(error = %e, "could not say that this worker is alive");
     }
 }
 

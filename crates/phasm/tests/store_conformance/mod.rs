@@ -663,3 +663,87 @@ pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
         .unwrap()
         .is_none());
 }
+
+pub async fn an_instance_view_is_bounded_however_long_the_instance_ran(store: &dyn Store) {
+    use phasm::store::VIEW_ROWS;
+    start(store, "big", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    let rows = VIEW_ROWS + 50;
+    c.history = (0..rows)
+        .map(|i| HistoryEntry {
+            to: format!("s{i}"),
+            // Branches end in `done`, then `late`, then `done` again: `done` ended last.
+            ends_branch: i == 3 || i == 7 || i == 9,
+            ..c.history[0].clone()
+        })
+        .map(|mut h| {
+            h.to = match h.to.as_str() {
+                "s3" | "s9" => "done".into(),
+                "s7" => "late".into(),
+                _ => h.to,
+            };
+            h
+        })
+        .collect();
+    c.new_tasks = (0..rows)
+        .map(|i| new_task(&format!("big--branch-{i}"), Some("a"), T0 + 100 * SEC))
+        .collect();
+    assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
+    let view = store.instance("big").await.unwrap().unwrap();
+    assert_eq!(view.history.len(), VIEW_ROWS);
+    assert_eq!(view.history_total, rows as u64);
+    // The latest transitions, oldest first.
+    assert_eq!(
+        view.history.first().unwrap().to,
+        format!("s{}", rows - VIEW_ROWS)
+    );
+    assert_eq!(view.history.last().unwrap().to, format!("s{}", rows - 1));
+    assert_eq!(view.tasks.len(), VIEW_ROWS);
+    assert_eq!(view.tasks_total, rows as u64);
+    assert_eq!(view.tasks[0].name, "big--branch-0");
+    assert_eq!(view.end_states, ["late", "done"]);
+    assert_eq!(view.branches.ended, 3);
+    assert_eq!(view.branches.live, rows as u64);
+}
+
+pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
+    use phasm::store::WorkerView;
+    let worker = |owner: &str, targets: Targets, expires_at: i64| WorkerView {
+        owner: owner.into(),
+        machines: vec!["M".into(), "N".into()],
+        targets,
+        queues: None,
+        started_at: T0,
+        seen_at: T0,
+        expires_at,
+    };
+    assert!(store.workers(T0).await.unwrap().is_empty());
+    let any = worker("any", Targets::Any, T0 + 10 * SEC);
+    let plain = WorkerView {
+        queues: Some(vec!["mail".into()]),
+        ..worker("plain", Targets::Untargeted, T0 + 10 * SEC)
+    };
+    let gpu = worker("gpu", Targets::Only(vec!["gpu".into()]), T0 + 30 * SEC);
+    for w in [&any, &plain, &gpu] {
+        store.worker_alive(T0, w).await.unwrap();
+    }
+    let mut listed = store.workers(T0 + SEC).await.unwrap();
+    listed.sort_by(|a, b| a.owner.cmp(&b.owner));
+    assert_eq!(listed, [any.clone(), gpu.clone(), plain.clone()]);
+    // Saying it again moves the expiry on.
+    let again = WorkerView {
+        seen_at: T0 + 9 * SEC,
+        expires_at: T0 + 20 * SEC,
+        ..plain.clone()
+    };
+    store.worker_alive(T0 + 9 * SEC, &again).await.unwrap();
+    // `any` expired (killed workers say nothing); `plain` is still alive.
+    let listed = store.workers(T0 + 15 * SEC).await.unwrap();
+    let owners: Vec<&str> = listed.iter().map(|w| w.owner.as_str()).collect();
+    assert_eq!(owners.len(), 2, "{owners:?}");
+    assert!(owners.contains(&"plain") && owners.contains(&"gpu"));
+    store.worker_stopped("gpu").await.unwrap();
+    let listed = store.workers(T0 + 15 * SEC).await.unwrap();
+    assert_eq!(listed, [again]);
+}
