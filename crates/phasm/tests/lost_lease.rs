@@ -3,16 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use phasm::action::Registry;
-use phasm::clock::{Clock, SystemClock};
-use phasm::config::{load_str, LoadOptions};
-use phasm::control::start_instance;
-use phasm::engine::{Context, Limits};
-use phasm::store::{Control, InstanceStatus, SqliteOptions, SqliteStore, Store};
-use phasm::worker::{StopWhen, Worker, WorkerOptions};
+use phasm::engine::Context;
+use phasm::store::{Control, InstanceStatus};
+use phasm::worker::{StopWhen, WorkerOptions};
 
 const MACHINE: &str = r#"
 actions:
@@ -34,46 +29,15 @@ state_machines:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_an_instance_stops_its_running_program() {
     let dir = tempfile::tempdir().unwrap();
-    let loaded = load_str(
-        MACHINE,
-        dir.path().join("fsm.yaml"),
-        &LoadOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let config = Arc::new(loaded.config);
-    let mut registry = Registry::new();
-    registry.bind_config(&config);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(dir.path().join("phasm.db"), &SqliteOptions::default()).unwrap(),
-    );
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let name = start_instance(
-        &*store,
-        &config,
-        &*clock,
-        "Slow",
-        Context::new(),
-        None,
-        &Limits::default(),
-    )
-    .await
-    .unwrap()
-    .name()
-    .to_string();
-    let worker = Worker::new(
-        Arc::clone(&store),
-        config,
-        Arc::new(registry),
-        Arc::clone(&clock),
-        WorkerOptions {
-            // Renewed every 200 ms.
-            lease: Duration::from_millis(600),
-            stop: StopWhen::Never,
-            poll_interval: Duration::from_millis(50),
-            ..WorkerOptions::default()
-        },
-    )
-    .unwrap();
+    let setup = common::setup(MACHINE, dir.path(), "Slow", Context::new()).await;
+    let (store, clock, name) = (&setup.store, &setup.clock, &setup.name);
+    let worker = setup.worker(WorkerOptions {
+        // Renewed every 200 ms.
+        lease: Duration::from_millis(600),
+        stop: StopWhen::Never,
+        poll_interval: Duration::from_millis(50),
+        ..WorkerOptions::default()
+    });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let worker = tokio::spawn(worker.run(async {
         let _ = stopped.await;
@@ -95,7 +59,7 @@ async fn cancelling_an_instance_stops_its_running_program() {
     assert!(common::running(pid));
 
     assert_eq!(
-        store.cancel(clock.now(), &name).await.unwrap(),
+        store.cancel(clock.now(), name).await.unwrap(),
         Control::Done
     );
     assert!(
@@ -111,6 +75,6 @@ async fn cancelling_an_instance_stops_its_running_program() {
         .unwrap();
     assert_eq!(report.fenced, 1, "{report:?}");
     assert_eq!(report.steps, 0, "{report:?}");
-    let view = store.instance(&name).await.unwrap().unwrap();
+    let view = store.instance(name).await.unwrap().unwrap();
     assert_eq!(view.status, InstanceStatus::Cancelled);
 }

@@ -5,16 +5,13 @@
 //! This file holds one test on purpose: it lowers the whole test process's descriptor limit
 //! and fills it.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use phasm::action::Registry;
-use phasm::clock::{Clock, SystemClock};
-use phasm::config::{load_str, LoadOptions};
-use phasm::control::start_instance;
-use phasm::engine::{Context, Limits};
-use phasm::store::{InstanceStatus, SqliteOptions, SqliteStore, Store};
-use phasm::worker::{StopWhen, Worker, WorkerOptions};
+use phasm::engine::Context;
+use phasm::store::InstanceStatus;
+use phasm::worker::{StopWhen, WorkerOptions};
 use rustix::process::{getrlimit, setrlimit, Resource};
 
 const MACHINE: &str = r#"
@@ -55,44 +52,13 @@ fn exhaust_descriptors() -> Vec<std::fs::File> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_that_cannot_start_for_lack_of_descriptors_waits_without_using_its_attempt() {
     let dir = tempfile::tempdir().unwrap();
-    let loaded = load_str(
-        MACHINE,
-        dir.path().join("fsm.yaml"),
-        &LoadOptions::default(),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    let config = Arc::new(loaded.config);
-    let mut registry = Registry::new();
-    registry.bind_config(&config);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(dir.path().join("phasm.db"), &SqliteOptions::default()).unwrap(),
-    );
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let name = start_instance(
-        &*store,
-        &config,
-        &*clock,
-        "Once",
-        Context::new(),
-        None,
-        &Limits::default(),
-    )
-    .await
-    .unwrap()
-    .name()
-    .to_string();
-    let worker = Worker::new(
-        Arc::clone(&store),
-        config,
-        Arc::new(registry),
-        clock,
-        WorkerOptions {
-            stop: StopWhen::Ended(vec![name.clone()]),
-            poll_interval: Duration::from_millis(50),
-            ..WorkerOptions::default()
-        },
-    )
-    .unwrap();
+    let setup = common::setup(MACHINE, dir.path(), "Once", Context::new()).await;
+    let (store, name) = (&setup.store, &setup.name);
+    let worker = setup.worker(WorkerOptions {
+        stop: StopWhen::Ended(vec![name.clone()]),
+        poll_interval: Duration::from_millis(50),
+        ..WorkerOptions::default()
+    });
 
     let hoard = exhaust_descriptors();
     let worker = tokio::spawn(worker.run(std::future::pending()));
@@ -100,7 +66,7 @@ async fn a_step_that_cannot_start_for_lack_of_descriptors_waits_without_using_it
     let mut postponed = None;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let view = store.instance(&name).await.unwrap().unwrap();
+        let view = store.instance(name).await.unwrap().unwrap();
         assert_eq!(view.status, InstanceStatus::Running, "{:?}", view.tasks);
         if let Some(task) = view.tasks.first() {
             if task.leased_by.is_none() && task.last_error.is_some() {
@@ -122,10 +88,10 @@ async fn a_step_that_cannot_start_for_lack_of_descriptors_waits_without_using_it
         .unwrap();
     assert!(report.postponed >= 1, "{report:?}");
     assert_eq!(report.failures, 0, "{report:?}");
-    let view = store.instance(&name).await.unwrap().unwrap();
+    let view = store.instance(name).await.unwrap().unwrap();
     assert_eq!(view.status, InstanceStatus::Completed);
     assert_eq!(view.history.last().map(|h| h.attempt), Some(0));
-    let logs = store.logs(&name).await.unwrap();
+    let logs = store.logs(name).await.unwrap();
     assert!(
         logs.iter()
             .any(|l| l.level == "warn" && l.message.contains("not counted as an attempt")),

@@ -3,16 +3,13 @@
 //! programs that write `{"token": ...}` as their first line. Each page waits for the next
 //! one to start; without overlap the first page would never see it.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
-use phasm::action::Registry;
-use phasm::clock::{Clock, SystemClock};
-use phasm::config::{load_str, LoadOptions};
-use phasm::control::start_instance;
-use phasm::engine::{Context, Limits};
-use phasm::store::{InstanceStatus, SqliteOptions, SqliteStore, Store};
-use phasm::worker::{StopWhen, Worker, WorkerOptions};
+use phasm::engine::Context;
+use phasm::store::InstanceStatus;
+use phasm::worker::{StopWhen, WorkerOptions};
 
 const PAGE_PROGRAM: &str = r#"
 import json, os, sys, time
@@ -32,54 +29,23 @@ print(json.dumps({"event": "done", "log": [f"page {page} saw the next page: {saw
 "#;
 
 async fn run(yaml: String, dir: &std::path::Path) -> Vec<String> {
-    let loaded = load_str(&yaml, dir.join("fsm.yaml"), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{e}"));
-    let mut config = loaded.config;
-    let mut registry = Registry::new();
-    registry.bind_config(&config);
-    phasm::action::python::start(&mut config, &loaded.sites, &mut registry)
-        .await
-        .unwrap();
-    let config = Arc::new(config);
-    let store: Arc<dyn Store> =
-        Arc::new(SqliteStore::open(dir.join("phasm.db"), &SqliteOptions::default()).unwrap());
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut context = Context::new();
     context.insert("dir".into(), dir.display().to_string().into());
-    let name = start_instance(
-        &*store,
-        &config,
-        &*clock,
-        "Pages",
-        context,
-        None,
-        &Limits::default(),
-    )
-    .await
-    .unwrap()
-    .name()
-    .to_string();
-    let options = WorkerOptions {
+    let setup = common::setup(&yaml, dir, "Pages", context).await;
+    let (store, name) = (&setup.store, &setup.name);
+    let worker = setup.worker(WorkerOptions {
         stop: StopWhen::Ended(vec![name.clone()]),
         poll_interval: Duration::from_millis(50),
         ..WorkerOptions::default()
-    };
-    let worker = Worker::new(
-        Arc::clone(&store),
-        config,
-        Arc::new(registry),
-        clock,
-        options,
-    )
-    .unwrap();
+    });
     tokio::time::timeout(Duration::from_secs(60), worker.run(std::future::pending()))
         .await
         .expect("finishes")
         .unwrap();
-    let view = store.instance(&name).await.unwrap().unwrap();
+    let view = store.instance(name).await.unwrap().unwrap();
     assert_eq!(view.status, InstanceStatus::Completed, "{view:?}");
     let mut lines: Vec<String> = store
-        .logs(&name)
+        .logs(name)
         .await
         .unwrap()
         .into_iter()

@@ -71,12 +71,9 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
         Err(code) => return code,
     };
     let truncated = view.history_total > view.history.len() as u64;
-    let workers = match store.workers(SystemClock.now()).await {
+    let workers = match live_workers(&*store).await {
         Ok(w) => w,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_DATABASE);
-        }
+        Err(code) => return code,
     };
     if as_json {
         let mut out = phasm::control::instance_json(&view, &workers);
@@ -215,18 +212,23 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
     ExitCode::SUCCESS
 }
 
+/// The workers alive now.
+async fn live_workers(store: &dyn Store) -> Result<Vec<phasm::store::WorkerView>, ExitCode> {
+    store.workers(SystemClock.now()).await.map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_DATABASE)
+    })
+}
+
 /// `phasm workers`: the workers alive now and what they take.
 pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
     let store = match open_db(args, phasm::store::Access::ReadOnly).await {
         Ok(s) => s,
         Err(code) => return code,
     };
-    let workers = match store.workers(SystemClock.now()).await {
+    let workers = match live_workers(&*store).await {
         Ok(w) => w,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_DATABASE);
-        }
+        Err(code) => return code,
     };
     if as_json {
         let all: Vec<Value> = workers.iter().map(phasm::control::worker_json).collect();

@@ -26,3 +26,77 @@ pub async fn gone(pid: u32) -> bool {
     }
     false
 }
+
+use std::path::Path;
+use std::sync::Arc;
+
+use phasm::action::Registry;
+use phasm::clock::{Clock, SystemClock};
+use phasm::config::{load_str, LoadOptions};
+use phasm::control::start_instance;
+use phasm::engine::{Context, Limits};
+use phasm::machine::Config;
+use phasm::store::{SqliteOptions, SqliteStore, Store};
+use phasm::worker::{Worker, WorkerOptions};
+
+/// What a test needs to run a worker on one instance: a machine file loaded from text (its
+/// `exec` actions bound, Python hosts started if it has a `python:` section), a SQLite store
+/// in the test's folder, and an instance started.
+pub struct Setup {
+    pub config: Arc<Config>,
+    pub registry: Arc<Registry>,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    /// The started instance.
+    pub name: String,
+}
+
+/// Load `yaml` as `dir/fsm.yaml`, open `dir/phasm.db` and start an instance of `machine`.
+pub async fn setup(yaml: &str, dir: &Path, machine: &str, context: Context) -> Setup {
+    let loaded = load_str(yaml, dir.join("fsm.yaml"), &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut config = loaded.config;
+    let mut registry = Registry::new();
+    registry.bind_config(&config);
+    phasm::action::python::start(&mut config, &loaded.sites, &mut registry)
+        .await
+        .unwrap();
+    let config = Arc::new(config);
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(dir.join("phasm.db"), &SqliteOptions::default()).unwrap());
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let name = start_instance(
+        &*store,
+        &config,
+        &*clock,
+        machine,
+        context,
+        None,
+        &Limits::default(),
+    )
+    .await
+    .unwrap()
+    .name()
+    .to_string();
+    Setup {
+        config,
+        registry: Arc::new(registry),
+        store,
+        clock,
+        name,
+    }
+}
+
+impl Setup {
+    /// A worker on this setup's store.
+    pub fn worker(&self, options: WorkerOptions) -> Worker {
+        Worker::new(
+            Arc::clone(&self.store),
+            Arc::clone(&self.config),
+            Arc::clone(&self.registry),
+            Arc::clone(&self.clock),
+            options,
+        )
+        .unwrap()
+    }
+}
