@@ -1,9 +1,11 @@
 //! The persistence boundary: the [`Store`] trait, and one implementation per backend.
 //!
 //! Everything a worker or a command needs from a database goes through this trait, so the
-//! engine and the worker never see SQL. Every implementation must pass the shared
-//! conformance suite in `tests/store_conformance`.
+//! engine and the worker never see SQL. Every implementation must pass the conformance suite
+//! [`conformance`] (the `conformance` feature), which the library ships for that purpose.
 
+#[cfg(feature = "conformance")]
+pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
 

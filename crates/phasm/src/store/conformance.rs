@@ -1,17 +1,87 @@
-//! The conformance suite every `Store` implementation must pass. Each check takes a fresh,
-//! empty store; a backend's test file calls every one of them (see `sqlite_store.rs`).
+//! The conformance suite every [`Store`] implementation must pass, shipped with the library
+//! (behind the `conformance` feature) so that a backend written outside phasm is held to the
+//! same contract. Each check takes a fresh, empty store and panics, naming what broke, when
+//! the store does not behave; [`run_all`] runs every check, each on a store of its own.
+//!
+//! ```ignore
+//! phasm::store::conformance::run_all(|_check| async { MyStore::fresh().await }).await;
+//! ```
 
-#![allow(dead_code)]
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
 
+use std::future::Future;
 use std::time::Duration;
 
-use phasm::engine::{
+use futures_util::future::LocalBoxFuture;
+
+use crate::engine::{
     Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Task, TaskKind,
 };
-use phasm::store::{
+use crate::store::{
     Applied, ClaimRequest, Control, InstanceStatus, ListFilter, NewInstance, Started, Store,
     SuccessorClaim, Targets,
 };
+
+/// One check: run it on a fresh, empty store.
+pub type Check = for<'a> fn(&'a dyn Store) -> LocalBoxFuture<'a, ()>;
+
+macro_rules! checks {
+    ($($name:ident),* $(,)?) => {
+        /// Every check, by name, in the order [`run_all`] runs them.
+        pub const CHECKS: &[(&str, Check)] = &[$((stringify!($name), boxed::$name as Check)),*];
+
+        mod boxed {
+            use futures_util::future::LocalBoxFuture;
+            $(
+                pub(super) fn $name(store: &dyn crate::store::Store) -> LocalBoxFuture<'_, ()> {
+                    Box::pin(super::$name(store))
+                }
+            )*
+        }
+    };
+}
+
+checks!(
+    starting_is_idempotent,
+    claims_only_due_tasks_once_until_the_lease_expires,
+    claim_respects_limits_and_queues,
+    a_superseded_claim_cannot_commit,
+    an_expired_lease_cannot_commit,
+    renewing_extends_a_held_lease,
+    a_commit_applies_everything_together,
+    a_branch_ending_while_others_are_pending_does_not_complete,
+    a_retry_reschedules_the_task,
+    a_postponed_step_does_not_count_an_attempt,
+    a_failure_holds_the_instance_until_retried,
+    cancel_and_halt_drop_pending_work,
+    a_cancelled_instances_running_step_cannot_commit,
+    successors_due_now_come_back_leased,
+    task_names_are_unique_per_instance,
+    list_filters_newest_first,
+    targets_route_tasks_to_their_pools,
+    task_ids_are_never_reused,
+    scrub_removes_only_old_ended_instances,
+    commits_probe_reports_a_rate,
+    history_and_logs_page_with_cursors,
+    an_instance_view_is_bounded_however_long_the_instance_ran,
+    workers_are_listed_until_they_stop_or_expire,
+);
+
+/// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
+/// for backends that name a schema after it). Panics at the first check that fails, after
+/// saying which one it is.
+pub async fn run_all<S, F, Fut>(mut fresh: F)
+where
+    S: Store,
+    F: FnMut(&'static str) -> Fut,
+    Fut: Future<Output = S>,
+{
+    for (name, check) in CHECKS {
+        let store = fresh(name).await;
+        eprintln!("conformance check: {name}");
+        check(&store).await;
+    }
+}
 
 const SEC: i64 = 1_000_000;
 const T0: i64 = 1_800_000_000 * SEC;
@@ -388,7 +458,7 @@ pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
     let mut c = commit(&t);
     c.history.clear();
     c.new_tasks.push(new_task("h--x", Some("a"), T0));
-    c.parked.push(phasm::engine::Parked {
+    c.parked.push(crate::engine::Parked {
         state: "j".into(),
         group: String::new(),
         context: ctx(1),
@@ -595,7 +665,7 @@ pub async fn commits_probe_reports_a_rate(store: &dyn Store) {
 }
 
 pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
-    use phasm::store::{PageRequest, MAX_PAGE_MESSAGE_CHARS};
+    use crate::store::{PageRequest, MAX_PAGE_MESSAGE_CHARS};
     start(store, "p", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
     let mut c = commit(&t);
@@ -665,7 +735,7 @@ pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
 }
 
 pub async fn an_instance_view_is_bounded_however_long_the_instance_ran(store: &dyn Store) {
-    use phasm::store::VIEW_ROWS;
+    use crate::store::VIEW_ROWS;
     start(store, "big", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
     let mut c = commit(&t);
@@ -708,7 +778,7 @@ pub async fn an_instance_view_is_bounded_however_long_the_instance_ran(store: &d
 }
 
 pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
-    use phasm::store::WorkerView;
+    use crate::store::WorkerView;
     let worker = |owner: &str, targets: Targets, expires_at: i64| WorkerView {
         owner: owner.into(),
         machines: vec!["M".into(), "N".into()],
