@@ -52,7 +52,7 @@ pub const START_TIME: i64 = 1_893_456_000_000_000;
 pub struct Immediate {
     config: Config,
     registry: Registry,
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     clock: ManualClock,
     limits: Limits,
     rng: Mutex<fastrand::Rng>,
@@ -75,14 +75,28 @@ pub enum ImmediateError {
 }
 
 impl Immediate {
-    /// An immediate runner for a configuration and its Rust actions (and `exec` bindings).
+    /// An immediate runner for a configuration and its Rust actions (and `exec` bindings),
+    /// on an in-memory SQLite store.
     ///
     /// # Errors
     /// When an action name is bound to nothing, or the in-memory store cannot open.
-    pub fn new(config: Config, mut registry: Registry) -> Result<Self, WorkerError> {
+    pub fn new(config: Config, registry: Registry) -> Result<Self, WorkerError> {
+        let store = SqliteStore::open(":memory:", &SqliteOptions::default())?;
+        Self::with_store(config, registry, Arc::new(store))
+    }
+
+    /// An immediate runner on a store of the caller's (an empty PostgreSQL schema, say), so
+    /// that a machine's behaviour can be checked on every backend.
+    ///
+    /// # Errors
+    /// When an action name is bound to nothing.
+    pub fn with_store(
+        config: Config,
+        mut registry: Registry,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, WorkerError> {
         registry.bind_config(&config);
         check_bindings(&config, &registry)?;
-        let store = SqliteStore::open(":memory:", &SqliteOptions::default())?;
         Ok(Self {
             config,
             registry,
@@ -136,8 +150,8 @@ impl Immediate {
     }
 
     /// The store, to inspect history and logs after a run.
-    pub fn store(&self) -> &SqliteStore {
-        &self.store
+    pub fn store(&self) -> &dyn Store {
+        &*self.store
     }
 
     /// Start an instance of `machine` and run it, and everything else pending, to the end.
@@ -152,7 +166,7 @@ impl Immediate {
         context: Context,
     ) -> Result<InstanceView, ImmediateError> {
         let started = start_instance(
-            &self.store,
+            &*self.store,
             &self.config,
             &self.clock,
             machine,
@@ -191,7 +205,7 @@ impl Immediate {
     pub async fn run_pending(&self) -> Result<usize, ImmediateError> {
         let clock: Arc<dyn Clock> = Arc::new(self.clock.clone());
         let env = StepEnv {
-            store: &self.store,
+            store: &*self.store,
             successors: None,
             adopt: None,
             action_timeout: Duration::from_secs(300),

@@ -4,13 +4,16 @@
 //! lease). Whatever happens, every instance completes, and every item was paged once,
 //! forked once and joined exactly once.
 
+#[macro_use]
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use phasm::action::{Action, ActionContext, ActionError, ActionResult, Registry};
 use phasm::config::{load_str, LoadOptions};
 use phasm::engine::Context;
-use phasm::store::InstanceStatus;
+use phasm::store::{InstanceStatus, Store};
 use phasm::testing::Immediate;
 use serde_json::{json, Value};
 
@@ -135,8 +138,7 @@ fn registry(page: u64, fail_rate: f64, seed: u64) -> Registry {
     r
 }
 
-#[tokio::test]
-async fn random_machines_with_crashes_join_every_branch_exactly_once() {
+async fn random_machines_with_crashes_join_every_branch_exactly_once(store: Arc<dyn Store>) {
     let windows = ["0", "1", "5", "all"];
     for seed in 0..200u64 {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -156,9 +158,10 @@ async fn random_machines_with_crashes_join_every_branch_exactly_once() {
         )
         .unwrap_or_else(|e| panic!("{about}: {e}"))
         .config;
-        let run = Immediate::new(config, registry(page, fail_rate, seed))
-            .unwrap()
-            .with_crashes(seed, crash_rate);
+        let run =
+            Immediate::with_store(config, registry(page, fail_rate, seed), Arc::clone(&store))
+                .unwrap()
+                .with_crashes(seed, crash_rate);
         let mut start = Context::new();
         start.insert("n".into(), json!(n));
         let view = run
@@ -189,3 +192,5 @@ async fn random_machines_with_crashes_join_every_branch_exactly_once() {
         assert!(view.tasks.is_empty(), "{about}");
     }
 }
+
+on_both_stores!(random_machines_with_crashes_join_every_branch_exactly_once,);

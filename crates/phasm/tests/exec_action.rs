@@ -232,7 +232,6 @@ async fn a_first_line_with_only_a_token_outside_a_continuation_is_the_response()
 #[tokio::test]
 async fn log_lines_may_carry_a_level() {
     use phasm::config::{load_str, LoadOptions};
-    use phasm::store::Store;
     let yaml = r#"
 actions:
   Talk:

@@ -2,6 +2,9 @@
 //! actions in immediate mode: how many times each action ran and how many contexts each join
 //! saw. Where phasm deliberately differs, the test says why (and so does the README).
 
+#[macro_use]
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -202,7 +205,11 @@ fn config(file: &str) -> Config {
     load_file(path, &LoadOptions::default()).unwrap().config
 }
 
-async fn run(file: &str, machine: &str) -> (Counts, phasm::store::InstanceView, Immediate) {
+async fn run(
+    store: Arc<dyn Store>,
+    file: &str,
+    machine: &str,
+) -> (Counts, phasm::store::InstanceView, Immediate) {
     let counts = Counts::default();
     let cfg = config(file);
     let only = Config {
@@ -214,7 +221,7 @@ async fn run(file: &str, machine: &str) -> (Counts, phasm::store::InstanceView, 
             .collect(),
         ..cfg
     };
-    let run = Immediate::new(only, registry(&counts)).unwrap();
+    let run = Immediate::with_store(only, registry(&counts), store).unwrap();
     let view = run.run(machine, Context::new()).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Completed, "{view:?}");
     assert!(view.tasks.is_empty() && view.branches.parked == 0);
@@ -223,9 +230,9 @@ async fn run(file: &str, machine: &str) -> (Counts, phasm::store::InstanceView, 
 
 const FAN_IN: &str = "test-DatastoreFSMContinuationFanInTests.yaml";
 
-#[tokio::test]
-async fn e4_continuation_pages_each_run_once() {
+async fn e4_continuation_pages_each_run_once(store: Arc<dyn Store>) {
     let (c, view, _) = run(
+        Arc::clone(&store),
         "test-DatastoreFSMContinuationTests.yaml",
         "DatastoreFSMContinuationTests",
     )
@@ -241,9 +248,13 @@ async fn e4_continuation_pages_each_run_once() {
     assert_eq!(view.branches.ended, 5);
 }
 
-#[tokio::test]
-async fn e10_continuation_into_fan_in_joins_every_page_once() {
-    let (c, _, _) = run(FAN_IN, "DatastoreFSMContinuationFanInTests").await;
+async fn e10_continuation_into_fan_in_joins_every_page_once(store: Arc<dyn Store>) {
+    let (c, _, _) = run(
+        Arc::clone(&store),
+        FAN_IN,
+        "DatastoreFSMContinuationFanInTests",
+    )
+    .await;
     assert_eq!(get(&c, "state-continuation.action"), 5);
     assert_eq!(
         get(&c, "joins"),
@@ -257,17 +268,25 @@ async fn e10_continuation_into_fan_in_joins_every_page_once() {
     assert_eq!(get(&c, "state-final.action"), 1);
 }
 
-#[tokio::test]
-async fn e11_an_absent_group_key_joins_as_one_group() {
-    let (c, _, _) = run(FAN_IN, "DatastoreFSMContinuationFanInGroupDefaultTests").await;
+async fn e11_an_absent_group_key_joins_as_one_group(store: Arc<dyn Store>) {
+    let (c, _, _) = run(
+        Arc::clone(&store),
+        FAN_IN,
+        "DatastoreFSMContinuationFanInGroupDefaultTests",
+    )
+    .await;
     assert_eq!(get(&c, "joins"), 1);
     assert_eq!(get(&c, "fi-action"), 5);
     assert_eq!(get(&c, "total"), 10);
 }
 
-#[tokio::test]
-async fn e12_five_group_values_make_five_joins() {
-    let (c, view, _) = run(FAN_IN, "DatastoreFSMContinuationFanInGroupTests").await;
+async fn e12_five_group_values_make_five_joins(store: Arc<dyn Store>) {
+    let (c, view, _) = run(
+        Arc::clone(&store),
+        FAN_IN,
+        "DatastoreFSMContinuationFanInGroupTests",
+    )
+    .await;
     assert_eq!(get(&c, "joins"), 5);
     assert_eq!(get(&c, "fi-action"), 5);
     assert_eq!(get(&c, "total"), 10);
@@ -275,9 +294,13 @@ async fn e12_five_group_values_make_five_joins() {
     assert_eq!(view.branches.ended, 5);
 }
 
-#[tokio::test]
-async fn e9_continuation_and_fork_into_fan_in() {
-    let (c, _, _) = run(FAN_IN, "DatastoreFSMContinuationFanInAndForkTests").await;
+async fn e9_continuation_and_fork_into_fan_in(store: Arc<dyn Store>) {
+    let (c, _, _) = run(
+        Arc::clone(&store),
+        FAN_IN,
+        "DatastoreFSMContinuationFanInAndForkTests",
+    )
+    .await;
     assert_eq!(get(&c, "state-continuation-and-fork.action"), 5);
     assert_eq!(get(&c, "joins"), 1);
     assert_eq!(
@@ -290,9 +313,13 @@ async fn e9_continuation_and_fork_into_fan_in() {
     assert_eq!(get(&c, "state-final.action"), 1);
 }
 
-#[tokio::test]
-async fn e15_the_diamond_joins_happy_and_sad_branches_together() {
-    let (c, _, _) = run(FAN_IN, "DatastoreFSMContinuationFanInDiamondTests").await;
+async fn e15_the_diamond_joins_happy_and_sad_branches_together(store: Arc<dyn Store>) {
+    let (c, _, _) = run(
+        Arc::clone(&store),
+        FAN_IN,
+        "DatastoreFSMContinuationFanInDiamondTests",
+    )
+    .await;
     assert_eq!(get(&c, "state-happy.action"), 3);
     assert_eq!(get(&c, "state-sad.action"), 2);
     // Fantasm keyed its fan-in by the task name, so the happy and sad arrivals were joined
@@ -303,27 +330,34 @@ async fn e15_the_diamond_joins_happy_and_sad_branches_together() {
     assert_eq!(get(&c, "total"), 10);
 }
 
-#[tokio::test]
-async fn e16_fan_in_into_a_final_state_with_only_an_exit() {
-    let (c, view, _) = run(FAN_IN, "DatastoreFSMContinuationNoFinalAction").await;
+async fn e16_fan_in_into_a_final_state_with_only_an_exit(store: Arc<dyn Store>) {
+    let (c, view, _) = run(
+        Arc::clone(&store),
+        FAN_IN,
+        "DatastoreFSMContinuationNoFinalAction",
+    )
+    .await;
     assert_eq!(get(&c, "joins"), 1);
     assert_eq!(get(&c, "state-final.entry"), 1);
     assert_eq!(get(&c, "state-final.exit"), 1);
     assert_eq!(view.history.last().unwrap().event, "pseudo-final");
 }
 
-#[tokio::test]
-async fn forking_twice_makes_three_branches() {
-    let (c, view, _) = run("test-FSMContextTests.yaml", "FSMContextTests").await;
+async fn forking_twice_makes_three_branches(store: Arc<dyn Store>) {
+    let (c, view, _) = run(
+        Arc::clone(&store),
+        "test-FSMContextTests.yaml",
+        "FSMContextTests",
+    )
+    .await;
     assert_eq!(get(&c, "foo.action"), 1);
     assert_eq!(get(&c, "foo2.action"), 1);
     assert_eq!(get(&c, "foo3.action"), 3);
     assert_eq!(view.branches.ended, 3);
 }
 
-#[tokio::test]
-async fn e21_spawn_starts_linked_children_once() {
-    let (c, view, run) = run("test-SpawnTests.yaml", "SpawnTests").await;
+async fn e21_spawn_starts_linked_children_once(store: Arc<dyn Store>) {
+    let (c, view, run) = run(Arc::clone(&store), "test-SpawnTests.yaml", "SpawnTests").await;
     assert_eq!(get(&c, "SpawnTests-InitialState.entry"), 1);
     assert_eq!(get(&c, "SpawnTests-InitialState.action"), 1);
     assert_eq!(get(&c, "SpawnTests-InitialState.exit"), 1);
@@ -336,3 +370,15 @@ async fn e21_spawn_starts_linked_children_once() {
         assert_eq!(child.machine, "MachineToSpawn");
     }
 }
+
+on_both_stores!(
+    e4_continuation_pages_each_run_once,
+    e10_continuation_into_fan_in_joins_every_page_once,
+    e11_an_absent_group_key_joins_as_one_group,
+    e12_five_group_values_make_five_joins,
+    e9_continuation_and_fork_into_fan_in,
+    e15_the_diamond_joins_happy_and_sad_branches_together,
+    e16_fan_in_into_a_final_state_with_only_an_exit,
+    forking_twice_makes_three_branches,
+    e21_spawn_starts_linked_children_once,
+);

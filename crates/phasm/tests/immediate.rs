@@ -1,5 +1,8 @@
 //! Engine rules end to end, in immediate mode (fake clock, in-memory store).
 
+#[macro_use]
+mod common;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -48,11 +51,10 @@ fn registry(
     r
 }
 
-#[tokio::test]
-async fn failed_attempts_retry_with_backoff_on_the_fake_clock() {
+async fn failed_attempts_retry_with_backoff_on_the_fake_clock(store: Arc<dyn Store>) {
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let run = Immediate::new(
+    let run = Immediate::with_store(
         config(),
         registry(move |cx| {
             c.fetch_add(1, Ordering::SeqCst);
@@ -61,6 +63,7 @@ async fn failed_attempts_retry_with_backoff_on_the_fake_clock() {
             }
             Ok(Some("done".into()))
         }),
+        Arc::clone(&store),
     )
     .unwrap();
     let view = run.run("Pay", Context::new()).await.unwrap();
@@ -91,11 +94,10 @@ impl ClockNow for Immediate {
     }
 }
 
-#[tokio::test]
-async fn exhausted_retries_fail_the_instance_and_retry_resumes_it() {
+async fn exhausted_retries_fail_the_instance_and_retry_resumes_it(store: Arc<dyn Store>) {
     let healthy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let h = Arc::clone(&healthy);
-    let run = Immediate::new(
+    let run = Immediate::with_store(
         config(),
         registry(move |_| {
             if h.load(Ordering::SeqCst) {
@@ -104,6 +106,7 @@ async fn exhausted_retries_fail_the_instance_and_retry_resumes_it() {
                 Err("still down".into())
             }
         }),
+        Arc::clone(&store),
     )
     .unwrap();
     let view = run.run("Pay", Context::new()).await.unwrap();
@@ -136,16 +139,16 @@ async fn exhausted_retries_fail_the_instance_and_retry_resumes_it() {
     );
 }
 
-#[tokio::test]
-async fn an_unknown_event_fails_at_once_without_retries() {
+async fn an_unknown_event_fails_at_once_without_retries(store: Arc<dyn Store>) {
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let run = Immediate::new(
+    let run = Immediate::with_store(
         config(),
         registry(move |_| {
             c.fetch_add(1, Ordering::SeqCst);
             Ok(Some("refund".into()))
         }),
+        Arc::clone(&store),
     )
     .unwrap();
     let view = run.run("Pay", Context::new()).await.unwrap();
@@ -158,11 +161,10 @@ async fn an_unknown_event_fails_at_once_without_retries() {
     );
 }
 
-#[tokio::test]
-async fn a_panicking_action_is_a_failed_attempt() {
+async fn a_panicking_action_is_a_failed_attempt(store: Arc<dyn Store>) {
     let calls = Arc::new(AtomicU32::new(0));
     let c = Arc::clone(&calls);
-    let run = Immediate::new(
+    let run = Immediate::with_store(
         config(),
         registry(move |_| {
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -170,6 +172,7 @@ async fn a_panicking_action_is_a_failed_attempt() {
             }
             Ok(Some("done".into()))
         }),
+        Arc::clone(&store),
     )
     .unwrap();
     let view = run.run("Pay", Context::new()).await.unwrap();
@@ -183,14 +186,14 @@ async fn a_panicking_action_is_a_failed_attempt() {
     );
 }
 
-#[tokio::test]
-async fn halting_ends_the_instance() {
-    let run = Immediate::new(
+async fn halting_ends_the_instance(store: Arc<dyn Store>) {
+    let run = Immediate::with_store(
         config(),
         registry(|cx| {
             cx.halt("customer closed the account");
             Ok(Some("done".into()))
         }),
+        Arc::clone(&store),
     )
     .unwrap();
     let view = run.run("Pay", Context::new()).await.unwrap();
@@ -199,14 +202,14 @@ async fn halting_ends_the_instance() {
     assert!(view.tasks.is_empty());
 }
 
-#[tokio::test]
-async fn an_oversized_context_is_refused_and_nothing_is_lost() {
-    let run = Immediate::new(
+async fn an_oversized_context_is_refused_and_nothing_is_lost(store: Arc<dyn Store>) {
+    let run = Immediate::with_store(
         config(),
         registry(|cx| {
             cx.put("blob", "x".repeat(2 * 1024 * 1024))?;
             Ok(Some("done".into()))
         }),
+        Arc::clone(&store),
     )
     .unwrap();
     let mut start = Context::new();
@@ -222,8 +225,7 @@ async fn an_oversized_context_is_refused_and_nothing_is_lost() {
     assert!(context.get("blob").is_none());
 }
 
-#[tokio::test]
-async fn context_changes_carry_to_the_next_step_and_scratch_does_not() {
+async fn context_changes_carry_to_the_next_step_and_scratch_does_not(store: Arc<dyn Store>) {
     let mut r = Registry::new();
     r.register_fn("Begin", |cx| {
         cx.put("amount", 12.5)?;
@@ -236,7 +238,7 @@ async fn context_changes_carry_to_the_next_step_and_scratch_does_not() {
         cx.put("charged", amount * 2.0)?;
         Ok(Some("done".into()))
     });
-    let run = Immediate::new(config(), r).unwrap();
+    let run = Immediate::with_store(config(), r, Arc::clone(&store)).unwrap();
     let view = run.run("Pay", Context::new()).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Completed);
     assert_eq!(view.current_context.unwrap()["charged"], 25.0);
@@ -253,15 +255,27 @@ fn unbound_actions_are_refused_before_running() {
     assert!(text.contains("`Charge`"), "{text}");
 }
 
-#[tokio::test]
-async fn a_machine_that_loops_forever_is_stopped() {
+async fn a_machine_that_loops_forever_is_stopped(store: Arc<dyn Store>) {
     let yaml = "state_machines:\n- name: Loop\n  states:\n  - name: a\n    initial: true\n    action: Again\n    transitions:\n    - event: again\n      to: a\n  - name: b\n    final: true\n";
     let cfg = load_str(yaml, "loop.yaml", &LoadOptions::default())
         .unwrap()
         .config;
     let mut r = Registry::new();
     r.register_fn("Again", |_| Ok(Some("again".into())));
-    let run = Immediate::new(cfg, r).unwrap().max_steps(50);
+    let run = Immediate::with_store(cfg, r, Arc::clone(&store))
+        .unwrap()
+        .max_steps(50);
     let err = run.run("Loop", Context::new()).await.unwrap_err();
     assert!(err.to_string().contains("stopped after 50 steps"), "{err}");
 }
+
+on_both_stores!(
+    failed_attempts_retry_with_backoff_on_the_fake_clock,
+    exhausted_retries_fail_the_instance_and_retry_resumes_it,
+    an_unknown_event_fails_at_once_without_retries,
+    a_panicking_action_is_a_failed_attempt,
+    halting_ends_the_instance,
+    an_oversized_context_is_refused_and_nothing_is_lost,
+    context_changes_carry_to_the_next_step_and_scratch_does_not,
+    a_machine_that_loops_forever_is_stopped,
+);

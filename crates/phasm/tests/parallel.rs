@@ -1,6 +1,9 @@
 //! Fork, fan-in (window and barrier), continuation and spawn: behaviour beyond Fantasm's own
 //! scenarios, in immediate mode.
 
+#[macro_use]
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -32,8 +35,7 @@ fn ids(contexts: &[Context], key: &str) -> Vec<u64> {
 
 /// Branches fork again at different depths and wait for different countdowns; the barrier
 /// still joins once, with every leaf.
-#[tokio::test]
-async fn a_barrier_joins_once_when_every_branch_has_arrived() {
+async fn a_barrier_joins_once_when_every_branch_has_arrived(store: Arc<dyn Store>) {
     let yaml = r#"
 state_machines:
 - name: Tree
@@ -92,7 +94,7 @@ state_machines:
         cx.put("leaves", all)?;
         Ok(None)
     });
-    let run = Immediate::new(load(yaml), r).unwrap();
+    let run = Immediate::with_store(load(yaml), r, Arc::clone(&store)).unwrap();
     let view = run.run("Tree", Context::new()).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Completed);
     assert_eq!(joins.load(Ordering::SeqCst), 1, "one barrier join");
@@ -105,8 +107,7 @@ state_machines:
 }
 
 /// Branches arriving at different times open new windows: each context is joined once.
-#[tokio::test]
-async fn late_arrivals_open_the_next_window() {
+async fn late_arrivals_open_the_next_window(store: Arc<dyn Store>) {
     let yaml = r#"
 state_machines:
 - name: Windows
@@ -149,7 +150,7 @@ state_machines:
         j.lock().unwrap().push(ids(cx.contexts(), "ids"));
         Ok(Some("done".into()))
     });
-    let run = Immediate::new(load(yaml), r).unwrap();
+    let run = Immediate::with_store(load(yaml), r, Arc::clone(&store)).unwrap();
     let view = run.run("Windows", Context::new()).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Completed);
     let batches = joined.lock().unwrap().clone();
@@ -167,8 +168,7 @@ state_machines:
     );
 }
 
-#[tokio::test]
-async fn built_in_list_pages_run_in_parallel_branches() {
+async fn built_in_list_pages_run_in_parallel_branches(store: Arc<dyn Store>) {
     let yaml = r#"
 actions:
   Pages:
@@ -201,7 +201,7 @@ state_machines:
         cx.put("pages", pages)?;
         Ok(None)
     });
-    let run = Immediate::new(load(yaml), r).unwrap();
+    let run = Immediate::with_store(load(yaml), r, Arc::clone(&store)).unwrap();
     let mut start = Context::new();
     start.insert("items".into(), json!((1..=10).collect::<Vec<u64>>()));
     let view = run.run("Lists", start).await.unwrap();
@@ -296,15 +296,14 @@ async fn forking_without_an_event_is_a_mistake() {
         .contains("forked the context but returned no event"));
 }
 
-#[tokio::test]
-async fn spawning_an_unknown_machine_fails_the_step() {
+async fn spawning_an_unknown_machine_fails_the_step(store: Arc<dyn Store>) {
     let yaml = "state_machines:\n- name: S\n  task_retry_limit: 0\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: S\n";
     let mut r = Registry::new();
     r.register_fn("S", |cx| {
         cx.spawn("Nope", vec![Context::new()]);
         Ok(None)
     });
-    let run = Immediate::new(load(yaml), r).unwrap();
+    let run = Immediate::with_store(load(yaml), r, Arc::clone(&store)).unwrap();
     let view = run.run("S", Context::new()).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Failed);
     assert!(view
@@ -319,8 +318,7 @@ async fn spawning_an_unknown_machine_fails_the_step() {
 
 /// The `exec` protocol's parallel fields: `token` in and out, `forks`, `contexts` at a
 /// join, and `spawn`.
-#[tokio::test]
-async fn exec_actions_page_fork_join_and_spawn() {
+async fn exec_actions_page_fork_join_and_spawn(store: Arc<dyn Store>) {
     let dir = tempfile::tempdir().unwrap();
     let script = r#"
 import json, sys
@@ -379,7 +377,7 @@ state_machines:
     let cfg = load_str(yaml, dir.path().join("e.yaml"), &LoadOptions::default())
         .unwrap()
         .config;
-    let run = Immediate::new(cfg, Registry::new()).unwrap();
+    let run = Immediate::with_store(cfg, Registry::new(), Arc::clone(&store)).unwrap();
     let view = run.run("Exec", Context::new()).await.unwrap();
     assert_eq!(view.status, InstanceStatus::Completed, "{:?}", view.error);
     assert_eq!(
@@ -396,3 +394,11 @@ state_machines:
     assert_eq!(child.status, InstanceStatus::Completed);
     assert_eq!(child.context["of"], 9);
 }
+
+on_both_stores!(
+    a_barrier_joins_once_when_every_branch_has_arrived,
+    late_arrivals_open_the_next_window,
+    built_in_list_pages_run_in_parallel_branches,
+    exec_actions_page_fork_join_and_spawn,
+    spawning_an_unknown_machine_fails_the_step,
+);

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use phasm::action::Registry;
 use phasm::config::{load_str, LoadOptions};
 use phasm::engine::Context;
-use phasm::store::{InstanceStatus, InstanceView, Store};
+use phasm::store::{InstanceStatus, InstanceView};
 use phasm::testing::Immediate;
 use serde_json::{json, Value};
 

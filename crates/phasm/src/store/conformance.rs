@@ -65,6 +65,7 @@ checks!(
     history_and_logs_page_with_cursors,
     an_instance_view_is_bounded_however_long_the_instance_ran,
     workers_are_listed_until_they_stop_or_expire,
+    a_barrier_is_released_when_the_last_live_task_finishes_without_successor,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -816,4 +817,42 @@ pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
     store.worker_stopped("gpu").await.unwrap();
     let listed = store.workers(T0 + 15 * SEC).await.unwrap();
     assert_eq!(listed, [again]);
+}
+
+pub async fn a_barrier_is_released_when_the_last_live_task_finishes_without_successor(
+    store: &dyn Store,
+) {
+    start(store, "b", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks = vec![
+        new_task("b--one", Some("a"), T0),
+        new_task("b--two", Some("a"), T0),
+    ];
+    assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    // One branch parks at a barrier: the other is still live, so the join waits.
+    let mut branches = store.claim(T0, &request(2)).await.unwrap();
+    branches.sort_by(|x, y| x.name.cmp(&y.name));
+    let (one, two) = (branches.remove(0), branches.remove(0));
+    let mut c = commit(&one);
+    c.parked.push(crate::engine::Parked {
+        state: "all".into(),
+        group: String::new(),
+        context: ctx(1),
+        branch: "one".into(),
+        step: 1,
+        window: None,
+        queue: "default".into(),
+        target: None,
+    });
+    assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
+    assert!(store.claim(T0 + SEC, &request(5)).await.unwrap().is_empty());
+    // The other finishes and leaves nothing behind (a window join with nothing left to
+    // join does that): no branch is live any more, so the barrier join runs.
+    let c = Commit::finishing(&two);
+    assert_eq!(apply_one(store, T0 + 2 * SEC, c).await, Applied::Yes);
+    let joins = store.claim(T0 + 2 * SEC, &request(5)).await.unwrap();
+    assert_eq!(joins.len(), 1, "{joins:?}");
+    assert_eq!(joins[0].kind, TaskKind::Join);
+    assert_eq!(joins[0].contexts, vec![ctx(1)]);
 }

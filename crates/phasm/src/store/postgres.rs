@@ -918,7 +918,9 @@ async fn apply_simple(
             claimed,
         },
         instance_id: Some(instance_id),
-        settle: result.is_some(),
+        // A branch ended, or the finished task had no successor (a window join left with
+        // nothing to join): either may leave no branch live, releasing barrier joins.
+        settle: result.is_some() || t.is_none(),
         complete: result.is_some(),
         notify: inserted.is_some() && lease.is_none(),
     })
@@ -1163,7 +1165,10 @@ async fn apply_one(
         .await
         .map_err(pg)?;
     }
-    let mut settle = !c.parked.is_empty();
+    // A branch parked, or the finished task had no successor: either may leave no branch
+    // live, releasing barrier joins (as SQLite checks after every commit).
+    let mut settle =
+        !c.parked.is_empty() || (c.disposition == Disposition::Finished && c.new_tasks.is_empty());
     let mut complete = false;
     match &c.instance_change {
         InstanceChange::None => {}

@@ -1,6 +1,43 @@
 //! Helpers shared by the tests that watch real processes.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports, unused_macros)]
+
+pub mod postgres;
+
+/// Run each named test — an `async fn NAME(store: Arc<dyn Store>)` of the including file —
+/// once on an in-memory SQLite store (`sqlite::NAME`) and once on a fresh PostgreSQL schema
+/// (`postgres::NAME`), so behaviour is checked on both backends.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let store = phasm::store::SqliteStore::open(
+                        ":memory:",
+                        &phasm::store::SqliteOptions::default(),
+                    )
+                    .expect("opens");
+                    super::$name(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let Some(schema) =
+                        crate::common::postgres::Schema::fresh(stringify!($name)).await
+                    else {
+                        return;
+                    };
+                    super::$name(std::sync::Arc::new(schema.store().await)).await;
+                    schema.drop_schema().await;
+                }
+            )*
+        }
+    };
+}
 
 use std::time::Duration;
 

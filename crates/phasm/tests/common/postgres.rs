@@ -1,0 +1,71 @@
+//! A fresh PostgreSQL schema per test.
+//!
+//! The database is `PHASM_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432/test`).
+//! Without a reachable server a test prints `SKIPPED` and passes — unless
+//! `PHASM_REQUIRE_POSTGRES=1` (as `.ci/run` sets it), which makes it fail instead.
+
+use phasm::store::{PostgresOptions, PostgresStore};
+
+fn base_url() -> String {
+    std::env::var("PHASM_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of one test's own, dropped by [`Schema::drop_schema`].
+pub struct Schema {
+    client: tokio_postgres::Client,
+    name: String,
+    url: String,
+}
+
+impl Schema {
+    /// A fresh schema for `test`, or `None` (after saying so) when PostgreSQL is unreachable.
+    pub async fn fresh(test: &str) -> Option<Self> {
+        let base = base_url();
+        let (client, connection) = match tokio_postgres::connect(&base, tokio_postgres::NoTls).await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                if std::env::var("PHASM_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                    panic!("PostgreSQL is required (PHASM_REQUIRE_POSTGRES=1) but {base} is unreachable: {e}");
+                }
+                eprintln!("SKIPPED {test}: PostgreSQL at {base} is unreachable ({e})");
+                return None;
+            }
+        };
+        tokio::spawn(connection);
+        // Unique first: PostgreSQL cuts names at 63 bytes.
+        let name = format!(
+            "phasm_test_{}_{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default(),
+            test.to_lowercase().chars().take(30).collect::<String>()
+        );
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE; CREATE SCHEMA {name}"
+            ))
+            .await
+            .expect("create schema");
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-csearch_path%3D{name}");
+        Some(Self { client, name, url })
+    }
+
+    /// A store in this schema.
+    pub async fn store(&self) -> PostgresStore {
+        PostgresStore::open(&self.url, &PostgresOptions::default())
+            .await
+            .expect("opens")
+    }
+
+    /// Drop the schema and everything in it.
+    pub async fn drop_schema(self) {
+        let _ = self
+            .client
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
+            .await;
+    }
+}
