@@ -66,6 +66,12 @@ checks!(
     an_instance_view_is_bounded_however_long_the_instance_ran,
     workers_are_listed_until_they_stop_or_expire,
     a_barrier_is_released_when_the_last_live_task_finishes_without_successor,
+    a_window_joins_what_parked_before_it_runs_and_later_arrivals_open_the_next,
+    fan_in_groups_join_apart,
+    a_spawned_instance_starts_once,
+    a_continuation_page_queued_early_is_not_queued_again_by_a_retry,
+    stats_count_due_scheduled_running_and_parked,
+    two_claimers_never_take_the_same_task,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -855,4 +861,205 @@ pub async fn a_barrier_is_released_when_the_last_live_task_finishes_without_succ
     assert_eq!(joins.len(), 1, "{joins:?}");
     assert_eq!(joins[0].kind, TaskKind::Join);
     assert_eq!(joins[0].contexts, vec![ctx(1)]);
+}
+
+fn parked(state: &str, group: &str, n: i64, window: Option<i64>) -> crate::engine::Parked {
+    crate::engine::Parked {
+        state: state.into(),
+        group: group.into(),
+        context: ctx(n),
+        branch: format!("b{n}"),
+        step: 1,
+        window,
+        queue: "default".into(),
+        target: None,
+    }
+}
+
+/// Start instance `name` with `n` branches due at `T0`, and claim them (sorted by name).
+async fn branches(store: &dyn Store, name: &str, n: usize) -> Vec<Task> {
+    start(store, name, T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks = (0..n)
+        .map(|i| new_task(&format!("{name}--branch-{i}"), Some("a"), T0))
+        .collect();
+    assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    let mut tasks = store.claim(T0, &request(n)).await.unwrap();
+    assert_eq!(tasks.len(), n);
+    tasks.sort_by(|x, y| x.name.cmp(&y.name));
+    tasks
+}
+
+/// Commit `task` as parking `p` (and nothing else).
+async fn park_one(store: &dyn Store, now: i64, task: &Task, p: crate::engine::Parked) {
+    let mut c = Commit::finishing(task);
+    c.parked.push(p);
+    assert_eq!(apply_one(store, now, c).await, Applied::Yes);
+}
+
+pub async fn a_window_joins_what_parked_before_it_runs_and_later_arrivals_open_the_next(
+    store: &dyn Store,
+) {
+    let tasks = branches(store, "w", 3).await;
+    let window = Some(5 * SEC);
+    park_one(store, T0 + SEC, &tasks[0], parked("j", "", 0, window)).await;
+    park_one(store, T0 + 2 * SEC, &tasks[1], parked("j", "", 1, window)).await;
+    // The window is counted from the first arrival.
+    assert!(store
+        .claim(T0 + 5 * SEC, &request(5))
+        .await
+        .unwrap()
+        .is_empty());
+    let join = store
+        .claim(T0 + 6 * SEC, &request(5))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(join.kind, TaskKind::Join);
+    assert_eq!(join.contexts, vec![ctx(0), ctx(1)]);
+    // A branch arriving while that join runs waits for a window of its own.
+    park_one(store, T0 + 7 * SEC, &tasks[2], parked("j", "", 2, window)).await;
+    let mut c = Commit::finishing(&join);
+    c.new_tasks
+        .push(new_task("w--after-join-1", Some("j"), T0 + 100 * SEC));
+    assert_eq!(apply_one(store, T0 + 7 * SEC, c).await, Applied::Yes);
+    assert!(store
+        .claim(T0 + 11 * SEC, &request(5))
+        .await
+        .unwrap()
+        .is_empty());
+    let next = store
+        .claim(T0 + 12 * SEC, &request(5))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(next.kind, TaskKind::Join);
+    assert_eq!(next.contexts, vec![ctx(2)], "each branch is joined once");
+    assert_ne!(next.name, join.name);
+}
+
+pub async fn fan_in_groups_join_apart(store: &dyn Store) {
+    let tasks = branches(store, "g", 4).await;
+    let window = Some(SEC);
+    for (i, t) in tasks.iter().enumerate() {
+        let group = if i % 2 == 0 { "even" } else { "odd" };
+        park_one(store, T0, t, parked("j", group, i as i64, window)).await;
+    }
+    let mut joins = store.claim(T0 + SEC, &request(5)).await.unwrap();
+    assert_eq!(joins.len(), 2, "one join per group: {joins:?}");
+    let mut got: Vec<Vec<Context>> = joins.drain(..).map(|j| j.contexts).collect();
+    got.sort_by_key(|c| c[0]["n"].as_i64());
+    assert_eq!(got, vec![vec![ctx(0), ctx(2)], vec![ctx(1), ctx(3)]]);
+    assert_eq!(
+        store.instance("g").await.unwrap().unwrap().branches.parked,
+        4,
+        "parked until the joins commit"
+    );
+}
+
+pub async fn a_spawned_instance_starts_once(store: &dyn Store) {
+    let spawn = |t: &Task| {
+        let mut c = commit(t);
+        c.spawns.push(crate::engine::Spawned {
+            name: "child".into(),
+            machine: "M".into(),
+            context: ctx(7),
+            start: new_task("child--start", None, T0),
+        });
+        c
+    };
+    start(store, "p1", T0).await;
+    start(store, "p2", T0).await;
+    let mut tasks = store.claim(T0, &request(2)).await.unwrap();
+    tasks.sort_by(|x, y| x.name.cmp(&y.name));
+    assert_eq!(apply_one(store, T0, spawn(&tasks[0])).await, Applied::Yes);
+    // A second spawn of the same name (a retried step, another parent) starts nothing.
+    assert_eq!(apply_one(store, T0, spawn(&tasks[1])).await, Applied::Yes);
+    let child = store.instance("child").await.unwrap().unwrap();
+    assert_eq!(child.parent.as_deref(), Some("p1"));
+    assert_eq!(child.context, ctx(7));
+    assert_eq!(child.tasks.len(), 1);
+    let parent = store.instance("p1").await.unwrap().unwrap();
+    assert_eq!(parent.children, ["child"]);
+    assert!(store
+        .instance("p2")
+        .await
+        .unwrap()
+        .unwrap()
+        .children
+        .is_empty());
+}
+
+pub async fn a_continuation_page_queued_early_is_not_queued_again_by_a_retry(store: &dyn Store) {
+    start(store, "c", T0).await;
+    let page = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    assert!(!page.next_page_queued);
+    // The page queues its next page first and keeps its lease.
+    let mut keep = Commit::finishing(&page);
+    keep.disposition = Disposition::Keep;
+    keep.new_tasks.push(new_task("c--page-1", None, T0));
+    assert_eq!(apply_one(store, T0 + SEC, keep).await, Applied::Yes);
+    assert_eq!(
+        store
+            .renew(T0 + 2 * SEC, &[(page.id, page.claim)], T0 + 20 * SEC)
+            .await
+            .unwrap(),
+        [true],
+        "the page still holds its lease"
+    );
+    // Its worker dies: the page runs again, knowing its next page is queued.
+    let mut again = store.claim(T0 + 30 * SEC, &request(5)).await.unwrap();
+    again.sort_by(|x, y| x.name.cmp(&y.name));
+    let retried = again
+        .iter()
+        .find(|t| t.id == page.id)
+        .expect("the page again");
+    assert!(retried.next_page_queued);
+    assert!(again.iter().any(|t| t.name == "c--page-1"));
+}
+
+pub async fn stats_count_due_scheduled_running_and_parked(store: &dyn Store) {
+    start(store, "s", T0).await;
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = commit(&t);
+    c.new_tasks = vec![
+        new_task("s--due-1", Some("a"), T0),
+        new_task("s--due-2", Some("a"), T0),
+        new_task("s--later", Some("a"), T0 + 60 * SEC),
+    ];
+    c.parked.push(parked("j", "", 1, Some(600 * SEC)));
+    assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    let running = store.claim(T0 + SEC, &request(1)).await.unwrap();
+    assert_eq!(running.len(), 1);
+    let stats = store.stats(T0 + 3 * SEC).await.unwrap();
+    assert_eq!(stats.parked, 1);
+    let q = stats
+        .queues
+        .iter()
+        .find(|q| q.queue == "default")
+        .expect("the default queue");
+    assert_eq!((q.due, q.running), (1, 1), "{q:?}");
+    // The later step and the window join wait.
+    assert_eq!(q.scheduled, 2, "{q:?}");
+    assert!(q.oldest_due_age_seconds >= 2.9, "{q:?}");
+}
+
+pub async fn two_claimers_never_take_the_same_task(store: &dyn Store) {
+    for i in 0..40 {
+        start(store, &format!("r{i:02}"), T0).await;
+    }
+    let mut other = request(15);
+    other.owner = "w2".into();
+    let mut seen = std::collections::HashSet::new();
+    for round in 0..3 {
+        let now = T0 + round * SEC;
+        let (a, b) =
+            futures_util::future::join(store.claim(now, &request(15)), store.claim(now, &other))
+                .await;
+        for t in a.unwrap().into_iter().chain(b.unwrap()) {
+            assert!(seen.insert(t.id), "task {} claimed twice", t.name);
+        }
+    }
+    assert_eq!(seen.len(), 40, "every task claimed once");
 }
