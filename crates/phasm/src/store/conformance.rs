@@ -72,6 +72,7 @@ checks!(
     a_continuation_page_queued_early_is_not_queued_again_by_a_retry,
     stats_count_due_scheduled_running_and_parked,
     two_claimers_never_take_the_same_task,
+    queue_limits_hold_across_claimers,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -1062,4 +1063,69 @@ pub async fn two_claimers_never_take_the_same_task(store: &dyn Store) {
         }
     }
     assert_eq!(seen.len(), 40, "every task claimed once");
+}
+
+pub async fn queue_limits_hold_across_claimers(store: &dyn Store) {
+    use crate::machine::{QueueLimits, Rate};
+    for i in 0..10 {
+        let name = format!("q{i}");
+        store
+            .start(
+                T0,
+                NewInstance {
+                    name: name.clone(),
+                    machine: "M".into(),
+                    context: ctx(0),
+                    start: NewTask {
+                        queue: if i < 5 { "few" } else { "slow" }.into(),
+                        ..new_task(&format!("{name}--start"), None, T0)
+                    },
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let shared = vec![
+        (
+            "few".to_string(),
+            QueueLimits {
+                max_concurrent: Some(2),
+                rate: None,
+            },
+        ),
+        (
+            "slow".to_string(),
+            QueueLimits {
+                max_concurrent: None,
+                rate: Some(Rate {
+                    count: 3,
+                    per: Duration::from_secs(60),
+                }),
+            },
+        ),
+    ];
+    let claimer = |owner: &str| ClaimRequest {
+        owner: owner.into(),
+        lease: Duration::from_secs(60),
+        shared_limits: shared.clone(),
+        ..request(10)
+    };
+    let count = |tasks: &[Task], queue: &str| tasks.iter().filter(|t| t.queue == queue).count();
+    let first = store.claim(T0, &claimer("w1")).await.unwrap();
+    let second = store.claim(T0, &claimer("w2")).await.unwrap();
+    // Two running at most in `few`, three starts a minute in `slow`, whoever claims.
+    assert_eq!(count(&first, "few") + count(&second, "few"), 2);
+    assert_eq!(count(&first, "slow") + count(&second, "slow"), 3);
+    // One `few` task finishes: one more may start. Twenty seconds refill one `slow` token.
+    let done = first
+        .iter()
+        .chain(&second)
+        .find(|t| t.queue == "few")
+        .unwrap();
+    assert_eq!(
+        apply_one(store, T0 + SEC, Commit::finishing(done)).await,
+        Applied::Yes
+    );
+    let later = store.claim(T0 + 20 * SEC, &claimer("w2")).await.unwrap();
+    assert_eq!((count(&later, "few"), count(&later, "slow")), (1, 1));
 }

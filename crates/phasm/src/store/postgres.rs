@@ -592,10 +592,12 @@ async fn shared_allowance(
             let per_micro = capacity / micros(rate.per).max(1) as f64;
             let row = tx
                 .query_one(
-                    "INSERT INTO queue_rates (queue, tokens, updated_at) VALUES ($1, $2, $3)
+                    "INSERT INTO queue_rates (queue, tokens, updated_at)
+                     VALUES ($1, $2::DOUBLE PRECISION, $3::BIGINT)
                      ON CONFLICT (queue) DO UPDATE
-                       SET tokens = LEAST($2, queue_rates.tokens + ($3 - queue_rates.updated_at) * $4),
-                           updated_at = $3
+                       SET tokens = LEAST($2::DOUBLE PRECISION,
+                             queue_rates.tokens + ($3::BIGINT - queue_rates.updated_at) * $4::DOUBLE PRECISION),
+                           updated_at = $3::BIGINT
                      RETURNING tokens",
                     &[queue, &capacity, &now, &per_micro],
                 )

@@ -103,7 +103,7 @@ enum Request {
 }
 
 /// The newest schema version this build writes.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -217,6 +217,14 @@ CREATE TABLE workers (
     started_at INTEGER NOT NULL,
     seen_at    INTEGER NOT NULL,
     expires_at INTEGER NOT NULL
+);
+",
+    r"
+-- A queue's `rate`, shared by every worker process on the file: a token bucket.
+CREATE TABLE queue_rates (
+    queue      TEXT PRIMARY KEY,
+    tokens     REAL NOT NULL,
+    updated_at INTEGER NOT NULL
 );
 ",
 ];
@@ -751,6 +759,52 @@ struct ClaimRow {
     target: Option<String>,
 }
 
+/// How many more tasks of each limited queue may start now, whoever claims them: its
+/// `max_concurrent` less the tasks of it running, and the tokens of its `rate` bucket (topped
+/// up for the time since it was last drawn from).
+fn shared_allowance(
+    tx: &Transaction<'_>,
+    now: Micros,
+    limits: &[(String, crate::machine::QueueLimits)],
+) -> StoreResult<Vec<(String, usize)>> {
+    let mut allowance = Vec::new();
+    for (queue, l) in limits {
+        if l.max_concurrent.is_none() && l.rate.is_none() {
+            continue;
+        }
+        let mut allowed = usize::MAX;
+        if let Some(max) = l.max_concurrent {
+            let running: i64 = tx
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM tasks
+                     WHERE queue = ?1 AND lease_owner IS NOT NULL AND status = 'ready' AND due_at > ?2",
+                )
+                .map_err(db)?
+                .query_row(params![queue, now], |r| r.get(0))
+                .map_err(db)?;
+            allowed = allowed.min(usize::try_from(i64::from(max) - running).unwrap_or(0));
+        }
+        if let Some(rate) = l.rate {
+            let capacity = f64::from(rate.count);
+            let per_micro = capacity / micros(rate.per).max(1) as f64;
+            let tokens: f64 = tx
+                .prepare_cached(
+                    "INSERT INTO queue_rates (queue, tokens, updated_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (queue) DO UPDATE
+                       SET tokens = MIN(?2, queue_rates.tokens + (?3 - queue_rates.updated_at) * ?4),
+                           updated_at = ?3
+                     RETURNING tokens",
+                )
+                .map_err(db)?
+                .query_row(params![queue, capacity, now, per_micro], |r| r.get(0))
+                .map_err(db)?;
+            allowed = allowed.min(tokens.floor().max(0.0) as usize);
+        }
+        allowance.push((queue.clone(), allowed));
+    }
+    Ok(allowance)
+}
+
 fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
     if req.limit == 0 {
         return Ok(Vec::new());
@@ -795,6 +849,13 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
         .map_err(db)?;
     let until = now + micros(req.lease);
     let mut per_queue: Vec<(String, usize)> = req.queue_limits.clone();
+    // The configured limits hold across every worker process on the file too.
+    for (queue, allowed) in shared_allowance(tx, now, &req.shared_limits)? {
+        match per_queue.iter_mut().find(|(q, _)| *q == queue) {
+            Some((_, left)) => *left = (*left).min(allowed),
+            None => per_queue.push((queue, allowed)),
+        }
+    }
     let mut claimed = Vec::new();
     for row in rows {
         if claimed.len() >= req.limit {
@@ -852,6 +913,18 @@ fn claim(tx: &Transaction<'_>, now: Micros, req: &ClaimRequest) -> StoreResult<V
             contexts,
             next_page_queued: row.page_queued,
         });
+    }
+    // Each start draws a token from its queue's bucket.
+    for (queue, limits) in &req.shared_limits {
+        let taken = claimed.iter().filter(|t| &t.queue == queue).count();
+        if limits.rate.is_some() && taken > 0 {
+            tx.prepare_cached(
+                "UPDATE queue_rates SET tokens = MAX(tokens - ?2, 0) WHERE queue = ?1",
+            )
+            .map_err(db)?
+            .execute(params![queue, taken as f64])
+            .map_err(db)?;
+        }
     }
     Ok(claimed)
 }
