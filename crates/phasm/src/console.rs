@@ -302,7 +302,7 @@ fn live_part(view: &InstanceView, workers: &[crate::store::WorkerView]) -> Strin
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>",
                 esc(t.from.as_deref().unwrap_or("start")),
                 esc(&t.event),
-                esc(&t.status),
+                t.status,
                 t.attempts,
                 rfc3339(t.due_at),
                 esc(&[

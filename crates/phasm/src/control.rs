@@ -7,7 +7,8 @@ use crate::clock::{rfc3339, Clock};
 use crate::engine::{self, Context, HistoryEntry, Limits};
 use crate::machine::{Config, Machine, ValueKind};
 use crate::store::{
-    InstanceStatus, InstanceView, NewInstance, Started, Store, StoreError, TaskView, WorkerView,
+    InstanceStatus, InstanceView, NewInstance, Started, Store, StoreError, TaskStatus, TaskView,
+    WorkerView,
 };
 
 /// What starting an instance did.
@@ -219,7 +220,7 @@ fn convert(machine: &Machine, key: &str, raw: &str) -> Result<Value, String> {
 /// (`workers`: those alive now, from [`Store::workers`]). Steps already running, failed or
 /// held need no worker now and give `None`.
 pub fn unserved(machine: &str, task: &TaskView, workers: &[WorkerView]) -> Option<String> {
-    if task.status != "ready" || task.leased_by.is_some() {
+    if task.status != TaskStatus::Ready || task.leased_by.is_some() {
         return None;
     }
     let target = task.target.as_deref();

@@ -121,7 +121,7 @@ async fn exhausted_retries_fail_the_instance_and_retry_resumes_it(store: Arc<dyn
         1,
         "history up to the failing step is kept"
     );
-    assert_eq!(view.tasks[0].status, "failed");
+    assert_eq!(view.tasks[0].status, phasm::store::TaskStatus::Failed);
 
     healthy.store(true, Ordering::SeqCst);
     use phasm::clock::Clock;

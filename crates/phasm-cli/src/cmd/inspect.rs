@@ -188,7 +188,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
                 .as_deref()
                 .map(|p| format!("; target `{p}`: only `phasm worker --target {p}` takes it"))
                 .unwrap_or_default();
-            let when = if t.status == "held" {
+            let when = if t.status == phasm::store::TaskStatus::Held {
                 "stopped because the instance failed; `phasm retry` resumes it".to_string()
             } else {
                 format!("due {}", time(t.due_at))

@@ -419,7 +419,7 @@ pub async fn a_failure_holds_the_instance_until_retried(store: &dyn Store) {
     let view = store.instance("i").await.unwrap().unwrap();
     assert_eq!(view.status, InstanceStatus::Failed);
     assert_eq!(view.error.as_deref(), Some("bad"));
-    assert_eq!(view.tasks[0].status, "failed");
+    assert_eq!(view.tasks[0].status, crate::store::TaskStatus::Failed);
     assert!(store
         .claim(T0 + 100 * SEC, &request(1))
         .await

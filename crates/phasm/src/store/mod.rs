@@ -74,6 +74,63 @@ impl std::fmt::Display for InstanceStatus {
     }
 }
 
+/// Where a pending task (a step to run, or a join) is. Finished tasks are deleted by the
+/// commit that finishes them, so a task row exists only in one of these states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// To run once due. Moved in by the commit that queues the task (or a countdown's, a
+    /// retry's or a postponement's reschedule), by `retry` (from `failed` and `held`), and by
+    /// the release of a barrier join (from `waiting`). A worker's claim leases it — it stays
+    /// `ready`, *running* while the lease is unexpired — and moves it out by deleting it
+    /// (finished) or marking it `failed`; a failure elsewhere in the instance moves it to
+    /// `held`; halt and cancel delete it.
+    Ready,
+    /// A barrier join (`fan_in: all`) waiting for every branch of its instance to park or end.
+    /// Moved in when the first branch parks; moved to `ready` by the commit (or, on
+    /// PostgreSQL, the check right after it, or the periodic sweep) that leaves no task of
+    /// the instance `ready`.
+    Waiting,
+    /// Failed for good (retries or age used up, or a mistake in the machine); its instance is
+    /// failed. Moved in by that attempt's commit; moved to `ready` by `phasm retry`.
+    Failed,
+    /// Stopped because another branch failed the instance. Moved in by that failure's commit;
+    /// moved to `ready` by `phasm retry`.
+    Held,
+}
+
+impl TaskStatus {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Ready => "ready",
+            TaskStatus::Waiting => "waiting",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Held => "held",
+        }
+    }
+
+    /// Parse the stored spelling.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] for anything else.
+    pub fn parse(s: &str) -> StoreResult<Self> {
+        Ok(match s {
+            "ready" => TaskStatus::Ready,
+            "waiting" => TaskStatus::Waiting,
+            "failed" => TaskStatus::Failed,
+            "held" => TaskStatus::Held,
+            _ => return Err(StoreError::Corrupt(format!("task status `{s}`"))),
+        })
+    }
+}
+
+impl std::fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An instance to create, with the task that starts it.
 #[derive(Debug, Clone)]
 pub struct NewInstance {
@@ -329,8 +386,8 @@ pub struct TaskView {
     pub from: Option<String>,
     /// The event it dispatches.
     pub event: String,
-    /// `ready`, `failed` (stopped the instance) or `held` (waiting for a retry).
-    pub status: String,
+    /// Where it is (see [`TaskStatus`]).
+    pub status: TaskStatus,
     /// When it is due, or when its lease expires if a worker holds it.
     pub due_at: Micros,
     /// Whether a worker holds it now.

@@ -23,8 +23,8 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
     InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
-    StoreError, StoreResult, SuccessorClaim, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
-    VIEW_ROWS,
+    StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView,
+    MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
@@ -1471,19 +1471,21 @@ impl Store for PostgresStore {
             .map_err(pg)?;
         let tasks = task_rows
             .iter()
-            .map(|r| TaskView {
-                name: r.get(0),
-                from: r.get(1),
-                event: r.get(2),
-                status: r.get(3),
-                due_at: r.get(4),
-                leased_by: r.get(5),
-                attempts: r.get::<_, i64>(6).clamp(0, i64::from(u32::MAX)) as u32,
-                last_error: r.get(7),
-                queue: r.get(8),
-                target: r.get(10),
+            .map(|r| {
+                Ok(TaskView {
+                    name: r.get(0),
+                    from: r.get(1),
+                    event: r.get(2),
+                    status: TaskStatus::parse(r.get(3))?,
+                    due_at: r.get(4),
+                    leased_by: r.get(5),
+                    attempts: r.get::<_, i64>(6).clamp(0, i64::from(u32::MAX)) as u32,
+                    last_error: r.get(7),
+                    queue: r.get(8),
+                    target: r.get(10),
+                })
             })
-            .collect();
+            .collect::<StoreResult<Vec<_>>>()?;
         let result: Option<String> = row.get(8);
         let first_context: Option<String> = task_rows.first().map(|r| r.get(9));
         let current_context = match first_context.or(result) {

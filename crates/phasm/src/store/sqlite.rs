@@ -18,8 +18,8 @@ use tokio::sync::{oneshot, Notify};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
     InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
-    StoreError, StoreResult, SuccessorClaim, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
-    VIEW_ROWS,
+    StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView,
+    MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
@@ -1303,7 +1303,7 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
     let mut contexts = Vec::new();
-    let tasks = tx
+    let rows = tx
         .prepare_cached(
             "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
              FROM tasks WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
@@ -1315,7 +1315,7 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
                     name: r.get(0)?,
                     from: r.get(1)?,
                     event: r.get(2)?,
-                    status: r.get(3)?,
+                    status: TaskStatus::Ready,
                     due_at: r.get(4)?,
                     leased_by: r.get(5)?,
                     attempts: r.get(6)?,
@@ -1324,19 +1324,20 @@ fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView
                     target: r.get(10)?,
                 },
                 r.get::<_, String>(9)?,
+                r.get::<_, String>(3)?,
             ))
         })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(db)?
-        .into_iter()
-        .map(|(view, ctx)| {
-            if contexts.is_empty() {
-                contexts.push(ctx);
-            }
-            view
-        })
-        .collect();
+        .map_err(db)?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    for (mut view, ctx, status) in rows {
+        if contexts.is_empty() {
+            contexts.push(ctx);
+        }
+        view.status = TaskStatus::parse(&status)?;
+        tasks.push(view);
+    }
     let current_context = match contexts.first().or(result.as_ref()) {
         Some(c) => Some(from_json(c)?),
         None => None,
