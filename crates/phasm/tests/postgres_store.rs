@@ -28,3 +28,22 @@ async fn postgres_passes_the_conformance_suite() {
         schema.drop_schema().await;
     }
 }
+
+#[tokio::test]
+async fn postgres_errors_say_whether_they_pass() {
+    use phasm::store::{PostgresOptions, PostgresStore};
+    // Nothing listens on port 1: connecting fails, and may work later.
+    let unreachable = PostgresStore::open(
+        "postgres://postgres@127.0.0.1:1/test?connect_timeout=2",
+        &PostgresOptions::default(),
+    )
+    .await
+    .expect_err("nothing listens there");
+    assert!(unreachable.is_transient(), "{unreachable}");
+    assert!(std::error::Error::source(&unreachable).is_some());
+    // A URL that is not one fails the same way every time.
+    let bad = PostgresStore::open("postgres://[", &PostgresOptions::default())
+        .await
+        .expect_err("not a URL");
+    assert!(!bad.is_transient(), "{bad}");
+}

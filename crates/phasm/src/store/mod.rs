@@ -561,11 +561,20 @@ pub enum Control {
 }
 
 /// Why a store operation failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    /// The database reported an error.
-    #[error("database error: {0}")]
-    Database(String),
+    /// The database reported an error, could not be reached, or cannot be used as asked.
+    #[error("database error: {message}")]
+    Database {
+        /// What went wrong, for people.
+        message: String,
+        /// Whether trying again may succeed — a lost connection, a busy or locked database, a
+        /// full disk, a conflict between transactions — rather than fail the same way.
+        transient: bool,
+        /// The driver's error, when there is one.
+        #[source]
+        source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+    },
     /// Stored data could not be read back.
     #[error("corrupt data in the store: {0}")]
     Corrupt(String),
@@ -580,6 +589,57 @@ pub enum StoreError {
         /// Newest version this build knows.
         supported: i64,
     },
+}
+
+impl StoreError {
+    /// An error of phasm's own finding (a missing file, a refused schema): not transient.
+    pub fn database(message: impl Into<String>) -> Self {
+        StoreError::Database {
+            message: message.into(),
+            transient: false,
+            source: None,
+        }
+    }
+
+    /// A driver's error, kept as the source.
+    pub fn driver(
+        message: impl Into<String>,
+        transient: bool,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StoreError::Database {
+            message: message.into(),
+            transient,
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// Whether trying the operation again may succeed (see [`StoreError::Database`]).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Database {
+                transient: true,
+                ..
+            }
+        )
+    }
+
+    /// The same error, its message led by `what` (what was being done).
+    pub fn during(&self, what: &str) -> Self {
+        match self {
+            StoreError::Database {
+                message,
+                transient,
+                source,
+            } => StoreError::Database {
+                message: format!("{what}: {message}"),
+                transient: *transient,
+                source: source.clone(),
+            },
+            other => other.clone(),
+        }
+    }
 }
 
 /// Result of a store operation.

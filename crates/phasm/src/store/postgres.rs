@@ -255,10 +255,27 @@ async fn lock_instance_by_name(
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    match e.as_db_error() {
-        Some(db) => StoreError::Database(format!("{}: {}", db.code().code(), db.message())),
-        None => StoreError::Database(e.to_string()),
-    }
+    use std::error::Error;
+    let (message, transient) = match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // Connection exceptions, insufficient resources (a full disk), the server
+            // shutting down or starting, serialization failures and deadlocks pass.
+            let transient = code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01";
+            (format!("{code}: {}", db.message()), transient)
+        }
+        // Without a server's answer: a lost connection passes, a client-side mistake (a
+        // parameter that cannot be sent) does not.
+        None => {
+            let io = e.source().is_some_and(|s| s.is::<std::io::Error>());
+            (e.to_string(), e.is_closed() || io)
+        }
+    };
+    StoreError::driver(message, transient, e)
 }
 
 fn to_json(context: &Context) -> StoreResult<String> {
@@ -282,7 +299,7 @@ impl PostgresStore {
     /// When the database cannot be reached, or has a newer schema than this phasm.
     pub async fn open(url: &str, options: &PostgresOptions) -> StoreResult<Self> {
         let config = tokio_postgres::Config::from_str(url)
-            .map_err(|e| StoreError::Database(format!("bad PostgreSQL URL: {e}")))?;
+            .map_err(|e| StoreError::database(format!("bad PostgreSQL URL: {e}")))?;
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -293,7 +310,7 @@ impl PostgresStore {
         let pool = Pool::builder(manager)
             .max_size(options.pool_size.max(2))
             .build()
-            .map_err(|e| StoreError::Database(e.to_string()))?;
+            .map_err(|e| StoreError::database(e.to_string()))?;
         let store = Self {
             pool,
             changes: Arc::new(Notify::new()),
@@ -308,7 +325,7 @@ impl PostgresStore {
         self.pool
             .get()
             .await
-            .map_err(|e| StoreError::Database(format!("cannot connect to PostgreSQL: {e}")))
+            .map_err(|e| StoreError::driver(format!("cannot connect to PostgreSQL: {e}"), true, e))
     }
 
     async fn migrate(&self) -> StoreResult<()> {
@@ -970,7 +987,7 @@ fn is_simple_park(c: &Commit) -> bool {
 
 async fn apply_park(client: &Object, now: Micros, c: &Commit) -> StoreResult<Outcome> {
     let (Some(h), Some(p)) = (c.history.first(), c.parked.first()) else {
-        return Err(StoreError::Database("not a parking commit".into()));
+        return Err(StoreError::database("not a parking commit"));
     };
     let (status, due_at, suffix) = match p.window {
         Some(window) => ("ready", now + window, "window"),

@@ -243,7 +243,7 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("phasm-sqlite".into())
             .spawn(move || Writer { conn }.run(receiver))
-            .map_err(|e| StoreError::Database(format!("cannot start the SQLite thread: {e}")))?;
+            .map_err(|e| StoreError::database(format!("cannot start the SQLite thread: {e}")))?;
         Ok(Self {
             requests,
             changes,
@@ -266,14 +266,25 @@ impl SqliteStore {
 }
 
 fn db(e: rusqlite::Error) -> StoreError {
-    StoreError::Database(e.to_string())
+    use rusqlite::ErrorCode;
+    let transient = matches!(
+        e.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::OutOfMemory
+        )
+    );
+    StoreError::driver(e.to_string(), transient, e)
 }
 
 fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
     use rusqlite::OpenFlags;
     let in_memory = path.as_os_str() == ":memory:";
     if options.access != Access::Create && !in_memory && !path.exists() {
-        return Err(StoreError::Database(format!(
+        return Err(StoreError::database(format!(
             "no phasm database at `{}` (a mistyped path? `phasm run`, `start`, `worker` and `serve` create one)",
             path.display()
         )));
@@ -284,13 +295,13 @@ fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connecti
         Access::ReadOnly => OpenFlags::SQLITE_OPEN_READ_ONLY,
     } | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| StoreError::Database(format!("cannot open `{}`: {e}", path.display())))?;
+        .map_err(|e| StoreError::database(format!("cannot open `{}`: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
     // Look before touching anything: whose file is this, and which schema does it hold?
     let version = inspect(&conn, path)?;
     if options.access == Access::ReadOnly {
         if version != SCHEMA_VERSION {
-            return Err(StoreError::Database(format!(
+            return Err(StoreError::database(format!(
                 "`{}` has phasm schema version {version}, this phasm reads version {SCHEMA_VERSION}: run a worker on it once to upgrade it",
                 path.display()
             )));
@@ -310,7 +321,7 @@ fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connecti
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
     ))
     .map_err(|e| {
-        StoreError::Database(format!(
+        StoreError::database(format!(
             "`{}` is not a usable SQLite database: {e}",
             path.display()
         ))
@@ -330,7 +341,7 @@ fn inspect(conn: &Connection, path: &Path) -> StoreResult<i64> {
                 .collect::<Result<Vec<_>, _>>()
         })
         .map_err(|e| {
-            StoreError::Database(format!(
+            StoreError::database(format!(
                 "`{}` is not a SQLite database ({}); phasm left it untouched",
                 path.display(),
                 short(&e)
@@ -341,7 +352,7 @@ fn inspect(conn: &Connection, path: &Path) -> StoreResult<i64> {
     }
     if !tables.iter().any(|t| t == "phasm_schema") {
         let shown: Vec<&str> = tables.iter().take(8).map(String::as_str).collect();
-        return Err(StoreError::Database(format!(
+        return Err(StoreError::database(format!(
             "`{}` is a SQLite database of something else (tables: {}{}); phasm left it untouched — name another file with --db",
             path.display(),
             shown.join(", "),
@@ -392,7 +403,7 @@ fn migrate(conn: &Connection, path: &Path) -> StoreResult<()> {
             .skip(usize::try_from(version).unwrap_or(0))
         {
             conn.execute_batch(sql).map_err(|e| {
-                StoreError::Database(format!(
+                StoreError::database(format!(
                     "cannot bring `{}` to phasm schema version {}: {}; phasm left it as it was",
                     path.display(),
                     i + 1,
@@ -418,7 +429,7 @@ type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 fn pending<T: Send + 'static>(reply: Reply<T>, result: StoreResult<T>) -> Pending {
     Box::new(move |batch_error| {
         let result = match (batch_error, result) {
-            (Some(e), _) => Err(StoreError::Database(format!("commit failed: {e}"))),
+            (Some(e), _) => Err(e.during("commit failed")),
             (None, r) => r,
         };
         let _ = reply.send(result);
@@ -504,7 +515,7 @@ impl Writer {
 }
 
 fn fail_request(request: Request, e: &StoreError) {
-    let err = || StoreError::Database(e.to_string());
+    let err = || e.clone();
     match request {
         Request::Start(_, _, r) => drop(r.send(Err(err()))),
         Request::Claim(_, _, r) => drop(r.send(Err(err()))),
@@ -580,10 +591,9 @@ fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Scrub(cutoff, batch, reply) => {
             pending(reply, scoped(tx, |tx| scrub(tx, cutoff, batch)))
         }
-        Request::Probe(_, reply) => pending(
-            reply,
-            Err(StoreError::Database("probe inside a batch".into())),
-        ),
+        Request::Probe(_, reply) => {
+            pending(reply, Err(StoreError::database("probe inside a batch")))
+        }
     }
 }
 
@@ -1762,5 +1772,34 @@ impl Store for SqliteStore {
 
     fn changes(&self) -> Arc<Notify> {
         Arc::clone(&self.changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: std::os::raw::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn busy_locked_and_full_are_transient_and_keep_their_source() {
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_FULL,
+        ] {
+            let e = db(failure(code));
+            assert!(e.is_transient(), "{e}");
+            assert!(std::error::Error::source(&e).is_some(), "{e}");
+        }
+        for code in [
+            rusqlite::ffi::SQLITE_CONSTRAINT,
+            rusqlite::ffi::SQLITE_CORRUPT,
+        ] {
+            assert!(!db(failure(code)).is_transient());
+        }
+        assert!(!StoreError::database("no phasm database").is_transient());
     }
 }

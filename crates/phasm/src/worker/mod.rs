@@ -729,6 +729,11 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
             Err(e) => {
                 failures += 1;
                 let wait = backoff(failures);
+                if !e.is_transient() {
+                    tracing::error!(task = %task.name, error = %e, "the database refuses this commit, and would again: giving up on it; the step will run again once its lease expires");
+                    done.given_up += 1;
+                    return Vec::new();
+                }
                 if inner
                     .shutting_down
                     .load(std::sync::atomic::Ordering::SeqCst)
