@@ -2,7 +2,7 @@
 //!
 //! Everything a worker or a command needs from a database goes through this trait, so the
 //! engine and the worker never see SQL. Every implementation must pass the conformance suite
-//! [`conformance`] (the `conformance` feature), which the library ships for that purpose.
+//! `store::conformance` (the `conformance` feature), which the library ships for that purpose.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
