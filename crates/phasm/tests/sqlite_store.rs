@@ -55,3 +55,28 @@ fn a_file_that_is_not_a_database_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// Reads run on a connection of their own: a read answers while the writer is busy with a
+/// long run of commits (here the commit-rate probe, thousands of fsync'd transactions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_do_not_wait_behind_the_writer() {
+    use phasm::store::Store;
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(
+        SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap(),
+    );
+    conformance::starting_is_idempotent(&*store).await;
+    let writer = {
+        let store = std::sync::Arc::clone(&store);
+        tokio::spawn(async move { store.probe_commit_rate(5000).await })
+    };
+    // Let the probe start on the writer's thread.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let read = store.list(&Default::default()).await.unwrap();
+    assert!(!read.is_empty());
+    assert!(
+        !writer.is_finished(),
+        "the read should have answered while the writer was still busy"
+    );
+    writer.await.unwrap().unwrap();
+}

@@ -70,6 +70,9 @@ pub enum Access {
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     requests: mpsc::Sender<Request>,
+    /// Reads go to a connection of their own, so they never wait behind a batch of commits
+    /// (the same queue as `requests` for an in-memory database).
+    reads: mpsc::Sender<Request>,
     changes: Arc<Notify>,
     path: PathBuf,
 }
@@ -238,15 +241,15 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> StoreResult<Self> {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path, options)?;
-        let (requests, receiver) = mpsc::channel();
-        let changes = Arc::new(Notify::new());
-        std::thread::Builder::new()
-            .name("phasm-sqlite".into())
-            .spawn(move || Writer { conn }.run(receiver))
-            .map_err(|e| StoreError::database(format!("cannot start the SQLite thread: {e}")))?;
+        let requests = spawn_batcher("phasm-sqlite", conn)?;
+        let reads = match open_reader(&path) {
+            Some(conn) => spawn_batcher("phasm-sqlite-read", conn)?,
+            None => requests.clone(),
+        };
         Ok(Self {
             requests,
-            changes,
+            reads,
+            changes: Arc::new(Notify::new()),
             path,
         })
     }
@@ -261,6 +264,14 @@ impl SqliteStore {
         self.requests
             .send(make(tx))
             .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A request that only reads, on the reading connection. It sees every commit whose
+    /// caller has had its answer (WAL: each read transaction starts from the latest commit).
+    async fn read<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.reads.send(make(tx)).map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -278,6 +289,34 @@ fn db(e: rusqlite::Error) -> StoreError {
         )
     );
     StoreError::driver(e.to_string(), transient, e)
+}
+
+/// Start a thread that runs the requests sent to it on `conn`, in batches.
+fn spawn_batcher(name: &str, conn: Connection) -> StoreResult<mpsc::Sender<Request>> {
+    let (requests, receiver) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || Batcher { conn }.run(receiver))
+        .map_err(|e| StoreError::database(format!("cannot start the SQLite thread: {e}")))?;
+    Ok(requests)
+}
+
+/// A second, read-only connection to a database file already opened (and migrated) by the
+/// writer; `None` for an in-memory database (another connection would see another database)
+/// or when it cannot be opened (the writer then serves reads too).
+fn open_reader(path: &Path) -> Option<Connection> {
+    use rusqlite::OpenFlags;
+    if path.as_os_str() == ":memory:" {
+        return None;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .ok()?;
+    conn.busy_timeout(Duration::from_secs(10)).ok()?;
+    conn.execute_batch("PRAGMA query_only = ON").ok()?;
+    Some(conn)
 }
 
 fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
@@ -436,14 +475,16 @@ fn pending<T: Send + 'static>(reply: Reply<T>, result: StoreResult<T>) -> Pendin
     })
 }
 
-struct Writer {
+/// Runs requests on one connection (the writer's, or the reader's), all that queued up
+/// while the last batch ran in one transaction.
+struct Batcher {
     conn: Connection,
 }
 
 /// Most requests run in one transaction.
 const MAX_BATCH: usize = 512;
 
-impl Writer {
+impl Batcher {
     fn run(mut self, receiver: mpsc::Receiver<Request>) {
         while let Ok(first) = receiver.recv() {
             // Whatever queued up while the last transaction ran goes into the next one.
@@ -1700,22 +1741,22 @@ impl Store for SqliteStore {
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {
-        self.call(Request::NextDue).await
+        self.read(Request::NextDue).await
     }
 
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         let name = name.to_string();
-        self.call(|r| Request::Instance(name, r)).await
+        self.read(|r| Request::Instance(name, r)).await
     }
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
         let filter = filter.clone();
-        self.call(|r| Request::List(filter, r)).await
+        self.read(|r| Request::List(filter, r)).await
     }
 
     async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
         let name = name.to_string();
-        self.call(|r| Request::Logs(name, r)).await
+        self.read(|r| Request::Logs(name, r)).await
     }
 
     async fn history_page(
@@ -1724,12 +1765,12 @@ impl Store for SqliteStore {
         page: PageRequest,
     ) -> StoreResult<Option<Page<HistoryEntry>>> {
         let name = name.to_string();
-        self.call(|r| Request::HistoryPage(name, page, r)).await
+        self.read(|r| Request::HistoryPage(name, page, r)).await
     }
 
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
         let name = name.to_string();
-        self.call(|r| Request::LogsPage(name, page, r)).await
+        self.read(|r| Request::LogsPage(name, page, r)).await
     }
 
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
@@ -1755,7 +1796,7 @@ impl Store for SqliteStore {
     }
 
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
-        self.call(|r| Request::Workers(now, r)).await
+        self.read(|r| Request::Workers(now, r)).await
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
@@ -1767,7 +1808,7 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
-        self.call(|r| Request::Stats(now, r)).await
+        self.read(|r| Request::Stats(now, r)).await
     }
 
     fn changes(&self) -> Arc<Notify> {
