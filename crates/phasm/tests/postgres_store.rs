@@ -47,3 +47,84 @@ async fn postgres_errors_say_whether_they_pass() {
         .expect_err("not a URL");
     assert!(!bad.is_transient(), "{bad}");
 }
+
+/// A worker told to stop when an instance ends notices it even when someone else ended it
+/// and its own heartbeat (a short lease) keeps waking it before its idle sleep runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_notices_that_another_ended_its_instance() {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use phasm::action::{Action, ActionContext, ActionResult, Registry};
+    use phasm::clock::{Clock, SystemClock};
+    use phasm::config::{load_str, LoadOptions};
+    use phasm::control::start_instance;
+    use phasm::engine::{Context, Limits};
+    use phasm::store::{Control, Store};
+    use phasm::worker::{StopWhen, Worker, WorkerOptions};
+
+    struct Slow;
+    #[async_trait::async_trait]
+    impl Action for Slow {
+        async fn run(&self, _cx: &mut ActionContext) -> ActionResult {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(None)
+        }
+    }
+
+    let Some(schema) = Schema::fresh("notices_ended").await else {
+        return;
+    };
+    let store: Arc<dyn Store> = Arc::new(schema.store().await);
+    let yaml = "state_machines:\n- name: S\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Slow\n";
+    let config = Arc::new(
+        load_str(yaml, "s.yaml", &LoadOptions::default())
+            .unwrap()
+            .config,
+    );
+    let mut registry = Registry::new();
+    registry.register("Slow", Slow);
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let name = start_instance(
+        &*store,
+        &config,
+        &*clock,
+        "S",
+        Context::new(),
+        None,
+        &Limits::default(),
+    )
+    .await
+    .unwrap()
+    .name()
+    .to_string();
+    let worker = Worker::new(
+        Arc::clone(&store),
+        config,
+        Arc::new(registry),
+        Arc::clone(&clock),
+        WorkerOptions {
+            lease: Duration::from_millis(600),
+            stop: StopWhen::Ended(vec![name.clone()]),
+            ..WorkerOptions::default()
+        },
+    )
+    .unwrap();
+    let worker = tokio::spawn(worker.run(std::future::pending()));
+    while store.instance(&name).await.unwrap().unwrap().tasks[0]
+        .leased_by
+        .is_none()
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        store.cancel(clock.now(), &name).await.unwrap(),
+        Control::Done
+    );
+    tokio::time::timeout(Duration::from_secs(10), worker)
+        .await
+        .expect("the worker did not notice that its instance ended")
+        .unwrap()
+        .unwrap();
+    schema.drop_schema().await;
+}

@@ -384,6 +384,13 @@ impl PostgresStore {
             }
             running.insert(instance_id, (false, false));
         }
+        // Whatever ends this call — a return, or the caller dropping it mid-way — the
+        // instance is no longer being settled here (else later commits would wait for a
+        // settle that never comes, until the sweep).
+        let _settling = SettlingGuard {
+            map: &self.settling,
+            instance_id,
+        };
         let mut complete = complete;
         loop {
             let result = self.settle(instance_id, complete, now).await;
@@ -397,7 +404,8 @@ impl PostgresStore {
                     complete = also_complete;
                 }
                 _ => {
-                    running.remove(&instance_id);
+                    // Released before the guard takes the lock again.
+                    drop(running);
                     return result;
                 }
             }
@@ -737,16 +745,22 @@ async fn park(
         .await
         .map_err(pg)?
         .get(0);
-    let pending: bool = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM tasks
-                            WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
-                              AND status IN ('ready', 'waiting') AND lease_owner IS NULL)",
+    // A join not yet started takes this branch when it is claimed. Lock it while looking:
+    // a claim of it running now either finishes first (then it is started, taking only the
+    // branches committed before it, and this branch gets a join of its own) or waits for
+    // this commit (then it takes this branch too). A plain read could see the join unstarted
+    // while a concurrent claim starts it without this branch, which nothing would then join.
+    let pending = !tx
+        .query(
+            "SELECT id FROM tasks
+             WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
+               AND status IN ('ready', 'waiting') AND lease_owner IS NULL
+             FOR UPDATE",
             &[&instance_id, &p.state, &p.group],
         )
         .await
         .map_err(pg)?
-        .get(0);
+        .is_empty();
     if pending {
         return Ok(false);
     }
@@ -793,6 +807,21 @@ impl Outcome {
             complete: false,
             notify: false,
         }
+    }
+}
+
+/// Removes an instance from the ones being settled when dropped.
+struct SettlingGuard<'a> {
+    map: &'a std::sync::Mutex<std::collections::HashMap<i64, (bool, bool)>>,
+    instance_id: i64,
+}
+
+impl Drop for SettlingGuard<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.instance_id);
     }
 }
 
@@ -959,15 +988,21 @@ WITH fenced AS (
     INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
     SELECT instance_id, $12, $13, $14, $15, $16, $3 FROM fenced
     RETURNING id, instance_id
+), pending AS (
+    -- A join not yet started, locked while looking (see `park`: a concurrent claim must not
+    -- start it without this branch unseen).
+    SELECT t.id FROM tasks t
+    WHERE t.instance_id = (SELECT instance_id FROM fenced) AND t.kind = 'join'
+      AND t.from_state = $12 AND t.grp = $13 AND t.status IN ('ready', 'waiting')
+      AND t.lease_owner IS NULL
+    FOR UPDATE OF t
 ), joiner AS (
     INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
                        target, status, due_at, created_at, grp)
     SELECT item.instance_id, $17 || item.id, 'join', $12, 'fan-in', '{}', $16, '', $18, $19, $20,
            $21, $3, $13
     FROM item
-    WHERE NOT EXISTS (
-        SELECT 1 FROM tasks WHERE instance_id = item.instance_id AND kind = 'join'
-          AND from_state = $12 AND grp = $13 AND status IN ('ready', 'waiting') AND lease_owner IS NULL)
+    WHERE NOT EXISTS (SELECT 1 FROM pending)
     ON CONFLICT (instance_id, name) DO NOTHING
     RETURNING id
 ), notified AS (

@@ -419,6 +419,9 @@ impl Worker {
                 _ = heartbeat.tick() => {
                     renew(&inner).await;
                     announce(&inner, started_at).await;
+                    // Another worker may have ended the watched instances; with a heartbeat
+                    // shorter than the idle sleep, the sleep never runs out to look.
+                    stopping |= stop_condition_holds(&inner, &mut watching, running.is_empty()).await;
                     let now = inner.clock.now();
                     if now - last_sweep >= micros(SWEEP_EVERY) {
                         last_sweep = now;
@@ -429,20 +432,7 @@ impl Worker {
                 }
                 () = &mut notified => {}
                 () = sleep => {
-                    match &opts.stop {
-                        StopWhen::Ended(_) => {
-                            check_watched(&inner, &mut watching).await;
-                            if watching.is_empty() {
-                                stopping = true;
-                            }
-                        }
-                        StopWhen::Idle if running.is_empty() => {
-                            if matches!(inner.store.next_due().await, Ok(None)) {
-                                stopping = true;
-                            }
-                        }
-                        _ => {}
-                    }
+                    stopping |= stop_condition_holds(&inner, &mut watching, running.is_empty()).await;
                 }
             }
         }
@@ -469,6 +459,19 @@ async fn announce(inner: &Inner, started_at: Micros) {
     };
     if let Err(e) = inner.store.worker_alive(now, &view).await {
         tracing::debug!(error = %e, "could not say that this worker is alive");
+    }
+}
+
+/// Whether the worker's own stop condition ([`StopWhen`]) holds now: the watched instances
+/// have ended (anyone's commits may have ended them), or nothing is pending at all.
+async fn stop_condition_holds(inner: &Inner, watching: &mut HashSet<String>, idle: bool) -> bool {
+    match &inner.options.stop {
+        StopWhen::Ended(_) => {
+            check_watched(inner, watching).await;
+            watching.is_empty()
+        }
+        StopWhen::Idle if idle => matches!(inner.store.next_due().await, Ok(None)),
+        _ => false,
     }
 }
 

@@ -33,6 +33,10 @@
 //! # });
 //! ```
 
+mod faults;
+
+pub use faults::{FaultCounts, Faults, FaultyStore};
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 

@@ -1,0 +1,226 @@
+//! A store that fails on purpose: [`FaultyStore`] wraps any [`Store`] and, drawing from a
+//! seeded random generator, refuses calls, delays them, and — the fault that matters most —
+//! applies a commit but loses its answer, as when a connection drops just after the server
+//! committed. Workers must lose nothing and commit nothing twice whatever it does.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::clock::Micros;
+use crate::engine::{Commit, HistoryEntry, LogLine, Task};
+use crate::store::{
+    AppliedCommit, ClaimRequest, Control, InstanceSummary, InstanceView, ListFilter, NewInstance,
+    Page, PageRequest, Started, Store, StoreError, StoreResult, StoreStats, SuccessorClaim,
+    WorkerView,
+};
+
+/// How often each fault happens (each a probability from 0 to 1).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// A claim, renewal, commit or next-due read fails before reaching the store.
+    pub error: f64,
+    /// A claim or a commit is applied, and then its answer is lost (the caller sees an
+    /// error).
+    pub lost_reply: f64,
+    /// A call waits up to `max_delay` before reaching the store.
+    pub delay: f64,
+    /// The longest delay.
+    pub max_delay: Duration,
+}
+
+/// What a [`FaultyStore`] did, for a test to check that its faults happened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FaultCounts {
+    /// Calls refused.
+    pub errors: u64,
+    /// Claims and commits applied whose answer was lost.
+    pub lost_replies: u64,
+    /// Calls delayed.
+    pub delays: u64,
+}
+
+/// A [`Store`] that injects [`Faults`] into the hot path (claim, renew, apply, next due);
+/// reads and administration pass through untouched.
+#[derive(Debug)]
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    faults: Faults,
+    state: Mutex<(fastrand::Rng, FaultCounts)>,
+}
+
+impl FaultyStore {
+    /// Wrap `inner`; `seed` makes the draws repeatable.
+    pub fn new(inner: Arc<dyn Store>, faults: Faults, seed: u64) -> Self {
+        Self {
+            inner,
+            faults,
+            state: Mutex::new((fastrand::Rng::with_seed(seed), FaultCounts::default())),
+        }
+    }
+
+    /// The faults injected so far.
+    pub fn counts(&self) -> FaultCounts {
+        self.lock().1
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (fastrand::Rng, FaultCounts)> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the answer of a call that reached the store is lost.
+    fn lose_reply(&self) -> bool {
+        let mut s = self.lock();
+        let lose = s.0.f64() < self.faults.lost_reply;
+        s.1.lost_replies += u64::from(lose);
+        lose
+    }
+
+    /// Draw the faults of one call: maybe a delay, then maybe a refusal.
+    async fn before(&self, what: &str) -> StoreResult<()> {
+        let (delay, fail) = {
+            let mut s = self.lock();
+            let delay = (s.0.f64() < self.faults.delay).then(|| {
+                let max = u64::try_from(self.faults.max_delay.as_micros()).unwrap_or(u64::MAX);
+                Duration::from_micros(s.0.u64(0..=max))
+            });
+            let fail = s.0.f64() < self.faults.error;
+            s.1.delays += u64::from(delay.is_some());
+            s.1.errors += u64::from(fail);
+            (delay, fail)
+        };
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
+        if fail {
+            return Err(injected(what));
+        }
+        Ok(())
+    }
+}
+
+fn injected(what: &str) -> StoreError {
+    StoreError::Database {
+        message: format!("injected fault: {what}"),
+        transient: true,
+        source: None,
+    }
+}
+
+#[async_trait]
+impl Store for FaultyStore {
+    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
+        self.inner.start(now, instance).await
+    }
+
+    async fn claim(&self, now: Micros, request: &ClaimRequest) -> StoreResult<Vec<Task>> {
+        self.before("claim").await?;
+        let claimed = self.inner.claim(now, request).await?;
+        if self.lose_reply() {
+            // The tasks are leased to a worker that never heard of them: they run again
+            // once the lease expires.
+            return Err(injected("the claim was made but its answer was lost"));
+        }
+        Ok(claimed)
+    }
+
+    async fn renew(
+        &self,
+        now: Micros,
+        leases: &[(i64, i64)],
+        until: Micros,
+    ) -> StoreResult<Vec<bool>> {
+        self.before("renew").await?;
+        self.inner.renew(now, leases, until).await
+    }
+
+    async fn apply(
+        &self,
+        now: Micros,
+        commits: Vec<Commit>,
+        successors: Option<&SuccessorClaim>,
+    ) -> StoreResult<Vec<AppliedCommit>> {
+        self.before("commit").await?;
+        let applied = self.inner.apply(now, commits, successors).await?;
+        if self.lose_reply() {
+            return Err(injected("the commit was applied but its answer was lost"));
+        }
+        Ok(applied)
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Micros>> {
+        self.before("next due").await?;
+        self.inner.next_due().await
+    }
+
+    async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
+        self.inner.instance(name).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
+        self.inner.list(filter).await
+    }
+
+    async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
+        self.inner.logs(name).await
+    }
+
+    async fn history_page(
+        &self,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Option<Page<HistoryEntry>>> {
+        self.inner.history_page(name, page).await
+    }
+
+    async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
+        self.inner.logs_page(name, page).await
+    }
+
+    async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        self.inner.retry(now, name).await
+    }
+
+    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        self.inner.cancel(now, name).await
+    }
+
+    async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
+        self.inner.scrub(cutoff, batch).await
+    }
+
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
+        self.inner.worker_alive(now, worker).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        self.inner.worker_stopped(owner).await
+    }
+
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.inner.workers(now).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<StoreStats> {
+        self.inner.stats(now).await
+    }
+
+    async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
+        self.inner.probe_commit_rate(commits).await
+    }
+
+    fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.changes()
+    }
+
+    fn notifies_other_processes(&self) -> bool {
+        self.inner.notifies_other_processes()
+    }
+
+    async fn sweep(&self, now: Micros) -> StoreResult<()> {
+        self.inner.sweep(now).await
+    }
+}
