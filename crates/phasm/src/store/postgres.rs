@@ -745,17 +745,22 @@ async fn park(
         .await
         .map_err(pg)?
         .get(0);
-    // A join not yet started takes this branch when it is claimed. Lock it while looking:
-    // a claim of it running now either finishes first (then it is started, taking only the
-    // branches committed before it, and this branch gets a join of its own) or waits for
-    // this commit (then it takes this branch too). A plain read could see the join unstarted
-    // while a concurrent claim starts it without this branch, which nothing would then join.
+    // A join not yet started takes this branch when it is claimed. For a window, lock it
+    // while looking: a claim of it running now either finishes first (then it is started,
+    // taking only the branches committed before it, and this branch gets a join of its own)
+    // or waits for this commit (then it takes this branch too); a plain read could see the
+    // join unstarted while a concurrent claim starts it without this branch, which nothing
+    // would then join. A barrier join needs no lock: it starts only once no step of the
+    // instance is live, and this parking step is live until this commit.
+    let lock = if p.window.is_some() { "FOR UPDATE" } else { "" };
     let pending = !tx
         .query(
-            "SELECT id FROM tasks
-             WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
-               AND status IN ('ready', 'waiting') AND lease_owner IS NULL
-             FOR UPDATE",
+            &format!(
+                "SELECT id FROM tasks
+                 WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
+                   AND status IN ('ready', 'waiting') AND lease_owner IS NULL
+                 {lock}"
+            ),
             &[&instance_id, &p.state, &p.group],
         )
         .await
@@ -976,7 +981,7 @@ async fn apply_simple(
 
 /// A branch's step that ends in a fan-in state: finish the task, record the arrival, park
 /// the context, and make sure a join will take it — one statement.
-const PARK_COMMIT: &str = "
+const PARK_COMMIT_TEMPLATE: &str = "
 WITH fenced AS (
     DELETE FROM tasks WHERE id = $1 AND claim = $2 AND status = 'ready' AND due_at > $3
     RETURNING instance_id
@@ -989,13 +994,12 @@ WITH fenced AS (
     SELECT instance_id, $12, $13, $14, $15, $16, $3 FROM fenced
     RETURNING id, instance_id
 ), pending AS (
-    -- A join not yet started, locked while looking (see `park`: a concurrent claim must not
-    -- start it without this branch unseen).
+    -- A join not yet started (for a window, locked while looking: see `park`).
     SELECT t.id FROM tasks t
     WHERE t.instance_id = (SELECT instance_id FROM fenced) AND t.kind = 'join'
       AND t.from_state = $12 AND t.grp = $13 AND t.status IN ('ready', 'waiting')
       AND t.lease_owner IS NULL
-    FOR UPDATE OF t
+    {LOCK}
 ), joiner AS (
     INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
                        target, status, due_at, created_at, grp)
@@ -1020,6 +1024,15 @@ fn is_simple_park(c: &Commit) -> bool {
         && c.instance_change == InstanceChange::None
 }
 
+/// [`PARK_COMMIT_TEMPLATE`] for a window fan-in: the pending join is locked while looking.
+static PARK_COMMIT_WINDOW: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| PARK_COMMIT_TEMPLATE.replace("{LOCK}", "FOR UPDATE OF t"));
+
+/// [`PARK_COMMIT_TEMPLATE`] for a barrier (`fan_in: all`): no lock, since a barrier join
+/// cannot start while the parking step is live (see `park`).
+static PARK_COMMIT_BARRIER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| PARK_COMMIT_TEMPLATE.replace("{LOCK}", ""));
+
 async fn apply_park(client: &Object, now: Micros, c: &Commit) -> StoreResult<Outcome> {
     let (Some(h), Some(p)) = (c.history.first(), c.parked.first()) else {
         return Err(StoreError::database("not a parking commit"));
@@ -1032,7 +1045,12 @@ async fn apply_park(client: &Object, now: Micros, c: &Commit) -> StoreResult<Out
         "{}--{}--fan-in--{}--{suffix}-",
         c.instance, p.state, p.group
     );
-    let statement = client.prepare_cached(PARK_COMMIT).await.map_err(pg)?;
+    let sql = if p.window.is_some() {
+        &*PARK_COMMIT_WINDOW
+    } else {
+        &*PARK_COMMIT_BARRIER
+    };
+    let statement = client.prepare_cached(sql).await.map_err(pg)?;
     let row = client
         .query_one(
             &statement,
