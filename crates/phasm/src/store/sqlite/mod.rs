@@ -1,0 +1,360 @@
+//! The embedded store: one SQLite file in WAL mode, driven by threads this store owns.
+//!
+//! Every write travels over a channel to the writer thread, which drains whatever has
+//! queued up and runs it all in one transaction (group commit): with `synchronous=FULL` each
+//! transaction costs one fsync, so many concurrent steps share one. Replies are sent only
+//! after the transaction is durable. Each request runs inside its own savepoint, so one
+//! failing request never undoes another's work. Reads go to a read-only connection of their
+//! own and never wait behind a batch of commits.
+//!
+//! The modules: `schema` (migrations; opening a file, and what is refused before anything
+//! is touched), `batch` (the connection threads), `claim`, `apply` (starting instances and
+//! committing steps), `read` and `admin` (retry, cancel, scrub, workers).
+
+mod admin;
+mod apply;
+mod batch;
+mod claim;
+mod read;
+mod schema;
+
+#[allow(unused_imports)]
+use admin::*;
+#[allow(unused_imports)]
+use apply::*;
+#[allow(unused_imports)]
+use batch::*;
+#[allow(unused_imports)]
+use claim::*;
+#[allow(unused_imports)]
+use read::*;
+#[allow(unused_imports)]
+use schema::*;
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::{oneshot, Notify};
+
+use super::{
+    cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
+    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
+    StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView,
+    MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+};
+use super::{worker_view, WORKERS_KEPT};
+use crate::clock::{micros, Micros};
+use crate::engine::{
+    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
+    TaskKind,
+};
+
+/// How hard SQLite works to make each commit durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// fsync at every commit: nothing committed is lost, even on power loss (the default).
+    #[default]
+    Full,
+    /// fsync at checkpoints only: survives a crash of phasm, but a power loss can lose the
+    /// last commits.
+    Normal,
+    /// Never fsync: for benchmarks and throwaway runs; a power loss can corrupt nothing
+    /// committed long ago but loses recent commits.
+    Off,
+}
+
+/// How to open a SQLite store.
+#[derive(Debug, Clone, Default)]
+pub struct SqliteOptions {
+    /// Durability of commits.
+    pub synchronous: Synchronous,
+    /// Whether the file may be created, and whether it is written.
+    pub access: Access,
+}
+
+/// What opening a SQLite file may do to it. In every mode a file that holds another
+/// application's tables, or a newer phasm's schema, is refused and left exactly as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Create the file if it is missing, and bring its schema up to date (commands that
+    /// start work: `run`, `start`, `worker`, `serve`).
+    #[default]
+    Create,
+    /// The file must exist; its schema is brought up to date (`retry`, `cancel`, `scrub`).
+    Existing,
+    /// The file must exist and is only read, so it may belong to someone else
+    /// (`status`, `list`, `logs`); its schema must be this phasm's.
+    ReadOnly,
+}
+
+/// The SQLite store. Cheap to clone; the writer thread stops when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    requests: mpsc::Sender<Request>,
+    /// Reads go to a connection of their own, so they never wait behind a batch of commits
+    /// (the same queue as `requests` for an in-memory database).
+    reads: mpsc::Sender<Request>,
+    changes: Arc<Notify>,
+    path: PathBuf,
+}
+
+type Reply<T> = oneshot::Sender<StoreResult<T>>;
+
+enum Request {
+    Start(Micros, Box<NewInstance>, Reply<Started>),
+    Claim(Micros, ClaimRequest, Reply<Vec<Task>>),
+    Renew(Micros, Vec<(i64, i64)>, Micros, Reply<Vec<bool>>),
+    Apply(
+        Micros,
+        Vec<Commit>,
+        Option<SuccessorClaim>,
+        Reply<Vec<AppliedCommit>>,
+    ),
+    NextDue(Reply<Option<Micros>>),
+    Instance(String, Reply<Option<InstanceView>>),
+    List(ListFilter, Reply<Vec<InstanceSummary>>),
+    Logs(String, Reply<Vec<LogLine>>),
+    HistoryPage(String, PageRequest, Reply<Option<Page<HistoryEntry>>>),
+    LogsPage(String, PageRequest, Reply<Option<Page<LogLine>>>),
+    Retry(Micros, String, Reply<Control>),
+    Cancel(Micros, String, Reply<Control>),
+    Probe(usize, Reply<f64>),
+    Scrub(Micros, usize, Reply<u64>),
+    Stats(Micros, Reply<super::StoreStats>),
+    WorkerAlive(Micros, Box<WorkerView>, Reply<()>),
+    WorkerStopped(String, Reply<()>),
+    Workers(Micros, Reply<Vec<WorkerView>>),
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`, migrate its schema, and start the
+    /// writer thread.
+    ///
+    /// # Errors
+    /// When the file cannot be opened, is not a phasm database, or is from a newer phasm.
+    pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> StoreResult<Self> {
+        let path = path.as_ref().to_path_buf();
+        let conn = open_connection(&path, options)?;
+        let requests = spawn_batcher("phasm-sqlite", conn)?;
+        let reads = match open_reader(&path) {
+            Some(conn) => spawn_batcher("phasm-sqlite-read", conn)?,
+            None => requests.clone(),
+        };
+        Ok(Self {
+            requests,
+            reads,
+            changes: Arc::new(Notify::new()),
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.requests
+            .send(make(tx))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// A request that only reads, on the reading connection. It sees every commit whose
+    /// caller has had its answer (WAL: each read transaction starts from the latest commit).
+    async fn read<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.reads.send(make(tx)).map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+fn db(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode;
+    let transient = matches!(
+        e.sqlite_error_code(),
+        Some(
+            ErrorCode::DatabaseBusy
+                | ErrorCode::DatabaseLocked
+                | ErrorCode::DiskFull
+                | ErrorCode::SystemIoFailure
+                | ErrorCode::OutOfMemory
+        )
+    );
+    StoreError::driver(e.to_string(), transient, e)
+}
+
+fn to_json(context: &Context) -> StoreResult<String> {
+    serde_json::to_string(context).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json(text: &str) -> StoreResult<Context> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad context JSON: {e}")))
+}
+
+fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
+    InstanceStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
+        let started = self
+            .call(|r| Request::Start(now, Box::new(instance), r))
+            .await?;
+        self.changes.notify_waiters();
+        Ok(started)
+    }
+
+    async fn claim(&self, now: Micros, request: &ClaimRequest) -> StoreResult<Vec<Task>> {
+        let request = request.clone();
+        self.call(|r| Request::Claim(now, request, r)).await
+    }
+
+    async fn renew(
+        &self,
+        now: Micros,
+        leases: &[(i64, i64)],
+        until: Micros,
+    ) -> StoreResult<Vec<bool>> {
+        let leases = leases.to_vec();
+        self.call(|r| Request::Renew(now, leases, until, r)).await
+    }
+
+    async fn apply(
+        &self,
+        now: Micros,
+        commits: Vec<Commit>,
+        successors: Option<&SuccessorClaim>,
+    ) -> StoreResult<Vec<AppliedCommit>> {
+        let changed: Vec<(bool, usize)> = commits
+            .iter()
+            .map(|c| {
+                let rescheduled = !matches!(c.disposition, Disposition::Finished);
+                (rescheduled || !c.new_tasks.is_empty(), c.new_tasks.len())
+            })
+            .collect();
+        let successors = successors.cloned();
+        let applied = self
+            .call(|r| Request::Apply(now, commits, successors, r))
+            .await?;
+        // Wake idle workers of this process when work was queued that nobody holds yet.
+        let queued = applied.iter().zip(&changed).any(|(a, (changed, n))| {
+            a.applied == Applied::Yes && *changed && a.claimed.len() < (*n).max(1)
+        });
+        if queued {
+            self.changes.notify_waiters();
+        }
+        Ok(applied)
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Micros>> {
+        self.read(Request::NextDue).await
+    }
+
+    async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
+        let name = name.to_string();
+        self.read(|r| Request::Instance(name, r)).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
+        let filter = filter.clone();
+        self.read(|r| Request::List(filter, r)).await
+    }
+
+    async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
+        let name = name.to_string();
+        self.read(|r| Request::Logs(name, r)).await
+    }
+
+    async fn history_page(
+        &self,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Option<Page<HistoryEntry>>> {
+        let name = name.to_string();
+        self.read(|r| Request::HistoryPage(name, page, r)).await
+    }
+
+    async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
+        let name = name.to_string();
+        self.read(|r| Request::LogsPage(name, page, r)).await
+    }
+
+    async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        let name = name.to_string();
+        let done = self.call(|r| Request::Retry(now, name, r)).await?;
+        self.changes.notify_waiters();
+        Ok(done)
+    }
+
+    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        let name = name.to_string();
+        self.call(|r| Request::Cancel(now, name, r)).await
+    }
+
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
+        let worker = Box::new(worker.clone());
+        self.call(|r| Request::WorkerAlive(now, worker, r)).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        let owner = owner.to_string();
+        self.call(|r| Request::WorkerStopped(owner, r)).await
+    }
+
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.read(|r| Request::Workers(now, r)).await
+    }
+
+    async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
+        self.call(|r| Request::Probe(commits, r)).await
+    }
+
+    async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
+        self.call(|r| Request::Scrub(cutoff, batch, r)).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
+        self.read(|r| Request::Stats(now, r)).await
+    }
+
+    fn changes(&self) -> Arc<Notify> {
+        Arc::clone(&self.changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(code: std::os::raw::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None)
+    }
+
+    #[test]
+    fn busy_locked_and_full_are_transient_and_keep_their_source() {
+        for code in [
+            rusqlite::ffi::SQLITE_BUSY,
+            rusqlite::ffi::SQLITE_LOCKED,
+            rusqlite::ffi::SQLITE_FULL,
+        ] {
+            let e = db(failure(code));
+            assert!(e.is_transient(), "{e}");
+            assert!(std::error::Error::source(&e).is_some(), "{e}");
+        }
+        for code in [
+            rusqlite::ffi::SQLITE_CONSTRAINT,
+            rusqlite::ffi::SQLITE_CORRUPT,
+        ] {
+            assert!(!db(failure(code)).is_transient());
+        }
+        assert!(!StoreError::database("no phasm database").is_transient());
+    }
+}

@@ -1,0 +1,368 @@
+//! Reading: an instance, lists, logs and history pages, metrics, live workers, the next due time.
+
+use super::*;
+
+pub(super) fn workers(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<WorkerView>> {
+    let rows = tx
+        .prepare_cached(
+            "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at
+             FROM workers WHERE expires_at > ?1 ORDER BY started_at, owner",
+        )
+        .map_err(db)?
+        .query_map([now], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(
+            |(owner, machines, targets, queues, started_at, seen_at, expires_at)| {
+                worker_view(
+                    owner,
+                    &machines,
+                    targets.as_deref(),
+                    queues.as_deref(),
+                    [started_at, seen_at, expires_at],
+                )
+            },
+        )
+        .collect()
+}
+
+pub(super) fn next_due(tx: &Transaction<'_>) -> StoreResult<Option<Micros>> {
+    tx.query_row(
+        "SELECT MIN(due_at) FROM tasks WHERE status = 'ready'",
+        [],
+        |r| r.get(0),
+    )
+    .map_err(db)
+}
+
+pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView>> {
+    let row = tx
+        .query_row(
+            "SELECT id, machine, status, context, error, created_at, updated_at, ended_at, result
+             FROM instances WHERE name = ?1",
+            [name],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, Option<String>>(8)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(db)?;
+    let Some((id, machine, status, context, error, created_at, updated_at, ended_at, result)) = row
+    else {
+        return Ok(None);
+    };
+    let history = tx
+        .prepare_cached(
+            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch
+             FROM (SELECT * FROM history WHERE instance_id = ?1 ORDER BY id DESC LIMIT ?2)
+             ORDER BY id",
+        )
+        .map_err(db)?
+        .query_map(params![id, VIEW_ROWS as i64], |r| {
+            Ok(HistoryEntry {
+                from: r.get(0)?,
+                event: r.get(1)?,
+                to: r.get(2)?,
+                attempt: r.get(3)?,
+                started_at: r.get(4)?,
+                finished_at: r.get(5)?,
+                task: r.get(6)?,
+                branch: r.get(7)?,
+                ends_branch: r.get(8)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut contexts = Vec::new();
+    let rows = tx
+        .prepare_cached(
+            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
+             FROM tasks WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
+        )
+        .map_err(db)?
+        .query_map(params![id, VIEW_ROWS as i64], |r| {
+            Ok((
+                TaskView {
+                    name: r.get(0)?,
+                    from: r.get(1)?,
+                    event: r.get(2)?,
+                    status: TaskStatus::Ready,
+                    due_at: r.get(4)?,
+                    leased_by: r.get(5)?,
+                    attempts: r.get(6)?,
+                    last_error: r.get(7)?,
+                    queue: r.get(8)?,
+                    target: r.get(10)?,
+                },
+                r.get::<_, String>(9)?,
+                r.get::<_, String>(3)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    for (mut view, ctx, status) in rows {
+        if contexts.is_empty() {
+            contexts.push(ctx);
+        }
+        view.status = TaskStatus::parse(&status)?;
+        tasks.push(view);
+    }
+    let current_context = match contexts.first().or(result.as_ref()) {
+        Some(c) => Some(from_json(c)?),
+        None => None,
+    };
+    let parent: Option<String> = tx
+        .query_row("SELECT parent FROM instances WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .map_err(db)?;
+    let children = tx
+        .prepare_cached("SELECT name FROM instances WHERE parent = ?1 ORDER BY id")
+        .map_err(db)?
+        .query_map([name], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let count = |sql: &str| -> StoreResult<u64> {
+        tx.prepare_cached(sql)
+            .map_err(db)?
+            .query_row([id], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(db)
+    };
+    let branches = BranchCounts {
+        live: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind <> 'join'")?
+            + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'join' AND lease_owner IS NOT NULL")?,
+        held: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'held'")?,
+        parked: count("SELECT COUNT(*) FROM items WHERE instance_id = ?1")?,
+        ended: count("SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1")?,
+        failed: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'failed'")?,
+    };
+    let history_total = count("SELECT COUNT(*) FROM history WHERE instance_id = ?1")?;
+    let tasks_total = count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1")?;
+    let end_states = tx
+        .prepare_cached(
+            "SELECT to_state FROM history WHERE instance_id = ?1 AND ends_branch = 1
+             GROUP BY to_state ORDER BY MAX(id)",
+        )
+        .map_err(db)?
+        .query_map([id], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(InstanceView {
+        parent,
+        children,
+        branches,
+        name: name.to_string(),
+        machine,
+        status: parse_status(&status)?,
+        context: from_json(&context)?,
+        error,
+        created_at,
+        updated_at,
+        ended_at,
+        history,
+        history_total,
+        tasks,
+        tasks_total,
+        end_states,
+        current_context,
+    }))
+}
+
+pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
+    let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT name, machine, status, created_at, updated_at, error FROM instances
+             WHERE (?1 IS NULL OR machine = ?1) AND (?2 IS NULL OR status = ?2)
+               AND (?4 IS NULL OR id < (SELECT id FROM instances WHERE name = ?4))
+             ORDER BY id DESC LIMIT ?3",
+        )
+        .map_err(db)?;
+    let rows = stmt
+        .query_map(
+            params![
+                filter.machine,
+                filter.status.map(InstanceStatus::as_str),
+                limit,
+                filter.before
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            },
+        )
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(
+            |(instance, machine, status, created_at, updated_at, error)| {
+                Ok(InstanceSummary {
+                    instance,
+                    machine,
+                    status: parse_status(&status)?,
+                    created_at,
+                    updated_at,
+                    error,
+                })
+            },
+        )
+        .collect()
+}
+
+pub(super) fn logs(tx: &Transaction<'_>, name: &str) -> StoreResult<Vec<LogLine>> {
+    tx.prepare_cached(
+        "SELECT l.at, l.level, l.message, l.task FROM logs l
+         JOIN instances i ON i.id = l.instance_id WHERE i.name = ?1 ORDER BY l.id",
+    )
+    .map_err(db)?
+    .query_map([name], |r| {
+        Ok(LogLine {
+            at: r.get(0)?,
+            level: r.get(1)?,
+            message: r.get(2)?,
+            task: r.get(3)?,
+        })
+    })
+    .map_err(db)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(db)
+}
+
+pub(super) fn history_page(
+    tx: &Transaction<'_>,
+    name: &str,
+    page: PageRequest,
+) -> StoreResult<Option<Page<HistoryEntry>>> {
+    let Some((id, _)) = lookup(tx, name)? else {
+        return Ok(None);
+    };
+    let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+    let rows = tx
+        .prepare_cached(
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch
+             FROM history WHERE instance_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(db)?
+        .query_map(params![id, page.after, limit + 1], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                HistoryEntry {
+                    from: r.get(1)?,
+                    event: r.get(2)?,
+                    to: r.get(3)?,
+                    attempt: r.get(4)?,
+                    started_at: r.get(5)?,
+                    finished_at: r.get(6)?,
+                    task: r.get(7)?,
+                    branch: r.get(8)?,
+                    ends_branch: r.get(9)?,
+                },
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+pub(super) fn logs_page(
+    tx: &Transaction<'_>,
+    name: &str,
+    page: PageRequest,
+) -> StoreResult<Option<Page<LogLine>>> {
+    let Some((id, _)) = lookup(tx, name)? else {
+        return Ok(None);
+    };
+    let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+    let cut = i64::try_from(MAX_PAGE_MESSAGE_CHARS).unwrap_or(i64::MAX);
+    let rows = tx
+        .prepare_cached(
+            "SELECT id, at, level, substr(message, 1, ?4), length(message), task
+             FROM logs WHERE instance_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(db)?
+        .query_map(params![id, page.after, limit + 1, cut], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                LogLine {
+                    at: r.get(1)?,
+                    level: r.get(2)?,
+                    message: cut_message(r.get(3)?, r.get(4)?),
+                    task: r.get(5)?,
+                },
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+pub(super) fn stats(tx: &Transaction<'_>, now: Micros) -> StoreResult<crate::store::StoreStats> {
+    let sql = "SELECT queue,
+       SUM(CASE WHEN lease_owner IS NULL AND due_at <= ?1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN lease_owner IS NULL AND due_at > ?1 THEN 1 ELSE 0 END),
+       SUM(CASE WHEN lease_owner IS NOT NULL AND due_at > ?1 THEN 1 ELSE 0 END),
+       MIN(CASE WHEN lease_owner IS NULL AND due_at <= ?1 THEN due_at END)
+FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue";
+    let queues = tx
+        .prepare_cached(sql)
+        .map_err(db)?
+        .query_map([now], |r| {
+            let oldest: Option<i64> = r.get(4)?;
+            Ok(crate::store::QueueStats {
+                queue: r.get(0)?,
+                due: r.get::<_, i64>(1)?.max(0) as u64,
+                scheduled: r.get::<_, i64>(2)?.max(0) as u64,
+                running: r.get::<_, i64>(3)?.max(0) as u64,
+                oldest_due_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6),
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let parked: i64 = tx
+        .query_row("SELECT COUNT(*) FROM items", [], |r| r.get(0))
+        .map_err(db)?;
+    Ok(crate::store::StoreStats {
+        queues,
+        parked: parked.max(0) as u64,
+    })
+}
