@@ -1,0 +1,762 @@
+//! Writing: starting instances and applying commits (fenced by the task's lease) — the
+//! single-statement chain step and park, and the general path — parking branches.
+
+use super::*;
+
+pub(super) async fn insert_task(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    t: &NewTask,
+    now: Micros,
+    lease: Option<(&str, Micros)>,
+) -> StoreResult<Option<i64>> {
+    let (owner, due_at, claim, attempts, first) = match lease {
+        Some((owner, until)) => (Some(owner), until, 1i64, 1i64, Some(now)),
+        None => (None, t.due_at, 0, 0, None),
+    };
+    let token = t.token.as_ref().map(ToString::to_string);
+    let row = tx
+        .query_opt(
+            "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
+                                queue, target, status, due_at, created_at, lease_owner, claim,
+                                attempts, first_attempt_at, token)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'ready', $11, $12, $13, $14, $15, $16, $17)
+             ON CONFLICT (instance_id, name) DO NOTHING
+             RETURNING id",
+            &[
+                &instance_id,
+                &t.name,
+                &t.kind.as_str(),
+                &t.from_state,
+                &t.event,
+                &to_json(&t.context)?,
+                &(t.step as i64),
+                &t.branch,
+                &t.queue,
+                &t.target,
+                &due_at,
+                &now,
+                &owner,
+                &claim,
+                &attempts,
+                &first,
+                &token,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Insert many unleased tasks in one statement (a step that forks thousands of branches
+/// would otherwise pay a round trip per branch).
+pub(super) async fn insert_tasks(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    tasks: &[&NewTask],
+    now: Micros,
+) -> StoreResult<()> {
+    let mut names = Vec::with_capacity(tasks.len());
+    let mut kinds = Vec::with_capacity(tasks.len());
+    let mut froms = Vec::with_capacity(tasks.len());
+    let mut events = Vec::with_capacity(tasks.len());
+    let mut contexts = Vec::with_capacity(tasks.len());
+    let mut steps = Vec::with_capacity(tasks.len());
+    let mut branches = Vec::with_capacity(tasks.len());
+    let mut queues = Vec::with_capacity(tasks.len());
+    let mut targets = Vec::with_capacity(tasks.len());
+    let mut dues = Vec::with_capacity(tasks.len());
+    let mut tokens = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        names.push(t.name.clone());
+        kinds.push(t.kind.as_str().to_string());
+        froms.push(t.from_state.clone());
+        events.push(t.event.clone());
+        contexts.push(to_json(&t.context)?);
+        steps.push(t.step as i64);
+        branches.push(t.branch.clone());
+        queues.push(t.queue.clone());
+        targets.push(t.target.clone());
+        dues.push(t.due_at);
+        tokens.push(t.token.as_ref().map(ToString::to_string));
+    }
+    tx.execute(
+        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
+                            target, status, due_at, created_at, token)
+         SELECT $1, n, k, f, e, c, s, b, q, t, 'ready', d, $13, tok
+         FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
+                     $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::TEXT[])
+              AS u (n, k, f, e, c, s, b, q, t, d, tok)
+         ON CONFLICT (instance_id, name) DO NOTHING",
+        &[
+            &instance_id,
+            &names,
+            &kinds,
+            &froms,
+            &events,
+            &contexts,
+            &steps,
+            &branches,
+            &queues,
+            &targets,
+            &dues,
+            &tokens,
+            &now,
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn park(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    instance: &str,
+    p: &Parked,
+    now: Micros,
+) -> StoreResult<bool> {
+    let item: i64 = tx
+        .query_one(
+            "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+            &[
+                &instance_id,
+                &p.state,
+                &p.group,
+                &to_json(&p.context)?,
+                &p.branch,
+                &(p.step as i64),
+                &now,
+            ],
+        )
+        .await
+        .map_err(pg)?
+        .get(0);
+    // A join not yet started takes this branch when it is claimed. For a window, lock it
+    // while looking: a claim of it running now either finishes first (then it is started,
+    // taking only the branches committed before it, and this branch gets a join of its own)
+    // or waits for this commit (then it takes this branch too); a plain read could see the
+    // join unstarted while a concurrent claim starts it without this branch, which nothing
+    // would then join. A barrier join needs no lock: it starts only once no step of the
+    // instance is live, and this parking step is live until this commit.
+    let lock = if p.window.is_some() { "FOR UPDATE" } else { "" };
+    let pending = !tx
+        .query(
+            &format!(
+                "SELECT id FROM tasks
+                 WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
+                   AND status IN ('ready', 'waiting') AND lease_owner IS NULL
+                 {lock}"
+            ),
+            &[&instance_id, &p.state, &p.group],
+        )
+        .await
+        .map_err(pg)?
+        .is_empty();
+    if pending {
+        return Ok(false);
+    }
+    let (status, due_at, suffix) = match p.window {
+        Some(window) => ("ready", now + window, "window"),
+        None => ("waiting", now, "all"),
+    };
+    tx.execute(
+        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
+                            queue, target, status, due_at, created_at, grp)
+         VALUES ($1, $2, 'join', $3, 'fan-in', '{}', $4, '', $5, $6, $7, $8, $9, $10)
+         ON CONFLICT (instance_id, name) DO NOTHING",
+        &[
+            &instance_id,
+            &format!(
+                "{instance}--{}--fan-in--{}--{suffix}-{item}",
+                p.state, p.group
+            ),
+            &p.state,
+            &(p.step as i64),
+            &p.queue,
+            &p.target,
+            &status,
+            &due_at,
+            &now,
+            &p.group,
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(false)
+}
+
+impl Outcome {
+    /// A commit refused by its fence: nothing happened.
+    fn fenced() -> Self {
+        Outcome {
+            result: AppliedCommit {
+                applied: Applied::Fenced,
+                claimed: Vec::new(),
+            },
+            instance_id: None,
+            settle: false,
+            complete: false,
+            notify: false,
+        }
+    }
+}
+
+/// Removes an instance from the ones being settled when dropped.
+pub(super) struct SettlingGuard<'a> {
+    pub(super) map: &'a std::sync::Mutex<std::collections::HashMap<i64, (bool, bool)>>,
+    pub(super) instance_id: i64,
+}
+
+impl Drop for SettlingGuard<'_> {
+    fn drop(&mut self) {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.instance_id);
+    }
+}
+
+/// What one commit did, for the follow-ups outside its transaction.
+pub(super) struct Outcome {
+    result: AppliedCommit,
+    instance_id: Option<i64>,
+    /// A branch stopped being live (parked or ended): barrier joins may be released.
+    settle: bool,
+    /// A branch ended: the instance may be complete.
+    complete: bool,
+    notify: bool,
+}
+
+/// Whether a commit has the common shape of a chain step (finish the task, record at most one
+/// transition, queue at most one task, maybe end the branch), which [`apply_simple`] commits
+/// in one statement — one round trip instead of one per row.
+pub(super) fn is_simple(c: &Commit) -> bool {
+    c.disposition == Disposition::Finished
+        && c.new_tasks.len() <= 1
+        && c.history.len() <= 1
+        && c.parked.is_empty()
+        && c.spawns.is_empty()
+        && c.logs.is_empty()
+        && matches!(
+            c.instance_change,
+            InstanceChange::None | InstanceChange::BranchEnded(_)
+        )
+}
+
+pub(super) const SIMPLE_COMMIT: &str = "
+WITH fenced AS (
+    DELETE FROM tasks WHERE id = $1 AND claim = $2 AND status = 'ready' AND due_at > $3
+    RETURNING instance_id
+), joined AS (
+    DELETE FROM items WHERE join_task = $1 AND EXISTS (SELECT 1 FROM fenced)
+), hist AS (
+    INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
+                         finished_at, task, branch, ends_branch)
+    SELECT instance_id, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM fenced WHERE $13
+), next AS (
+    INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
+                       target, status, due_at, created_at, lease_owner, claim, attempts,
+                       first_attempt_at, token)
+    SELECT instance_id, $14, $15, $16, $17, $18, $19, $20, $21, $22, 'ready', $23, $3, $24, $25,
+           $26, $27, $28
+    FROM fenced WHERE $29
+    ON CONFLICT (instance_id, name) DO NOTHING
+    RETURNING id
+), ended AS (
+    UPDATE instances SET result = $30
+    WHERE $31 AND id = (SELECT instance_id FROM fenced) AND status = 'running'
+), notified AS (
+    SELECT pg_notify('phasm', '') WHERE $32 AND EXISTS (SELECT 1 FROM next)
+)
+SELECT (SELECT instance_id FROM fenced), (SELECT id FROM next), (SELECT COUNT(*) FROM notified)";
+
+/// Commit a simple step (see [`is_simple`]) in one statement.
+pub(super) async fn apply_simple(
+    client: &Object,
+    now: Micros,
+    c: &Commit,
+    successors: Option<&SuccessorClaim>,
+) -> StoreResult<Outcome> {
+    let h = c.history.first();
+    let t = c.new_tasks.first();
+    let lease = t.and_then(|t| {
+        successors
+            .filter(|s| {
+                t.due_at <= now && s.max > 0 && s.takes(&t.queue, &c.machine, t.target.as_deref())
+            })
+            .map(|s| (s.owner.clone(), now + micros(s.lease)))
+    });
+    let (owner, due_at, claim, attempts, first) = match (&lease, t) {
+        (Some((owner, until)), _) => (Some(owner.clone()), *until, 1i64, 1i64, Some(now)),
+        (None, Some(t)) => (None, t.due_at, 0, 0, None),
+        (None, None) => (None, 0, 0, 0, None),
+    };
+    let result = match &c.instance_change {
+        InstanceChange::BranchEnded(context) => Some(to_json(context)?),
+        _ => None,
+    };
+    let empty = String::new();
+    let task_context = match t {
+        Some(t) => to_json(&t.context)?,
+        None => String::new(),
+    };
+    let token = t.and_then(|t| t.token.as_ref().map(ToString::to_string));
+    let statement = client.prepare_cached(SIMPLE_COMMIT).await.map_err(pg)?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &c.task_id,
+                &c.claim,
+                &now,
+                &h.and_then(|h| h.from.clone()),
+                h.map_or(&empty, |h| &h.event),
+                h.map_or(&empty, |h| &h.to),
+                &h.map_or(0, |h| i64::from(h.attempt)),
+                &h.map_or(0, |h| h.started_at),
+                &h.map_or(0, |h| h.finished_at),
+                h.map_or(&empty, |h| &h.task),
+                h.map_or(&empty, |h| &h.branch),
+                &h.is_some_and(|h| h.ends_branch),
+                &h.is_some(),
+                t.map_or(&empty, |t| &t.name),
+                &t.map_or("", |t| t.kind.as_str()),
+                &t.and_then(|t| t.from_state.clone()),
+                t.map_or(&empty, |t| &t.event),
+                &task_context,
+                &t.map_or(0, |t| t.step as i64),
+                t.map_or(&empty, |t| &t.branch),
+                t.map_or(&empty, |t| &t.queue),
+                &t.and_then(|t| t.target.clone()),
+                &due_at,
+                &owner,
+                &claim,
+                &attempts,
+                &first,
+                &token,
+                &t.is_some(),
+                &result,
+                &result.is_some(),
+                &lease.is_none(),
+            ],
+        )
+        .await
+        .map_err(pg)?;
+    let instance_id: Option<i64> = row.get(0);
+    let Some(instance_id) = instance_id else {
+        return Ok(Outcome::fenced());
+    };
+    let inserted: Option<i64> = row.get(1);
+    let mut claimed = Vec::new();
+    if let (Some(id), Some(t), Some(_)) = (inserted, t, &lease) {
+        claimed.push(t.claimed(id, &c.instance, &c.machine, now));
+    }
+    Ok(Outcome {
+        result: AppliedCommit {
+            applied: Applied::Yes,
+            claimed,
+        },
+        instance_id: Some(instance_id),
+        // A branch ended, or the finished task had no successor (a window join left with
+        // nothing to join): either may leave no branch live, releasing barrier joins.
+        settle: result.is_some() || t.is_none(),
+        complete: result.is_some(),
+        notify: inserted.is_some() && lease.is_none(),
+    })
+}
+
+/// A branch's step that ends in a fan-in state: finish the task, record the arrival, park
+/// the context, and make sure a join will take it — one statement.
+pub(super) const PARK_COMMIT_TEMPLATE: &str = "
+WITH fenced AS (
+    DELETE FROM tasks WHERE id = $1 AND claim = $2 AND status = 'ready' AND due_at > $3
+    RETURNING instance_id
+), hist AS (
+    INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
+                         finished_at, task, branch, ends_branch)
+    SELECT instance_id, $4, $5, $6, $7, $8, $9, $10, $11, FALSE FROM fenced
+), item AS (
+    INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
+    SELECT instance_id, $12, $13, $14, $15, $16, $3 FROM fenced
+    RETURNING id, instance_id
+), pending AS (
+    -- A join not yet started (for a window, locked while looking: see `park`).
+    SELECT t.id FROM tasks t
+    WHERE t.instance_id = (SELECT instance_id FROM fenced) AND t.kind = 'join'
+      AND t.from_state = $12 AND t.grp = $13 AND t.status IN ('ready', 'waiting')
+      AND t.lease_owner IS NULL
+    {LOCK}
+), joiner AS (
+    INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
+                       target, status, due_at, created_at, grp)
+    SELECT item.instance_id, $17 || item.id, 'join', $12, 'fan-in', '{}', $16, '', $18, $19, $20,
+           $21, $3, $13
+    FROM item
+    WHERE NOT EXISTS (SELECT 1 FROM pending)
+    ON CONFLICT (instance_id, name) DO NOTHING
+    RETURNING id
+), notified AS (
+    SELECT pg_notify('phasm', '') WHERE $22 AND EXISTS (SELECT 1 FROM joiner)
+)
+SELECT (SELECT instance_id FROM fenced), (SELECT COUNT(*) FROM notified)";
+
+pub(super) fn is_simple_park(c: &Commit) -> bool {
+    c.disposition == Disposition::Finished
+        && c.new_tasks.is_empty()
+        && c.history.len() == 1
+        && c.parked.len() == 1
+        && c.spawns.is_empty()
+        && c.logs.is_empty()
+        && c.instance_change == InstanceChange::None
+}
+
+/// [`PARK_COMMIT_TEMPLATE`] for a window fan-in: the pending join is locked while looking.
+pub(super) static PARK_COMMIT_WINDOW: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| PARK_COMMIT_TEMPLATE.replace("{LOCK}", "FOR UPDATE OF t"));
+
+/// [`PARK_COMMIT_TEMPLATE`] for a barrier (`fan_in: all`): no lock, since a barrier join
+/// cannot start while the parking step is live (see `park`).
+pub(super) static PARK_COMMIT_BARRIER: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| PARK_COMMIT_TEMPLATE.replace("{LOCK}", ""));
+
+pub(super) async fn apply_one(
+    client: &mut Object,
+    now: Micros,
+    c: &Commit,
+    successors: Option<&SuccessorClaim>,
+) -> StoreResult<Outcome> {
+    if is_simple(c) {
+        return apply_simple(client, now, c, successors).await;
+    }
+    if is_simple_park(c) {
+        return apply_park(client, now, c).await;
+    }
+    let tx = begin(client).await?;
+    let fence = "AND claim = $2 AND status = 'ready' AND due_at > $3 RETURNING instance_id, kind";
+    let found = match &c.disposition {
+        Disposition::Finished => {
+            tx.query_opt(&format!("DELETE FROM tasks WHERE id = $1 {fence}"), &[&c.task_id, &c.claim, &now])
+                .await
+        }
+        Disposition::Keep => {
+            tx.query_opt(
+                &format!("UPDATE tasks SET page_queued = TRUE WHERE id = $1 {fence}"),
+                &[&c.task_id, &c.claim, &now],
+            )
+            .await
+        }
+        Disposition::Retry { due_at, error } => {
+            tx.query_opt(
+                &format!("UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5 WHERE id = $1 {fence}"),
+                &[&c.task_id, &c.claim, &now, due_at, error],
+            )
+            .await
+        }
+        Disposition::Failed { error } => {
+            tx.query_opt(
+                &format!(
+                    "UPDATE tasks SET status = 'failed', due_at = $3, lease_owner = NULL, last_error = $4
+                     WHERE id = $1 {fence}"
+                ),
+                &[&c.task_id, &c.claim, &now, error],
+            )
+            .await
+        }
+        // The claim did not count: take back the attempt it added.
+        Disposition::Postpone { due_at, reason } => {
+            tx.query_opt(
+                &format!(
+                    "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
+                            attempts = GREATEST(attempts - 1, 0),
+                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                     WHERE id = $1 {fence}"
+                ),
+                &[&c.task_id, &c.claim, &now, due_at, reason],
+            )
+            .await
+        }
+    }
+    .map_err(pg)?;
+    let Some(row) = found else {
+        return Ok(Outcome::fenced());
+    };
+    let instance_id: i64 = row.get(0);
+    let kind: String = row.get(1);
+    if kind == TaskKind::Join.as_str() && c.disposition == Disposition::Finished {
+        tx.execute("DELETE FROM items WHERE join_task = $1", &[&c.task_id])
+            .await
+            .map_err(pg)?;
+    }
+    let mut claimed = Vec::new();
+    let mut notify = !matches!(c.disposition, Disposition::Finished | Disposition::Keep);
+    let mut bulk = Vec::new();
+    for t in &c.new_tasks {
+        let lease = successors.filter(|s| {
+            t.due_at <= now
+                && claimed.len() < s.max
+                && s.takes(&t.queue, &c.machine, t.target.as_deref())
+        });
+        let Some(s) = lease else {
+            bulk.push(t);
+            continue;
+        };
+        let until = Some((s.owner.as_str(), now + micros(s.lease)));
+        if let Some(id) = insert_task(&tx, instance_id, t, now, until).await? {
+            claimed.push(t.claimed(id, &c.instance, &c.machine, now));
+        }
+    }
+    if !bulk.is_empty() {
+        notify = true;
+        insert_tasks(&tx, instance_id, &bulk, now).await?;
+    }
+    for h in &c.history {
+        tx.execute(
+            "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
+                                  finished_at, task, branch, ends_branch)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &instance_id,
+                &h.from,
+                &h.event,
+                &h.to,
+                &i64::from(h.attempt),
+                &h.started_at,
+                &h.finished_at,
+                &h.task,
+                &h.branch,
+                &h.ends_branch,
+            ],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    for p in &c.parked {
+        park(&tx, instance_id, &c.instance, p, now).await?;
+        notify |= p.window.is_some();
+    }
+    for child in &c.spawns {
+        let inserted = tx
+            .query_opt(
+                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at)
+                 VALUES ($1, $2, 'running', $3, $4, $5, $5)
+                 ON CONFLICT (name) DO NOTHING RETURNING id",
+                &[&child.name, &child.machine, &to_json(&child.context)?, &c.instance, &now],
+            )
+            .await
+            .map_err(pg)?;
+        if let Some(row) = inserted {
+            insert_task(&tx, row.get(0), &child.start, now, None).await?;
+            notify = true;
+        }
+    }
+    for l in &c.logs {
+        tx.execute(
+            "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, $3, $4, $5)",
+            &[&instance_id, &l.at, &l.level, &l.message, &l.task],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    // A branch parked, or the finished task had no successor: either may leave no branch
+    // live, releasing barrier joins (as SQLite checks after every commit).
+    let mut settle =
+        !c.parked.is_empty() || (c.disposition == Disposition::Finished && c.new_tasks.is_empty());
+    let mut complete = false;
+    match &c.instance_change {
+        InstanceChange::None => {}
+        InstanceChange::BranchEnded(context) => {
+            tx.execute(
+                "UPDATE instances SET result = $2 WHERE id = $1 AND status = 'running'",
+                &[&instance_id, &to_json(context)?],
+            )
+            .await
+            .map_err(pg)?;
+            settle = true;
+            complete = true;
+        }
+        InstanceChange::Halt(reason) => {
+            tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&instance_id])
+                .await
+                .map_err(pg)?;
+            tx.execute("DELETE FROM items WHERE instance_id = $1", &[&instance_id])
+                .await
+                .map_err(pg)?;
+            end_instance(&tx, instance_id, InstanceStatus::Halted, Some(reason), now).await?;
+        }
+        InstanceChange::Fail(error) => {
+            tx.execute(
+                "UPDATE tasks SET status = 'held', lease_owner = NULL WHERE instance_id = $1 AND status = 'ready'",
+                &[&instance_id],
+            )
+            .await
+            .map_err(pg)?;
+            end_instance(&tx, instance_id, InstanceStatus::Failed, Some(error), now).await?;
+        }
+    }
+    if notify {
+        tx.execute("SELECT pg_notify('phasm', '')", &[])
+            .await
+            .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(Outcome {
+        result: AppliedCommit {
+            applied: Applied::Yes,
+            claimed,
+        },
+        instance_id: Some(instance_id),
+        settle,
+        complete,
+        notify,
+    })
+}
+
+pub(super) async fn end_instance(
+    tx: &Transaction<'_>,
+    id: i64,
+    status: InstanceStatus,
+    error: Option<&String>,
+    now: Micros,
+) -> StoreResult<()> {
+    tx.execute(
+        "UPDATE instances SET status = $2, error = $3, updated_at = $4, ended_at = $4 WHERE id = $1",
+        &[&id, &status.as_str(), &error, &now],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
+}
+
+pub(super) async fn start(
+    store: &PostgresStore,
+    now: Micros,
+    new: NewInstance,
+) -> StoreResult<Started> {
+    let mut client = store.client().await?;
+    let tx = begin(&mut client).await?;
+    let inserted = tx
+        .query_opt(
+            "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
+             VALUES ($1, $2, 'running', $3, $4, $4)
+             ON CONFLICT (name) DO NOTHING RETURNING id",
+            &[&new.name, &new.machine, &to_json(&new.context)?, &now],
+        )
+        .await
+        .map_err(pg)?;
+    let Some(row) = inserted else {
+        let existing = tx
+            .query_one(
+                "SELECT machine, status FROM instances WHERE name = $1",
+                &[&new.name],
+            )
+            .await
+            .map_err(pg)?;
+        return Ok(Started::Existing {
+            machine: existing.get(0),
+            status: parse_status(existing.get(1))?,
+        });
+    };
+    insert_task(&tx, row.get(0), &new.start, now, None).await?;
+    tx.execute("SELECT pg_notify('phasm', '')", &[])
+        .await
+        .map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
+    store.changes.notify_waiters();
+    Ok(Started::Created)
+}
+
+pub(super) async fn apply(
+    store: &PostgresStore,
+    now: Micros,
+    commits: Vec<Commit>,
+    successors: Option<&SuccessorClaim>,
+) -> StoreResult<Vec<AppliedCommit>> {
+    let mut client = store.client().await?;
+    let mut results = Vec::with_capacity(commits.len());
+    let mut to_settle = Vec::new();
+    let mut notify = false;
+    for c in &commits {
+        let outcome = apply_one(&mut client, now, c, successors).await?;
+        if let (true, Some(id)) = (outcome.settle, outcome.instance_id) {
+            to_settle.push((id, outcome.complete));
+        }
+        notify |= outcome.notify;
+        results.push(outcome.result);
+    }
+    drop(client);
+    for (id, complete) in to_settle {
+        store.settle_coalesced(id, complete, now).await?;
+    }
+    if notify {
+        store.changes.notify_waiters();
+    }
+    Ok(results)
+}
+
+pub(super) async fn apply_park(client: &Object, now: Micros, c: &Commit) -> StoreResult<Outcome> {
+    let (Some(h), Some(p)) = (c.history.first(), c.parked.first()) else {
+        return Err(StoreError::database("not a parking commit"));
+    };
+    let (status, due_at, suffix) = match p.window {
+        Some(window) => ("ready", now + window, "window"),
+        None => ("waiting", now, "all"),
+    };
+    let prefix = format!(
+        "{}--{}--fan-in--{}--{suffix}-",
+        c.instance, p.state, p.group
+    );
+    let sql = if p.window.is_some() {
+        &*PARK_COMMIT_WINDOW
+    } else {
+        &*PARK_COMMIT_BARRIER
+    };
+    let statement = client.prepare_cached(sql).await.map_err(pg)?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &c.task_id,
+                &c.claim,
+                &now,
+                &h.from,
+                &h.event,
+                &h.to,
+                &i64::from(h.attempt),
+                &h.started_at,
+                &h.finished_at,
+                &h.task,
+                &h.branch,
+                &p.state,
+                &p.group,
+                &to_json(&p.context)?,
+                &p.branch,
+                &(p.step as i64),
+                &prefix,
+                &p.queue,
+                &p.target,
+                &status,
+                &due_at,
+                &p.window.is_some(),
+            ],
+        )
+        .await
+        .map_err(pg)?;
+    let instance_id: Option<i64> = row.get(0);
+    let notified: i64 = row.get(1);
+    Ok(Outcome {
+        result: AppliedCommit {
+            applied: if instance_id.is_some() {
+                Applied::Yes
+            } else {
+                Applied::Fenced
+            },
+            claimed: Vec::new(),
+        },
+        settle: instance_id.is_some(),
+        complete: false,
+        instance_id,
+        notify: notified > 0,
+    })
+}

@@ -1,0 +1,487 @@
+//! The shared store: one PostgreSQL database that workers on any number of hosts use at once.
+//!
+//! Claims take due tasks with `FOR UPDATE SKIP LOCKED`, so workers never wait for each other.
+//! Every commit is one transaction, fenced like SQLite's (claim number and unexpired lease).
+//! Two checks that span an instance's branches — "is the instance complete?" and "may its
+//! barrier joins run?" — run as single statements right *after* the commit that could make
+//! them true: whichever of two concurrent commits finishes last then sees both, which a check
+//! inside either transaction (under READ COMMITTED) could not. [`Store::sweep`] repeats them
+//! now and then in case a worker died between its commit and the check. Idle workers wait for
+//! `NOTIFY phasm`, sent by commits that queue work, instead of polling.
+//!
+//! The modules carry the SQLite store's names: `schema` (migrations), `claim`, `apply`
+//! (starting instances and committing steps), `read` and `admin` (retry, cancel, scrub,
+//! workers, sweep); this file holds the connection pool, the after-commit checks and the
+//! `Store` implementation, which hands each call to its module.
+
+mod admin;
+mod apply;
+mod claim;
+mod read;
+mod schema;
+
+#[allow(unused_imports)]
+use admin::*;
+#[allow(unused_imports)]
+use apply::*;
+#[allow(unused_imports)]
+use claim::*;
+#[allow(unused_imports)]
+use read::*;
+#[allow(unused_imports)]
+use schema::*;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{AsyncMessage, NoTls, Row};
+
+use super::{
+    cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
+    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
+    StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView,
+    MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+};
+use super::{worker_view, WORKERS_KEPT};
+use crate::clock::{micros, Micros};
+use crate::engine::{
+    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
+    TaskKind,
+};
+
+/// How to open a PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Most connections in the pool (size it a little above the worker's concurrency).
+    pub pool_size: usize,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self { pool_size: 16 }
+    }
+}
+
+/// The PostgreSQL store. Cheap to clone.
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: Pool,
+    changes: Arc<Notify>,
+    /// Instances whose settle check is running in this process, and whether another commit
+    /// asked for one meanwhile (then it runs again): thousands of branches parking at once
+    /// cost a few checks, not thousands, and a check still starts after every commit.
+    settling: Arc<std::sync::Mutex<std::collections::HashMap<i64, (bool, bool)>>>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
+    }
+}
+
+/// A transaction whose statements are prepared once per connection and cached, so the
+/// server does not parse and plan them again on every step.
+struct Transaction<'a>(deadpool_postgres::Transaction<'a>);
+
+type Params<'p> = &'p [&'p (dyn ToSql + Sync)];
+
+impl Transaction<'_> {
+    async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.execute(&statement, params).await
+    }
+
+    async fn query(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query(&statement, params).await
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<Option<Row>, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_opt(&statement, params).await
+    }
+
+    async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, tokio_postgres::Error> {
+        let statement = self.0.prepare_cached(sql).await?;
+        self.0.query_one(&statement, params).await
+    }
+
+    async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
+        self.0.batch_execute(sql).await
+    }
+
+    async fn commit(self) -> Result<(), tokio_postgres::Error> {
+        self.0.commit().await
+    }
+}
+
+/// Begin a transaction with cached statements.
+async fn begin(client: &mut Object) -> StoreResult<Transaction<'_>> {
+    client.transaction().await.map(Transaction).map_err(pg)
+}
+
+fn pg(e: tokio_postgres::Error) -> StoreError {
+    use std::error::Error;
+    let (message, transient) = match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            // Connection exceptions, insufficient resources (a full disk), the server
+            // shutting down or starting, serialization failures and deadlocks pass.
+            let transient = code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01";
+            (format!("{code}: {}", db.message()), transient)
+        }
+        // Without a server's answer: a lost connection passes, a client-side mistake (a
+        // parameter that cannot be sent) does not.
+        None => {
+            let io = e.source().is_some_and(|s| s.is::<std::io::Error>());
+            (e.to_string(), e.is_closed() || io)
+        }
+    };
+    StoreError::driver(message, transient, e)
+}
+
+fn to_json(context: &Context) -> StoreResult<String> {
+    serde_json::to_string(context).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn from_json(text: &str) -> StoreResult<Context> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad context JSON: {e}")))
+}
+
+fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
+    InstanceStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
+}
+
+impl PostgresStore {
+    /// Connect to `url` (`postgres://USER@HOST:PORT/DB`), migrate the schema (safe when several
+    /// workers start at once), and start listening for other processes' work.
+    ///
+    /// # Errors
+    /// When the database cannot be reached, or has a newer schema than this phasm.
+    pub async fn open(url: &str, options: &PostgresOptions) -> StoreResult<Self> {
+        let config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::database(format!("bad PostgreSQL URL: {e}")))?;
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool_size.max(2))
+            .build()
+            .map_err(|e| StoreError::database(e.to_string()))?;
+        let store = Self {
+            pool,
+            changes: Arc::new(Notify::new()),
+            settling: Arc::default(),
+        };
+        store.migrate().await?;
+        tokio::spawn(listen(config, Arc::clone(&store.changes)));
+        Ok(store)
+    }
+
+    async fn client(&self) -> StoreResult<Object> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::driver(format!("cannot connect to PostgreSQL: {e}"), true, e))
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        let mut client = self.client().await?;
+        let tx = begin(&mut client).await?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(pg)?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS phasm_schema (version BIGINT NOT NULL)")
+            .await
+            .map_err(pg)?;
+        let version: i64 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM phasm_schema", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::TooNew {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (i, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(version).unwrap_or(0))
+        {
+            tx.batch_execute(sql).await.map_err(pg)?;
+            tx.execute(
+                "INSERT INTO phasm_schema (version) VALUES ($1)",
+                &[&(i as i64 + 1)],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    /// Run [`Self::settle`] after a commit, unless one for the instance is already running in
+    /// this process: then that one runs once more when it is done.
+    async fn settle_coalesced(
+        &self,
+        instance_id: i64,
+        complete: bool,
+        now: Micros,
+    ) -> StoreResult<()> {
+        {
+            let mut running = self
+                .settling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((again, also_complete)) = running.get_mut(&instance_id) {
+                *again = true;
+                *also_complete |= complete;
+                return Ok(());
+            }
+            running.insert(instance_id, (false, false));
+        }
+        // Whatever ends this call — a return, or the caller dropping it mid-way — the
+        // instance is no longer being settled here (else later commits would wait for a
+        // settle that never comes, until the sweep).
+        let _settling = SettlingGuard {
+            map: &self.settling,
+            instance_id,
+        };
+        let mut complete = complete;
+        loop {
+            let result = self.settle(instance_id, complete, now).await;
+            let mut running = self
+                .settling
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match running.get(&instance_id).copied() {
+                Some((true, also_complete)) if result.is_ok() => {
+                    running.insert(instance_id, (false, false));
+                    complete = also_complete;
+                }
+                _ => {
+                    // Released before the guard takes the lock again.
+                    drop(running);
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// The checks that span an instance's branches, run after a commit (see the module doc):
+    /// release its barrier joins if no branch is live, and complete it if nothing is left.
+    async fn settle(&self, instance_id: i64, complete: bool, now: Micros) -> StoreResult<()> {
+        let client = self.client().await?;
+        let release = client
+            .prepare_cached(
+                "UPDATE tasks SET status = 'ready', due_at = $2
+                 WHERE instance_id = $1 AND status = 'waiting'
+                   AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = $1 AND status = 'ready')",
+            )
+            .await
+            .map_err(pg)?;
+        if client
+            .execute(&release, &[&instance_id, &now])
+            .await
+            .map_err(pg)?
+            > 0
+        {
+            client
+                .execute("SELECT pg_notify('phasm', '')", &[])
+                .await
+                .map_err(pg)?;
+            self.changes.notify_waiters();
+        }
+        if complete {
+            let done = client
+                .prepare_cached(
+                    "UPDATE instances SET status = 'completed', updated_at = $2, ended_at = $2
+                     WHERE id = $1 AND status = 'running'
+                       AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = $1)
+                       AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = $1)",
+                )
+                .await
+                .map_err(pg)?;
+            client
+                .execute(&done, &[&instance_id, &now])
+                .await
+                .map_err(pg)?;
+        }
+        Ok(())
+    }
+}
+
+/// Keep a connection that LISTENs for `phasm` notifications, reconnecting when it drops.
+async fn listen(config: tokio_postgres::Config, changes: Arc<Notify>) {
+    let mut failures = 0u32;
+    loop {
+        match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let mut messages =
+                    futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let listening = async {
+                    client.batch_execute("LISTEN phasm").await?;
+                    Ok::<_, tokio_postgres::Error>(())
+                };
+                // The connection must be driven while LISTEN runs.
+                let (listen_result, first) = tokio::join!(listening, messages.next());
+                if let Err(e) = listen_result {
+                    tracing::warn!(error = %e, "LISTEN failed");
+                } else {
+                    failures = 0;
+                    if matches!(first, Some(Ok(AsyncMessage::Notification(_)))) {
+                        changes.notify_waiters();
+                    }
+                    while let Some(message) = messages.next().await {
+                        match message {
+                            Ok(AsyncMessage::Notification(_)) => changes.notify_waiters(),
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "the notification connection failed");
+                                break;
+                            }
+                        }
+                    }
+                }
+                drop(client);
+            }
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 10 == 0 {
+                    tracing::warn!(error = %e, "cannot connect to PostgreSQL to listen for work; retrying");
+                }
+            }
+        }
+        // Whatever was missed while disconnected: let idle workers look.
+        changes.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(
+            200u64.saturating_mul(1 << failures.min(5)),
+        ))
+        .await;
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn start(&self, now: Micros, new: NewInstance) -> StoreResult<Started> {
+        apply::start(self, now, new).await
+    }
+
+    async fn claim(&self, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
+        claim::claim(self, now, req).await
+    }
+
+    async fn renew(
+        &self,
+        now: Micros,
+        leases: &[(i64, i64)],
+        until: Micros,
+    ) -> StoreResult<Vec<bool>> {
+        claim::renew(self, now, leases, until).await
+    }
+
+    async fn apply(
+        &self,
+        now: Micros,
+        commits: Vec<Commit>,
+        successors: Option<&SuccessorClaim>,
+    ) -> StoreResult<Vec<AppliedCommit>> {
+        apply::apply(self, now, commits, successors).await
+    }
+
+    async fn next_due(&self) -> StoreResult<Option<Micros>> {
+        read::next_due(self).await
+    }
+
+    async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
+        read::instance(self, name).await
+    }
+
+    async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
+        read::list(self, filter).await
+    }
+
+    async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
+        read::logs(self, name).await
+    }
+
+    async fn history_page(
+        &self,
+        name: &str,
+        page: PageRequest,
+    ) -> StoreResult<Option<Page<HistoryEntry>>> {
+        read::history_page(self, name, page).await
+    }
+
+    async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
+        read::logs_page(self, name, page).await
+    }
+
+    async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        admin::retry(self, now, name).await
+    }
+
+    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        admin::cancel(self, now, name).await
+    }
+
+    async fn worker_alive(&self, now: Micros, w: &WorkerView) -> StoreResult<()> {
+        admin::worker_alive(self, now, w).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        admin::worker_stopped(self, owner).await
+    }
+
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        read::workers(self, now).await
+    }
+
+    async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
+        admin::probe_commit_rate(self, commits).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
+        read::stats(self, now).await
+    }
+
+    async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
+        admin::scrub(self, cutoff, batch).await
+    }
+
+    fn changes(&self) -> Arc<Notify> {
+        Arc::clone(&self.changes)
+    }
+
+    fn notifies_other_processes(&self) -> bool {
+        true
+    }
+
+    async fn sweep(&self, now: Micros) -> StoreResult<()> {
+        admin::sweep(self, now).await
+    }
+}

@@ -1,0 +1,349 @@
+//! Reading: an instance, lists, logs and history pages, metrics, live workers, the next due
+//! time.
+
+use super::*;
+
+/// An instance's id by name.
+pub(super) async fn instance_id(
+    client: &deadpool_postgres::Object,
+    name: &str,
+) -> StoreResult<Option<i64>> {
+    Ok(client
+        .query_opt("SELECT id FROM instances WHERE name = $1", &[&name])
+        .await
+        .map_err(pg)?
+        .map(|r| r.get(0)))
+}
+
+pub(super) async fn next_due(store: &PostgresStore) -> StoreResult<Option<Micros>> {
+    let client = store.client().await?;
+    let row = client
+        .query_one("SELECT MIN(due_at) FROM tasks WHERE status = 'ready'", &[])
+        .await
+        .map_err(pg)?;
+    Ok(row.get(0))
+}
+
+pub(super) async fn instance(
+    store: &PostgresStore,
+    name: &str,
+) -> StoreResult<Option<InstanceView>> {
+    let client = store.client().await?;
+    let Some(row) = client
+        .query_opt(
+            "SELECT id, machine, status, context, error, created_at, updated_at, ended_at, result, parent
+             FROM instances WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(pg)?
+    else {
+        return Ok(None);
+    };
+    let id: i64 = row.get(0);
+    let history = client
+        .query(
+            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
+             FROM (SELECT * FROM history WHERE instance_id = $1 ORDER BY id DESC LIMIT $2) h
+             ORDER BY id",
+            &[&id, &(VIEW_ROWS as i64)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| HistoryEntry {
+            from: r.get(0),
+            event: r.get(1),
+            to: r.get(2),
+            attempt: r.get::<_, i64>(3).clamp(0, i64::from(u32::MAX)) as u32,
+            started_at: r.get(4),
+            finished_at: r.get(5),
+            task: r.get(6),
+            branch: r.get(7),
+            ends_branch: r.get(8),
+        })
+        .collect();
+    let task_rows = client
+        .query(
+            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
+             FROM tasks WHERE instance_id = $1 ORDER BY id LIMIT $2",
+            &[&id, &(VIEW_ROWS as i64)],
+        )
+        .await
+        .map_err(pg)?;
+    let tasks = task_rows
+        .iter()
+        .map(|r| {
+            Ok(TaskView {
+                name: r.get(0),
+                from: r.get(1),
+                event: r.get(2),
+                status: TaskStatus::parse(r.get(3))?,
+                due_at: r.get(4),
+                leased_by: r.get(5),
+                attempts: r.get::<_, i64>(6).clamp(0, i64::from(u32::MAX)) as u32,
+                last_error: r.get(7),
+                queue: r.get(8),
+                target: r.get(10),
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let result: Option<String> = row.get(8);
+    let first_context: Option<String> = task_rows.first().map(|r| r.get(9));
+    let current_context = match first_context.or(result) {
+        Some(c) => Some(from_json(&c)?),
+        None => None,
+    };
+    let children = client
+        .query(
+            "SELECT name FROM instances WHERE parent = $1 ORDER BY id",
+            &[&name],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let counts = client
+        .query_one(
+            "SELECT
+               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'ready'
+                  AND (kind <> 'join' OR lease_owner IS NOT NULL)),
+               (SELECT COUNT(*) FROM items WHERE instance_id = $1),
+               (SELECT COUNT(*) FROM history WHERE instance_id = $1 AND ends_branch),
+               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'failed'),
+               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'held'),
+               (SELECT COUNT(*) FROM history WHERE instance_id = $1),
+               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1)",
+            &[&id],
+        )
+        .await
+        .map_err(pg)?;
+    let n = |i: usize| counts.get::<_, i64>(i).max(0) as u64;
+    let end_states = client
+        .query(
+            "SELECT to_state FROM history WHERE instance_id = $1 AND ends_branch
+             GROUP BY to_state ORDER BY MAX(id)",
+            &[&id],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    Ok(Some(InstanceView {
+        name: name.to_string(),
+        machine: row.get(1),
+        status: parse_status(row.get(2))?,
+        context: from_json(row.get(3))?,
+        error: row.get(4),
+        created_at: row.get(5),
+        updated_at: row.get(6),
+        ended_at: row.get(7),
+        history,
+        history_total: n(5),
+        tasks,
+        tasks_total: n(6),
+        end_states,
+        current_context,
+        parent: row.get(9),
+        children,
+        branches: BranchCounts {
+            live: n(0),
+            held: n(4),
+            parked: n(1),
+            ended: n(2),
+            failed: n(3),
+        },
+    }))
+}
+
+pub(super) async fn list(
+    store: &PostgresStore,
+    filter: &ListFilter,
+) -> StoreResult<Vec<InstanceSummary>> {
+    let client = store.client().await?;
+    let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+    let status = filter.status.map(InstanceStatus::as_str);
+    client
+        .query(
+            "SELECT name, machine, status, created_at, updated_at, error FROM instances
+             WHERE ($1::TEXT IS NULL OR machine = $1) AND ($2::TEXT IS NULL OR status = $2)
+               AND ($4::TEXT IS NULL OR id < (SELECT id FROM instances WHERE name = $4))
+             ORDER BY id DESC LIMIT $3",
+            &[&filter.machine, &status, &limit, &filter.before],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            Ok(InstanceSummary {
+                instance: r.get(0),
+                machine: r.get(1),
+                status: parse_status(r.get(2))?,
+                created_at: r.get(3),
+                updated_at: r.get(4),
+                error: r.get(5),
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn logs(store: &PostgresStore, name: &str) -> StoreResult<Vec<LogLine>> {
+    let client = store.client().await?;
+    Ok(client
+        .query(
+            "SELECT l.at, l.level, l.message, l.task FROM logs l
+             JOIN instances i ON i.id = l.instance_id WHERE i.name = $1 ORDER BY l.id",
+            &[&name],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| LogLine {
+            at: r.get(0),
+            level: r.get(1),
+            message: r.get(2),
+            task: r.get(3),
+        })
+        .collect())
+}
+
+pub(super) async fn history_page(
+    store: &PostgresStore,
+    name: &str,
+    page: PageRequest,
+) -> StoreResult<Option<Page<HistoryEntry>>> {
+    let client = store.client().await?;
+    let Some(id) = instance_id(&client, name).await? else {
+        return Ok(None);
+    };
+    let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+    let rows = client
+        .query(
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
+             FROM history WHERE instance_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[&id, &page.after, &(limit + 1)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                HistoryEntry {
+                    from: r.get(1),
+                    event: r.get(2),
+                    to: r.get(3),
+                    attempt: r.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
+                    started_at: r.get(5),
+                    finished_at: r.get(6),
+                    task: r.get(7),
+                    branch: r.get(8),
+                    ends_branch: r.get(9),
+                },
+            )
+        })
+        .collect();
+    Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+pub(super) async fn logs_page(
+    store: &PostgresStore,
+    name: &str,
+    page: PageRequest,
+) -> StoreResult<Option<Page<LogLine>>> {
+    let client = store.client().await?;
+    let Some(id) = instance_id(&client, name).await? else {
+        return Ok(None);
+    };
+    let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
+    let cut = i32::try_from(MAX_PAGE_MESSAGE_CHARS).unwrap_or(i32::MAX);
+    let rows = client
+        .query(
+            "SELECT id, at, level, left(message, $4), char_length(message)::BIGINT, task
+             FROM logs WHERE instance_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+            &[&id, &page.after, &(limit + 1), &cut],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                LogLine {
+                    at: r.get(1),
+                    level: r.get(2),
+                    message: cut_message(r.get(3), r.get(4)),
+                    task: r.get(5),
+                },
+            )
+        })
+        .collect();
+    Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+pub(super) async fn workers(store: &PostgresStore, now: Micros) -> StoreResult<Vec<WorkerView>> {
+    store
+        .client()
+        .await?
+        .query(
+            "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at
+             FROM workers WHERE expires_at > $1 ORDER BY started_at, owner",
+            &[&now],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            worker_view(
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                [r.get(4), r.get(5), r.get(6)],
+            )
+        })
+        .collect()
+}
+
+pub(super) async fn stats(
+    store: &PostgresStore,
+    now: Micros,
+) -> StoreResult<crate::store::StoreStats> {
+    let client = store.client().await?;
+    let rows = client
+        .query(
+            "SELECT queue,
+   SUM(CASE WHEN lease_owner IS NULL AND due_at <= $1 THEN 1 ELSE 0 END),
+   SUM(CASE WHEN lease_owner IS NULL AND due_at > $1 THEN 1 ELSE 0 END),
+   SUM(CASE WHEN lease_owner IS NOT NULL AND due_at > $1 THEN 1 ELSE 0 END),
+   MIN(CASE WHEN lease_owner IS NULL AND due_at <= $1 THEN due_at END)
+FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue",
+            &[&now],
+        )
+        .await
+        .map_err(pg)?;
+    let queues = rows
+        .iter()
+        .map(|r| {
+            let oldest: Option<i64> = r.get(4);
+            crate::store::QueueStats {
+                queue: r.get(0),
+                due: r.get::<_, i64>(1).max(0) as u64,
+                scheduled: r.get::<_, i64>(2).max(0) as u64,
+                running: r.get::<_, i64>(3).max(0) as u64,
+                oldest_due_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6),
+            }
+        })
+        .collect();
+    let parked: i64 = client
+        .query_one("SELECT COUNT(*) FROM items", &[])
+        .await
+        .map_err(pg)?
+        .get(0);
+    Ok(crate::store::StoreStats {
+        queues,
+        parked: parked.max(0) as u64,
+    })
+}

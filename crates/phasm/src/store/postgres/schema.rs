@@ -1,0 +1,124 @@
+//! The schema and its migrations.
+
+/// The newest schema version this build writes.
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
+pub(super) const MIGRATIONS: &[&str] = &[
+    r"
+CREATE TABLE instances (
+    id          BIGSERIAL PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    machine     TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    result      TEXT,
+    error       TEXT,
+    parent      TEXT,
+    created_at  BIGINT NOT NULL,
+    updated_at  BIGINT NOT NULL,
+    ended_at    BIGINT
+);
+CREATE INDEX instances_by_machine ON instances (machine, id);
+CREATE INDEX instances_by_status ON instances (status, id);
+CREATE INDEX instances_by_parent ON instances (parent) WHERE parent IS NOT NULL;
+CREATE INDEX instances_ended ON instances (ended_at) WHERE status <> 'running';
+
+-- No foreign keys to `instances`: every insert would share-lock the instance's row, and the
+-- branches of one instance (100,000 of them, say) would all contend for that one row.
+-- phasm deletes an instance's rows itself.
+CREATE TABLE tasks (
+    id               BIGSERIAL PRIMARY KEY,
+    instance_id      BIGINT NOT NULL,
+    name             TEXT NOT NULL,
+    kind             TEXT NOT NULL,
+    from_state       TEXT,
+    event            TEXT NOT NULL,
+    context          TEXT NOT NULL,
+    step             BIGINT NOT NULL,
+    branch           TEXT NOT NULL,
+    queue            TEXT NOT NULL,
+    target           TEXT,
+    status           TEXT NOT NULL,
+    due_at           BIGINT NOT NULL,
+    claim            BIGINT NOT NULL DEFAULT 0,
+    lease_owner      TEXT,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    first_attempt_at BIGINT,
+    last_error       TEXT,
+    created_at       BIGINT NOT NULL,
+    token            TEXT,
+    grp              TEXT,
+    page_queued      BOOLEAN NOT NULL DEFAULT FALSE,
+    UNIQUE (instance_id, name)
+);
+CREATE INDEX tasks_ready ON tasks (due_at) WHERE status = 'ready';
+CREATE INDEX tasks_waiting ON tasks (instance_id) WHERE status = 'waiting';
+CREATE INDEX tasks_joins ON tasks (instance_id, from_state, grp) WHERE kind = 'join';
+
+CREATE TABLE history (
+    id          BIGSERIAL PRIMARY KEY,
+    instance_id BIGINT NOT NULL,
+    from_state  TEXT,
+    event       TEXT NOT NULL,
+    to_state    TEXT NOT NULL,
+    attempt     BIGINT NOT NULL,
+    started_at  BIGINT NOT NULL,
+    finished_at BIGINT NOT NULL,
+    task        TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    ends_branch BOOLEAN NOT NULL DEFAULT FALSE
+);
+CREATE INDEX history_by_instance ON history (instance_id, id);
+
+CREATE TABLE logs (
+    id          BIGSERIAL PRIMARY KEY,
+    instance_id BIGINT NOT NULL,
+    at          BIGINT NOT NULL,
+    level       TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    task        TEXT NOT NULL
+);
+CREATE INDEX logs_by_instance ON logs (instance_id, id);
+
+CREATE TABLE items (
+    id          BIGSERIAL PRIMARY KEY,
+    instance_id BIGINT NOT NULL,
+    state       TEXT NOT NULL,
+    grp         TEXT NOT NULL,
+    context     TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    step        BIGINT NOT NULL,
+    join_task   BIGINT,
+    created_at  BIGINT NOT NULL
+);
+CREATE INDEX items_by_group ON items (instance_id, state, grp, id);
+CREATE INDEX items_by_join ON items (join_task) WHERE join_task IS NOT NULL;
+-- Counting a queue's running steps across workers (`max_concurrent`).
+CREATE INDEX tasks_leased ON tasks (queue) WHERE lease_owner IS NOT NULL;
+
+-- A queue's `rate`, shared by every worker: a token bucket.
+CREATE TABLE queue_rates (
+    queue      TEXT PRIMARY KEY,
+    tokens     DOUBLE PRECISION NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+",
+    r"
+-- Workers say they are alive (and what they take), so status can tell that no worker will
+-- take a step.
+CREATE TABLE workers (
+    owner      TEXT PRIMARY KEY,
+    machines   TEXT NOT NULL,
+    targets    TEXT,
+    queues     TEXT,
+    started_at BIGINT NOT NULL,
+    seen_at    BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+",
+];
+
+/// Any number, the same in every phasm: serialises schema migrations of workers starting at
+/// once.
+pub(super) const MIGRATION_LOCK: i64 = 0x7068_6173_6d00;
