@@ -9,37 +9,12 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use async_trait::async_trait;
-use phasm::action::{Action, ActionContext, ActionError, ActionResult, Registry};
+use phasm::action::Registry;
 use phasm::config::{load_str, LoadOptions};
 use phasm::engine::Context;
 use phasm::store::{InstanceStatus, Store};
 use phasm::testing::Immediate;
-use serde_json::{json, Value};
-
-struct Page {
-    size: u64,
-}
-
-#[async_trait]
-impl Action for Page {
-    async fn continuation(
-        &self,
-        cx: &mut ActionContext,
-    ) -> Option<Result<Option<Value>, ActionError>> {
-        let n = cx.get::<u64>("n").ok().flatten().unwrap_or(0);
-        let at = cx.token().and_then(Value::as_u64).unwrap_or(0);
-        Some(Ok((at + self.size < n).then(|| json!(at + self.size))))
-    }
-
-    async fn run(&self, cx: &mut ActionContext) -> ActionResult {
-        let n: u64 = cx.get("n")?.unwrap_or(0);
-        let at = cx.token().and_then(Value::as_u64).unwrap_or(0);
-        let ids: Vec<u64> = (at..(at + self.size).min(n)).collect();
-        cx.put("page", ids)?;
-        Ok(Some("split".into()))
-    }
-}
+use serde_json::json;
 
 fn machine(window: &str, countdown: u64) -> String {
     format!(
@@ -83,57 +58,13 @@ state_machines:
 }
 
 fn registry(page: u64, fail_rate: f64, seed: u64) -> Registry {
-    let mut r = Registry::new();
-    r.register("Page", Page { size: page });
-    r.register_fn("Split", |cx| {
-        let page: Vec<u64> = cx.get("page")?.unwrap_or_default();
-        let Some((first, rest)) = page.split_first() else {
-            return Err("an empty page".into());
-        };
-        for id in rest {
-            let mut data = Context::new();
-            data.insert("ids".into(), json!([id]));
-            cx.fork(data);
-        }
-        cx.put("ids", [first])?;
-        Ok(Some("work".into()))
-    });
+    let mut r = common::paging::registry(page);
     let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
     r.register_fn("Work", move |_| {
         if rng.lock().unwrap().f64() < fail_rate {
             return Err("a passing fault".into());
         }
         Ok(Some("join".into()))
-    });
-    r.register_fn("Gather", |cx| {
-        let mut ids = Vec::new();
-        for c in cx.contexts() {
-            ids.extend(
-                c.get("ids")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default(),
-            );
-        }
-        let mut out = Context::new();
-        out.insert("joined".into(), Value::Array(ids));
-        *cx.context_mut() = out;
-        Ok(Some("done".into()))
-    });
-    r.register_fn("Total", |cx| {
-        let mut all = Vec::new();
-        for c in cx.contexts() {
-            all.extend(
-                c.get("joined")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default(),
-            );
-        }
-        let joins = cx.contexts().len();
-        cx.put("all", all)?;
-        cx.put("joins", joins)?;
-        Ok(None)
     });
     r
 }
@@ -170,13 +101,8 @@ async fn random_machines_with_crashes_join_every_branch_exactly_once(store: Arc<
             .unwrap_or_else(|e| panic!("{about}: {e}"));
         assert_eq!(view.status, InstanceStatus::Completed, "{about}: {view:?}");
         let result = view.current_context.unwrap_or_default();
-        let mut ids: Vec<u64> = result["all"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{about}: {result:?}"))
-            .iter()
-            .filter_map(Value::as_u64)
-            .collect();
-        ids.sort_unstable();
+        let ids =
+            common::paging::joined_ids(&result).unwrap_or_else(|| panic!("{about}: {result:?}"));
         assert_eq!(
             ids,
             (0..n).collect::<Vec<_>>(),

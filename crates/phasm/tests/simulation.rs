@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use phasm::action::{Action, ActionContext, ActionError, ActionResult, Registry};
+use phasm::action::{Action, ActionContext, ActionResult, Registry};
 use phasm::clock::{Clock, SystemClock};
 use phasm::config::{load_str, LoadOptions};
 use phasm::control::start_instance;
@@ -24,31 +24,7 @@ use phasm::engine::{Context, Limits};
 use phasm::store::{InstanceStatus, PageRequest, SqliteOptions, SqliteStore, Store};
 use phasm::testing::{Faults, FaultyStore};
 use phasm::worker::{StopWhen, Worker, WorkerOptions};
-use serde_json::{json, Value};
-
-struct Page {
-    size: u64,
-}
-
-#[async_trait]
-impl Action for Page {
-    async fn continuation(
-        &self,
-        cx: &mut ActionContext,
-    ) -> Option<Result<Option<Value>, ActionError>> {
-        let n = cx.get::<u64>("n").ok().flatten().unwrap_or(0);
-        let at = cx.token().and_then(Value::as_u64).unwrap_or(0);
-        Some(Ok((at + self.size < n).then(|| json!(at + self.size))))
-    }
-
-    async fn run(&self, cx: &mut ActionContext) -> ActionResult {
-        let n: u64 = cx.get("n")?.unwrap_or(0);
-        let at = cx.token().and_then(Value::as_u64).unwrap_or(0);
-        let ids: Vec<u64> = (at..(at + self.size).min(n)).collect();
-        cx.put("page", ids)?;
-        Ok(Some("split".into()))
-    }
-}
+use serde_json::json;
 
 fn machine(window: u64) -> String {
     format!(
@@ -91,21 +67,7 @@ state_machines:
 }
 
 fn registry(page: u64, fail_rate: f64, slow_rate: f64, seed: u64) -> Registry {
-    let mut r = Registry::new();
-    r.register("Page", Page { size: page });
-    r.register_fn("Split", |cx| {
-        let page: Vec<u64> = cx.get("page")?.unwrap_or_default();
-        let Some((first, rest)) = page.split_first() else {
-            return Err("an empty page".into());
-        };
-        for id in rest {
-            let mut data = Context::new();
-            data.insert("ids".into(), json!([id]));
-            cx.fork(data);
-        }
-        cx.put("ids", [first])?;
-        Ok(Some("work".into()))
-    });
+    let mut r = common::paging::registry(page);
     let rng = Arc::new(Mutex::new(fastrand::Rng::with_seed(seed)));
     r.register(
         "Work",
@@ -115,34 +77,6 @@ fn registry(page: u64, fail_rate: f64, slow_rate: f64, seed: u64) -> Registry {
             slow_rate,
         },
     );
-    r.register_fn("Gather", |cx| {
-        let mut ids = Vec::new();
-        for c in cx.contexts() {
-            ids.extend(
-                c.get("ids")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default(),
-            );
-        }
-        let mut out = Context::new();
-        out.insert("joined".into(), Value::Array(ids));
-        *cx.context_mut() = out;
-        Ok(Some("done".into()))
-    });
-    r.register_fn("Total", |cx| {
-        let mut all = Vec::new();
-        for c in cx.contexts() {
-            all.extend(
-                c.get("joined")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default(),
-            );
-        }
-        cx.put("all", all)?;
-        Ok(None)
-    });
     r
 }
 
@@ -242,13 +176,7 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>) {
     let view = inner.instance(&name).await.unwrap().unwrap();
     assert_eq!(view.status, InstanceStatus::Completed, "{about}: {view:?}");
     let result = view.current_context.clone().unwrap_or_default();
-    let mut ids: Vec<u64> = result["all"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{about}: {result:?}"))
-        .iter()
-        .filter_map(Value::as_u64)
-        .collect();
-    ids.sort_unstable();
+    let ids = common::paging::joined_ids(&result).unwrap_or_else(|| panic!("{about}: {result:?}"));
     assert_eq!(
         ids,
         (0..n).collect::<Vec<_>>(),

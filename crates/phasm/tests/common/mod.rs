@@ -2,6 +2,7 @@
 
 #![allow(dead_code, unused_imports, unused_macros)]
 
+pub mod paging;
 pub mod postgres;
 
 /// Run each named test — an `async fn NAME(store: Arc<dyn Store>)` of the including file —
