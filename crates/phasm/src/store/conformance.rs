@@ -165,6 +165,7 @@ async fn apply_one(store: &dyn Store, now: i64, c: Commit) -> Applied {
     store.apply(now, vec![c], None).await.unwrap()[0].applied
 }
 
+/// Check that starting is idempotent.
 pub async fn starting_is_idempotent(store: &dyn Store) {
     start(store, "i1", T0).await;
     let again = store
@@ -191,6 +192,7 @@ pub async fn starting_is_idempotent(store: &dyn Store) {
     assert_eq!(view.context, ctx(0));
 }
 
+/// Check that claims only due tasks once until the lease expires.
 pub async fn claims_only_due_tasks_once_until_the_lease_expires(store: &dyn Store) {
     start(store, "now", T0).await;
     start(store, "later", T0 + 60 * SEC).await;
@@ -219,6 +221,7 @@ pub async fn claims_only_due_tasks_once_until_the_lease_expires(store: &dyn Stor
     assert_eq!(again[0].first_attempt_at, T0, "first attempt time is kept");
 }
 
+/// Check that claim respects limits and queues.
 pub async fn claim_respects_limits_and_queues(store: &dyn Store) {
     for i in 0..5 {
         start(store, &format!("i{i}"), T0).await;
@@ -233,6 +236,7 @@ pub async fn claim_respects_limits_and_queues(store: &dyn Store) {
     assert_eq!(store.claim(T0, &request(10)).await.unwrap().len(), 2);
 }
 
+/// Check that a superseded claim cannot commit.
 pub async fn a_superseded_claim_cannot_commit(store: &dyn Store) {
     start(store, "i", T0).await;
     let first = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -254,6 +258,7 @@ pub async fn a_superseded_claim_cannot_commit(store: &dyn Store) {
     assert_eq!(store.instance("i").await.unwrap().unwrap().history.len(), 1);
 }
 
+/// Check that an expired lease cannot commit.
 pub async fn an_expired_lease_cannot_commit(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -265,6 +270,7 @@ pub async fn an_expired_lease_cannot_commit(store: &dyn Store) {
     assert_eq!(store.instance("i").await.unwrap().unwrap().tasks.len(), 1);
 }
 
+/// Check that renewing extends a held lease.
 pub async fn renewing_extends_a_held_lease(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -294,6 +300,7 @@ pub async fn renewing_extends_a_held_lease(store: &dyn Store) {
     );
 }
 
+/// Check that a commit applies everything together.
 pub async fn a_commit_applies_everything_together(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -334,6 +341,7 @@ pub async fn a_commit_applies_everything_together(store: &dyn Store) {
     assert_eq!(store.next_due().await.unwrap(), None);
 }
 
+/// Check that a branch ending while others are pending does not complete.
 pub async fn a_branch_ending_while_others_are_pending_does_not_complete(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -347,6 +355,7 @@ pub async fn a_branch_ending_while_others_are_pending_does_not_complete(store: &
     );
 }
 
+/// Check that a retry reschedules the task.
 pub async fn a_retry_reschedules_the_task(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -372,6 +381,7 @@ pub async fn a_retry_reschedules_the_task(store: &dyn Store) {
     assert_eq!(again.attempt, 1);
 }
 
+/// Check that a postponed step does not count an attempt.
 pub async fn a_postponed_step_does_not_count_an_attempt(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -405,6 +415,7 @@ pub async fn a_postponed_step_does_not_count_an_attempt(store: &dyn Store) {
     assert_eq!(again.first_attempt_at, T0 + 3 * SEC);
 }
 
+/// Check that a failure holds the instance until retried.
 pub async fn a_failure_holds_the_instance_until_retried(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -450,6 +461,7 @@ pub async fn a_failure_holds_the_instance_until_retried(store: &dyn Store) {
     );
 }
 
+/// Check that cancel and halt drop pending work.
 pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
     start(store, "c", T0).await;
     assert_eq!(store.cancel(T0, "c").await.unwrap(), Control::Done);
@@ -484,6 +496,7 @@ pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
     assert_eq!(view.branches.parked, 0, "parked branches go with the halt");
 }
 
+/// Check that a cancelled instances running step cannot commit.
 pub async fn a_cancelled_instances_running_step_cannot_commit(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -498,6 +511,7 @@ pub async fn a_cancelled_instances_running_step_cannot_commit(store: &dyn Store)
     );
 }
 
+/// Check that successors due now come back leased.
 pub async fn successors_due_now_come_back_leased(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -533,6 +547,7 @@ pub async fn successors_due_now_come_back_leased(store: &dyn Store) {
     assert_eq!(apply_one(store, T0 + SEC, commit(next)).await, Applied::Yes);
 }
 
+/// Check that task names are unique per instance.
 pub async fn task_names_are_unique_per_instance(store: &dyn Store) {
     start(store, "i", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -543,6 +558,7 @@ pub async fn task_names_are_unique_per_instance(store: &dyn Store) {
     assert_eq!(store.instance("i").await.unwrap().unwrap().tasks.len(), 1);
 }
 
+/// Check that list filters newest first.
 pub async fn list_filters_newest_first(store: &dyn Store) {
     start(store, "a", T0).await;
     start(store, "b", T0).await;
@@ -590,6 +606,7 @@ pub async fn list_filters_newest_first(store: &dyn Store) {
     assert!(store.instance("zzz").await.unwrap().is_none());
 }
 
+/// Check that targets route tasks to their pools.
 pub async fn targets_route_tasks_to_their_pools(store: &dyn Store) {
     let mut heavy = new_task("heavy--start", None, T0);
     heavy.target = Some("heavy".into());
@@ -631,6 +648,7 @@ pub async fn targets_route_tasks_to_their_pools(store: &dyn Store) {
     );
 }
 
+/// Check that task ids are never reused.
 pub async fn task_ids_are_never_reused(store: &dyn Store) {
     // A stale worker fences its commit with (task id, claim): if a finished task's id came
     // back for a new task, that fence could match the wrong task.
@@ -643,6 +661,7 @@ pub async fn task_ids_are_never_reused(store: &dyn Store) {
     assert_eq!(apply_one(store, T0, commit(&t)).await, Applied::Fenced);
 }
 
+/// Check that scrub removes only old ended instances.
 pub async fn scrub_removes_only_old_ended_instances(store: &dyn Store) {
     for name in ["old-1", "old-2", "live", "recent"] {
         start(store, name, T0).await;
@@ -667,11 +686,13 @@ pub async fn scrub_removes_only_old_ended_instances(store: &dyn Store) {
     );
 }
 
+/// Check that commits probe reports a rate.
 pub async fn commits_probe_reports_a_rate(store: &dyn Store) {
     let rate = store.probe_commit_rate(20).await.unwrap();
     assert!(rate > 0.0);
 }
 
+/// Check that history and logs page with cursors.
 pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
     use crate::store::{PageRequest, MAX_PAGE_MESSAGE_CHARS};
     start(store, "p", T0).await;
@@ -742,6 +763,7 @@ pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
         .is_none());
 }
 
+/// Check that an instance view is bounded however long the instance ran.
 pub async fn an_instance_view_is_bounded_however_long_the_instance_ran(store: &dyn Store) {
     use crate::store::VIEW_ROWS;
     start(store, "big", T0).await;
@@ -785,6 +807,7 @@ pub async fn an_instance_view_is_bounded_however_long_the_instance_ran(store: &d
     assert_eq!(view.branches.live, rows as u64);
 }
 
+/// Check that workers are listed until they stop or expire.
 pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
     use crate::store::WorkerView;
     let worker = |owner: &str, targets: Targets, expires_at: i64| WorkerView {
@@ -826,6 +849,7 @@ pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
     assert_eq!(listed, [again]);
 }
 
+/// Check that a barrier is released when the last live task finishes without successor.
 pub async fn a_barrier_is_released_when_the_last_live_task_finishes_without_successor(
     store: &dyn Store,
 ) {
@@ -899,6 +923,7 @@ async fn park_one(store: &dyn Store, now: i64, task: &Task, p: crate::engine::Pa
     assert_eq!(apply_one(store, now, c).await, Applied::Yes);
 }
 
+/// Check that a window joins what parked before it runs and later arrivals open the next.
 pub async fn a_window_joins_what_parked_before_it_runs_and_later_arrivals_open_the_next(
     store: &dyn Store,
 ) {
@@ -940,6 +965,7 @@ pub async fn a_window_joins_what_parked_before_it_runs_and_later_arrivals_open_t
     assert_ne!(next.name, join.name);
 }
 
+/// Check that fan in groups join apart.
 pub async fn fan_in_groups_join_apart(store: &dyn Store) {
     let tasks = branches(store, "g", 4).await;
     let window = Some(SEC);
@@ -959,6 +985,7 @@ pub async fn fan_in_groups_join_apart(store: &dyn Store) {
     );
 }
 
+/// Check that a spawned instance starts once.
 pub async fn a_spawned_instance_starts_once(store: &dyn Store) {
     let spawn = |t: &Task| {
         let mut c = commit(t);
@@ -992,6 +1019,7 @@ pub async fn a_spawned_instance_starts_once(store: &dyn Store) {
         .is_empty());
 }
 
+/// Check that a continuation page queued early is not queued again by a retry.
 pub async fn a_continuation_page_queued_early_is_not_queued_again_by_a_retry(store: &dyn Store) {
     start(store, "c", T0).await;
     let page = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -1020,6 +1048,7 @@ pub async fn a_continuation_page_queued_early_is_not_queued_again_by_a_retry(sto
     assert!(again.iter().any(|t| t.name == "c--page-1"));
 }
 
+/// Check that stats count due scheduled running and parked.
 pub async fn stats_count_due_scheduled_running_and_parked(store: &dyn Store) {
     start(store, "s", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
@@ -1046,6 +1075,7 @@ pub async fn stats_count_due_scheduled_running_and_parked(store: &dyn Store) {
     assert!(q.oldest_due_age_seconds >= 2.9, "{q:?}");
 }
 
+/// Check that two claimers never take the same task.
 pub async fn two_claimers_never_take_the_same_task(store: &dyn Store) {
     for i in 0..40 {
         start(store, &format!("r{i:02}"), T0).await;
@@ -1065,6 +1095,7 @@ pub async fn two_claimers_never_take_the_same_task(store: &dyn Store) {
     assert_eq!(seen.len(), 40, "every task claimed once");
 }
 
+/// Check that queue limits hold across claimers.
 pub async fn queue_limits_hold_across_claimers(store: &dyn Store) {
     use crate::machine::{QueueLimits, Rate};
     for i in 0..10 {
