@@ -128,3 +128,48 @@ async fn a_worker_notices_that_another_ended_its_instance() {
         .unwrap();
     schema.drop_schema().await;
 }
+
+/// A store's connections — its pool and the one that listens for `NOTIFY` — close when it
+/// is dropped, so a process that opens stores over and over does not run the server out of
+/// connections.
+#[tokio::test]
+async fn dropping_a_store_closes_its_connections() {
+    use phasm::store::{PostgresOptions, PostgresStore};
+    let Some(schema) = Schema::fresh("drop_closes").await else {
+        return;
+    };
+    let url = format!("{}&application_name=phasm_drop_probe", schema.url());
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let count = || async {
+        let row = client
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE application_name = 'phasm_drop_probe' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    for _ in 0..5 {
+        let store = PostgresStore::open(&url, &PostgresOptions::default())
+            .await
+            .unwrap();
+        use phasm::store::prelude::*;
+        store.list(&Default::default()).await.unwrap();
+        drop(store);
+    }
+    let mut open = count().await;
+    for _ in 0..50 {
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        open = count().await;
+    }
+    assert_eq!(open, 0, "connections left open by dropped stores");
+    schema.drop_schema().await;
+}

@@ -1,5 +1,6 @@
 //! Instances run end to end on the SQLite store with Rust and exec actions.
 
+use phasm::store::prelude::*;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

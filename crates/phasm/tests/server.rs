@@ -1,5 +1,6 @@
 //! The HTTP API over a real socket: status codes, JSON bodies, errors, authentication.
 
+use phasm::store::prelude::*;
 use std::sync::Arc;
 
 use phasm::clock::SystemClock;
@@ -595,7 +596,7 @@ async fn api_with_hosts(hosts: &[&str]) -> Api {
 #[tokio::test]
 async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
     use phasm::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, TaskKind};
-    use phasm::store::{ClaimRequest, NewInstance, Store, Targets};
+    use phasm::store::{ClaimRequest, NewInstance, Targets};
     let dir = tempfile::tempdir().unwrap();
     let store =
         Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());

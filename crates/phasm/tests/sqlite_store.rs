@@ -1,6 +1,7 @@
 //! The store conformance suite against SQLite.
 
 use phasm::store::conformance;
+use phasm::store::prelude::*;
 use phasm::store::{SqliteOptions, SqliteStore};
 
 #[tokio::test]
@@ -22,7 +23,6 @@ async fn reopening_keeps_data_and_schema_version() {
         conformance::starting_is_idempotent(&store).await;
     }
     let store = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
-    use phasm::store::Store;
     assert!(store.instance("i1").await.unwrap().is_some());
 }
 
@@ -60,7 +60,6 @@ fn a_file_that_is_not_a_database_is_a_clear_error() {
 /// long run of commits (here the commit-rate probe, thousands of fsync'd transactions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_do_not_wait_behind_the_writer() {
-    use phasm::store::Store;
     let dir = tempfile::tempdir().unwrap();
     let store = std::sync::Arc::new(
         SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap(),

@@ -645,9 +645,11 @@ impl StoreError {
 /// Result of a store operation.
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The persistence boundary. Every method is atomic; `apply` is fenced by leases.
+/// The hot path: what workers do on every step — start, claim, renew, commit — and what
+/// keeps them going (wake-ups, the sweep, saying they are alive). Every method is atomic;
+/// `apply` is fenced by leases.
 #[async_trait]
-pub trait Store: Send + Sync + std::fmt::Debug {
+pub trait WorkStore: Send + Sync + std::fmt::Debug {
     /// Create an instance and its start task, unless one of that name exists (idempotent).
     async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started>;
 
@@ -674,6 +676,36 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// The earliest time a task becomes due (or a lease expires), if any task is pending.
     async fn next_due(&self) -> StoreResult<Option<Micros>>;
 
+    /// Say that a worker is alive until `worker.expires_at` (insert or refresh its row); rows
+    /// of workers gone for a day are removed.
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()>;
+
+    /// A worker stopped: remove its row.
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()>;
+
+    /// Notified whenever this process creates or reschedules a task, so an idle worker in
+    /// the same process wakes at once. (A shared database also notifies for other
+    /// processes' work.)
+    fn changes(&self) -> Arc<tokio::sync::Notify>;
+
+    /// Whether [`Store::changes`] also reports work queued by other processes, so an idle
+    /// worker may poll rarely.
+    fn notifies_other_processes(&self) -> bool {
+        false
+    }
+
+    /// Repair what a crash between a commit and its follow-up could leave undone (an
+    /// instance whose last branch ended but was not marked completed, a barrier join not
+    /// released). Workers call it now and then; a no-op where commits do it all atomically.
+    async fn sweep(&self, _now: Micros) -> StoreResult<()> {
+        Ok(())
+    }
+}
+
+/// What operators and the API read: instances, lists, logs and history pages, metrics and
+/// the live workers. Memory per call is bounded, except for [`ReadStore::logs`].
+#[async_trait]
+pub trait ReadStore: Send + Sync + std::fmt::Debug {
     /// One instance: its status, counts, latest transitions and first pending tasks (at most
     /// [`VIEW_ROWS`] of each; memory per call is bounded).
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>>;
@@ -697,6 +729,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// bounded by `page.limit`.
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>>;
 
+    /// The workers alive at `now` (their announcement not expired), oldest first.
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>>;
+
+    /// Pending work per queue and parked branches, for metrics.
+    async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;
+}
+
+/// Acting on instances (retry, cancel), housekeeping (scrub) and measuring the backend.
+#[async_trait]
+pub trait AdminStore: Send + Sync + std::fmt::Debug {
     /// Resume a failed instance: its failed and held tasks run again from attempt 0.
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;
 
@@ -709,38 +751,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// transaction, so workers are not held up).
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64>;
 
-    /// Say that a worker is alive until `worker.expires_at` (insert or refresh its row); rows
-    /// of workers gone for a day are removed.
-    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()>;
-
-    /// A worker stopped: remove its row.
-    async fn worker_stopped(&self, owner: &str) -> StoreResult<()>;
-
-    /// The workers alive at `now` (their announcement not expired), oldest first.
-    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>>;
-
-    /// Pending work per queue and parked branches, for metrics.
-    async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;
-
     /// Measure the backend's durable single-row commit rate (commits per second), the
     /// physical limit `phasm bench` compares against.
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64>;
+}
 
-    /// Notified whenever this process creates or reschedules a task, so an idle worker in
-    /// the same process wakes at once. (A shared database also notifies for other
-    /// processes' work.)
-    fn changes(&self) -> Arc<tokio::sync::Notify>;
+/// The persistence boundary: everything a backend implements, in three parts — the hot
+/// path ([`WorkStore`]), reads ([`ReadStore`]) and administration ([`AdminStore`]). Any type
+/// with all three is a `Store`. Bring the parts into scope with `use phasm::store::prelude::*`.
+pub trait Store: WorkStore + ReadStore + AdminStore {}
 
-    /// Whether [`Store::changes`] also reports work queued by other processes, so an idle
-    /// worker may poll rarely.
-    fn notifies_other_processes(&self) -> bool {
-        false
-    }
+impl<T: WorkStore + ReadStore + AdminStore + ?Sized> Store for T {}
 
-    /// Repair what a crash between a commit and its follow-up could leave undone (an
-    /// instance whose last branch ended but was not marked completed, a barrier join not
-    /// released). Workers call it now and then; a no-op where commits do it all atomically.
-    async fn sweep(&self, _now: Micros) -> StoreResult<()> {
-        Ok(())
-    }
+/// The store traits, to call their methods on a `dyn Store`.
+pub mod prelude {
+    pub use super::{AdminStore, ReadStore, Store, WorkStore};
 }

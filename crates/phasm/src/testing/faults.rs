@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::store::{AdminStore, ReadStore, WorkStore};
 use async_trait::async_trait;
 
 use crate::clock::Micros;
@@ -111,7 +112,7 @@ fn injected(what: &str) -> StoreError {
 }
 
 #[async_trait]
-impl Store for FaultyStore {
+impl WorkStore for FaultyStore {
     async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
         self.inner.start(now, instance).await
     }
@@ -156,6 +157,29 @@ impl Store for FaultyStore {
         self.inner.next_due().await
     }
 
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
+        self.inner.worker_alive(now, worker).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        self.inner.worker_stopped(owner).await
+    }
+
+    fn changes(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.changes()
+    }
+
+    fn notifies_other_processes(&self) -> bool {
+        self.inner.notifies_other_processes()
+    }
+
+    async fn sweep(&self, now: Micros) -> StoreResult<()> {
+        self.inner.sweep(now).await
+    }
+}
+
+#[async_trait]
+impl ReadStore for FaultyStore {
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.inner.instance(name).await
     }
@@ -180,6 +204,17 @@ impl Store for FaultyStore {
         self.inner.logs_page(name, page).await
     }
 
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.inner.workers(now).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<StoreStats> {
+        self.inner.stats(now).await
+    }
+}
+
+#[async_trait]
+impl AdminStore for FaultyStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.inner.retry(now, name).await
     }
@@ -192,35 +227,7 @@ impl Store for FaultyStore {
         self.inner.scrub(cutoff, batch).await
     }
 
-    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
-        self.inner.worker_alive(now, worker).await
-    }
-
-    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
-        self.inner.worker_stopped(owner).await
-    }
-
-    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
-        self.inner.workers(now).await
-    }
-
-    async fn stats(&self, now: Micros) -> StoreResult<StoreStats> {
-        self.inner.stats(now).await
-    }
-
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
         self.inner.probe_commit_rate(commits).await
-    }
-
-    fn changes(&self) -> Arc<tokio::sync::Notify> {
-        self.inner.changes()
-    }
-
-    fn notifies_other_processes(&self) -> bool {
-        self.inner.notifies_other_processes()
-    }
-
-    async fn sweep(&self, now: Micros) -> StoreResult<()> {
-        self.inner.sweep(now).await
     }
 }

@@ -54,6 +54,11 @@ impl Schema {
         Some(Self { client, name, url })
     }
 
+    /// The URL of this schema.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
     /// A store in this schema.
     pub async fn store(&self) -> PostgresStore {
         PostgresStore::open(&self.url, &PostgresOptions::default())

@@ -35,6 +35,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::store::{AdminStore, ReadStore, WorkStore};
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use futures_util::StreamExt;
@@ -44,9 +45,9 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
-    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
-    StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView,
-    MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError,
+    StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
+    VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
@@ -77,6 +78,21 @@ pub struct PostgresStore {
     /// asked for one meanwhile (then it runs again): thousands of branches parking at once
     /// cost a few checks, not thousands, and a check still starts after every commit.
     settling: Arc<std::sync::Mutex<std::collections::HashMap<i64, (bool, bool)>>>,
+    /// The task that listens for `NOTIFY phasm` on a connection of its own; stopped (and its
+    /// connection closed) when the last clone of the store goes.
+    _listener: Arc<StopOnDrop>,
+}
+
+/// Aborts a task when dropped.
+#[derive(Debug, Default)]
+struct StopOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -195,10 +211,14 @@ impl PostgresStore {
             pool,
             changes: Arc::new(Notify::new()),
             settling: Arc::default(),
+            _listener: Arc::default(),
         };
         store.migrate().await?;
-        tokio::spawn(listen(config, Arc::clone(&store.changes)));
-        Ok(store)
+        let listener = tokio::spawn(listen(config, Arc::clone(&store.changes)));
+        Ok(Self {
+            _listener: Arc::new(StopOnDrop(Some(listener))),
+            ..store
+        })
     }
 
     async fn client(&self) -> StoreResult<Object> {
@@ -386,7 +406,7 @@ async fn listen(config: tokio_postgres::Config, changes: Arc<Notify>) {
 }
 
 #[async_trait]
-impl Store for PostgresStore {
+impl WorkStore for PostgresStore {
     async fn start(&self, now: Micros, new: NewInstance) -> StoreResult<Started> {
         apply::start(self, now, new).await
     }
@@ -417,6 +437,29 @@ impl Store for PostgresStore {
         read::next_due(self).await
     }
 
+    async fn worker_alive(&self, now: Micros, w: &WorkerView) -> StoreResult<()> {
+        admin::worker_alive(self, now, w).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        admin::worker_stopped(self, owner).await
+    }
+
+    fn changes(&self) -> Arc<Notify> {
+        Arc::clone(&self.changes)
+    }
+
+    fn notifies_other_processes(&self) -> bool {
+        true
+    }
+
+    async fn sweep(&self, now: Micros) -> StoreResult<()> {
+        admin::sweep(self, now).await
+    }
+}
+
+#[async_trait]
+impl ReadStore for PostgresStore {
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         read::instance(self, name).await
     }
@@ -441,6 +484,17 @@ impl Store for PostgresStore {
         read::logs_page(self, name, page).await
     }
 
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        read::workers(self, now).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
+        read::stats(self, now).await
+    }
+}
+
+#[async_trait]
+impl AdminStore for PostgresStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         admin::retry(self, now, name).await
     }
@@ -449,39 +503,11 @@ impl Store for PostgresStore {
         admin::cancel(self, now, name).await
     }
 
-    async fn worker_alive(&self, now: Micros, w: &WorkerView) -> StoreResult<()> {
-        admin::worker_alive(self, now, w).await
-    }
-
-    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
-        admin::worker_stopped(self, owner).await
-    }
-
-    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
-        read::workers(self, now).await
-    }
-
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
         admin::probe_commit_rate(self, commits).await
     }
 
-    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
-        read::stats(self, now).await
-    }
-
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
         admin::scrub(self, cutoff, batch).await
-    }
-
-    fn changes(&self) -> Arc<Notify> {
-        Arc::clone(&self.changes)
-    }
-
-    fn notifies_other_processes(&self) -> bool {
-        true
-    }
-
-    async fn sweep(&self, now: Micros) -> StoreResult<()> {
-        admin::sweep(self, now).await
     }
 }

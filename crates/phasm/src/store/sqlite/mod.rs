@@ -36,15 +36,16 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::store::{AdminStore, ReadStore, WorkStore};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
-    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, Store,
-    StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView,
-    MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError,
+    StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
+    VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
@@ -203,7 +204,7 @@ fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl WorkStore for SqliteStore {
     async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
         let started = self
             .call(|r| Request::Start(now, Box::new(instance), r))
@@ -258,6 +259,23 @@ impl Store for SqliteStore {
         self.read(Request::NextDue).await
     }
 
+    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
+        let worker = Box::new(worker.clone());
+        self.call(|r| Request::WorkerAlive(now, worker, r)).await
+    }
+
+    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
+        let owner = owner.to_string();
+        self.call(|r| Request::WorkerStopped(owner, r)).await
+    }
+
+    fn changes(&self) -> Arc<Notify> {
+        Arc::clone(&self.changes)
+    }
+}
+
+#[async_trait]
+impl ReadStore for SqliteStore {
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         let name = name.to_string();
         self.read(|r| Request::Instance(name, r)).await
@@ -287,6 +305,17 @@ impl Store for SqliteStore {
         self.read(|r| Request::LogsPage(name, page, r)).await
     }
 
+    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.read(|r| Request::Workers(now, r)).await
+    }
+
+    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
+        self.read(|r| Request::Stats(now, r)).await
+    }
+}
+
+#[async_trait]
+impl AdminStore for SqliteStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let name = name.to_string();
         let done = self.call(|r| Request::Retry(now, name, r)).await?;
@@ -299,34 +328,12 @@ impl Store for SqliteStore {
         self.call(|r| Request::Cancel(now, name, r)).await
     }
 
-    async fn worker_alive(&self, now: Micros, worker: &WorkerView) -> StoreResult<()> {
-        let worker = Box::new(worker.clone());
-        self.call(|r| Request::WorkerAlive(now, worker, r)).await
-    }
-
-    async fn worker_stopped(&self, owner: &str) -> StoreResult<()> {
-        let owner = owner.to_string();
-        self.call(|r| Request::WorkerStopped(owner, r)).await
-    }
-
-    async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
-        self.read(|r| Request::Workers(now, r)).await
-    }
-
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
         self.call(|r| Request::Probe(commits, r)).await
     }
 
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
         self.call(|r| Request::Scrub(cutoff, batch, r)).await
-    }
-
-    async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
-        self.read(|r| Request::Stats(now, r)).await
-    }
-
-    fn changes(&self) -> Arc<Notify> {
-        Arc::clone(&self.changes)
     }
 }
 
