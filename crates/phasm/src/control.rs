@@ -217,7 +217,7 @@ fn convert(machine: &Machine, key: &str, raw: &str) -> Result<Value, String> {
 }
 
 /// Why no running worker will take a pending step of an instance of `machine`, if none will
-/// (`workers`: those alive now, from [`Store::workers`]). Steps already running, failed or
+/// (`workers`: those alive now, from [`ReadStore::workers`](crate::store::ReadStore::workers)). Steps already running, failed or
 /// held need no worker now and give `None`.
 pub fn unserved(machine: &str, task: &TaskView, workers: &[WorkerView]) -> Option<String> {
     if task.status != TaskStatus::Ready || task.leased_by.is_some() {

@@ -144,7 +144,7 @@ pub struct NewInstance {
     pub start: NewTask,
 }
 
-/// What [`Store::start`] did.
+/// What [`WorkStore::start`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Started {
     /// A new instance was created.
@@ -240,7 +240,7 @@ impl Serialize for Targets {
     }
 }
 
-/// A running worker process, as it announces itself (see [`Store::worker_alive`]), so that
+/// A running worker process, as it announces itself (see [`WorkStore::worker_alive`]), so that
 /// `phasm status` can tell when no worker will take a step.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WorkerView {
@@ -478,7 +478,7 @@ pub struct InstanceView {
     pub updated_at: Micros,
     /// Ended.
     pub ended_at: Option<Micros>,
-    /// The latest [`VIEW_ROWS`] committed transitions, oldest first ([`Store::history_page`]
+    /// The latest [`VIEW_ROWS`] committed transitions, oldest first ([`ReadStore::history_page`]
     /// reads them all).
     pub history: Vec<HistoryEntry>,
     /// How many transitions were committed in all.
@@ -688,7 +688,7 @@ pub trait WorkStore: Send + Sync + std::fmt::Debug {
     /// processes' work.)
     fn changes(&self) -> Arc<tokio::sync::Notify>;
 
-    /// Whether [`Store::changes`] also reports work queued by other processes, so an idle
+    /// Whether [`WorkStore::changes`] also reports work queued by other processes, so an idle
     /// worker may poll rarely.
     fn notifies_other_processes(&self) -> bool {
         false

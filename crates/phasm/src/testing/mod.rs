@@ -159,7 +159,7 @@ impl Immediate {
     }
 
     /// Start an instance of `machine` and run it, and everything else pending, to the end.
-    /// Unlike [`Store::instance`], the view carries the instance's whole history, for tests to
+    /// Unlike [`ReadStore::instance`](crate::store::ReadStore::instance), the view carries the instance's whole history, for tests to
     /// assert on.
     ///
     /// # Errors

@@ -444,7 +444,7 @@ impl Worker {
 }
 
 /// Say in the store that this worker is alive and what it takes, until a little after its
-/// next heartbeat (see [`Store::worker_alive`]).
+/// next heartbeat (see [`WorkStore::worker_alive`](crate::store::WorkStore::worker_alive)).
 async fn announce(inner: &Inner, started_at: Micros) {
     let now = inner.clock.now();
     let opts = &inner.options;
@@ -522,7 +522,7 @@ async fn claim(
     Ok(mine)
 }
 
-/// How often a worker repairs what crashed workers left half done ([`Store::sweep`]).
+/// How often a worker repairs what crashed workers left half done ([`WorkStore::sweep`](crate::store::WorkStore::sweep)).
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// How long an idle worker sleeps when the store tells it about other processes' work.

@@ -5,7 +5,7 @@
 //! Two checks that span an instance's branches — "is the instance complete?" and "may its
 //! barrier joins run?" — run as single statements right *after* the commit that could make
 //! them true: whichever of two concurrent commits finishes last then sees both, which a check
-//! inside either transaction (under READ COMMITTED) could not. [`Store::sweep`] repeats them
+//! inside either transaction (under READ COMMITTED) could not. [`WorkStore::sweep`] repeats them
 //! now and then in case a worker died between its commit and the check. Idle workers wait for
 //! `NOTIFY phasm`, sent by commits that queue work, instead of polling.
 //!
