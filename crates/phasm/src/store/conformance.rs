@@ -73,6 +73,7 @@ checks!(
     stats_count_due_scheduled_running_and_parked,
     two_claimers_never_take_the_same_task,
     queue_limits_hold_across_claimers,
+    a_barrier_waits_for_branches_stopped_by_a_failure,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -1159,4 +1160,43 @@ pub async fn queue_limits_hold_across_claimers(store: &dyn Store) {
     );
     let later = store.claim(T0 + 20 * SEC, &claimer("w2")).await.unwrap();
     assert_eq!((count(&later, "few"), count(&later, "slow")), (1, 1));
+}
+
+/// Check that a barrier waits for branches stopped by a failure.
+pub async fn a_barrier_waits_for_branches_stopped_by_a_failure(store: &dyn Store) {
+    let tasks = branches(store, "f", 2).await;
+    park_one(store, T0 + SEC, &tasks[0], parked("all", "", 0, None)).await;
+    // The other branch fails for good: the instance fails, and the barrier must not run
+    // without it.
+    let mut failed = Commit::finishing(&tasks[1]);
+    failed.disposition = Disposition::Failed {
+        error: "boom".into(),
+    };
+    failed.instance_change = InstanceChange::Fail("boom".into());
+    assert_eq!(apply_one(store, T0 + 2 * SEC, failed).await, Applied::Yes);
+    store.sweep(T0 + 3 * SEC).await.unwrap();
+    let view = store.instance("f").await.unwrap().unwrap();
+    let join = view
+        .tasks
+        .iter()
+        .find(|t| t.event == "fan-in")
+        .expect("the barrier join");
+    assert_eq!(join.status, crate::store::TaskStatus::Waiting, "{view:?}");
+    // Retried, the branch runs and parks: now the barrier joins both.
+    assert_eq!(store.retry(T0 + 4 * SEC, "f").await.unwrap(), Control::Done);
+    let again = store
+        .claim(T0 + 4 * SEC, &request(5))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.name, tasks[1].name);
+    park_one(store, T0 + 5 * SEC, &again, parked("all", "", 1, None)).await;
+    store.sweep(T0 + 6 * SEC).await.unwrap();
+    let join = store
+        .claim(T0 + 6 * SEC, &request(5))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(join.kind, TaskKind::Join);
+    assert_eq!(join.contexts, vec![ctx(0), ctx(1)]);
 }

@@ -89,7 +89,8 @@ pub enum TaskStatus {
     /// A barrier join (`fan_in: all`) waiting for every branch of its instance to park or end.
     /// Moved in when the first branch parks; moved to `ready` by the commit (or, on
     /// PostgreSQL, the check right after it, or the periodic sweep) that leaves no task of
-    /// the instance `ready`.
+    /// the instance `ready`, `held` or `failed` (stopped branches resume on `phasm retry`
+    /// and are waited for too).
     Waiting,
     /// Failed for good (retries or age used up, or a mistake in the machine); its instance is
     /// failed. Moved in by that attempt's commit; moved to `ready` by `phasm retry`.

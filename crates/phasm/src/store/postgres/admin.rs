@@ -189,7 +189,7 @@ pub(super) async fn sweep(store: &PostgresStore, now: Micros) -> StoreResult<()>
         .execute(
             "UPDATE tasks w SET status = 'ready', due_at = $1
              WHERE w.status = 'waiting'
-               AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.instance_id = w.instance_id AND r.status = 'ready')",
+               AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.instance_id = w.instance_id AND r.status IN ('ready', 'held', 'failed'))",
             &[&now],
         )
         .await

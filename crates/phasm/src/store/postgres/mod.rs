@@ -320,7 +320,7 @@ impl PostgresStore {
             .prepare_cached(
                 "UPDATE tasks SET status = 'ready', due_at = $2
                  WHERE instance_id = $1 AND status = 'waiting'
-                   AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = $1 AND status = 'ready')",
+                   AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = $1 AND status IN ('ready', 'held', 'failed'))",
             )
             .await
             .map_err(pg)?;

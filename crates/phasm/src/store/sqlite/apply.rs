@@ -313,7 +313,7 @@ pub(super) fn release_barriers(
     tx.prepare_cached(
         "UPDATE tasks SET status = 'ready', due_at = ?2
          WHERE instance_id = ?1 AND status = 'waiting'
-           AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1 AND status = 'ready')",
+           AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1 AND status IN ('ready', 'held', 'failed'))",
     )
     .map_err(db)?
     .execute(params![instance_id, now])
