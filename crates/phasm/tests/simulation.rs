@@ -21,7 +21,7 @@ use phasm::clock::{Clock, SystemClock};
 use phasm::config::{load_str, LoadOptions};
 use phasm::control::start_instance;
 use phasm::engine::{Context, Limits};
-use phasm::store::{InstanceStatus, PageRequest, SqliteOptions, SqliteStore, Store};
+use phasm::store::{InstanceStatus, SqliteOptions, SqliteStore, Store};
 use phasm::testing::{Faults, FaultyStore};
 use phasm::worker::{StopWhen, Worker, WorkerOptions};
 use serde_json::json;
@@ -183,17 +183,11 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>) {
         "{about}: every item joined exactly once"
     );
     let mut pages = 0;
-    let mut at = PageRequest {
-        after: 0,
-        limit: 1000,
-    };
-    while let Some(rows) = inner.history_page(&name, at).await.unwrap() {
-        pages += rows.items.iter().filter(|h| h.to == "read").count() as u64;
-        match rows.next {
-            Some(next) => at.after = next,
-            None => break,
-        }
-    }
+    phasm::store::for_each_transition(&*inner, &name, |h| {
+        pages += u64::from(h.to == "read");
+    })
+    .await
+    .unwrap();
     assert_eq!(
         pages,
         n.div_ceil(page),

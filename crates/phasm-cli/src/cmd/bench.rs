@@ -713,24 +713,15 @@ async fn latencies(
         }
         committed += view.history_total;
         // Every transition, a page at a time (the view holds only the latest).
-        let mut page = phasm::store::PageRequest {
-            after: 0,
-            limit: 1000,
-        };
         let mut previous = None;
-        while let Some(rows) = store.history_page(name, page).await? {
-            for h in &rows.items {
-                last = last.max(h.finished_at);
-                if let Some(p) = previous {
-                    all.push(h.finished_at - p);
-                }
-                previous = Some(h.finished_at);
+        phasm::store::for_each_transition(store, name, |h| {
+            last = last.max(h.finished_at);
+            if let Some(p) = previous {
+                all.push(h.finished_at - p);
             }
-            match rows.next {
-                Some(next) => page.after = next,
-                None => break,
-            }
-        }
+            previous = Some(h.finished_at);
+        })
+        .await?;
     }
     all.sort_unstable();
     Ok((all, completed, committed, last))

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use phasm::clock::{Clock, SystemClock};
 use phasm::engine::HistoryEntry;
-use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, PageRequest, Store};
+use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
 use serde_json::{json, Value};
 
 use crate::output::{count, duration, outln, time};
@@ -36,30 +36,6 @@ async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceVi
     }
 }
 
-/// Every transition of an instance, a page at a time.
-async fn whole_history(
-    store: &dyn Store,
-    name: &str,
-    mut each: impl FnMut(usize, &HistoryEntry),
-) -> Result<(), phasm::store::StoreError> {
-    let mut page = PageRequest {
-        after: 0,
-        limit: 1000,
-    };
-    let mut n = 0;
-    while let Some(rows) = store.history_page(name, page).await? {
-        for h in &rows.items {
-            each(n, h);
-            n += 1;
-        }
-        match rows.next {
-            Some(next) => page.after = next,
-            None => break,
-        }
-    }
-    Ok(())
-}
-
 /// `phasm status`: the latest transitions, or with `all` every one (read a page at a time).
 pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> ExitCode {
     let store = match open_db(args, phasm::store::Access::ReadOnly).await {
@@ -79,7 +55,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
         let mut out = phasm::control::instance_json(&view, &workers);
         if all && truncated {
             let mut history = Vec::new();
-            if let Err(e) = whole_history(&*store, name, |_, h| {
+            if let Err(e) = phasm::store::for_each_transition(&*store, name, |h| {
                 history.push(phasm::control::history_json(h));
             })
             .await
@@ -154,7 +130,12 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
         );
     };
     if all && truncated {
-        if let Err(e) = whole_history(&*store, name, row).await {
+        let mut n = 0;
+        let each = |h: &HistoryEntry| {
+            row(n, h);
+            n += 1;
+        };
+        if let Err(e) = phasm::store::for_each_transition(&*store, name, each).await {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_DATABASE);
         }

@@ -456,6 +456,31 @@ pub fn cut_message(text: String, full_chars: i64) -> String {
     }
 }
 
+/// Call `each` with every committed transition of instance `name`, oldest first, reading
+/// them [`ReadStore::history_page`] by page so memory stays bounded however long it ran.
+/// Nothing is called for an unknown instance.
+///
+/// # Errors
+/// The store's, from any page.
+pub async fn for_each_transition<S: ReadStore + ?Sized>(
+    store: &S,
+    name: &str,
+    mut each: impl FnMut(&HistoryEntry),
+) -> StoreResult<()> {
+    let mut page = PageRequest {
+        after: 0,
+        limit: 1000,
+    };
+    while let Some(rows) = store.history_page(name, page).await? {
+        rows.items.iter().for_each(&mut each);
+        match rows.next {
+            Some(next) => page.after = next,
+            None => return Ok(()),
+        }
+    }
+    Ok(())
+}
+
 /// How many transitions and pending tasks an [`InstanceView`] carries at most, so that
 /// reading an instance takes bounded memory however long it ran or however wide it forked.
 pub const VIEW_ROWS: usize = 100;

@@ -186,18 +186,12 @@ impl Immediate {
             .await?
             .ok_or_else(|| StoreError::Corrupt("the instance vanished".into()))?;
         if view.history_total > view.history.len() as u64 {
-            view.history.clear();
-            let mut page = crate::store::PageRequest {
-                after: 0,
-                limit: 1000,
-            };
-            while let Some(rows) = self.store.history_page(&view.name, page).await? {
-                view.history.extend(rows.items);
-                match rows.next {
-                    Some(next) => page.after = next,
-                    None => break,
-                }
-            }
+            let mut history = Vec::new();
+            crate::store::for_each_transition(&*self.store, &view.name, |h| {
+                history.push(h.clone());
+            })
+            .await?;
+            view.history = history;
         }
         Ok(view)
     }
