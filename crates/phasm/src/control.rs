@@ -255,6 +255,18 @@ pub fn unserved(machine: &str, task: &TaskView, workers: &[WorkerView]) -> Optio
     })
 }
 
+/// The JSON form of an instance in a list: `phasm list --json` and `GET /api/instances`.
+pub fn summary_json(r: &crate::store::InstanceSummary) -> serde_json::Value {
+    serde_json::json!({
+        "instance": r.instance,
+        "machine": r.machine,
+        "status": r.status,
+        "created_at": rfc3339(r.created_at),
+        "updated_at": rfc3339(r.updated_at),
+        "error": r.error,
+    })
+}
+
 /// The JSON form of a worker: `phasm workers --json` and `GET /api/workers`.
 pub fn worker_json(w: &WorkerView) -> serde_json::Value {
     serde_json::json!({

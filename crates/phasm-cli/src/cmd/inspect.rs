@@ -274,19 +274,7 @@ pub async fn list(
         }
     };
     if as_json {
-        let rows: Vec<Value> = rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "instance": r.instance,
-                    "machine": r.machine,
-                    "status": r.status,
-                    "created_at": time(r.created_at),
-                    "updated_at": time(r.updated_at),
-                    "error": r.error,
-                })
-            })
-            .collect();
+        let rows: Vec<Value> = rows.iter().map(phasm::control::summary_json).collect();
         outln!("{}", Value::Array(rows));
         return ExitCode::SUCCESS;
     }

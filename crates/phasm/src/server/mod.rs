@@ -595,19 +595,7 @@ async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQue
                     );
                 }
             }
-            let rows: Vec<Value> = rows
-                .iter()
-                .map(|r| {
-                    json!({
-                        "instance": r.instance,
-                        "machine": r.machine,
-                        "status": r.status,
-                        "created_at": crate::clock::rfc3339(r.created_at),
-                        "updated_at": crate::clock::rfc3339(r.updated_at),
-                        "error": r.error,
-                    })
-                })
-                .collect();
+            let rows: Vec<Value> = rows.iter().map(crate::control::summary_json).collect();
             // A full page may have a next one: it starts after this page's last instance.
             let next = (rows.len() == limit)
                 .then(|| {
