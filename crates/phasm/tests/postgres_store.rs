@@ -58,8 +58,7 @@ async fn a_worker_notices_that_another_ended_its_instance() {
     use phasm::action::{Action, ActionContext, ActionResult, Registry};
     use phasm::clock::{Clock, SystemClock};
     use phasm::config::{load_str, LoadOptions};
-    use phasm::control::start_instance;
-    use phasm::engine::{Context, Limits};
+    use phasm::engine::Context;
     use phasm::store::{Control, Store};
     use phasm::worker::{StopWhen, Worker, WorkerOptions};
 
@@ -85,19 +84,7 @@ async fn a_worker_notices_that_another_ended_its_instance() {
     let mut registry = Registry::new();
     registry.register("Slow", Slow);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let name = start_instance(
-        &*store,
-        &config,
-        &*clock,
-        "S",
-        Context::new(),
-        None,
-        &Limits::default(),
-    )
-    .await
-    .unwrap()
-    .name()
-    .to_string();
+    let name = common::start(&*store, &config, "S", Context::new()).await;
     let worker = Worker::new(
         Arc::clone(&store),
         config,

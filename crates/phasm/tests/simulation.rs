@@ -19,8 +19,7 @@ use async_trait::async_trait;
 use phasm::action::{Action, ActionContext, ActionResult, Registry};
 use phasm::clock::{Clock, SystemClock};
 use phasm::config::{load_str, LoadOptions};
-use phasm::control::start_instance;
-use phasm::engine::{Context, Limits};
+use phasm::engine::Context;
 use phasm::store::{InstanceStatus, SqliteOptions, SqliteStore, Store};
 use phasm::testing::{Faults, FaultyStore};
 use phasm::worker::{StopWhen, Worker, WorkerOptions};
@@ -127,19 +126,7 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>) {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut context = Context::new();
     context.insert("n".into(), json!(n));
-    let name = start_instance(
-        &*inner,
-        &config,
-        &*clock,
-        "Sim",
-        context,
-        None,
-        &Limits::default(),
-    )
-    .await
-    .unwrap()
-    .name()
-    .to_string();
+    let name = common::start(&*inner, &config, "Sim", context).await;
     let mut running = Vec::new();
     for w in 0..workers {
         let registry = registry(page, 0.1, 0.05, seed * 10 + w as u64);

@@ -103,10 +103,22 @@ pub async fn setup(yaml: &str, dir: &Path, machine: &str, context: Context) -> S
     let store: Arc<dyn Store> =
         Arc::new(SqliteStore::open(dir.join("phasm.db"), &SqliteOptions::default()).unwrap());
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let name = start_instance(
-        &*store,
-        &config,
-        &*clock,
+    let name = start(&*store, &config, machine, context).await;
+    Setup {
+        config,
+        registry: Arc::new(registry),
+        store,
+        clock,
+        name,
+    }
+}
+
+/// Start an instance of `machine` now, with a generated name; its name.
+pub async fn start(store: &dyn Store, config: &Config, machine: &str, context: Context) -> String {
+    start_instance(
+        store,
+        config,
+        &SystemClock,
         machine,
         context,
         None,
@@ -115,14 +127,7 @@ pub async fn setup(yaml: &str, dir: &Path, machine: &str, context: Context) -> S
     .await
     .unwrap()
     .name()
-    .to_string();
-    Setup {
-        config,
-        registry: Arc::new(registry),
-        store,
-        clock,
-        name,
-    }
+    .to_string()
 }
 
 impl Setup {
