@@ -443,8 +443,8 @@ impl Worker {
     }
 }
 
-/// Say in the store that this worker is alive and what it takes, until a little after its
-/// next heartbeat (see [`WorkStore::worker_alive`](crate::store::WorkStore::worker_alive)).
+/// Say in the store that this worker is alive and what it takes, for one lease length (three
+/// heartbeats: a worker that stops announcing is gone once its leases could have run out; see [`WorkStore::worker_alive`](crate::store::WorkStore::worker_alive)).
 async fn announce(inner: &Inner, started_at: Micros) {
     let now = inner.clock.now();
     let opts = &inner.options;
