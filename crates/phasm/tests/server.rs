@@ -662,7 +662,7 @@ async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
             task: task.name.clone(),
         })
         .collect();
-    store.apply(now, vec![commit], None).await.unwrap();
+    store.apply(now, commit, None).await.unwrap();
     let api = api_with(dir, store, None, None).await;
 
     let mut seen = 0;

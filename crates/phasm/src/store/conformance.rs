@@ -74,6 +74,7 @@ checks!(
     two_claimers_never_take_the_same_task,
     queue_limits_hold_across_claimers,
     a_barrier_waits_for_branches_stopped_by_a_failure,
+    an_instance_completes_when_its_last_task_finishes_without_successor,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -163,7 +164,7 @@ fn commit(task: &Task) -> Commit {
 }
 
 async fn apply_one(store: &dyn Store, now: i64, c: Commit) -> Applied {
-    store.apply(now, vec![c], None).await.unwrap()[0].applied
+    store.apply(now, c, None).await.unwrap().applied
 }
 
 /// Check that starting is idempotent.
@@ -529,11 +530,7 @@ pub async fn successors_due_now_come_back_leased(store: &dyn Store) {
         targets: Targets::Any,
         max: 5,
     };
-    let result = store
-        .apply(T0, vec![c], Some(&successors))
-        .await
-        .unwrap()
-        .remove(0);
+    let result = store.apply(T0, c, Some(&successors)).await.unwrap();
     assert_eq!(result.applied, Applied::Yes);
     assert_eq!(result.claimed.len(), 1);
     let next = &result.claimed[0];
@@ -922,6 +919,58 @@ async fn park_one(store: &dyn Store, now: i64, task: &Task, p: crate::engine::Pa
     let mut c = Commit::finishing(task);
     c.parked.push(p);
     assert_eq!(apply_one(store, now, c).await, Applied::Yes);
+}
+
+/// Check that an instance completes when its last pending task finishes with nothing after it,
+/// not only when a branch ends: here a window join left empty because a re-claimed earlier
+/// join took its branch.
+pub async fn an_instance_completes_when_its_last_task_finishes_without_successor(
+    store: &dyn Store,
+) {
+    let tasks = branches(store, "e", 2).await;
+    // The second branch runs long (its lease renewed) and parks late.
+    let renewed = store
+        .renew(
+            T0 + 5 * SEC,
+            &[(tasks[1].id, tasks[1].claim)],
+            T0 + 25 * SEC,
+        )
+        .await
+        .unwrap();
+    assert_eq!(renewed, vec![true]);
+    let window = Some(20 * SEC);
+    park_one(store, T0 + SEC, &tasks[0], parked("j", "", 0, window)).await;
+    let first = store.claim(T0 + 21 * SEC, &request(5)).await.unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].contexts, vec![ctx(0)]);
+    // The join is started, so the next arrival opens a window of its own (due at T0 + 42 s).
+    park_one(store, T0 + 22 * SEC, &tasks[1], parked("j", "", 1, window)).await;
+    // The first join's lease runs out; claimed again, it takes both branches.
+    let again = store.claim(T0 + 32 * SEC, &request(5)).await.unwrap();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].id, first[0].id);
+    assert_eq!(again[0].contexts, vec![ctx(0), ctx(1)]);
+    let mut c = Commit::finishing(&again[0]);
+    c.instance_change = InstanceChange::BranchEnded(ctx(9));
+    assert_eq!(apply_one(store, T0 + 33 * SEC, c).await, Applied::Yes);
+    let view = store.instance("e").await.unwrap().unwrap();
+    assert_eq!(
+        view.status,
+        InstanceStatus::Running,
+        "the second join is pending"
+    );
+    let empty = store.claim(T0 + 42 * SEC, &request(5)).await.unwrap();
+    assert_eq!(empty.len(), 1, "{empty:?}");
+    assert!(empty[0].contexts.is_empty(), "{empty:?}");
+    let c = Commit::finishing(&empty[0]);
+    assert_eq!(apply_one(store, T0 + 43 * SEC, c).await, Applied::Yes);
+    let view = store.instance("e").await.unwrap().unwrap();
+    assert_eq!(
+        view.status,
+        InstanceStatus::Completed,
+        "nothing of it is left"
+    );
+    assert_eq!(view.current_context, Some(ctx(9)));
 }
 
 /// Check that a window joins what parked before it runs and later arrivals open the next.

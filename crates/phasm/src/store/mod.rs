@@ -1,11 +1,13 @@
 //! The persistence boundary: the [`Store`] trait, and one implementation per backend.
 //!
 //! Everything a worker or a command needs from a database goes through this trait, so the
-//! engine and the worker never see SQL. Every implementation must pass the conformance suite
+//! engine and the worker never see SQL. What a commit does to the rows is decided once, by
+//! [`plan`], for every backend. Every implementation must pass the conformance suite
 //! `store::conformance` (the `conformance` feature), which the library ships for that purpose.
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod plan;
 pub mod postgres;
 pub mod sqlite;
 
@@ -690,14 +692,17 @@ pub trait WorkStore: Send + Sync + std::fmt::Debug {
         until: Micros,
     ) -> StoreResult<Vec<bool>>;
 
-    /// Apply commits, each atomically and only if its lease is still held at `now`. With
-    /// `successors`, new tasks that are due at once are leased to that worker and returned.
+    /// Apply one commit — its [`plan`] — all or nothing, and only if its lease is still held
+    /// at `now` (else [`Applied::Fenced`], and nothing of it happened). With `successors`,
+    /// new tasks that are due at once are leased to that worker and returned. An error means
+    /// nothing of the commit was applied, unless the reply was lost after the database
+    /// committed it: a retry is then refused by the fence, which is safe.
     async fn apply(
         &self,
         now: Micros,
-        commits: Vec<Commit>,
+        commit: Commit,
         successors: Option<&SuccessorClaim>,
-    ) -> StoreResult<Vec<AppliedCommit>>;
+    ) -> StoreResult<AppliedCommit>;
 
     /// The earliest time a task becomes due (or a lease expires), if any task is pending.
     async fn next_due(&self) -> StoreResult<Option<Micros>>;

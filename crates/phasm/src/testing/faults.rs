@@ -141,11 +141,11 @@ impl WorkStore for FaultyStore {
     async fn apply(
         &self,
         now: Micros,
-        commits: Vec<Commit>,
+        commit: Commit,
         successors: Option<&SuccessorClaim>,
-    ) -> StoreResult<Vec<AppliedCommit>> {
+    ) -> StoreResult<AppliedCommit> {
         self.before("commit").await?;
-        let applied = self.inner.apply(now, commits, successors).await?;
+        let applied = self.inner.apply(now, commit, successors).await?;
         if self.lose_reply() {
             return Err(injected("the commit was applied but its answer was lost"));
         }

@@ -242,9 +242,7 @@ impl Immediate {
                 if crashed {
                     self.clock.advance(lease + Duration::from_secs(1));
                 } else {
-                    self.store
-                        .apply(self.clock.now(), vec![commit], None)
-                        .await?;
+                    self.store.apply(self.clock.now(), commit, None).await?;
                 }
                 continue;
             }

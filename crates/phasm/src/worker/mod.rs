@@ -517,7 +517,7 @@ async fn claim(
             },
             ..Commit::finishing(&t)
         };
-        let _ = inner.store.apply(now, vec![release], None).await;
+        let _ = inner.store.apply(now, release, None).await;
     }
     Ok(mine)
 }
@@ -697,10 +697,10 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
     loop {
         let applied = inner
             .store
-            .apply(inner.clock.now(), vec![commit.clone()], Some(&successors))
+            .apply(inner.clock.now(), commit.clone(), Some(&successors))
             .await;
-        match applied.map(|mut v| v.pop()) {
-            Ok(Some(result)) if result.applied == Applied::Yes => {
+        match applied {
+            Ok(result) if result.applied == Applied::Yes => {
                 record_metrics(task, &commit, started, inner.clock.now());
                 done.steps += u64::from(!commit.history.is_empty());
                 done.retries += u64::from(matches!(commit.disposition, Disposition::Retry { .. }));
@@ -856,20 +856,18 @@ async fn queue_next_page(
     };
     let applied = env
         .store
-        .apply(now, vec![commit], env.successors)
+        .apply(now, commit, env.successors)
         .await
         .map_err(|e| format!("queueing the next page failed: {e}"))?;
-    match applied.into_iter().next() {
-        Some(a) if a.applied == Applied::Yes => {
-            if let Some(adopt) = env.adopt {
-                for t in a.claimed {
-                    let _ = adopt.send(t);
-                }
-            }
-            Ok(())
-        }
-        _ => Err("the lease was lost before the next page could be queued".into()),
+    if applied.applied != Applied::Yes {
+        return Err("the lease was lost before the next page could be queued".into());
     }
+    if let Some(adopt) = env.adopt {
+        for t in applied.claimed {
+            let _ = adopt.send(t);
+        }
+    }
+    Ok(())
 }
 
 /// Why a step's calls stopped.

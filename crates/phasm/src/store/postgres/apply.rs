@@ -8,12 +8,9 @@ pub(super) async fn insert_task(
     instance_id: i64,
     t: &NewTask,
     now: Micros,
-    lease: Option<(&str, Micros)>,
+    lease: Option<&Lease<'_>>,
 ) -> StoreResult<Option<i64>> {
-    let (owner, due_at, claim, attempts, first) = match lease {
-        Some((owner, until)) => (Some(owner), until, 1i64, 1i64, Some(now)),
-        None => (None, t.due_at, 0, 0, None),
-    };
+    let (owner, due_at, claim, attempts, first) = Lease::columns(lease, t.due_at, now);
     let token = t.token.as_ref().map(ToString::to_string);
     let row = tx
         .query_opt(
@@ -109,13 +106,16 @@ pub(super) async fn insert_tasks(
     Ok(())
 }
 
+/// Park a branch, and make sure a join will take it: the plan's join task, unless one not
+/// yet started is pending (looked for under a lock for a window: see [`plan::JoinTask::lock_pending`]).
 pub(super) async fn park(
     tx: &Transaction<'_>,
     instance_id: i64,
-    instance: &str,
-    p: &Parked,
+    park: &Park<'_>,
     now: Micros,
-) -> StoreResult<bool> {
+) -> StoreResult<()> {
+    let p = park.parked;
+    let join = &park.join;
     let item: i64 = tx
         .query_one(
             "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
@@ -133,14 +133,7 @@ pub(super) async fn park(
         .await
         .map_err(pg)?
         .get(0);
-    // A join not yet started takes this branch when it is claimed. For a window, lock it
-    // while looking: a claim of it running now either finishes first (then it is started,
-    // taking only the branches committed before it, and this branch gets a join of its own)
-    // or waits for this commit (then it takes this branch too); a plain read could see the
-    // join unstarted while a concurrent claim starts it without this branch, which nothing
-    // would then join. A barrier join needs no lock: it starts only once no step of the
-    // instance is live, and this parking step is live until this commit.
-    let lock = if p.window.is_some() { "FOR UPDATE" } else { "" };
+    let lock = if join.lock_pending { "FOR UPDATE" } else { "" };
     let pending = !tx
         .query(
             &format!(
@@ -155,12 +148,8 @@ pub(super) async fn park(
         .map_err(pg)?
         .is_empty();
     if pending {
-        return Ok(false);
+        return Ok(());
     }
-    let (status, due_at, suffix) = match p.window {
-        Some(window) => ("ready", now + window, "window"),
-        None => ("waiting", now, "all"),
-    };
     tx.execute(
         "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                             queue, target, status, due_at, created_at, grp)
@@ -168,23 +157,20 @@ pub(super) async fn park(
          ON CONFLICT (instance_id, name) DO NOTHING",
         &[
             &instance_id,
-            &format!(
-                "{instance}--{}--fan-in--{}--{suffix}-{item}",
-                p.state, p.group
-            ),
+            &format!("{}{item}", join.name_prefix),
             &p.state,
             &(p.step as i64),
             &p.queue,
             &p.target,
-            &status,
-            &due_at,
+            &join.status.as_str(),
+            &join.due_at,
             &now,
             &p.group,
         ],
     )
     .await
     .map_err(pg)?;
-    Ok(false)
+    Ok(())
 }
 
 impl Outcome {
@@ -196,8 +182,7 @@ impl Outcome {
                 claimed: Vec::new(),
             },
             instance_id: None,
-            settle: false,
-            complete: false,
+            settle: Settle::default(),
             notify: false,
         }
     }
@@ -222,29 +207,13 @@ impl Drop for SettlingGuard<'_> {
 pub(super) struct Outcome {
     result: AppliedCommit,
     instance_id: Option<i64>,
-    /// A branch stopped being live (parked or ended): barrier joins may be released.
-    settle: bool,
-    /// A branch ended: the instance may be complete.
-    complete: bool,
+    /// The checks to run after the transaction (see `store::plan`).
+    settle: Settle,
+    /// Other processes' idle workers should look for work.
     notify: bool,
 }
 
-/// Whether a commit has the common shape of a chain step (finish the task, record at most one
-/// transition, queue at most one task, maybe end the branch), which [`apply_simple`] commits
-/// in one statement — one round trip instead of one per row.
-pub(super) fn is_simple(c: &Commit) -> bool {
-    c.disposition == Disposition::Finished
-        && c.new_tasks.len() <= 1
-        && c.history.len() <= 1
-        && c.parked.is_empty()
-        && c.spawns.is_empty()
-        && c.logs.is_empty()
-        && matches!(
-            c.instance_change,
-            InstanceChange::None | InstanceChange::BranchEnded(_)
-        )
-}
-
+/// A chain step ([`Shape::Chain`]) as one statement: one round trip instead of one per row.
 pub(super) const SIMPLE_COMMIT: &str = "
 WITH fenced AS (
     DELETE FROM tasks WHERE id = $1 AND claim = $2 AND status = 'ready' AND due_at > $3
@@ -272,29 +241,21 @@ WITH fenced AS (
 )
 SELECT (SELECT instance_id FROM fenced), (SELECT id FROM next), (SELECT COUNT(*) FROM notified)";
 
-/// Commit a simple step (see [`is_simple`]) in one statement.
-pub(super) async fn apply_simple(
+/// Commit a chain step ([`Shape::Chain`]) with [`SIMPLE_COMMIT`].
+pub(super) async fn apply_chain(
     client: &Object,
     now: Micros,
-    c: &Commit,
-    successors: Option<&SuccessorClaim>,
+    plan: &Plan<'_>,
 ) -> StoreResult<Outcome> {
-    let h = c.history.first();
-    let t = c.new_tasks.first();
-    let lease = t.and_then(|t| {
-        successors
-            .filter(|s| {
-                t.due_at <= now && s.max > 0 && s.takes(&t.queue, &c.machine, t.target.as_deref())
-            })
-            .map(|s| (s.owner.clone(), now + micros(s.lease)))
-    });
-    let (owner, due_at, claim, attempts, first) = match (&lease, t) {
-        (Some((owner, until)), _) => (Some(owner.clone()), *until, 1i64, 1i64, Some(now)),
-        (None, Some(t)) => (None, t.due_at, 0, 0, None),
-        (None, None) => (None, 0, 0, 0, None),
-    };
-    let result = match &c.instance_change {
-        InstanceChange::BranchEnded(context) => Some(to_json(context)?),
+    let c = plan.commit;
+    let h = plan.history.first();
+    let successor = plan.successors.first();
+    let t = successor.map(|s| s.task);
+    let lease = successor.and_then(|s| s.lease);
+    let (owner, due_at, claim, attempts, first) =
+        Lease::columns(lease.as_ref(), t.map_or(0, |t| t.due_at), now);
+    let result = match plan.instance {
+        InstanceWrite::BranchResult(context) => Some(to_json(context)?),
         _ => None,
     };
     let empty = String::new();
@@ -339,7 +300,7 @@ pub(super) async fn apply_simple(
                 &t.is_some(),
                 &result,
                 &result.is_some(),
-                &lease.is_none(),
+                &plan.wakes_others,
             ],
         )
         .await
@@ -350,7 +311,7 @@ pub(super) async fn apply_simple(
     };
     let inserted: Option<i64> = row.get(1);
     let mut claimed = Vec::new();
-    if let (Some(id), Some(t), Some(_)) = (inserted, t, &lease) {
+    if let (Some(id), Some(t), Some(_)) = (inserted, t, lease) {
         claimed.push(t.claimed(id, &c.instance, &c.machine, now));
     }
     Ok(Outcome {
@@ -359,11 +320,8 @@ pub(super) async fn apply_simple(
             claimed,
         },
         instance_id: Some(instance_id),
-        // A branch ended, or the finished task had no successor (a window join left with
-        // nothing to join): either may leave no branch live, releasing barrier joins.
-        settle: result.is_some() || t.is_none(),
-        complete: result.is_some(),
-        notify: inserted.is_some() && lease.is_none(),
+        settle: plan.settle,
+        notify: inserted.is_some() && plan.wakes_others,
     })
 }
 
@@ -402,16 +360,6 @@ WITH fenced AS (
 )
 SELECT (SELECT instance_id FROM fenced), (SELECT COUNT(*) FROM notified)";
 
-pub(super) fn is_simple_park(c: &Commit) -> bool {
-    c.disposition == Disposition::Finished
-        && c.new_tasks.is_empty()
-        && c.history.len() == 1
-        && c.parked.len() == 1
-        && c.spawns.is_empty()
-        && c.logs.is_empty()
-        && c.instance_change == InstanceChange::None
-}
-
 /// [`PARK_COMMIT_TEMPLATE`] for a window fan-in: the pending join is locked while looking.
 pub(super) static PARK_COMMIT_WINDOW: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| PARK_COMMIT_TEMPLATE.replace("{LOCK}", "FOR UPDATE OF t"));
@@ -421,97 +369,46 @@ pub(super) static PARK_COMMIT_WINDOW: std::sync::LazyLock<String> =
 pub(super) static PARK_COMMIT_BARRIER: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| PARK_COMMIT_TEMPLATE.replace("{LOCK}", ""));
 
+/// Apply one commit: its [`plan`](crate::store::plan) in one transaction (a chain step or a
+/// park in one statement), settling left to the caller, after the transaction.
 pub(super) async fn apply_one(
     client: &mut Object,
     now: Micros,
     c: &Commit,
     successors: Option<&SuccessorClaim>,
 ) -> StoreResult<Outcome> {
-    if is_simple(c) {
-        return apply_simple(client, now, c, successors).await;
-    }
-    if is_simple_park(c) {
-        return apply_park(client, now, c).await;
+    let plan = plan::plan(c, successors, now);
+    match plan.shape {
+        Shape::Chain => return apply_chain(client, now, &plan).await,
+        Shape::Park => return apply_park(client, now, &plan).await,
+        Shape::General => {}
     }
     let tx = begin(client).await?;
-    let fence = "AND claim = $2 AND status = 'ready' AND due_at > $3 RETURNING instance_id, kind";
-    let found = match &c.disposition {
-        Disposition::Finished => {
-            tx.query_opt(&format!("DELETE FROM tasks WHERE id = $1 {fence}"), &[&c.task_id, &c.claim, &now])
-                .await
-        }
-        Disposition::Keep => {
-            tx.query_opt(
-                &format!("UPDATE tasks SET page_queued = TRUE WHERE id = $1 {fence}"),
-                &[&c.task_id, &c.claim, &now],
-            )
-            .await
-        }
-        Disposition::Retry { due_at, error } => {
-            tx.query_opt(
-                &format!("UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5 WHERE id = $1 {fence}"),
-                &[&c.task_id, &c.claim, &now, due_at, error],
-            )
-            .await
-        }
-        Disposition::Failed { error } => {
-            tx.query_opt(
-                &format!(
-                    "UPDATE tasks SET status = 'failed', due_at = $3, lease_owner = NULL, last_error = $4
-                     WHERE id = $1 {fence}"
-                ),
-                &[&c.task_id, &c.claim, &now, error],
-            )
-            .await
-        }
-        // The claim did not count: take back the attempt it added.
-        Disposition::Postpone { due_at, reason } => {
-            tx.query_opt(
-                &format!(
-                    "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
-                            attempts = GREATEST(attempts - 1, 0),
-                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
-                     WHERE id = $1 {fence}"
-                ),
-                &[&c.task_id, &c.claim, &now, due_at, reason],
-            )
-            .await
-        }
-    }
-    .map_err(pg)?;
-    let Some(row) = found else {
+    let Some((instance_id, kind)) = fence(&tx, now, c, plan.fence).await? else {
         return Ok(Outcome::fenced());
     };
-    let instance_id: i64 = row.get(0);
-    let kind: String = row.get(1);
-    if kind == TaskKind::Join.as_str() && c.disposition == Disposition::Finished {
+    if kind == TaskKind::Join.as_str() && plan.fence.clears_join_items() {
         tx.execute("DELETE FROM items WHERE join_task = $1", &[&c.task_id])
             .await
             .map_err(pg)?;
     }
     let mut claimed = Vec::new();
-    let mut notify = !matches!(c.disposition, Disposition::Finished | Disposition::Keep);
+    // Unleased tasks go in one statement (a step forking thousands of branches would
+    // otherwise pay a round trip each).
     let mut bulk = Vec::new();
-    for t in &c.new_tasks {
-        let lease = successors.filter(|s| {
-            t.due_at <= now
-                && claimed.len() < s.max
-                && s.takes(&t.queue, &c.machine, t.target.as_deref())
-        });
-        let Some(s) = lease else {
-            bulk.push(t);
+    for s in &plan.successors {
+        let Some(lease) = &s.lease else {
+            bulk.push(s.task);
             continue;
         };
-        let until = Some((s.owner.as_str(), now + micros(s.lease)));
-        if let Some(id) = insert_task(&tx, instance_id, t, now, until).await? {
-            claimed.push(t.claimed(id, &c.instance, &c.machine, now));
+        if let Some(id) = insert_task(&tx, instance_id, s.task, now, Some(lease)).await? {
+            claimed.push(s.task.claimed(id, &c.instance, &c.machine, now));
         }
     }
     if !bulk.is_empty() {
-        notify = true;
         insert_tasks(&tx, instance_id, &bulk, now).await?;
     }
-    for h in &c.history {
+    for h in plan.history {
         tx.execute(
             "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
                                   finished_at, task, branch, ends_branch)
@@ -532,11 +429,10 @@ pub(super) async fn apply_one(
         .await
         .map_err(pg)?;
     }
-    for p in &c.parked {
-        park(&tx, instance_id, &c.instance, p, now).await?;
-        notify |= p.window.is_some();
+    for p in &plan.parks {
+        park(&tx, instance_id, p, now).await?;
     }
-    for child in &c.spawns {
+    for child in plan.spawns {
         let inserted = tx
             .query_opt(
                 "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at)
@@ -548,10 +444,9 @@ pub(super) async fn apply_one(
             .map_err(pg)?;
         if let Some(row) = inserted {
             insert_task(&tx, row.get(0), &child.start, now, None).await?;
-            notify = true;
         }
     }
-    for l in &c.logs {
+    for l in plan.logs {
         tx.execute(
             "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, $3, $4, $5)",
             &[&instance_id, &l.at, &l.level, &l.message, &l.task],
@@ -559,24 +454,17 @@ pub(super) async fn apply_one(
         .await
         .map_err(pg)?;
     }
-    // A branch parked, or the finished task had no successor: either may leave no branch
-    // live, releasing barrier joins (as SQLite checks after every commit).
-    let mut settle =
-        !c.parked.is_empty() || (c.disposition == Disposition::Finished && c.new_tasks.is_empty());
-    let mut complete = false;
-    match &c.instance_change {
-        InstanceChange::None => {}
-        InstanceChange::BranchEnded(context) => {
+    match plan.instance {
+        InstanceWrite::None => {}
+        InstanceWrite::BranchResult(context) => {
             tx.execute(
                 "UPDATE instances SET result = $2 WHERE id = $1 AND status = 'running'",
                 &[&instance_id, &to_json(context)?],
             )
             .await
             .map_err(pg)?;
-            settle = true;
-            complete = true;
         }
-        InstanceChange::Halt(reason) => {
+        InstanceWrite::Halt(reason) => {
             tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&instance_id])
                 .await
                 .map_err(pg)?;
@@ -585,7 +473,7 @@ pub(super) async fn apply_one(
                 .map_err(pg)?;
             end_instance(&tx, instance_id, InstanceStatus::Halted, Some(reason), now).await?;
         }
-        InstanceChange::Fail(error) => {
+        InstanceWrite::Fail(error) => {
             tx.execute(
                 "UPDATE tasks SET status = 'held', lease_owner = NULL WHERE instance_id = $1 AND status = 'ready'",
                 &[&instance_id],
@@ -595,7 +483,7 @@ pub(super) async fn apply_one(
             end_instance(&tx, instance_id, InstanceStatus::Failed, Some(error), now).await?;
         }
     }
-    if notify {
+    if plan.wakes_others {
         tx.execute("SELECT pg_notify('phasm', '')", &[])
             .await
             .map_err(pg)?;
@@ -607,17 +495,63 @@ pub(super) async fn apply_one(
             claimed,
         },
         instance_id: Some(instance_id),
-        settle,
-        complete,
-        notify,
+        settle: plan.settle,
+        notify: plan.wakes_others,
     })
+}
+
+/// The fence (see `store::plan`): change the claimed task only if it is still ours and our
+/// lease unexpired, in one statement. Returns the task's instance and kind, or `None`.
+async fn fence(
+    tx: &Transaction<'_>,
+    now: Micros,
+    c: &Commit,
+    fence: Fence<'_>,
+) -> StoreResult<Option<(i64, String)>> {
+    let guard = "AND claim = $2 AND status = 'ready' AND due_at > $3 RETURNING instance_id, kind";
+    let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
+        Fence::Delete => (format!("DELETE FROM tasks WHERE id = $1 {guard}"), None),
+        Fence::MarkPageQueued => (
+            format!("UPDATE tasks SET page_queued = TRUE WHERE id = $1 {guard}"),
+            None,
+        ),
+        Fence::Reschedule { due_at, error } => (
+            format!("UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5 WHERE id = $1 {guard}"),
+            Some((due_at, error)),
+        ),
+        Fence::Fail { error } => (
+            format!(
+                "UPDATE tasks SET status = 'failed', due_at = $4, lease_owner = NULL, last_error = $5
+                 WHERE id = $1 {guard}"
+            ),
+            Some((now, error)),
+        ),
+        Fence::GiveBack { due_at, reason } => (
+            format!(
+                "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
+                        attempts = GREATEST(attempts - 1, 0),
+                        first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                 WHERE id = $1 {guard}"
+            ),
+            Some((due_at, reason)),
+        ),
+    };
+    let row = match extra {
+        None => tx.query_opt(&sql, &[&c.task_id, &c.claim, &now]).await,
+        Some((due_at, text)) => {
+            tx.query_opt(&sql, &[&c.task_id, &c.claim, &now, &due_at, &text])
+                .await
+        }
+    }
+    .map_err(pg)?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 pub(super) async fn end_instance(
     tx: &Transaction<'_>,
     id: i64,
     status: InstanceStatus,
-    error: Option<&String>,
+    error: Option<&str>,
     now: Micros,
 ) -> StoreResult<()> {
     tx.execute(
@@ -667,47 +601,40 @@ pub(super) async fn start(
     Ok(Started::Created)
 }
 
+/// Apply one commit, then run its settling checks (outside its transaction: see
+/// `store::plan`).
 pub(super) async fn apply(
     store: &PostgresStore,
     now: Micros,
-    commits: Vec<Commit>,
+    commit: &Commit,
     successors: Option<&SuccessorClaim>,
-) -> StoreResult<Vec<AppliedCommit>> {
+) -> StoreResult<AppliedCommit> {
     let mut client = store.client().await?;
-    let mut results = Vec::with_capacity(commits.len());
-    let mut to_settle = Vec::new();
-    let mut notify = false;
-    for c in &commits {
-        let outcome = apply_one(&mut client, now, c, successors).await?;
-        if let (true, Some(id)) = (outcome.settle, outcome.instance_id) {
-            to_settle.push((id, outcome.complete));
-        }
-        notify |= outcome.notify;
-        results.push(outcome.result);
-    }
+    let outcome = apply_one(&mut client, now, commit, successors).await?;
     drop(client);
-    for (id, complete) in to_settle {
-        store.settle_coalesced(id, complete, now).await?;
+    if let (true, Some(id)) = (outcome.settle.release_barriers, outcome.instance_id) {
+        store
+            .settle_coalesced(id, outcome.settle.complete, now)
+            .await?;
     }
-    if notify {
+    if outcome.notify {
         store.changes.notify_waiters();
     }
-    Ok(results)
+    Ok(outcome.result)
 }
 
-pub(super) async fn apply_park(client: &Object, now: Micros, c: &Commit) -> StoreResult<Outcome> {
-    let (Some(h), Some(p)) = (c.history.first(), c.parked.first()) else {
+/// Commit a branch's arrival at a fan-in ([`Shape::Park`]) with [`PARK_COMMIT_TEMPLATE`].
+pub(super) async fn apply_park(
+    client: &Object,
+    now: Micros,
+    plan: &Plan<'_>,
+) -> StoreResult<Outcome> {
+    let c = plan.commit;
+    let (Some(h), Some(park)) = (plan.history.first(), plan.parks.first()) else {
         return Err(StoreError::database("not a parking commit"));
     };
-    let (status, due_at, suffix) = match p.window {
-        Some(window) => ("ready", now + window, "window"),
-        None => ("waiting", now, "all"),
-    };
-    let prefix = format!(
-        "{}--{}--fan-in--{}--{suffix}-",
-        c.instance, p.state, p.group
-    );
-    let sql = if p.window.is_some() {
+    let (p, join) = (park.parked, &park.join);
+    let sql = if join.lock_pending {
         &*PARK_COMMIT_WINDOW
     } else {
         &*PARK_COMMIT_BARRIER
@@ -733,30 +660,28 @@ pub(super) async fn apply_park(client: &Object, now: Micros, c: &Commit) -> Stor
                 &to_json(&p.context)?,
                 &p.branch,
                 &(p.step as i64),
-                &prefix,
+                &join.name_prefix,
                 &p.queue,
                 &p.target,
-                &status,
-                &due_at,
-                &p.window.is_some(),
+                &join.status.as_str(),
+                &join.due_at,
+                &plan.wakes_others,
             ],
         )
         .await
         .map_err(pg)?;
     let instance_id: Option<i64> = row.get(0);
     let notified: i64 = row.get(1);
+    let Some(instance_id) = instance_id else {
+        return Ok(Outcome::fenced());
+    };
     Ok(Outcome {
         result: AppliedCommit {
-            applied: if instance_id.is_some() {
-                Applied::Yes
-            } else {
-                Applied::Fenced
-            },
+            applied: Applied::Yes,
             claimed: Vec::new(),
         },
-        settle: instance_id.is_some(),
-        complete: false,
-        instance_id,
+        settle: plan.settle,
+        instance_id: Some(instance_id),
         notify: notified > 0,
     })
 }

@@ -10,7 +10,8 @@
 //! `NOTIFY phasm`, sent by commits that queue work, instead of polling.
 //!
 //! The modules carry the SQLite store's names: `schema` (migrations), `claim`, `apply`
-//! (starting instances and committing steps), `read` and `admin` (retry, cancel, scrub,
+//! (starting instances, and running each commit's [`plan`](super::plan): chain steps and
+//! parks as one statement each, the rest as one transaction), `read` and `admin` (retry, cancel, scrub,
 //! workers, sweep); this file holds the connection pool, the after-commit checks and the
 //! `Store` implementation, which hands each call to its module.
 
@@ -43,6 +44,7 @@ use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
+use super::plan::{self, Fence, InstanceWrite, Lease, Park, Plan, Settle, Shape};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
     InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError,
@@ -51,10 +53,7 @@ use super::{
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
-use crate::engine::{
-    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
-    TaskKind,
-};
+use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task, TaskKind};
 
 /// How to open a PostgreSQL store.
 #[derive(Debug, Clone)]
@@ -427,10 +426,10 @@ impl WorkStore for PostgresStore {
     async fn apply(
         &self,
         now: Micros,
-        commits: Vec<Commit>,
+        commit: Commit,
         successors: Option<&SuccessorClaim>,
-    ) -> StoreResult<Vec<AppliedCommit>> {
-        apply::apply(self, now, commits, successors).await
+    ) -> StoreResult<AppliedCommit> {
+        apply::apply(self, now, &commit, successors).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {

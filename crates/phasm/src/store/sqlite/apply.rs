@@ -28,19 +28,16 @@ pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> Sto
     Ok(Started::Created)
 }
 
-/// Insert a task (a task of that name already pending is left as it is). With a lease
-/// (owner, expiry), the task is inserted already claimed; returns its id when inserted.
+/// Insert a task (a task of that name already pending is left as it is), leased to the
+/// committing worker when `lease` says so; returns its id when inserted.
 pub(super) fn insert_task(
     tx: &Transaction<'_>,
     instance_id: i64,
     t: &NewTask,
     now: Micros,
-    lease: Option<(&str, Micros)>,
+    lease: Option<&Lease<'_>>,
 ) -> StoreResult<Option<i64>> {
-    let (owner, due_at, claim, attempts, first) = match lease {
-        Some((owner, until)) => (Some(owner), until, 1, 1, Some(now)),
-        None => (None, t.due_at, 0, 0, None),
-    };
+    let (owner, due_at, claim, attempts, first) = Lease::columns(lease, t.due_at, now);
     let mut stmt = tx
         .prepare_cached(
             "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
@@ -74,84 +71,36 @@ pub(super) fn insert_task(
     Ok((inserted == 1).then(|| tx.last_insert_rowid()))
 }
 
+/// Apply one commit: run its [`plan`](crate::store::plan) (every step of it, settling
+/// included, in this transaction).
 pub(super) fn apply(
     tx: &Transaction<'_>,
     now: Micros,
     c: &Commit,
     successors: Option<&SuccessorClaim>,
-) -> StoreResult<AppliedCommit> {
-    // The fence: the task must still be ours and our lease unexpired. Finishing or
-    // rescheduling the task and checking the fence are one statement.
-    let fence = "AND claim = ?2 AND status = 'ready' AND due_at > ?3 RETURNING instance_id, kind";
-    let (sql, extra): (String, Option<(Micros, &String)>) = match &c.disposition {
-        Disposition::Finished => (format!("DELETE FROM tasks WHERE id = ?1 {fence}"), None),
-        Disposition::Keep => (format!("UPDATE tasks SET page_queued = 1 WHERE id = ?1 {fence}"), None),
-        Disposition::Retry { due_at, error } => (
-            format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {fence}"),
-            Some((*due_at, error)),
-        ),
-        Disposition::Failed { error } => (
-            format!(
-                "UPDATE tasks SET status = 'failed', due_at = ?3, lease_owner = NULL, last_error = ?5
-                 WHERE id = ?1 {fence}"
-            ),
-            Some((now, error)),
-        ),
-        // The claim did not count: take back the attempt it added.
-        Disposition::Postpone { due_at, reason } => (
-            format!(
-                "UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5,
-                        attempts = MAX(attempts - 1, 0),
-                        first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
-                 WHERE id = ?1 {fence}"
-            ),
-            Some((*due_at, reason)),
-        ),
-    };
-    let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
-    let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
-    let found: Option<(i64, String)> = match extra {
-        None => stmt.query_row(params![c.task_id, c.claim, now], row),
-        Some((due_at, error)) => {
-            stmt.query_row(params![c.task_id, c.claim, now, due_at, error], row)
-        }
-    }
-    .optional()
-    .map_err(db)?;
-    drop(stmt);
-    let found = match found {
-        Some((instance_id, kind)) => {
-            if kind == TaskKind::Join.as_str() && c.disposition == Disposition::Finished {
-                // The join's outcome is committed: the contexts it joined are gone with it.
-                tx.prepare_cached("DELETE FROM items WHERE join_task = ?1")
-                    .map_err(db)?
-                    .execute([c.task_id])
-                    .map_err(db)?;
-            }
-            Some(instance_id)
-        }
-        None => None,
-    };
-    let Some(instance_id) = found else {
-        return Ok(AppliedCommit {
+) -> StoreResult<(AppliedCommit, bool)> {
+    let plan = plan::plan(c, successors, now);
+    let Some((instance_id, kind)) = fence(tx, now, c, plan.fence)? else {
+        let fenced = AppliedCommit {
             applied: Applied::Fenced,
             claimed: Vec::new(),
-        });
+        };
+        return Ok((fenced, false));
     };
-    let machine = &c.machine;
+    if kind == TaskKind::Join.as_str() && plan.fence.clears_join_items() {
+        tx.prepare_cached("DELETE FROM items WHERE join_task = ?1")
+            .map_err(db)?
+            .execute([c.task_id])
+            .map_err(db)?;
+    }
     let mut claimed = Vec::new();
-    for t in &c.new_tasks {
-        let lease = successors.filter(|s| {
-            t.due_at <= now
-                && claimed.len() < s.max
-                && s.takes(&t.queue, machine, t.target.as_deref())
-        });
-        let until = lease.map(|s| (s.owner.as_str(), now + micros(s.lease)));
-        if let (Some(id), Some(_)) = (insert_task(tx, instance_id, t, now, until)?, until) {
-            claimed.push(t.claimed(id, &c.instance, machine, now));
+    for s in &plan.successors {
+        let inserted = insert_task(tx, instance_id, s.task, now, s.lease.as_ref())?;
+        if let (Some(id), Some(_)) = (inserted, s.lease) {
+            claimed.push(s.task.claimed(id, &c.instance, &c.machine, now));
         }
     }
-    for h in &c.history {
+    for h in plan.history {
         tx.prepare_cached(
             "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
                                   finished_at, task, branch, ends_branch)
@@ -172,10 +121,10 @@ pub(super) fn apply(
         ])
         .map_err(db)?;
     }
-    for p in &c.parked {
-        park(tx, instance_id, &c.instance, p, now)?;
+    for p in &plan.parks {
+        park(tx, instance_id, p, now)?;
     }
-    for child in &c.spawns {
+    for child in plan.spawns {
         let inserted = tx
             .prepare_cached(
                 "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at)
@@ -190,34 +139,24 @@ pub(super) fn apply(
             insert_task(tx, child_id, &child.start, now, None)?;
         }
     }
-    for l in &c.logs {
+    for l in plan.logs {
         insert_log(tx, instance_id, l)?;
     }
-    match &c.instance_change {
-        InstanceChange::None => {}
-        InstanceChange::BranchEnded(context) => {
-            // The last branch to end leaves its context as the instance's result; the
-            // instance is completed when no task and no parked branch of it is left.
+    match plan.instance {
+        InstanceWrite::None => {}
+        InstanceWrite::BranchResult(context) => {
             tx.prepare_cached(
-                "UPDATE instances SET result = ?3,
-                        status = CASE WHEN NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
-                                       AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)
-                                      THEN 'completed' ELSE status END,
-                        updated_at = ?2,
-                        ended_at = CASE WHEN NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
-                                         AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)
-                                        THEN ?2 ELSE ended_at END
-                 WHERE id = ?1 AND status = 'running'",
+                "UPDATE instances SET result = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'running'",
             )
             .map_err(db)?
-            .execute(params![instance_id, now, to_json(context)?])
+            .execute(params![instance_id, to_json(context)?, now])
             .map_err(db)?;
         }
-        InstanceChange::Halt(reason) => {
+        InstanceWrite::Halt(reason) => {
             drop_pending(tx, instance_id).map_err(db)?;
             end_instance(tx, instance_id, InstanceStatus::Halted, Some(reason), now)?;
         }
-        InstanceChange::Fail(error) => {
+        InstanceWrite::Fail(error) => {
             tx.execute(
                 "UPDATE tasks SET status = 'held', lease_owner = NULL
                  WHERE instance_id = ?1 AND status = 'ready'",
@@ -227,25 +166,69 @@ pub(super) fn apply(
             end_instance(tx, instance_id, InstanceStatus::Failed, Some(error), now)?;
         }
     }
-    if c.disposition != Disposition::Keep {
-        release_barriers(tx, instance_id, now)?;
-    }
-    Ok(AppliedCommit {
+    let released = settle(tx, instance_id, plan.settle, now)?;
+    let applied = AppliedCommit {
         applied: Applied::Yes,
         claimed,
-    })
+    };
+    Ok((applied, plan.wakes_others || released))
 }
 
-/// Park a branch at a fan-in state, and make sure a join will take it: a window join due
-/// `window` after the first arrival (unless one not yet started is pending), or a waiting
-/// barrier join.
+/// The fence: change the claimed task only if it is still ours and our lease unexpired,
+/// in one statement. Returns the task's instance and kind, or `None` when refused.
+fn fence(
+    tx: &Transaction<'_>,
+    now: Micros,
+    c: &Commit,
+    fence: Fence<'_>,
+) -> StoreResult<Option<(i64, String)>> {
+    let guard = "AND claim = ?2 AND status = 'ready' AND due_at > ?3 RETURNING instance_id, kind";
+    let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
+        Fence::Delete => (format!("DELETE FROM tasks WHERE id = ?1 {guard}"), None),
+        Fence::MarkPageQueued => (
+            format!("UPDATE tasks SET page_queued = 1 WHERE id = ?1 {guard}"),
+            None,
+        ),
+        Fence::Reschedule { due_at, error } => (
+            format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {guard}"),
+            Some((due_at, error)),
+        ),
+        Fence::Fail { error } => (
+            format!(
+                "UPDATE tasks SET status = 'failed', due_at = ?4, lease_owner = NULL, last_error = ?5
+                 WHERE id = ?1 {guard}"
+            ),
+            Some((now, error)),
+        ),
+        Fence::GiveBack { due_at, reason } => (
+            format!(
+                "UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5,
+                        attempts = MAX(attempts - 1, 0),
+                        first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                 WHERE id = ?1 {guard}"
+            ),
+            Some((due_at, reason)),
+        ),
+    };
+    let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
+    let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
+    match extra {
+        None => stmt.query_row(params![c.task_id, c.claim, now], row),
+        Some((due_at, text)) => stmt.query_row(params![c.task_id, c.claim, now, due_at, text], row),
+    }
+    .optional()
+    .map_err(db)
+}
+
+/// Park a branch, and make sure a join will take it: the plan's join task, unless one not
+/// yet started is pending. (SQLite's one writer needs no lock while looking.)
 pub(super) fn park(
     tx: &Transaction<'_>,
     instance_id: i64,
-    instance: &str,
-    p: &Parked,
+    park: &Park<'_>,
     now: Micros,
 ) -> StoreResult<()> {
+    let p = park.parked;
     tx.prepare_cached(
         "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -274,10 +257,7 @@ pub(super) fn park(
     if pending {
         return Ok(());
     }
-    let (status, due_at, suffix) = match p.window {
-        Some(window) => ("ready", now + window, "window"),
-        None => ("waiting", now, "all"),
-    };
+    let join = &park.join;
     tx.prepare_cached(
         "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                             queue, target, status, due_at, created_at, grp)
@@ -286,16 +266,13 @@ pub(super) fn park(
     .map_err(db)?
     .execute(params![
         instance_id,
-        format!(
-            "{instance}--{}--fan-in--{}--{suffix}-{item}",
-            p.state, p.group
-        ),
+        format!("{}{item}", join.name_prefix),
         p.state,
         p.step as i64,
         p.queue,
         p.target,
-        status,
-        due_at,
+        join.status.as_str(),
+        join.due_at,
         now,
         p.group
     ])
@@ -303,13 +280,37 @@ pub(super) fn park(
     Ok(())
 }
 
+/// The plan's settling checks, inside the commit's transaction (see `store::plan`); returns
+/// whether barrier joins were released.
+pub(super) fn settle(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    settle: Settle,
+    now: Micros,
+) -> StoreResult<bool> {
+    let released = settle.release_barriers && release_barriers(tx, instance_id, now)? > 0;
+    if settle.complete {
+        tx.prepare_cached(
+            "UPDATE instances SET status = 'completed', updated_at = ?2, ended_at = ?2
+             WHERE id = ?1 AND status = 'running'
+               AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)",
+        )
+        .map_err(db)?
+        .execute(params![instance_id, now])
+        .map_err(db)?;
+    }
+    Ok(released)
+}
+
 /// Barrier joins (`fan_in: all`) run once no branch of their instance is live: when the
-/// instance has no ready task left, its waiting joins become due.
+/// instance has no ready, held or failed task left, its waiting joins become due. Returns
+/// how many were released.
 pub(super) fn release_barriers(
     tx: &Transaction<'_>,
     instance_id: i64,
     now: Micros,
-) -> StoreResult<()> {
+) -> StoreResult<usize> {
     tx.prepare_cached(
         "UPDATE tasks SET status = 'ready', due_at = ?2
          WHERE instance_id = ?1 AND status = 'waiting'
@@ -317,8 +318,7 @@ pub(super) fn release_barriers(
     )
     .map_err(db)?
     .execute(params![instance_id, now])
-    .map_err(db)?;
-    Ok(())
+    .map_err(db)
 }
 
 /// Drop an instance's pending tasks and parked branches (it was halted or cancelled).
@@ -341,7 +341,7 @@ pub(super) fn end_instance(
     tx: &Transaction<'_>,
     id: i64,
     status: InstanceStatus,
-    error: Option<&String>,
+    error: Option<&str>,
     now: Micros,
 ) -> StoreResult<()> {
     tx.execute(

@@ -151,13 +151,10 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Renew(now, leases, until, reply) => {
             pending(reply, scoped(tx, |tx| renew(tx, now, &leases, until)))
         }
-        Request::Apply(now, commits, successors, reply) => {
-            let results = commits
-                .iter()
-                .map(|c| scoped(tx, |tx| apply(tx, now, c, successors.as_ref())))
-                .collect::<StoreResult<Vec<_>>>();
-            pending(reply, results)
-        }
+        Request::Apply(now, commit, successors, reply) => pending(
+            reply,
+            scoped(tx, |tx| apply(tx, now, &commit, successors.as_ref())),
+        ),
         Request::NextDue(reply) => pending(reply, next_due(tx)),
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),

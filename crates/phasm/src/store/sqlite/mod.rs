@@ -8,8 +8,9 @@
 //! own and never wait behind a batch of commits.
 //!
 //! The modules: `schema` (migrations; opening a file, and what is refused before anything
-//! is touched), `batch` (the connection threads), `claim`, `apply` (starting instances and
-//! committing steps), `read` and `admin` (retry, cancel, scrub, workers).
+//! is touched), `batch` (the connection threads), `claim`, `apply` (starting instances, and
+//! running each commit's [`plan`](super::plan), settling included, in the batch's
+//! transaction), `read` and `admin` (retry, cancel, scrub, workers).
 
 mod admin;
 mod apply;
@@ -41,6 +42,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
+use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
     InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError,
@@ -49,10 +51,7 @@ use super::{
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
-use crate::engine::{
-    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Task,
-    TaskKind,
-};
+use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task, TaskKind};
 
 /// How hard SQLite works to make each commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,11 +108,12 @@ enum Request {
     Start(Micros, Box<NewInstance>, Reply<Started>),
     Claim(Micros, ClaimRequest, Reply<Vec<Task>>),
     Renew(Micros, Vec<(i64, i64)>, Micros, Reply<Vec<bool>>),
+    /// A commit; the reply says whether it queued work nobody holds yet.
     Apply(
         Micros,
-        Vec<Commit>,
+        Box<Commit>,
         Option<SuccessorClaim>,
-        Reply<Vec<AppliedCommit>>,
+        Reply<(AppliedCommit, bool)>,
     ),
     NextDue(Reply<Option<Micros>>),
     Instance(String, Reply<Option<InstanceView>>),
@@ -231,24 +231,14 @@ impl WorkStore for SqliteStore {
     async fn apply(
         &self,
         now: Micros,
-        commits: Vec<Commit>,
+        commit: Commit,
         successors: Option<&SuccessorClaim>,
-    ) -> StoreResult<Vec<AppliedCommit>> {
-        let changed: Vec<(bool, usize)> = commits
-            .iter()
-            .map(|c| {
-                let rescheduled = !matches!(c.disposition, Disposition::Finished);
-                (rescheduled || !c.new_tasks.is_empty(), c.new_tasks.len())
-            })
-            .collect();
+    ) -> StoreResult<AppliedCommit> {
         let successors = successors.cloned();
-        let applied = self
-            .call(|r| Request::Apply(now, commits, successors, r))
+        let (applied, queued) = self
+            .call(|r| Request::Apply(now, Box::new(commit), successors, r))
             .await?;
         // Wake idle workers of this process when work was queued that nobody holds yet.
-        let queued = applied.iter().zip(&changed).any(|(a, (changed, n))| {
-            a.applied == Applied::Yes && *changed && a.claimed.len() < (*n).max(1)
-        });
         if queued {
             self.changes.notify_waiters();
         }
