@@ -9,9 +9,11 @@
 
 mod complete;
 mod naming;
+mod step;
 
 pub use complete::complete;
 pub use naming::{instance_name, is_valid_instance_name, task_name};
+pub use step::{Begin, Step};
 
 use serde::{Deserialize, Serialize};
 

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use crate::action::host::protocol::{Done, FromHost, StepCall, StepRequest};
 use crate::action::host::HostPool;
 use crate::action::ActionContext;
-use crate::engine::{Call, Task, TaskKind};
-use crate::machine::{ActionRole, Machine};
+use crate::engine::{Call, Step, TaskKind};
+use crate::machine::ActionRole;
 
 use super::{queue_next_page, StepEnv};
 
@@ -19,16 +19,15 @@ use super::{queue_next_page, StepEnv};
 /// calls include it.
 pub(super) async fn run(
     env: &StepEnv<'_>,
-    machine: &Machine,
-    task: &Task,
+    step: &mut Step<'_>,
     pool: &Arc<HostPool>,
     calls: &[(Call, String)],
-    continuation: bool,
     cx: &mut ActionContext,
 ) -> Result<Option<String>, String> {
+    let task = step.task();
     let mut wire = Vec::with_capacity(calls.len() + 1);
     for (call, reference) in calls {
-        if continuation && call.role == ActionRole::Action {
+        if step.asks_for_next_page(call) {
             wire.push(StepCall {
                 role: "continuation",
                 action: reference.clone(),
@@ -58,10 +57,9 @@ pub(super) async fn run(
     loop {
         match running.next().await? {
             FromHost::Token(token) => {
-                let outcome = if token.is_null() || task.next_page_queued {
-                    Ok(())
-                } else {
-                    queue_next_page(env, machine, task, token).await
+                let outcome = match step.next_page(token, env.clock.now()) {
+                    Some(page) => queue_next_page(env, page).await,
+                    None => Ok(()),
                 };
                 running.answer(&outcome).await?;
                 outcome?;

@@ -22,7 +22,7 @@ use tokio::task::JoinSet;
 
 use crate::action::{keeps_logs, ActionContext, Registry};
 use crate::clock::{micros, Clock, Micros};
-use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task, TaskKind};
+use crate::engine::{self, Commit, Disposition, InstanceChange, Limits, Outcome, Task};
 use crate::machine::{ActionRole, Config, Machine};
 use crate::store::{
     Applied, ClaimRequest, InstanceStatus, Store, StoreError, SuccessorClaim, Targets, WorkerView,
@@ -840,23 +840,13 @@ pub(crate) struct StepEnv<'a> {
     pub rng: &'a Mutex<fastrand::Rng>,
 }
 
-/// Queue a continuation's next page (fenced by the current page's lease) before the current
-/// page is processed; the next page may come straight back to run alongside this one.
-async fn queue_next_page(
-    env: &StepEnv<'_>,
-    machine: &Machine,
-    task: &Task,
-    token: serde_json::Value,
-) -> Result<(), String> {
-    let now = env.clock.now();
-    let commit = Commit {
-        disposition: Disposition::Keep,
-        new_tasks: vec![engine::next_page(machine, task, token, now)],
-        ..Commit::finishing(task)
-    };
+/// Apply the commit that queues a continuation's next page (fenced by the current page's
+/// lease, see [`engine::Step::next_page`]) before the current page is processed; the next page
+/// may come straight back to run alongside this one.
+async fn queue_next_page(env: &StepEnv<'_>, page: Commit) -> Result<(), String> {
     let applied = env
         .store
-        .apply(now, commit, env.successors)
+        .apply(env.clock.now(), page, env.successors)
         .await
         .map_err(|e| format!("queueing the next page failed: {e}"))?;
     if applied.applied != Applied::Yes {
@@ -868,6 +858,20 @@ async fn queue_next_page(
         }
     }
     Ok(())
+}
+
+/// Queue the next page if `step` says it is not queued yet.
+async fn report_token(
+    env: &StepEnv<'_>,
+    step: &mut engine::Step<'_>,
+    token: serde_json::Value,
+) -> Result<(), StepFailure> {
+    match step.next_page(token, env.clock.now()) {
+        Some(page) => queue_next_page(env, page)
+            .await
+            .map_err(StepFailure::Failed),
+        None => Ok(()),
+    }
 }
 
 /// Why a step's calls stopped.
@@ -890,28 +894,15 @@ impl StepFailure {
     }
 }
 
-/// Run a task's actions and turn the result into its commit.
+/// Run a task's actions and turn the result into its commit: the engine's [`engine::Step`]
+/// decides which calls run, when to stop and when a next page is committed; this only runs
+/// the actions and applies what it asks for.
 pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) -> Commit {
-    let Some(machine) = env.config.machine(&task.machine) else {
-        return engine::mistake(task, format!("unknown machine `{}`", task.machine), started);
+    let mut step = match engine::Step::begin(env.config, task, started) {
+        engine::Begin::Run(step) => step,
+        engine::Begin::Commit(commit) => return commit,
     };
-    if let Some(commit) = engine::lost_attempts(machine, task, started) {
-        return commit;
-    }
-    let plan = match engine::plan(machine, task) {
-        Ok(plan) => plan,
-        Err(e) => return engine::mistake(task, e.0, started),
-    };
-    if task.kind == TaskKind::Join && task.contexts.is_empty() {
-        // Every branch of this window was taken by an earlier join: nothing to do.
-        return Commit::finishing(task);
-    }
-    let continuation = task.kind == TaskKind::Dispatch
-        && plan
-            .to_state
-            .as_deref()
-            .and_then(|s| machine.state(s))
-            .is_some_and(|s| s.continuation);
+    let machine = step.machine();
     let mut cx = ActionContext {
         machine: machine.name.clone(),
         instance: task.instance.clone(),
@@ -936,175 +927,143 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
     if let Some(first) = task.contexts.first() {
         cx.context = first.clone();
     }
-    let calls = async {
-        let mut event = None;
-        let mut next = 0;
-        while next < plan.calls.len() {
-            // Consecutive calls a host carries out (Python actions) go in one request.
-            if let Some((pool, reference)) = env.registry.hosted(&plan.calls[next]) {
-                let pool = Arc::clone(pool);
-                let mut group = vec![(plan.calls[next].clone(), reference)];
-                next += 1;
-                while let Some(call) = plan.calls.get(next) {
-                    let Some((_, reference)) = env.registry.hosted(call) else {
-                        break;
-                    };
-                    group.push((call.clone(), reference));
-                    next += 1;
-                }
-                if let Some(ev) =
-                    hosted::run(env, machine, task, &pool, &group, continuation, &mut cx)
-                        .await
-                        .map_err(StepFailure::Failed)?
-                {
-                    event = Some(ev);
-                }
-                if cx.halted.is_some() {
-                    break;
-                }
-                continue;
-            }
-            let call = &plan.calls[next];
-            next += 1;
-            let Some(action) = env.registry.resolve(call) else {
-                return Err(StepFailure::Failed(format!(
-                    "action `{}` is bound to nothing",
-                    call.action
-                )));
-            };
-            cx.state = call.state.clone();
-            cx.role = call.role;
-            if continuation && call.role == ActionRole::Action {
-                if let Some(next) = action.continuation(&mut cx).await {
-                    let next = next.map_err(|e| {
-                        StepFailure::of(
-                            &e,
-                            format!(
-                                "continuation of `{}` in state `{}` failed: {e}",
-                                call.action, call.state
-                            ),
-                        )
-                    })?;
-                    if let Some(token) = next {
-                        if !task.next_page_queued {
-                            queue_next_page(env, machine, task, token)
-                                .await
-                                .map_err(StepFailure::Failed)?;
-                        }
-                    }
-                }
-            }
-            let limit = action
-                .timeout()
-                .map_or(env.action_timeout, |own| own + Duration::from_secs(5));
-            // A continuation page may report its next token before it finishes: queue the
-            // next page then, while the page goes on.
-            let mut early = None;
-            if continuation && call.role == ActionRole::Action {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                cx.early_token = Some(tx);
-                early = Some(rx);
-            }
-            let result = {
-                let run = tokio::time::timeout(limit, action.run(&mut cx));
-                tokio::pin!(run);
-                loop {
-                    let token = async {
-                        match early.as_mut() {
-                            Some(rx) => rx.recv().await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        done = &mut run => break done,
-                        Some(token) = token => {
-                            if !task.next_page_queued {
-                                queue_next_page(env, machine, task, token)
-                                .await
-                                .map_err(StepFailure::Failed)?;
-                            }
-                        }
-                    }
-                }
-            };
-            cx.early_token = None;
-            let result = match result {
-                Ok(result) => result,
-                Err(_) => Err(crate::action::ActionError::new(format!(
-                    "timed out after {}s",
-                    limit.as_secs_f64()
-                ))),
-            };
-            match result {
-                Ok(ev) if call.role == ActionRole::Action => event = ev,
-                Ok(_) => {}
-                Err(e) => {
-                    let slot = match call.role {
-                        ActionRole::Action => "action",
-                        ActionRole::Entry => "entry action",
-                        ActionRole::Exit => "exit action",
-                        ActionRole::Transition => "transition action",
-                    };
-                    return Err(StepFailure::of(
-                        &e,
-                        format!(
-                            "{slot} `{}` of state `{}` failed: {e}",
-                            call.action, call.state
-                        ),
-                    ));
-                }
-            }
-            if cx.halted.is_some() {
-                break;
-            }
-        }
-        Ok(event)
-    };
+    let calls = run_calls(env, &mut step, &mut cx);
     let result = AssertUnwindSafe(calls).catch_unwind().await;
     let now = env.clock.now();
     match result {
-        Ok(Ok(event)) => {
+        Ok(Ok(())) => {
             let outcome = Outcome {
                 context: cx.context,
-                event,
+                event: None,
                 halted: cx.halted,
                 logs: cx.logs,
                 forks: cx.forks,
                 spawns: cx.spawns,
                 next_token: cx.next_token,
             };
+            let times = engine::StepTimes {
+                started_at: started,
+                now,
+            };
             let mut rng = lock(env.rng);
-            engine::complete(
-                env.config,
-                task,
-                &plan,
-                outcome,
-                engine::StepTimes {
-                    started_at: started,
-                    now,
-                },
-                &mut rng,
-                env.limits,
-            )
+            step.finish(env.config, outcome, times, &mut rng, env.limits)
         }
         Ok(Err(StepFailure::Unavailable(reason))) => {
             tracing::warn!(task = %task.name, "{reason}; postponed (not counted as an attempt)");
-            engine::postponed(task, reason, now, engine::POSTPONE_DELAY, cx.logs)
+            step.postpone(reason, now, cx.logs)
         }
-        Ok(Err(StepFailure::Failed(error))) => {
-            let mut commit = engine::failed_attempt(machine, task, error, now);
-            let mut logs = std::mem::take(&mut cx.logs);
-            logs.append(&mut commit.logs);
-            commit.logs = logs;
-            commit
-        }
+        Ok(Err(StepFailure::Failed(error))) => step.fail(error, now, cx.logs),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            engine::failed_attempt(machine, task, format!("an action panicked: {message}"), now)
+            step.fail(format!("an action panicked: {message}"), now, Vec::new())
         }
     }
+}
+
+/// Run the calls `step` asks for, in its order, until it has none left.
+async fn run_calls(
+    env: &StepEnv<'_>,
+    step: &mut engine::Step<'_>,
+    cx: &mut ActionContext,
+) -> Result<(), StepFailure> {
+    while let Some(call) = step.pending_calls().first() {
+        // Consecutive calls a host carries out (Python actions) go in one request.
+        if let Some((pool, _)) = env.registry.hosted(call) {
+            let pool = Arc::clone(pool);
+            let group: Vec<(engine::Call, String)> = step
+                .pending_calls()
+                .iter()
+                .map_while(|c| env.registry.hosted(c).map(|(_, r)| (c.clone(), r)))
+                .collect();
+            let event = hosted::run(env, step, &pool, &group, cx)
+                .await
+                .map_err(StepFailure::Failed)?;
+            step.ran(group.len(), event, cx.halted.is_some());
+            continue;
+        }
+        let call = call.clone();
+        let Some(action) = env.registry.resolve(&call) else {
+            return Err(StepFailure::Failed(format!(
+                "action `{}` is bound to nothing",
+                call.action
+            )));
+        };
+        cx.state = call.state.clone();
+        cx.role = call.role;
+        let asks = step.asks_for_next_page(&call);
+        if asks {
+            if let Some(next) = action.continuation(cx).await {
+                let next = next.map_err(|e| {
+                    StepFailure::of(
+                        &e,
+                        format!(
+                            "continuation of `{}` in state `{}` failed: {e}",
+                            call.action, call.state
+                        ),
+                    )
+                })?;
+                if let Some(token) = next {
+                    report_token(env, step, token).await?;
+                }
+            }
+        }
+        let limit = action
+            .timeout()
+            .map_or(env.action_timeout, |own| own + Duration::from_secs(5));
+        // A continuation page may report its next token before it finishes: queue the
+        // next page then, while the page goes on.
+        let mut early = None;
+        if asks {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            cx.early_token = Some(tx);
+            early = Some(rx);
+        }
+        let result = {
+            let run = tokio::time::timeout(limit, action.run(cx));
+            tokio::pin!(run);
+            loop {
+                let token = async {
+                    match early.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    done = &mut run => break done,
+                    Some(token) = token => report_token(env, step, token).await?,
+                }
+            }
+        };
+        cx.early_token = None;
+        let result = match result {
+            Ok(result) => result,
+            Err(_) => Err(crate::action::ActionError::new(format!(
+                "timed out after {}s",
+                limit.as_secs_f64()
+            ))),
+        };
+        match result {
+            Ok(event) => step.ran(1, event, cx.halted.is_some()),
+            Err(e) => {
+                let slot = match call.role {
+                    ActionRole::Action => "action",
+                    ActionRole::Entry => "entry action",
+                    ActionRole::Exit => "exit action",
+                    ActionRole::Transition => "transition action",
+                };
+                return Err(StepFailure::of(
+                    &e,
+                    format!(
+                        "{slot} `{}` of state `{}` failed: {e}",
+                        call.action, call.state
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
