@@ -53,6 +53,7 @@ pub async fn open_as(
         &SqliteOptions {
             synchronous,
             access,
+            ..SqliteOptions::default()
         },
     )
     .map(|s| Arc::new(s) as Arc<dyn Store>)

@@ -59,6 +59,32 @@ impl Clock for ManualClock {
     }
 }
 
+/// Time as tokio's clock tells it, from `start`: simulated when the runtime's time is paused
+/// (`tokio::time::pause`, or a runtime built with `start_paused`), where it jumps to the next
+/// timer whenever every task waits. A worker on this clock sleeps, times out and renews
+/// leases in no real time, in an order that replays exactly.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start: Micros,
+    origin: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock standing at `start` now (call it inside the runtime whose clock it follows).
+    pub fn new(start: Micros) -> Self {
+        Self {
+            start,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Micros {
+        self.start + micros(self.origin.elapsed())
+    }
+}
+
 /// Format a timestamp as RFC 3339 UTC with millisecond precision.
 pub fn rfc3339(at: Micros) -> String {
     chrono::DateTime::from_timestamp_micros(at)

@@ -1,14 +1,21 @@
 //! Several real workers — claiming, leasing, renewing and committing concurrently — run
 //! random machines (a continuation paging through a list, a fork per item, retried failures,
-//! window and barrier fan-ins) over one store that fails on purpose: calls refused and
-//! delayed, claims and commits applied but their answers lost, renewals failing until leases
-//! expire under running steps. Whatever happens, every instance completes, every page is
-//! committed once and every item is joined exactly once.
+//! countdowns, spawned child instances, window and barrier fan-ins) over one store that fails
+//! on purpose: calls refused and delayed, claims and commits applied but their answers lost,
+//! steps running past their lease. Whatever happens, every instance completes, every
+//! transition is committed once, every page once, every child starts once, and every item is
+//! joined exactly once.
 //!
-//! Both stores: `PHASM_SIM_SEEDS=N` runs N seeds on each (by default 12 on SQLite and 4 on
-//! PostgreSQL), `PHASM_SIM_SEED=K` replays seed K alone; a failure names its seed. The seed fixes
-//! the machine's shape, the actions' failures and the store's faults; the interleaving of
-//! the workers is the operating system's, so a seed replays its faults, not its timing.
+//! On SQLite the simulation is deterministic: the workers run on one thread on tokio's paused
+//! clock ([`TokioClock`]: sleeps, timeouts and leases take no real time) over a store that
+//! runs each call on the calling thread ([`Threads::Caller`]), so a seed fixes everything —
+//! the machine's shape, the actions' failures, the store's faults and the interleaving — and
+//! replays exactly (a test checks that). On PostgreSQL the workers run in real time on two
+//! threads against the real server, so a seed replays its faults, not its timing.
+//!
+//! `PHASM_SIM_SEEDS=N` runs N seeds on each store (by default 300 on SQLite and 4 on
+//! PostgreSQL), `PHASM_SIM_FIRST=F` starts at seed F, `PHASM_SIM_SEED=K` replays seed K
+//! alone; a failure names its seed.
 
 mod common;
 
@@ -17,11 +24,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use phasm::action::{Action, ActionContext, ActionResult, Registry};
-use phasm::clock::{Clock, SystemClock};
+use phasm::clock::{Clock, SystemClock, TokioClock};
 use phasm::config::{load_str, LoadOptions};
-use phasm::engine::Context;
-use phasm::store::{InstanceStatus, SqliteOptions, SqliteStore, Store};
-use phasm::testing::{Faults, FaultyStore};
+use phasm::control::start_instance;
+use phasm::engine::{Context, HistoryEntry, Limits};
+use phasm::store::{InstanceStatus, SqliteOptions, SqliteStore, Store, Threads};
+use phasm::testing::{FaultCounts, Faults, FaultyStore};
 use phasm::worker::{StopWhen, Worker, WorkerOptions};
 use serde_json::json;
 
@@ -46,6 +54,7 @@ state_machines:
     transitions:
     - event: work
       to: work
+      countdown: {{minimum: 0ms, maximum: 40ms}}
   - name: work
     action: Work
     transitions:
@@ -61,6 +70,15 @@ state_machines:
     fan_in: all
     action: Total
     final: true
+- name: Child
+  task_retry_limit: 1000
+  min_backoff_seconds: 10ms
+  max_backoff_seconds: 50ms
+  states:
+  - name: only
+    initial: true
+    final: true
+    action: Chore
 "#
     )
 }
@@ -71,24 +89,37 @@ fn registry(page: u64, fail_rate: f64, slow_rate: f64, seed: u64) -> Registry {
     r.register(
         "Work",
         Work {
+            rng: Arc::clone(&rng),
+            fail_rate,
+            slow_rate,
+            spawns: true,
+        },
+    );
+    r.register(
+        "Chore",
+        Work {
             rng,
             fail_rate,
             slow_rate,
+            spawns: false,
         },
     );
     r
 }
 
-/// Fails now and then, and now and then runs longer than a lease.
+/// Fails now and then, now and then runs longer than a lease, and for every seventh item
+/// starts a child instance (after a random countdown).
+/// (As `Chore`, a child's only action, it spawns nothing and ends its instance.)
 struct Work {
     rng: Arc<Mutex<fastrand::Rng>>,
     fail_rate: f64,
     slow_rate: f64,
+    spawns: bool,
 }
 
 #[async_trait]
 impl Action for Work {
-    async fn run(&self, _cx: &mut ActionContext) -> ActionResult {
+    async fn run(&self, cx: &mut ActionContext) -> ActionResult {
         let (fail, slow) = {
             let mut rng = self.rng.lock().unwrap();
             (rng.f64() < self.fail_rate, rng.f64() < self.slow_rate)
@@ -99,11 +130,30 @@ impl Action for Work {
         if fail {
             return Err("a passing fault".into());
         }
+        if !self.spawns {
+            return Ok(None);
+        }
+        let ids: Vec<u64> = cx.get("ids")?.unwrap_or_default();
+        if ids.first().is_some_and(|id| id % 7 == 0) {
+            let delay = Duration::from_millis(self.rng.lock().unwrap().u64(0..=30));
+            let mut child = Context::new();
+            child.insert("ids".into(), json!(ids));
+            cx.spawn_after("Child", vec![child], delay);
+        }
         Ok(Some("join".into()))
     }
 }
 
-async fn simulate(seed: u64, inner: Arc<dyn Store>) {
+/// What a run did, to compare two runs of a seed: every transition (with its times) of the
+/// instance and its children, and the faults injected.
+#[derive(Debug, PartialEq)]
+struct Trace {
+    history: Vec<HistoryEntry>,
+    children: Vec<(String, Vec<HistoryEntry>)>,
+    faults: FaultCounts,
+}
+
+async fn simulate(seed: u64, inner: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Trace {
     let mut rng = fastrand::Rng::with_seed(seed);
     let n = rng.u64(1..=40);
     let page = rng.u64(1..=8);
@@ -123,10 +173,20 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>) {
             .config,
     );
     let store = Arc::new(FaultyStore::new(Arc::clone(&inner), faults, seed));
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut context = Context::new();
     context.insert("n".into(), json!(n));
-    let name = common::start(&*inner, &config, "Sim", context).await;
+    let name = format!("sim-{seed}");
+    start_instance(
+        &*inner,
+        &config,
+        &*clock,
+        "Sim",
+        context,
+        Some(&name),
+        &Limits::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{about}: {e}"));
     let mut running = Vec::new();
     for w in 0..workers {
         let registry = registry(page, 0.1, 0.05, seed * 10 + w as u64);
@@ -169,37 +229,126 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>) {
         (0..n).collect::<Vec<_>>(),
         "{about}: every item joined exactly once"
     );
-    let mut pages = 0;
-    phasm::store::for_each_transition(&*inner, &name, |h| {
-        pages += u64::from(h.to == "read");
-    })
-    .await
-    .unwrap();
+    let history = all_transitions(&*inner, &name).await;
+    let pages = history.iter().filter(|h| h.to == "read").count() as u64;
     assert_eq!(
         pages,
         n.div_ceil(page),
         "{about}: every page committed once"
     );
+    // A step records the transition into its state and, when it ends at a fan-in, the one
+    // into that; a fork, those of each branch.
+    let key = |h: &HistoryEntry| {
+        (
+            h.task.clone(),
+            h.branch.clone(),
+            h.from.clone(),
+            h.to.clone(),
+        )
+    };
+    let mut steps: Vec<_> = history.iter().map(key).collect();
+    steps.sort_unstable();
+    if std::env::var_os("PHASM_SIM_DEBUG").is_some() {
+        for w in steps.windows(2).filter(|w| w[0] == w[1]) {
+            for h in history.iter().filter(|h| key(h) == w[0]) {
+                eprintln!("{h:?}");
+            }
+        }
+    }
+    let before = steps.len();
+    steps.dedup();
+    assert_eq!(
+        before,
+        steps.len(),
+        "{about}: a step's transition committed twice"
+    );
     assert_eq!(view.branches.parked, 0, "{about}");
     assert_eq!(view.tasks_total, 0, "{about}");
-    let counts = store.counts();
-    eprintln!("{about}: ok, {counts:?}");
+    // A child per seventh item, each started once and completed.
+    let mut children = Vec::new();
+    for child in &view.children {
+        let v = inner.instance(child).await.unwrap().unwrap();
+        assert_eq!(
+            v.status,
+            InstanceStatus::Completed,
+            "{about}: child {child}"
+        );
+        children.push((child.clone(), all_transitions(&*inner, child).await));
+    }
+    assert_eq!(
+        children.len() as u64,
+        n.div_ceil(7),
+        "{about}: one child per seventh item: {:?}",
+        view.children
+    );
+    let faults = store.counts();
+    if std::env::var_os("PHASM_SIM_QUIET").is_none() {
+        eprintln!("{about}: ok, {faults:?}");
+    }
+    Trace {
+        history,
+        children,
+        faults,
+    }
 }
 
-/// The seeds to run: `PHASM_SIM_SEED=K` replays one, `PHASM_SIM_SEEDS=N` runs the first N.
+async fn all_transitions(store: &dyn Store, name: &str) -> Vec<HistoryEntry> {
+    let mut all = Vec::new();
+    phasm::store::for_each_transition(store, name, |h| all.push(h.clone()))
+        .await
+        .unwrap();
+    all
+}
+
+/// The seeds to run: `PHASM_SIM_SEED=K` replays one, `PHASM_SIM_SEEDS=N` runs N from
+/// `PHASM_SIM_FIRST` (0 unless set).
 fn seeds(default: u64) -> std::ops::Range<u64> {
     let var = |name: &str| std::env::var(name).ok().and_then(|s| s.parse::<u64>().ok());
     match var("PHASM_SIM_SEED") {
         Some(k) => k..k + 1,
-        None => 0..var("PHASM_SIM_SEEDS").unwrap_or(default),
+        None => {
+            let first = var("PHASM_SIM_FIRST").unwrap_or(0);
+            first..first + var("PHASM_SIM_SEEDS").unwrap_or(default)
+        }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn workers_over_a_failing_sqlite_store_lose_nothing_and_join_each_item_once() {
-    for seed in seeds(12) {
-        let store = SqliteStore::open(":memory:", &SqliteOptions::default()).unwrap();
-        simulate(seed, Arc::new(store)).await;
+/// Run seed `seed` on SQLite on one thread on tokio's paused clock: everything it does is
+/// decided by the seed.
+fn simulate_on_sqlite(seed: u64) -> Trace {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let options = SqliteOptions {
+            threads: Threads::Caller,
+            ..SqliteOptions::default()
+        };
+        let store = SqliteStore::open(":memory:", &options).unwrap();
+        let clock = Arc::new(TokioClock::new(phasm::testing::START_TIME));
+        simulate(seed, Arc::new(store), clock).await
+    })
+}
+
+#[test]
+fn workers_over_a_failing_sqlite_store_lose_nothing_and_join_each_item_once() {
+    for seed in seeds(300) {
+        simulate_on_sqlite(seed);
+    }
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    for seed in [1, 2, 3] {
+        let first = simulate_on_sqlite(seed);
+        let again = simulate_on_sqlite(seed);
+        assert!(
+            first.faults != FaultCounts::default(),
+            "seed {seed} injected faults"
+        );
+        assert_eq!(first, again, "seed {seed} ran differently the second time");
     }
 }
 
@@ -209,7 +358,7 @@ async fn workers_over_a_failing_postgres_store_lose_nothing_and_join_each_item_o
         let Some(schema) = common::postgres::Schema::fresh("simulation").await else {
             return;
         };
-        simulate(seed, Arc::new(schema.store().await)).await;
+        simulate(seed, Arc::new(schema.store().await), Arc::new(SystemClock)).await;
         schema.drop_schema().await;
     }
 }

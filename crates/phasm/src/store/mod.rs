@@ -22,7 +22,7 @@ use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task};
 
 pub use postgres::{PostgresOptions, PostgresStore};
 
-pub use sqlite::{Access, SqliteOptions, SqliteStore, Synchronous};
+pub use sqlite::{Access, SqliteOptions, SqliteStore, Synchronous, Threads};
 
 /// Where an instance is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

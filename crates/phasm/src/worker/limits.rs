@@ -1,7 +1,7 @@
 //! Per-queue limits inside one worker: `max_concurrent` running steps and a `rate` of starts
 //! (a token bucket that holds at most one period's worth of starts).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use crate::clock::{micros, Micros};
 use crate::machine::Config;
@@ -23,14 +23,14 @@ impl Bucket {
 
 /// The limits of every configured queue and what is running on each.
 pub(crate) struct QueueGate {
-    concurrency: HashMap<String, (usize, usize)>,
-    buckets: HashMap<String, Bucket>,
+    concurrency: BTreeMap<String, (usize, usize)>,
+    buckets: BTreeMap<String, Bucket>,
 }
 
 impl QueueGate {
     pub fn new(config: &Config) -> Self {
-        let mut concurrency = HashMap::new();
-        let mut buckets = HashMap::new();
+        let mut concurrency = BTreeMap::new();
+        let mut buckets = BTreeMap::new();
         for (name, limits) in &config.queues {
             if let Some(max) = limits.max_concurrent {
                 concurrency.insert(name.clone(), (max as usize, 0));

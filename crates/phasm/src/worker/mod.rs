@@ -10,7 +10,9 @@
 mod hosted;
 mod limits;
 
-use std::collections::{HashMap, HashSet};
+// Ordered maps and sets: what the worker asks the store must not depend on a hash seed, so
+// a simulation on a paused clock replays exactly.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -192,7 +194,7 @@ struct Inner {
     options: WorkerOptions,
     rng: Mutex<fastrand::Rng>,
     /// The leases of running steps, by task id.
-    leases: Mutex<HashMap<i64, Lease>>,
+    leases: Mutex<BTreeMap<i64, Lease>>,
     machines: Vec<String>,
     successors: SuccessorClaim,
     /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
@@ -266,7 +268,7 @@ impl Worker {
                 clock,
                 options,
                 rng: Mutex::new(rng),
-                leases: Mutex::new(HashMap::new()),
+                leases: Mutex::new(BTreeMap::new()),
                 machines,
                 successors,
                 adopt,
@@ -296,9 +298,9 @@ impl Worker {
         let mut last_sweep = inner.clock.now();
         let started_at = last_sweep;
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut watching: HashSet<String> = match &opts.stop {
+        let mut watching: BTreeSet<String> = match &opts.stop {
             StopWhen::Ended(names) => names.iter().cloned().collect(),
-            _ => HashSet::new(),
+            _ => BTreeSet::new(),
         };
         let mut stopping = false;
         let mut store_failures = 0u32;
@@ -347,6 +349,7 @@ impl Worker {
                         tracing::warn!(error = %e, "claiming tasks failed; trying again in {wait:?}");
                         // Keep listening for shutdown while the database is failing.
                         tokio::select! {
+                            biased;
                             () = tokio::time::sleep(wait) => {}
                             () = &mut shutdown => {
                                 stopping = true;
@@ -368,10 +371,33 @@ impl Worker {
             let sleep = tokio::time::sleep(Duration::from_micros(
                 u64::try_from((wake - inner.clock.now()).max(0)).unwrap_or(0),
             ));
+            // In this order (not at random, tokio's default): the heartbeat first, so leases are
+            // renewed however busy the worker is, and adopted steps (already leased) before
+            // finished ones; a fixed order also lets a simulation replay exactly.
             tokio::select! {
+                biased;
                 () = &mut shutdown, if !stopping => {
                     stopping = true;
                     begin_shutdown(&inner, running.len());
+                }
+                _ = heartbeat.tick() => {
+                    renew(&inner).await;
+                    announce(&inner, started_at).await;
+                    // Another worker may have ended the watched instances; with a heartbeat
+                    // shorter than the idle sleep, the sleep never runs out to look.
+                    stopping |= stop_condition_holds(&inner, &mut watching, running.is_empty()).await;
+                    let now = inner.clock.now();
+                    if now - last_sweep >= micros(SWEEP_EVERY) {
+                        last_sweep = now;
+                        if let Err(e) = inner.store.sweep(now).await {
+                            tracing::warn!(error = %e, "sweeping the store failed");
+                        }
+                    }
+                }
+                Some(task) = adopted.recv() => {
+                    gate.started(&task.queue, inner.clock.now());
+                    hold(&inner, &task);
+                    running.spawn(execute(Arc::clone(&inner), task));
                 }
                 Some(first) = running.join_next() => {
                     // Take every step that has finished, then claim for all the freed slots
@@ -411,25 +437,6 @@ impl Worker {
                         stopping = true;
                     }
                 }
-                Some(task) = adopted.recv() => {
-                    gate.started(&task.queue, inner.clock.now());
-                    hold(&inner, &task);
-                    running.spawn(execute(Arc::clone(&inner), task));
-                }
-                _ = heartbeat.tick() => {
-                    renew(&inner).await;
-                    announce(&inner, started_at).await;
-                    // Another worker may have ended the watched instances; with a heartbeat
-                    // shorter than the idle sleep, the sleep never runs out to look.
-                    stopping |= stop_condition_holds(&inner, &mut watching, running.is_empty()).await;
-                    let now = inner.clock.now();
-                    if now - last_sweep >= micros(SWEEP_EVERY) {
-                        last_sweep = now;
-                        if let Err(e) = inner.store.sweep(now).await {
-                            tracing::warn!(error = %e, "sweeping the store failed");
-                        }
-                    }
-                }
                 () = &mut notified => {}
                 () = sleep => {
                     stopping |= stop_condition_holds(&inner, &mut watching, running.is_empty()).await;
@@ -464,7 +471,7 @@ async fn announce(inner: &Inner, started_at: Micros) {
 
 /// Whether the worker's own stop condition ([`StopWhen`]) holds now: the watched instances
 /// have ended (anyone's commits may have ended them), or nothing is pending at all.
-async fn stop_condition_holds(inner: &Inner, watching: &mut HashSet<String>, idle: bool) -> bool {
+async fn stop_condition_holds(inner: &Inner, watching: &mut BTreeSet<String>, idle: bool) -> bool {
     match &inner.options.stop {
         StopWhen::Ended(_) => {
             check_watched(inner, watching).await;
@@ -549,7 +556,7 @@ async fn next_wake(inner: &Inner, gate: &QueueGate) -> Micros {
 
 /// Forget watched instances that ended, and watch the instances they spawned instead (so
 /// `phasm run` waits for the children of the instance it started).
-async fn check_watched(inner: &Inner, watching: &mut HashSet<String>) {
+async fn check_watched(inner: &Inner, watching: &mut BTreeSet<String>) {
     let mut queue: Vec<String> = watching.iter().cloned().collect();
     while let Some(name) = queue.pop() {
         match inner.store.instance(&name).await {
@@ -678,6 +685,7 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
     // group and cancels a Rust action at its next await (a Python call runs on in its host,
     // and its answer is ignored).
     let commit = tokio::select! {
+        biased;
         commit = step(inner, task, started).instrument(span.clone()) => Some(commit),
         () = lost => None,
     };
@@ -1033,6 +1041,7 @@ async fn run_calls(
                     }
                 };
                 tokio::select! {
+                    biased;
                     done = &mut run => break done,
                     Some(token) = token => report_token(env, step, token).await?,
                 }

@@ -2,14 +2,44 @@
 
 use super::*;
 
-/// Start a thread that runs the requests sent to it on `conn`, in batches.
-pub(super) fn spawn_batcher(name: &str, conn: Connection) -> StoreResult<mpsc::Sender<Request>> {
-    let (requests, receiver) = mpsc::channel();
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || Batcher { conn }.run(receiver))
-        .map_err(|e| StoreError::database(format!("cannot start the SQLite thread: {e}")))?;
-    Ok(requests)
+/// Where requests for one connection go.
+#[derive(Debug, Clone)]
+pub(super) enum Lane {
+    /// To the connection's thread, which runs them in batches.
+    Thread(mpsc::Sender<Request>),
+    /// Run at once on the calling thread (see [`Threads::Caller`]).
+    Caller(Arc<std::sync::Mutex<Batcher>>),
+}
+
+impl Lane {
+    /// A lane for `conn`: a thread of its own named `name`, or the caller's.
+    pub(super) fn new(name: &str, conn: Connection, threads: Threads) -> StoreResult<Self> {
+        if threads == Threads::Caller {
+            return Ok(Lane::Caller(Arc::new(std::sync::Mutex::new(Batcher {
+                conn,
+            }))));
+        }
+        let (requests, receiver) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || Batcher { conn }.run(receiver))
+            .map_err(|e| StoreError::database(format!("cannot start the SQLite thread: {e}")))?;
+        Ok(Lane::Thread(requests))
+    }
+
+    /// Hand `request` over; its reply comes on its channel.
+    pub(super) fn send(&self, request: Request) -> StoreResult<()> {
+        match self {
+            Lane::Thread(requests) => requests.send(request).map_err(|_| StoreError::Closed),
+            Lane::Caller(batcher) => {
+                batcher
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .serve(vec![request]);
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Sends a request's result once the batch it ran in has committed.
@@ -27,6 +57,7 @@ pub(super) fn pending<T: Send + 'static>(reply: Reply<T>, result: StoreResult<T>
 
 /// Runs requests on one connection (the writer's, or the reader's), all that queued up
 /// while the last batch ran in one transaction.
+#[derive(Debug)]
 pub(super) struct Batcher {
     conn: Connection,
 }
@@ -46,20 +77,25 @@ impl Batcher {
                     Err(_) => break,
                 }
             }
-            let mut probes = Vec::new();
-            let mut work = Vec::with_capacity(batch.len());
-            for r in batch {
-                match r {
-                    Request::Probe(n, reply) => probes.push((n, reply)),
-                    other => work.push(other),
-                }
+            self.serve(batch);
+        }
+    }
+
+    /// Run `batch` in one transaction (probes, which time transactions of their own, after it).
+    fn serve(&mut self, batch: Vec<Request>) {
+        let mut probes = Vec::new();
+        let mut work = Vec::with_capacity(batch.len());
+        for r in batch {
+            match r {
+                Request::Probe(n, reply) => probes.push((n, reply)),
+                other => work.push(other),
             }
-            if !work.is_empty() {
-                self.run_batch(work);
-            }
-            for (n, reply) in probes {
-                let _ = reply.send(self.probe(n));
-            }
+        }
+        if !work.is_empty() {
+            self.run_batch(work);
+        }
+        for (n, reply) in probes {
+            let _ = reply.send(self.probe(n));
         }
     }
 

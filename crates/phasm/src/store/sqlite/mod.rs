@@ -74,6 +74,22 @@ pub struct SqliteOptions {
     pub synchronous: Synchronous,
     /// Whether the file may be created, and whether it is written.
     pub access: Access,
+    /// Where the statements run.
+    pub threads: Threads,
+}
+
+/// Where a SQLite store runs its statements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Threads {
+    /// On threads of its own: a writer that commits whatever queued up in one transaction
+    /// (group commit), and a reader (the default).
+    #[default]
+    Own,
+    /// On the calling thread, one transaction per call, blocking the caller while it runs: no
+    /// group commit (slow on a disk), but every call completes without waiting for another
+    /// thread, so a single-threaded runtime on a paused clock replays exactly (the
+    /// simulation's use). Reads use the writer's connection.
+    Caller,
 }
 
 /// What opening a SQLite file may do to it. In every mode a file that holds another
@@ -94,10 +110,10 @@ pub enum Access {
 /// The SQLite store. Cheap to clone; the writer thread stops when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    requests: mpsc::Sender<Request>,
+    requests: Lane,
     /// Reads go to a connection of their own, so they never wait behind a batch of commits
-    /// (the same queue as `requests` for an in-memory database).
-    reads: mpsc::Sender<Request>,
+    /// (the same lane as `requests` for an in-memory database, or on the caller's thread).
+    reads: Lane,
     changes: Arc<Notify>,
     path: PathBuf,
 }
@@ -140,9 +156,13 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> StoreResult<Self> {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path, options)?;
-        let requests = spawn_batcher("phasm-sqlite", conn)?;
-        let reads = match open_reader(&path) {
-            Some(conn) => spawn_batcher("phasm-sqlite-read", conn)?,
+        let requests = Lane::new("phasm-sqlite", conn, options.threads)?;
+        let reader = match options.threads {
+            Threads::Own => open_reader(&path),
+            Threads::Caller => None,
+        };
+        let reads = match reader {
+            Some(conn) => Lane::new("phasm-sqlite-read", conn, options.threads)?,
             None => requests.clone(),
         };
         Ok(Self {
@@ -160,9 +180,7 @@ impl SqliteStore {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreResult<T> {
         let (tx, rx) = oneshot::channel();
-        self.requests
-            .send(make(tx))
-            .map_err(|_| StoreError::Closed)?;
+        self.requests.send(make(tx))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -170,7 +188,7 @@ impl SqliteStore {
     /// caller has had its answer (WAL: each read transaction starts from the latest commit).
     async fn read<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> StoreResult<T> {
         let (tx, rx) = oneshot::channel();
-        self.reads.send(make(tx)).map_err(|_| StoreError::Closed)?;
+        self.reads.send(make(tx))?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 }
