@@ -1021,7 +1021,13 @@ pub async fn fan_in_groups_join_apart(store: &dyn Store) {
     let window = Some(SEC);
     for (i, t) in tasks.iter().enumerate() {
         let group = if i % 2 == 0 { "even" } else { "odd" };
-        park_one(store, T0, t, parked("j", group, i as i64, window)).await;
+        park_one(
+            store,
+            T0,
+            t,
+            parked("j", group, i64::try_from(i).unwrap(), window),
+        )
+        .await;
     }
     let mut joins = store.claim(T0 + SEC, &request(5)).await.unwrap();
     assert_eq!(joins.len(), 2, "one join per group: {joins:?}");

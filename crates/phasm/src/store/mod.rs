@@ -5,8 +5,17 @@
 //! [`plan`], for every backend. Every implementation must pass the conformance suite
 //! `store::conformance` (the `conformance` feature), which the library ships for that purpose.
 
+// Values from a database are converted with `convert`, never a lossy `as`: a corrupt row must
+// not wrap around silently.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
+mod convert;
 pub mod plan;
 pub mod postgres;
 pub mod sqlite;

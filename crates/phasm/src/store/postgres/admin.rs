@@ -138,7 +138,7 @@ pub(super) async fn probe_commit_rate(store: &PostgresStore, commits: usize) -> 
     let started = Instant::now();
     for i in 0..commits {
         client
-            .execute("INSERT INTO phasm_probe (at) VALUES ($1)", &[&(i as i64)])
+            .execute("INSERT INTO phasm_probe (at) VALUES ($1)", &[&bigint(i)])
             .await
             .map_err(pg)?;
     }
@@ -158,7 +158,7 @@ pub(super) async fn scrub(store: &PostgresStore, cutoff: Micros, batch: usize) -
             "SELECT id FROM instances
              WHERE status <> 'running' AND ended_at IS NOT NULL AND ended_at < $1
              ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED",
-            &[&cutoff, &(batch as i64)],
+            &[&cutoff, &bigint(batch)],
         )
         .await
         .map_err(pg)?

@@ -27,7 +27,7 @@ pub(super) async fn insert_task(
                 &t.from_state,
                 &t.event,
                 &to_json(&t.context)?,
-                &(t.step as i64),
+                &bigint(t.step),
                 &t.branch,
                 &t.queue,
                 &t.target,
@@ -70,7 +70,7 @@ pub(super) async fn insert_tasks(
         froms.push(t.from_state.clone());
         events.push(t.event.clone());
         contexts.push(to_json(&t.context)?);
-        steps.push(t.step as i64);
+        steps.push(bigint(t.step));
         branches.push(t.branch.clone());
         queues.push(t.queue.clone());
         targets.push(t.target.clone());
@@ -126,7 +126,7 @@ pub(super) async fn park(
                 &p.group,
                 &to_json(&p.context)?,
                 &p.branch,
-                &(p.step as i64),
+                &bigint(p.step),
                 &now,
             ],
         )
@@ -159,7 +159,7 @@ pub(super) async fn park(
             &instance_id,
             &format!("{}{item}", join.name_prefix),
             &p.state,
-            &(p.step as i64),
+            &bigint(p.step),
             &p.queue,
             &p.target,
             &join.status.as_str(),
@@ -287,7 +287,7 @@ pub(super) async fn apply_chain(
                 &t.and_then(|t| t.from_state.clone()),
                 t.map_or(&empty, |t| &t.event),
                 &task_context,
-                &t.map_or(0, |t| t.step as i64),
+                &t.map_or(0, |t| bigint(t.step)),
                 t.map_or(&empty, |t| &t.branch),
                 t.map_or(&empty, |t| &t.queue),
                 &t.and_then(|t| t.target.clone()),
@@ -659,7 +659,7 @@ pub(super) async fn apply_park(
                 &p.group,
                 &to_json(&p.context)?,
                 &p.branch,
-                &(p.step as i64),
+                &bigint(p.step),
                 &join.name_prefix,
                 &p.queue,
                 &p.target,

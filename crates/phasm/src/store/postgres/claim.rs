@@ -17,9 +17,9 @@ pub(super) fn task_row(row: &Row, now: Micros) -> StoreResult<(Task, i64, Option
         kind: TaskKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("task kind `{kind}`")))?,
         context: from_json(row.get("context"))?,
-        step: row.get::<_, i64>("step").max(0) as u64,
+        step: count(row.get::<_, i64>("step")),
         branch: row.get("branch"),
-        attempt: row.get::<_, i64>("attempts").clamp(0, i64::from(u32::MAX)) as u32,
+        attempt: attempt(row.get::<_, i64>("attempts")),
         first_attempt_at: row.get::<_, Option<i64>>("first_attempt_at").unwrap_or(now),
         queue: row.get("queue"),
         token: token
@@ -63,7 +63,7 @@ pub(super) async fn shared_allowance(
                 .await
                 .map_err(pg)?
                 .get(0);
-            allowed = allowed.min((i64::from(max) - running).max(0) as usize);
+            allowed = allowed.min(size(i64::from(max) - running));
         }
         if let Some(rate) = l.rate {
             let capacity = f64::from(rate.count);
@@ -82,7 +82,7 @@ pub(super) async fn shared_allowance(
                 .await
                 .map_err(pg)?;
             let tokens: f64 = row.get(0);
-            allowed = allowed.min(tokens.floor().max(0.0) as usize);
+            allowed = allowed.min(whole(tokens));
         }
         allowance.push((queue.clone(), allowed));
     }
@@ -123,7 +123,7 @@ pub(super) async fn claim(
     }
     let mut client = store.client().await?;
     let tx = begin(&mut client).await?;
-    let window = (req.limit * 2).max(16) as i64;
+    let window = bigint((req.limit * 2).max(16));
     let (any_target, untargeted, only_targets) = match &req.targets {
         crate::store::Targets::Any => (true, false, Vec::new()),
         crate::store::Targets::Untargeted => (false, true, Vec::new()),

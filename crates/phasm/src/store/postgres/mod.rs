@@ -44,6 +44,7 @@ use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
+use super::convert::{attempt, bigint, count, size, whole};
 use super::plan::{self, Fence, InstanceWrite, Lease, Park, Plan, Settle, Shape};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
@@ -255,7 +256,7 @@ impl PostgresStore {
             tx.batch_execute(sql).await.map_err(pg)?;
             tx.execute(
                 "INSERT INTO phasm_schema (version) VALUES ($1)",
-                &[&(i as i64 + 1)],
+                &[&(bigint(i) + 1)],
             )
             .await
             .map_err(pg)?;

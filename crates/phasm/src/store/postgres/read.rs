@@ -46,7 +46,7 @@ pub(super) async fn instance(
             "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
              FROM (SELECT * FROM history WHERE instance_id = $1 ORDER BY id DESC LIMIT $2) h
              ORDER BY id",
-            &[&id, &(VIEW_ROWS as i64)],
+            &[&id, &bigint(VIEW_ROWS)],
         )
         .await
         .map_err(pg)?
@@ -55,7 +55,7 @@ pub(super) async fn instance(
             from: r.get(0),
             event: r.get(1),
             to: r.get(2),
-            attempt: r.get::<_, i64>(3).clamp(0, i64::from(u32::MAX)) as u32,
+            attempt: attempt(r.get::<_, i64>(3)),
             started_at: r.get(4),
             finished_at: r.get(5),
             task: r.get(6),
@@ -67,7 +67,7 @@ pub(super) async fn instance(
         .query(
             "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
              FROM tasks WHERE instance_id = $1 ORDER BY id LIMIT $2",
-            &[&id, &(VIEW_ROWS as i64)],
+            &[&id, &bigint(VIEW_ROWS)],
         )
         .await
         .map_err(pg)?;
@@ -81,7 +81,7 @@ pub(super) async fn instance(
                 status: TaskStatus::parse(r.get(3))?,
                 due_at: r.get(4),
                 leased_by: r.get(5),
-                attempts: r.get::<_, i64>(6).clamp(0, i64::from(u32::MAX)) as u32,
+                attempts: attempt(r.get::<_, i64>(6)),
                 last_error: r.get(7),
                 queue: r.get(8),
                 target: r.get(10),
@@ -119,7 +119,7 @@ pub(super) async fn instance(
         )
         .await
         .map_err(pg)?;
-    let n = |i: usize| counts.get::<_, i64>(i).max(0) as u64;
+    let n = |i: usize| count(counts.get::<_, i64>(i));
     let end_states = client
         .query(
             "SELECT to_state FROM history WHERE instance_id = $1 AND ends_branch
@@ -163,7 +163,7 @@ pub(super) async fn list(
     filter: &ListFilter,
 ) -> StoreResult<Vec<InstanceSummary>> {
     let client = store.client().await?;
-    let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+    let limit = bigint(if filter.limit == 0 { 100 } else { filter.limit });
     let status = filter.status.map(InstanceStatus::as_str);
     client
         .query(
@@ -235,7 +235,7 @@ pub(super) async fn history_page(
                     from: r.get(1),
                     event: r.get(2),
                     to: r.get(3),
-                    attempt: r.get::<_, i64>(4).clamp(0, i64::from(u32::MAX)) as u32,
+                    attempt: attempt(r.get::<_, i64>(4)),
                     started_at: r.get(5),
                     finished_at: r.get(6),
                     task: r.get(7),
@@ -330,9 +330,9 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue",
             let oldest: Option<i64> = r.get(4);
             crate::store::QueueStats {
                 queue: r.get(0),
-                due: r.get::<_, i64>(1).max(0) as u64,
-                scheduled: r.get::<_, i64>(2).max(0) as u64,
-                running: r.get::<_, i64>(3).max(0) as u64,
+                due: count(r.get::<_, i64>(1)),
+                scheduled: count(r.get::<_, i64>(2)),
+                running: count(r.get::<_, i64>(3)),
                 oldest_due_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6),
             }
         })
@@ -344,6 +344,6 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue",
         .get(0);
     Ok(crate::store::StoreStats {
         queues,
-        parked: parked.max(0) as u64,
+        parked: count(parked),
     })
 }

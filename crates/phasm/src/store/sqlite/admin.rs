@@ -80,7 +80,7 @@ pub(super) fn scrub(tx: &Transaction<'_>, cutoff: Micros, batch: usize) -> Store
                  SELECT id FROM instances
                  WHERE status <> 'running' AND ended_at IS NOT NULL AND ended_at < ?1
                  ORDER BY id LIMIT ?2)",
-            params![cutoff, batch as i64],
+            params![cutoff, bigint(batch)],
         )
         .map_err(db)?;
     Ok(deleted as u64)

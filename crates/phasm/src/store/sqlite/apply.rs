@@ -55,7 +55,7 @@ pub(super) fn insert_task(
             t.from_state,
             t.event,
             to_json(&t.context)?,
-            t.step as i64,
+            bigint(t.step),
             t.branch,
             t.queue,
             t.target,
@@ -240,7 +240,7 @@ pub(super) fn park(
         p.group,
         to_json(&p.context)?,
         p.branch,
-        p.step as i64,
+        bigint(p.step),
         now
     ])
     .map_err(db)?;
@@ -268,7 +268,7 @@ pub(super) fn park(
         instance_id,
         format!("{}{item}", join.name_prefix),
         p.state,
-        p.step as i64,
+        bigint(p.step),
         p.queue,
         p.target,
         join.status.as_str(),

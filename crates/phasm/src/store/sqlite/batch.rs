@@ -129,7 +129,7 @@ impl Batcher {
         let started = Instant::now();
         for i in 0..n {
             let tx = self.conn.transaction().map_err(db)?;
-            tx.execute("INSERT INTO phasm_probe (at) VALUES (?1)", [i as i64])
+            tx.execute("INSERT INTO phasm_probe (at) VALUES (?1)", [bigint(i)])
                 .map_err(db)?;
             tx.commit().map_err(db)?;
         }

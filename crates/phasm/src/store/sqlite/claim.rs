@@ -64,7 +64,7 @@ pub(super) fn shared_allowance(
                 .map_err(db)?
                 .query_row(params![queue, capacity, now, per_micro], |r| r.get(0))
                 .map_err(db)?;
-            allowed = allowed.min(tokens.floor().max(0.0) as usize);
+            allowed = allowed.min(whole(tokens));
         }
         allowance.push((queue.clone(), allowed));
     }
@@ -80,7 +80,7 @@ pub(super) fn claim(
         return Ok(Vec::new());
     }
     // Look at a few more candidates than wanted, so per-queue limits can skip some.
-    let window = (req.limit * 2).max(16) as i64;
+    let window = bigint((req.limit * 2).max(16));
     let rows = tx
         .prepare_cached(
             "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
@@ -170,9 +170,9 @@ pub(super) fn claim(
             event: row.event,
             kind,
             context: from_json(&row.context)?,
-            step: row.step as u64,
+            step: count(row.step),
             branch: row.branch,
-            attempt: row.attempts as u32,
+            attempt: attempt(row.attempts),
             first_attempt_at: row.first.unwrap_or(now),
             queue: row.queue,
             token: row

@@ -42,6 +42,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
+use super::convert::{attempt, bigint, count, whole};
 use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,

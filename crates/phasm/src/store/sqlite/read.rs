@@ -81,7 +81,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
              ORDER BY id",
         )
         .map_err(db)?
-        .query_map(params![id, VIEW_ROWS as i64], |r| {
+        .query_map(params![id, bigint(VIEW_ROWS)], |r| {
             Ok(HistoryEntry {
                 from: r.get(0)?,
                 event: r.get(1)?,
@@ -104,7 +104,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
              FROM tasks WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(db)?
-        .query_map(params![id, VIEW_ROWS as i64], |r| {
+        .query_map(params![id, bigint(VIEW_ROWS)], |r| {
             Ok((
                 TaskView {
                     name: r.get(0)?,
@@ -153,7 +153,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
         tx.prepare_cached(sql)
             .map_err(db)?
             .query_row([id], |r| r.get::<_, i64>(0))
-            .map(|n| n.max(0) as u64)
+            .map(count)
             .map_err(db)
     };
     let branches = BranchCounts {
@@ -198,7 +198,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
 }
 
 pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
-    let limit = if filter.limit == 0 { 100 } else { filter.limit } as i64;
+    let limit = bigint(if filter.limit == 0 { 100 } else { filter.limit });
     let mut stmt = tx
         .prepare_cached(
             "SELECT name, machine, status, created_at, updated_at, error FROM instances
@@ -349,9 +349,9 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue";
             let oldest: Option<i64> = r.get(4)?;
             Ok(crate::store::QueueStats {
                 queue: r.get(0)?,
-                due: r.get::<_, i64>(1)?.max(0) as u64,
-                scheduled: r.get::<_, i64>(2)?.max(0) as u64,
-                running: r.get::<_, i64>(3)?.max(0) as u64,
+                due: count(r.get::<_, i64>(1)?),
+                scheduled: count(r.get::<_, i64>(2)?),
+                running: count(r.get::<_, i64>(3)?),
                 oldest_due_age_seconds: oldest.map_or(0.0, |t| (now - t).max(0) as f64 / 1e6),
             })
         })
@@ -363,6 +363,6 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue";
         .map_err(db)?;
     Ok(crate::store::StoreStats {
         queues,
-        parked: parked.max(0) as u64,
+        parked: count(parked),
     })
 }

@@ -285,7 +285,7 @@ pub(super) fn migrate(conn: &Connection, path: &Path) -> StoreResult<()> {
             })?;
             conn.execute(
                 "INSERT INTO phasm_schema (version) VALUES (?1)",
-                [i as i64 + 1],
+                [bigint(i) + 1],
             )
             .map_err(db)?;
         }
