@@ -4,19 +4,13 @@
 
 mod cmd;
 mod db;
+mod exit;
 mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-
-/// Exit status for invalid input (bad files, bad arguments), as documented in the README.
-const EXIT_INVALID: u8 = 2;
-/// Exit status when an instance failed or an operation was refused.
-const EXIT_FAILED: u8 = 1;
-/// Exit status when the database cannot be opened or fails.
-const EXIT_DATABASE: u8 = 3;
 
 #[derive(Parser)]
 #[command(
@@ -280,10 +274,7 @@ fn main() -> ExitCode {
             output,
         } => cmd::files::draw(&file, machine.as_deref(), format, output.as_deref()),
         other => runtime().map_or_else(
-            |e| {
-                eprintln!("error: cannot start the async runtime: {e}");
-                ExitCode::FAILURE
-            },
+            |e| exit::failed(format!("cannot start the async runtime: {e}")),
             |rt| rt.block_on(run_async(other)),
         ),
     }
@@ -366,6 +357,6 @@ async fn run_async(command: Command) -> ExitCode {
         Command::Retry { instance, db } => cmd::inspect::retry(&instance, &db).await,
         Command::Cancel { instance, db } => cmd::inspect::cancel(&instance, &db).await,
         Command::Bench { bench } => cmd::bench::run(bench).await,
-        Command::Validate { .. } | Command::Graph { .. } => ExitCode::from(EXIT_INVALID),
+        Command::Validate { .. } | Command::Graph { .. } => exit::invalid_reported(),
     }
 }

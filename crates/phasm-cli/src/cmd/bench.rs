@@ -16,7 +16,7 @@ use phasm::worker::{StopWhen, Worker, WorkerOptions};
 use serde_json::json;
 
 use crate::output::outln;
-use crate::{db, DbArgs, EXIT_FAILED, EXIT_INVALID};
+use crate::{db, exit, DbArgs};
 
 /// The benchmarks.
 #[derive(Subcommand, Clone, Debug)]
@@ -125,8 +125,7 @@ const FANOUT_YAML: &str = "state_machines:
 
 /// Report an error and the exit status of a failed benchmark.
 fn failed(e: impl std::fmt::Display) -> ExitCode {
-    eprintln!("error: {e}");
-    ExitCode::from(EXIT_FAILED)
+    exit::failed(e)
 }
 
 /// Peak resident memory of this process, from Linux's /proc (None elsewhere).
@@ -155,10 +154,9 @@ fn bench_db(db: Option<String>) -> Result<(Option<tempfile::NamedTempFile>, Stri
                 let path = t.path().display().to_string();
                 Ok((Some(t), path))
             }
-            Err(e) => {
-                eprintln!("error: cannot create a temporary database here: {e}");
-                Err(ExitCode::from(EXIT_FAILED))
-            }
+            Err(e) => Err(exit::failed(format!(
+                "cannot create a temporary database here: {e}"
+            ))),
         },
     }
 }
@@ -170,8 +168,7 @@ async fn fanout(
     sync: super::SyncMode,
 ) -> ExitCode {
     if branches == 0 {
-        eprintln!("error: --branches must be at least 1");
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid("--branches must be at least 1");
     }
     let (_temp, path) = match bench_db(db_path) {
         Ok(x) => x,
@@ -180,15 +177,13 @@ async fn fanout(
     let store = match db::open(&DbArgs { db: path, sync }, 64).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(e);
         }
     };
     let config = match load_str(FANOUT_YAML, "bench-fanout.yaml", &LoadOptions::default()) {
         Ok(l) => Arc::new(l.config),
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            return exit::failed(e);
         }
     };
     let mut registry = Registry::new();
@@ -220,8 +215,7 @@ async fn fanout(
     {
         Ok(o) => o.name().to_string(),
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            return exit::failed(e);
         }
     };
     let options = WorkerOptions {
@@ -239,8 +233,7 @@ async fn fanout(
         Err(e) => return failed(e),
     };
     if let Err(e) = worker.run(std::future::pending()).await {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_FAILED);
+        return exit::failed(e);
     }
     let wall = began.elapsed().as_secs_f64();
     let status = store.instance(&name).await.ok().flatten().map(|v| v.status);
@@ -267,8 +260,9 @@ async fn fanout(
         outln!("  {wall:.2}s, peak RSS {rss}");
     }
     if joined != branches || status != Some(phasm::store::InstanceStatus::Completed) {
-        eprintln!("error: expected {branches} contexts joined and a completed instance");
-        return ExitCode::from(EXIT_FAILED);
+        return exit::failed(format!(
+            "expected {branches} contexts joined and a completed instance"
+        ));
     }
     ExitCode::SUCCESS
 }
@@ -486,12 +480,12 @@ async fn chain(args: ChainArgs) -> ExitCode {
         processes,
     } = args;
     if instances == 0 || steps == 0 || workers == 0 {
-        eprintln!("error: --instances, --steps and --workers must be at least 1");
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid("--instances, --steps and --workers must be at least 1");
     }
     if workers > 1 && !db_path.as_deref().is_some_and(db::is_postgres) {
-        eprintln!("error: --workers {workers} needs a database the processes can share: --db postgres://...");
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid(format!(
+            "--workers {workers} needs a database the processes can share: --db postgres://..."
+        ));
     }
     let temp = match &db_path {
         Some(_) => None,
@@ -502,8 +496,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
         {
             Ok(t) => Some(t),
             Err(e) => {
-                eprintln!("error: cannot create a temporary database here: {e}");
-                return ExitCode::from(EXIT_FAILED);
+                return exit::failed(format!("cannot create a temporary database here: {e}"));
             }
         },
     };
@@ -523,8 +516,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
     {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(e);
         }
     };
     let dir = match bench_dir() {
@@ -556,8 +548,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
         {
             Ok(o) => names.push(o.name().to_string()),
             Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_FAILED);
+                return exit::failed(e);
             }
         }
     }
@@ -631,8 +622,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
     let (latencies, completed, committed, last_commit) = match latencies(&*store, &names).await {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            return exit::failed(e);
         }
     };
     // Until the last commit: worker processes noticing that nothing is left is not work.
@@ -687,8 +677,9 @@ async fn chain(args: ChainArgs) -> ExitCode {
         }
     }
     if report_steps as usize != total || completed != instances {
-        eprintln!("error: expected {total} steps and {instances} completed instances");
-        return ExitCode::from(EXIT_FAILED);
+        return exit::failed(format!(
+            "expected {total} steps and {instances} completed instances"
+        ));
     }
     ExitCode::SUCCESS
 }

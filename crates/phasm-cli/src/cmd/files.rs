@@ -10,7 +10,7 @@ use phasm::graph;
 use phasm::machine::{Config, Machine};
 
 use crate::output::{count, outln, print_diagnostics};
-use crate::{Format, EXIT_INVALID};
+use crate::{exit, Format};
 
 /// Load a machine file for running, printing its diagnostics; `None` after an error.
 pub fn load(file: &Path) -> Option<Config> {
@@ -107,7 +107,7 @@ pub fn validate(files: &[PathBuf], strict: bool, deny_warnings: bool) -> ExitCod
         }
     }
     if failed {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     }
     for line in ok_lines {
         outln!("{line}");
@@ -148,10 +148,10 @@ pub fn draw(
     output: Option<&std::path::Path>,
 ) -> ExitCode {
     let Some(config) = load(file) else {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     };
     let Some(chosen) = choose(&config, file, machine) else {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     };
     let text = match format {
         Format::Dot => graph::to_dot(chosen),
@@ -169,8 +169,7 @@ pub fn draw(
         let target = output.map_or("standard output".to_string(), |p| {
             format!("`{}`", p.display())
         });
-        eprintln!("error: cannot write to {target}: {e}");
-        return ExitCode::FAILURE;
+        return exit::failed(format!("cannot write to {target}: {e}"));
     }
     ExitCode::SUCCESS
 }

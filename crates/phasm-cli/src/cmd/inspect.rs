@@ -8,7 +8,7 @@ use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
 use serde_json::{json, Value};
 
 use crate::output::{count, duration, outln, time};
-use crate::{db, DbArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
+use crate::{db, exit, DbArgs};
 
 /// Open the database an inspecting command names: read-only for `status`, `list` and `logs`,
 /// an existing file for `retry`, `cancel` and `scrub`; never a new one.
@@ -16,23 +16,17 @@ async fn open_db(
     args: &DbArgs,
     access: phasm::store::Access,
 ) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
-    db::open_as(args, 2, access).await.map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_DATABASE)
-    })
+    db::open_as(args, 2, access).await.map_err(exit::database)
 }
 
 async fn find(store: &dyn Store, name: &str, args: &DbArgs) -> Result<InstanceView, ExitCode> {
     match store.instance(name).await {
         Ok(Some(view)) => Ok(view),
-        Ok(None) => {
-            eprintln!("error: no instance named `{name}` in {}", args.db);
-            Err(ExitCode::from(EXIT_INVALID))
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            Err(ExitCode::from(EXIT_DATABASE))
-        }
+        Ok(None) => Err(exit::invalid(format!(
+            "no instance named `{name}` in {}",
+            args.db
+        ))),
+        Err(e) => Err(exit::database(e)),
     }
 }
 
@@ -60,8 +54,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
             })
             .await
             {
-                eprintln!("error: {e}");
-                return ExitCode::from(EXIT_DATABASE);
+                return exit::database(e);
             }
             out["history"] = Value::Array(history);
         }
@@ -136,8 +129,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
             n += 1;
         };
         if let Err(e) = phasm::store::for_each_transition(&*store, name, each).await {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_DATABASE);
+            return exit::database(e);
         }
     } else {
         let skipped = view.history_total.saturating_sub(view.history.len() as u64);
@@ -195,10 +187,10 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
 
 /// The workers alive now.
 async fn live_workers(store: &dyn Store) -> Result<Vec<phasm::store::WorkerView>, ExitCode> {
-    store.workers(SystemClock.now()).await.map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_DATABASE)
-    })
+    store
+        .workers(SystemClock.now())
+        .await
+        .map_err(exit::database)
 }
 
 /// `phasm workers`: the workers alive now and what they take.
@@ -252,8 +244,9 @@ pub async fn list(
         None => None,
         Some(Ok(s)) => Some(s),
         Some(Err(bad)) => {
-            eprintln!("error: unknown status `{bad}`; use running, completed, failed, halted or cancelled");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(format!(
+                "unknown status `{bad}`; use running, completed, failed, halted or cancelled"
+            ));
         }
     };
     let store = match open_db(args, phasm::store::Access::ReadOnly).await {
@@ -269,8 +262,7 @@ pub async fn list(
     let rows = match store.list(&filter).await {
         Ok(rows) => rows,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_DATABASE);
+            return exit::database(e);
         }
     };
     if as_json {
@@ -316,10 +308,7 @@ pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_DATABASE)
-        }
+        Err(e) => exit::database(e),
     }
 }
 
@@ -329,10 +318,7 @@ fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreErr
             outln!("{name}: {what}");
             ExitCode::SUCCESS
         }
-        Ok(Control::NotFound) => {
-            eprintln!("error: no instance named `{name}`");
-            ExitCode::from(EXIT_INVALID)
-        }
+        Ok(Control::NotFound) => exit::invalid(format!("no instance named `{name}`")),
         Ok(Control::NotAllowed(status)) => {
             eprintln!(
                 "error: `{name}` is {status}; only {}",
@@ -342,12 +328,9 @@ fn report(name: &str, what: &str, result: Result<Control, phasm::store::StoreErr
                     "running or failed instances can be cancelled"
                 }
             );
-            ExitCode::from(EXIT_FAILED)
+            exit::failed_reported()
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_DATABASE)
-        }
+        Err(e) => exit::database(e),
     }
 }
 
@@ -405,10 +388,7 @@ pub async fn scrub(older_than: std::time::Duration, batch: usize, args: &DbArgs)
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_DATABASE)
-        }
+        Err(e) => exit::database(e),
     }
 }
 

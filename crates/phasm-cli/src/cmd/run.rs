@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use super::files::{choose, load_with_sites};
 use crate::output::{count, outln};
-use crate::{db, DbArgs, StartArgs, EXIT_DATABASE, EXIT_FAILED, EXIT_INVALID};
+use crate::{db, exit, DbArgs, StartArgs};
 
 /// The parts of a start that are checked before anything is written.
 struct Prepared {
@@ -34,14 +34,11 @@ struct Prepared {
 /// Check a start, and (with `hosts`) start the action hosts of a configuration's Python
 /// actions, which also resolves its events written as Python constants.
 async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Prepared, ExitCode> {
-    let invalid = || ExitCode::from(EXIT_INVALID);
+    let invalid = || exit::invalid_reported();
     let (mut config, sites) = load_with_sites(&args.file).ok_or_else(invalid)?;
     let context = {
         let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
-        build_context(machine, args.context.as_deref(), &args.set).map_err(|e| {
-            eprintln!("error: {e}");
-            invalid()
-        })?
+        build_context(machine, args.context.as_deref(), &args.set).map_err(exit::invalid)?
     };
     let registry = if hosts {
         bind(&mut config, &sites).await.ok_or_else(invalid)?
@@ -50,8 +47,7 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
     };
     let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
     if let Err(e) = check_machine(machine, &registry) {
-        eprintln!("error: {e}");
-        return Err(invalid());
+        return Err(exit::invalid(e));
     }
     // `run` works on the chosen machine, and on the other machines of the file that can
     // run (every action bound), which the instance may spawn.
@@ -65,10 +61,9 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
         machines: runnable,
         ..config.clone()
     };
-    let store = db::open(&args.db, connections).await.map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_DATABASE)
-    })?;
+    let store = db::open(&args.db, connections)
+        .await
+        .map_err(exit::database)?;
     Ok(Prepared {
         machine: machine.name.clone(),
         registry: Arc::new(registry),
@@ -138,13 +133,7 @@ async fn start_prepared(p: &Prepared, name: Option<&str>) -> Result<StartOutcome
         &p.limits,
     )
     .await
-    .map_err(|e| {
-        eprintln!("error: {e}");
-        match e {
-            phasm::control::StartError::Store(_) => ExitCode::from(EXIT_DATABASE),
-            _ => ExitCode::from(EXIT_INVALID),
-        }
-    })
+    .map_err(|e| exit::start_error(&e))
 }
 
 /// `phasm start`: queue an instance; its name is the last line of output.
@@ -233,8 +222,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
     ) {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(e);
         }
     };
     let progress = tokio::spawn(show_progress(rx, name.clone(), json_out));
@@ -249,18 +237,15 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
     let _ = progress.await;
     close_hosts(&p.registry).await;
     if let Err(e) = result {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_FAILED);
+        return exit::failed(e);
     }
     let view = match p.store.instance(&name).await {
         Ok(Some(view)) => view,
         Ok(None) => {
-            eprintln!("error: instance `{name}` vanished");
-            return ExitCode::from(EXIT_FAILED);
+            return exit::failed(format!("instance `{name}` vanished"));
         }
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_FAILED);
+            return exit::failed(e);
         }
     };
     let elapsed = started_at.elapsed();
@@ -321,7 +306,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
     }
     match view.status {
         InstanceStatus::Completed | InstanceStatus::Halted => ExitCode::SUCCESS,
-        _ => ExitCode::from(EXIT_FAILED),
+        _ => exit::failed_reported(),
     }
 }
 
@@ -479,17 +464,16 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     } = args;
     let shutdown = Shutdown::install();
     let Some((mut config, sites)) = load_with_sites(file) else {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     };
     let store = match db::open(db_args, concurrency).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_DATABASE);
+            return exit::database(e);
         }
     };
     let Some(registry) = bind(&mut config, &sites).await else {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     };
     let pools = if targets.is_empty() {
         "untargeted tasks".to_string()
@@ -527,8 +511,7 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
     ) {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(e);
         }
     };
     eprintln!(
@@ -570,10 +553,7 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
             );
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_DATABASE)
-        }
+        Err(e) => exit::database(e),
     }
 }
 
@@ -619,25 +599,22 @@ pub async fn serve(
     };
     let shutdown = Shutdown::install();
     if let Some(Err(e)) = token.as_deref().map(phasm::server::auth::check_token) {
-        eprintln!("error: --token/PHASM_TOKEN: {e}");
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid(format!("--token/PHASM_TOKEN: {e}"));
     }
     if !listen.ip().is_loopback() && token.as_deref().is_none_or(str::is_empty) {
-        eprintln!("error: listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN");
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid(format!("listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN"));
     }
     let Some((mut config, sites)) = load_with_sites(file) else {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     };
     let store = match db::open(db_args, concurrency).await {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_DATABASE);
+            return exit::database(e);
         }
     };
     let Some(registry) = bind(&mut config, &sites).await else {
-        return ExitCode::from(EXIT_INVALID);
+        return exit::invalid_reported();
     };
     let config = Arc::new(config);
     let registry = Arc::new(registry);
@@ -655,15 +632,13 @@ pub async fn serve(
     ) {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(e);
         }
     };
     let listener = match tokio::net::TcpListener::bind(listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("error: cannot listen on {listen}: {e}");
-            return ExitCode::from(EXIT_INVALID);
+            return exit::invalid(format!("cannot listen on {listen}: {e}"));
         }
     };
     if let Some(age) = scrub_older_than {
@@ -718,13 +693,7 @@ pub async fn serve(
     close_hosts(&registry).await;
     match worked {
         Ok(Ok(_)) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::from(EXIT_FAILED)
-        }
+        Ok(Err(e)) => exit::failed(e),
+        Err(e) => exit::failed(e),
     }
 }
