@@ -29,16 +29,27 @@
 //!     .unwrap_err();
 //! assert!(err.to_string().starts_with("bad.yaml:2:9: error: invalid machine name `Bad_Name`"));
 //! ```
+//!
+//! ## Cargo features
+//!
+//! All on by default; an embedder that needs less sets `default-features = false` and picks:
+//!
+//! - `postgres`: the PostgreSQL store ([`store::PostgresStore`]); without it only SQLite;
+//! - `server`: the HTTP API, the web console and `GET /metrics` (`server`, `console`);
+//! - `http`: webhook actions (`http:` bindings; without it such a call fails, saying why);
+//! - `conformance` (off by default): the store conformance suite, `store::conformance`.
 
 pub mod action;
 pub mod clock;
 pub mod config;
+#[cfg(feature = "server")]
 pub mod console;
 pub mod control;
 pub mod diagnostic;
 pub mod engine;
 pub mod graph;
 pub mod machine;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod store;
 pub mod testing;

@@ -4,6 +4,10 @@
 mod builtin;
 mod exec;
 pub mod host;
+#[cfg(feature = "http")]
+mod http;
+#[cfg(not(feature = "http"))]
+#[path = "http_left_out.rs"]
 mod http;
 pub mod python;
 

@@ -14,6 +14,7 @@ pub(crate) fn attempt(v: i64) -> u32 {
 }
 
 /// A size read from the database; a negative value reads as 0.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn size(v: i64) -> usize {
     usize::try_from(v).unwrap_or(0)
 }

@@ -17,6 +17,7 @@
 pub mod conformance;
 mod convert;
 pub mod plan;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
 
@@ -29,6 +30,7 @@ use serde::Serialize;
 use crate::clock::Micros;
 use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task};
 
+#[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStore};
 
 pub use sqlite::{Access, SqliteOptions, SqliteStore, Synchronous, Threads};
