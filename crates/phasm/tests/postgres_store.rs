@@ -160,3 +160,84 @@ async fn dropping_a_store_closes_its_connections() {
     assert_eq!(open, 0, "connections left open by dropped stores");
     schema.drop_schema().await;
 }
+
+/// The checks that span an instance's branches run on PostgreSQL after a commit's transaction
+/// (see `store::plan`); a worker that dies between the two leaves them undone, and the sweep
+/// redoes them: here an instance left running with nothing pending, and a barrier join left
+/// waiting with no branch live.
+#[tokio::test]
+async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
+    use phasm::engine::{Commit, Context, InstanceChange, NewTask, TaskKind};
+    use phasm::store::prelude::*;
+    use phasm::store::{ClaimRequest, InstanceStatus, NewInstance, Targets};
+    use std::time::Duration;
+
+    let Some(schema) = Schema::fresh("sweep").await else {
+        return;
+    };
+    let store = schema.store().await;
+    let now = 1_800_000_000_000_000;
+    let start = |name: &str| NewInstance {
+        name: name.into(),
+        machine: "M".into(),
+        context: Context::new(),
+        start: NewTask {
+            name: format!("{name}--start"),
+            from_state: None,
+            event: "go".into(),
+            kind: TaskKind::Dispatch,
+            context: Context::new(),
+            step: 0,
+            branch: String::new(),
+            queue: "default".into(),
+            target: None,
+            due_at: now,
+            token: None,
+        },
+    };
+    store.start(now, start("done")).await.unwrap();
+    let request = ClaimRequest {
+        owner: "w".into(),
+        lease: Duration::from_secs(10),
+        limit: 1,
+        queue_limits: Vec::new(),
+        queues: None,
+        targets: Targets::Any,
+        shared_limits: Vec::new(),
+    };
+    let task = store.claim(now, &request).await.unwrap().remove(0);
+    let mut c = Commit::finishing(&task);
+    c.instance_change = InstanceChange::BranchEnded(Context::new());
+    store.apply(now, c, None).await.unwrap();
+    let status = |store: &phasm::store::PostgresStore, name: &'static str| {
+        let store = store.clone();
+        async move { store.instance(name).await.unwrap().unwrap().status }
+    };
+    assert_eq!(status(&store, "done").await, InstanceStatus::Completed);
+    // The worker died after its commit, before completing the instance.
+    schema
+        .execute("UPDATE instances SET status = 'running', ended_at = NULL WHERE name = 'done'")
+        .await;
+    store.sweep(now + 1).await.unwrap();
+    assert_eq!(status(&store, "done").await, InstanceStatus::Completed);
+
+    // A barrier join left waiting though no branch of its instance is live.
+    store.start(now, start("barrier")).await.unwrap();
+    schema
+        .execute(
+            "UPDATE tasks SET kind = 'join', status = 'waiting', from_state = 'j', grp = '',
+                    event = 'fan-in'
+             WHERE name = 'barrier--start'",
+        )
+        .await;
+    assert!(store.claim(now + 2, &request).await.unwrap().is_empty());
+    store.sweep(now + 3).await.unwrap();
+    let released = store.claim(now + 3, &request).await.unwrap();
+    assert_eq!(released.len(), 1, "{released:?}");
+    assert_eq!(released[0].kind, TaskKind::Join);
+    // A sweep of a settled store changes nothing.
+    let before = store.instance("done").await.unwrap();
+    store.sweep(now + 4).await.unwrap();
+    assert_eq!(store.instance("done").await.unwrap(), before);
+    schema.drop_schema().await;
+}

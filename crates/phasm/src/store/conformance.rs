@@ -75,6 +75,7 @@ checks!(
     queue_limits_hold_across_claimers,
     a_barrier_waits_for_branches_stopped_by_a_failure,
     an_instance_completes_when_its_last_task_finishes_without_successor,
+    a_sweep_releases_nothing_early_and_changes_nothing_settled,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -971,6 +972,36 @@ pub async fn an_instance_completes_when_its_last_task_finishes_without_successor
         "nothing of it is left"
     );
     assert_eq!(view.current_context, Some(ctx(9)));
+}
+
+/// Check that [`Store::sweep`](crate::store::WorkStore::sweep) (which repairs what a dead
+/// worker left unsettled) never releases a barrier while a branch is live, and changes nothing
+/// in a settled store.
+pub async fn a_sweep_releases_nothing_early_and_changes_nothing_settled(store: &dyn Store) {
+    let tasks = branches(store, "s", 2).await;
+    park_one(store, T0 + SEC, &tasks[0], parked("j", "", 0, None)).await;
+    store.sweep(T0 + 2 * SEC).await.unwrap();
+    // The other branch's lease has run out: it comes back, the barrier does not.
+    let due = store.claim(T0 + 11 * SEC, &request(5)).await.unwrap();
+    assert_eq!(due.len(), 1, "{due:?}");
+    assert_eq!(
+        due[0].kind,
+        TaskKind::Dispatch,
+        "the barrier waits: {due:?}"
+    );
+    let c = Commit::finishing(&due[0]);
+    assert_eq!(apply_one(store, T0 + 12 * SEC, c).await, Applied::Yes);
+    let before = store.instance("s").await.unwrap();
+    store.sweep(T0 + 13 * SEC).await.unwrap();
+    assert_eq!(
+        store.instance("s").await.unwrap(),
+        before,
+        "the sweep changed a settled instance"
+    );
+    let join = store.claim(T0 + 13 * SEC, &request(5)).await.unwrap();
+    assert_eq!(join.len(), 1, "{join:?}");
+    assert_eq!(join[0].kind, TaskKind::Join);
+    assert_eq!(join[0].contexts, vec![ctx(0)]);
 }
 
 /// Check that a window joins what parked before it runs and later arrivals open the next.

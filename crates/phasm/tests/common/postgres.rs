@@ -66,6 +66,15 @@ impl Schema {
             .expect("opens")
     }
 
+    /// Run `sql` in this schema, as a test that damages the database on purpose does.
+    #[allow(dead_code)]
+    pub async fn execute(&self, sql: &str) {
+        self.client
+            .batch_execute(&format!("SET search_path TO {}; {sql}", self.name))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     /// Drop the schema and everything in it.
     pub async fn drop_schema(self) {
         let _ = self
