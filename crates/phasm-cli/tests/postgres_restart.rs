@@ -2,6 +2,7 @@
 //! reconnect, and finish every instance with nothing lost and nothing committed twice.
 //! (Its own test binary, so no other test's connections see the restart.)
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::process::Command;

@@ -2,6 +2,7 @@
 //! once the server is back another worker finishes every instance, nothing lost or committed
 //! twice. (Its own test binary, so no other test's connections see the outage.)
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::process::Command;

@@ -5,6 +5,7 @@
 //! This file holds one test on purpose: it lowers the whole test process's descriptor limit
 //! and fills it.
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::time::Duration;

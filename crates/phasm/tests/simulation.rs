@@ -17,6 +17,7 @@
 //! PostgreSQL), `PHASM_SIM_FIRST=F` starts at seed F, `PHASM_SIM_SEED=K` replays seed K
 //! alone; a failure names its seed.
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use std::sync::{Arc, Mutex};

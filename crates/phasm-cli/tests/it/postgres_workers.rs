@@ -2,7 +2,7 @@
 //! SIGKILL and restarted again and again. Every instance completes, every transition is
 //! committed once, and every fan-in sees each branch once.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! programs that write `{"token": ...}` as their first line. Each page waits for the next
 //! one to start; without overlap the first page would never see it.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

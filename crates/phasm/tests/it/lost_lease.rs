@@ -1,7 +1,7 @@
 //! A step whose lease is lost is stopped, not left to run to an end whose commit would be
 //! refused: cancelling an instance kills its running `exec` program within a renewal tick.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

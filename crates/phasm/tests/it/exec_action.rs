@@ -1,6 +1,6 @@
 //! The `exec` binding's protocol and failure modes, against real processes.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! grandchild), write lines that are not the protocol, exit at hello. Each failure is a
 //! clear, retried attempt; nothing is left running.
 
-mod common;
+use crate::common;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -1,8 +1,6 @@
 //! Fork, fan-in (window and barrier), continuation and spawn: behaviour beyond Fantasm's own
 //! scenarios, in immediate mode.
 
-#[macro_use]
-mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -4,7 +4,7 @@
 //! on its own, and `phasm retry` resumes every stopped branch with the failed one. On SQLite
 //! and PostgreSQL.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

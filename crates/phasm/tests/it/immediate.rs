@@ -1,7 +1,5 @@
 //! Engine rules end to end, in immediate mode (fake clock, in-memory store).
 
-#[macro_use]
-mod common;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The store conformance suite against PostgreSQL, each check in a schema of its own (see
 //! `common/postgres.rs` for the database it uses and when it skips).
 
-mod common;
+use crate::common;
 
 use common::postgres::Schema;
 use phasm::store::conformance;

@@ -3,7 +3,7 @@
 //! transition is committed once, every fan-in sees each branch once, and no host outlives
 //! its worker for long.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -2,8 +2,6 @@
 //! actions in immediate mode: how many times each action ran and how many contexts each join
 //! saw. Where phasm deliberately differs, the test says why (and so does the README).
 
-#[macro_use]
-mod common;
 
 use std::collections::HashMap;
 use std::path::Path;

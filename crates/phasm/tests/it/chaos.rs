@@ -4,8 +4,7 @@
 //! lease). Whatever happens, every instance completes, and every item was paged once,
 //! forked once and joined exactly once.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

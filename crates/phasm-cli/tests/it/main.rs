@@ -1,0 +1,16 @@
+//! The `phasm` command's integration tests, gathered in one binary (each file a module) so the
+//! suite links once instead of once per file. Two stay apart, since they stop or restart the
+//! PostgreSQL server that other tests use: `postgres_restart.rs` and `postgres_stopped.rs`.
+
+#[macro_use]
+mod common;
+
+mod cli;
+mod console;
+mod crash;
+mod failed_siblings;
+mod fantasm_example;
+mod postgres_workers;
+mod python_workers;
+mod run;
+mod sqlite_files;
