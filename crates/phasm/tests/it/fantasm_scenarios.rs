@@ -2,7 +2,6 @@
 //! actions in immediate mode: how many times each action ran and how many contexts each join
 //! saw. Where phasm deliberately differs, the test says why (and so does the README).
 
-
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

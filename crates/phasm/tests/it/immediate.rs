@@ -1,6 +1,5 @@
 //! Engine rules end to end, in immediate mode (fake clock, in-memory store).
 
-
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 

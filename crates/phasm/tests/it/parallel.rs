@@ -1,7 +1,6 @@
 //! Fork, fan-in (window and barrier), continuation and spawn: behaviour beyond Fantasm's own
 //! scenarios, in immediate mode.
 
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
