@@ -117,10 +117,15 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
     },
-    /// Queue an instance for a worker and print its name.
+    /// Queue an instance for a worker and print its name (with `--contexts`, one instance per
+    /// line of a JSON Lines file, their names one per line).
     Start {
         #[command(flatten)]
         start: StartArgs,
+        /// Start one instance per line of this JSON Lines file (`-`: standard input), each
+        /// line a context object, in transactions of 10,000; every line is checked first.
+        #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["name", "context", "set"])]
+        contexts: Option<PathBuf>,
     },
     /// Work on every instance of the file's machines until stopped (SIGINT/SIGTERM finish the
     /// running steps, then exit).
@@ -293,7 +298,10 @@ async fn run_async(command: Command) -> ExitCode {
             json,
             concurrency,
         } => cmd::run::run(&start, json, concurrency).await,
-        Command::Start { start } => cmd::run::start(&start).await,
+        Command::Start { start, contexts } => match contexts {
+            Some(path) => cmd::run::start_lines(&start, &path).await,
+            None => cmd::run::start(&start).await,
+        },
         Command::Worker {
             file,
             queues,

@@ -94,14 +94,7 @@ pub async fn start_instance(
             known: config.machines.iter().map(|m| m.name.clone()).collect(),
         });
     };
-    let context = typed_context(m, context).map_err(StartError::BadValue)?;
-    let bytes = serde_json::to_vec(&context).map_or(0, |v| v.len());
-    if bytes > limits.max_context_bytes {
-        return Err(StartError::ContextTooLarge {
-            bytes,
-            limit: limits.max_context_bytes,
-        });
-    }
+    let context = checked_context(m, context, limits)?;
     let now = clock.now();
     let name = match name {
         Some(n) if engine::is_valid_instance_name(n) => n.to_string(),
@@ -131,6 +124,120 @@ pub async fn start_instance(
         }
         Started::Existing { machine, .. } => Err(StartError::NameTaken { name, machine }),
     }
+}
+
+/// Most instances started in one transaction (and by one HTTP request).
+pub const MAX_BATCH_START: usize = 10_000;
+
+/// Why instances of a batch could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchStartError {
+    /// Context `index` (from 0) cannot start an instance; nothing was started.
+    #[error("context {}: {error}", index + 1)]
+    Context {
+        /// Its position in the batch, from 0.
+        index: usize,
+        /// What is wrong with it.
+        error: StartError,
+    },
+    /// The machine is unknown, or the store failed before anything was started.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The store failed after the first `started` instances were (their transactions
+    /// committed); none from there on was.
+    #[error("{error} (the first {} instances were started, none after them)", started.len())]
+    Partial {
+        /// The instances started, in order.
+        started: Vec<StartOutcome>,
+        /// What failed.
+        error: StoreError,
+    },
+}
+
+/// Start one instance of `machine` per context. Every context is checked (typed values, size)
+/// before anything is written; they are then written in transactions of [`MAX_BATCH_START`],
+/// each all or nothing — so a batch of at most that many starts entirely or not at all. The
+/// instances are named `MACHINE-YYYYMMDDHHMMSS-XXXXXX-N` (one random part per call, `N` the
+/// position), and answered in the order of `contexts`.
+///
+/// # Errors
+/// See [`BatchStartError`].
+pub async fn start_instances(
+    store: &dyn Store,
+    config: &Config,
+    clock: &dyn Clock,
+    machine: &str,
+    contexts: Vec<Context>,
+    limits: &Limits,
+) -> Result<Vec<StartOutcome>, BatchStartError> {
+    let Some(m) = config.machine(machine) else {
+        return Err(StartError::UnknownMachine {
+            name: machine.to_string(),
+            known: config.machines.iter().map(|m| m.name.clone()).collect(),
+        }
+        .into());
+    };
+    let now = clock.now();
+    let base = engine::instance_name(&m.name, now, &mut fastrand::Rng::new());
+    let width = contexts.len().to_string().len();
+    let mut batch = Vec::with_capacity(contexts.len());
+    for (index, context) in contexts.into_iter().enumerate() {
+        let context = checked_context(m, context, limits)
+            .map_err(|error| BatchStartError::Context { index, error })?;
+        let name = format!("{base}-{index:0width$}");
+        let start = engine::start_task(m, &name, context.clone(), now);
+        batch.push(NewInstance {
+            name,
+            machine: m.name.clone(),
+            context,
+            start,
+        });
+    }
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut rest = batch.into_iter();
+    loop {
+        let chunk: Vec<NewInstance> = rest.by_ref().take(MAX_BATCH_START).collect();
+        if chunk.is_empty() {
+            return Ok(outcomes);
+        }
+        let names: Vec<String> = chunk.iter().map(|n| n.name.clone()).collect();
+        let started = match store.start_many(now, chunk).await {
+            Ok(started) => started,
+            Err(error) if outcomes.is_empty() => return Err(StartError::from(error).into()),
+            Err(error) => {
+                return Err(BatchStartError::Partial {
+                    started: outcomes,
+                    error,
+                })
+            }
+        };
+        outcomes.extend(
+            names
+                .into_iter()
+                .zip(started)
+                .map(|(name, started)| match started {
+                    Started::Created => StartOutcome::Started(name),
+                    Started::Existing { machine, status } => StartOutcome::AlreadyExists {
+                        name,
+                        machine,
+                        status,
+                    },
+                }),
+        );
+    }
+}
+
+/// A starting context converted by the machine's `context_types` and within the size limit.
+fn checked_context(m: &Machine, context: Context, limits: &Limits) -> Result<Context, StartError> {
+    let context = typed_context(m, context).map_err(StartError::BadValue)?;
+    let bytes = serde_json::to_vec(&context).map_or(0, |v| v.len());
+    if bytes > limits.max_context_bytes {
+        return Err(StartError::ContextTooLarge {
+            bytes,
+            limit: limits.max_context_bytes,
+        });
+    }
+    Ok(context)
 }
 
 /// Parse a `KEY=VALUE` pair, converting the value by the machine's `context_types`

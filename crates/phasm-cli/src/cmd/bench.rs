@@ -55,6 +55,23 @@ pub enum Bench {
         #[arg(long)]
         processes: Option<u32>,
     },
+    /// N instances started from one JSON Lines file, as `phasm start --contexts` does (the
+    /// file read and parsed, every context checked, the instances written in transactions of
+    /// 10,000).
+    Start {
+        /// Instances (lines).
+        #[arg(long, default_value_t = 10_000)]
+        instances: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Database (default: a temporary file in the current folder, removed afterwards).
+        #[arg(long, env = "PHASM_DB")]
+        db: Option<String>,
+        /// SQLite durability.
+        #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
+        sync: super::SyncMode,
+    },
     /// One instance forks into N branches that each take one no-op step, then join in one
     /// fan-in state (`fan_in: all`).
     Fanout {
@@ -72,6 +89,16 @@ pub enum Bench {
         sync: super::SyncMode,
     },
 }
+
+/// A one-state machine for `bench start` (its instances are only started, never run).
+const START_YAML: &str = "state_machines:
+- name: Order
+  states:
+  - name: take
+    initial: true
+    final: true
+    action: Take
+";
 
 /// What the chain benchmark's actions are written in.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,6 +186,83 @@ fn bench_db(db: Option<String>) -> Result<(Option<tempfile::NamedTempFile>, Stri
             ))),
         },
     }
+}
+
+async fn start_lines(
+    instances: usize,
+    as_json: bool,
+    db_path: Option<String>,
+    sync: super::SyncMode,
+) -> ExitCode {
+    if instances == 0 {
+        return exit::invalid("--instances must be at least 1");
+    }
+    let (_temp, path) = match bench_db(db_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let store = match db::open(&DbArgs { db: path, sync }, 4).await {
+        Ok(s) => s,
+        Err(e) => return exit::database(e),
+    };
+    let config = match load_str(START_YAML, "bench-start.yaml", &LoadOptions::default()) {
+        Ok(l) => l.config,
+        Err(e) => return exit::failed(e),
+    };
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => return exit::failed(format!("cannot create a temporary folder: {e}")),
+    };
+    let file = dir.path().join("contexts.jsonl");
+    let mut lines = String::with_capacity(instances * 48);
+    for i in 0..instances {
+        let _ = writeln!(
+            lines,
+            "{}",
+            json!({"order": i, "customer": format!("c-{}", i % 997)})
+        );
+    }
+    if let Err(e) = std::fs::write(&file, lines) {
+        return exit::failed(format!("cannot write {}: {e}", file.display()));
+    }
+    let began = Instant::now();
+    let contexts = match super::run::read_contexts(&file) {
+        Ok(c) => c.into_iter().map(|(_, c)| c).collect(),
+        Err(e) => return exit::failed(e),
+    };
+    let started = phasm::control::start_instances(
+        &*store,
+        &config,
+        &SystemClock,
+        "Order",
+        contexts,
+        &Limits::default(),
+    )
+    .await;
+    let elapsed = began.elapsed().as_secs_f64();
+    let created = match started {
+        Ok(outcomes) => outcomes
+            .iter()
+            .filter(|o| matches!(o, phasm::control::StartOutcome::Started(_)))
+            .count(),
+        Err(e) => return exit::failed(e),
+    };
+    if created != instances {
+        return exit::failed(format!(
+            "expected {instances} instances started, {created} were"
+        ));
+    }
+    let rate = instances as f64 / elapsed.max(1e-9);
+    if as_json {
+        outln!(
+            "{}",
+            json!({"bench": "start", "instances": instances, "seconds": elapsed, "instances_per_second": rate})
+        );
+    } else {
+        outln!("start: {instances} instances from one JSON Lines file");
+        outln!("  {elapsed:.3}s, {rate:.0} instances/s");
+    }
+    ExitCode::SUCCESS
 }
 
 async fn fanout(
@@ -338,6 +442,12 @@ pub async fn run(bench: Bench) -> ExitCode {
             })
             .await
         }
+        Bench::Start {
+            instances,
+            json,
+            db,
+            sync,
+        } => start_lines(instances, json, db, sync).await,
         Bench::Fanout {
             branches,
             json,

@@ -156,6 +156,101 @@ pub async fn start(args: &StartArgs) -> ExitCode {
     }
 }
 
+/// `phasm start --contexts FILE.jsonl`: one instance per line; the names, one per line.
+pub async fn start_lines(args: &StartArgs, path: &Path) -> ExitCode {
+    let contexts = match read_contexts(path) {
+        Ok(c) => c,
+        Err(e) => return exit::invalid(e),
+    };
+    let p = match prepare(args, 2, false).await {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let lines: Vec<usize> = contexts.iter().map(|(line, _)| *line).collect();
+    let contexts = contexts.into_iter().map(|(_, c)| c).collect();
+    let started = phasm::control::start_instances(
+        &*p.store,
+        &p.config,
+        &SystemClock,
+        &p.machine,
+        contexts,
+        &p.limits,
+    )
+    .await;
+    let print = |outcomes: &[StartOutcome]| {
+        for o in outcomes {
+            outln!("{}", o.name());
+        }
+    };
+    match started {
+        Ok(outcomes) => {
+            print(&outcomes);
+            ExitCode::SUCCESS
+        }
+        Err(phasm::control::BatchStartError::Context { index, error }) => {
+            let line = lines.get(index).copied().unwrap_or(index + 1);
+            exit::invalid(format!(
+                "{}:{line}: {error}; nothing was started",
+                path.display()
+            ))
+        }
+        Err(phasm::control::BatchStartError::Start(e)) => exit::start_error(&e),
+        Err(phasm::control::BatchStartError::Partial { started, error }) => {
+            print(&started);
+            let next = lines.get(started.len()).copied().unwrap_or_default();
+            exit::database(format!(
+                "{error}; the {} instances above were started, none from line {next} of {} on",
+                started.len(),
+                path.display()
+            ))
+        }
+    }
+}
+
+/// The contexts of a JSON Lines file (`-`: standard input), each with its line number; blank
+/// lines are skipped.
+pub(crate) fn read_contexts(path: &Path) -> Result<Vec<(usize, Context)>, String> {
+    use std::io::BufRead;
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut contexts = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        let number = i + 1;
+        let line = line.map_err(|e| format!("{}:{number}: {e}", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(&line) {
+            Ok(Value::Object(map)) => contexts.push((number, map)),
+            Ok(other) => {
+                return Err(format!(
+                    "{}:{number}: each line must be a JSON object (a context), not {}",
+                    path.display(),
+                    kind_of(&other)
+                ))
+            }
+            Err(e) => return Err(format!("{}:{number}: not JSON: {e}", path.display())),
+        }
+    }
+    Ok(contexts)
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// SIGINT and SIGTERM, listened for from the moment this is created (so a signal that arrives
 /// while a worker is still starting is not lost).
 struct Shutdown {

@@ -576,3 +576,176 @@ fn smaller_messages_read_right() {
     }
     assert!(text(&phasm(d, &["worker", "--help"]).stdout).contains("--sync"));
 }
+
+/// Running instances in the database `db` (a SQLite path or a PostgreSQL URL); 0 when a start
+/// killed early left a SQLite file without phasm's tables (its schema is created in a
+/// transaction of its own, all or nothing).
+fn instance_count(db: &str) -> usize {
+    let out = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["list", "--json", "--limit", "100000", "--db", db])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let err = text(&out.stderr);
+        assert!(err.contains("schema version 0"), "{err}");
+        return 0;
+    }
+    serde_json::from_slice::<Vec<Value>>(&out.stdout)
+        .unwrap()
+        .len()
+}
+
+#[test]
+fn start_contexts_starts_one_instance_per_line_or_none() {
+    let dir = small();
+    let p = dir.path();
+    std::fs::write(
+        p.join("orders.jsonl"),
+        "{\"count\": \"1\"}\n\n{\"count\": 2}\n{\"count\": \"3\"}\n",
+    )
+    .unwrap();
+    let out = phasm(
+        p,
+        &[
+            "start",
+            "fsm.yaml",
+            "--machine",
+            "Small",
+            "--contexts",
+            "orders.jsonl",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let names: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    // In order, and `--set`'s typed conversion applies to each line.
+    let first = phasm(p, &["status", &names[0], "--json"]);
+    assert_eq!(last_json(&first)["context"]["count"], 1);
+    let third = phasm(p, &["status", &names[2], "--json"]);
+    assert_eq!(last_json(&third)["context"]["count"], 3);
+
+    // A bad line: nothing is started, and the message points at it.
+    std::fs::write(p.join("bad.jsonl"), "{\"count\": 4}\n[1, 2]\n").unwrap();
+    let out = phasm(
+        p,
+        &[
+            "start",
+            "fsm.yaml",
+            "--machine",
+            "Small",
+            "--contexts",
+            "bad.jsonl",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("bad.jsonl:2: each line must be a JSON object"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(
+        p.join("typed.jsonl"),
+        "{\"count\": 4}\n{\"count\": \"many\"}\n",
+    )
+    .unwrap();
+    let out = phasm(
+        p,
+        &[
+            "start",
+            "fsm.yaml",
+            "--machine",
+            "Small",
+            "--contexts",
+            "typed.jsonl",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("typed.jsonl:2:") && err.contains("nothing was started"),
+        "{err}"
+    );
+    assert_eq!(instance_count(&p.join("phasm.db").display().to_string()), 3);
+
+    // Standard input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["start", "fsm.yaml", "--machine", "Small", "--contexts", "-"])
+        .current_dir(p)
+        .env("PHASM_DB", p.join("phasm.db"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"{\"count\": 5}\n{\"count\": 6}\n")
+            .unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).lines().count(), 2);
+    assert_eq!(instance_count(&p.join("phasm.db").display().to_string()), 5);
+}
+
+/// A bulk start killed at any moment leaves all of its 10,000 instances or none, on SQLite
+/// and on PostgreSQL.
+#[test]
+fn a_bulk_start_killed_midway_leaves_all_or_none() {
+    let dir = small();
+    let sqlite = dir.path().join("bulk.db").display().to_string();
+    killed_bulk_starts(dir.path(), &sqlite);
+    if let Some(schema) = crate::common::postgres_schema("bulk_start") {
+        killed_bulk_starts(dir.path(), &schema.url);
+    }
+}
+
+fn killed_bulk_starts(p: &Path, db: &str) {
+    let mut lines = String::new();
+    for i in 0..10_000 {
+        lines.push_str(&format!("{{\"count\": {i}}}\n"));
+    }
+    std::fs::write(p.join("many.jsonl"), lines).unwrap();
+    let start = || {
+        Command::new(env!("CARGO_BIN_EXE_phasm"))
+            .args([
+                "start",
+                "fsm.yaml",
+                "--machine",
+                "Small",
+                "--contexts",
+                "many.jsonl",
+                "--db",
+                db,
+            ])
+            .current_dir(p)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    // How long a whole start takes here, then kills spread over that time; each leaves the
+    // database with 10,000 more instances or none more.
+    let began = Instant::now();
+    assert!(start().wait().unwrap().success());
+    let took = began.elapsed();
+    let mut total = instance_count(db);
+    assert_eq!(total, 10_000);
+    let mut seen = std::collections::BTreeSet::new();
+    for tenths in [1u32, 3, 5, 7, 8, 9, 10, 11] {
+        let mut child = start();
+        std::thread::sleep(took * tenths / 10);
+        let _ = child.kill();
+        let _ = child.wait();
+        let now = instance_count(db);
+        let added = now - total;
+        assert!(
+            added == 0 || added == 10_000,
+            "killed after {tenths}/10 of a start: {added} instances"
+        );
+        seen.insert(added);
+        total = now;
+    }
+    eprintln!("{db}: a start took {took:?}; instances added by the killed ones: {seen:?}");
+}

@@ -30,13 +30,20 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::clock::Clock;
-use crate::control::{instance_json, start_instance, StartError, StartOutcome};
+use crate::control::{
+    instance_json, start_instance, start_instances, BatchStartError, StartError, StartOutcome,
+    MAX_BATCH_START,
+};
 use crate::engine::{is_valid_instance_name, Context, Limits};
 use crate::machine::Config;
 use crate::store::{Control, InstanceStatus, ListFilter, Store};
 
 /// Largest request body accepted (a context is at most `Limits::max_context_bytes` anyway).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+/// Largest body of a batch start (`POST /api/machines/{m}/instances/batch`): room for
+/// [`MAX_BATCH_START`] contexts of a few kilobytes each.
+pub const MAX_BATCH_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// Longest request target (path and query) answered; longer ones get a JSON 414.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
@@ -103,6 +110,10 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/machines", get(machines))
         .route("/api/machines/{machine}/graph.svg", get(graph))
         .route("/api/machines/{machine}/instances", post(start))
+        .route(
+            "/api/machines/{machine}/instances/batch",
+            post(start_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        )
         .route("/api/instances", get(list))
         .route("/api/instances/{name}", get(instance))
         .route("/api/instances/{name}/history", get(history_page))
@@ -450,6 +461,93 @@ async fn start(
         ) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ StartError::NameTaken { .. }) => error(StatusCode::CONFLICT, e.to_string()),
         Err(StartError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `POST /api/machines/{machine}/instances/batch` with `{"contexts": [{...}, ...]}`: start one
+/// instance per context (at most [`MAX_BATCH_START`]), all in one transaction — all or none.
+/// 201 with `{"instances": [names in order], "created": N}`; 400 naming the first bad context.
+async fn start_batch(
+    State(state): State<Arc<ServerState>>,
+    Path(machine): Path<String>,
+    body: Bytes,
+) -> Response {
+    let usage = "the body must be a JSON object: {\"contexts\": [{...}, ...]}";
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not JSON: {e}"),
+            )
+        }
+    };
+    let Value::Object(mut request) = request else {
+        return error(StatusCode::BAD_REQUEST, usage);
+    };
+    let Some(Value::Array(items)) = request.remove("contexts") else {
+        return error(StatusCode::BAD_REQUEST, usage);
+    };
+    if let Some(key) = request.keys().next() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("unknown field `{key}`; expected `contexts`"),
+        );
+    }
+    if items.len() > MAX_BATCH_START {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "{} contexts in one request; send at most {MAX_BATCH_START} per request",
+                items.len()
+            ),
+        );
+    }
+    let mut contexts = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        match item {
+            Value::Object(c) => contexts.push(c),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("contexts[{i}] must be a JSON object"),
+                )
+            }
+        }
+    }
+    let outcome = start_instances(
+        &*state.store,
+        &state.config,
+        &*state.clock,
+        &machine,
+        contexts,
+        &state.limits,
+    )
+    .await;
+    match outcome {
+        Ok(outcomes) => {
+            let created = outcomes
+                .iter()
+                .filter(|o| matches!(o, StartOutcome::Started(_)))
+                .count();
+            let names: Vec<&str> = outcomes.iter().map(StartOutcome::name).collect();
+            (
+                StatusCode::CREATED,
+                Json(json!({ "instances": names, "created": created })),
+            )
+                .into_response()
+        }
+        Err(BatchStartError::Context { index, error: e }) => error(
+            StatusCode::BAD_REQUEST,
+            format!("contexts[{index}]: {e}; nothing was started"),
+        ),
+        Err(BatchStartError::Start(e @ StartError::UnknownMachine { .. })) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(BatchStartError::Start(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e @ BatchStartError::Partial { .. }) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
     }
 }
 

@@ -76,6 +76,7 @@ checks!(
     a_barrier_waits_for_branches_stopped_by_a_failure,
     an_instance_completes_when_its_last_task_finishes_without_successor,
     a_sweep_releases_nothing_early_and_changes_nothing_settled,
+    starting_many_answers_each_and_skips_existing_names,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -1002,6 +1003,58 @@ pub async fn a_sweep_releases_nothing_early_and_changes_nothing_settled(store: &
     assert_eq!(join.len(), 1, "{join:?}");
     assert_eq!(join[0].kind, TaskKind::Join);
     assert_eq!(join[0].contexts, vec![ctx(0)]);
+}
+
+/// Check that [`start_many`](crate::store::WorkStore::start_many) creates each new instance
+/// with its start task, answers in order, and leaves existing names — in the store, or earlier
+/// in the same batch — as they are.
+pub async fn starting_many_answers_each_and_skips_existing_names(store: &dyn Store) {
+    start(store, "old", T0).await;
+    let new = |name: &str, n: i64| NewInstance {
+        name: name.into(),
+        machine: "M".into(),
+        context: ctx(n),
+        start: new_task(&format!("{name}--start"), None, T0),
+    };
+    let started = store
+        .start_many(
+            T0,
+            vec![new("a", 1), new("old", 2), new("b", 3), new("a", 4)],
+        )
+        .await
+        .unwrap();
+    let existing = Started::Existing {
+        machine: "M".into(),
+        status: InstanceStatus::Running,
+    };
+    assert_eq!(
+        started,
+        vec![
+            Started::Created,
+            existing.clone(),
+            Started::Created,
+            existing
+        ]
+    );
+    assert_eq!(
+        store.instance("a").await.unwrap().unwrap().context,
+        ctx(1),
+        "the first wins"
+    );
+    assert_eq!(
+        store.instance("old").await.unwrap().unwrap().context,
+        ctx(0)
+    );
+    let mut names: Vec<String> = store
+        .claim(T0, &request(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a--start", "b--start", "old--start"]);
+    assert!(store.start_many(T0, Vec::new()).await.unwrap().is_empty());
 }
 
 /// Check that a window joins what parked before it runs and later arrivals open the next.

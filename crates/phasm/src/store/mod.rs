@@ -690,7 +690,22 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[async_trait]
 pub trait WorkStore: Send + Sync + std::fmt::Debug {
     /// Create an instance and its start task, unless one of that name exists (idempotent).
-    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started>;
+    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
+        self.start_many(now, vec![instance])
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::database("starting an instance answered nothing"))
+    }
+
+    /// Create many instances, each with its start task, in one transaction: all of them or
+    /// none (an error). An instance whose name exists already — in the store, or earlier in
+    /// `instances` — is left as it is and answered [`Started::Existing`]. The answers are in
+    /// the order of `instances`.
+    async fn start_many(
+        &self,
+        now: Micros,
+        instances: Vec<NewInstance>,
+    ) -> StoreResult<Vec<Started>>;
 
     /// Claim due tasks of running instances with a lease until `now + request.lease`.
     async fn claim(&self, now: Micros, request: &ClaimRequest) -> StoreResult<Vec<Task>>;

@@ -113,8 +113,12 @@ fn injected(what: &str) -> StoreError {
 
 #[async_trait]
 impl WorkStore for FaultyStore {
-    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
-        self.inner.start(now, instance).await
+    async fn start_many(
+        &self,
+        now: Micros,
+        instances: Vec<NewInstance>,
+    ) -> StoreResult<Vec<Started>> {
+        self.inner.start_many(now, instances).await
     }
 
     async fn claim(&self, now: Micros, request: &ClaimRequest) -> StoreResult<Vec<Task>> {

@@ -709,3 +709,112 @@ async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
     assert!(page.contains("id=\"log-next\""), "{page:.2000}");
     assert!(page.len() < 150_000, "the page is {} bytes", page.len());
 }
+
+#[tokio::test]
+async fn a_batch_starts_every_context_or_none() {
+    let api = api(None).await;
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(r#"{"contexts": [{"count": "1"}, {"count": 2}, {}]}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let reply = json(&body);
+    assert_eq!(reply["created"], 3);
+    let names: Vec<String> = reply["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 3);
+    let (_, body) = call(
+        &api,
+        "GET",
+        &format!("/api/instances/{}", names[0]),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        json(&body)["initial_context"]["count"],
+        1,
+        "typed as a start is"
+    );
+
+    // One bad context: nothing of the request is started.
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(r#"{"contexts": [{"count": 5}, {"count": "five"}]}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("contexts[1]") && body.contains("nothing was started"),
+        "{body}"
+    );
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(r#"{"contexts": [{"count": 5}, 7]}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, body) = call(&api, "GET", "/api/instances?limit=100", None, None).await;
+    assert_eq!(json(&body)["instances"].as_array().unwrap().len(), 3);
+
+    // The limits: an unknown machine, too many contexts, a body that is not a batch.
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Nope/instances/batch",
+        Some(r#"{"contexts": [{}]}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    let many = format!(r#"{{"contexts": [{}{{}}]}}"#, "{},".repeat(10_000));
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(&many),
+        None,
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(r#"{"context": {}}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+
+    // 10,000 at once, in one request larger than a single start may be.
+    let lines: Vec<String> = (0..10_000)
+        .map(|i| format!(r#"{{"count": {i}, "pad": "{}"}}"#, "x".repeat(200)))
+        .collect();
+    let big = format!(r#"{{"contexts": [{}]}}"#, lines.join(","));
+    assert!(big.len() > phasm::server::MAX_BODY_BYTES);
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(&big),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{}", &body[..body.len().min(300)]);
+    assert_eq!(json(&body)["created"], 10_000);
+}

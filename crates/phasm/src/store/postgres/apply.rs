@@ -563,42 +563,141 @@ pub(super) async fn end_instance(
     Ok(())
 }
 
-pub(super) async fn start(
+/// Start many instances in one transaction: their rows in one statement, their start tasks in
+/// another, and one look-up of the names that existed already.
+pub(super) async fn start_many(
     store: &PostgresStore,
     now: Micros,
-    new: NewInstance,
-) -> StoreResult<Started> {
+    instances: Vec<NewInstance>,
+) -> StoreResult<Vec<Started>> {
     let mut client = store.client().await?;
     let tx = begin(&mut client).await?;
-    let inserted = tx
-        .query_opt(
+    let names: Vec<&str> = instances.iter().map(|n| n.name.as_str()).collect();
+    let machines: Vec<&str> = instances.iter().map(|n| n.machine.as_str()).collect();
+    let contexts = instances
+        .iter()
+        .map(|n| to_json(&n.context))
+        .collect::<StoreResult<Vec<_>>>()?;
+    // A name given twice is inserted once (the first); ON CONFLICT skips the names that exist.
+    let rows = tx
+        .query(
             "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
-             VALUES ($1, $2, 'running', $3, $4, $4)
-             ON CONFLICT (name) DO NOTHING RETURNING id",
-            &[&new.name, &new.machine, &to_json(&new.context)?, &now],
+             SELECT DISTINCT ON (n) n, m, 'running', c, $4, $4
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) WITH ORDINALITY AS u (n, m, c, i)
+             ORDER BY n, i
+             ON CONFLICT (name) DO NOTHING
+             RETURNING id, name",
+            &[&names, &machines, &contexts, &now],
         )
         .await
         .map_err(pg)?;
-    let Some(row) = inserted else {
-        let existing = tx
-            .query_one(
-                "SELECT machine, status FROM instances WHERE name = $1",
-                &[&new.name],
+    let created: std::collections::HashMap<String, i64> =
+        rows.iter().map(|r| (r.get(1), r.get(0))).collect();
+    let mut first = std::collections::HashSet::new();
+    let mut ids = Vec::with_capacity(created.len());
+    let mut tasks = Vec::with_capacity(created.len());
+    for new in &instances {
+        if let Some(id) = created.get(&new.name) {
+            if first.insert(new.name.as_str()) {
+                ids.push(*id);
+                tasks.push(&new.start);
+            }
+        }
+    }
+    if !tasks.is_empty() {
+        insert_start_tasks(&tx, &ids, &tasks, now).await?;
+    }
+    let mut existing = std::collections::HashMap::new();
+    let others: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !created.contains_key(*n))
+        .collect();
+    if !others.is_empty() {
+        for r in tx
+            .query(
+                "SELECT name, machine, status FROM instances WHERE name = ANY($1)",
+                &[&others],
             )
             .await
+            .map_err(pg)?
+        {
+            let name: String = r.get(0);
+            existing.insert(name, (r.get::<_, String>(1), parse_status(r.get(2))?));
+        }
+    }
+    if !tasks.is_empty() {
+        tx.execute("SELECT pg_notify('phasm', '')", &[])
+            .await
             .map_err(pg)?;
-        return Ok(Started::Existing {
-            machine: existing.get(0),
-            status: parse_status(existing.get(1))?,
-        });
-    };
-    insert_task(&tx, row.get(0), &new.start, now, None).await?;
-    tx.execute("SELECT pg_notify('phasm', '')", &[])
-        .await
-        .map_err(pg)?;
+    }
     tx.commit().await.map_err(pg)?;
-    store.changes.notify_waiters();
-    Ok(Started::Created)
+    if !tasks.is_empty() {
+        store.changes.notify_waiters();
+    }
+    let mut answered = std::collections::HashSet::new();
+    instances
+        .iter()
+        .map(|new| {
+            if created.contains_key(&new.name) && answered.insert(new.name.as_str()) {
+                return Ok(Started::Created);
+            }
+            let (machine, status) = match existing.get(&new.name) {
+                Some((machine, status)) => (machine.clone(), *status),
+                // Created earlier in this same call.
+                None => (
+                    instances
+                        .iter()
+                        .find(|n| n.name == new.name)
+                        .map_or_else(String::new, |n| n.machine.clone()),
+                    InstanceStatus::Running,
+                ),
+            };
+            Ok(Started::Existing { machine, status })
+        })
+        .collect()
+}
+
+/// Insert the start tasks of instances `ids` (in the same order) in one statement.
+async fn insert_start_tasks(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+    tasks: &[&NewTask],
+    now: Micros,
+) -> StoreResult<()> {
+    let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
+    let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
+    let froms: Vec<Option<&str>> = tasks.iter().map(|t| t.from_state.as_deref()).collect();
+    let events: Vec<&str> = tasks.iter().map(|t| t.event.as_str()).collect();
+    let contexts = tasks
+        .iter()
+        .map(|t| to_json(&t.context))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let steps: Vec<i64> = tasks.iter().map(|t| bigint(t.step)).collect();
+    let branches: Vec<&str> = tasks.iter().map(|t| t.branch.as_str()).collect();
+    let queues: Vec<&str> = tasks.iter().map(|t| t.queue.as_str()).collect();
+    let targets: Vec<Option<&str>> = tasks.iter().map(|t| t.target.as_deref()).collect();
+    let dues: Vec<i64> = tasks.iter().map(|t| t.due_at).collect();
+    let tokens: Vec<Option<String>> = tasks
+        .iter()
+        .map(|t| t.token.as_ref().map(ToString::to_string))
+        .collect();
+    tx.execute(
+        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
+                            target, status, due_at, created_at, token)
+         SELECT i, n, k, f, e, c, s, b, q, t, 'ready', d, $13, tok
+         FROM UNNEST($1::BIGINT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[],
+                     $7::BIGINT[], $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::TEXT[])
+              AS u (i, n, k, f, e, c, s, b, q, t, d, tok)
+         ON CONFLICT (instance_id, name) DO NOTHING",
+        &[
+            &ids, &names, &kinds, &froms, &events, &contexts, &steps, &branches, &queues,
+            &targets, &dues, &tokens, &now,
+        ],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
 }
 
 /// Apply one commit, then run its settling checks (outside its transaction: see

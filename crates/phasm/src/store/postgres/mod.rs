@@ -407,8 +407,12 @@ async fn listen(config: tokio_postgres::Config, changes: Arc<Notify>) {
 
 #[async_trait]
 impl WorkStore for PostgresStore {
-    async fn start(&self, now: Micros, new: NewInstance) -> StoreResult<Started> {
-        apply::start(self, now, new).await
+    async fn start_many(
+        &self,
+        now: Micros,
+        instances: Vec<NewInstance>,
+    ) -> StoreResult<Vec<Started>> {
+        apply::start_many(self, now, instances).await
     }
 
     async fn claim(&self, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {

@@ -4,11 +4,11 @@ use super::*;
 
 pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<Started> {
     let existing = tx
-        .query_row(
-            "SELECT machine, status FROM instances WHERE name = ?1",
-            [&new.name],
-            |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
-        )
+        .prepare_cached("SELECT machine, status FROM instances WHERE name = ?1")
+        .map_err(db)?
+        .query_row([&new.name], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })
         .optional()
         .map_err(db)?;
     if let Some((machine, status)) = existing {
@@ -17,11 +17,12 @@ pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> Sto
             status: parse_status(&status)?,
         });
     }
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
          VALUES (?1, ?2, 'running', ?3, ?4, ?4)",
-        params![new.name, new.machine, to_json(&new.context)?, now],
     )
+    .map_err(db)?
+    .execute(params![new.name, new.machine, to_json(&new.context)?, now])
     .map_err(db)?;
     let id = tx.last_insert_rowid();
     insert_task(tx, id, &new.start, now, None)?;

@@ -180,9 +180,15 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         result
     }
     match request {
-        Request::Start(now, instance, reply) => {
-            pending(reply, scoped(tx, |tx| start(tx, now, &instance)))
-        }
+        Request::Start(now, instances, reply) => pending(
+            reply,
+            scoped(tx, |tx| {
+                instances
+                    .iter()
+                    .map(|new| start(tx, now, new))
+                    .collect::<StoreResult<Vec<_>>>()
+            }),
+        ),
         Request::Claim(now, req, reply) => pending(reply, scoped(tx, |tx| claim(tx, now, &req))),
         Request::Renew(now, leases, until, reply) => {
             pending(reply, scoped(tx, |tx| renew(tx, now, &leases, until)))

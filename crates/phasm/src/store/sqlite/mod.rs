@@ -122,7 +122,7 @@ pub struct SqliteStore {
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
 
 enum Request {
-    Start(Micros, Box<NewInstance>, Reply<Started>),
+    Start(Micros, Vec<NewInstance>, Reply<Vec<Started>>),
     Claim(Micros, ClaimRequest, Reply<Vec<Task>>),
     Renew(Micros, Vec<(i64, i64)>, Micros, Reply<Vec<bool>>),
     /// A commit; the reply says whether it queued work nobody holds yet.
@@ -224,10 +224,12 @@ fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
 
 #[async_trait]
 impl WorkStore for SqliteStore {
-    async fn start(&self, now: Micros, instance: NewInstance) -> StoreResult<Started> {
-        let started = self
-            .call(|r| Request::Start(now, Box::new(instance), r))
-            .await?;
+    async fn start_many(
+        &self,
+        now: Micros,
+        instances: Vec<NewInstance>,
+    ) -> StoreResult<Vec<Started>> {
+        let started = self.call(|r| Request::Start(now, instances, r)).await?;
         self.changes.notify_waiters();
         Ok(started)
     }
