@@ -10,7 +10,7 @@
 //! `NOTIFY phasm`, sent by commits that queue work, instead of polling.
 //!
 //! The modules carry the SQLite store's names: `schema` (migrations), `claim`, `apply`
-//! (starting instances, and running each commit's [`plan`](super::plan): chain steps and
+//! (starting instances, and running each commit's [`plan`]: chain steps and
 //! parks as one statement each, the rest as one transaction), `read` and `admin` (retry, cancel, scrub,
 //! workers, sweep); this file holds the connection pool, the after-commit checks and the
 //! `Store` implementation, which hands each call to its module.

@@ -9,7 +9,7 @@
 //!
 //! The modules: `schema` (migrations; opening a file, and what is refused before anything
 //! is touched), `batch` (the connection threads), `claim`, `apply` (starting instances, and
-//! running each commit's [`plan`](super::plan), settling included, in the batch's
+//! running each commit's [`plan`], settling included, in the batch's
 //! transaction), `read` and `admin` (retry, cancel, scrub, workers).
 
 mod admin;
