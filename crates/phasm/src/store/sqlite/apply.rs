@@ -2,28 +2,30 @@
 
 use super::*;
 
+/// Create an instance and its start task, unless one of that name exists (then say which).
 pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<Started> {
-    let existing = tx
-        .prepare_cached("SELECT machine, status FROM instances WHERE name = ?1")
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
+             VALUES (?1, ?2, 'running', ?3, ?4, ?4)
+             ON CONFLICT (name) DO NOTHING",
+        )
         .map_err(db)?
-        .query_row([&new.name], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
-        })
-        .optional()
+        .execute(params![new.name, new.machine, to_json(&new.context)?, now])
         .map_err(db)?;
-    if let Some((machine, status)) = existing {
+    if inserted == 0 {
+        let (machine, status) = tx
+            .prepare_cached("SELECT machine, status FROM instances WHERE name = ?1")
+            .map_err(db)?
+            .query_row([&new.name], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(db)?;
         return Ok(Started::Existing {
             machine,
             status: parse_status(&status)?,
         });
     }
-    tx.prepare_cached(
-        "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
-         VALUES (?1, ?2, 'running', ?3, ?4, ?4)",
-    )
-    .map_err(db)?
-    .execute(params![new.name, new.machine, to_json(&new.context)?, now])
-    .map_err(db)?;
     let id = tx.last_insert_rowid();
     insert_task(tx, id, &new.start, now, None)?;
     Ok(Started::Created)
