@@ -214,12 +214,33 @@ async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
         async move { store.instance(name).await.unwrap().unwrap().status }
     };
     assert_eq!(status(&store, "done").await, InstanceStatus::Completed);
-    // The worker died after its commit, before completing the instance.
+    // The commit noted that the instance may be complete, and the check right after it
+    // removed the note.
     schema
-        .execute("UPDATE instances SET status = 'running', ended_at = NULL WHERE name = 'done'")
+        .execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM settle_queue) THEN RAISE 'note left'; END IF; END $$")
+        .await;
+    // The worker died after its commit, before that check: the instance is left running,
+    // noted.
+    schema
+        .execute(
+            "UPDATE instances SET status = 'running', ended_at = NULL WHERE name = 'done';
+             INSERT INTO settle_queue SELECT id, 1 FROM instances WHERE name = 'done'",
+        )
         .await;
     store.sweep(now + 1).await.unwrap();
     assert_eq!(status(&store, "done").await, InstanceStatus::Completed);
+    schema
+        .execute("DO $$ BEGIN IF EXISTS (SELECT 1 FROM settle_queue) THEN RAISE 'note kept'; END IF; END $$")
+        .await;
+    // The sweep looks only at noted instances: it does not scan the running ones.
+    schema
+        .execute("UPDATE instances SET status = 'running', ended_at = NULL WHERE name = 'done'")
+        .await;
+    store.sweep(now + 2).await.unwrap();
+    assert_eq!(status(&store, "done").await, InstanceStatus::Running);
+    schema
+        .execute("UPDATE instances SET status = 'completed' WHERE name = 'done'")
+        .await;
 
     // A barrier join left waiting though no branch of its instance is live.
     store.start(now, start("barrier")).await.unwrap();

@@ -183,6 +183,16 @@ pub(super) async fn scrub(store: &PostgresStore, cutoff: Micros, batch: usize) -
     Ok(ids.len() as u64)
 }
 
+/// How long a commit's settle note may wait for the check after the commit before the sweep
+/// takes it as left by a dead worker.
+const SETTLE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most noted instances one sweep settles.
+const SWEEP_BATCH: i64 = 1000;
+
+/// Redo the checks a dead worker left undone: release barrier joins with no branch live
+/// (only `waiting` joins are looked at, through their index), and settle the instances still
+/// noted in `settle_queue` a while after their commit. Nothing scans every running instance.
 pub(super) async fn sweep(store: &PostgresStore, now: Micros) -> StoreResult<()> {
     let client = store.client().await?;
     let released = client
@@ -200,15 +210,20 @@ pub(super) async fn sweep(store: &PostgresStore, now: Micros) -> StoreResult<()>
             .await
             .map_err(pg)?;
     }
-    client
-        .execute(
-            "UPDATE instances i SET status = 'completed', updated_at = $1, ended_at = $1
-             WHERE i.status = 'running' AND i.result IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = i.id)
-               AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = i.id)",
-            &[&now],
+    let noted: Vec<(i64, i64)> = client
+        .query(
+            "SELECT instance_id, queued_at FROM settle_queue WHERE queued_at < $1
+             ORDER BY queued_at LIMIT $2",
+            &[&(now - micros(SETTLE_GRACE)), &SWEEP_BATCH],
         )
         .await
-        .map_err(pg)?;
+        .map_err(pg)?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    drop(client);
+    for (instance_id, queued_at) in noted {
+        store.settle_coalesced(instance_id, true, queued_at).await?;
+    }
     Ok(())
 }

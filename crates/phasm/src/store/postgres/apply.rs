@@ -190,7 +190,7 @@ impl Outcome {
 
 /// Removes an instance from the ones being settled when dropped.
 pub(super) struct SettlingGuard<'a> {
-    pub(super) map: &'a std::sync::Mutex<std::collections::HashMap<i64, (bool, bool)>>,
+    pub(super) map: &'a std::sync::Mutex<std::collections::HashMap<i64, Settling>>,
     pub(super) instance_id: i64,
 }
 
@@ -236,6 +236,10 @@ WITH fenced AS (
 ), ended AS (
     UPDATE instances SET result = $30
     WHERE $31 AND id = (SELECT instance_id FROM fenced) AND status = 'running'
+), queued AS (
+    INSERT INTO settle_queue (instance_id, queued_at)
+    SELECT instance_id, $3 FROM fenced WHERE $33
+    ON CONFLICT (instance_id) DO UPDATE SET queued_at = EXCLUDED.queued_at
 ), notified AS (
     SELECT pg_notify('phasm', '') WHERE $32 AND EXISTS (SELECT 1 FROM next)
 )
@@ -301,6 +305,7 @@ pub(super) async fn apply_chain(
                 &result,
                 &result.is_some(),
                 &plan.wakes_others,
+                &plan.settle.complete,
             ],
         )
         .await
@@ -483,6 +488,9 @@ pub(super) async fn apply_one(
             end_instance(&tx, instance_id, InstanceStatus::Failed, Some(error), now).await?;
         }
     }
+    if plan.settle.complete {
+        queue_settle(&tx, instance_id, now).await?;
+    }
     if plan.wakes_others {
         tx.execute("SELECT pg_notify('phasm', '')", &[])
             .await
@@ -498,6 +506,19 @@ pub(super) async fn apply_one(
         settle: plan.settle,
         notify: plan.wakes_others,
     })
+}
+
+/// Note, in the commit's transaction, that the instance may be complete: the check after the
+/// commit removes the note, and the sweep settles what a dead worker left noted.
+async fn queue_settle(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO settle_queue (instance_id, queued_at) VALUES ($1, $2)
+         ON CONFLICT (instance_id) DO UPDATE SET queued_at = EXCLUDED.queued_at",
+        &[&instance_id, &now],
+    )
+    .await
+    .map_err(pg)?;
+    Ok(())
 }
 
 /// The fence (see `store::plan`): change the claimed task only if it is still ours and our

@@ -75,9 +75,10 @@ pub struct PostgresStore {
     pool: Pool,
     changes: Arc<Notify>,
     /// Instances whose settle check is running in this process, and whether another commit
-    /// asked for one meanwhile (then it runs again): thousands of branches parking at once
-    /// cost a few checks, not thousands, and a check still starts after every commit.
-    settling: Arc<std::sync::Mutex<std::collections::HashMap<i64, (bool, bool)>>>,
+    /// asked for one meanwhile (then it runs again, for the latest of those commits):
+    /// thousands of branches parking at once cost a few checks, not thousands, and a check
+    /// still starts after every commit.
+    settling: Arc<std::sync::Mutex<std::collections::HashMap<i64, Settling>>>,
     /// The task that listens for `NOTIFY phasm` on a connection of its own; stopped (and its
     /// connection closed) when the last clone of the store goes.
     _listener: Arc<StopOnDrop>,
@@ -277,12 +278,13 @@ impl PostgresStore {
                 .settling
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((again, also_complete)) = running.get_mut(&instance_id) {
-                *again = true;
-                *also_complete |= complete;
+            if let Some(asked) = running.get_mut(&instance_id) {
+                asked.again = true;
+                asked.complete |= complete;
+                asked.now = asked.now.max(now);
                 return Ok(());
             }
-            running.insert(instance_id, (false, false));
+            running.insert(instance_id, Settling::default());
         }
         // Whatever ends this call — a return, or the caller dropping it mid-way — the
         // instance is no longer being settled here (else later commits would wait for a
@@ -291,7 +293,7 @@ impl PostgresStore {
             map: &self.settling,
             instance_id,
         };
-        let mut complete = complete;
+        let (mut complete, mut now) = (complete, now);
         loop {
             let result = self.settle(instance_id, complete, now).await;
             let mut running = self
@@ -299,9 +301,10 @@ impl PostgresStore {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             match running.get(&instance_id).copied() {
-                Some((true, also_complete)) if result.is_ok() => {
-                    running.insert(instance_id, (false, false));
-                    complete = also_complete;
+                Some(asked) if asked.again && result.is_ok() => {
+                    running.insert(instance_id, Settling::default());
+                    complete = asked.complete;
+                    now = now.max(asked.now);
                 }
                 _ => {
                     // Released before the guard takes the lock again.
@@ -350,9 +353,32 @@ impl PostgresStore {
                 .execute(&done, &[&instance_id, &now])
                 .await
                 .map_err(pg)?;
+            // Checked: the note its commits left goes (a later commit's note stays, for its
+            // own check).
+            let unqueue = client
+                .prepare_cached(
+                    "DELETE FROM settle_queue WHERE instance_id = $1 AND queued_at <= $2",
+                )
+                .await
+                .map_err(pg)?;
+            client
+                .execute(&unqueue, &[&instance_id, &now])
+                .await
+                .map_err(pg)?;
         }
         Ok(())
     }
+}
+
+/// A settle check asked for while one for the same instance was running.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Settling {
+    /// Run the check again when the running one ends.
+    pub(super) again: bool,
+    /// Check completion too.
+    pub(super) complete: bool,
+    /// The latest commit's time.
+    pub(super) now: Micros,
 }
 
 /// Keep a connection that LISTENs for `phasm` notifications, reconnecting when it drops.

@@ -1,7 +1,7 @@
 //! The schema and its migrations.
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -115,6 +115,15 @@ CREATE TABLE workers (
     started_at BIGINT NOT NULL,
     seen_at    BIGINT NOT NULL,
     expires_at BIGINT NOT NULL
+);
+",
+    r"
+-- Instances a commit may have completed, queued in that commit's transaction and removed by
+-- the check right after it: what is left here is what a dead worker left unchecked, and all
+-- the sweep looks at (it no longer scans every running instance).
+CREATE TABLE settle_queue (
+    instance_id BIGINT PRIMARY KEY,
+    queued_at   BIGINT NOT NULL
 );
 ",
 ];
