@@ -72,6 +72,26 @@ pub enum Bench {
         #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
         sync: super::SyncMode,
     },
+    /// Single starts through the HTTP API (`POST /api/machines/{m}/instances`, one instance
+    /// per request, kept-alive connections) from C concurrent clients, against a server in
+    /// this process on a loopback port.
+    Http {
+        /// Requests in all, per client count.
+        #[arg(long, default_value_t = 2000)]
+        requests: usize,
+        /// Concurrent clients, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// Print one JSON object per run.
+        #[arg(long)]
+        json: bool,
+        /// Database (default: a temporary file in the current folder, removed afterwards).
+        #[arg(long, env = "PHASM_DB")]
+        db: Option<String>,
+        /// SQLite durability.
+        #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
+        sync: super::SyncMode,
+    },
     /// One instance forks into N branches that each take one no-op step, then join in one
     /// fan-in state (`fan_in: all`).
     Fanout {
@@ -265,6 +285,154 @@ async fn start_lines(
     ExitCode::SUCCESS
 }
 
+async fn http_starts(
+    requests: usize,
+    clients: &[usize],
+    as_json: bool,
+    db_path: Option<String>,
+    sync: super::SyncMode,
+) -> ExitCode {
+    if requests == 0 || clients.is_empty() || clients.contains(&0) {
+        return exit::invalid("--requests and every --clients count must be at least 1");
+    }
+    let (_temp, path) = match bench_db(db_path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let most = clients.iter().copied().max().unwrap_or(1);
+    let store = match db::open(&DbArgs { db: path, sync }, most + 2).await {
+        Ok(s) => s,
+        Err(e) => return exit::database(e),
+    };
+    let config = match load_str(START_YAML, "bench-http.yaml", &LoadOptions::default()) {
+        Ok(l) => Arc::new(l.config),
+        Err(e) => return exit::failed(e),
+    };
+    let state = Arc::new(phasm::server::ServerState {
+        store,
+        config,
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        token: None,
+        metrics: None,
+        throttle: phasm::server::auth::Throttle::default(),
+        allowed_hosts: None,
+    });
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => return exit::failed(format!("cannot listen on a loopback port: {e}")),
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return exit::failed(e),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(phasm::server::serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    if !as_json {
+        outln!("http: {requests} single starts through POST /api/machines/Order/instances");
+    }
+    for &c in clients {
+        let began = Instant::now();
+        let mut running = tokio::task::JoinSet::new();
+        for i in 0..c {
+            let share = requests / c + usize::from(i < requests % c);
+            running.spawn(http_client(addr, share));
+        }
+        let mut latencies = Vec::with_capacity(requests);
+        while let Some(done) = running.join_next().await {
+            match done {
+                Ok(Ok(mut l)) => latencies.append(&mut l),
+                Ok(Err(e)) => return exit::failed(format!("a client failed: {e}")),
+                Err(e) => return exit::failed(format!("a client failed: {e}")),
+            }
+        }
+        let elapsed = began.elapsed().as_secs_f64();
+        latencies.sort_unstable_by(f64::total_cmp);
+        let pct = |p: f64| {
+            let i = ((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1));
+            latencies.get(i).copied().unwrap_or_default() * 1e3
+        };
+        let rate = requests as f64 / elapsed.max(1e-9);
+        if as_json {
+            outln!(
+                "{}",
+                json!({"bench": "http", "clients": c, "requests": requests, "seconds": elapsed,
+                       "starts_per_second": rate, "p50_ms": pct(0.5), "p99_ms": pct(0.99)})
+            );
+        } else {
+            outln!(
+                "  {c:>3} clients: {rate:.0} starts/s, latency p50 {:.2} ms, p99 {:.2} ms",
+                pct(0.5),
+                pct(0.99)
+            );
+        }
+    }
+    let _ = stop.send(());
+    let _ = server.await;
+    ExitCode::SUCCESS
+}
+
+/// One kept-alive connection sending `n` single-start requests one after another; each
+/// request's latency in seconds.
+async fn http_client(addr: std::net::SocketAddr, n: usize) -> Result<Vec<f64>, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut stream = BufReader::new(stream);
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = json!({"context": {"order": i}}).to_string();
+        let request = format!(
+            "POST /api/machines/Order/instances HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let sent = Instant::now();
+        stream
+            .get_mut()
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut status = String::new();
+        stream
+            .read_line(&mut status)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !status.starts_with("HTTP/1.1 201") {
+            return Err(format!("answered {}", status.trim_end()));
+        }
+        let mut length = 0usize;
+        loop {
+            let mut line = String::new();
+            stream
+                .read_line(&mut line)
+                .await
+                .map_err(|e| e.to_string())?;
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("bad header {line}"))?;
+                }
+            }
+        }
+        let mut reply = vec![0; length];
+        stream
+            .read_exact(&mut reply)
+            .await
+            .map_err(|e| e.to_string())?;
+        latencies.push(sent.elapsed().as_secs_f64());
+    }
+    Ok(latencies)
+}
+
 async fn fanout(
     branches: usize,
     as_json: bool,
@@ -448,6 +616,13 @@ pub async fn run(bench: Bench) -> ExitCode {
             db,
             sync,
         } => start_lines(instances, json, db, sync).await,
+        Bench::Http {
+            requests,
+            clients,
+            json,
+            db,
+            sync,
+        } => http_starts(requests, &clients, json, db, sync).await,
         Bench::Fanout {
             branches,
             json,
