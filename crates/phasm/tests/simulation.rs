@@ -13,7 +13,7 @@
 //! replays exactly (a test checks that). On PostgreSQL the workers run in real time on two
 //! threads against the real server, so a seed replays its faults, not its timing.
 //!
-//! `PHASM_SIM_SEEDS=N` runs N seeds on each store (by default 300 on SQLite and 4 on
+//! `PHASM_SIM_SEEDS=N` runs N seeds on each store (by default 200 on SQLite and 4 on
 //! PostgreSQL), `PHASM_SIM_FIRST=F` starts at seed F, `PHASM_SIM_SEED=K` replays seed K
 //! alone; a failure names its seed.
 
@@ -335,7 +335,7 @@ fn simulate_on_sqlite(seed: u64) -> Trace {
 
 #[test]
 fn workers_over_a_failing_sqlite_store_lose_nothing_and_join_each_item_once() {
-    for seed in seeds(300) {
+    for seed in seeds(200) {
         simulate_on_sqlite(seed);
     }
 }
