@@ -18,6 +18,7 @@ mod batch;
 mod claim;
 mod read;
 mod schema;
+mod watch;
 
 #[allow(unused_imports)]
 use admin::*;
@@ -31,6 +32,8 @@ use claim::*;
 use read::*;
 #[allow(unused_imports)]
 use schema::*;
+#[allow(unused_imports)]
+use watch::*;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -116,6 +119,8 @@ pub struct SqliteStore {
     /// (the same lane as `requests` for an in-memory database, or on the caller's thread).
     reads: Lane,
     changes: Arc<Notify>,
+    /// Commits of other processes wake `changes` too (see `watch`).
+    watched: bool,
     path: PathBuf,
 }
 
@@ -166,10 +171,15 @@ impl SqliteStore {
             Some(conn) => Lane::new("phasm-sqlite-read", conn, options.threads)?,
             None => requests.clone(),
         };
+        let changes = Arc::new(Notify::new());
+        let watched = options.threads == Threads::Own
+            && options.access != Access::ReadOnly
+            && spawn_watcher(&path, Arc::downgrade(&changes));
         Ok(Self {
             requests,
             reads,
-            changes: Arc::new(Notify::new()),
+            changes,
+            watched,
             path,
         })
     }
@@ -282,6 +292,10 @@ impl WorkStore for SqliteStore {
 
     fn changes(&self) -> Arc<Notify> {
         Arc::clone(&self.changes)
+    }
+
+    fn notifies_other_processes(&self) -> bool {
+        self.watched
     }
 }
 
