@@ -337,3 +337,66 @@ async fn a_rust_action_past_the_worker_timeout_fails_its_attempt() {
         .unwrap()
         .contains("action `Hang` of state `a` failed: timed out after 0.2s"));
 }
+
+/// A worker on a SQLite file takes an instance started through another connection to that
+/// file (as `phasm start` in another process does) when it is committed, not at its next poll:
+/// here the poll and the heartbeat are minutes away, and the instance completes in well under
+/// a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_through_another_connection_wakes_an_idle_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    let yaml = "state_machines:\n- name: M\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Done\n";
+    let config = config(yaml, dir.path());
+    let worker_store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(&path, &SqliteOptions::default()).unwrap());
+    assert!(worker_store.notifies_other_processes());
+    let mut registry = Registry::new();
+    registry.register_fn("Done", |_| Ok(None));
+    let worker = Worker::new(
+        Arc::clone(&worker_store),
+        Arc::clone(&config),
+        Arc::new(registry),
+        Arc::new(SystemClock),
+        WorkerOptions {
+            // Neither the poll nor the heartbeat (a third of the lease) comes during the test.
+            poll_interval: Duration::from_secs(3600),
+            lease: Duration::from_secs(600),
+            ..WorkerOptions::default()
+        },
+    )
+    .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run(async {
+        let _ = stopped.await;
+    }));
+    // Let the worker find nothing to do and go to sleep.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = SqliteStore::open(&path, &SqliteOptions::default()).unwrap();
+    start_instance(
+        &other,
+        &config,
+        &SystemClock,
+        "M",
+        Context::new(),
+        Some("late"),
+        &Limits::default(),
+    )
+    .await
+    .unwrap();
+    let mut status = InstanceStatus::Running;
+    for _ in 0..600 {
+        status = worker_store.instance("late").await.unwrap().unwrap().status;
+        if status != InstanceStatus::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        status,
+        InstanceStatus::Completed,
+        "the idle worker was not woken by the other connection's commit"
+    );
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+}
