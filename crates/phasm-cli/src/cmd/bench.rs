@@ -170,11 +170,6 @@ const FANOUT_YAML: &str = "state_machines:
     final: true
 ";
 
-/// Report an error and the exit status of a failed benchmark.
-fn failed(e: impl std::fmt::Display) -> ExitCode {
-    exit::failed(e)
-}
-
 /// Peak resident memory of this process, from Linux's /proc (None elsewhere).
 fn peak_rss_bytes() -> Option<u64> {
     peak_rss_of("self")
@@ -502,7 +497,7 @@ async fn fanout(
         options,
     ) {
         Ok(w) => w,
-        Err(e) => return failed(e),
+        Err(e) => return exit::failed(e),
     };
     if let Err(e) = worker.run(std::future::pending()).await {
         return exit::failed(e);
@@ -655,10 +650,10 @@ async fn chain_setup(
         }
     }
     if actions != Actions::Rust {
-        std::fs::write(dir.join("bench_actions.py"), CHAIN_PY).map_err(failed)?;
+        std::fs::write(dir.join("bench_actions.py"), CHAIN_PY).map_err(exit::failed)?;
     }
-    let loaded =
-        load_str(&yaml, dir.join("bench-chain.yaml"), &LoadOptions::default()).map_err(failed)?;
+    let loaded = load_str(&yaml, dir.join("bench-chain.yaml"), &LoadOptions::default())
+        .map_err(exit::failed)?;
     let mut config = loaded.config;
     let mut registry = Registry::new();
     registry.bind_config(&config);
@@ -668,7 +663,7 @@ async fn chain_setup(
     }
     phasm::action::python::start(&mut config, &loaded.sites, &mut registry)
         .await
-        .map_err(failed)?;
+        .map_err(exit::failed)?;
     Ok((Arc::new(config), registry))
 }
 
@@ -677,7 +672,7 @@ fn bench_dir() -> Result<tempfile::TempDir, ExitCode> {
     tempfile::Builder::new()
         .prefix("phasm-bench-")
         .tempdir()
-        .map_err(failed)
+        .map_err(exit::failed)
 }
 
 /// Peak resident memory of each host process, in bytes.
@@ -701,11 +696,11 @@ async fn chain_worker(
     processes: Option<u32>,
 ) -> ExitCode {
     let Some(db) = db else {
-        return failed("--worker-only needs --db");
+        return exit::failed("--worker-only needs --db");
     };
     let store = match db::open(&DbArgs { db, sync }, concurrency).await {
         Ok(s) => s,
-        Err(e) => return failed(e),
+        Err(e) => return exit::failed(e),
     };
     let dir = match bench_dir() {
         Ok(d) => d,
@@ -729,13 +724,13 @@ async fn chain_worker(
         options,
     ) {
         Ok(w) => w,
-        Err(e) => return failed(e),
+        Err(e) => return exit::failed(e),
     };
     let result = worker.run(std::future::pending()).await;
     super::run::close_hosts(&registry).await;
     match result {
         Ok(_) => ExitCode::SUCCESS,
-        Err(e) => failed(e),
+        Err(e) => exit::failed(e),
     }
 }
 
@@ -856,16 +851,16 @@ async fn chain(args: ChainArgs) -> ExitCode {
             options,
         ) {
             Ok(w) => w,
-            Err(e) => return failed(e),
+            Err(e) => return exit::failed(e),
         };
         match worker.run(std::future::pending()).await {
             Ok(r) => r.steps,
-            Err(e) => return failed(e),
+            Err(e) => return exit::failed(e),
         }
     } else {
         let exe = match std::env::current_exe() {
             Ok(exe) => exe,
-            Err(e) => return failed(e),
+            Err(e) => return exit::failed(e),
         };
         let children: Vec<_> = (0..workers)
             .map(|_| {
@@ -891,11 +886,11 @@ async fn chain(args: ChainArgs) -> ExitCode {
         for child in children {
             match child.and_then(|mut c| c.wait()) {
                 Ok(status) => ok &= status.success(),
-                Err(e) => return failed(e),
+                Err(e) => return exit::failed(e),
             }
         }
         if !ok {
-            return failed("a worker process failed");
+            return exit::failed("a worker process failed");
         }
         (instances * steps) as u64
     };

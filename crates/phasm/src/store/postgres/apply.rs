@@ -45,67 +45,6 @@ pub(super) async fn insert_task(
     Ok(row.map(|r| r.get(0)))
 }
 
-/// Insert many unleased tasks in one statement (a step that forks thousands of branches
-/// would otherwise pay a round trip per branch).
-pub(super) async fn insert_tasks(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    tasks: &[&NewTask],
-    now: Micros,
-) -> StoreResult<()> {
-    let mut names = Vec::with_capacity(tasks.len());
-    let mut kinds = Vec::with_capacity(tasks.len());
-    let mut froms = Vec::with_capacity(tasks.len());
-    let mut events = Vec::with_capacity(tasks.len());
-    let mut contexts = Vec::with_capacity(tasks.len());
-    let mut steps = Vec::with_capacity(tasks.len());
-    let mut branches = Vec::with_capacity(tasks.len());
-    let mut queues = Vec::with_capacity(tasks.len());
-    let mut targets = Vec::with_capacity(tasks.len());
-    let mut dues = Vec::with_capacity(tasks.len());
-    let mut tokens = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        names.push(t.name.clone());
-        kinds.push(t.kind.as_str().to_string());
-        froms.push(t.from_state.clone());
-        events.push(t.event.clone());
-        contexts.push(to_json(&t.context)?);
-        steps.push(bigint(t.step));
-        branches.push(t.branch.clone());
-        queues.push(t.queue.clone());
-        targets.push(t.target.clone());
-        dues.push(t.due_at);
-        tokens.push(t.token.as_ref().map(ToString::to_string));
-    }
-    tx.execute(
-        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
-                            target, status, due_at, created_at, token)
-         SELECT $1, n, k, f, e, c, s, b, q, t, 'ready', d, $13, tok
-         FROM UNNEST($2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
-                     $8::TEXT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[], $12::TEXT[])
-              AS u (n, k, f, e, c, s, b, q, t, d, tok)
-         ON CONFLICT (instance_id, name) DO NOTHING",
-        &[
-            &instance_id,
-            &names,
-            &kinds,
-            &froms,
-            &events,
-            &contexts,
-            &steps,
-            &branches,
-            &queues,
-            &targets,
-            &dues,
-            &tokens,
-            &now,
-        ],
-    )
-    .await
-    .map_err(pg)?;
-    Ok(())
-}
-
 /// Park a branch, and make sure a join will take it: the plan's join task, unless one not
 /// yet started is pending (looked for under a lock for a window: see [`plan::JoinTask::lock_pending`]).
 pub(super) async fn park(
@@ -411,7 +350,7 @@ pub(super) async fn apply_one(
         }
     }
     if !bulk.is_empty() {
-        insert_tasks(&tx, instance_id, &bulk, now).await?;
+        insert_tasks(&tx, &vec![instance_id; bulk.len()], &bulk, now).await?;
     }
     for h in plan.history {
         tx.execute(
@@ -612,27 +551,33 @@ pub(super) async fn start_many(
         )
         .await
         .map_err(pg)?;
-    let created: std::collections::HashMap<String, i64> =
+    let mut created: std::collections::HashMap<String, i64> =
         rows.iter().map(|r| (r.get(1), r.get(0))).collect();
-    let mut first = std::collections::HashSet::new();
+    // Each input's answer: `Created` for the first of a name inserted now; the others are
+    // answered below.
+    let mut answers: Vec<Option<Started>> = Vec::with_capacity(instances.len());
+    let mut made = std::collections::HashMap::new();
     let mut ids = Vec::with_capacity(created.len());
     let mut tasks = Vec::with_capacity(created.len());
     for new in &instances {
-        if let Some(id) = created.get(&new.name) {
-            if first.insert(new.name.as_str()) {
-                ids.push(*id);
+        match created.remove(&new.name) {
+            Some(id) => {
+                made.insert(new.name.as_str(), new.machine.as_str());
+                ids.push(id);
                 tasks.push(&new.start);
+                answers.push(Some(Started::Created));
             }
+            None => answers.push(None),
         }
     }
     if !tasks.is_empty() {
-        insert_start_tasks(&tx, &ids, &tasks, now).await?;
+        insert_tasks(&tx, &ids, &tasks, now).await?;
     }
     let mut existing = std::collections::HashMap::new();
     let others: Vec<&str> = names
         .iter()
         .copied()
-        .filter(|n| !created.contains_key(*n))
+        .filter(|n| !made.contains_key(n))
         .collect();
     if !others.is_empty() {
         for r in tx
@@ -656,36 +601,41 @@ pub(super) async fn start_many(
     if !tasks.is_empty() {
         store.changes.notify_waiters();
     }
-    let mut answered = std::collections::HashSet::new();
     instances
         .iter()
-        .map(|new| {
-            if created.contains_key(&new.name) && answered.insert(new.name.as_str()) {
-                return Ok(Started::Created);
+        .zip(answers)
+        .map(|(new, answer)| {
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
-            let (machine, status) = match existing.get(&new.name) {
-                Some((machine, status)) => (machine.clone(), *status),
+            let (machine, status) = match made.get(new.name.as_str()) {
                 // Created earlier in this same call.
-                None => (
-                    instances
-                        .iter()
-                        .find(|n| n.name == new.name)
-                        .map_or_else(String::new, |n| n.machine.clone()),
-                    InstanceStatus::Running,
-                ),
+                Some(machine) => ((*machine).to_string(), InstanceStatus::Running),
+                None => existing.get(&new.name).cloned().unwrap_or_else(|| {
+                    // Its row went away between the insert and the look-up: answer as the
+                    // first input of that name.
+                    let first = instances.iter().find(|n| n.name == new.name);
+                    (
+                        first.map_or_else(String::new, |n| n.machine.clone()),
+                        InstanceStatus::Running,
+                    )
+                }),
             };
             Ok(Started::Existing { machine, status })
         })
         .collect()
 }
 
-/// Insert the start tasks of instances `ids` (in the same order) in one statement.
-async fn insert_start_tasks(
+/// Insert many unleased tasks in one statement, task `i` of instance `instance_ids[i]` (a
+/// step that forks thousands of branches, or a bulk start, would otherwise pay a round trip
+/// per task).
+pub(super) async fn insert_tasks(
     tx: &Transaction<'_>,
-    ids: &[i64],
+    instance_ids: &[i64],
     tasks: &[&NewTask],
     now: Micros,
 ) -> StoreResult<()> {
+    debug_assert_eq!(instance_ids.len(), tasks.len(), "an instance per task");
     let names: Vec<&str> = tasks.iter().map(|t| t.name.as_str()).collect();
     let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
     let froms: Vec<Option<&str>> = tasks.iter().map(|t| t.from_state.as_deref()).collect();
@@ -712,8 +662,19 @@ async fn insert_start_tasks(
               AS u (i, n, k, f, e, c, s, b, q, t, d, tok)
          ON CONFLICT (instance_id, name) DO NOTHING",
         &[
-            &ids, &names, &kinds, &froms, &events, &contexts, &steps, &branches, &queues,
-            &targets, &dues, &tokens, &now,
+            &instance_ids,
+            &names,
+            &kinds,
+            &froms,
+            &events,
+            &contexts,
+            &steps,
+            &branches,
+            &queues,
+            &targets,
+            &dues,
+            &tokens,
+            &now,
         ],
     )
     .await
