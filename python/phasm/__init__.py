@@ -119,6 +119,12 @@ class Context:
         return self._step.token
 
     @property
+    def wait_token(self) -> Optional[str]:
+        """In a step entering a waiting state: the token that addresses the wait it begins
+        (``POST /api/waits/{token}`` ends it), the same on every attempt; else ``None``."""
+        return self._step.wait_token
+
+    @property
     def contexts(self) -> list[dict[str, Any]]:
         """At a fan-in state: the joined branches' contexts, in order of arrival."""
         return list(self._contexts or [])

@@ -220,6 +220,7 @@ class Step:
         self.attempt: int = int(msg.get("attempt") or 0)
         self.event: str = msg.get("event") or ""
         self.token: Any = msg.get("token")
+        self.wait_token: Optional[str] = msg.get("wait_token")
         self.types = types
         self.state: str = ""
         self.role: str = ""

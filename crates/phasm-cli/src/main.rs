@@ -235,6 +235,29 @@ enum Command {
         #[command(flatten)]
         db: ReadDbArgs,
     },
+    /// Send an event to an instance waiting for it (`wait:` states): `phasm send INSTANCE
+    /// EVENT`, or `phasm send --token TOKEN EVENT` for the one wait a token addresses. An
+    /// event no branch waits for yet is kept for the next wait that accepts it.
+    Send {
+        /// `INSTANCE EVENT`, or `EVENT` with --token.
+        #[arg(required = true, num_args = 1..=2, value_name = "INSTANCE EVENT")]
+        args: Vec<String>,
+        /// A JSON object merged into the waiting branch's context (top-level keys replace).
+        #[arg(long)]
+        data: Option<String>,
+        /// An id for this event: sending the same id to the instance again changes nothing.
+        #[arg(long)]
+        id: Option<String>,
+        /// A wait token (from an entry action's `wait_token`) instead of an instance name.
+        #[arg(long)]
+        token: Option<String>,
+        /// The machine file: checks that a waiting state of the instance's machine accepts
+        /// the event (otherwise nothing could ever take it).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Resume a failed instance: its failed steps run again.
     Retry {
         /// The instance's name.
@@ -363,6 +386,23 @@ async fn run_async(command: Command) -> ExitCode {
         } => cmd::inspect::list(machine, status.as_deref(), limit, json, &db.to_db_args()).await,
         Command::Logs { instance, db } => cmd::inspect::logs(&instance, &db.to_db_args()).await,
         Command::Retry { instance, db } => cmd::inspect::retry(&instance, &db).await,
+        Command::Send {
+            args,
+            data,
+            id,
+            token,
+            file,
+            db,
+        } => {
+            let send = cmd::send::SendArgs {
+                args,
+                data,
+                id,
+                token,
+                file,
+            };
+            cmd::send::send(send, &db).await
+        }
         Command::Cancel { instance, db } => cmd::inspect::cancel(&instance, &db).await,
         Command::Bench { bench } => cmd::bench::run(bench).await,
         Command::Validate { .. } | Command::Graph { .. } => exit::invalid_reported(),

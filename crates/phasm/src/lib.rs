@@ -53,4 +53,5 @@ pub mod machine;
 pub mod server;
 pub mod store;
 pub mod testing;
+pub mod token;
 pub mod worker;

@@ -193,6 +193,9 @@ pub struct State {
     pub fan_in: Option<FanIn>,
     /// Context key whose value splits the joins of a fan-in state into groups.
     pub fan_in_group: Option<String>,
+    /// Set when the state waits for an event from outside (`wait:`) instead of running a main
+    /// action.
+    pub wait: Option<Wait>,
     /// Outgoing transitions, in file order.
     pub transitions: Vec<Transition>,
 }
@@ -206,6 +209,26 @@ impl State {
     /// True for a fan-in state.
     pub fn is_fan_in(&self) -> bool {
         self.fan_in.is_some()
+    }
+}
+
+/// How a waiting state (`wait:`) waits: for any event it has a transition for, sent from
+/// outside (`phasm send`, `POST /api/instances/{name}/events`), or until its timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wait {
+    /// How long it waits before `timeout_event` is dispatched instead (`None`: for ever).
+    pub timeout: Option<Duration>,
+    /// The event dispatched at the timeout (default [`DEFAULT_TIMEOUT_EVENT`]).
+    pub timeout_event: String,
+}
+
+/// The event a waiting state's timeout dispatches unless `timeout_event` names another.
+pub const DEFAULT_TIMEOUT_EVENT: &str = "timeout";
+
+impl State {
+    /// The events a waiting state accepts from outside: those of its transitions.
+    pub fn accepted_events(&self) -> impl Iterator<Item = &str> {
+        self.transitions.iter().map(|t| t.event.as_str())
     }
 }
 

@@ -12,7 +12,7 @@ use crate::{db, exit, DbArgs};
 
 /// Open the database an inspecting command names: read-only for `status`, `list` and `logs`,
 /// an existing file for `retry`, `cancel` and `scrub`; never a new one.
-async fn open_db(
+pub(crate) async fn open_db(
     args: &DbArgs,
     access: phasm::store::Access,
 ) -> Result<std::sync::Arc<dyn Store>, ExitCode> {
@@ -87,8 +87,13 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
     } else {
         String::new()
     };
+    let waiting = if b.waiting > 0 {
+        format!("{} waiting for events, ", b.waiting)
+    } else {
+        String::new()
+    };
     outln!(
-        "branches  {} live, {} parked at fan-ins, {} ended, {} failed{held}",
+        "branches  {} live, {waiting}{} parked at fan-ins, {} ended, {} failed{held}",
         b.live,
         b.parked,
         b.ended,
@@ -143,9 +148,46 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
             row(skipped as usize + i, h);
         }
     }
-    if !view.tasks.is_empty() {
+    if !view.waiting.is_empty() {
+        outln!("waiting (`phasm send {name} EVENT` delivers an event)");
+        for w in &view.waiting {
+            let branch = if w.branch.is_empty() {
+                String::new()
+            } else {
+                format!(" (branch {})", w.branch)
+            };
+            let until = match (w.deadline, &w.timeout_event) {
+                (Some(at), Some(event)) => format!("; `{event}` at {}", time(at)),
+                _ => "; no timeout".to_string(),
+            };
+            outln!(
+                "  {}{branch}: for {} since {}{until}",
+                w.state,
+                w.events.join(", "),
+                time(w.since)
+            );
+        }
+    }
+    if !view.buffered.is_empty() {
+        outln!("events kept for a later wait");
+        for e in &view.buffered {
+            let id =
+                e.id.as_deref()
+                    .map(|i| format!(" (id {i})"))
+                    .unwrap_or_default();
+            outln!("  {}{id} at {}", e.event, time(e.at));
+        }
+    }
+    let waits: std::collections::HashSet<&str> =
+        view.waiting.iter().map(|w| w.task.as_str()).collect();
+    let pending: Vec<_> = view
+        .tasks
+        .iter()
+        .filter(|t| !waits.contains(t.name.as_str()))
+        .collect();
+    if !pending.is_empty() {
         outln!("pending");
-        for t in &view.tasks {
+        for t in pending {
             let holder = t
                 .leased_by
                 .as_deref()

@@ -216,6 +216,9 @@ pub(crate) fn request(cx: &ActionContext) -> Value {
     if !cx.contexts.is_empty() {
         request["contexts"] = json!(cx.contexts);
     }
+    if let Some(token) = &cx.wait_token {
+        request["wait_token"] = json!(token);
+    }
     request
 }
 

@@ -169,6 +169,8 @@ pub struct ActionContext {
     /// In a continuation page: where an action reports the next page's token before it
     /// finishes, so the worker queues the next page at once (exec's early `token` line).
     pub(crate) early_token: Option<tokio::sync::mpsc::UnboundedSender<serde_json::Value>>,
+    /// In a step that enters a waiting state: the token addressing the wait it begins.
+    pub(crate) wait_token: Option<String>,
 }
 
 impl ActionContext {
@@ -194,7 +196,16 @@ impl ActionContext {
             forks: Vec::new(),
             spawns: Vec::new(),
             early_token: None,
+            wait_token: None,
         }
+    }
+
+    /// In a step that enters a waiting state (`wait:`): the token that addresses the wait it
+    /// begins, for a system outside to end it with `POST /api/waits/{token}` (or `phasm send
+    /// --token`). The same on every attempt of the step, so an entry action may send it
+    /// before a retry. `None` in other steps.
+    pub fn wait_token(&self) -> Option<&str> {
+        self.wait_token.as_deref()
     }
 
     /// The machine's name.

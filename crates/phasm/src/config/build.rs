@@ -9,7 +9,8 @@ use super::read::{Cx, Fields, ObjSpans};
 use super::yaml::{Node, NodeKind};
 use crate::machine::{
     is_valid_event, is_valid_name, ContextType, Countdown, FanIn, Logging, Machine,
-    MachineDefaults, RetrySettings, State, Transition, TransitionPolicy, MAX_NAME_LENGTH,
+    MachineDefaults, RetrySettings, State, Transition, TransitionPolicy, Wait,
+    DEFAULT_TIMEOUT_EVENT, MAX_NAME_LENGTH,
 };
 
 /// Keys of a machine.
@@ -44,8 +45,12 @@ pub(crate) const STATE_KEYS: &[&str] = &[
     "continuation_countdown",
     "fan_in",
     "fan_in_group",
+    "wait",
     "transitions",
 ];
+
+/// Keys of a state's `wait:`.
+pub(crate) const WAIT_KEYS: &[&str] = &["timeout", "timeout_event"];
 
 /// Keys of a transition.
 pub(crate) const TRANSITION_KEYS: &[&str] = &[
@@ -171,6 +176,7 @@ fn state(
         .and_then(|n| cx.duration(n, "continuation_countdown"));
     let fan_in = f.get("fan_in").and_then(|n| fan_in(cx, n));
     let fan_in_group = cx.optional_string(&f, "fan_in_group");
+    let wait = f.get("wait").and_then(|n| wait(cx, n));
 
     let (transitions, transition_spans) = list(
         cx,
@@ -191,6 +197,7 @@ fn state(
         continuation_countdown,
         fan_in,
         fan_in_group,
+        wait,
         transitions,
     };
     Some((
@@ -388,6 +395,62 @@ fn retry_settings(cx: &mut Cx<'_>, f: &Fields<'_>, owner: &str) -> RetrySettings
         }
     }
     retry
+}
+
+/// `wait:` — `true`, an empty mapping, or `{timeout: D, timeout_event: NAME}`; `false` is no
+/// wait.
+fn wait(cx: &mut Cx<'_>, node: &Node) -> Option<Wait> {
+    let forever = Wait {
+        timeout: None,
+        timeout_event: DEFAULT_TIMEOUT_EVENT.to_string(),
+    };
+    if node.is_null() {
+        return Some(forever);
+    }
+    if !matches!(node.kind, NodeKind::Map(_)) {
+        return cx.boolean(node, "wait")?.then_some(forever);
+    }
+    let f = cx.fields(node, "`wait`", WAIT_KEYS)?;
+    let timeout = f.get("timeout").and_then(|n| cx.duration(n, "timeout"));
+    if let (Some(t), Some(n)) = (timeout, f.get("timeout")) {
+        if t.is_zero() {
+            cx.error(
+                n.span,
+                "a wait's `timeout` must be longer than zero",
+                Some("remove `timeout` to wait without a deadline".into()),
+            );
+        }
+    }
+    let timeout_event = match f.get("timeout_event") {
+        None => DEFAULT_TIMEOUT_EVENT.to_string(),
+        Some(n) => match cx.string(n, "timeout_event") {
+            Some(e) if is_valid_event(&e) => e,
+            Some(e) => {
+                cx.error(
+                    n.span,
+                    format!("`timeout_event` `{e}` is not a valid event name"),
+                    Some(format!(
+                        "use letters, digits and `-`, at most {MAX_NAME_LENGTH} characters"
+                    )),
+                );
+                e
+            }
+            None => DEFAULT_TIMEOUT_EVENT.to_string(),
+        },
+    };
+    if timeout.is_none() && f.get("timeout").is_none() {
+        if let Some(n) = f.get("timeout_event") {
+            cx.warning(
+                n.span,
+                "`timeout_event` has no effect without a `timeout`",
+                Some("add `timeout: DURATION`, or remove this key".into()),
+            );
+        }
+    }
+    Some(Wait {
+        timeout,
+        timeout_event,
+    })
 }
 
 fn fan_in(cx: &mut Cx<'_>, node: &Node) -> Option<FanIn> {

@@ -44,7 +44,9 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
 
     for (i, s) in m.states.iter().enumerate() {
         let ss = &spans.states[i].obj;
-        if s.action.is_none() && !s.is_final {
+        if s.wait.is_some() {
+            check_wait(cx, s, ss);
+        } else if s.action.is_none() && !s.is_final {
             cx.error(
                 ss.value("name"),
                 format!("state `{}` has no `action`", s.name),
@@ -201,6 +203,55 @@ pub(crate) fn machine(cx: &mut Cx<'_>, m: &Machine, spans: &MachineSpans, errors
     // Reachability is only meaningful once the machine's own structure is sound.
     if cx.error_count() == errors_before {
         reachability(cx, m, spans, &index);
+    }
+}
+
+/// A waiting state runs no main action, is not final, continuation or fan-in, has events to
+/// wait for, and a transition for its timeout event.
+fn check_wait(cx: &mut Cx<'_>, s: &crate::machine::State, ss: &super::read::ObjSpans) {
+    let Some(wait) = &s.wait else {
+        return;
+    };
+    let conflicts = [
+        (s.action.is_some(), "action", "a main action"),
+        (s.continuation, "continuation", "`continuation`"),
+        (s.fan_in.is_some(), "fan_in", "`fan_in`"),
+        (s.is_final, "final", "`final: true`"),
+    ];
+    for (applies, key, what) in conflicts {
+        if applies {
+            cx.error(
+                ss.key(key),
+                format!("waiting state `{}` cannot also have {what}", s.name),
+                Some(
+                    "a state either waits for an event from outside (`wait`) or runs an action; \
+                     split it into two states"
+                        .into(),
+                ),
+            );
+        }
+    }
+    if s.transitions.is_empty() {
+        cx.error(
+            ss.key("wait"),
+            format!(
+                "waiting state `{}` has no transitions: no event could end its wait",
+                s.name
+            ),
+            Some("add a transition for each event it waits for".into()),
+        );
+    } else if wait.timeout.is_some() && s.transition(&wait.timeout_event).is_none() {
+        cx.error(
+            ss.value("wait"),
+            format!(
+                "waiting state `{}` times out with event `{}`, which has no transition",
+                s.name, wait.timeout_event
+            ),
+            Some(format!(
+                "add a transition on `{}`, or name another event with `timeout_event`",
+                wait.timeout_event
+            )),
+        );
     }
 }
 

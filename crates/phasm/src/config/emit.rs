@@ -165,6 +165,17 @@ fn state(out: &mut String, ind: usize, s: &State) {
         None => {}
     }
     opt(out, ind, "fan_in_group", &s.fan_in_group);
+    if let Some(w) = &s.wait {
+        match w.timeout {
+            None => line(out, ind, "wait", "true"),
+            Some(d) => {
+                pad(out, ind);
+                out.push_str("wait:\n");
+                line(out, ind + 2, "timeout", &duration::format(d));
+                line(out, ind + 2, "timeout_event", &scalar(&w.timeout_event));
+            }
+        }
+    }
     if !s.transitions.is_empty() {
         pad(out, ind);
         out.push_str("transitions:\n");

@@ -5,9 +5,11 @@
 
 use super::{
     child_branch, countdown, fail_for_good, is_valid_event, next_page, park, spawned, task_name,
-    Commit, Context, HistoryEntry, InstanceChange, Limits, NewTask, Outcome, Plan, StepTimes, Task,
-    TaskKind, FAN_IN_EVENT, PSEUDO_FINAL, PSEUDO_INIT,
+    wait_task_name, Accept, Commit, Context, HistoryEntry, InstanceChange, Limits, NewTask,
+    NewWait, Outcome, Plan, StepTimes, Task, TaskKind, FAN_IN_EVENT, NEVER, PSEUDO_FINAL,
+    PSEUDO_INIT,
 };
+use crate::clock::micros;
 use crate::machine::{Config, Machine, State};
 
 /// Turn a successful run of a task's actions into its commit.
@@ -41,7 +43,7 @@ pub fn complete(
     let Some(to) = machine.state(to_name) else {
         return step.fail(commit, format!("unknown state `{to_name}`"));
     };
-    let commit = if task.kind == TaskKind::Dispatch && to.fan_in.is_some() {
+    let commit = if task.kind.dispatches() && to.fan_in.is_some() {
         arrive_at_fan_in(commit, &step, machine, to, outcome.context)
     } else {
         state_ran(commit, &step, config, machine, to, outcome, rng)
@@ -164,8 +166,8 @@ fn state_ran(
     };
     let ran = step.entry(history_from, history_event, &to.name, &branch);
     // A continuation page whose action reported the next token itself (`exec`).
-    if let (Some(token), TaskKind::Dispatch, true) =
-        (&outcome.next_token, task.kind, to.continuation)
+    if let (Some(token), true, true) =
+        (&outcome.next_token, task.kind.dispatches(), to.continuation)
     {
         commit
             .new_tasks
@@ -187,6 +189,7 @@ fn state_ran(
         step: task.step + 1,
     };
     match outcome.event.take() {
+        None if to.wait.is_some() => begin_wait(commit, step, &here, ran, outcome, rng),
         None => no_event(commit, step, &here, ran, outcome),
         Some(event) => take_transition(commit, step, &here, ran, &event, outcome, rng),
     }
@@ -272,6 +275,75 @@ fn no_event(
         ),
     };
     step.fail(commit, error)
+}
+
+/// The branch entered a waiting state (and its entry action ran): queue its wait task, with
+/// how each event the state accepts will be dispatched.
+fn begin_wait(
+    mut commit: Commit,
+    step: &Step<'_>,
+    here: &Here<'_>,
+    ran: HistoryEntry,
+    outcome: Outcome,
+    rng: &mut fastrand::Rng,
+) -> Commit {
+    let (task, to) = (step.task, here.to);
+    let Some(wait) = &to.wait else {
+        return commit;
+    };
+    if !outcome.forks.is_empty() {
+        return step.fail(
+            commit,
+            format!(
+                "the entry action of waiting {} forked the context; fork in the state before it",
+                here.describe()
+            ),
+        );
+    }
+    commit.history.push(ran);
+    let accepts = to
+        .transitions
+        .iter()
+        .map(|t| Accept {
+            event: t.event.clone(),
+            name: task_name(
+                &task.instance,
+                &here.branch,
+                &to.name,
+                &t.event,
+                &t.to,
+                here.step,
+            ),
+            queue: t.effective.queue.clone(),
+            target: t.effective.target.clone(),
+            delay: countdown(&t.effective, rng),
+        })
+        .collect();
+    let timeout = wait.timeout.and_then(|d| {
+        to.transition(&wait.timeout_event)
+            .map(|t| (micros(d), &t.effective))
+    });
+    let policy = timeout.map_or(&here.machine.start_policy, |(_, p)| p);
+    commit.waits.push(NewWait {
+        task: NewTask {
+            name: wait_task_name(&task.instance, &here.branch, &to.name, here.step),
+            from_state: Some(to.name.clone()),
+            event: match timeout {
+                Some(_) => wait.timeout_event.clone(),
+                None => String::new(),
+            },
+            kind: TaskKind::Wait,
+            context: outcome.context,
+            step: here.step,
+            branch: here.branch.clone(),
+            queue: policy.queue.clone(),
+            target: policy.target.clone(),
+            due_at: timeout.map_or(NEVER, |(d, _)| step.times.now.saturating_add(d)),
+            token: None,
+        },
+        accepts,
+    });
+    commit
 }
 
 /// The action returned `event`: take its transition, with the branch and every fork — each

@@ -12,7 +12,7 @@ mod naming;
 mod step;
 
 pub use complete::complete;
-pub use naming::{instance_name, is_valid_instance_name, task_name};
+pub use naming::{instance_name, is_valid_instance_name, task_name, wait_task_name};
 pub use step::{Begin, Step};
 
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,10 @@ pub enum TaskKind {
     /// Join the branches parked at fan-in state `from_state`: run its entry and action once
     /// with their contexts.
     Join,
+    /// A branch waiting in state `from_state` for an event from outside. Due only at the
+    /// wait's timeout (never without one), when it runs as the dispatch of `event`, the
+    /// timeout event; an event delivered first replaces it with that event's dispatch.
+    Wait,
 }
 
 impl TaskKind {
@@ -54,7 +58,14 @@ impl TaskKind {
             TaskKind::Dispatch => "dispatch",
             TaskKind::FinalExit => "final-exit",
             TaskKind::Join => "join",
+            TaskKind::Wait => "wait",
         }
+    }
+
+    /// True for the kinds that run as the dispatch of `event` from `from_state`: a dispatch,
+    /// and a wait reaching its timeout.
+    pub fn dispatches(self) -> bool {
+        matches!(self, TaskKind::Dispatch | TaskKind::Wait)
     }
 
     /// Parse the stored spelling.
@@ -63,6 +74,7 @@ impl TaskKind {
             "dispatch" => Some(TaskKind::Dispatch),
             "final-exit" => Some(TaskKind::FinalExit),
             "join" => Some(TaskKind::Join),
+            "wait" => Some(TaskKind::Wait),
             _ => None,
         }
     }
@@ -181,6 +193,68 @@ pub struct Parked {
     pub queue: String,
     /// Worker pool of the join task.
     pub target: Option<String>,
+}
+
+/// The `due_at` of a wait without a timeout: never due, so no worker claims it and no
+/// store's next-due time counts it.
+pub const NEVER: Micros = Micros::MAX;
+
+/// A branch starting to wait in a waiting state (`wait:`): its wait task, and how each event
+/// the state accepts is dispatched when it arrives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewWait {
+    /// The wait task ([`TaskKind::Wait`]): `from_state` is the waiting state, `event` the
+    /// timeout event (`""` without a timeout), `due_at` the deadline or [`NEVER`].
+    pub task: NewTask,
+    /// The events the state accepts, in the order of its transitions.
+    pub accepts: Vec<Accept>,
+}
+
+/// How one event a waiting branch accepts is dispatched: everything of the dispatch task
+/// that differs from the wait task, fixed when the wait begins, so that a store delivers an
+/// event without knowing the machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    /// The event.
+    pub event: String,
+    /// The dispatch task's name (as if the state's action had returned the event).
+    pub name: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its worker pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// Its countdown (drawn when the wait began).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub delay: Micros,
+}
+
+fn is_zero(n: &Micros) -> bool {
+    *n == 0
+}
+
+impl Accept {
+    /// The dispatch of this event for the branch waiting in `wait` (its wait task, as queued),
+    /// with `data` merged into its context (top-level keys replace), due `delay` after `now`.
+    pub fn dispatch(&self, wait: &NewTask, data: &Context, now: Micros) -> NewTask {
+        let mut context = wait.context.clone();
+        for (k, v) in data {
+            context.insert(k.clone(), v.clone());
+        }
+        NewTask {
+            name: self.name.clone(),
+            from_state: wait.from_state.clone(),
+            event: self.event.clone(),
+            kind: TaskKind::Dispatch,
+            context,
+            step: wait.step,
+            branch: wait.branch.clone(),
+            queue: self.queue.clone(),
+            target: self.target.clone(),
+            due_at: now.saturating_add(self.delay),
+            token: None,
+        }
+    }
 }
 
 /// An instance an action asked to start (`spawn`).
@@ -348,6 +422,8 @@ pub struct Commit {
     pub history: Vec<HistoryEntry>,
     /// Branches parked at fan-in states.
     pub parked: Vec<Parked>,
+    /// Branches starting to wait for events from outside.
+    pub waits: Vec<NewWait>,
     /// Instances started.
     pub spawns: Vec<Spawned>,
     /// Log lines to keep.
@@ -368,6 +444,7 @@ impl Commit {
             new_tasks: Vec::new(),
             history: Vec::new(),
             parked: Vec::new(),
+            waits: Vec::new(),
             spawns: Vec::new(),
             logs: Vec::new(),
             instance_change: InstanceChange::None,
@@ -450,7 +527,7 @@ pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
                 .collect(),
             });
         }
-        TaskKind::Dispatch => {}
+        TaskKind::Dispatch | TaskKind::Wait => {}
     }
     let mut calls = Vec::new();
     let target = match &task.from_state {
@@ -481,11 +558,30 @@ pub fn plan(machine: &Machine, task: &Task) -> Result<Plan, PlanError> {
     })
 }
 
+/// The name of the wait task the step of `task` begins, when that step enters a waiting
+/// state (`wait:`): what its entry action's wait token addresses.
+pub fn wait_begun(machine: &Machine, task: &Task) -> Option<String> {
+    if !task.kind.dispatches() {
+        return None;
+    }
+    let to = match &task.from_state {
+        None => machine.initial_state()?,
+        Some(from) => machine.state(&machine.state(from)?.transition(&task.event)?.to)?,
+    };
+    to.wait.as_ref()?;
+    Some(wait_task_name(
+        &task.instance,
+        &task.branch,
+        &to.name,
+        task.step + 1,
+    ))
+}
+
 /// The retry policy of a task: that of the transition that queued it (the machine's for
 /// start, final-exit and join tasks).
 pub fn retry_policy(machine: &Machine, task: &Task) -> RetryPolicy {
-    match (&task.kind, &task.from_state) {
-        (TaskKind::Dispatch, Some(from)) => machine
+    match (task.kind.dispatches(), &task.from_state) {
+        (true, Some(from)) => machine
             .state(from)
             .and_then(|s| s.transition(&task.event))
             .map_or(machine.start_policy.retry, |t| t.effective.retry),
@@ -737,6 +833,7 @@ pub fn mistake(task: &Task, error: String, now: Micros) -> Commit {
 fn fail_for_good(mut commit: Commit, error: String, now: Micros, task: &Task) -> Commit {
     commit.history.clear();
     commit.parked.clear();
+    commit.waits.clear();
     commit.spawns.clear();
     commit.new_tasks.clear();
     commit.logs.push(LogLine {

@@ -43,3 +43,13 @@ pub fn task_name(
         format!("{instance}--branch-{branch}--{from}--{event}--{to}--step-{step}")
     }
 }
+
+/// The name of the wait task of a branch waiting in `state` as its step `step`:
+/// `INSTANCE[--branch-BRANCH]--STATE--wait--step-N` (no transition's task has this shape).
+pub fn wait_task_name(instance: &str, branch: &str, state: &str, step: u64) -> String {
+    if branch.is_empty() {
+        format!("{instance}--{state}--wait--step-{step}")
+    } else {
+        format!("{instance}--branch-{branch}--{state}--wait--step-{step}")
+    }
+}

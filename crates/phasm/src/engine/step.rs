@@ -73,7 +73,7 @@ impl<'a> Step<'a> {
             // Every branch of this window was taken by an earlier join: nothing to do.
             return Begin::Commit(Commit::finishing(task));
         }
-        let continuation = task.kind == TaskKind::Dispatch
+        let continuation = task.kind.dispatches()
             && plan
                 .to_state
                 .as_deref()

@@ -384,3 +384,148 @@ fn instance_names_follow_fantasm() {
     assert!(is_valid_instance_name("..."));
     assert!(is_valid_instance_name("v1.2"));
 }
+
+const WAITING: &str = r#"
+state_machines:
+- name: W
+  states:
+  - name: a
+    initial: true
+    action: DoA
+    transitions:
+    - event: ask
+      to: approval
+  - name: approval
+    entry: Ask
+    wait:
+      timeout: 10s
+      timeout_event: expired
+    transitions:
+    - event: approved
+      to: done
+      queue: q2
+      countdown: 5
+    - event: expired
+      to: done
+  - name: done
+    final: true
+"#;
+
+fn waiting() -> (Config, Task) {
+    let c = load_str(WAITING, "w.yaml", &LoadOptions::default())
+        .expect("valid")
+        .config;
+    let mut t = task(Some("a"), "ask");
+    t.machine = "W".into();
+    (c, t)
+}
+
+#[test]
+fn entering_a_waiting_state_runs_its_entry_and_queues_a_wait_not_an_action() {
+    let (c, t) = waiting();
+    let m = c.machine("W").unwrap();
+    let p = plan(m, &t).unwrap();
+    assert_eq!(roles(&p), [(ActionRole::Entry, "Ask")]);
+    assert_eq!(
+        wait_begun(m, &t).as_deref(),
+        Some("M-1--approval--wait--step-5")
+    );
+    let mut rng = fastrand::Rng::with_seed(1);
+    let times = StepTimes {
+        started_at: 100,
+        now: 1_000_000,
+    };
+    let commit = complete(
+        &c,
+        &t,
+        &p,
+        outcome(None),
+        times,
+        &mut rng,
+        &Limits::default(),
+    );
+    assert!(commit.new_tasks.is_empty(), "{commit:?}");
+    assert_eq!(commit.disposition, Disposition::Finished);
+    assert_eq!(commit.history.len(), 1);
+    let [w] = commit.waits.as_slice() else {
+        panic!("one wait: {commit:?}")
+    };
+    assert_eq!(w.task.kind, TaskKind::Wait);
+    assert_eq!(w.task.name, "M-1--approval--wait--step-5");
+    assert_eq!(w.task.event, "expired");
+    assert_eq!(w.task.due_at, 1_000_000 + 10_000_000, "the timeout");
+    let events: Vec<&str> = w.accepts.iter().map(|a| a.event.as_str()).collect();
+    assert_eq!(events, ["approved", "expired"]);
+    let approved = &w.accepts[0];
+    assert_eq!(approved.name, "M-1--approval--approved--done--step-5");
+    assert_eq!((approved.queue.as_str(), approved.delay), ("q2", 5_000_000));
+
+    let mut data = Context::new();
+    data.insert("by".into(), "ana".into());
+    let d = approved.dispatch(&w.task, &data, 2_000_000);
+    assert_eq!(
+        (d.kind, d.from_state.as_deref(), d.event.as_str(), d.step),
+        (TaskKind::Dispatch, Some("approval"), "approved", 5)
+    );
+    assert_eq!(d.due_at, 7_000_000, "the transition's countdown");
+    assert_eq!(d.context.get("by"), Some(&"ana".into()));
+}
+
+#[test]
+fn a_claimed_wait_runs_as_the_dispatch_of_its_timeout_event() {
+    let (c, mut t) = waiting();
+    let m = c.machine("W").unwrap();
+    t.kind = TaskKind::Wait;
+    t.from_state = Some("approval".into());
+    t.event = "expired".into();
+    let p = plan(m, &t).unwrap();
+    assert_eq!(p.to_state.as_deref(), Some("done"));
+    assert_eq!(wait_begun(m, &t), None);
+    let mut rng = fastrand::Rng::with_seed(1);
+    let times = StepTimes {
+        started_at: 100,
+        now: 1_000_000,
+    };
+    let commit = complete(
+        &c,
+        &t,
+        &p,
+        outcome(None),
+        times,
+        &mut rng,
+        &Limits::default(),
+    );
+    assert!(
+        matches!(commit.instance_change, InstanceChange::BranchEnded(_)),
+        "{commit:?}"
+    );
+    assert_eq!(commit.history[0].event, "expired");
+}
+
+#[test]
+fn a_wait_without_timeout_is_never_due() {
+    let yaml = WAITING.replace("      timeout: 10s\n      timeout_event: expired\n", "");
+    let yaml = yaml.replace("    wait:\n", "    wait: true\n");
+    let c = load_str(&yaml, "w.yaml", &LoadOptions::default())
+        .expect("valid")
+        .config;
+    let mut t = task(Some("a"), "ask");
+    t.machine = "W".into();
+    let p = plan(c.machine("W").unwrap(), &t).unwrap();
+    let mut rng = fastrand::Rng::with_seed(1);
+    let times = StepTimes {
+        started_at: 100,
+        now: 1_000_000,
+    };
+    let commit = complete(
+        &c,
+        &t,
+        &p,
+        outcome(None),
+        times,
+        &mut rng,
+        &Limits::default(),
+    );
+    assert_eq!(commit.waits[0].task.due_at, NEVER);
+    assert_eq!(commit.waits[0].task.event, "");
+}

@@ -8,6 +8,7 @@
 //! embedders choose the address and the lifetime.
 
 pub mod auth;
+mod events;
 mod guard;
 mod listen;
 
@@ -120,6 +121,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/instances/{name}/logs", get(logs_page))
         .route("/api/instances/{name}/cancel", post(cancel))
         .route("/api/instances/{name}/retry", post(retry))
+        .route("/api/instances/{name}/events", post(events::to_instance))
         .route("/api/workers", get(workers))
         .route("/metrics", get(prometheus))
         .layer(middleware::from_fn_with_state(
@@ -154,6 +156,13 @@ pub fn router(state: Arc<ServerState>) -> Router {
                 .layer(middleware::from_fn(guard::same_origin_forms)),
         )
         .merge(api)
+        .merge(
+            // The wait token is the credential here: no bearer token asked.
+            Router::new()
+                .route("/api/waits/{token}", post(events::to_wait))
+                .layer(middleware::from_fn(guard::json_writes))
+                .layer(middleware::from_fn(json_errors)),
+        )
         .merge(pages)
         .fallback(|| async {
             error(

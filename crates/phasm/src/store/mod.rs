@@ -172,6 +172,76 @@ pub enum Started {
     },
 }
 
+/// An event sent to an instance from outside (`phasm send`, `POST
+/// /api/instances/{name}/events`, `POST /api/waits/{token}`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The instance.
+    pub instance: String,
+    /// The event.
+    pub event: String,
+    /// Merged into the context of each branch that takes the event (top-level keys replace).
+    pub data: Context,
+    /// The sender's id for this event: an id already accepted for the instance is answered
+    /// [`Delivered::Duplicate`] and changes nothing, so a sender may safely send again.
+    pub id: Option<String>,
+    /// Only the branch whose wait task has this name (a wait token's): the event is not
+    /// buffered when that wait is over.
+    pub wait: Option<String>,
+}
+
+/// What [`WorkStore::deliver`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivered {
+    /// Taken by this many waiting branches: each wait task was replaced by the dispatch of the
+    /// event (a timeout being run at the same time is refused at its commit).
+    Dispatched(u32),
+    /// No branch waits for the event now: it is kept, in order, and taken by the next wait
+    /// of the instance that accepts it.
+    Buffered,
+    /// An event with this id was accepted for the instance before; nothing was done.
+    Duplicate,
+    /// No instance has that name.
+    NotFound,
+    /// The instance has ended (or failed): events are not accepted.
+    NotRunning(InstanceStatus),
+    /// The wait the event was addressed to ([`Delivery::wait`]) is over or does not accept
+    /// the event; nothing was done.
+    WaitOver,
+}
+
+/// A branch waiting for an event, as shown by `phasm status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaitView {
+    /// The waiting state.
+    pub state: String,
+    /// The branch (`""` for an instance's first branch).
+    pub branch: String,
+    /// The events it accepts.
+    pub events: Vec<String>,
+    /// When its timeout fires (`None`: it waits for ever).
+    pub deadline: Option<Micros>,
+    /// The event its timeout dispatches.
+    pub timeout_event: Option<String>,
+    /// Its wait task's name (what a wait token addresses).
+    pub task: String,
+    /// Since when it waits.
+    pub since: Micros,
+}
+
+/// An event accepted for an instance but not taken yet: no branch waited for it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BufferedEvent {
+    /// The event.
+    pub event: String,
+    /// The sender's id, if it gave one.
+    pub id: Option<String>,
+    /// Its data.
+    pub data: Context,
+    /// When it was accepted.
+    pub at: Micros,
+}
+
 /// Which tasks a worker wants.
 #[derive(Debug, Clone)]
 pub struct ClaimRequest {
@@ -537,6 +607,10 @@ pub struct InstanceView {
     pub children: Vec<String>,
     /// Where its branches are.
     pub branches: BranchCounts,
+    /// The branches waiting for events from outside (at most [`VIEW_ROWS`]).
+    pub waiting: Vec<WaitView>,
+    /// Events accepted but not taken yet, oldest first (at most [`VIEW_ROWS`]).
+    pub buffered: Vec<BufferedEvent>,
 }
 
 /// Where an instance's branches are, counted from its pending tasks, parked items and
@@ -556,6 +630,57 @@ pub struct BranchCounts {
     pub ended: u64,
     /// Steps that failed for good.
     pub failed: u64,
+    /// Branches waiting for an event from outside (a wait whose timeout is being run counts
+    /// as live).
+    pub waiting: u64,
+}
+
+/// The dispatch of `event` that replaces the wait task `wait` (named `name`, with its stored
+/// `accepts`), if the wait accepts the event: for the backends' deliveries.
+pub(crate) fn accepted(
+    name: &str,
+    accepts: Option<&str>,
+    wait: &NewTask,
+    event: &str,
+    data: &Context,
+    now: Micros,
+) -> StoreResult<Option<NewTask>> {
+    let accepts: Vec<crate::engine::Accept> = match accepts {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("wait task `{name}`: accepts: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(accepts
+        .iter()
+        .find(|a| a.event == event)
+        .map(|a| a.dispatch(wait, data, now)))
+}
+
+/// A wait task's row as a [`WaitView`]: `event` is its timeout event (`""` without one),
+/// `accepts` its stored [`crate::engine::Accept`] list.
+pub(crate) fn wait_view(
+    task: String,
+    state: Option<String>,
+    branch: String,
+    event: String,
+    due_at: Micros,
+    accepts: Option<&str>,
+    since: Micros,
+) -> StoreResult<WaitView> {
+    let accepts: Vec<crate::engine::Accept> = match accepts {
+        Some(text) => serde_json::from_str(text)
+            .map_err(|e| StoreError::Corrupt(format!("wait task `{task}`: accepts: {e}")))?,
+        None => Vec::new(),
+    };
+    Ok(WaitView {
+        state: state.unwrap_or_default(),
+        branch,
+        events: accepts.into_iter().map(|a| a.event).collect(),
+        deadline: (due_at != crate::engine::NEVER).then_some(due_at),
+        timeout_event: (!event.is_empty()).then_some(event),
+        task,
+        since,
+    })
 }
 
 /// One line of `phasm list`.
@@ -730,7 +855,18 @@ pub trait WorkStore: Send + Sync + std::fmt::Debug {
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit>;
 
-    /// The earliest time a task becomes due (or a lease expires), if any task is pending.
+    /// Deliver an event sent from outside, in one transaction: every waiting branch of the
+    /// instance that accepts it takes it (its wait task is replaced by the event's dispatch),
+    /// or, with none, the event is buffered for the next wait that accepts it. See
+    /// [`Delivered`] for the answers.
+    async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered>;
+
+    /// The key that signs wait tokens (see [`crate::token`]): random, made when the database
+    /// was created, the same for every process using it.
+    async fn wait_key(&self) -> StoreResult<Vec<u8>>;
+
+    /// The earliest time a task becomes due (or a lease expires), if any task is pending;
+    /// waits without a timeout ([`crate::engine::NEVER`]) do not count.
     async fn next_due(&self) -> StoreResult<Option<Micros>>;
 
     /// Say that a worker is alive until `worker.expires_at` (insert or refresh its row); rows

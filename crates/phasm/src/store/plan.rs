@@ -15,18 +15,23 @@
 //!    fence, since a commit does not carry it).
 //! 3. **Successors** ([`Plan::successors`]): insert each (a task of that name already pending
 //!    is left alone), leased to the committing worker where [`Successor::lease`] says so.
-//! 4. **History**, 5. **parks** ([`Plan::parks`]: the item, then its join task unless one not
-//!    yet started is pending), 6. **spawns** (an instance of that name already existing is
-//!    left alone), 7. **logs**.
-//! 8. **Instance** ([`Plan::instance`]): record a branch's result, halt (drop every pending
+//! 4. **Waits** ([`Plan::waits`]): for each branch starting to wait, take the oldest
+//!    buffered event of the instance it accepts, if any — delete it and insert its dispatch
+//!    ([`WaitStart::take`]) — else insert the wait task with its `accepts`. PostgreSQL first
+//!    locks the instance row, as delivering an event does, so that an event sent at the same
+//!    time is either seen here or sees the wait task.
+//! 5. **History**, 6. **parks** ([`Plan::parks`]: the item, then its join task unless one not
+//!    yet started is pending), 7. **spawns** (an instance of that name already existing is
+//!    left alone), 8. **logs**.
+//! 9. **Instance** ([`Plan::instance`]): record a branch's result, halt (drop every pending
 //!    task and parked branch), or fail (hold every other ready task).
-//! 9. **Settle** ([`Plan::settle`]): release the instance's barrier joins if no branch is
-//!    live, and complete the instance if nothing of it is pending.
+//! 10. **Settle** ([`Plan::settle`]): release the instance's barrier joins if no branch is
+//!     live, and complete the instance if nothing of it is pending.
 //!
 //! ## Where PostgreSQL differs, and why
 //!
-//! SQLite runs step 9 inside the commit's transaction: its one writer sees every commit in
-//! order. PostgreSQL runs step 9 as separate statements right *after* the transaction (and
+//! SQLite runs step 10 inside the commit's transaction: its one writer sees every commit in
+//! order. PostgreSQL runs step 10 as separate statements right *after* the transaction (and
 //! again in [`WorkStore::sweep`]): under READ COMMITTED, two branches ending in concurrent
 //! transactions would each see the other still pending and neither would complete the
 //! instance, while the statement after the commit of whichever finishes last sees both. The
@@ -37,7 +42,8 @@
 
 use crate::clock::{micros, Micros};
 use crate::engine::{
-    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Parked, Spawned,
+    Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, NewWait, Parked,
+    Spawned,
 };
 
 use super::{SuccessorClaim, TaskStatus};
@@ -56,6 +62,8 @@ pub struct Plan<'c> {
     pub history: &'c [HistoryEntry],
     /// Branches to park at fan-in states.
     pub parks: Vec<Park<'c>>,
+    /// Branches starting to wait for events from outside.
+    pub waits: Vec<WaitStart<'c>>,
     /// Instances to start.
     pub spawns: &'c [Spawned],
     /// Log lines to keep.
@@ -141,6 +149,35 @@ impl Lease<'_> {
             None => (None, due_at, 0, 0, None),
         }
     }
+}
+
+/// A branch starting to wait: its wait task, unless a buffered event it accepts is taken
+/// instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WaitStart<'c> {
+    /// The wait.
+    pub wait: &'c NewWait,
+    /// The events it accepts, to look for among the instance's buffered events.
+    pub events: Vec<&'c str>,
+    /// The stored form of its `accepts` (a JSON list).
+    pub accepts_column: String,
+}
+
+impl WaitStart<'_> {
+    /// The dispatch that replaces the wait when `event` (one of [`WaitStart::events`]) is
+    /// found buffered with `data`.
+    pub fn take(&self, event: &str, data: &Context, now: Micros) -> Option<NewTask> {
+        self.wait
+            .accepts
+            .iter()
+            .find(|a| a.event == event)
+            .map(|a| a.dispatch(&self.wait.task, data, now))
+    }
+}
+
+/// The stored form of a wait task's `accepts`.
+pub fn accepts_column(wait: &NewWait) -> String {
+    serde_json::to_string(&wait.accepts).unwrap_or_else(|_| "[]".into())
 }
 
 /// A branch to park, and the join task to create for it unless one not yet started is pending.
@@ -238,13 +275,23 @@ pub fn plan<'c>(
             join: join_task(&commit.instance, p, now),
         })
         .collect();
+    let waits: Vec<WaitStart<'c>> = commit
+        .waits
+        .iter()
+        .map(|w| WaitStart {
+            wait: w,
+            events: w.accepts.iter().map(|a| a.event.as_str()).collect(),
+            accepts_column: accepts_column(w),
+        })
+        .collect();
     let instance = match &commit.instance_change {
         InstanceChange::None => InstanceWrite::None,
         InstanceChange::BranchEnded(context) => InstanceWrite::BranchResult(context),
         InstanceChange::Halt(reason) => InstanceWrite::Halt(reason),
         InstanceChange::Fail(error) => InstanceWrite::Fail(error),
     };
-    let ended = fence == Fence::Delete && successors.is_empty() && parks.is_empty();
+    let ended =
+        fence == Fence::Delete && successors.is_empty() && parks.is_empty() && waits.is_empty();
     let settle = match instance {
         // Halting leaves nothing to settle; failing holds every branch.
         InstanceWrite::Halt(_) | InstanceWrite::Fail(_) => Settle::default(),
@@ -264,6 +311,7 @@ pub fn plan<'c>(
         Fence::Reschedule { .. } | Fence::Fail { .. } | Fence::GiveBack { .. }
     ) || successors.iter().any(|s| s.lease.is_none())
         || parks.iter().any(|p| p.join.status == TaskStatus::Ready)
+        || !waits.is_empty()
         || !commit.spawns.is_empty();
     let shape = shape(commit);
     let plan = Plan {
@@ -272,6 +320,7 @@ pub fn plan<'c>(
         successors,
         history: &commit.history,
         parks,
+        waits,
         spawns: &commit.spawns,
         logs: &commit.logs,
         instance,
@@ -333,6 +382,7 @@ fn shape(c: &Commit) -> Shape {
         && c.new_tasks.len() <= 1
         && c.history.len() <= 1
         && c.parked.is_empty()
+        && c.waits.is_empty()
         && matches!(
             c.instance_change,
             InstanceChange::None | InstanceChange::BranchEnded(_)
@@ -343,6 +393,7 @@ fn shape(c: &Commit) -> Shape {
         && c.new_tasks.is_empty()
         && c.history.len() == 1
         && c.parked.len() == 1
+        && c.waits.is_empty()
         && c.instance_change == InstanceChange::None
     {
         Shape::Park
@@ -357,6 +408,11 @@ impl Plan<'_> {
         let c = self.commit;
         debug_assert_eq!(self.successors.len(), c.new_tasks.len());
         debug_assert_eq!(self.parks.len(), c.parked.len());
+        debug_assert_eq!(self.waits.len(), c.waits.len());
+        debug_assert!(
+            c.waits.is_empty() || self.fence == Fence::Delete,
+            "only a finished step begins a wait"
+        );
         debug_assert!(
             c.new_tasks.is_empty() || matches!(self.fence, Fence::Delete | Fence::MarkPageQueued),
             "only a finished step, or a continuation queueing its next page, creates tasks"

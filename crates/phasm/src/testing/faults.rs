@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use crate::clock::Micros;
 use crate::engine::{Commit, HistoryEntry, LogLine, Task};
 use crate::store::{
-    AppliedCommit, ClaimRequest, Control, InstanceSummary, InstanceView, ListFilter, NewInstance,
-    Page, PageRequest, Started, Store, StoreError, StoreResult, StoreStats, SuccessorClaim,
-    WorkerView,
+    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceSummary, InstanceView,
+    ListFilter, NewInstance, Page, PageRequest, Started, Store, StoreError, StoreResult,
+    StoreStats, SuccessorClaim, WorkerView,
 };
 
 /// How often each fault happens (each a probability from 0 to 1).
@@ -154,6 +154,19 @@ impl WorkStore for FaultyStore {
             return Err(injected("the commit was applied but its answer was lost"));
         }
         Ok(applied)
+    }
+
+    async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
+        self.before("deliver").await?;
+        let delivered = self.inner.deliver(now, delivery).await?;
+        if self.lose_reply() {
+            return Err(injected("the event was delivered but the answer was lost"));
+        }
+        Ok(delivered)
+    }
+
+    async fn wait_key(&self) -> StoreResult<Vec<u8>> {
+        self.inner.wait_key().await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {

@@ -51,6 +51,7 @@ pub(super) async fn run(
         context: cx.context.clone(),
         contexts: (task.kind == TaskKind::Join).then(|| cx.contexts.clone()),
         token: cx.token.clone(),
+        wait_token: cx.wait_token.clone(),
         calls: wire,
     };
     let mut running = pool.start_step(request.clone()).await?;

@@ -931,7 +931,17 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         forks: Vec::new(),
         spawns: Vec::new(),
         early_token: None,
+        wait_token: None,
     };
+    if let Some(name) = engine::wait_begun(machine, task) {
+        match env.store.wait_key().await {
+            Ok(key) => cx.wait_token = Some(crate::token::wait_token(&key, &task.instance, &name)),
+            Err(e) => {
+                let error = format!("reading the key of wait tokens failed: {e}");
+                return engine::failed_attempt(machine, task, error, env.clock.now());
+            }
+        }
+    }
     if let Some(first) = task.contexts.first() {
         cx.context = first.clone();
     }

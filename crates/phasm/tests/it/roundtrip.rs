@@ -253,6 +253,7 @@ fn assemble(
             } else {
                 None
             },
+            wait: None,
             transitions,
         });
     }

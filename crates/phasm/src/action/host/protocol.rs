@@ -147,6 +147,9 @@ pub struct StepRequest {
     pub contexts: Option<Vec<Context>>,
     /// A continuation page's token.
     pub token: Option<Value>,
+    /// In a step entering a waiting state: the token addressing the wait it begins.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wait_token: Option<String>,
     /// The calls, in order.
     pub calls: Vec<StepCall>,
 }

@@ -32,7 +32,7 @@ pub(super) async fn retry(store: &PostgresStore, now: Micros, name: &str) -> Sto
         return Ok(Control::NotAllowed(status));
     }
     tx.execute(
-        "UPDATE tasks SET status = 'ready', due_at = $2, attempts = 0, first_attempt_at = NULL,
+        "UPDATE tasks SET status = 'ready', due_at = CASE WHEN kind = 'wait' THEN due_at ELSE $2 END, attempts = 0, first_attempt_at = NULL,
                           lease_owner = NULL, last_error = NULL
          WHERE instance_id = $1 AND status IN ('failed', 'held')",
         &[&id, &now],
@@ -168,7 +168,7 @@ pub(super) async fn scrub(store: &PostgresStore, cutoff: Micros, batch: usize) -
     if ids.is_empty() {
         return Ok(0);
     }
-    for table in ["history", "logs", "items", "tasks"] {
+    for table in ["history", "logs", "items", "tasks", "events", "deliveries"] {
         tx.execute(
             &format!("DELETE FROM {table} WHERE instance_id = ANY($1)"),
             &[&ids],

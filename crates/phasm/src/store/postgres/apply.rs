@@ -10,14 +10,26 @@ pub(super) async fn insert_task(
     now: Micros,
     lease: Option<&Lease<'_>>,
 ) -> StoreResult<Option<i64>> {
+    insert_row(tx, instance_id, t, now, lease, None).await
+}
+
+/// [`insert_task`], with a wait task's `accepts` column.
+async fn insert_row(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    t: &NewTask,
+    now: Micros,
+    lease: Option<&Lease<'_>>,
+    accepts: Option<&str>,
+) -> StoreResult<Option<i64>> {
     let (owner, due_at, claim, attempts, first) = Lease::columns(lease, t.due_at, now);
     let token = t.token.as_ref().map(ToString::to_string);
     let row = tx
         .query_opt(
             "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                                 queue, target, status, due_at, created_at, lease_owner, claim,
-                                attempts, first_attempt_at, token)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'ready', $11, $12, $13, $14, $15, $16, $17)
+                                attempts, first_attempt_at, token, accepts)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'ready', $11, $12, $13, $14, $15, $16, $17, $18)
              ON CONFLICT (instance_id, name) DO NOTHING
              RETURNING id",
             &[
@@ -38,11 +50,58 @@ pub(super) async fn insert_task(
                 &attempts,
                 &first,
                 &token,
+                &accepts,
             ],
         )
         .await
         .map_err(pg)?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// A branch begins to wait: it takes the oldest buffered event of its instance it accepts,
+/// if any (the event's dispatch is queued instead of the wait), else its wait task is queued.
+/// The instance's row is locked first, as a delivery locks it, so that an event sent at the
+/// same time is either seen here or sees the wait task.
+pub(super) async fn begin_wait(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    w: &WaitStart<'_>,
+    now: Micros,
+) -> StoreResult<()> {
+    tx.execute(
+        "SELECT 1 FROM instances WHERE id = $1 FOR UPDATE",
+        &[&instance_id],
+    )
+    .await
+    .map_err(pg)?;
+    let buffered = tx
+        .query_opt(
+            "DELETE FROM events WHERE id = (
+                 SELECT id FROM events WHERE instance_id = $1 AND event = ANY($2)
+                 ORDER BY id LIMIT 1)
+             RETURNING event, data",
+            &[&instance_id, &w.events],
+        )
+        .await
+        .map_err(pg)?;
+    if let Some(row) = buffered {
+        let event: String = row.get(0);
+        let data = from_json(row.get(1))?;
+        if let Some(dispatch) = w.take(&event, &data, now) {
+            insert_task(tx, instance_id, &dispatch, now, None).await?;
+            return Ok(());
+        }
+    }
+    insert_row(
+        tx,
+        instance_id,
+        &w.wait.task,
+        now,
+        None,
+        Some(&w.accepts_column),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Park a branch, and make sure a join will take it: the plan's join task, unless one not
@@ -351,6 +410,9 @@ pub(super) async fn apply_one(
     }
     if !bulk.is_empty() {
         insert_tasks(&tx, &vec![instance_id; bulk.len()], &bulk, now).await?;
+    }
+    for w in &plan.waits {
+        begin_wait(&tx, instance_id, w, now).await?;
     }
     for h in plan.history {
         tx.execute(

@@ -143,7 +143,7 @@ pub(super) async fn claim(
         )
         .await
         .map_err(pg)?;
-    let until = now + micros(req.lease);
+    let until = now.saturating_add(micros(req.lease));
     let mut per_queue = req.queue_limits.clone();
     let shared = shared_allowance(&tx, now, &req.shared_limits).await?;
     for (queue, allowed) in &shared {

@@ -18,6 +18,7 @@
 mod admin;
 mod apply;
 mod claim;
+mod deliver;
 mod read;
 mod schema;
 
@@ -45,12 +46,12 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::convert::{attempt, bigint, count, size, whole};
-use super::plan::{self, Fence, InstanceWrite, Lease, Park, Plan, Settle, Shape};
+use super::plan::{self, Fence, InstanceWrite, Lease, Park, Plan, Settle, Shape, WaitStart};
 use super::{
-    cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
-    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError,
-    StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
-    VIEW_ROWS,
+    cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
+    Delivered, Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance,
+    Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView,
+    WaitView, WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
@@ -461,6 +462,14 @@ impl WorkStore for PostgresStore {
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit> {
         apply::apply(self, now, &commit, successors).await
+    }
+
+    async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
+        deliver::deliver(self, now, delivery).await
+    }
+
+    async fn wait_key(&self) -> StoreResult<Vec<u8>> {
+        deliver::wait_key(self).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {

@@ -18,7 +18,10 @@ pub(super) async fn instance_id(
 pub(super) async fn next_due(store: &PostgresStore) -> StoreResult<Option<Micros>> {
     let client = store.client().await?;
     let row = client
-        .query_one("SELECT MIN(due_at) FROM tasks WHERE status = 'ready'", &[])
+        .query_one(
+            "SELECT MIN(due_at) FROM tasks WHERE status = 'ready' AND due_at < $1",
+            &[&crate::engine::NEVER],
+        )
         .await
         .map_err(pg)?;
     Ok(row.get(0))
@@ -108,13 +111,15 @@ pub(super) async fn instance(
         .query_one(
             "SELECT
                (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'ready'
-                  AND (kind <> 'join' OR lease_owner IS NOT NULL)),
+                  AND (kind NOT IN ('join', 'wait') OR lease_owner IS NOT NULL)),
                (SELECT COUNT(*) FROM items WHERE instance_id = $1),
                (SELECT COUNT(*) FROM history WHERE instance_id = $1 AND ends_branch),
                (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'failed'),
                (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'held'),
                (SELECT COUNT(*) FROM history WHERE instance_id = $1),
-               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1)",
+               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1),
+               (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'ready'
+                  AND kind = 'wait' AND lease_owner IS NULL)",
             &[&id],
         )
         .await
@@ -154,8 +159,59 @@ pub(super) async fn instance(
             parked: n(1),
             ended: n(2),
             failed: n(3),
+            waiting: n(7),
         },
+        waiting: waits(&client, id).await?,
+        buffered: buffered(&client, id).await?,
     }))
+}
+
+/// The instance's waiting branches, oldest first.
+async fn waits(client: &Object, id: i64) -> StoreResult<Vec<WaitView>> {
+    client
+        .query(
+            "SELECT name, from_state, branch, event, due_at, accepts, created_at FROM tasks
+             WHERE instance_id = $1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
+             ORDER BY id LIMIT $2",
+            &[&id, &bigint(VIEW_ROWS)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            super::super::wait_view(
+                r.get(0),
+                r.get(1),
+                r.get(2),
+                r.get(3),
+                r.get(4),
+                r.get(5),
+                r.get(6),
+            )
+        })
+        .collect()
+}
+
+/// The instance's buffered events, oldest first.
+async fn buffered(client: &Object, id: i64) -> StoreResult<Vec<BufferedEvent>> {
+    client
+        .query(
+            "SELECT event, event_id, data, created_at FROM events
+             WHERE instance_id = $1 ORDER BY id LIMIT $2",
+            &[&id, &bigint(VIEW_ROWS)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| {
+            Ok(BufferedEvent {
+                event: r.get(0),
+                id: r.get(1),
+                data: from_json(r.get(2))?,
+                at: r.get(3),
+            })
+        })
+        .collect()
 }
 
 pub(super) async fn list(

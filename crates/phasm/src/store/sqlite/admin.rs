@@ -53,7 +53,7 @@ pub(super) fn retry(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResul
         return Ok(Control::NotAllowed(status));
     }
     tx.execute(
-        "UPDATE tasks SET status = 'ready', due_at = ?2, attempts = 0, first_attempt_at = NULL,
+        "UPDATE tasks SET status = 'ready', due_at = CASE WHEN kind = 'wait' THEN due_at ELSE ?2 END, attempts = 0, first_attempt_at = NULL,
                           lease_owner = NULL, last_error = NULL
          WHERE instance_id = ?1 AND status IN ('failed', 'held')",
         params![id, now],

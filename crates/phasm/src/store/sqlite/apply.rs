@@ -40,13 +40,25 @@ pub(super) fn insert_task(
     now: Micros,
     lease: Option<&Lease<'_>>,
 ) -> StoreResult<Option<i64>> {
+    insert_row(tx, instance_id, t, now, lease, None)
+}
+
+/// [`insert_task`], with a wait task's `accepts` column.
+fn insert_row(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    t: &NewTask,
+    now: Micros,
+    lease: Option<&Lease<'_>>,
+    accepts: Option<&str>,
+) -> StoreResult<Option<i64>> {
     let (owner, due_at, claim, attempts, first) = Lease::columns(lease, t.due_at, now);
     let mut stmt = tx
         .prepare_cached(
             "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                                 queue, target, status, due_at, created_at, lease_owner, claim,
-                                attempts, first_attempt_at, token)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12, ?13, ?14, ?15, ?16, ?17)
+                                attempts, first_attempt_at, token, accepts)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
              ON CONFLICT (instance_id, name) DO NOTHING",
         )
         .map_err(db)?;
@@ -68,7 +80,8 @@ pub(super) fn insert_task(
             claim,
             attempts,
             first,
-            t.token.as_ref().map(ToString::to_string)
+            t.token.as_ref().map(ToString::to_string),
+            accepts
         ])
         .map_err(db)?;
     Ok((inserted == 1).then(|| tx.last_insert_rowid()))
@@ -102,6 +115,9 @@ pub(super) fn apply(
         if let (Some(id), Some(_)) = (inserted, s.lease) {
             claimed.push(s.task.claimed(id, &c.instance, &c.machine, now));
         }
+    }
+    for w in &plan.waits {
+        begin_wait(tx, instance_id, w, now)?;
     }
     for h in plan.history {
         tx.prepare_cached(
@@ -175,6 +191,49 @@ pub(super) fn apply(
         claimed,
     };
     Ok((applied, plan.wakes_others || released))
+}
+
+/// A branch begins to wait: it takes the oldest buffered event of its instance it accepts,
+/// if any (the event's dispatch is queued instead of the wait), else its wait task is queued.
+pub(super) fn begin_wait(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    w: &WaitStart<'_>,
+    now: Micros,
+) -> StoreResult<()> {
+    let events =
+        serde_json::to_string(&w.events).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let buffered: Option<(i64, String, String)> = tx
+        .prepare_cached(
+            "SELECT id, event, data FROM events
+             WHERE instance_id = ?1 AND event IN (SELECT value FROM json_each(?2))
+             ORDER BY id LIMIT 1",
+        )
+        .map_err(db)?
+        .query_row(params![instance_id, events], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(db)?;
+    if let Some((id, event, data)) = buffered {
+        if let Some(dispatch) = w.take(&event, &from_json(&data)?, now) {
+            tx.prepare_cached("DELETE FROM events WHERE id = ?1")
+                .map_err(db)?
+                .execute([id])
+                .map_err(db)?;
+            insert_task(tx, instance_id, &dispatch, now, None)?;
+            return Ok(());
+        }
+    }
+    insert_row(
+        tx,
+        instance_id,
+        &w.wait.task,
+        now,
+        None,
+        Some(&w.accepts_column),
+    )?;
+    Ok(())
 }
 
 /// The fence: change the claimed task only if it is still ours and our lease unexpired,

@@ -149,6 +149,8 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Renew(_, _, _, r) => drop(r.send(Err(err()))),
         Request::Apply(_, _, _, r) => drop(r.send(Err(err()))),
         Request::NextDue(r) => drop(r.send(Err(err()))),
+        Request::Deliver(_, _, r) => drop(r.send(Err(err()))),
+        Request::WaitKey(r) => drop(r.send(Err(err()))),
         Request::Instance(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
         Request::Logs(_, r) => drop(r.send(Err(err()))),
@@ -198,6 +200,10 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
             scoped(tx, |tx| apply(tx, now, &commit, successors.as_ref())),
         ),
         Request::NextDue(reply) => pending(reply, next_due(tx)),
+        Request::Deliver(now, delivery, reply) => {
+            pending(reply, scoped(tx, |tx| deliver(tx, now, &delivery)))
+        }
+        Request::WaitKey(reply) => pending(reply, wait_key(tx)),
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),
         Request::Logs(name, reply) => pending(reply, logs(tx, &name)),

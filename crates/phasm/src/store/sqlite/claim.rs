@@ -117,7 +117,7 @@ pub(super) fn claim(
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
-    let until = now + micros(req.lease);
+    let until = now.saturating_add(micros(req.lease));
     let mut per_queue: Vec<(String, usize)> = req.queue_limits.clone();
     // The configured limits hold across every worker process on the file too.
     for (queue, allowed) in shared_allowance(tx, now, &req.shared_limits)? {

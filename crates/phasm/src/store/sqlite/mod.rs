@@ -16,6 +16,7 @@ mod admin;
 mod apply;
 mod batch;
 mod claim;
+mod deliver;
 mod read;
 mod schema;
 mod watch;
@@ -28,6 +29,8 @@ use apply::*;
 use batch::*;
 #[allow(unused_imports)]
 use claim::*;
+#[allow(unused_imports)]
+use deliver::*;
 #[allow(unused_imports)]
 use read::*;
 #[allow(unused_imports)]
@@ -46,12 +49,12 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::convert::{attempt, bigint, count, whole};
-use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle};
+use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle, WaitStart};
 use super::{
-    cut_message, Applied, AppliedCommit, BranchCounts, ClaimRequest, Control, InstanceStatus,
-    InstanceSummary, InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError,
-    StoreResult, SuccessorClaim, TaskStatus, TaskView, WorkerView, MAX_PAGE_MESSAGE_CHARS,
-    VIEW_ROWS,
+    cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
+    Delivered, Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance,
+    Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView,
+    WaitView, WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};
@@ -138,6 +141,8 @@ enum Request {
         Reply<(AppliedCommit, bool)>,
     ),
     NextDue(Reply<Option<Micros>>),
+    Deliver(Micros, Box<Delivery>, Reply<Delivered>),
+    WaitKey(Reply<Vec<u8>>),
     Instance(String, Reply<Option<InstanceView>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
     Logs(String, Reply<Vec<LogLine>>),
@@ -274,6 +279,19 @@ impl WorkStore for SqliteStore {
             self.changes.notify_waiters();
         }
         Ok(applied)
+    }
+
+    async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
+        let delivery = Box::new(delivery.clone());
+        let delivered = self.call(|r| Request::Deliver(now, delivery, r)).await?;
+        if matches!(delivered, Delivered::Dispatched(_)) {
+            self.changes.notify_waiters();
+        }
+        Ok(delivered)
+    }
+
+    async fn wait_key(&self) -> StoreResult<Vec<u8>> {
+        self.read(Request::WaitKey).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {

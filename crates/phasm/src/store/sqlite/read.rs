@@ -40,8 +40,8 @@ pub(super) fn workers(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<Work
 
 pub(super) fn next_due(tx: &Transaction<'_>) -> StoreResult<Option<Micros>> {
     tx.query_row(
-        "SELECT MIN(due_at) FROM tasks WHERE status = 'ready'",
-        [],
+        "SELECT MIN(due_at) FROM tasks WHERE status = 'ready' AND due_at < ?1",
+        [crate::engine::NEVER],
         |r| r.get(0),
     )
     .map_err(db)
@@ -157,13 +157,17 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
             .map_err(db)
     };
     let branches = BranchCounts {
-        live: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind <> 'join'")?
+        live: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind NOT IN ('join', 'wait')")?
+            + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'wait' AND lease_owner IS NOT NULL")?
             + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'join' AND lease_owner IS NOT NULL")?,
         held: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'held'")?,
         parked: count("SELECT COUNT(*) FROM items WHERE instance_id = ?1")?,
         ended: count("SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1")?,
         failed: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'failed'")?,
+        waiting: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'wait' AND lease_owner IS NULL")?,
     };
+    let waiting = waits(tx, id)?;
+    let buffered = buffered(tx, id)?;
     let history_total = count("SELECT COUNT(*) FROM history WHERE instance_id = ?1")?;
     let tasks_total = count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1")?;
     let end_states = tx
@@ -194,7 +198,78 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
         tasks_total,
         end_states,
         current_context,
+        waiting,
+        buffered,
     }))
+}
+
+/// The instance's waiting branches, oldest first.
+fn waits(tx: &Transaction<'_>, id: i64) -> StoreResult<Vec<WaitView>> {
+    let rows = tx
+        .prepare_cached(
+            "SELECT name, from_state, branch, event, due_at, accepts, created_at FROM tasks
+             WHERE instance_id = ?1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
+             ORDER BY id LIMIT ?2",
+        )
+        .map_err(db)?
+        .query_map(params![id, bigint(VIEW_ROWS)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, i64>(6)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(task, state, branch, event, due_at, accepts, since)| {
+            super::super::wait_view(
+                task,
+                state,
+                branch,
+                event,
+                due_at,
+                accepts.as_deref(),
+                since,
+            )
+        })
+        .collect()
+}
+
+/// The instance's buffered events, oldest first.
+fn buffered(tx: &Transaction<'_>, id: i64) -> StoreResult<Vec<BufferedEvent>> {
+    let rows = tx
+        .prepare_cached(
+            "SELECT event, event_id, data, created_at FROM events
+             WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
+        )
+        .map_err(db)?
+        .query_map(params![id, bigint(VIEW_ROWS)], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    rows.into_iter()
+        .map(|(event, id, data, at)| {
+            Ok(BufferedEvent {
+                event,
+                id,
+                data: from_json(&data)?,
+                at,
+            })
+        })
+        .collect()
 }
 
 pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {

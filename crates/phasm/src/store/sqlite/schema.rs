@@ -3,7 +3,7 @@
 use super::*;
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -126,6 +126,35 @@ CREATE TABLE queue_rates (
     tokens     REAL NOT NULL,
     updated_at INTEGER NOT NULL
 );
+",
+    r"
+-- Waiting for events from outside. A waiting branch is a task of kind 'wait' (due at its
+-- timeout, or never); `accepts` says how each event it accepts is dispatched.
+ALTER TABLE tasks ADD COLUMN accepts TEXT;
+CREATE INDEX tasks_waits ON tasks (instance_id) WHERE kind = 'wait';
+-- Events accepted while no branch waited for them, in order, until a wait takes them.
+CREATE TABLE events (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    instance_id INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    event       TEXT NOT NULL,
+    data        TEXT NOT NULL,
+    event_id    TEXT,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX events_by_instance ON events (instance_id, id);
+-- The ids of events accepted per instance: the same id sent again changes nothing.
+CREATE TABLE deliveries (
+    instance_id INTEGER NOT NULL REFERENCES instances (id) ON DELETE CASCADE,
+    event_id    TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (instance_id, event_id)
+);
+-- Keys made once per database: `wait_token` signs wait tokens.
+CREATE TABLE phasm_keys (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT INTO phasm_keys (name, value) VALUES ('wait_token', lower(hex(randomblob(32))));
 ",
 ];
 

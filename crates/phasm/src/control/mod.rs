@@ -1,6 +1,10 @@
 //! What users do to instances, with the checks a command line or HTTP API needs: start one
 //! (with typed `KEY=VALUE` context values), and the errors that explain what was wrong.
 
+mod send;
+
+pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
+
 use serde_json::Value;
 
 use crate::clock::{rfc3339, Clock};
@@ -409,10 +413,13 @@ pub fn history_json(h: &HistoryEntry) -> serde_json::Value {
 /// `workers` (those alive now) say which pending steps no worker will take (`unserved`).
 pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json::Value {
     let history: Vec<serde_json::Value> = view.history.iter().map(history_json).collect();
+    let waits: std::collections::HashSet<&str> =
+        view.waiting.iter().map(|w| w.task.as_str()).collect();
     let tasks: Vec<serde_json::Value> = view
         .tasks
         .iter()
         .map(|t| {
+            let waiting = waits.contains(t.name.as_str());
             serde_json::json!({
                 "task": t.name,
                 "from": t.from,
@@ -424,7 +431,8 @@ pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json:
                 "last_error": t.last_error,
                 "queue": t.queue,
                 "target": t.target,
-                "unserved": unserved(&view.machine, t, workers),
+                "waiting": waiting,
+                "unserved": if waiting { None } else { unserved(&view.machine, t, workers) },
             })
         })
         .collect();
@@ -446,6 +454,20 @@ pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json:
         "tasks": tasks,
         "tasks_total": view.tasks_total,
         "end_states": view.end_states,
+        "waiting": view.waiting.iter().map(|w| serde_json::json!({
+            "state": w.state,
+            "branch": w.branch,
+            "events": w.events,
+            "deadline": w.deadline.map(rfc3339),
+            "timeout_event": w.timeout_event,
+            "since": rfc3339(w.since),
+        })).collect::<Vec<_>>(),
+        "buffered": view.buffered.iter().map(|e| serde_json::json!({
+            "event": e.event,
+            "id": e.id,
+            "data": e.data,
+            "at": rfc3339(e.at),
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -14,6 +14,9 @@ use std::time::Duration;
 
 use futures_util::future::LocalBoxFuture;
 
+mod waits;
+pub use waits::*;
+
 use crate::engine::{
     Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Task, TaskKind,
 };
@@ -77,6 +80,12 @@ checks!(
     an_instance_completes_when_its_last_task_finishes_without_successor,
     a_sweep_releases_nothing_early_and_changes_nothing_settled,
     starting_many_answers_each_and_skips_existing_names,
+    a_delivered_event_replaces_the_wait_once,
+    an_event_sent_before_the_wait_is_taken_in_order_when_it_begins,
+    a_timeout_claimed_first_wins_and_an_event_delivered_first_stops_it,
+    events_to_an_ended_or_unknown_instance_are_refused,
+    a_wait_without_timeout_is_never_due_even_after_a_retry,
+    a_token_addressed_delivery_reaches_only_its_wait,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

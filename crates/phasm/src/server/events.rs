@@ -1,0 +1,124 @@
+//! Events from outside over HTTP: `POST /api/instances/{name}/events` and `POST
+//! /api/waits/{token}`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{check_name, error, ServerState};
+use crate::control::{send, SendError, SendOutcome, SendRequest, SendTo};
+use crate::engine::Context;
+
+/// `POST /api/instances/{name}/events` with `{"event": "...", "data": {...}, "id": "..."}`:
+/// 202 when waiting branches took the event or it was kept for the next wait, 200 when its
+/// `id` was accepted before (nothing done again), 409 when the instance cannot take it (ended,
+/// or no waiting state of its machine accepts the event), 404 for an unknown instance.
+pub(super) async fn to_instance(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    if let Some(bad) = check_name(&name) {
+        return bad;
+    }
+    deliver(&state, SendTo::Instance(name), &body).await
+}
+
+/// `POST /api/waits/{token}` with `{"event": "...", "data": {...}, "id": "..."}`: the event for
+/// the one wait the token addresses (a token from an entry action's `wait_token`). Answers as
+/// the instance's events endpoint; 409 once that wait is over. The token is the credential:
+/// this endpoint does not ask for the API's bearer token, so a system outside can call back
+/// with the token alone (as with Step Functions' task tokens).
+pub(super) async fn to_wait(
+    State(state): State<Arc<ServerState>>,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Response {
+    deliver(&state, SendTo::Token(token), &body).await
+}
+
+async fn deliver(state: &ServerState, to: SendTo, body: &[u8]) -> Response {
+    let (event, data, id) = match parse(body) {
+        Ok(parts) => parts,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let request = SendRequest {
+        to,
+        event: event.clone(),
+        data,
+        id: id.clone(),
+    };
+    let sent = send(
+        &*state.store,
+        Some(&state.config),
+        &*state.clock,
+        request,
+        &state.limits,
+    )
+    .await;
+    match sent {
+        Ok(SendOutcome::Delivered { instance, branches }) => (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "instance": instance, "event": event, "id": id,
+                "delivered": branches, "buffered": false,
+            })),
+        )
+            .into_response(),
+        Ok(SendOutcome::Buffered { instance }) => (
+            StatusCode::ACCEPTED,
+            Json(json!({
+                "instance": instance, "event": event, "id": id,
+                "delivered": 0, "buffered": true,
+            })),
+        )
+            .into_response(),
+        Ok(SendOutcome::Duplicate { instance }) => Json(json!({
+            "instance": instance, "event": event, "id": id, "duplicate": true,
+        }))
+        .into_response(),
+        Err(e @ (SendError::NotFound(_) | SendError::BadToken)) => {
+            error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(SendError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) if e.is_conflict() => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// The body's event, data and id.
+fn parse(body: &[u8]) -> Result<(String, Context, Option<String>), String> {
+    const SHAPE: &str = "the body must be a JSON object: {\"event\": NAME, \"data\": {...} (optional), \"id\": \"...\" (optional)}";
+    let Ok(Value::Object(mut request)) = serde_json::from_slice::<Value>(body) else {
+        return Err(SHAPE.to_string());
+    };
+    let event = match request.remove("event") {
+        Some(Value::String(e)) => e,
+        _ => return Err(format!("`event` (a string) is required; {SHAPE}")),
+    };
+    let data = match request.remove("data") {
+        None | Some(Value::Null) => Context::new(),
+        Some(Value::Object(d)) => d,
+        Some(_) => {
+            return Err(
+                "`data` must be a JSON object (its keys are merged into the context)".into(),
+            )
+        }
+    };
+    let id = match request.remove("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(i)) => Some(i),
+        Some(_) => return Err("`id` must be a string".into()),
+    };
+    if let Some(key) = request.keys().next() {
+        return Err(format!(
+            "unknown field `{key}`; expected `event`, `data` and `id`"
+        ));
+    }
+    Ok((event, data, id))
+}

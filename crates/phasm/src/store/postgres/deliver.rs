@@ -1,0 +1,120 @@
+//! Events from outside: delivering one to the waiting branches that accept it (or buffering
+//! it), and the key that signs wait tokens.
+
+use super::*;
+
+/// Deliver an event (see [`WorkStore::deliver`]). The instance's row is locked first, as a
+/// commit beginning a wait locks it (see `begin_wait`).
+pub(super) async fn deliver(
+    store: &PostgresStore,
+    now: Micros,
+    d: &Delivery,
+) -> StoreResult<Delivered> {
+    let mut client = store.client().await?;
+    let tx = begin(&mut client).await?;
+    let Some((instance_id, status)) = lock_instance_by_name(&tx, &d.instance).await? else {
+        return Ok(Delivered::NotFound);
+    };
+    if let Some(id) = &d.id {
+        let seen = tx
+            .query_opt(
+                "SELECT 1 FROM deliveries WHERE instance_id = $1 AND event_id = $2",
+                &[&instance_id, id],
+            )
+            .await
+            .map_err(pg)?;
+        if seen.is_some() {
+            return Ok(Delivered::Duplicate);
+        }
+    }
+    if status != InstanceStatus::Running {
+        return Ok(Delivered::NotRunning(status));
+    }
+    let waits = tx
+        .query(
+            "SELECT id, name, from_state, context, step, branch, accepts FROM tasks
+             WHERE instance_id = $1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
+               AND ($2::TEXT IS NULL OR name = $2)
+             ORDER BY id",
+            &[&instance_id, &d.wait],
+        )
+        .await
+        .map_err(pg)?;
+    let mut taken = 0u32;
+    for row in &waits {
+        let name: String = row.get(1);
+        let wait = NewTask {
+            name: name.clone(),
+            from_state: row.get(2),
+            event: String::new(),
+            kind: TaskKind::Wait,
+            context: from_json(row.get(3))?,
+            step: count(row.get(4)),
+            branch: row.get(5),
+            queue: String::new(),
+            target: None,
+            due_at: now,
+            token: None,
+        };
+        let accepts: Option<&str> = row.get(6);
+        let Some(dispatch) = super::super::accepted(&name, accepts, &wait, &d.event, &d.data, now)?
+        else {
+            continue;
+        };
+        // A claim committed meanwhile (the timeout began) makes this match nothing: then the
+        // timeout wins and the event is buffered below.
+        let deleted = tx
+            .execute(
+                "DELETE FROM tasks WHERE id = $1 AND lease_owner IS NULL",
+                &[&row.get::<_, i64>(0)],
+            )
+            .await
+            .map_err(pg)?;
+        if deleted == 1 {
+            insert_task(&tx, instance_id, &dispatch, now, None).await?;
+            taken += 1;
+        }
+    }
+    let answer = match (taken, &d.wait) {
+        (0, Some(_)) => return Ok(Delivered::WaitOver),
+        (0, None) => {
+            tx.execute(
+                "INSERT INTO events (instance_id, event, data, event_id, created_at)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&instance_id, &d.event, &to_json(&d.data)?, &d.id, &now],
+            )
+            .await
+            .map_err(pg)?;
+            Delivered::Buffered
+        }
+        (n, _) => {
+            tx.execute("SELECT pg_notify('phasm', '')", &[])
+                .await
+                .map_err(pg)?;
+            Delivered::Dispatched(n)
+        }
+    };
+    if let Some(id) = &d.id {
+        tx.execute(
+            "INSERT INTO deliveries (instance_id, event_id, created_at) VALUES ($1, $2, $3)",
+            &[&instance_id, id, &now],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)?;
+    Ok(answer)
+}
+
+/// The key that signs wait tokens.
+pub(super) async fn wait_key(store: &PostgresStore) -> StoreResult<Vec<u8>> {
+    let client = store.client().await?;
+    let row = client
+        .query_one(
+            "SELECT value FROM phasm_keys WHERE name = 'wait_token'",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(row.get::<_, String>(0).into_bytes())
+}

@@ -1,0 +1,126 @@
+//! Events from outside: delivering one to the waiting branches that accept it (or buffering
+//! it), and the key that signs wait tokens.
+
+use super::*;
+
+/// Deliver an event (see [`WorkStore::deliver`]).
+pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreResult<Delivered> {
+    let Some((instance_id, status)) = lookup(tx, &d.instance)? else {
+        return Ok(Delivered::NotFound);
+    };
+    if let Some(id) = &d.id {
+        let seen: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM deliveries WHERE instance_id = ?1 AND event_id = ?2)",
+            )
+            .map_err(db)?
+            .query_row(params![instance_id, id], |r| r.get(0))
+            .map_err(db)?;
+        if seen {
+            return Ok(Delivered::Duplicate);
+        }
+    }
+    if status != InstanceStatus::Running {
+        return Ok(Delivered::NotRunning(status));
+    }
+    let waits = tx
+        .prepare_cached(
+            "SELECT id, name, from_state, context, step, branch, accepts FROM tasks
+             WHERE instance_id = ?1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
+               AND (?2 IS NULL OR name = ?2)
+             ORDER BY id",
+        )
+        .map_err(db)?
+        .query_map(params![instance_id, d.wait], |r| {
+            Ok(WaitRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                from_state: r.get(2)?,
+                context: r.get(3)?,
+                step: r.get(4)?,
+                branch: r.get(5)?,
+                accepts: r.get(6)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut taken = 0u32;
+    for row in waits {
+        let Some(dispatch) = row.dispatch(&d.event, &d.data, now)? else {
+            continue;
+        };
+        tx.prepare_cached("DELETE FROM tasks WHERE id = ?1 AND lease_owner IS NULL")
+            .map_err(db)?
+            .execute([row.id])
+            .map_err(db)?;
+        insert_task(tx, instance_id, &dispatch, now, None)?;
+        taken += 1;
+    }
+    let answer = match (taken, &d.wait) {
+        (0, Some(_)) => return Ok(Delivered::WaitOver),
+        (0, None) => {
+            tx.prepare_cached(
+                "INSERT INTO events (instance_id, event, data, event_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?
+            .execute(params![instance_id, d.event, to_json(&d.data)?, d.id, now])
+            .map_err(db)?;
+            Delivered::Buffered
+        }
+        (n, _) => Delivered::Dispatched(n),
+    };
+    if let Some(id) = &d.id {
+        tx.prepare_cached(
+            "INSERT INTO deliveries (instance_id, event_id, created_at) VALUES (?1, ?2, ?3)",
+        )
+        .map_err(db)?
+        .execute(params![instance_id, id, now])
+        .map_err(db)?;
+    }
+    Ok(answer)
+}
+
+/// A wait task as read for a delivery.
+struct WaitRow {
+    id: i64,
+    name: String,
+    from_state: Option<String>,
+    context: String,
+    step: i64,
+    branch: String,
+    accepts: Option<String>,
+}
+
+impl WaitRow {
+    /// The dispatch of `event` that replaces this wait, if it accepts the event.
+    fn dispatch(&self, event: &str, data: &Context, now: Micros) -> StoreResult<Option<NewTask>> {
+        let wait = NewTask {
+            name: self.name.clone(),
+            from_state: self.from_state.clone(),
+            event: String::new(),
+            kind: TaskKind::Wait,
+            context: from_json(&self.context)?,
+            step: count(self.step),
+            branch: self.branch.clone(),
+            queue: String::new(),
+            target: None,
+            due_at: now,
+            token: None,
+        };
+        super::super::accepted(&self.name, self.accepts.as_deref(), &wait, event, data, now)
+    }
+}
+
+/// The key that signs wait tokens.
+pub(super) fn wait_key(tx: &Transaction<'_>) -> StoreResult<Vec<u8>> {
+    let hex: String = tx
+        .query_row(
+            "SELECT value FROM phasm_keys WHERE name = 'wait_token'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(db)?;
+    Ok(hex.into_bytes())
+}
