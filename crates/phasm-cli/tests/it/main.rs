@@ -8,6 +8,7 @@ mod common;
 mod cli;
 mod console;
 mod crash;
+mod events;
 mod failed_siblings;
 mod fantasm_example;
 mod postgres_workers;

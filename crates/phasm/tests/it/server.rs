@@ -818,3 +818,192 @@ async fn a_batch_starts_every_context_or_none() {
     assert_eq!(status, 201, "{}", &body[..body.len().min(300)]);
     assert_eq!(json(&body)["created"], 10_000);
 }
+
+const WAITING_YAML: &str = "state_machines:\n- name: Approve\n  states:\n  - name: approval\n    initial: true\n    wait: true\n    transitions:\n    - event: approved\n      to: done\n  - name: done\n    final: true\n";
+
+/// Run the start task of `name` as a worker would: the instance then waits in `approval`.
+async fn begin_waiting(store: &SqliteStore, config: &phasm::machine::Config, name: &str) {
+    use phasm::clock::Clock;
+    let request = phasm::store::ClaimRequest {
+        owner: "test".into(),
+        lease: std::time::Duration::from_secs(30),
+        limit: 1,
+        queue_limits: Vec::new(),
+        queues: None,
+        targets: phasm::store::Targets::Any,
+        shared_limits: Vec::new(),
+    };
+    let now = SystemClock.now();
+    let task = store.claim(now, &request).await.unwrap().remove(0);
+    assert_eq!(task.instance, name);
+    let machine = config.machine("Approve").unwrap();
+    let plan = phasm::engine::plan(machine, &task).unwrap();
+    let commit = phasm::engine::complete(
+        config,
+        &task,
+        &plan,
+        phasm::engine::Outcome {
+            context: task.context.clone(),
+            ..Default::default()
+        },
+        phasm::engine::StepTimes {
+            started_at: now,
+            now,
+        },
+        &mut fastrand::Rng::with_seed(1),
+        &Limits::default(),
+    );
+    assert_eq!(commit.waits.len(), 1, "{commit:?}");
+    store.apply(now, commit, None).await.unwrap();
+}
+
+#[tokio::test]
+async fn events_reach_waiting_instances_by_name_or_by_wait_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let config = Arc::new(
+        load_str(
+            WAITING_YAML,
+            dir.path().join("fsm.yaml"),
+            &LoadOptions::default(),
+        )
+        .unwrap()
+        .config,
+    );
+    let token = "a-long-enough-api-token";
+    let state = Arc::new(ServerState {
+        store: Arc::clone(&store) as Arc<dyn phasm::store::Store>,
+        config: Arc::clone(&config),
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        token: Some(token.into()),
+        metrics: None,
+        throttle: Default::default(),
+        allowed_hosts: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    let api = Api { addr, _dir: dir };
+    let auth = Some(token);
+    for name in ["a1", "a2"] {
+        let body = format!(r#"{{"name": "{name}"}}"#);
+        let (code, _) = call(
+            &api,
+            "POST",
+            "/api/machines/Approve/instances",
+            Some(&body),
+            auth,
+        )
+        .await;
+        assert_eq!(code, 201);
+        begin_waiting(&store, &config, name).await;
+    }
+    let (code, body) = call(&api, "GET", "/api/instances/a1", None, auth).await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        json(&body)["waiting"][0]["events"],
+        serde_json::json!(["approved"])
+    );
+
+    let approve = r#"{"event": "approved", "data": {"by": "ana"}, "id": "m-1"}"#;
+    let (code, _) = call(
+        &api,
+        "POST",
+        "/api/instances/a1/events",
+        Some(approve),
+        None,
+    )
+    .await;
+    assert_eq!(code, 401, "the API token is asked for");
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/instances/a1/events",
+        Some(approve),
+        auth,
+    )
+    .await;
+    assert_eq!(
+        (code, json(&body)["delivered"].clone()),
+        (202, 1.into()),
+        "{body}"
+    );
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/instances/a1/events",
+        Some(approve),
+        auth,
+    )
+    .await;
+    assert_eq!(
+        (code, json(&body)["duplicate"].clone()),
+        (200, true.into()),
+        "{body}"
+    );
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/instances/a1/events",
+        Some(r#"{"event": "approved"}"#),
+        auth,
+    )
+    .await;
+    assert_eq!(
+        (code, json(&body)["buffered"].clone()),
+        (202, true.into()),
+        "no wait now: {body}"
+    );
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/instances/a1/events",
+        Some(r#"{"event": "refused"}"#),
+        auth,
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        json(&body)["error"].as_str().unwrap().contains("approved"),
+        "{body}"
+    );
+    for bad in [
+        r#"{"event": "approved", "data": [1]}"#,
+        r#"{"data": {}}"#,
+        r#"{"event": "approved", "extra": 1}"#,
+        "[]",
+    ] {
+        let (code, body) = call(&api, "POST", "/api/instances/a1/events", Some(bad), auth).await;
+        assert_eq!(code, 400, "{bad}: {body}");
+    }
+    let (code, _) = call(
+        &api,
+        "POST",
+        "/api/instances/nobody/events",
+        Some(approve),
+        auth,
+    )
+    .await;
+    assert_eq!(code, 404);
+
+    let view = store.instance("a2").await.unwrap().unwrap();
+    let key = store.wait_key().await.unwrap();
+    let wait_token = phasm::token::wait_token(&key, "a2", &view.waiting[0].task);
+    let path = format!("/api/waits/{wait_token}");
+    let (code, body) = call(&api, "POST", &path, Some(r#"{"event": "approved"}"#), None).await;
+    assert_eq!(code, 202, "the wait token is the credential: {body}");
+    let (code, body) = call(&api, "POST", &path, Some(r#"{"event": "approved"}"#), None).await;
+    assert_eq!(code, 409, "that wait is over: {body}");
+    let forged = format!("/api/waits/{}x", &wait_token[..wait_token.len() - 1]);
+    let (code, _) = call(
+        &api,
+        "POST",
+        &forged,
+        Some(r#"{"event": "approved"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(code, 404);
+}
