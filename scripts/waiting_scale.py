@@ -2,7 +2,8 @@
 """What a million waiting instances cost an idle worker (issue 12, "scale of waiting").
 
 Fills a database with N instances that each wait on a 30-day countdown (their next task is
-due a month from now), starts `phasm worker`, and measures:
+due a month from now) or, with `--waits event`, for an event from outside (a `wait:` state
+without a timeout: a wait task that is never due), starts `phasm worker`, and measures:
 
 - the worker's CPU over `--seconds` while it has nothing to do (utime + stime from /proc);
 - how soon a newly started instance's first step begins: `started_at` of its first
@@ -52,6 +53,16 @@ state_machines:
 
 MONTH_MICROS = 30 * 24 * 3600 * 1_000_000
 
+# The due time of a wait without a timeout (`engine::NEVER`).
+NEVER = 2**63 - 1
+
+# A countdown's task, or a wait's: (name suffix, kind, event, due, accepts).
+def task_shape(waits: str, now: int) -> tuple[str, str, str, int, str | None]:
+    if waits == "event":
+        accepts = '[{"event":"later","name":"NAME--a--later--b--step-1","queue":"default"}]'
+        return "--a--wait--step-1", "wait", "", NEVER, accepts
+    return "--a--later--b--step-1", "dispatch", "later", now + MONTH_MICROS, None
+
 
 def phasm(binary: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """Run phasm to its end; fail loudly when it fails."""
@@ -63,8 +74,9 @@ def phasm(binary: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[st
     return done
 
 
-def fill_sqlite(path: str, count: int, now: int) -> None:
-    """Add `count` instances waiting on a month-long countdown to a SQLite file."""
+def fill_sqlite(path: str, count: int, now: int, waits: str) -> None:
+    """Add `count` waiting instances to a SQLite file."""
+    suffix, kind, event, due, accepts = task_shape(waits, now)
     db = sqlite3.connect(path)
     db.execute("PRAGMA journal_mode = WAL")
     with db:
@@ -76,25 +88,26 @@ def fill_sqlite(path: str, count: int, now: int) -> None:
         )
         db.execute(
             """INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step,
-                                  branch, queue, status, due_at, created_at)
-               SELECT id, name || '--a--later--b--step-1', 'dispatch', 'a', 'later', '{}', 1,
-                      '', 'default', 'ready', ?, ?
+                                  branch, queue, status, due_at, created_at, accepts)
+               SELECT id, name || ?, ?, 'a', ?, '{}', 1, '', 'default', 'ready', ?, ?, ?
                FROM instances WHERE name LIKE 'waiting-%'""",
-            (now + MONTH_MICROS, now),
+            (suffix, kind, event, due, now, accepts),
         )
     db.close()
 
 
-def fill_postgres(url: str, count: int, now: int) -> None:
-    """Add `count` instances waiting on a month-long countdown to a PostgreSQL database."""
+def fill_postgres(url: str, count: int, now: int, waits: str) -> None:
+    """Add `count` waiting instances to a PostgreSQL database."""
+    suffix, kind, event, due, accepts = task_shape(waits, now)
+    accepts_sql = "NULL" if accepts is None else f"'{accepts}'"
     sql = f"""
 INSERT INTO instances (name, machine, status, context, created_at, updated_at)
 SELECT 'waiting-' || i, 'Sleeper', 'running', '{{}}', {now}, {now}
 FROM generate_series(1, {count}) AS i;
 INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
-                   status, due_at, created_at)
-SELECT id, name || '--a--later--b--step-1', 'dispatch', 'a', 'later', '{{}}', 1, '', 'default',
-       'ready', {now + MONTH_MICROS}, {now}
+                   status, due_at, created_at, accepts)
+SELECT id, name || '{suffix}', '{kind}', 'a', '{event}', '{{}}', 1, '', 'default',
+       'ready', {due}, {now}, {accepts_sql}
 FROM instances WHERE name LIKE 'waiting-%';
 ANALYZE;
 """
@@ -125,6 +138,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--starts", type=int, default=10)
     parser.add_argument(
+        "--waits",
+        choices=["countdown", "event"],
+        default="countdown",
+        help="what the instances wait for: a 30-day countdown, or an event (no timeout)",
+    )
+    parser.add_argument(
         "--phasm",
         type=Path,
         default=Path(__file__).resolve().parent.parent / "target/release/phasm",
@@ -137,10 +156,10 @@ def main() -> None:
     now = int(time.time() * 1_000_000)
     began = time.monotonic()
     if args.db.startswith(("postgres://", "postgresql://")):
-        fill_postgres(args.db, args.instances, now)
+        fill_postgres(args.db, args.instances, now, args.waits)
     else:
-        fill_sqlite(args.db, args.instances, now)
-    print(f"{args.instances} waiting instances added in {time.monotonic() - began:.1f}s")
+        fill_sqlite(args.db, args.instances, now, args.waits)
+    print(f"{args.instances} instances waiting for {'an event' if args.waits == 'event' else 'a countdown'} added in {time.monotonic() - began:.1f}s")
     worker = subprocess.Popen(
         [str(args.phasm), "worker", "fsm.yaml", "--db", args.db, "--quiet"],
         cwd=work,

@@ -245,9 +245,14 @@ fn live_part(view: &InstanceView, workers: &[crate::store::WorkerView]) -> Strin
     let mut out =
         format!(
         "<div class=\"cards\"><div class=\"card\">status <strong id=\"status\">{}</strong></div>\
-         <div class=\"card\">{} live · {} parked at fan-ins · {} ended · {} failed{}</div></div>",
+         <div class=\"card\">{} live · {}{} parked at fan-ins · {} ended · {} failed{}</div></div>",
         status_span(view.status),
         b.live,
+        if b.waiting > 0 {
+            format!("{} waiting for events · ", b.waiting)
+        } else {
+            String::new()
+        },
         b.parked,
         b.ended,
         b.failed,
@@ -294,9 +299,47 @@ fn live_part(view: &InstanceView, workers: &[crate::store::WorkerView]) -> Strin
         );
     }
     out.push_str("</table>");
-    if !view.tasks.is_empty() {
+    if !view.waiting.is_empty() {
+        out.push_str("<h2>Waiting for events</h2><table><tr><th>state</th><th>branch</th><th>accepts</th><th>since</th><th>timeout</th></tr>");
+        for w in &view.waiting {
+            let timeout = match (w.deadline, &w.timeout_event) {
+                (Some(at), Some(event)) => format!("{} at {}", esc(event), rfc3339(at)),
+                _ => "none".to_string(),
+            };
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{timeout}</td></tr>",
+                esc(&w.state),
+                esc(&w.branch),
+                esc(&w.events.join(", ")),
+                rfc3339(w.since),
+            );
+        }
+        out.push_str("</table>");
+    }
+    if !view.buffered.is_empty() {
+        out.push_str("<h2>Events kept for a later wait</h2><table><tr><th>event</th><th>id</th><th>at</th></tr>");
+        for e in &view.buffered {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&e.event),
+                esc(e.id.as_deref().unwrap_or("")),
+                rfc3339(e.at),
+            );
+        }
+        out.push_str("</table>");
+    }
+    let waits: std::collections::HashSet<&str> =
+        view.waiting.iter().map(|w| w.task.as_str()).collect();
+    let pending: Vec<_> = view
+        .tasks
+        .iter()
+        .filter(|t| !waits.contains(t.name.as_str()))
+        .collect();
+    if !pending.is_empty() {
         out.push_str("<h2>Pending</h2><table><tr><th>from</th><th>event</th><th>status</th><th>attempts</th><th>due</th><th>last error</th></tr>");
-        for t in &view.tasks {
+        for t in pending {
             let _ = write!(
                 out,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"err\">{}</td></tr>",

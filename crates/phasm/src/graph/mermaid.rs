@@ -56,6 +56,9 @@ pub fn to_mermaid(machine: &Machine) -> String {
         super::CONTINUATION_FILL
     );
     let _ = writeln!(out, "    classDef fanin fill:{}", super::FAN_IN_FILL);
+    if machine.states.iter().any(|s| s.wait.is_some()) {
+        let _ = writeln!(out, "    classDef waiting fill:{}", super::WAIT_FILL);
+    }
     for (state, sid) in machine.states.iter().zip(&ids) {
         if state.initial {
             let _ = writeln!(out, "    class {sid} initial");
@@ -64,6 +67,8 @@ pub fn to_mermaid(machine: &Machine) -> String {
             let _ = writeln!(out, "    class {sid} continuation");
         } else if state.fan_in.is_some() {
             let _ = writeln!(out, "    class {sid} fanin");
+        } else if state.wait.is_some() {
+            let _ = writeln!(out, "    class {sid} waiting");
         }
     }
     out

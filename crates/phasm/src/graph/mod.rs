@@ -21,6 +21,8 @@ const INITIAL_COLOR: &str = "#2e7d32";
 const CONTINUATION_FILL: &str = "#dbeafe";
 /// Fill of fan-in states.
 const FAN_IN_FILL: &str = "#fef3c7";
+/// Fill of waiting states (`wait:`).
+const WAIT_FILL: &str = "#ede9fe";
 /// Fill of the states an instance's branches are in now (the console's instance page).
 const HIGHLIGHT_FILL: &str = "#fb923c";
 /// Fill of every other state.
@@ -42,7 +44,26 @@ fn badge(state: &State) -> Option<String> {
     if let Some(group) = &state.fan_in_group {
         parts.push(format!("by {group}"));
     }
+    if let Some(wait) = &state.wait {
+        parts.push(match wait.timeout {
+            Some(d) => format!("waits, {} after {}", wait.timeout_event, short(d)),
+            None => "waits".to_string(),
+        });
+    }
     (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// A duration in its largest whole unit (`72h`, `90s`), for labels.
+fn short(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if d.subsec_nanos() != 0 => format!("{}ms", d.as_millis()),
+        0 => "0s".to_string(),
+        _ if s % 86_400 == 0 => format!("{}d", s / 86_400),
+        _ if s % 3_600 == 0 => format!("{}h", s / 3_600),
+        _ if s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
 }
 
 /// The fill of a state's box.
@@ -51,6 +72,8 @@ fn fill(state: &State) -> &'static str {
         CONTINUATION_FILL
     } else if state.fan_in.is_some() {
         FAN_IN_FILL
+    } else if state.wait.is_some() {
+        WAIT_FILL
     } else {
         PLAIN_FILL
     }
