@@ -330,13 +330,7 @@ fn live_part(view: &InstanceView, workers: &[crate::store::WorkerView]) -> Strin
         }
         out.push_str("</table>");
     }
-    let waits: std::collections::HashSet<&str> =
-        view.waiting.iter().map(|w| w.task.as_str()).collect();
-    let pending: Vec<_> = view
-        .tasks
-        .iter()
-        .filter(|t| !waits.contains(t.name.as_str()))
-        .collect();
+    let pending: Vec<_> = view.tasks.iter().filter(|t| !view.is_wait(t)).collect();
     if !pending.is_empty() {
         out.push_str("<h2>Pending</h2><table><tr><th>from</th><th>event</th><th>status</th><th>attempts</th><th>due</th><th>last error</th></tr>");
         for t in pending {

@@ -178,13 +178,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
             outln!("  {}{id} at {}", e.event, time(e.at));
         }
     }
-    let waits: std::collections::HashSet<&str> =
-        view.waiting.iter().map(|w| w.task.as_str()).collect();
-    let pending: Vec<_> = view
-        .tasks
-        .iter()
-        .filter(|t| !waits.contains(t.name.as_str()))
-        .collect();
+    let pending: Vec<_> = view.tasks.iter().filter(|t| !view.is_wait(t)).collect();
     if !pending.is_empty() {
         outln!("pending");
         for t in pending {

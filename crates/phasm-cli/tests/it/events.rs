@@ -63,10 +63,9 @@ fn until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// SIGKILL (what `Child::kill` sends on Unix), then reap.
 fn kill(mut child: Child) {
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
+    child.kill().expect("SIGKILL");
     let _ = child.wait();
 }
 

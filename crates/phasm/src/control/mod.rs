@@ -413,13 +413,11 @@ pub fn history_json(h: &HistoryEntry) -> serde_json::Value {
 /// `workers` (those alive now) say which pending steps no worker will take (`unserved`).
 pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json::Value {
     let history: Vec<serde_json::Value> = view.history.iter().map(history_json).collect();
-    let waits: std::collections::HashSet<&str> =
-        view.waiting.iter().map(|w| w.task.as_str()).collect();
     let tasks: Vec<serde_json::Value> = view
         .tasks
         .iter()
         .map(|t| {
-            let waiting = waits.contains(t.name.as_str());
+            let waiting = view.is_wait(t);
             serde_json::json!({
                 "task": t.name,
                 "from": t.from,

@@ -149,10 +149,16 @@ pub async fn send(
             (instance, Some(wait))
         }
     };
-    let Some(view) = store.instance(&instance).await? else {
-        return Err(SendError::NotFound(instance));
+    // The instance's machine is read only to check the event against it; without the
+    // configuration the delivery itself answers for an unknown instance.
+    let machine = match config {
+        Some(config) => match store.instance(&instance).await? {
+            Some(view) => config.machine(&view.machine),
+            None => return Err(SendError::NotFound(instance)),
+        },
+        None => None,
     };
-    if let Some(machine) = config.and_then(|c| c.machine(&view.machine)) {
+    if let Some(machine) = machine {
         let waiting: Vec<&str> = machine
             .states
             .iter()

@@ -210,6 +210,17 @@ pub struct NewWait {
     pub accepts: Vec<Accept>,
 }
 
+impl NewWait {
+    /// The dispatch that replaces this wait when `event` arrives with `data`, if the wait
+    /// accepts the event (see [`Accept::dispatch`]).
+    pub fn dispatch(&self, event: &str, data: &Context, now: Micros) -> Option<NewTask> {
+        self.accepts
+            .iter()
+            .find(|a| a.event == event)
+            .map(|a| a.dispatch(&self.task, data, now))
+    }
+}
+
 /// How one event a waiting branch accepts is dispatched: everything of the dispatch task
 /// that differs from the wait task, fixed when the wait begins, so that a store delivers an
 /// event without knowing the machine.
@@ -238,9 +249,7 @@ impl Accept {
     /// with `data` merged into its context (top-level keys replace), due `delay` after `now`.
     pub fn dispatch(&self, wait: &NewTask, data: &Context, now: Micros) -> NewTask {
         let mut context = wait.context.clone();
-        for (k, v) in data {
-            context.insert(k.clone(), v.clone());
-        }
+        context.extend(data.clone());
         NewTask {
             name: self.name.clone(),
             from_state: wait.from_state.clone(),

@@ -613,6 +613,14 @@ pub struct InstanceView {
     pub buffered: Vec<BufferedEvent>,
 }
 
+impl InstanceView {
+    /// Whether a pending task is the wait of a branch listed in [`InstanceView::waiting`],
+    /// rather than a step for a worker to run.
+    pub fn is_wait(&self, task: &TaskView) -> bool {
+        self.waiting.iter().any(|w| w.task == task.name)
+    }
+}
+
 /// Where an instance's branches are, counted from its pending tasks, parked items and
 /// history (no counter row that every branch would have to update).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -635,25 +643,72 @@ pub struct BranchCounts {
     pub waiting: u64,
 }
 
-/// The dispatch of `event` that replaces the wait task `wait` (named `name`, with its stored
-/// `accepts`), if the wait accepts the event: for the backends' deliveries.
-pub(crate) fn accepted(
-    name: &str,
-    accepts: Option<&str>,
-    wait: &NewTask,
-    event: &str,
-    data: &Context,
-    now: Micros,
-) -> StoreResult<Option<NewTask>> {
-    let accepts: Vec<crate::engine::Accept> = match accepts {
+/// A store's wait-token key once read (it never changes after the database is made), so a
+/// worker entering waits and a server checking tokens read it once. Its `Debug` shows no key.
+#[derive(Default)]
+pub(crate) struct WaitKeyCache(std::sync::OnceLock<Vec<u8>>);
+
+impl WaitKeyCache {
+    /// The key, read with `read` the first time.
+    pub(crate) async fn get(
+        &self,
+        read: impl std::future::Future<Output = StoreResult<Vec<u8>>>,
+    ) -> StoreResult<Vec<u8>> {
+        if let Some(key) = self.0.get() {
+            return Ok(key.clone());
+        }
+        let key = read.await?;
+        Ok(self.0.get_or_init(|| key).clone())
+    }
+}
+
+impl std::fmt::Debug for WaitKeyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "WaitKeyCache(read)"
+        } else {
+            "WaitKeyCache(unread)"
+        })
+    }
+}
+
+/// A wait task's stored `accepts` column (see [`crate::engine::Accept`]); `task` names the
+/// task in the error when it does not read back.
+fn parse_accepts(task: &str, accepts: Option<&str>) -> StoreResult<Vec<crate::engine::Accept>> {
+    match accepts {
         Some(text) => serde_json::from_str(text)
-            .map_err(|e| StoreError::Corrupt(format!("wait task `{name}`: accepts: {e}")))?,
-        None => Vec::new(),
-    };
-    Ok(accepts
-        .iter()
-        .find(|a| a.event == event)
-        .map(|a| a.dispatch(wait, data, now)))
+            .map_err(|e| StoreError::Corrupt(format!("wait task `{task}`: accepts: {e}"))),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// A wait task read back from its row, as the wait the commit that began it queued: the
+/// columns a delivery needs (the others do not shape the event's dispatch).
+pub(crate) fn stored_wait(
+    name: String,
+    from_state: Option<String>,
+    context: Context,
+    step: u64,
+    branch: String,
+    accepts: Option<&str>,
+) -> StoreResult<crate::engine::NewWait> {
+    let accepts = parse_accepts(&name, accepts)?;
+    Ok(crate::engine::NewWait {
+        task: NewTask {
+            name,
+            from_state,
+            event: String::new(),
+            kind: crate::engine::TaskKind::Wait,
+            context,
+            step,
+            branch,
+            queue: String::new(),
+            target: None,
+            due_at: crate::engine::NEVER,
+            token: None,
+        },
+        accepts,
+    })
 }
 
 /// A wait task's row as a [`WaitView`]: `event` is its timeout event (`""` without one),
@@ -667,11 +722,7 @@ pub(crate) fn wait_view(
     accepts: Option<&str>,
     since: Micros,
 ) -> StoreResult<WaitView> {
-    let accepts: Vec<crate::engine::Accept> = match accepts {
-        Some(text) => serde_json::from_str(text)
-            .map_err(|e| StoreError::Corrupt(format!("wait task `{task}`: accepts: {e}")))?,
-        None => Vec::new(),
-    };
+    let accepts = parse_accepts(&task, accepts)?;
     Ok(WaitView {
         state: state.unwrap_or_default(),
         branch,

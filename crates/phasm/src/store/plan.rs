@@ -167,11 +167,7 @@ impl WaitStart<'_> {
     /// The dispatch that replaces the wait when `event` (one of [`WaitStart::events`]) is
     /// found buffered with `data`.
     pub fn take(&self, event: &str, data: &Context, now: Micros) -> Option<NewTask> {
-        self.wait
-            .accepts
-            .iter()
-            .find(|a| a.event == event)
-            .map(|a| a.dispatch(&self.wait.task, data, now))
+        self.wait.dispatch(event, data, now)
     }
 }
 

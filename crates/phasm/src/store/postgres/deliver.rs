@@ -42,23 +42,15 @@ pub(super) async fn deliver(
         .map_err(pg)?;
     let mut taken = 0u32;
     for row in &waits {
-        let name: String = row.get(1);
-        let wait = NewTask {
-            name: name.clone(),
-            from_state: row.get(2),
-            event: String::new(),
-            kind: TaskKind::Wait,
-            context: from_json(row.get(3))?,
-            step: count(row.get(4)),
-            branch: row.get(5),
-            queue: String::new(),
-            target: None,
-            due_at: now,
-            token: None,
-        };
-        let accepts: Option<&str> = row.get(6);
-        let Some(dispatch) = super::super::accepted(&name, accepts, &wait, &d.event, &d.data, now)?
-        else {
+        let wait = super::super::stored_wait(
+            row.get(1),
+            row.get(2),
+            from_json(row.get(3))?,
+            count(row.get(4)),
+            row.get(5),
+            row.get(6),
+        )?;
+        let Some(dispatch) = wait.dispatch(&d.event, &d.data, now) else {
             continue;
         };
         // A claim committed meanwhile (the timeout began) makes this match nothing: then the

@@ -83,6 +83,8 @@ pub struct PostgresStore {
     /// The task that listens for `NOTIFY phasm` on a connection of its own; stopped (and its
     /// connection closed) when the last clone of the store goes.
     _listener: Arc<StopOnDrop>,
+    /// The wait-token key, once read (it never changes).
+    wait_key: Arc<super::WaitKeyCache>,
 }
 
 /// Aborts a task when dropped.
@@ -214,6 +216,7 @@ impl PostgresStore {
             changes: Arc::new(Notify::new()),
             settling: Arc::default(),
             _listener: Arc::default(),
+            wait_key: Arc::default(),
         };
         store.migrate().await?;
         let listener = tokio::spawn(listen(config, Arc::clone(&store.changes)));
@@ -469,7 +472,7 @@ impl WorkStore for PostgresStore {
     }
 
     async fn wait_key(&self) -> StoreResult<Vec<u8>> {
-        deliver::wait_key(self).await
+        self.wait_key.get(deliver::wait_key(self)).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {

@@ -47,12 +47,13 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
         .map_err(db)?;
     let mut taken = 0u32;
     for row in waits {
+        let id = row.id;
         let Some(dispatch) = row.dispatch(&d.event, &d.data, now)? else {
             continue;
         };
         tx.prepare_cached("DELETE FROM tasks WHERE id = ?1 AND lease_owner IS NULL")
             .map_err(db)?
-            .execute([row.id])
+            .execute([id])
             .map_err(db)?;
         insert_task(tx, instance_id, &dispatch, now, None)?;
         taken += 1;
@@ -95,21 +96,16 @@ struct WaitRow {
 
 impl WaitRow {
     /// The dispatch of `event` that replaces this wait, if it accepts the event.
-    fn dispatch(&self, event: &str, data: &Context, now: Micros) -> StoreResult<Option<NewTask>> {
-        let wait = NewTask {
-            name: self.name.clone(),
-            from_state: self.from_state.clone(),
-            event: String::new(),
-            kind: TaskKind::Wait,
-            context: from_json(&self.context)?,
-            step: count(self.step),
-            branch: self.branch.clone(),
-            queue: String::new(),
-            target: None,
-            due_at: now,
-            token: None,
-        };
-        super::super::accepted(&self.name, self.accepts.as_deref(), &wait, event, data, now)
+    fn dispatch(self, event: &str, data: &Context, now: Micros) -> StoreResult<Option<NewTask>> {
+        let wait = super::super::stored_wait(
+            self.name,
+            self.from_state,
+            from_json(&self.context)?,
+            count(self.step),
+            self.branch,
+            self.accepts.as_deref(),
+        )?;
+        Ok(wait.dispatch(event, data, now))
     }
 }
 

@@ -125,6 +125,8 @@ pub struct SqliteStore {
     /// Commits of other processes wake `changes` too (see `watch`).
     watched: bool,
     path: PathBuf,
+    /// The wait-token key, once read (it never changes).
+    wait_key: Arc<super::WaitKeyCache>,
 }
 
 type Reply<T> = oneshot::Sender<StoreResult<T>>;
@@ -186,6 +188,7 @@ impl SqliteStore {
             changes,
             watched,
             path,
+            wait_key: Arc::default(),
         })
     }
 
@@ -291,7 +294,7 @@ impl WorkStore for SqliteStore {
     }
 
     async fn wait_key(&self) -> StoreResult<Vec<u8>> {
-        self.read(Request::WaitKey).await
+        self.wait_key.get(self.read(Request::WaitKey)).await
     }
 
     async fn next_due(&self) -> StoreResult<Option<Micros>> {
