@@ -49,6 +49,7 @@ pub mod diagnostic;
 pub mod engine;
 pub mod graph;
 pub mod machine;
+pub mod schedule;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod store;

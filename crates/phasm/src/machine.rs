@@ -32,6 +32,8 @@ pub struct Config {
     /// Python actions (`python:`): with it, every action name no other binding or Rust
     /// handler takes is a Python class or function run by phasm's action hosts.
     pub python: Option<PythonSettings>,
+    /// Instances started on a clock (`schedules:`), from all files.
+    pub schedules: Vec<crate::schedule::Schedule>,
 }
 
 impl Config {

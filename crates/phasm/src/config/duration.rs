@@ -71,6 +71,20 @@ pub(crate) fn format(d: Duration) -> String {
     }
 }
 
+/// A duration for people: its largest whole unit (`10m`, `2h`, `1d`, `90s`, `1500ms`).
+pub(crate) fn human(d: Duration) -> String {
+    if d.subsec_nanos() != 0 || d.is_zero() {
+        return format!("{}ms", d.as_millis());
+    }
+    let secs = d.as_secs();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs % size == 0 {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use crate::machine::{
     ActionBinding, Config, Countdown, FanIn, Logging, Machine, Rate, RetrySettings, State,
     Transition,
 };
+use crate::schedule::{Overlap, Schedule, Timing};
 
 /// Write a configuration as one self-contained machine file (imports are already inlined).
 pub fn to_yaml(config: &Config) -> String {
@@ -94,11 +95,37 @@ pub fn to_yaml(config: &Config) -> String {
             }
         }
     }
+    if !config.schedules.is_empty() {
+        out.push_str("schedules:\n");
+        for s in &config.schedules {
+            schedule(&mut out, s);
+        }
+    }
     out.push_str("state_machines:\n");
     for m in &config.machines {
         machine(&mut out, m);
     }
     out
+}
+
+fn schedule(out: &mut String, s: &Schedule) {
+    let _ = writeln!(out, "- name: {}", scalar(&s.name));
+    line(out, 2, "machine", &scalar(&s.machine));
+    match &s.timing {
+        Timing::Cron { expression, .. } => line(out, 2, "cron", &quoted(expression)),
+        Timing::Every(every) => line(out, 2, "every", &duration::format(*every)),
+    }
+    if s.timezone_written {
+        line(out, 2, "timezone", &quoted(s.timezone.name()));
+    }
+    if !s.context.is_empty() {
+        // JSON is YAML's flow style, and reads back as the same values.
+        let json = serde_json::to_string(&s.context).unwrap_or_else(|_| "{}".into());
+        line(out, 2, "context", &json);
+    }
+    if s.overlap != Overlap::default() {
+        line(out, 2, "overlap", s.overlap.as_str());
+    }
 }
 
 fn page_keys(out: &mut String, batch: u32, into: &str, event: Option<&str>) {

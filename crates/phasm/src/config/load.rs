@@ -27,6 +27,7 @@ const TOP_KEYS: &[&str] = &[
     "actions",
     "queues",
     "python",
+    "schedules",
 ];
 
 /// Load a file from disk, with its imports.
@@ -78,6 +79,7 @@ pub(crate) fn load_text(
         action_spans: HashMap::new(),
         queue_spans: HashMap::new(),
         python_span: None,
+        schedule_spans: Vec::new(),
     };
     asm.file(&mut cx, root, false);
     asm.finish(&mut cx, options);
@@ -277,6 +279,7 @@ struct Assembler<'a> {
     action_spans: HashMap<String, Span>,
     queue_spans: HashMap<String, Span>,
     python_span: Option<Span>,
+    schedule_spans: Vec<super::read::ObjSpans>,
 }
 
 impl Assembler<'_> {
@@ -320,6 +323,12 @@ impl Assembler<'_> {
         }
         if let Some(node) = top.get("python") {
             self.python(cx, node, top.spans().key("python"), file);
+        }
+        if let Some(node) = top.get("schedules") {
+            for (schedule, spans) in super::schedules::read(cx, node) {
+                self.config.schedules.push(schedule);
+                self.schedule_spans.push(spans);
+            }
         }
         let Some(list) = top.get("state_machines") else {
             cx.error(
@@ -691,11 +700,47 @@ impl Assembler<'_> {
         if !self.config.queues.is_empty() {
             self.undeclared_queues(cx);
         }
+        self.check_schedules(cx);
         // With a `python:` section every other name is a Python action, checked when a
         // worker starts its hosts.
         let unbound_check = options.strict || (options.warn_unbound && cx.error_count() == 0);
         if unbound_check && self.config.python.is_none() {
             self.unbound_actions(cx, &options.registered_actions, options.strict);
+        }
+    }
+
+    /// Schedule names are unique, and each starts a machine of the configuration.
+    fn check_schedules(&self, cx: &mut Cx<'_>) {
+        let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, s) in self.config.schedules.iter().enumerate() {
+            let spans = &self.schedule_spans[i];
+            if let Some(&first) = seen.get(s.name.as_str()) {
+                let first = cx
+                    .sources
+                    .location(self.schedule_spans[first].value("name"));
+                cx.error(
+                    spans.value("name"),
+                    format!("two schedules are named `{}`", s.name),
+                    Some(format!("the first is at {}:{}", first.file, first.line)),
+                );
+            } else {
+                seen.insert(&s.name, i);
+            }
+            if self.config.machine(&s.machine).is_none() && !self.config.machines.is_empty() {
+                let names = self.config.machines.iter().map(|m| m.name.as_str());
+                let label = suggest(&s.machine, names).map_or_else(
+                    || "name a machine of this file or its imports".to_string(),
+                    |m| format!("did you mean `{m}`?"),
+                );
+                cx.error(
+                    spans.value("machine"),
+                    format!(
+                        "schedule `{}` starts machine `{}`, which does not exist",
+                        s.name, s.machine
+                    ),
+                    Some(label),
+                );
+            }
         }
     }
 

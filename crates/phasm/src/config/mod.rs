@@ -11,6 +11,7 @@ mod duration;
 mod emit;
 mod load;
 mod read;
+mod schedules;
 mod source;
 mod yaml;
 
@@ -95,6 +96,11 @@ pub struct LoadOptions {
 /// A message saying why the text is not a duration.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     duration::parse(text)
+}
+
+/// Write a duration for people, in its largest whole unit (`10m`, `2h`, `1d`).
+pub fn format_duration(d: std::time::Duration) -> String {
+    duration::human(d)
 }
 
 /// Load and validate a machine file and the files it imports.

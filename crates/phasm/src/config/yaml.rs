@@ -82,6 +82,44 @@ impl Node {
         }
     }
 
+    /// The node as a JSON value, plain scalars resolved as YAML's core schema does (`3` is a
+    /// number, `true` a boolean, `~` null; quoted text is always a string).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match &self.kind {
+            _ if self.is_null() => Value::Null,
+            NodeKind::Scalar { text, plain: false } => Value::String(text.clone()),
+            NodeKind::Scalar { text, plain: true } => match text.as_str() {
+                "true" | "True" | "TRUE" => Value::Bool(true),
+                "false" | "False" | "FALSE" => Value::Bool(false),
+                t => t
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .ok()
+                    .or_else(|| {
+                        t.parse::<f64>()
+                            .ok()
+                            .filter(|f| {
+                                f.is_finite()
+                                    && t.starts_with(|c: char| {
+                                        c.is_ascii_digit() || c == '-' || c == '+' || c == '.'
+                                    })
+                            })
+                            .and_then(serde_json::Number::from_f64)
+                            .map(Value::Number)
+                    })
+                    .unwrap_or_else(|| Value::String(text.clone())),
+            },
+            NodeKind::Seq(items) => Value::Array(items.iter().map(Node::to_json).collect()),
+            NodeKind::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.scalar().unwrap_or_default().to_string(), v.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+
     /// A short description of what this node is, for "expected X, found Y" messages.
     pub fn describe(&self) -> &'static str {
         match &self.kind {

@@ -210,6 +210,53 @@ pub enum Delivered {
     WaitOver,
 }
 
+/// A schedule's tick to fire (see [`WorkStore::fire_schedule`]).
+#[derive(Debug, Clone)]
+pub struct ScheduleTick {
+    /// The schedule's name.
+    pub schedule: String,
+    /// The tick (see [`crate::schedule::Schedule::latest_tick`]).
+    pub tick: Micros,
+    /// Start nothing while the schedule's last instance still runs (`overlap: skip`).
+    pub skip_if_running: bool,
+    /// The instance the tick starts (named by
+    /// [`crate::schedule::Schedule::instance_name`]).
+    pub instance: NewInstance,
+}
+
+/// What [`WorkStore::fire_schedule`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fired {
+    /// The store had not seen the schedule: this tick is recorded as its last and nothing
+    /// starts (a new schedule begins with its next tick, not with one from the past).
+    Registered,
+    /// The tick's instance was started ([`Started::Existing`] if its name existed already).
+    Started(Started),
+    /// This tick, or a later one, fired already (another worker fired it).
+    AlreadyFired,
+    /// `overlap: skip` and the schedule's last instance still runs: nothing started, and the
+    /// tick counts as fired.
+    Skipped {
+        /// The instance still running.
+        running: String,
+    },
+}
+
+/// What the store knows of a schedule: the last tick that fired.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScheduleRecord {
+    /// The schedule's name.
+    pub name: String,
+    /// The last tick fired (or skipped, or the tick at which the schedule was first seen).
+    pub last_tick: Micros,
+    /// The instance the last started tick started.
+    pub last_instance: Option<String>,
+    /// That instance's status (`None`: no instance yet, or it was scrubbed).
+    pub last_status: Option<InstanceStatus>,
+    /// When the record last changed.
+    pub updated_at: Micros,
+}
+
 /// A branch waiting for an event, as shown by `phasm status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WaitView {
@@ -912,6 +959,12 @@ pub trait WorkStore: Send + Sync + std::fmt::Debug {
     /// [`Delivered`] for the answers.
     async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered>;
 
+    /// Fire a schedule's tick, in one transaction that every worker of every process goes
+    /// through: a tick fires only if it is later than the last one recorded for the schedule
+    /// (the fence), so each tick starts at most one instance however many workers fire it,
+    /// and a tick earlier than one already fired never does. See [`Fired`] for the answers.
+    async fn fire_schedule(&self, now: Micros, tick: &ScheduleTick) -> StoreResult<Fired>;
+
     /// The key that signs wait tokens (see [`crate::token`]): random, made when the database
     /// was created, the same for every process using it.
     async fn wait_key(&self) -> StoreResult<Vec<u8>>;
@@ -978,6 +1031,9 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
 
     /// Pending work per queue and parked branches, for metrics.
     async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;
+
+    /// Every schedule the store has fired (or seen), by name.
+    async fn schedules(&self) -> StoreResult<Vec<ScheduleRecord>>;
 }
 
 /// Acting on instances (retry, cancel), housekeeping (scrub) and measuring the backend.

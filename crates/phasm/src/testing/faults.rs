@@ -156,6 +156,19 @@ impl WorkStore for FaultyStore {
         Ok(applied)
     }
 
+    async fn fire_schedule(
+        &self,
+        now: Micros,
+        tick: &crate::store::ScheduleTick,
+    ) -> StoreResult<crate::store::Fired> {
+        self.before("fire a schedule").await?;
+        let fired = self.inner.fire_schedule(now, tick).await?;
+        if self.lose_reply() {
+            return Err(injected("the tick fired but the answer was lost"));
+        }
+        Ok(fired)
+    }
+
     async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
         self.before("deliver").await?;
         let delivered = self.inner.deliver(now, delivery).await?;
@@ -227,6 +240,10 @@ impl ReadStore for FaultyStore {
 
     async fn stats(&self, now: Micros) -> StoreResult<StoreStats> {
         self.inner.stats(now).await
+    }
+
+    async fn schedules(&self) -> StoreResult<Vec<crate::store::ScheduleRecord>> {
+        self.inner.schedules().await
     }
 }
 

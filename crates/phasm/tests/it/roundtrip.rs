@@ -373,6 +373,7 @@ fn config() -> impl Strategy<Value = Config> {
                         working_dir: dir.clone(),
                         path_as_written: path,
                     }),
+                    schedules: Vec::new(),
                 }
             },
         )
@@ -400,4 +401,42 @@ fn http_and_built_in_bindings_round_trip() {
         .unwrap()
         .config;
     assert_eq!(first, again);
+}
+
+#[test]
+fn schedules_round_trip() {
+    let yaml = r#"schedules:
+- name: nightly-report
+  machine: M
+  cron: "0 3 * * MON-FRI"
+  timezone: Europe/Paris
+  context: {kind: nightly, n: "3", ratio: 0.5, on: true, list: [1, "2"], deep: {a: ~}}
+  overlap: allow
+- name: often
+  machine: M
+  every: 10m
+state_machines:
+- name: M
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: A
+"#;
+    let first = load_str(yaml, PATH, &LoadOptions::default())
+        .unwrap()
+        .config;
+    assert_eq!(first.schedules.len(), 2);
+    let context = &first.schedules[0].context;
+    assert_eq!(context["kind"], "nightly");
+    assert_eq!(context["n"], "3", "quoted text stays a string");
+    assert_eq!(context["ratio"], 0.5);
+    assert_eq!(context["on"], true);
+    assert_eq!(context["list"], serde_json::json!([1, "2"]));
+    assert_eq!(context["deep"], serde_json::json!({"a": null}));
+    let yaml = to_yaml(&first);
+    let again = load_str(&yaml, PATH, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"))
+        .config;
+    assert_eq!(first, again, "{yaml}");
 }

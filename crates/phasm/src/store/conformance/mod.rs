@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use futures_util::future::LocalBoxFuture;
 
+mod schedules;
 mod waits;
+pub use schedules::*;
 pub use waits::*;
 
 use crate::engine::{
@@ -86,6 +88,8 @@ checks!(
     events_to_an_ended_or_unknown_instance_are_refused,
     a_wait_without_timeout_is_never_due_even_after_a_retry,
     a_token_addressed_delivery_reaches_only_its_wait,
+    each_schedule_tick_starts_one_instance_and_never_goes_back,
+    a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

@@ -594,6 +594,27 @@ pub(super) async fn start_many(
 ) -> StoreResult<Vec<Started>> {
     let mut client = store.client().await?;
     let tx = begin(&mut client).await?;
+    let answers = start_in(&tx, now, &instances).await?;
+    let created = answers.contains(&Started::Created);
+    if created {
+        tx.execute("SELECT pg_notify('phasm', '')", &[])
+            .await
+            .map_err(pg)?;
+    }
+    tx.commit().await.map_err(pg)?;
+    if created {
+        store.changes.notify_waiters();
+    }
+    Ok(answers)
+}
+
+/// [`start_many`] inside a transaction (which the caller commits, notifying workers when an
+/// instance was created).
+pub(super) async fn start_in(
+    tx: &Transaction<'_>,
+    now: Micros,
+    instances: &[NewInstance],
+) -> StoreResult<Vec<Started>> {
     let names: Vec<&str> = instances.iter().map(|n| n.name.as_str()).collect();
     let machines: Vec<&str> = instances.iter().map(|n| n.machine.as_str()).collect();
     let contexts = instances
@@ -621,7 +642,7 @@ pub(super) async fn start_many(
     let mut made = std::collections::HashMap::new();
     let mut ids = Vec::with_capacity(created.len());
     let mut tasks = Vec::with_capacity(created.len());
-    for new in &instances {
+    for new in instances {
         match created.remove(&new.name) {
             Some(id) => {
                 made.insert(new.name.as_str(), new.machine.as_str());
@@ -633,7 +654,7 @@ pub(super) async fn start_many(
         }
     }
     if !tasks.is_empty() {
-        insert_tasks(&tx, &ids, &tasks, now).await?;
+        insert_tasks(tx, &ids, &tasks, now).await?;
     }
     let mut existing = std::collections::HashMap::new();
     let others: Vec<&str> = names
@@ -653,15 +674,6 @@ pub(super) async fn start_many(
             let name: String = r.get(0);
             existing.insert(name, (r.get::<_, String>(1), parse_status(r.get(2))?));
         }
-    }
-    if !tasks.is_empty() {
-        tx.execute("SELECT pg_notify('phasm', '')", &[])
-            .await
-            .map_err(pg)?;
-    }
-    tx.commit().await.map_err(pg)?;
-    if !tasks.is_empty() {
-        store.changes.notify_waiters();
     }
     instances
         .iter()

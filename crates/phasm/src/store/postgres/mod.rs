@@ -20,6 +20,7 @@ mod apply;
 mod claim;
 mod deliver;
 mod read;
+mod schedule;
 mod schema;
 
 #[allow(unused_imports)]
@@ -467,6 +468,14 @@ impl WorkStore for PostgresStore {
         apply::apply(self, now, &commit, successors).await
     }
 
+    async fn fire_schedule(
+        &self,
+        now: Micros,
+        tick: &super::ScheduleTick,
+    ) -> StoreResult<super::Fired> {
+        schedule::fire_schedule(self, now, tick).await
+    }
+
     async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
         deliver::deliver(self, now, delivery).await
     }
@@ -524,6 +533,10 @@ impl ReadStore for PostgresStore {
 
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
         read::logs_page(self, name, page).await
+    }
+
+    async fn schedules(&self) -> StoreResult<Vec<super::ScheduleRecord>> {
+        schedule::schedules(self).await
     }
 
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {

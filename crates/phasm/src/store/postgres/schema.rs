@@ -1,7 +1,7 @@
 //! The schema and its migrations.
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -155,6 +155,16 @@ CREATE TABLE phasm_keys (
 );
 INSERT INTO phasm_keys (name, value)
 VALUES ('wait_token', replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''));
+",
+    r"
+-- Schedules: the last tick each fired. A tick fires only when it is later than `last_tick`,
+-- which every worker checks and moves in one transaction, the row locked (the fence).
+CREATE TABLE schedules (
+    name          TEXT PRIMARY KEY,
+    last_tick     BIGINT NOT NULL,
+    last_instance TEXT,
+    updated_at    BIGINT NOT NULL
+);
 ",
 ];
 

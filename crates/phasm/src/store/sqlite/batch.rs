@@ -151,6 +151,8 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::NextDue(r) => drop(r.send(Err(err()))),
         Request::Deliver(_, _, r) => drop(r.send(Err(err()))),
         Request::WaitKey(r) => drop(r.send(Err(err()))),
+        Request::FireSchedule(_, _, r) => drop(r.send(Err(err()))),
+        Request::Schedules(r) => drop(r.send(Err(err()))),
         Request::Instance(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
         Request::Logs(_, r) => drop(r.send(Err(err()))),
@@ -204,6 +206,10 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
             pending(reply, scoped(tx, |tx| deliver(tx, now, &delivery)))
         }
         Request::WaitKey(reply) => pending(reply, wait_key(tx)),
+        Request::FireSchedule(now, tick, reply) => {
+            pending(reply, scoped(tx, |tx| fire_schedule(tx, now, &tick)))
+        }
+        Request::Schedules(reply) => pending(reply, schedules(tx)),
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),
         Request::Logs(name, reply) => pending(reply, logs(tx, &name)),

@@ -18,6 +18,7 @@ mod batch;
 mod claim;
 mod deliver;
 mod read;
+mod schedule;
 mod schema;
 mod watch;
 
@@ -33,6 +34,8 @@ use claim::*;
 use deliver::*;
 #[allow(unused_imports)]
 use read::*;
+#[allow(unused_imports)]
+use schedule::*;
 #[allow(unused_imports)]
 use schema::*;
 #[allow(unused_imports)]
@@ -145,6 +148,8 @@ enum Request {
     NextDue(Reply<Option<Micros>>),
     Deliver(Micros, Box<Delivery>, Reply<Delivered>),
     WaitKey(Reply<Vec<u8>>),
+    FireSchedule(Micros, Box<super::ScheduleTick>, Reply<super::Fired>),
+    Schedules(Reply<Vec<super::ScheduleRecord>>),
     Instance(String, Reply<Option<InstanceView>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
     Logs(String, Reply<Vec<LogLine>>),
@@ -293,6 +298,19 @@ impl WorkStore for SqliteStore {
         Ok(delivered)
     }
 
+    async fn fire_schedule(
+        &self,
+        now: Micros,
+        tick: &super::ScheduleTick,
+    ) -> StoreResult<super::Fired> {
+        let tick = Box::new(tick.clone());
+        let fired = self.call(|r| Request::FireSchedule(now, tick, r)).await?;
+        if matches!(fired, super::Fired::Started(Started::Created)) {
+            self.changes.notify_waiters();
+        }
+        Ok(fired)
+    }
+
     async fn wait_key(&self) -> StoreResult<Vec<u8>> {
         self.wait_key.get(self.read(Request::WaitKey)).await
     }
@@ -349,6 +367,10 @@ impl ReadStore for SqliteStore {
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
         let name = name.to_string();
         self.read(|r| Request::LogsPage(name, page, r)).await
+    }
+
+    async fn schedules(&self) -> StoreResult<Vec<super::ScheduleRecord>> {
+        self.read(Request::Schedules).await
     }
 
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {

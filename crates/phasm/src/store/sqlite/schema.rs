@@ -3,7 +3,7 @@
 use super::*;
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -155,6 +155,16 @@ CREATE TABLE phasm_keys (
     value TEXT NOT NULL
 );
 INSERT INTO phasm_keys (name, value) VALUES ('wait_token', lower(hex(randomblob(32))));
+",
+    r"
+-- Schedules: the last tick each fired. A tick fires only when it is later than `last_tick`,
+-- which every worker checks and moves in one transaction (the fence).
+CREATE TABLE schedules (
+    name          TEXT PRIMARY KEY,
+    last_tick     INTEGER NOT NULL,
+    last_instance TEXT,
+    updated_at    INTEGER NOT NULL
+);
 ",
 ];
 
