@@ -203,6 +203,17 @@ enum Command {
         #[command(flatten)]
         db: ReadDbArgs,
     },
+    /// The schedules of a machine file: when each last fired, what it started, when it
+    /// fires next.
+    Schedules {
+        /// The machine file.
+        file: PathBuf,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: ReadDbArgs,
+    },
     /// The workers running now (on any host sharing the database) and what they take.
     Workers {
         /// As JSON.
@@ -371,6 +382,9 @@ async fn run_async(command: Command) -> ExitCode {
             db,
         } => cmd::inspect::scrub(older_than, batch, &db).await,
         Command::Workers { json, db } => cmd::inspect::workers(json, &db.to_db_args()).await,
+        Command::Schedules { file, json, db } => {
+            cmd::schedules::schedules(&file, json, &db.to_db_args()).await
+        }
         Command::Status {
             instance,
             json,

@@ -138,13 +138,63 @@ pub(crate) async fn login(
 /// `GET /`: the machines and their graphs.
 pub(crate) async fn machines(State(state): State<Arc<ServerState>>) -> Html<String> {
     let mut body = String::from("<h1>Machines</h1>");
+    let now = state.clock.now();
+    let schedules = match crate::control::schedule_statuses(&*state.store, &state.config, now).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = write!(
+                body,
+                "<p class=\"err\">The schedules' last ticks cannot be read: {}</p>",
+                esc(&e.to_string())
+            );
+            crate::control::statuses(&state.config, &[], now)
+        }
+    };
     for m in &state.config.machines {
         let _ = write!(
             body,
-            "<section class=\"card\"><h2>{name}</h2><p>{n} states · <a href=\"/instances?machine={q}\">instances</a></p>\
-             <img class=\"graph\" alt=\"graph of {name}\" src=\"/api/machines/{q}/graph.svg\"></section>",
+            "<section class=\"card\"><h2>{name}</h2><p>{n} states · <a href=\"/instances?machine={q}\">instances</a></p>",
             name = esc(&m.name),
             n = m.states.len(),
+            q = seg(&m.name),
+        );
+        let mine: Vec<_> = schedules.iter().filter(|s| s.machine == m.name).collect();
+        if !mine.is_empty() {
+            body.push_str("<table class=\"schedules\"><caption>Schedules</caption><tr><th>schedule</th><th>when</th><th>last tick</th><th>last instance</th><th>next tick</th></tr>");
+            for s in mine {
+                let last = s.last_tick.map_or("never".to_string(), rfc3339);
+                let instance = match (&s.last_instance, s.last_status) {
+                    (Some(i), status) => format!(
+                        "<a href=\"/instances/{}\">{}</a> {}",
+                        seg(i),
+                        esc(i),
+                        esc(status.map_or("scrubbed", |st| st.as_str()))
+                    ),
+                    (None, _) => "—".to_string(),
+                };
+                let next = s.next_tick.map_or("never".to_string(), rfc3339);
+                let overdue = if s.overdue {
+                    " <span class=\"err\">(a tick passed unfired: no worker ran)</span>"
+                } else {
+                    ""
+                };
+                let _ = write!(
+                    body,
+                    "<tr><td>{}</td><td>{}, overlap {}</td><td>{}</td><td>{instance}</td><td>{}{overdue}</td></tr>",
+                    esc(&s.name),
+                    esc(&s.timing),
+                    s.overlap,
+                    esc(&last),
+                    esc(&next),
+                );
+            }
+            body.push_str("</table>");
+        }
+        let _ = write!(
+            body,
+            "<img class=\"graph\" alt=\"graph of {name}\" src=\"/api/machines/{q}/graph.svg\"></section>",
+            name = esc(&m.name),
             q = seg(&m.name),
         );
     }

@@ -487,6 +487,7 @@ async fn fanout(
     };
     let options = WorkerOptions {
         stop: StopWhen::Ended(vec![name.clone()]),
+        schedules: false,
         ..WorkerOptions::default()
     };
     let worker = match Worker::new(
@@ -714,6 +715,7 @@ async fn chain_worker(
     let options = WorkerOptions {
         concurrency,
         stop: StopWhen::Idle,
+        schedules: false,
         ..WorkerOptions::default()
     };
     let worker = match Worker::new(
@@ -841,6 +843,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
             concurrency,
             stop: StopWhen::Idle,
             seed: Some(1),
+            schedules: false,
             ..WorkerOptions::default()
         };
         let worker = match Worker::new(

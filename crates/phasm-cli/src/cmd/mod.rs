@@ -4,6 +4,7 @@ pub mod bench;
 pub mod files;
 pub mod inspect;
 pub mod run;
+pub mod schedules;
 pub mod send;
 
 use clap::ValueEnum;

@@ -305,6 +305,8 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         limits: p.limits,
         events: Some(tx),
         poll_interval: Duration::from_millis(200),
+        // `run` follows one instance; schedules are fired by `worker` and `serve`.
+        schedules: false,
         ..WorkerOptions::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);

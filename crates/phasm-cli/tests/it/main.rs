@@ -14,4 +14,5 @@ mod fantasm_example;
 mod postgres_workers;
 mod python_workers;
 mod run;
+mod schedules;
 mod sqlite_files;

@@ -1,8 +1,10 @@
 //! What users do to instances, with the checks a command line or HTTP API needs: start one
 //! (with typed `KEY=VALUE` context values), and the errors that explain what was wrong.
 
+mod schedules;
 mod send;
 
+pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
 
 use serde_json::Value;

@@ -123,6 +123,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/instances/{name}/retry", post(retry))
         .route("/api/instances/{name}/events", post(events::to_instance))
         .route("/api/workers", get(workers))
+        .route("/api/schedules", get(schedules))
         .route("/metrics", get(prometheus))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -732,6 +733,18 @@ async fn workers(State(state): State<Arc<ServerState>>) -> Response {
             let workers: Vec<serde_json::Value> =
                 workers.iter().map(crate::control::worker_json).collect();
             Json(json!({ "workers": workers })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn schedules(State(state): State<Arc<ServerState>>) -> Response {
+    let now = state.clock.now();
+    match crate::control::schedule_statuses(&*state.store, &state.config, now).await {
+        Ok(all) => {
+            let all: Vec<serde_json::Value> =
+                all.iter().map(crate::control::schedule_json).collect();
+            Json(json!({ "schedules": all })).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

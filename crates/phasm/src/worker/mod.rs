@@ -9,6 +9,7 @@
 
 mod hosted;
 mod limits;
+mod schedules;
 
 // Ordered maps and sets: what the worker asks the store must not depend on a hash seed, so
 // a simulation on a paused clock replays exactly.
@@ -59,6 +60,9 @@ pub struct WorkerOptions {
     pub stop: StopWhen,
     /// Where to report progress.
     pub events: Option<UnboundedSender<WorkerEvent>>,
+    /// Fire the configuration's schedules (`schedules:`) at their ticks. Each tick starts one
+    /// instance however many workers fire it; `phasm run` turns this off.
+    pub schedules: bool,
 }
 
 impl Default for WorkerOptions {
@@ -75,6 +79,7 @@ impl Default for WorkerOptions {
             seed: None,
             stop: StopWhen::Never,
             events: None,
+            schedules: true,
         }
     }
 }
@@ -304,10 +309,14 @@ impl Worker {
         };
         let mut stopping = false;
         let mut store_failures = 0u32;
+        let mut firing = schedules::Firing::new(&inner);
         tokio::pin!(shutdown);
         loop {
             if stopping && running.is_empty() {
                 break;
+            }
+            if !stopping {
+                firing.fire_due(&inner, inner.clock.now()).await;
             }
             let mut claimed_any = false;
             let free = opts.concurrency.saturating_sub(running.len());
@@ -363,11 +372,14 @@ impl Worker {
             if claimed_any && running.len() < opts.concurrency {
                 continue; // more may be due right now
             }
-            let wake = if stopping || running.len() >= opts.concurrency {
+            let mut wake = if stopping || running.len() >= opts.concurrency {
                 inner.clock.now() + micros(opts.poll_interval)
             } else {
                 next_wake(&inner, &gate).await
             };
+            if let Some(tick) = firing.next_at().filter(|_| !stopping) {
+                wake = wake.min(tick);
+            }
             let sleep = tokio::time::sleep(Duration::from_micros(
                 u64::try_from((wake - inner.clock.now()).max(0)).unwrap_or(0),
             ));

@@ -11,7 +11,7 @@ use phasm::store::{SqliteOptions, SqliteStore};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const YAML: &str = "state_machines:\n- name: Job\n  context_types:\n    count: int\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - event: go\n      to: b\n  - name: b\n    final: true\n";
+const YAML: &str = "schedules:\n- name: hourly\n  machine: Job\n  cron: '0 * * * *'\nstate_machines:\n- name: Job\n  context_types:\n    count: int\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - event: go\n      to: b\n  - name: b\n    final: true\n";
 
 struct Api {
     addr: std::net::SocketAddr,
@@ -259,6 +259,23 @@ async fn machines_graphs_and_health() {
     assert!(body.contains("<svg"), "{body}");
     let (status, body) = call(&api, "GET", "/healthz", None, None).await;
     assert_eq!((status, json(&body)["status"].as_str()), (200, Some("ok")));
+    // No worker ran: the schedule has never fired; its next tick is on the hour.
+    let (status, body) = call(&api, "GET", "/api/schedules", None, None).await;
+    assert_eq!(status, 200, "{body}");
+    let hourly = &json(&body)["schedules"][0];
+    assert_eq!(hourly["name"], "hourly");
+    assert_eq!(hourly["machine"], "Job");
+    assert_eq!(hourly["last_tick"], Value::Null);
+    assert!(
+        hourly["next_tick"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(":00:00.000Z")),
+        "{hourly}"
+    );
+    let (status, page) = call(&api, "GET", "/", None, None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<caption>Schedules</caption>"), "{page}");
+    assert!(page.contains("cron 0 * * * * (UTC)"), "{page}");
 }
 
 #[tokio::test]
