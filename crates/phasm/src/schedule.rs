@@ -190,6 +190,30 @@ mod tests {
     }
 
     #[test]
+    fn daylight_saving_changes_skip_nothing_and_repeat_nothing() {
+        let s = schedule(cron("30 2 * * *"), "Europe/Paris");
+        // 29 March 2026: Paris jumps from 02:00 to 03:00; 02:30 does not exist that day.
+        let spring = s.next_tick(utc("2026-03-28T12:00:00Z")).expect("a tick");
+        assert_eq!(
+            spring,
+            utc("2026-03-29T01:00:00Z"),
+            "fires at 03:00, just after the gap"
+        );
+        assert_eq!(s.next_tick(spring), Some(utc("2026-03-30T00:30:00Z")));
+        // 25 October 2026: Paris goes back from 03:00 to 02:00; 02:30 happens twice.
+        let first = s.next_tick(utc("2026-10-24T12:00:00Z")).expect("a tick");
+        assert_eq!(
+            first,
+            utc("2026-10-25T00:30:00Z"),
+            "the first 02:30 (summer time)"
+        );
+        let next = s.next_tick(first).expect("a tick");
+        assert_eq!(next, utc("2026-10-26T01:30:00Z"), "not again an hour later");
+        // The latest tick during the repeated hour is still the first 02:30.
+        assert_eq!(s.latest_tick(utc("2026-10-25T01:45:00Z")), Some(first));
+    }
+
+    #[test]
     fn every_ticks_on_multiples_since_the_epoch() {
         let s = schedule(Timing::Every(Duration::from_secs(600)), "UTC");
         let now = utc("2026-11-30T12:34:56Z");

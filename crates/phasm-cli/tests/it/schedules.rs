@@ -167,3 +167,32 @@ fn a_schedule_starts_one_instance_per_tick_under_two_workers_on_postgres() {
     };
     one_instance_per_tick(&schema.url);
 }
+
+#[test]
+fn the_schedules_example_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = phasm(
+        &root,
+        "unused.db",
+        &["validate", "--strict", "examples/schedules/schedules.yaml"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let out = phasm(
+        &root,
+        root.join("target/no-such-schedules.db")
+            .to_str()
+            .expect("a path"),
+        &["schedules", "examples/schedules/schedules.yaml"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("digest  starts Digest, every 10s, overlap skip"),
+        "{text}"
+    );
+    assert!(
+        text.contains("nightly-digest  starts Digest, cron 0 3 * * * (Europe/Paris)"),
+        "{text}"
+    );
+    assert!(text.contains("never"), "{text}");
+}
