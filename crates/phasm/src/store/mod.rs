@@ -455,6 +455,52 @@ pub struct StoreStats {
     pub parked: u64,
 }
 
+/// What the console's machine page shows of one machine's instances. Every figure is read
+/// through an index, so the cost does not grow with the number of instances that ended long
+/// ago.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct MachineOverview {
+    /// Instances running now.
+    pub running: u64,
+    /// Instances failed and held (until retried or cancelled).
+    pub failed: u64,
+    /// Instances that ended since the `hour` given to [`ReadStore::machine_overview`], by
+    /// status.
+    pub ended_last_hour: Vec<(InstanceStatus, u64)>,
+    /// … and since its `day`.
+    pub ended_last_day: Vec<(InstanceStatus, u64)>,
+    /// Where running and failed instances are: their pending steps by the state they leave.
+    pub states: Vec<StateCount>,
+    /// Failed instances grouped by their error, most common first (at most 10 groups).
+    pub failures: Vec<FailureGroup>,
+}
+
+/// Pending steps of one machine in one state (see [`MachineOverview::states`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateCount {
+    /// The state the steps leave (`None`: starting, before the initial state).
+    pub state: Option<String>,
+    /// Steps of running instances.
+    pub running: u64,
+    /// Steps of failed instances (held, or the one that failed).
+    pub failed: u64,
+    /// When the oldest of them was queued.
+    pub oldest: Micros,
+}
+
+/// Failed instances that share an error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FailureGroup {
+    /// The error (cut at 500 characters).
+    pub error: String,
+    /// How many.
+    pub instances: u64,
+    /// The latest of them to fail.
+    pub latest: String,
+    /// When it failed.
+    pub latest_at: Micros,
+}
+
 /// The result of applying one commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -1034,6 +1080,16 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
 
     /// Every schedule the store has fired (or seen), by name.
     async fn schedules(&self) -> StoreResult<Vec<ScheduleRecord>>;
+
+    /// A machine's instances at a glance: running and failed counts, what ended since `hour`
+    /// and since `day` (two times in the past), where running and failed instances are, and
+    /// the failures grouped by error.
+    async fn machine_overview(
+        &self,
+        machine: &str,
+        hour: Micros,
+        day: Micros,
+    ) -> StoreResult<MachineOverview>;
 }
 
 /// Acting on instances (retry, cancel), housekeeping (scrub) and measuring the backend.

@@ -245,6 +245,15 @@ impl ReadStore for FaultyStore {
     async fn schedules(&self) -> StoreResult<Vec<crate::store::ScheduleRecord>> {
         self.inner.schedules().await
     }
+
+    async fn machine_overview(
+        &self,
+        machine: &str,
+        hour: Micros,
+        day: Micros,
+    ) -> StoreResult<crate::store::MachineOverview> {
+        self.inner.machine_overview(machine, hour, day).await
+    }
 }
 
 #[async_trait]

@@ -14,8 +14,10 @@ use std::time::Duration;
 
 use futures_util::future::LocalBoxFuture;
 
+mod overview;
 mod schedules;
 mod waits;
+pub use overview::*;
 pub use schedules::*;
 pub use waits::*;
 
@@ -90,6 +92,7 @@ checks!(
     a_token_addressed_delivery_reaches_only_its_wait,
     each_schedule_tick_starts_one_instance_and_never_goes_back,
     a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
+    a_machine_overview_counts_where_its_instances_are,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

@@ -539,6 +539,15 @@ impl ReadStore for PostgresStore {
         schedule::schedules(self).await
     }
 
+    async fn machine_overview(
+        &self,
+        machine: &str,
+        hour: Micros,
+        day: Micros,
+    ) -> StoreResult<super::MachineOverview> {
+        read::machine_overview(self, machine, hour, day).await
+    }
+
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
         read::workers(self, now).await
     }

@@ -403,3 +403,87 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue",
         parked: count(parked),
     })
 }
+
+/// A machine's instances at a glance (see [`ReadStore::machine_overview`]).
+pub(super) async fn machine_overview(
+    store: &PostgresStore,
+    machine: &str,
+    hour: Micros,
+    day: Micros,
+) -> StoreResult<super::super::MachineOverview> {
+    let client = store.client().await?;
+    let mut overview = super::super::MachineOverview::default();
+    for r in client
+        .query(
+            "SELECT status, COUNT(*) FROM instances
+             WHERE machine = $1 AND status IN ('running', 'failed') GROUP BY status",
+            &[&machine],
+        )
+        .await
+        .map_err(pg)?
+    {
+        let n = count(r.get::<_, i64>(1));
+        match parse_status(r.get(0))? {
+            InstanceStatus::Running => overview.running = n,
+            _ => overview.failed = n,
+        }
+    }
+    for (since, into) in [
+        (hour, &mut overview.ended_last_hour),
+        (day, &mut overview.ended_last_day),
+    ] {
+        for r in client
+            .query(
+                "SELECT status, COUNT(*) FROM instances
+                 WHERE ended_at >= $2 AND status <> 'running' AND machine = $1
+                 GROUP BY status ORDER BY status",
+                &[&machine, &since],
+            )
+            .await
+            .map_err(pg)?
+        {
+            into.push((parse_status(r.get(0))?, count(r.get::<_, i64>(1))));
+        }
+    }
+    overview.states = client
+        .query(
+            "SELECT t.from_state,
+                    SUM(CASE WHEN i.status = 'running' THEN 1 ELSE 0 END)::BIGINT,
+                    SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END)::BIGINT,
+                    MIN(t.created_at)
+             FROM instances i JOIN tasks t ON t.instance_id = i.id
+             WHERE i.machine = $1 AND i.status IN ('running', 'failed')
+             GROUP BY t.from_state ORDER BY t.from_state NULLS FIRST",
+            &[&machine],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| super::super::StateCount {
+            state: r.get(0),
+            running: count(r.get::<_, i64>(1)),
+            failed: count(r.get::<_, i64>(2)),
+            oldest: r.get(3),
+        })
+        .collect();
+    overview.failures = client
+        .query(
+            "SELECT e, COUNT(*), MAX(updated_at),
+                    (ARRAY_AGG(name ORDER BY updated_at DESC))[1]
+             FROM (SELECT LEFT(COALESCE(error, ''), 500) AS e, updated_at, name FROM instances
+                   WHERE machine = $1 AND status = 'failed') f
+             GROUP BY e ORDER BY 2 DESC, 3 DESC LIMIT 10",
+            &[&machine],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| super::super::FailureGroup {
+            error: r.get(0),
+            instances: count(r.get::<_, i64>(1)),
+            latest_at: r.get(2),
+            latest: r.get(3),
+        })
+        .collect();
+    Ok(overview)
+}

@@ -1,7 +1,7 @@
 //! The schema and its migrations.
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 5;
+pub(super) const SCHEMA_VERSION: i64 = 6;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -165,6 +165,10 @@ CREATE TABLE schedules (
     last_instance TEXT,
     updated_at    BIGINT NOT NULL
 );
+",
+    r"
+-- The console's machine page counts running and failed instances of one machine.
+CREATE INDEX instances_by_machine_status ON instances (machine, status);
 ",
 ];
 

@@ -153,6 +153,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::WaitKey(r) => drop(r.send(Err(err()))),
         Request::FireSchedule(_, _, r) => drop(r.send(Err(err()))),
         Request::Schedules(r) => drop(r.send(Err(err()))),
+        Request::MachineOverview(_, _, _, r) => drop(r.send(Err(err()))),
         Request::Instance(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
         Request::Logs(_, r) => drop(r.send(Err(err()))),
@@ -210,6 +211,9 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
             pending(reply, scoped(tx, |tx| fire_schedule(tx, now, &tick)))
         }
         Request::Schedules(reply) => pending(reply, schedules(tx)),
+        Request::MachineOverview(machine, hour, day, reply) => {
+            pending(reply, machine_overview(tx, &machine, hour, day))
+        }
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),
         Request::Logs(name, reply) => pending(reply, logs(tx, &name)),

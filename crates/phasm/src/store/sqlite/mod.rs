@@ -150,6 +150,7 @@ enum Request {
     WaitKey(Reply<Vec<u8>>),
     FireSchedule(Micros, Box<super::ScheduleTick>, Reply<super::Fired>),
     Schedules(Reply<Vec<super::ScheduleRecord>>),
+    MachineOverview(String, Micros, Micros, Reply<super::MachineOverview>),
     Instance(String, Reply<Option<InstanceView>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
     Logs(String, Reply<Vec<LogLine>>),
@@ -371,6 +372,17 @@ impl ReadStore for SqliteStore {
 
     async fn schedules(&self) -> StoreResult<Vec<super::ScheduleRecord>> {
         self.read(Request::Schedules).await
+    }
+
+    async fn machine_overview(
+        &self,
+        machine: &str,
+        hour: Micros,
+        day: Micros,
+    ) -> StoreResult<super::MachineOverview> {
+        let machine = machine.to_string();
+        self.read(|r| Request::MachineOverview(machine, hour, day, r))
+            .await
     }
 
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {

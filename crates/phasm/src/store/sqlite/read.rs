@@ -441,3 +441,97 @@ FROM tasks WHERE status = 'ready' GROUP BY queue ORDER BY queue";
         parked: count(parked),
     })
 }
+
+/// A machine's instances at a glance (see [`ReadStore::machine_overview`]).
+pub(super) fn machine_overview(
+    tx: &Transaction<'_>,
+    machine: &str,
+    hour: Micros,
+    day: Micros,
+) -> StoreResult<super::super::MachineOverview> {
+    let mut overview = super::super::MachineOverview::default();
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT status, COUNT(*) FROM instances
+             WHERE machine = ?1 AND status IN ('running', 'failed') GROUP BY status",
+        )
+        .map_err(db)?;
+    let live = stmt
+        .query_map([machine], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })
+        .map_err(db)?;
+    for row in live {
+        let (status, n) = row.map_err(db)?;
+        match parse_status(&status)? {
+            InstanceStatus::Running => overview.running = count(n),
+            _ => overview.failed = count(n),
+        }
+    }
+    for (since, into) in [
+        (hour, &mut overview.ended_last_hour),
+        (day, &mut overview.ended_last_day),
+    ] {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT status, COUNT(*) FROM instances
+                 WHERE ended_at >= ?2 AND status <> 'running' AND machine = ?1
+                 GROUP BY status ORDER BY status",
+            )
+            .map_err(db)?;
+        let rows = stmt
+            .query_map(params![machine, since], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })
+            .map_err(db)?;
+        for row in rows {
+            let (status, n) = row.map_err(db)?;
+            into.push((parse_status(&status)?, count(n)));
+        }
+    }
+    let mut stmt = tx
+        .prepare_cached(
+            "SELECT t.from_state,
+                    SUM(CASE WHEN i.status = 'running' THEN 1 ELSE 0 END),
+                    SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END),
+                    MIN(t.created_at)
+             FROM instances i JOIN tasks t ON t.instance_id = i.id
+             WHERE i.machine = ?1 AND i.status IN ('running', 'failed')
+             GROUP BY t.from_state ORDER BY t.from_state",
+        )
+        .map_err(db)?;
+    overview.states = stmt
+        .query_map([machine], |r| {
+            Ok(super::super::StateCount {
+                state: r.get(0)?,
+                running: count(r.get::<_, i64>(1)?),
+                failed: count(r.get::<_, i64>(2)?),
+                oldest: r.get(3)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut stmt = tx
+        .prepare_cached(
+            // With one MAX(), SQLite takes the bare column `name` from the row of the max.
+            "SELECT e, COUNT(*), MAX(updated_at), name
+             FROM (SELECT substr(COALESCE(error, ''), 1, 500) AS e, updated_at, name
+                   FROM instances WHERE machine = ?1 AND status = 'failed')
+             GROUP BY e ORDER BY 2 DESC, 3 DESC LIMIT 10",
+        )
+        .map_err(db)?;
+    overview.failures = stmt
+        .query_map([machine], |r| {
+            Ok(super::super::FailureGroup {
+                error: r.get(0)?,
+                instances: count(r.get::<_, i64>(1)?),
+                latest_at: r.get(2)?,
+                latest: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(overview)
+}
