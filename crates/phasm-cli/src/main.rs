@@ -214,6 +214,18 @@ enum Command {
         #[command(flatten)]
         db: ReadDbArgs,
     },
+    /// The steps waiting in each queue: due, scheduled, running, how long the oldest due one
+    /// waited (with --file, also each queue's limits and the empty queues that have them).
+    Queues {
+        /// The machine file whose `queues:` limits to show.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: ReadDbArgs,
+    },
     /// The workers running now (on any host sharing the database) and what they take.
     Workers {
         /// As JSON.
@@ -382,6 +394,9 @@ async fn run_async(command: Command) -> ExitCode {
             db,
         } => cmd::inspect::scrub(older_than, batch, &db).await,
         Command::Workers { json, db } => cmd::inspect::workers(json, &db.to_db_args()).await,
+        Command::Queues { file, json, db } => {
+            cmd::inspect::queues(file.as_deref(), json, &db.to_db_args()).await
+        }
         Command::Schedules { file, json, db } => {
             cmd::schedules::schedules(&file, json, &db.to_db_args()).await
         }

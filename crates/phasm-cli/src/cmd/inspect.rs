@@ -268,6 +268,59 @@ pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `phasm queues`.
+pub async fn queues(file: Option<&std::path::Path>, as_json: bool, args: &DbArgs) -> ExitCode {
+    let config = match file {
+        Some(f) => match super::files::load(f) {
+            Some(c) => Some(c),
+            None => return exit::invalid_reported(),
+        },
+        None => None,
+    };
+    let store = match open_db(args, phasm::store::Access::ReadOnly).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let stats = match store.stats(SystemClock.now()).await {
+        Ok(s) => s,
+        Err(e) => return exit::database(e),
+    };
+    let queues = phasm::control::queue_statuses(config.as_ref(), &stats);
+    if as_json {
+        outln!("{}", json!({ "queues": queues, "parked": stats.parked }));
+        return ExitCode::SUCCESS;
+    }
+    if queues.is_empty() {
+        outln!("no step is pending in any queue of {}", args.db);
+    }
+    for q in &queues {
+        let mut limits = Vec::new();
+        if let Some(n) = q.max_concurrent {
+            limits.push(format!("max_concurrent {n}"));
+        }
+        if let Some(r) = &q.rate {
+            limits.push(format!("rate {r}"));
+        }
+        let limits = if limits.is_empty() {
+            String::new()
+        } else {
+            format!("; {}", limits.join(", "))
+        };
+        outln!(
+            "{}  {} due, {} scheduled, {} running; oldest due waited {:.1} s{limits}",
+            q.queue,
+            q.due,
+            q.scheduled,
+            q.running,
+            q.oldest_due_age_seconds
+        );
+    }
+    if stats.parked > 0 {
+        outln!("{} branches parked at fan-in states", stats.parked);
+    }
+    ExitCode::SUCCESS
+}
+
 /// `phasm list`.
 pub async fn list(
     machine: Option<String>,

@@ -116,7 +116,10 @@ fn the_console_shows_an_instance_run_to_completion() {
         &["--dump-dom"],
         &format!("{base}/"),
     );
-    assert!(machines.contains("<h2>Console</h2>"), "{machines}");
+    assert!(
+        machines.contains("<a href=\"/machines/Console\">Console</a>"),
+        "{machines}"
+    );
     let list = browse(
         &chromium,
         &d.join("p2"),
@@ -151,6 +154,35 @@ fn the_console_shows_an_instance_run_to_completion() {
         !page.contains("<script>alert(1)"),
         "context is never markup"
     );
+
+    // The machine page, the workers (this server's own worker) and the queues.
+    let machine = browse(
+        &chromium,
+        &d.join("p5"),
+        &["--dump-dom"],
+        &format!("{base}/machines/Console"),
+    );
+    assert!(machine.contains("id=\"counts\""), "{machine}");
+    assert!(machine.contains("Start an instance"), "{machine}");
+    assert!(
+        machine.contains("program: sh -c"),
+        "the action's binding: {machine}"
+    );
+    let workers = browse(
+        &chromium,
+        &d.join("p6"),
+        &["--dump-dom"],
+        &format!("{base}/workers"),
+    );
+    assert!(workers.contains("<table id=\"workers\">"), "{workers}");
+    assert!(workers.contains("<td>Console</td>"), "{workers}");
+    let queues = browse(
+        &chromium,
+        &d.join("p7"),
+        &["--dump-dom"],
+        &format!("{base}/queues"),
+    );
+    assert!(queues.contains("<h1>Queues</h1>"), "{queues}");
 
     let shot = d.join("console.png");
     browse(

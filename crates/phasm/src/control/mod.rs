@@ -1,9 +1,13 @@
 //! What users do to instances, with the checks a command line or HTTP API needs: start one
 //! (with typed `KEY=VALUE` context values), and the errors that explain what was wrong.
 
+mod overview;
+mod queues;
 mod schedules;
 mod send;
 
+pub use overview::{where_instances_are, StateTally};
+pub use queues::{queue_statuses, QueueStatus};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
 

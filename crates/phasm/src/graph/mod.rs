@@ -11,7 +11,7 @@ mod svg;
 
 pub use dot::to_dot;
 pub use mermaid::to_mermaid;
-pub use svg::{to_svg, to_svg_highlighting};
+pub use svg::{to_svg, to_svg_annotated, to_svg_highlighting};
 
 use crate::machine::{FanIn, State};
 

@@ -23,6 +23,12 @@ pub fn to_svg(machine: &Machine) -> String {
 /// The machine as SVG, with the named states drawn in the highlight colour (where an
 /// instance's branches are now).
 pub fn to_svg_highlighting(machine: &Machine, highlight: &[&str]) -> String {
+    to_svg_annotated(machine, highlight, &[])
+}
+
+/// The machine as SVG, with the named states highlighted and a last line added to the
+/// label of each state in `notes` (the console's machine page: how many branches are there).
+pub fn to_svg_annotated(machine: &Machine, highlight: &[&str], notes: &[(&str, String)]) -> String {
     let dir = Orientation::TopToBottom;
     let mut graph = VisualGraph::new(dir);
 
@@ -43,6 +49,10 @@ pub fn to_svg_highlighting(machine: &Machine, highlight: &[&str]) -> String {
             if let Some(b) = badge(state) {
                 label.push('\n');
                 label.push_str(&b);
+            }
+            for (_, note) in notes.iter().filter(|(s, _)| *s == state.name) {
+                label.push('\n');
+                label.push_str(note);
             }
             let (border, width) = if state.initial {
                 (INITIAL_COLOR, 3)

@@ -124,6 +124,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/instances/{name}/events", post(events::to_instance))
         .route("/api/workers", get(workers))
         .route("/api/schedules", get(schedules))
+        .route("/api/queues", get(queues))
         .route("/metrics", get(prometheus))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -133,6 +134,14 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .layer(middleware::from_fn(json_errors));
     let pages = Router::new()
         .route("/", get(crate::console::machines))
+        .route("/machines/{name}", get(crate::console::machine))
+        .route("/machines/{name}/start", post(crate::console::start))
+        .route(
+            "/machines/{name}/graph.svg",
+            get(crate::console::machine_graph),
+        )
+        .route("/workers", get(crate::console::workers))
+        .route("/queues", get(crate::console::queues))
         .route("/instances", get(crate::console::instances))
         .route("/instances/{name}", get(crate::console::instance))
         .route(
@@ -733,6 +742,16 @@ async fn workers(State(state): State<Arc<ServerState>>) -> Response {
             let workers: Vec<serde_json::Value> =
                 workers.iter().map(crate::control::worker_json).collect();
             Json(json!({ "workers": workers })).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn queues(State(state): State<Arc<ServerState>>) -> Response {
+    match state.store.stats(state.clock.now()).await {
+        Ok(stats) => {
+            let queues = crate::control::queue_statuses(Some(&state.config), &stats);
+            Json(json!({ "queues": queues, "parked": stats.parked })).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }

@@ -469,17 +469,23 @@ pub struct MachineOverview {
     pub ended_last_hour: Vec<(InstanceStatus, u64)>,
     /// … and since its `day`.
     pub ended_last_day: Vec<(InstanceStatus, u64)>,
-    /// Where running and failed instances are: their pending steps by the state they leave.
+    /// Where running and failed instances are: their pending steps by the state they leave
+    /// and the event they dispatch (the machine says which state that leads into).
     pub states: Vec<StateCount>,
     /// Failed instances grouped by their error, most common first (at most 10 groups).
     pub failures: Vec<FailureGroup>,
 }
 
-/// Pending steps of one machine in one state (see [`MachineOverview::states`]).
+/// Pending steps of one machine that leave one state on one event (see
+/// [`MachineOverview::states`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StateCount {
     /// The state the steps leave (`None`: starting, before the initial state).
     pub state: Option<String>,
+    /// The event they dispatch (a wait's: its timeout event, or none).
+    pub event: String,
+    /// The steps are waits for events: the branches are in `state`, not past it.
+    pub waiting: bool,
     /// Steps of running instances.
     pub running: u64,
     /// Steps of failed instances (held, or the one that failed).

@@ -1024,3 +1024,111 @@ async fn events_reach_waiting_instances_by_name_or_by_wait_token() {
     .await;
     assert_eq!(code, 404);
 }
+
+#[tokio::test]
+async fn a_machine_page_counts_its_instances_and_starts_new_ones() {
+    let api = api(None).await;
+    let (status, page) = call(&api, "GET", "/machines/Job", None, None).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("id=\"counts\""), "{page}");
+    assert!(page.contains("No running or failed instance."), "{page}");
+    assert!(
+        page.contains("<td><code>A</code></td>"),
+        "the action and its binding: {page}"
+    );
+    assert!(
+        page.contains("a Rust handler registered by the program"),
+        "{page}"
+    );
+    assert!(page.contains("<pre id=\"yaml\">"), "{page}");
+    assert!(page.contains("name: Job"), "{page}");
+    assert!(page.contains("<caption>Schedules</caption>"), "{page}");
+    assert!(page.contains("Typed keys: count (int)"), "{page}");
+    let (status, _) = call(&api, "GET", "/machines/Nope", None, None).await;
+    assert_eq!(status, 404);
+
+    // The start form: a typed value given as a string is converted; the browser goes to the
+    // new instance's page.
+    let started = form_post(
+        &api,
+        "/machines/Job/start",
+        SAME_ORIGIN,
+        "context=%7B%22count%22%3A+%222%22%7D&name=from-form",
+    )
+    .await;
+    assert!(started.starts_with("HTTP/1.1 303"), "{started}");
+    assert!(
+        started.contains("location: /instances/from-form"),
+        "{started}"
+    );
+    let (_, body) = call(&api, "GET", "/api/instances/from-form", None, None).await;
+    assert_eq!(json(&body)["context"]["count"], 2, "{body}");
+    // The machine page now counts it where it is: entering the initial state.
+    let (_, page) = call(&api, "GET", "/machines/Job", None, None).await;
+    assert!(page.contains("<td>a</td><td>1</td><td>0</td>"), "{page}");
+    let (status, svg) = call(&api, "GET", "/machines/Job/graph.svg", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        svg.contains("● 1 running"),
+        "the count is drawn in its state: {svg}"
+    );
+
+    // Mistakes come back on the form, with what was typed, as a 400.
+    for (body, says) in [
+        ("context=%7B%22count%22%3A", "The context is not JSON"),
+        (
+            "context=%5B1%5D",
+            "The context must be a JSON object, not [1]",
+        ),
+        ("context=%7B%22count%22%3A+%22two%22%7D", "count"),
+        ("context=%7B%7D&name=bad+name", "invalid instance name"),
+    ] {
+        let answer = form_post(&api, "/machines/Job/start", SAME_ORIGIN, body).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{body}: {answer}");
+        assert!(answer.contains("id=\"start-error\""), "{answer}");
+        assert!(answer.contains(says), "{body}: {answer}");
+    }
+    // From another origin: refused before anything starts.
+    let foreign = form_post(
+        &api,
+        "/machines/Job/start",
+        "Origin: http://evil.example\r\n",
+        "context=%7B%7D&name=evil",
+    )
+    .await;
+    assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
+    let (status, _) = call(&api, "GET", "/api/instances/evil", None, None).await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn workers_and_queues_pages_and_api() {
+    let api = api(None).await;
+    let (status, page) = call(&api, "GET", "/workers", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("No worker is running on this database"),
+        "{page}"
+    );
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"name": "q1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, page) = call(&api, "GET", "/queues", None, None).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<td>default</td><td>1</td><td>0</td><td>0</td>"),
+        "{page}"
+    );
+    let (status, body) = call(&api, "GET", "/api/queues", None, None).await;
+    assert_eq!(status, 200);
+    let queues = json(&body);
+    assert_eq!(queues["queues"][0]["queue"], "default", "{queues}");
+    assert_eq!(queues["queues"][0]["due"], 1, "{queues}");
+    assert_eq!(queues["parked"], 0);
+}

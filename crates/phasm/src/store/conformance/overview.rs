@@ -41,6 +41,7 @@ pub async fn a_machine_overview_counts_where_its_instances_are(store: &dyn Store
     // Every pending step here is a start step (no state left yet).
     assert_eq!(o.states.len(), 1, "{o:?}");
     assert_eq!(o.states[0].state, None);
+    assert!(!o.states[0].waiting);
     assert_eq!((o.states[0].running, o.states[0].failed), (1, 2));
     assert_eq!(o.states[0].oldest, T0);
     assert_eq!(o.failures.len(), 1, "{o:?}");

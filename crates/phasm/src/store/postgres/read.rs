@@ -447,13 +447,13 @@ pub(super) async fn machine_overview(
     }
     overview.states = client
         .query(
-            "SELECT t.from_state,
+            "SELECT t.from_state, t.event, t.kind = 'wait',
                     SUM(CASE WHEN i.status = 'running' THEN 1 ELSE 0 END)::BIGINT,
                     SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END)::BIGINT,
                     MIN(t.created_at)
              FROM instances i JOIN tasks t ON t.instance_id = i.id
              WHERE i.machine = $1 AND i.status IN ('running', 'failed')
-             GROUP BY t.from_state ORDER BY t.from_state NULLS FIRST",
+             GROUP BY 1, 2, 3 ORDER BY 1 NULLS FIRST, 2, 3",
             &[&machine],
         )
         .await
@@ -461,9 +461,11 @@ pub(super) async fn machine_overview(
         .iter()
         .map(|r| super::super::StateCount {
             state: r.get(0),
-            running: count(r.get::<_, i64>(1)),
-            failed: count(r.get::<_, i64>(2)),
-            oldest: r.get(3),
+            event: r.get(1),
+            waiting: r.get(2),
+            running: count(r.get::<_, i64>(3)),
+            failed: count(r.get::<_, i64>(4)),
+            oldest: r.get(5),
         })
         .collect();
     overview.failures = client

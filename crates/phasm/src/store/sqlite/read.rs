@@ -491,22 +491,24 @@ pub(super) fn machine_overview(
     }
     let mut stmt = tx
         .prepare_cached(
-            "SELECT t.from_state,
+            "SELECT t.from_state, t.event, t.kind = 'wait',
                     SUM(CASE WHEN i.status = 'running' THEN 1 ELSE 0 END),
                     SUM(CASE WHEN i.status = 'failed' THEN 1 ELSE 0 END),
                     MIN(t.created_at)
              FROM instances i JOIN tasks t ON t.instance_id = i.id
              WHERE i.machine = ?1 AND i.status IN ('running', 'failed')
-             GROUP BY t.from_state ORDER BY t.from_state",
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
         )
         .map_err(db)?;
     overview.states = stmt
         .query_map([machine], |r| {
             Ok(super::super::StateCount {
                 state: r.get(0)?,
-                running: count(r.get::<_, i64>(1)?),
-                failed: count(r.get::<_, i64>(2)?),
-                oldest: r.get(3)?,
+                event: r.get(1)?,
+                waiting: r.get(2)?,
+                running: count(r.get::<_, i64>(3)?),
+                failed: count(r.get::<_, i64>(4)?),
+                oldest: r.get(5)?,
             })
         })
         .map_err(db)?

@@ -1,0 +1,267 @@
+//! `GET /instances/{name}`: one instance — its graph with the states its branches are in,
+//! branch counts, history, waits, pending steps and their errors, contexts, log, parent and
+//! children, and buttons to cancel or retry. The live part refreshes itself every two
+//! seconds while the instance runs (the only script of the console).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use maud::{html, Markup, PreEscaped};
+use serde::Deserialize;
+
+use super::layout::{instance_link, page, problem, seg, status, time};
+use crate::server::ServerState;
+use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
+
+/// Lines of log an instance page shows at once.
+const PAGE_ROWS: usize = 100;
+
+/// The part of an instance page that refreshes itself.
+fn live_part(view: &InstanceView, workers: &[WorkerView]) -> Markup {
+    let b = &view.branches;
+    // The latest transitions only (the store reads no more): a page stays small whatever the
+    // instance did.
+    let skipped = view.history_total.saturating_sub(view.history.len() as u64);
+    let pending: Vec<_> = view.tasks.iter().filter(|t| !view.is_wait(t)).collect();
+    let more_pending = view.tasks_total.saturating_sub(view.tasks.len() as u64);
+    html! {
+        div class="cards" {
+            div class="card" { "status " strong id="status" { (status(view.status)) } }
+            div class="card" {
+                (b.live) " live · "
+                @if b.waiting > 0 { (b.waiting) " waiting for events · " }
+                (b.parked) " parked at fan-ins · " (b.ended) " ended · " (b.failed) " failed"
+                @if b.held > 0 { " · " (b.held) " held (stopped by the failure; Retry resumes them)" }
+            }
+        }
+        @if let Some(error) = &view.error { p class="err" { (error) } }
+        p { img class="graph" alt="graph" src={ "/instances/" (seg(&view.name)) "/graph.svg?t=" (view.history_total + view.tasks_total) }; }
+        h2 { "History" }
+        @if skipped > 0 {
+            p { (skipped) " earlier transitions are not shown: " a href={ "/api/instances/" (seg(&view.name)) "/history" } { "all of them" } " (JSON, in pages)." }
+        }
+        table {
+            tr { th { "#" } th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" } }
+            @for (i, h) in view.history.iter().enumerate() {
+                tr {
+                    td { (skipped as usize + i + 1) }
+                    td { (h.from.as_deref().unwrap_or("—")) }
+                    td { (h.event) }
+                    td { (h.to) }
+                    td { (h.attempt) }
+                    td { (time(h.finished_at)) }
+                    td { (format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)) }
+                    td { (h.branch) }
+                }
+            }
+        }
+        @if !view.waiting.is_empty() {
+            h2 { "Waiting for events" }
+            table {
+                tr { th { "state" } th { "branch" } th { "accepts" } th { "since" } th { "timeout" } }
+                @for w in &view.waiting {
+                    tr {
+                        td { (w.state) } td { (w.branch) } td { (w.events.join(", ")) } td { (time(w.since)) }
+                        td { @match (w.deadline, &w.timeout_event) {
+                            (Some(at), Some(event)) => { (event) " at " (time(at)) }
+                            _ => { "none" }
+                        } }
+                    }
+                }
+            }
+        }
+        @if !view.buffered.is_empty() {
+            h2 { "Events kept for a later wait" }
+            table {
+                tr { th { "event" } th { "id" } th { "at" } }
+                @for e in &view.buffered {
+                    tr { td { (e.event) } td { (e.id.as_deref().unwrap_or("")) } td { (time(e.at)) } }
+                }
+            }
+        }
+        @if !pending.is_empty() {
+            h2 { "Pending" }
+            table {
+                tr { th { "from" } th { "event" } th { "status" } th { "attempts" } th { "due" } th { "last error" } }
+                @for t in pending {
+                    @let why = [
+                        t.last_error.clone(),
+                        crate::control::unserved(&view.machine, t, workers).map(|w| format!("waiting: {w}")),
+                    ].into_iter().flatten().collect::<Vec<_>>().join(" · ");
+                    tr {
+                        td { (t.from.as_deref().unwrap_or("start")) }
+                        td { (t.event) }
+                        td { (t.status) }
+                        td { (t.attempts) }
+                        td { (time(t.due_at)) }
+                        td class="err" { (why) }
+                    }
+                }
+            }
+            @if more_pending > 0 { p { "… and " (more_pending) " more pending steps." } }
+        }
+        div class="cols" {
+            section {
+                h2 { "Input context" }
+                pre id="input" { (serde_json::to_string_pretty(&view.context).unwrap_or_default()) }
+            }
+            @if let Some(context) = &view.current_context {
+                section {
+                    h2 { "Context" }
+                    pre id="context" { (serde_json::to_string_pretty(context).unwrap_or_default()) }
+                }
+            }
+        }
+    }
+}
+
+/// Query of an instance page: where its log page starts.
+#[derive(Deserialize)]
+pub(crate) struct InstanceQuery {
+    log_cursor: Option<i64>,
+}
+
+/// `GET /instances/{name}`; with `X-Partial: 1`, only the part that refreshes itself.
+pub(crate) async fn instance(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    Query(query): Query<InstanceQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let view = match state.store.instance(&name).await {
+        Ok(Some(view)) => view,
+        Ok(None) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                &format!("No instance named `{name}`."),
+            )
+        }
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Error", &e.to_string()),
+    };
+    // Without the list of workers, no step is said to be unserved.
+    let workers = state
+        .store
+        .workers(state.clock.now())
+        .await
+        .unwrap_or_default();
+    if headers.get("x-partial").is_some() {
+        return Html(live_part(&view, &workers).into_string()).into_response();
+    }
+    let log_page = state
+        .store
+        .logs_page(
+            &name,
+            crate::store::PageRequest {
+                after: query.log_cursor.unwrap_or(0).max(0),
+                limit: PAGE_ROWS,
+            },
+        )
+        .await
+        .ok()
+        .flatten();
+    let (logs, next_log) = log_page.map_or((Vec::new(), None), |p| (p.items, p.next));
+    let q = seg(&view.name);
+    let body = html! {
+        h1 { (view.name) }
+        p {
+            "machine " a href={ "/machines/" (seg(&view.machine)) } { (view.machine) }
+            " · created " (time(view.created_at))
+            @if let Some(ended) = view.ended_at { " · ended " (time(ended)) }
+            @if let Some(parent) = &view.parent { " · parent " (instance_link(parent)) }
+        }
+        p {
+            @if matches!(view.status, InstanceStatus::Running | InstanceStatus::Failed) {
+                form class="inline" method="post" action={ "/instances/" (q) "/cancel" } { button id="cancel" { "Cancel" } }
+                " "
+            }
+            @if view.status == InstanceStatus::Failed {
+                form class="inline" method="post" action={ "/instances/" (q) "/retry" } { button id="retry" { "Retry" } }
+            }
+        }
+        div id="live" { (live_part(&view, &workers)) }
+        @if !view.children.is_empty() {
+            h2 { "Children" }
+            ul { @for c in &view.children { li { (instance_link(c)) } } }
+        }
+        h2 { "Log" }
+        pre id="log" {
+            @for l in &logs { (time(l.at)) " " (format!("{:<7}", l.level)) " " (l.message) "\n" }
+        }
+        @if let Some(next) = next_log {
+            p { a id="log-next" href={ "/instances/" (q) "?log_cursor=" (next) } { "next " (PAGE_ROWS) " log lines" } }
+        }
+        @if view.status == InstanceStatus::Running {
+            script { (PreEscaped("setInterval(async()=>{const r=await fetch(location.pathname,{headers:{'X-Partial':'1'}});if(r.ok){document.getElementById('live').innerHTML=await r.text();}},2000);")) }
+        }
+    };
+    page(&view.name, body).into_response()
+}
+
+/// `GET /instances/{name}/graph.svg`: the machine with the branches' states highlighted.
+pub(crate) async fn instance_graph(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+) -> Response {
+    let Ok(Some(view)) = state.store.instance(&name).await else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let Some(machine) = state.config.machine(&view.machine) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let here = view.tasks.iter().filter_map(|t| t.from.as_deref());
+    let initial: Vec<&str> = if view.tasks.iter().any(|t| t.from.is_none()) {
+        machine
+            .initial_state()
+            .map(|s| vec![s.name.as_str()])
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let highlight: Vec<&str> = here.chain(initial).collect();
+    (
+        [(header::CONTENT_TYPE, "image/svg+xml")],
+        crate::graph::to_svg_highlighting(machine, &highlight),
+    )
+        .into_response()
+}
+
+async fn act(state: &ServerState, name: &str, cancel: bool) -> Response {
+    let now = state.clock.now();
+    let result = if cancel {
+        state.store.cancel(now, name).await
+    } else {
+        state.store.retry(now, name).await
+    };
+    match result {
+        Ok(Control::Done) => Redirect::to(&format!("/instances/{}", seg(name))).into_response(),
+        Ok(Control::NotFound) => problem(StatusCode::NOT_FOUND, "Not found", "No such instance."),
+        Ok(Control::NotAllowed(status)) => {
+            let body = html! {
+                h1 { "Not allowed" }
+                p { "The instance is " (status.as_str()) "." }
+                p { a href={ "/instances/" (seg(name)) } { "Back" } }
+            };
+            (StatusCode::CONFLICT, page("Not allowed", body)).into_response()
+        }
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, "Error", &e.to_string()),
+    }
+}
+
+/// `POST /instances/{name}/cancel` (the page's button).
+pub(crate) async fn cancel(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+) -> Response {
+    act(&state, &name, true).await
+}
+
+/// `POST /instances/{name}/retry` (the page's button).
+pub(crate) async fn retry(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+) -> Response {
+    act(&state, &name, false).await
+}

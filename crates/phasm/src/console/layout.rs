@@ -1,0 +1,118 @@
+//! What every page shares: the frame (title, navigation, styles), and small pieces of markup.
+
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+
+use crate::clock::{rfc3339, Micros};
+use crate::store::InstanceStatus;
+
+/// Colours hold in light and dark mode (`color-scheme`, and contrasts that read on both).
+const STYLE: &str = ":root{color-scheme:light dark;--line:#8884;--soft:#8881}\
+body{font-family:system-ui,sans-serif;margin:0}\
+header{background:#111827;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.5rem;align-items:center}\
+header a{color:#fff;text-decoration:none}header a:focus,header a:hover{text-decoration:underline}\
+main{padding:1rem 1.2rem}\
+table{border-collapse:collapse;width:100%;font-size:.9rem;margin:.4rem 0 1rem}\
+td,th{border-bottom:1px solid var(--line);padding:.3rem .5rem;text-align:left;vertical-align:top}\
+caption{text-align:left;font-weight:600;padding:.3rem 0}\
+.s-running{color:#3b82f6}.s-completed{color:#16a34a}.s-failed{color:#dc2626}.s-halted,.s-cancelled{color:#6b7280}\
+pre,textarea{background:var(--soft);padding:.6rem;overflow:auto;max-height:24rem;font-family:ui-monospace,monospace}\
+.err{color:#dc2626}.muted{color:#6b7280}\
+.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid var(--line);border-radius:.4rem;padding:.6rem 1rem}\
+.num{font-size:1.4rem;font-weight:600;display:block}\
+form.inline{display:inline}button{padding:.3rem .8rem}\
+img.graph{max-width:100%;border:1px solid var(--line);background:#fff}\
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(22rem,1fr));gap:1rem}";
+
+/// A whole page.
+pub(super) fn page(title: &str, body: Markup) -> Html<String> {
+    Html(
+        html! {
+            (DOCTYPE)
+            html lang="en" {
+                head {
+                    meta charset="utf-8";
+                    title { (title) " · phasm" }
+                    meta name="viewport" content="width=device-width";
+                    style { (PreEscaped(STYLE)) }
+                }
+                body {
+                    header {
+                        strong { "phasm" }
+                        a href="/" { "Machines" }
+                        a href="/instances" { "Instances" }
+                        a href="/workers" { "Workers" }
+                        a href="/queues" { "Queues" }
+                    }
+                    main { (body) }
+                }
+            }
+        }
+        .into_string(),
+    )
+}
+
+/// A page saying what went wrong, with its status code.
+pub(super) fn problem(status: StatusCode, title: &str, message: &str) -> Response {
+    let body = html! {
+        h1 { (title) }
+        p class="err" { (message) }
+    };
+    (status, page(title, body)).into_response()
+}
+
+/// An instance status, coloured.
+pub(super) fn status(s: InstanceStatus) -> Markup {
+    html! { span class={ "s-" (s.as_str()) } { (s.as_str()) } }
+}
+
+/// A link to an instance's page.
+pub(super) fn instance_link(name: &str) -> Markup {
+    html! { a href={ "/instances/" (seg(name)) } { (name) } }
+}
+
+/// A time as RFC 3339 text.
+pub(super) fn time(at: Micros) -> String {
+    rfc3339(at)
+}
+
+/// How long ago, for people (`3 min ago`).
+pub(super) fn ago(at: Micros, now: Micros) -> String {
+    let secs = (now - at).max(0) / 1_000_000;
+    match secs {
+        0..=59 => format!("{secs} s ago"),
+        60..=3599 => format!("{} min ago", secs / 60),
+        3600..=172_799 => format!("{} h ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86_400),
+    }
+}
+
+/// Escape a path segment or query value (instance and machine names are restricted, but be
+/// safe).
+pub(super) fn seg(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_text_is_escaped_and_segments_encoded() {
+        let name = "<script>alert('x')</script> & \"q\"";
+        let markup = html! { td { (name) } a href={ "/i/" (name) } { "x" } }.into_string();
+        assert!(
+            markup.contains("&lt;script&gt;alert('x')&lt;/script&gt; &amp; &quot;q&quot;"),
+            "{markup}"
+        );
+        assert!(!markup.contains("<script>"), "{markup}");
+        assert_eq!(seg("a b/c"), "a%20b%2Fc");
+        assert_eq!(ago(0, 90 * 1_000_000), "1 min ago");
+    }
+}

@@ -1,0 +1,82 @@
+//! What operators watch: the workers alive now (`GET /workers`) and the work waiting in each
+//! queue (`GET /queues`), with the queues' limits.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use maud::html;
+
+use super::layout::{ago, page, problem, time};
+use crate::server::ServerState;
+use crate::store::Targets;
+
+/// `GET /workers`.
+pub(crate) async fn workers(State(state): State<Arc<ServerState>>) -> Response {
+    let now = state.clock.now();
+    let workers = match state.store.workers(now).await {
+        Ok(w) => w,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Workers", &e.to_string()),
+    };
+    let body = html! {
+        h1 { "Workers" }
+        @if workers.is_empty() {
+            p class="err" id="no-workers" { "No worker is running on this database: nothing moves until one starts (`phasm worker FILE`)." }
+        } @else {
+            p class="muted" { "A worker says it is alive every third of its lease; one that stops saying so leaves this list when its lease would have run out." }
+            table id="workers" {
+                tr { th { "worker" } th { "machines" } th { "takes" } th { "queues" } th { "started" } th { "last seen" } }
+                @for w in &workers {
+                    tr {
+                        td { code { (w.owner) } }
+                        td { (w.machines.join(", ")) }
+                        td { @match &w.targets {
+                            Targets::Any => { "every target" }
+                            Targets::Untargeted => { "untargeted steps" }
+                            Targets::Only(t) => { "target " (t.join(", ")) }
+                        } }
+                        td { (w.queues.as_ref().map_or("every queue".to_string(), |q| q.join(", "))) }
+                        td { (time(w.started_at)) }
+                        td { (ago(w.seen_at, now)) }
+                    }
+                }
+            }
+        }
+    };
+    page("Workers", body).into_response()
+}
+
+/// `GET /queues`.
+pub(crate) async fn queues(State(state): State<Arc<ServerState>>) -> Response {
+    let now = state.clock.now();
+    let stats = match state.store.stats(now).await {
+        Ok(s) => s,
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Queues", &e.to_string()),
+    };
+    let queues = crate::control::queue_statuses(Some(&state.config), &stats);
+    let body = html! {
+        h1 { "Queues" }
+        p class="muted" { "Steps of running instances in each queue: due now, scheduled for later (countdowns, retry backoffs, timeouts), and running (held by a worker)." }
+        @if queues.is_empty() {
+            p { "No step is pending in any queue." }
+        } @else {
+            table id="queues" {
+                tr { th { "queue" } th { "due" } th { "scheduled" } th { "running" } th { "oldest due waited" } th { "max_concurrent" } th { "rate" } }
+                @for q in &queues {
+                    tr {
+                        td { (q.queue) }
+                        td { (q.due) }
+                        td { (q.scheduled) }
+                        td { (q.running) }
+                        td { (format!("{:.1} s", q.oldest_due_age_seconds)) }
+                        td { (q.max_concurrent.map_or("—".to_string(), |n| n.to_string())) }
+                        td { (q.rate.as_deref().unwrap_or("—")) }
+                    }
+                }
+            }
+        }
+        p { (stats.parked) " branches parked at fan-in states." }
+    };
+    page("Queues", body).into_response()
+}
