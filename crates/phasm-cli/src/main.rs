@@ -239,6 +239,9 @@ enum Command {
         /// Only this machine.
         #[arg(long, short)]
         machine: Option<String>,
+        /// Only names that start with this text.
+        #[arg(long)]
+        prefix: Option<String>,
         /// Only this status (running, completed, failed, halted, cancelled).
         #[arg(long)]
         status: Option<String>,
@@ -408,11 +411,22 @@ async fn run_async(command: Command) -> ExitCode {
         } => cmd::inspect::status(&instance, json, all, &db.to_db_args()).await,
         Command::List {
             machine,
+            prefix,
             status,
             limit,
             json,
             db,
-        } => cmd::inspect::list(machine, status.as_deref(), limit, json, &db.to_db_args()).await,
+        } => {
+            cmd::inspect::list(
+                machine,
+                prefix,
+                status.as_deref(),
+                limit,
+                json,
+                &db.to_db_args(),
+            )
+            .await
+        }
         Command::Logs { instance, db } => cmd::inspect::logs(&instance, &db.to_db_args()).await,
         Command::Retry { instance, db } => cmd::inspect::retry(&instance, &db).await,
         Command::Send {

@@ -324,6 +324,7 @@ pub async fn queues(file: Option<&std::path::Path>, as_json: bool, args: &DbArgs
 /// `phasm list`.
 pub async fn list(
     machine: Option<String>,
+    prefix: Option<String>,
     status: Option<&str>,
     limit: usize,
     as_json: bool,
@@ -346,7 +347,8 @@ pub async fn list(
         machine,
         status,
         limit,
-        before: None,
+        prefix,
+        ..ListFilter::default()
     };
     let rows = match store.list(&filter).await {
         Ok(rows) => rows,

@@ -19,7 +19,7 @@ mod operations;
 pub use crate::server::auth::TOKEN_COOKIE;
 
 pub(crate) use instance::{cancel, instance, instance_graph, retry};
-pub(crate) use instances::instances;
+pub(crate) use instances::{bulk, instances};
 pub(crate) use login::{authorize_pages, login, login_form};
 pub(crate) use machines::{machine, machine_graph, machines, start};
 pub(crate) use operations::{queues, workers};

@@ -1,11 +1,13 @@
 //! What users do to instances, with the checks a command line or HTTP API needs: start one
 //! (with typed `KEY=VALUE` context values), and the errors that explain what was wrong.
 
+mod listing;
 mod overview;
 mod queues;
 mod schedules;
 mod send;
 
+pub use listing::{pending_state, steps_into, ListParams, MAX_PAGE};
 pub use overview::{where_instances_are, StateTally};
 pub use queues::{queue_statuses, QueueStatus};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
@@ -374,13 +376,28 @@ pub fn unserved(machine: &str, task: &TaskView, workers: &[WorkerView]) -> Optio
 
 /// The JSON form of an instance in a list: `phasm list --json` and `GET /api/instances`.
 pub fn summary_json(r: &crate::store::InstanceSummary) -> serde_json::Value {
+    summary_json_in(None, r)
+}
+
+/// [`summary_json`], with the state the instance's oldest pending step puts it in (`state`)
+/// when the machine is known.
+pub fn summary_json_in(
+    config: Option<&Config>,
+    r: &crate::store::InstanceSummary,
+) -> serde_json::Value {
+    let machine = config.and_then(|c| c.machine(&r.machine));
     serde_json::json!({
         "instance": r.instance,
         "machine": r.machine,
         "status": r.status,
         "created_at": rfc3339(r.created_at),
         "updated_at": rfc3339(r.updated_at),
+        "ended_at": r.ended_at.map(rfc3339),
         "error": r.error,
+        "parent": r.parent,
+        "steps": r.steps,
+        "state": r.pending.as_ref().map(|p| pending_state(machine, p)),
+        "waiting_since": r.pending.as_ref().map(|p| rfc3339(p.queued_at)),
     })
 }
 

@@ -47,7 +47,7 @@ pub fn where_instances_are(machine: &Machine, counts: &[StateCount]) -> Vec<Stat
 
 /// The state a pending step's branch is in: a wait's own state; otherwise the state its
 /// transition enters (a start step enters the initial state).
-fn state_of(machine: &Machine, c: &StateCount) -> String {
+pub(super) fn state_of(machine: &Machine, c: &StateCount) -> String {
     match &c.state {
         Some(from) if c.waiting => from.clone(),
         Some(from) => machine

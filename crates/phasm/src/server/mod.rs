@@ -37,7 +37,7 @@ use crate::control::{
 };
 use crate::engine::{is_valid_instance_name, Context, Limits};
 use crate::machine::Config;
-use crate::store::{Control, InstanceStatus, ListFilter, Store};
+use crate::store::{Control, Store};
 
 /// Largest request body accepted (a context is at most `Limits::max_context_bytes` anyway).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -143,6 +143,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/workers", get(crate::console::workers))
         .route("/queues", get(crate::console::queues))
         .route("/instances", get(crate::console::instances))
+        .route("/instances/bulk", post(crate::console::bulk))
         .route("/instances/{name}", get(crate::console::instance))
         .route(
             "/instances/{name}/graph.svg",
@@ -666,41 +667,16 @@ fn page_response<T>(
     }
 }
 
-/// Query parameters of `GET /api/instances`.
-#[derive(Debug, Deserialize)]
-struct ListQuery {
-    machine: Option<String>,
-    status: Option<String>,
-    limit: Option<usize>,
-    cursor: Option<String>,
-}
-
-async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQuery>) -> Response {
-    let status = match query.status.as_deref() {
-        None | Some("") => None,
-        Some(s) => match InstanceStatus::parse(s) {
-            Some(s) => Some(s),
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown status `{s}`; use running, completed, failed, halted or cancelled"
-                    ),
-                )
-            }
-        },
+async fn list(
+    State(state): State<Arc<ServerState>>,
+    Query(query): Query<crate::control::ListParams>,
+) -> Response {
+    let filter = match query.to_filter(&state.config, state.clock.now()) {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    let limit = query.limit.unwrap_or(50).clamp(1, 1000);
-    let cursor = query.cursor.filter(|c| !c.is_empty());
-    if let Some(c) = cursor.as_deref().filter(|c| !is_valid_instance_name(c)) {
-        return error(StatusCode::BAD_REQUEST, format!("unknown cursor `{c}`"));
-    }
-    let filter = ListFilter {
-        machine: query.machine.filter(|m| !m.is_empty()),
-        status,
-        limit,
-        before: cursor.clone(),
-    };
+    let limit = filter.limit;
+    let cursor = filter.before.clone();
     match state.store.list(&filter).await {
         Ok(rows) => {
             // An empty page after a cursor: is it the end, or a cursor that names nothing?
@@ -712,7 +688,10 @@ async fn list(State(state): State<Arc<ServerState>>, Query(query): Query<ListQue
                     );
                 }
             }
-            let rows: Vec<Value> = rows.iter().map(crate::control::summary_json).collect();
+            let rows: Vec<Value> = rows
+                .iter()
+                .map(|r| crate::control::summary_json_in(Some(&state.config), r))
+                .collect();
             // A full page may have a next one: it starts after this page's last instance.
             let next = (rows.len() == limit)
                 .then(|| {

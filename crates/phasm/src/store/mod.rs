@@ -16,6 +16,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod convert;
+pub(crate) mod listing;
 pub mod plan;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -848,19 +849,78 @@ pub struct InstanceSummary {
     pub updated_at: Micros,
     /// Why it failed or halted.
     pub error: Option<String>,
+    /// The instance that spawned it.
+    pub parent: Option<String>,
+    /// When it ended.
+    pub ended_at: Option<Micros>,
+    /// Transitions committed.
+    pub steps: u64,
+    /// Its oldest pending step (`None`: nothing pending).
+    pub pending: Option<PendingStep>,
 }
 
-/// Which instances `list` returns.
+/// Which instances `list` returns, and in which order. Every condition narrows the list.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     /// Only this machine.
     pub machine: Option<String>,
     /// Only this status.
     pub status: Option<InstanceStatus>,
-    /// At most this many (newest first); 0 means 100.
+    /// At most this many; 0 means 100.
     pub limit: usize,
-    /// Only instances older than this one (the last of the previous page): cursor paging.
+    /// Only instances after this one (the last of the previous page) in the list's order:
+    /// cursor paging.
     pub before: Option<String>,
+    /// Only names that start with this text (case matters).
+    pub prefix: Option<String>,
+    /// Only instances with a pending step of one of these kinds (the steps that put a branch
+    /// in one state: see [`crate::control::steps_into`]). An empty list matches nothing.
+    pub steps: Option<Vec<StepMatch>>,
+    /// Only instances with a pending step (of `steps`, when given) queued before this time:
+    /// "stuck for more than an hour".
+    pub queued_before: Option<Micros>,
+    /// Only instances created at or after this time.
+    pub created_after: Option<Micros>,
+    /// Only instances created before this time.
+    pub created_before: Option<Micros>,
+    /// Only instances that ended at or after this time.
+    pub ended_after: Option<Micros>,
+    /// Only instances that ended before this time.
+    pub ended_before: Option<Micros>,
+    /// The order.
+    pub order: ListOrder,
+}
+
+/// The order of [`ReadStore::list`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListOrder {
+    /// Newest first (the default).
+    #[default]
+    Created,
+    /// Most recently ended first; only instances that ended.
+    Ended,
+}
+
+/// A kind of pending step (see [`ListFilter::steps`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepMatch {
+    /// The state the step leaves (`None`: a start step).
+    pub from: Option<String>,
+    /// The event it dispatches; `None`: a wait for events in `from`.
+    pub event: Option<String>,
+}
+
+/// A pending step of a listed instance: its oldest one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingStep {
+    /// The state it leaves (`None`: the start step).
+    pub from: Option<String>,
+    /// The event it dispatches.
+    pub event: String,
+    /// It is a wait for events (the branch is in `from`).
+    pub waiting: bool,
+    /// When it was queued.
+    pub queued_at: Micros,
 }
 
 /// What `retry` or `cancel` did.

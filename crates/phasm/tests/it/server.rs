@@ -1132,3 +1132,137 @@ async fn workers_and_queues_pages_and_api() {
     assert_eq!(queues["queues"][0]["due"], 1, "{queues}");
     assert_eq!(queues["parked"], 0);
 }
+
+#[tokio::test]
+async fn the_instance_list_filters_and_bulk_actions_act_on_what_it_shows() {
+    let api = api(None).await;
+    for name in ["ord-1", "ord-2", "ord-3", "other-1"] {
+        let body = format!(r#"{{"name": "{name}"}}"#);
+        let (status, _) = call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances",
+            Some(&body),
+            None,
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    // Search by prefix, with the state each is in (entering `a`, the initial state).
+    let (status, body) = call(
+        &api,
+        "GET",
+        "/api/instances?prefix=ord-&machine=Job&state=a",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let listed = json(&body);
+    let names: Vec<&str> = listed["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ord-3", "ord-2", "ord-1"]);
+    assert_eq!(listed["instances"][0]["state"], "a");
+    assert_eq!(listed["instances"][0]["steps"], 0);
+    let (_, body) = call(
+        &api,
+        "GET",
+        "/api/instances?machine=Job&state=b",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(json(&body)["instances"], serde_json::json!([]));
+    // Mistakes are named.
+    for (query, says) in [
+        ("state=a", "`state` needs a `machine`"),
+        ("machine=Job&state=zz", "has no state `zz`"),
+        ("stuck=soon", "`stuck`"),
+        ("created_after=yesterday", "`created_after`"),
+        ("order=random", "unknown order"),
+    ] {
+        let (status, body) =
+            call(&api, "GET", &format!("/api/instances?{query}"), None, None).await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.contains(says), "{query}: {body}");
+    }
+    // The console's list: the same filters in the URL, a row per instance.
+    let (status, page) = call(
+        &api,
+        "GET",
+        "/instances?prefix=ord-&machine=Job",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(page.contains("value=\"ord-2\""), "a box per row: {page}");
+    assert!(!page.contains("value=\"other-1\""), "{page}");
+    let (status, page) = call(&api, "GET", "/instances?machine=Job&state=zz", None, None).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("id=\"filter-error\""), "{page}");
+
+    // Bulk cancel of everything the filters match: first a confirmation that says how many,
+    // then the action.
+    let ask = form_post(
+        &api,
+        "/instances/bulk",
+        SAME_ORIGIN,
+        "action=cancel-all&prefix=ord-&machine=Job",
+    )
+    .await;
+    assert!(ask.starts_with("HTTP/1.1 200"), "{ask}");
+    assert!(ask.contains("Cancel 3 instances?"), "{ask}");
+    let (_, body) = call(&api, "GET", "/api/instances/ord-1", None, None).await;
+    assert_eq!(
+        json(&body)["status"],
+        "running",
+        "nothing happens before the confirmation"
+    );
+    let done = form_post(
+        &api,
+        "/instances/bulk",
+        SAME_ORIGIN,
+        "action=cancel-all&prefix=ord-&machine=Job&confirm=yes",
+    )
+    .await;
+    assert!(done.contains("3 of 3 instances cancelled"), "{done}");
+    for name in ["ord-1", "ord-2", "ord-3"] {
+        let (_, body) = call(&api, "GET", &format!("/api/instances/{name}"), None, None).await;
+        assert_eq!(json(&body)["status"], "cancelled", "{name}");
+    }
+    let (_, body) = call(&api, "GET", "/api/instances/other-1", None, None).await;
+    assert_eq!(json(&body)["status"], "running", "outside the filter");
+    // A selection: retrying cancelled instances is refused, and said so.
+    let done = form_post(
+        &api,
+        "/instances/bulk",
+        SAME_ORIGIN,
+        "action=retry-selected&name=ord-1&name=ord-2&confirm=yes",
+    )
+    .await;
+    assert!(done.contains("0 of 2 instances retried"), "{done}");
+    assert!(done.contains("ord-1 (cancelled)"), "{done}");
+    let none = form_post(
+        &api,
+        "/instances/bulk",
+        SAME_ORIGIN,
+        "action=retry-selected",
+    )
+    .await;
+    assert!(none.starts_with("HTTP/1.1 400"), "{none}");
+    let foreign = form_post(
+        &api,
+        "/instances/bulk",
+        "Origin: http://evil.example\r\n",
+        "action=cancel-all&confirm=yes",
+    )
+    .await;
+    assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
+    let (_, body) = call(&api, "GET", "/api/instances/other-1", None, None).await;
+    assert_eq!(json(&body)["status"], "running");
+}

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use futures_util::future::LocalBoxFuture;
 
+mod listing;
 mod overview;
 mod schedules;
 mod waits;
+pub use listing::*;
 pub use overview::*;
 pub use schedules::*;
 pub use waits::*;
@@ -93,6 +95,7 @@ checks!(
     each_schedule_tick_starts_one_instance_and_never_goes_back,
     a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
     a_machine_overview_counts_where_its_instances_are,
+    the_instance_list_filters_orders_and_describes,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

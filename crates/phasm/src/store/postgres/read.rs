@@ -218,21 +218,31 @@ pub(super) async fn list(
     store: &PostgresStore,
     filter: &ListFilter,
 ) -> StoreResult<Vec<InstanceSummary>> {
+    use crate::store::listing::{self, Dialect, Param};
+    let q = listing::query(filter, Dialect::Postgres);
+    let params: Vec<Box<dyn ToSql + Sync + Send>> = q
+        .params
+        .into_iter()
+        .map(|p| -> Box<dyn ToSql + Sync + Send> {
+            match p {
+                Param::Text(t) => Box::new(t),
+                Param::Int(i) => Box::new(i),
+            }
+        })
+        .collect();
+    let refs: Vec<&(dyn ToSql + Sync)> = params
+        .iter()
+        .map(|p| p.as_ref() as &(dyn ToSql + Sync))
+        .collect();
     let client = store.client().await?;
-    let limit = bigint(if filter.limit == 0 { 100 } else { filter.limit });
-    let status = filter.status.map(InstanceStatus::as_str);
     client
-        .query(
-            "SELECT name, machine, status, created_at, updated_at, error FROM instances
-             WHERE ($1::TEXT IS NULL OR machine = $1) AND ($2::TEXT IS NULL OR status = $2)
-               AND ($4::TEXT IS NULL OR id < (SELECT id FROM instances WHERE name = $4))
-             ORDER BY id DESC LIMIT $3",
-            &[&filter.machine, &status, &limit, &filter.before],
-        )
+        .query(&q.sql, &refs)
         .await
         .map_err(pg)?
         .iter()
         .map(|r| {
+            let event: Option<String> = r.get(10);
+            let queued_at: Option<i64> = r.get(12);
             Ok(InstanceSummary {
                 instance: r.get(0),
                 machine: r.get(1),
@@ -240,6 +250,18 @@ pub(super) async fn list(
                 created_at: r.get(3),
                 updated_at: r.get(4),
                 error: r.get(5),
+                parent: r.get(6),
+                ended_at: r.get(7),
+                steps: count(r.get::<_, i64>(8)),
+                pending: match (event, queued_at) {
+                    (Some(event), Some(queued_at)) => Some(crate::store::PendingStep {
+                        from: r.get(9),
+                        event,
+                        waiting: r.get::<_, Option<bool>>(11).unwrap_or(false),
+                        queued_at,
+                    }),
+                    _ => None,
+                },
             })
         })
         .collect()

@@ -273,40 +273,48 @@ fn buffered(tx: &Transaction<'_>, id: i64) -> StoreResult<Vec<BufferedEvent>> {
 }
 
 pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
-    let limit = bigint(if filter.limit == 0 { 100 } else { filter.limit });
-    let mut stmt = tx
-        .prepare_cached(
-            "SELECT name, machine, status, created_at, updated_at, error FROM instances
-             WHERE (?1 IS NULL OR machine = ?1) AND (?2 IS NULL OR status = ?2)
-               AND (?4 IS NULL OR id < (SELECT id FROM instances WHERE name = ?4))
-             ORDER BY id DESC LIMIT ?3",
-        )
-        .map_err(db)?;
+    use crate::store::listing::{self, Dialect, Param};
+    let q = listing::query(filter, Dialect::Sqlite);
+    let params: Vec<rusqlite::types::Value> = q
+        .params
+        .into_iter()
+        .map(|p| match p {
+            Param::Text(t) => rusqlite::types::Value::Text(t),
+            Param::Int(i) => rusqlite::types::Value::Integer(i),
+        })
+        .collect();
+    let mut stmt = tx.prepare_cached(&q.sql).map_err(db)?;
     let rows = stmt
-        .query_map(
-            params![
-                filter.machine,
-                filter.status.map(InstanceStatus::as_str),
-                limit,
-                filter.before
-            ],
-            |r| {
-                Ok((
+        .query_map(rusqlite::params_from_iter(params), |r| {
+            Ok((
+                (
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
                     r.get::<_, String>(2)?,
                     r.get::<_, i64>(3)?,
                     r.get::<_, i64>(4)?,
                     r.get::<_, Option<String>>(5)?,
-                ))
-            },
-        )
+                ),
+                (
+                    r.get::<_, Option<String>>(6)?,
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, i64>(8)?,
+                    r.get::<_, Option<String>>(9)?,
+                    r.get::<_, Option<String>>(10)?,
+                    r.get::<_, Option<bool>>(11)?,
+                    r.get::<_, Option<i64>>(12)?,
+                ),
+            ))
+        })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
     rows.into_iter()
         .map(
-            |(instance, machine, status, created_at, updated_at, error)| {
+            |(
+                (instance, machine, status, created_at, updated_at, error),
+                (parent, ended_at, steps, from, event, waiting, queued_at),
+            )| {
                 Ok(InstanceSummary {
                     instance,
                     machine,
@@ -314,6 +322,18 @@ pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec
                     created_at,
                     updated_at,
                     error,
+                    parent,
+                    ended_at,
+                    steps: count(steps),
+                    pending: match (event, queued_at) {
+                        (Some(event), Some(queued_at)) => Some(crate::store::PendingStep {
+                            from,
+                            event,
+                            waiting: waiting.unwrap_or(false),
+                            queued_at,
+                        }),
+                        _ => None,
+                    },
                 })
             },
         )

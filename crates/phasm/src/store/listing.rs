@@ -1,0 +1,215 @@
+//! The instance list's query ([`ReadStore::list`](super::ReadStore::list)), written once for
+//! every backend: a [`ListFilter`] becomes SQL text and its parameters, which each backend
+//! binds in its own way. Only the few spellings that differ between SQLite and PostgreSQL
+//! depend on the [`Dialect`].
+
+use super::{InstanceStatus, ListFilter, ListOrder};
+
+/// The SQL spellings of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    /// `?N` placeholders.
+    Sqlite,
+    /// `$N` placeholders, typed.
+    Postgres,
+}
+
+/// A parameter of the query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Param {
+    /// Text.
+    Text(String),
+    /// A 64-bit integer.
+    Int(i64),
+}
+
+/// The query for a filter: its SQL and parameters, in placeholder order. The columns are,
+/// in order: name, machine, status, created_at, updated_at, error, parent, ended_at, the
+/// number of transitions, and the oldest pending step's from_state, event, whether it is a
+/// wait, and created_at (NULL without one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Query {
+    pub sql: String,
+    pub params: Vec<Param>,
+}
+
+struct Builder {
+    dialect: Dialect,
+    params: Vec<Param>,
+}
+
+impl Builder {
+    /// Add a parameter; its placeholder.
+    fn bind(&mut self, p: Param) -> String {
+        self.params.push(p);
+        let n = self.params.len();
+        match (self.dialect, self.params.last()) {
+            (Dialect::Sqlite, _) => format!("?{n}"),
+            (Dialect::Postgres, Some(Param::Int(_))) => format!("${n}::BIGINT"),
+            (Dialect::Postgres, _) => format!("${n}::TEXT"),
+        }
+    }
+
+    fn text(&mut self, s: &str) -> String {
+        self.bind(Param::Text(s.to_string()))
+    }
+
+    fn int(&mut self, i: i64) -> String {
+        self.bind(Param::Int(i))
+    }
+}
+
+/// The query that lists what `filter` asks for.
+pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
+    let mut b = Builder {
+        dialect,
+        params: Vec::new(),
+    };
+    let mut conditions: Vec<String> = Vec::new();
+    if let Some(m) = &filter.machine {
+        conditions.push(format!("i.machine = {}", b.text(m)));
+    }
+    if let Some(s) = filter.status {
+        conditions.push(format!("i.status = {}", b.text(InstanceStatus::as_str(s))));
+    }
+    if let Some(prefix) = &filter.prefix {
+        let p = b.text(prefix);
+        conditions.push(match dialect {
+            Dialect::Sqlite => format!("substr(i.name, 1, length({p})) = {p}"),
+            Dialect::Postgres => format!("starts_with(i.name, {p})"),
+        });
+    }
+    for (column, bound, op) in [
+        ("created_at", filter.created_after, ">="),
+        ("created_at", filter.created_before, "<"),
+        ("ended_at", filter.ended_after, ">="),
+        ("ended_at", filter.ended_before, "<"),
+    ] {
+        if let Some(t) = bound {
+            conditions.push(format!("i.{column} {op} {}", b.int(t)));
+        }
+    }
+    if filter.steps.is_some() || filter.queued_before.is_some() {
+        let mut step = Vec::new();
+        if let Some(kinds) = &filter.steps {
+            let mut any = Vec::new();
+            for k in kinds {
+                let from = match &k.from {
+                    Some(f) => format!("t.from_state = {}", b.text(f)),
+                    None => "t.from_state IS NULL".to_string(),
+                };
+                any.push(match &k.event {
+                    Some(e) => format!("({from} AND t.event = {} AND t.kind <> 'wait')", b.text(e)),
+                    None => format!("({from} AND t.kind = 'wait')"),
+                });
+            }
+            step.push(if any.is_empty() {
+                "1 = 0".to_string()
+            } else {
+                format!("({})", any.join(" OR "))
+            });
+        }
+        if let Some(t) = filter.queued_before {
+            step.push(format!("t.created_at < {}", b.int(t)));
+        }
+        conditions.push(format!(
+            "EXISTS (SELECT 1 FROM tasks t WHERE t.instance_id = i.id AND {})",
+            step.join(" AND ")
+        ));
+    }
+    let order = match filter.order {
+        ListOrder::Created => {
+            if let Some(c) = &filter.before {
+                conditions.push(format!(
+                    "i.id < (SELECT id FROM instances WHERE name = {})",
+                    b.text(c)
+                ));
+            }
+            "i.id DESC"
+        }
+        ListOrder::Ended => {
+            conditions.push("i.ended_at IS NOT NULL".to_string());
+            if let Some(c) = &filter.before {
+                conditions.push(format!(
+                    "(i.ended_at, i.id) < (SELECT ended_at, id FROM instances WHERE name = {})",
+                    b.text(c)
+                ));
+            }
+            "i.ended_at DESC, i.id DESC"
+        }
+    };
+    let limit =
+        b.int(i64::try_from(if filter.limit == 0 { 100 } else { filter.limit }).unwrap_or(100));
+    let wait = match dialect {
+        Dialect::Sqlite => "p.kind = 'wait'",
+        Dialect::Postgres => "p.kind IS NOT DISTINCT FROM 'wait'",
+    };
+    let steps = match dialect {
+        Dialect::Sqlite => "(SELECT COUNT(*) FROM history h WHERE h.instance_id = i.id)",
+        Dialect::Postgres => "(SELECT COUNT(*) FROM history h WHERE h.instance_id = i.id)::BIGINT",
+    };
+    let where_clause = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT i.name, i.machine, i.status, i.created_at, i.updated_at, i.error, i.parent, i.ended_at,
+                {steps}, p.from_state, p.event, {wait}, p.created_at
+         FROM instances i
+         LEFT JOIN tasks p ON p.id = (SELECT MIN(id) FROM tasks WHERE instance_id = i.id)
+         {where_clause}
+         ORDER BY {order} LIMIT {limit}"
+    );
+    Query {
+        sql,
+        params: b.params,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StepMatch;
+
+    #[test]
+    fn every_condition_binds_its_value_in_order() {
+        let filter = ListFilter {
+            machine: Some("Orders".into()),
+            prefix: Some("ord-".into()),
+            steps: Some(vec![
+                StepMatch {
+                    from: Some("received".into()),
+                    event: Some("pay".into()),
+                },
+                StepMatch {
+                    from: Some("approval".into()),
+                    event: None,
+                },
+            ]),
+            queued_before: Some(5),
+            before: Some("ord-9".into()),
+            limit: 20,
+            ..ListFilter::default()
+        };
+        let q = query(&filter, Dialect::Postgres);
+        assert_eq!(
+            q.params,
+            [
+                Param::Text("Orders".into()),
+                Param::Text("ord-".into()),
+                Param::Text("received".into()),
+                Param::Text("pay".into()),
+                Param::Text("approval".into()),
+                Param::Int(5),
+                Param::Text("ord-9".into()),
+                Param::Int(20),
+            ]
+        );
+        assert!(q.sql.contains("starts_with(i.name, $2::TEXT)"), "{}", q.sql);
+        assert!(q.sql.contains("LIMIT $8::BIGINT"), "{}", q.sql);
+        let q = query(&ListFilter::default(), Dialect::Sqlite);
+        assert!(!q.sql.contains("i.status ="), "{}", q.sql);
+        assert_eq!(q.params, [Param::Int(100)]);
+    }
+}
