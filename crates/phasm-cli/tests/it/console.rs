@@ -323,3 +323,52 @@ fn a_page_on_another_origin_can_neither_start_nor_cancel() {
     let forged = get(port, "/api/instances/forged");
     assert!(forged.starts_with("HTTP/1.1 404"), "{forged}");
 }
+
+/// An operator's round in the browser (`tests/browser/console_operator.py`, driving Chromium
+/// over the DevTools protocol): the start form, search and filter, and a confirmed bulk retry.
+#[test]
+fn an_operator_starts_finds_and_retries_instances_in_the_browser() {
+    let Some(chromium) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        r#"actions:
+  Work:
+    exec: [sh, -c, "read r; case \"$r\" in *'\"fail\":true'*) echo boom >&2; exit 3;; esac; echo '{\"event\": \"done\"}'"]
+state_machines:
+- name: Console
+  task_retry_limit: 0
+  states:
+  - name: working
+    initial: true
+    action: Work
+    transitions:
+    - event: done
+      to: finished
+  - name: finished
+    final: true
+"#,
+    )
+    .unwrap();
+    let (port, _server) = serve(d);
+    for (name, fail) in [("bad-1", true), ("bad-2", true), ("ok-1", false)] {
+        let body = format!(r#"{{"name": "{name}", "context": {{"fail": {fail}}}}}"#);
+        let created = post(port, "/api/machines/Console/instances", &body);
+        assert!(created.starts_with("HTTP/1.1 201"), "{created}");
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/console_operator.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .arg(&chromium)
+        .arg(d.join("profile"))
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
