@@ -75,7 +75,9 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
     if let Some(prefix) = &filter.prefix {
         let p = b.text(prefix);
         conditions.push(match dialect {
-            Dialect::Sqlite => format!("substr(i.name, 1, length({p})) = {p}"),
+            // Names are ASCII letters, digits, `-`, `_` and `.`, all below DEL (127): the
+            // names starting with `p` are a range of the name index.
+            Dialect::Sqlite => format!("i.name >= {p} AND i.name < {p} || char(127)"),
             Dialect::Postgres => format!("starts_with(i.name, {p})"),
         });
     }
@@ -112,12 +114,21 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
         if let Some(t) = filter.queued_before {
             step.push(format!("t.created_at < {}", b.int(t)));
         }
+        // Pending steps are few next to ended instances: the matching ones drive the query.
         conditions.push(format!(
-            "EXISTS (SELECT 1 FROM tasks t WHERE t.instance_id = i.id AND {})",
+            "i.id IN (SELECT t.instance_id FROM tasks t WHERE {})",
             step.join(" AND ")
         ));
     }
     let order = match filter.order {
+        // With a name prefix, name order (descending: `MACHINE-YYYYMMDD…` names newest
+        // first): the name index gives the page without sorting every match.
+        ListOrder::Created if filter.prefix.is_some() => {
+            if let Some(c) = &filter.before {
+                conditions.push(format!("i.name < {}", b.text(c)));
+            }
+            "i.name DESC"
+        }
         ListOrder::Created => {
             if let Some(c) = &filter.before {
                 conditions.push(format!(
@@ -128,7 +139,9 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
             "i.id DESC"
         }
         ListOrder::Ended => {
-            conditions.push("i.ended_at IS NOT NULL".to_string());
+            // (Ended instances are never running: the condition lets an index of ended
+            // instances serve the order.)
+            conditions.push("i.ended_at IS NOT NULL AND i.status <> 'running'".to_string());
             if let Some(c) = &filter.before {
                 conditions.push(format!(
                     "(i.ended_at, i.id) < (SELECT ended_at, id FROM instances WHERE name = {})",
@@ -207,6 +220,7 @@ mod tests {
             ]
         );
         assert!(q.sql.contains("starts_with(i.name, $2::TEXT)"), "{}", q.sql);
+        assert!(q.sql.contains("ORDER BY i.name DESC"), "{}", q.sql);
         assert!(q.sql.contains("LIMIT $8::BIGINT"), "{}", q.sql);
         let q = query(&ListFilter::default(), Dialect::Sqlite);
         assert!(!q.sql.contains("i.status ="), "{}", q.sql);

@@ -473,7 +473,8 @@ pub struct MachineOverview {
     /// Where running and failed instances are: their pending steps by the state they leave
     /// and the event they dispatch (the machine says which state that leads into).
     pub states: Vec<StateCount>,
-    /// Failed instances grouped by their error, most common first (at most 10 groups).
+    /// The latest 1,000 failed instances grouped by their error, most common first (at most
+    /// 10 groups).
     pub failures: Vec<FailureGroup>,
 }
 
@@ -871,7 +872,9 @@ pub struct ListFilter {
     /// Only instances after this one (the last of the previous page) in the list's order:
     /// cursor paging.
     pub before: Option<String>,
-    /// Only names that start with this text (case matters).
+    /// Only names that start with this text (case matters). The list is then in name order,
+    /// descending (with [`ListOrder::Created`]), which is newest first for phasm's
+    /// generated `MACHINE-YYYYMMDDHHMMSS-…` names.
     pub prefix: Option<String>,
     /// Only instances with a pending step of one of these kinds (the steps that put a branch
     /// in one state: see [`crate::control::steps_into`]). An empty list matches nothing.
@@ -894,7 +897,7 @@ pub struct ListFilter {
 /// The order of [`ReadStore::list`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ListOrder {
-    /// Newest first (the default).
+    /// Newest first (the default); in name order, descending, with a name prefix.
     #[default]
     Created,
     /// Most recently ended first; only instances that ended.

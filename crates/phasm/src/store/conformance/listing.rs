@@ -70,6 +70,18 @@ pub async fn the_instance_list_filters_orders_and_describes(store: &dyn Store) {
         names(
             store,
             f(|f| {
+                f.prefix = Some("a-".into());
+                f.before = Some("a-2".into());
+            })
+        )
+        .await,
+        ["a-1"],
+        "a prefix lists in name order, paged by name"
+    );
+    assert_eq!(
+        names(
+            store,
+            f(|f| {
                 f.steps = Some(vec![StepMatch {
                     from: Some("a".into()),
                     event: Some("go".into()),

@@ -495,7 +495,7 @@ pub(super) async fn machine_overview(
             "SELECT e, COUNT(*), MAX(updated_at),
                     (ARRAY_AGG(name ORDER BY updated_at DESC))[1]
              FROM (SELECT LEFT(COALESCE(error, ''), 500) AS e, updated_at, name FROM instances
-                   WHERE machine = $1 AND status = 'failed') f
+                   WHERE machine = $1 AND status = 'failed' ORDER BY id DESC LIMIT 1000) f
              GROUP BY e ORDER BY 2 DESC, 3 DESC LIMIT 10",
             &[&machine],
         )
