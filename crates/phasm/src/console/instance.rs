@@ -117,6 +117,90 @@ fn live_part(view: &InstanceView, workers: &[WorkerView]) -> Markup {
     }
 }
 
+/// A form that sends an event to the instance's waiting branches.
+fn send_form(view: &InstanceView) -> Markup {
+    let mut events: Vec<&str> = view
+        .waiting
+        .iter()
+        .flat_map(|w| w.events.iter().map(String::as_str))
+        .collect();
+    events.sort_unstable();
+    events.dedup();
+    html! {
+        form method="post" action={ "/instances/" (seg(&view.name)) "/events" } id="send" {
+            strong { "Send an event " }
+            label { "event " select name="event" { @for e in &events { option { (e) } } } }
+            " "
+            label { "data " input name="data" value="{}" size="30"; }
+            " "
+            label { "id (optional) " input name="id" size="12"; }
+            " "
+            button { "Send" }
+        }
+    }
+}
+
+/// The send form's fields.
+#[derive(Deserialize)]
+pub(crate) struct SendForm {
+    event: String,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    id: String,
+}
+
+/// `POST /instances/{name}/events` (the page's send form): deliver, then back to the page;
+/// a refused event is explained.
+pub(crate) async fn send_event(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    axum::extract::Form(form): axum::extract::Form<SendForm>,
+) -> Response {
+    let data = match form.data.trim() {
+        "" => crate::engine::Context::new(),
+        text => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => {
+                return problem(
+                    StatusCode::BAD_REQUEST,
+                    "Event not sent",
+                    "The data must be a JSON object (its keys are merged into the context).",
+                )
+            }
+        },
+    };
+    let request = crate::control::SendRequest {
+        to: crate::control::SendTo::Instance(name.clone()),
+        event: form.event,
+        data,
+        id: Some(form.id.trim().to_string()).filter(|i| !i.is_empty()),
+    };
+    match crate::control::send(
+        &*state.store,
+        Some(&state.config),
+        &*state.clock,
+        request,
+        &state.limits,
+    )
+    .await
+    {
+        Ok(_) => Redirect::to(&format!("/instances/{}", seg(&name))).into_response(),
+        Err(e @ crate::control::SendError::Store(_)) => problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Event not sent",
+            &e.to_string(),
+        ),
+        Err(e @ crate::control::SendError::NotFound(_)) => {
+            problem(StatusCode::NOT_FOUND, "Event not sent", &e.to_string())
+        }
+        Err(e) if e.is_conflict() => {
+            problem(StatusCode::CONFLICT, "Event not sent", &e.to_string())
+        }
+        Err(e) => problem(StatusCode::BAD_REQUEST, "Event not sent", &e.to_string()),
+    }
+}
+
 /// Query of an instance page: where its log page starts.
 #[derive(Deserialize)]
 pub(crate) struct InstanceQuery {
@@ -179,7 +263,19 @@ pub(crate) async fn instance(
             }
             @if view.status == InstanceStatus::Failed {
                 form class="inline" method="post" action={ "/instances/" (q) "/retry" } { button id="retry" { "Retry" } }
+                " "
             }
+            @if state.config.machine(&view.machine).is_some() {
+                form class="inline" method="post" action={ "/machines/" (seg(&view.machine)) "/start" } {
+                    input type="hidden" name="context" value=(serde_json::to_string(&view.context).unwrap_or_default());
+                    button id="again" { "New instance with the same input" }
+                }
+                " "
+            }
+            a href={ "/api/instances/" (q) } download={ (view.name) ".json" } { "Download as JSON" }
+        }
+        @if !view.waiting.is_empty() {
+            (send_form(&view))
         }
         div id="live" { (live_part(&view, &workers)) }
         @if !view.children.is_empty() {
@@ -221,9 +317,20 @@ pub(crate) async fn instance_graph(
         Vec::new()
     };
     let highlight: Vec<&str> = here.chain(initial).collect();
+    // The path taken: every state entered is marked, and where branches ended.
+    let mut notes: Vec<(&str, String)> = Vec::new();
+    for h in &view.history {
+        if !highlight.contains(&h.to.as_str()) && !notes.iter().any(|(s, _)| *s == h.to) {
+            notes.push((h.to.as_str(), "✓ passed".to_string()));
+        }
+    }
+    for end in &view.end_states {
+        notes.retain(|(s, _)| s != end);
+        notes.push((end.as_str(), "■ ended here".to_string()));
+    }
     (
         [(header::CONTENT_TYPE, "image/svg+xml")],
-        crate::graph::to_svg_highlighting(machine, &highlight),
+        crate::graph::to_svg_annotated(machine, &highlight, &notes),
     )
         .into_response()
 }

@@ -11,6 +11,7 @@ pub(crate) enum Dialect {
     /// `?N` placeholders.
     Sqlite,
     /// `$N` placeholders, typed.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     Postgres,
 }
 

@@ -840,6 +840,16 @@ const WAITING_YAML: &str = "state_machines:\n- name: Approve\n  states:\n  - nam
 
 /// Run the start task of `name` as a worker would: the instance then waits in `approval`.
 async fn begin_waiting(store: &SqliteStore, config: &phasm::machine::Config, name: &str) {
+    let commit = run_step(store, config, name).await;
+    assert_eq!(commit.waits.len(), 1, "{commit:?}");
+}
+
+/// Run the due step of `name` as a worker would; the commit it applied.
+async fn run_step(
+    store: &SqliteStore,
+    config: &phasm::machine::Config,
+    name: &str,
+) -> phasm::engine::Commit {
     use phasm::clock::Clock;
     let request = phasm::store::ClaimRequest {
         owner: "test".into(),
@@ -870,8 +880,8 @@ async fn begin_waiting(store: &SqliteStore, config: &phasm::machine::Config, nam
         &mut fastrand::Rng::with_seed(1),
         &Limits::default(),
     );
-    assert_eq!(commit.waits.len(), 1, "{commit:?}");
-    store.apply(now, commit, None).await.unwrap();
+    store.apply(now, commit.clone(), None).await.unwrap();
+    commit
 }
 
 #[tokio::test]
@@ -1265,4 +1275,119 @@ async fn the_instance_list_filters_and_bulk_actions_act_on_what_it_shows() {
     assert!(foreign.starts_with("HTTP/1.1 403"), "{foreign}");
     let (_, body) = call(&api, "GET", "/api/instances/other-1", None, None).await;
     assert_eq!(json(&body)["status"], "running");
+}
+
+#[tokio::test]
+async fn an_instance_page_sends_events_starts_again_and_draws_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let config = Arc::new(
+        load_str(
+            WAITING_YAML,
+            dir.path().join("fsm.yaml"),
+            &LoadOptions::default(),
+        )
+        .unwrap()
+        .config,
+    );
+    let state = Arc::new(ServerState {
+        store: Arc::clone(&store) as Arc<dyn phasm::store::Store>,
+        config: Arc::clone(&config),
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        token: None,
+        metrics: None,
+        throttle: Default::default(),
+        allowed_hosts: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    let api = Api { addr, _dir: dir };
+    let body = r#"{"name": "w1", "context": {"order": 7}}"#;
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Approve/instances",
+        Some(body),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    begin_waiting(&store, &config, "w1").await;
+
+    let (_, page) = call(&api, "GET", "/instances/w1", None, None).await;
+    assert!(
+        page.contains("id=\"send\""),
+        "a waiting instance has a send form: {page}"
+    );
+    assert!(page.contains("<option>approved</option>"), "{page}");
+    assert!(page.contains("download=\"w1.json\""), "{page}");
+    assert!(page.contains("id=\"again\""), "{page}");
+    // A bad event is explained, and nothing is sent.
+    let refused = form_post(
+        &api,
+        "/instances/w1/events",
+        SAME_ORIGIN,
+        "event=rejected&data=%7B%7D",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 409"), "{refused}");
+    assert!(refused.contains("accepts event `rejected`"), "{refused}");
+    let bad = form_post(
+        &api,
+        "/instances/w1/events",
+        SAME_ORIGIN,
+        "event=approved&data=%5B%5D",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    // The form's event is delivered: the wait ends and its dispatch is queued.
+    let sent = form_post(
+        &api,
+        "/instances/w1/events",
+        SAME_ORIGIN,
+        "event=approved&data=%7B%22by%22%3A+%22ann%22%7D&id=e-1",
+    )
+    .await;
+    assert!(sent.starts_with("HTTP/1.1 303"), "{sent}");
+    let (_, body) = call(&api, "GET", "/api/instances/w1", None, None).await;
+    let view = json(&body);
+    assert_eq!(view["waiting"], serde_json::json!([]), "{view}");
+    assert_eq!(view["tasks"][0]["event"], "approved", "{view}");
+    assert_eq!(view["context"]["order"], 7);
+    // Once the approved step has run, the graph shows the path: the state passed through,
+    // and where the instance ended.
+    run_step(&store, &config, "w1").await;
+    let (_, body) = call(&api, "GET", "/api/instances/w1", None, None).await;
+    assert_eq!(json(&body)["status"], "completed", "{body}");
+    let (_, svg) = call(&api, "GET", "/instances/w1/graph.svg", None, None).await;
+    assert!(svg.contains("✓ passed"), "{svg}");
+    assert!(svg.contains("■ ended here"), "{svg}");
+    // A new instance with the same input.
+    let again = form_post(
+        &api,
+        "/machines/Approve/start",
+        SAME_ORIGIN,
+        "context=%7B%22order%22%3A7%7D",
+    )
+    .await;
+    assert!(again.starts_with("HTTP/1.1 303"), "{again}");
+    let location = again
+        .lines()
+        .find_map(|l| l.strip_prefix("location: /instances/"))
+        .expect("a location")
+        .trim()
+        .to_string();
+    assert_ne!(location, "w1");
+    let (_, body) = call(
+        &api,
+        "GET",
+        &format!("/api/instances/{location}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(json(&body)["context"]["order"], 7, "{body}");
 }
