@@ -167,11 +167,22 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
     } else {
         format!("WHERE {}", conditions.join(" AND "))
     };
+    // The oldest pending step of each listed instance: SQLite looks the row up by its id;
+    // PostgreSQL would test that condition against every task row, so it reads it laterally.
+    let pending = match dialect {
+        Dialect::Sqlite => {
+            "LEFT JOIN tasks p ON p.id = (SELECT MIN(id) FROM tasks WHERE instance_id = i.id)"
+        }
+        Dialect::Postgres => {
+            "LEFT JOIN LATERAL (SELECT from_state, event, kind, created_at FROM tasks
+                                WHERE instance_id = i.id ORDER BY id LIMIT 1) p ON TRUE"
+        }
+    };
     let sql = format!(
         "SELECT i.name, i.machine, i.status, i.created_at, i.updated_at, i.error, i.parent, i.ended_at,
                 {steps}, p.from_state, p.event, {wait}, p.created_at
          FROM instances i
-         LEFT JOIN tasks p ON p.id = (SELECT MIN(id) FROM tasks WHERE instance_id = i.id)
+         {pending}
          {where_clause}
          ORDER BY {order} LIMIT {limit}"
     );

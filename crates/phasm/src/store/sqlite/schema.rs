@@ -172,6 +172,8 @@ CREATE TABLE schedules (
 CREATE INDEX instances_by_machine_status ON instances (machine, status);
 CREATE INDEX instances_ended_by_machine ON instances (machine, ended_at, status)
     WHERE status <> 'running';
+-- An instance's tasks in order (the list shows each instance's oldest pending step).
+CREATE INDEX tasks_by_instance ON tasks (instance_id, id);
 ",
 ];
 
