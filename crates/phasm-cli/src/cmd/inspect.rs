@@ -229,7 +229,8 @@ async fn live_workers(store: &dyn Store) -> Result<Vec<phasm::store::WorkerView>
         .map_err(exit::database)
 }
 
-/// `phasm workers`: the workers alive now and what they take.
+/// `phasm workers`: the workers alive now and what they take, and those gone in the last day
+/// without saying they stopped.
 pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
     let store = match open_db(args, phasm::store::Access::ReadOnly).await {
         Ok(s) => s,
@@ -239,10 +240,24 @@ pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
         Ok(w) => w,
         Err(code) => return code,
     };
+    let gone = match store.workers_gone(SystemClock.now()).await {
+        Ok(g) => g,
+        Err(e) => return exit::database(e),
+    };
     if as_json {
         let all: Vec<Value> = workers.iter().map(phasm::control::worker_json).collect();
-        outln!("{}", json!({ "workers": all }));
+        let gone: Vec<Value> = gone.iter().map(phasm::control::worker_json).collect();
+        outln!("{}", json!({ "workers": all, "gone": gone }));
         return ExitCode::SUCCESS;
+    }
+    for w in &gone {
+        outln!(
+            "gone without stopping (killed, or cut off): {} on {} (pid {}), last seen {}",
+            w.owner,
+            w.about.host,
+            w.about.pid,
+            time(w.seen_at)
+        );
     }
     if workers.is_empty() {
         outln!("no worker is running on {}", args.db);
@@ -258,8 +273,13 @@ pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
             format!("queues {}", q.join(", "))
         });
         outln!(
-            "{}  machines {}; {targets}; {queues}; started {}, seen {}",
+            "{}  on {} (pid {}, phasm {}), running {} of {}; machines {}; {targets}; {queues}; started {}, seen {}",
             w.owner,
+            w.about.host,
+            w.about.pid,
+            w.about.version,
+            w.about.running,
+            w.about.concurrency,
             w.machines.join(", "),
             time(w.started_at),
             time(w.seen_at)

@@ -387,6 +387,19 @@ fn targeted_steps_wait_for_a_worker_of_their_pool() {
         json!(["Pools"]),
         "{workers}"
     );
+    // What it says of itself: its process, the phasm version, its concurrency.
+    assert_eq!(
+        workers["workers"][0]["pid"].as_u64().map(|p| p > 0),
+        Some(true),
+        "{workers}"
+    );
+    assert_eq!(
+        workers["workers"][0]["version"],
+        env!("CARGO_PKG_VERSION"),
+        "{workers}"
+    );
+    assert_eq!(workers["workers"][0]["concurrency"], 64, "{workers}");
+    assert_eq!(workers["gone"], json!([]), "{workers}");
     assert!(
         status.contains(
             "waiting: no running worker takes target `gpu`: start one with `phasm worker FILE --target gpu`"

@@ -6,45 +6,69 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use maud::html;
+use maud::{html, Markup};
 
 use super::layout::{ago, page, problem, time};
 use crate::server::ServerState;
-use crate::store::Targets;
+use crate::store::{Targets, WorkerView};
 
-/// `GET /workers`.
+/// `GET /workers`: the workers alive now, and those gone without saying so (killed, or cut
+/// off from the database) in the last day.
 pub(crate) async fn workers(State(state): State<Arc<ServerState>>) -> Response {
     let now = state.clock.now();
-    let workers = match state.store.workers(now).await {
-        Ok(w) => w,
-        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Workers", &e.to_string()),
+    let (workers, gone) = match (
+        state.store.workers(now).await,
+        state.store.workers_gone(now).await,
+    ) {
+        (Ok(w), Ok(g)) => (w, g),
+        (Err(e), _) | (_, Err(e)) => {
+            return problem(StatusCode::SERVICE_UNAVAILABLE, "Workers", &e.to_string())
+        }
     };
     let body = html! {
         h1 { "Workers" }
         @if workers.is_empty() {
             p class="err" id="no-workers" { "No worker is running on this database: nothing moves until one starts (`phasm worker FILE`)." }
         } @else {
-            p class="muted" { "A worker says it is alive every third of its lease; one that stops saying so leaves this list when its lease would have run out." }
-            table id="workers" {
-                tr { th { "worker" } th { "machines" } th { "takes" } th { "queues" } th { "started" } th { "last seen" } }
-                @for w in &workers {
-                    tr {
-                        td { code { (w.owner) } }
-                        td { (w.machines.join(", ")) }
-                        td { @match &w.targets {
-                            Targets::Any => { "every target" }
-                            Targets::Untargeted => { "untargeted steps" }
-                            Targets::Only(t) => { "target " (t.join(", ")) }
-                        } }
-                        td { (w.queues.as_ref().map_or("every queue".to_string(), |q| q.join(", "))) }
-                        td { (time(w.started_at)) }
-                        td { (ago(w.seen_at, now)) }
-                    }
-                }
-            }
+            p class="muted" { "A worker says it is alive every third of its lease; one that stops saying so is listed as gone once its lease would have run out." }
+            (worker_table("workers", &workers, now))
+        }
+        @if !gone.is_empty() {
+            h2 { "Gone without stopping" }
+            p class="muted" { "These stopped saying they are alive without saying they stopped (killed, or cut off from the database). Their steps run again elsewhere once their leases expire." }
+            (worker_table("gone", &gone, now))
         }
     };
     page("Workers", body).into_response()
+}
+
+fn worker_table(id: &str, workers: &[WorkerView], now: i64) -> Markup {
+    html! {
+        table id=(id) {
+            tr {
+                th { "worker" } th { "host" } th { "pid" } th { "version" } th { "running" }
+                th { "machines" } th { "takes" } th { "queues" } th { "started" } th { "last seen" }
+            }
+            @for w in workers {
+                tr {
+                    td { code { (w.owner) } }
+                    td { (w.about.host) }
+                    td { (w.about.pid) }
+                    td { (w.about.version) }
+                    td { (w.about.running) " of " (w.about.concurrency) }
+                    td { (w.machines.join(", ")) }
+                    td { @match &w.targets {
+                        Targets::Any => { "every target" }
+                        Targets::Untargeted => { "untargeted steps" }
+                        Targets::Only(t) => { "target " (t.join(", ")) }
+                    } }
+                    td { (w.queues.as_ref().map_or("every queue".to_string(), |q| q.join(", "))) }
+                    td { (time(w.started_at)) }
+                    td { (ago(w.seen_at, now)) }
+                }
+            }
+        }
+    }
 }
 
 /// `GET /queues`.

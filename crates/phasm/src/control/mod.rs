@@ -411,6 +411,11 @@ pub fn worker_json(w: &WorkerView) -> serde_json::Value {
         "started_at": rfc3339(w.started_at),
         "seen_at": rfc3339(w.seen_at),
         "expires_at": rfc3339(w.expires_at),
+        "host": w.about.host,
+        "pid": w.about.pid,
+        "version": w.about.version,
+        "concurrency": w.about.concurrency,
+        "running": w.about.running,
     })
 }
 

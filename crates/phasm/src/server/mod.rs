@@ -717,13 +717,18 @@ fn check_name(name: &str) -> Option<Response> {
 
 /// `GET /api/workers`: the workers alive now, what they take, and when they last said so.
 async fn workers(State(state): State<Arc<ServerState>>) -> Response {
-    match state.store.workers(state.clock.now()).await {
-        Ok(workers) => {
-            let workers: Vec<serde_json::Value> =
-                workers.iter().map(crate::control::worker_json).collect();
-            Json(json!({ "workers": workers })).into_response()
+    let now = state.clock.now();
+    match (
+        state.store.workers(now).await,
+        state.store.workers_gone(now).await,
+    ) {
+        (Ok(workers), Ok(gone)) => {
+            let json = |list: &[crate::store::WorkerView]| -> Vec<serde_json::Value> {
+                list.iter().map(crate::control::worker_json).collect()
+            };
+            Json(json!({ "workers": json(&workers), "gone": json(&gone) })).into_response()
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        (Err(e), _) | (_, Err(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -390,6 +390,24 @@ pub struct WorkerView {
     pub seen_at: Micros,
     /// When it counts as gone unless it says so again (a killed worker says nothing).
     pub expires_at: Micros,
+    /// What it says of itself besides.
+    pub about: WorkerAbout,
+}
+
+/// What a worker says of itself at each heartbeat, for operators (`/workers`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WorkerAbout {
+    /// The host it runs on.
+    pub host: String,
+    /// Its process id.
+    pub pid: u32,
+    /// The phasm version it runs.
+    pub version: String,
+    /// Most steps it runs at once.
+    pub concurrency: u32,
+    /// Steps it was running at its last heartbeat.
+    pub running: u32,
 }
 
 impl WorkerView {
@@ -415,6 +433,7 @@ pub(crate) fn worker_view(
     targets: Option<&str>,
     queues: Option<&str>,
     times: [Micros; 3],
+    about: Option<&str>,
 ) -> StoreResult<WorkerView> {
     let list = |text: &str| -> StoreResult<Vec<String>> {
         serde_json::from_str(text)
@@ -428,6 +447,9 @@ pub(crate) fn worker_view(
         started_at,
         seen_at,
         expires_at,
+        about: about
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_default(),
         owner,
     })
 }
@@ -1143,6 +1165,10 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
 
     /// The workers alive at `now` (their announcement not expired), oldest first.
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>>;
+
+    /// Workers whose announcement expired before `now` without their saying they stopped
+    /// (killed, or cut off), within the last day; latest seen first.
+    async fn workers_gone(&self, now: Micros) -> StoreResult<Vec<WorkerView>>;
 
     /// Pending work per queue and parked branches, for metrics.
     async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;

@@ -238,6 +238,10 @@ impl ReadStore for FaultyStore {
         self.inner.workers(now).await
     }
 
+    async fn workers_gone(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.inner.workers_gone(now).await
+    }
+
     async fn stats(&self, now: Micros) -> StoreResult<StoreStats> {
         self.inner.stats(now).await
     }

@@ -85,10 +85,19 @@ impl Default for WorkerOptions {
 }
 
 fn default_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+    format!(
+        "{}-{}-{:04x}",
+        host_name(),
+        std::process::id(),
+        fastrand::u16(..)
+    )
+}
+
+/// This host's name (`host` where the system does not say).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into());
-    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+        .unwrap_or_else(|_| "host".into())
 }
 
 /// When a worker stops by itself (it always stops when its shutdown future completes).
@@ -394,7 +403,7 @@ impl Worker {
                 }
                 _ = heartbeat.tick() => {
                     renew(&inner).await;
-                    announce(&inner, started_at).await;
+                    announce(&inner, started_at, running.len()).await;
                     // Another worker may have ended the watched instances; with a heartbeat
                     // shorter than the idle sleep, the sleep never runs out to look.
                     stopping |= stop_condition_holds(&inner, &mut watching, running.is_empty()).await;
@@ -464,7 +473,7 @@ impl Worker {
 
 /// Say in the store that this worker is alive and what it takes, for one lease length (three
 /// heartbeats: a worker that stops announcing is gone once its leases could have run out; see [`WorkStore::worker_alive`](crate::store::WorkStore::worker_alive)).
-async fn announce(inner: &Inner, started_at: Micros) {
+async fn announce(inner: &Inner, started_at: Micros, running: usize) {
     let now = inner.clock.now();
     let opts = &inner.options;
     let view = WorkerView {
@@ -475,6 +484,13 @@ async fn announce(inner: &Inner, started_at: Micros) {
         started_at,
         seen_at: now,
         expires_at: now + micros(opts.lease),
+        about: crate::store::WorkerAbout {
+            host: host_name(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            concurrency: u32::try_from(opts.concurrency).unwrap_or(u32::MAX),
+            running: u32::try_from(running).unwrap_or(u32::MAX),
+        },
     };
     if let Err(e) = inner.store.worker_alive(now, &view).await {
         tracing::debug!(error = %e, "could not say that this worker is alive");

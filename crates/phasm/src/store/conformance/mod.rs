@@ -837,6 +837,13 @@ pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
         started_at: T0,
         seen_at: T0,
         expires_at,
+        about: crate::store::WorkerAbout {
+            host: "host-a".into(),
+            pid: 4242,
+            version: "0.1.0".into(),
+            concurrency: 64,
+            running: 3,
+        },
     };
     assert!(store.workers(T0).await.unwrap().is_empty());
     let any = worker("any", Targets::Any, T0 + 10 * SEC);
@@ -866,6 +873,10 @@ pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
     store.worker_stopped("gpu").await.unwrap();
     let listed = store.workers(T0 + 15 * SEC).await.unwrap();
     assert_eq!(listed, [again]);
+    // `any` stopped saying it is alive without saying it stopped: it is listed as gone (with
+    // what it said of itself); `gpu` stopped cleanly and is not.
+    let gone = store.workers_gone(T0 + 15 * SEC).await.unwrap();
+    assert_eq!(gone, [any]);
 }
 
 /// Check that a barrier is released when the last live task finishes without successor.

@@ -90,11 +90,12 @@ pub(super) async fn worker_alive(
     let client = store.client().await?;
     client
         .execute(
-            "INSERT INTO workers (owner, machines, targets, queues, started_at, seen_at, expires_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO workers (owner, machines, targets, queues, started_at, seen_at, expires_at, about)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (owner) DO UPDATE SET machines = excluded.machines,
                  targets = excluded.targets, queues = excluded.queues,
-                 seen_at = excluded.seen_at, expires_at = excluded.expires_at",
+                 seen_at = excluded.seen_at, expires_at = excluded.expires_at,
+                 about = excluded.about",
             &[
                 &w.owner,
                 &list(&w.machines)?,
@@ -103,6 +104,7 @@ pub(super) async fn worker_alive(
                 &w.started_at,
                 &w.seen_at,
                 &w.expires_at,
+                &serde_json::to_string(&w.about).map_err(|e| StoreError::Corrupt(e.to_string()))?,
             ],
         )
         .await

@@ -552,6 +552,10 @@ impl ReadStore for PostgresStore {
         read::workers(self, now).await
     }
 
+    async fn workers_gone(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        read::workers_gone(self, now).await
+    }
+
     async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
         read::stats(self, now).await
     }

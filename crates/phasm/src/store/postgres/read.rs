@@ -362,14 +362,37 @@ pub(super) async fn logs_page(
 }
 
 pub(super) async fn workers(store: &PostgresStore, now: Micros) -> StoreResult<Vec<WorkerView>> {
+    worker_rows(
+        store,
+        "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at, about
+         FROM workers WHERE expires_at > $1 ORDER BY started_at, owner",
+        now,
+    )
+    .await
+}
+
+pub(super) async fn workers_gone(
+    store: &PostgresStore,
+    now: Micros,
+) -> StoreResult<Vec<WorkerView>> {
+    worker_rows(
+        store,
+        "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at, about
+         FROM workers WHERE expires_at <= $1 ORDER BY seen_at DESC, owner",
+        now,
+    )
+    .await
+}
+
+async fn worker_rows(
+    store: &PostgresStore,
+    sql: &str,
+    now: Micros,
+) -> StoreResult<Vec<WorkerView>> {
     store
         .client()
         .await?
-        .query(
-            "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at
-             FROM workers WHERE expires_at > $1 ORDER BY started_at, owner",
-            &[&now],
-        )
+        .query(sql, &[&now])
         .await
         .map_err(pg)?
         .iter()
@@ -380,6 +403,7 @@ pub(super) async fn workers(store: &PostgresStore, now: Micros) -> StoreResult<V
                 r.get(2),
                 r.get(3),
                 [r.get(4), r.get(5), r.get(6)],
+                r.get(7),
             )
         })
         .collect()

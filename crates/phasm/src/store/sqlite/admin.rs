@@ -7,10 +7,11 @@ pub(super) fn worker_alive(tx: &Transaction<'_>, now: Micros, w: &WorkerView) ->
         |v: &[String]| serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()));
     let queues = w.queues.as_deref().map(list).transpose()?;
     tx.prepare_cached(
-        "INSERT INTO workers (owner, machines, targets, queues, started_at, seen_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO workers (owner, machines, targets, queues, started_at, seen_at, expires_at, about)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (owner) DO UPDATE SET machines = excluded.machines, targets = excluded.targets,
-             queues = excluded.queues, seen_at = excluded.seen_at, expires_at = excluded.expires_at",
+             queues = excluded.queues, seen_at = excluded.seen_at, expires_at = excluded.expires_at,
+             about = excluded.about",
     )
     .map_err(db)?
     .execute(params![
@@ -20,7 +21,8 @@ pub(super) fn worker_alive(tx: &Transaction<'_>, now: Micros, w: &WorkerView) ->
         queues,
         w.started_at,
         w.seen_at,
-        w.expires_at
+        w.expires_at,
+        serde_json::to_string(&w.about).map_err(|e| StoreError::Corrupt(e.to_string()))?
     ])
     .map_err(db)?;
     tx.prepare_cached("DELETE FROM workers WHERE expires_at < ?1")

@@ -164,7 +164,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
         Request::Stats(_, r) => drop(r.send(Err(err()))),
         Request::WorkerAlive(_, _, r) | Request::WorkerStopped(_, r) => drop(r.send(Err(err()))),
-        Request::Workers(_, r) => drop(r.send(Err(err()))),
+        Request::Workers(_, r) | Request::WorkersGone(_, r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -234,6 +234,7 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
                 .map_err(db),
         ),
         Request::Workers(now, reply) => pending(reply, workers(tx, now)),
+        Request::WorkersGone(now, reply) => pending(reply, workers_gone(tx, now)),
         Request::Scrub(cutoff, batch, reply) => {
             pending(reply, scoped(tx, |tx| scrub(tx, cutoff, batch)))
         }

@@ -164,6 +164,7 @@ enum Request {
     WorkerAlive(Micros, Box<WorkerView>, Reply<()>),
     WorkerStopped(String, Reply<()>),
     Workers(Micros, Reply<Vec<WorkerView>>),
+    WorkersGone(Micros, Reply<Vec<WorkerView>>),
 }
 
 impl SqliteStore {
@@ -387,6 +388,10 @@ impl ReadStore for SqliteStore {
 
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
         self.read(|r| Request::Workers(now, r)).await
+    }
+
+    async fn workers_gone(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
+        self.read(|r| Request::WorkersGone(now, r)).await
     }
 
     async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {

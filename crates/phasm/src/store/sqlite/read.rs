@@ -3,11 +3,26 @@
 use super::*;
 
 pub(super) fn workers(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<WorkerView>> {
+    worker_rows(
+        tx,
+        "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at, about
+         FROM workers WHERE expires_at > ?1 ORDER BY started_at, owner",
+        now,
+    )
+}
+
+pub(super) fn workers_gone(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<WorkerView>> {
+    worker_rows(
+        tx,
+        "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at, about
+         FROM workers WHERE expires_at <= ?1 ORDER BY seen_at DESC, owner",
+        now,
+    )
+}
+
+fn worker_rows(tx: &Transaction<'_>, sql: &str, now: Micros) -> StoreResult<Vec<WorkerView>> {
     let rows = tx
-        .prepare_cached(
-            "SELECT owner, machines, targets, queues, started_at, seen_at, expires_at
-             FROM workers WHERE expires_at > ?1 ORDER BY started_at, owner",
-        )
+        .prepare_cached(sql)
         .map_err(db)?
         .query_map([now], |r| {
             Ok((
@@ -15,26 +30,28 @@ pub(super) fn workers(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<Work
                 r.get::<_, String>(1)?,
                 r.get::<_, Option<String>>(2)?,
                 r.get::<_, Option<String>>(3)?,
-                r.get::<_, i64>(4)?,
-                r.get::<_, i64>(5)?,
-                r.get::<_, i64>(6)?,
+                [
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                ],
+                r.get::<_, Option<String>>(7)?,
             ))
         })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
     rows.into_iter()
-        .map(
-            |(owner, machines, targets, queues, started_at, seen_at, expires_at)| {
-                worker_view(
-                    owner,
-                    &machines,
-                    targets.as_deref(),
-                    queues.as_deref(),
-                    [started_at, seen_at, expires_at],
-                )
-            },
-        )
+        .map(|(owner, machines, targets, queues, times, about)| {
+            worker_view(
+                owner,
+                &machines,
+                targets.as_deref(),
+                queues.as_deref(),
+                times,
+                about.as_deref(),
+            )
+        })
         .collect()
 }
 

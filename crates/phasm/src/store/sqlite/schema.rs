@@ -174,6 +174,9 @@ CREATE INDEX instances_ended_by_machine ON instances (machine, ended_at, status)
     WHERE status <> 'running';
 -- An instance's tasks in order (the list shows each instance's oldest pending step).
 CREATE INDEX tasks_by_instance ON tasks (instance_id, id);
+-- What a worker says of itself besides what it takes (host, pid, version, concurrency,
+-- steps in flight), as JSON.
+ALTER TABLE workers ADD COLUMN about TEXT;
 ",
 ];
 
