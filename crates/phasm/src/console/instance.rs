@@ -11,7 +11,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::{html, Markup, PreEscaped};
 use serde::Deserialize;
 
-use super::layout::{instance_link, page, problem, seg, status, time};
+use super::layout::{instance_link, legend, page, problem, seg, status, time};
 use crate::server::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 
@@ -19,7 +19,11 @@ use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 const PAGE_ROWS: usize = 100;
 
 /// The part of an instance page that refreshes itself.
-fn live_part(view: &InstanceView, workers: &[WorkerView]) -> Markup {
+fn live_part(
+    view: &InstanceView,
+    workers: &[WorkerView],
+    machine: Option<&crate::machine::Machine>,
+) -> Markup {
     let b = &view.branches;
     // The latest transitions only (the store reads no more): a page stays small whatever the
     // instance did.
@@ -38,6 +42,7 @@ fn live_part(view: &InstanceView, workers: &[WorkerView]) -> Markup {
         }
         @if let Some(error) = &view.error { p class="err" { (error) } }
         p { img class="graph" alt="graph" src={ "/instances/" (seg(&view.name)) "/graph.svg?t=" (view.history_total + view.tasks_total) }; }
+        @if let Some(m) = machine { (legend(m, true)) }
         h2 { "History" }
         @if skipped > 0 {
             p { (skipped) " earlier transitions are not shown: " a href={ "/api/instances/" (seg(&view.name)) "/history" } { "all of them" } " (JSON, in pages)." }
@@ -232,7 +237,8 @@ pub(crate) async fn instance(
         .await
         .unwrap_or_default();
     if headers.get("x-partial").is_some() {
-        return Html(live_part(&view, &workers).into_string()).into_response();
+        return Html(live_part(&view, &workers, state.config.machine(&view.machine)).into_string())
+            .into_response();
     }
     let log_page = state
         .store
@@ -277,7 +283,7 @@ pub(crate) async fn instance(
         @if !view.waiting.is_empty() {
             (send_form(&view))
         }
-        div id="live" { (live_part(&view, &workers)) }
+        div id="live" { (live_part(&view, &workers, state.config.machine(&view.machine))) }
         @if !view.children.is_empty() {
             h2 { "Children" }
             ul { @for c in &view.children { li { (instance_link(c)) } } }

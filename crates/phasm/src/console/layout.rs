@@ -23,7 +23,9 @@ pre,textarea{background:var(--soft);padding:.6rem;overflow:auto;max-height:24rem
 .num{font-size:1.4rem;font-weight:600;display:block}\
 form.inline{display:inline}button{padding:.3rem .8rem}\
 img.graph{max-width:100%;border:1px solid var(--line);background:#fff}\
-.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(22rem,1fr));gap:1rem}";
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(22rem,1fr));gap:1rem}\
+.swatch{display:inline-block;width:1.4em;height:.9em;border:2px solid;border-radius:.3em;vertical-align:middle;margin-right:.3em}\
+.legend{font-size:.85rem}";
 
 /// A whole page.
 pub(super) fn page(title: &str, body: Markup) -> Html<String> {
@@ -60,6 +62,19 @@ pub(super) fn problem(status: StatusCode, title: &str, message: &str) -> Respons
         p class="err" { (message) }
     };
     (status, page(title, body)).into_response()
+}
+
+/// The key to a machine's drawing, under it.
+pub(super) fn legend(machine: &crate::machine::Machine, highlighted: bool) -> Markup {
+    html! {
+        p class="legend muted" {
+            @for e in crate::graph::legend(machine, highlighted) {
+                span class="swatch" style={ "background:" (e.fill) ";border-color:" (e.border) } {}
+                (e.meaning) " · "
+            }
+            "● running · ✖ failed · ✓ passed · ■ ended here"
+        }
+    }
 }
 
 /// An instance status, coloured.

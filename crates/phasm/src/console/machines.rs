@@ -11,7 +11,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::layout::{ago, instance_link, page, problem, seg, time};
+use super::layout::{ago, instance_link, legend, page, problem, seg, time};
 use crate::control::{self, ScheduleStatus, StartError, StartOutcome};
 use crate::machine::{ActionBinding, Config, Machine};
 use crate::server::ServerState;
@@ -71,6 +71,7 @@ pub(crate) async fn machines(State(state): State<Arc<ServerState>>) -> Html<Stri
                 p { (m.states.len()) " states · " a href={ "/instances?machine=" (seg(&m.name)) } { "instances" } }
                 @if !mine.is_empty() { (schedule_table(&mine)) }
                 img class="graph" alt={ "graph of " (m.name) } src={ "/api/machines/" (seg(&m.name)) "/graph.svg" };
+                (legend(m, false))
             }
         }
     };
@@ -136,6 +137,7 @@ async fn machine_page(
             }
         }
         p { img class="graph" id="graph" alt={ "graph of " (m.name) " with its instances' branches in each state" } src={ "/machines/" (q) "/graph.svg" }; }
+        (legend(m, true))
         h2 { "Failures" }
         @if overview.failures.is_empty() {
             p class="muted" { "No failed instance." }

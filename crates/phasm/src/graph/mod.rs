@@ -13,7 +13,7 @@ pub use dot::to_dot;
 pub use mermaid::to_mermaid;
 pub use svg::{to_svg, to_svg_annotated, to_svg_highlighting};
 
-use crate::machine::{FanIn, State};
+use crate::machine::{FanIn, Machine, State};
 
 /// Border colour of the initial state.
 const INITIAL_COLOR: &str = "#2e7d32";
@@ -29,6 +29,49 @@ const HIGHLIGHT_FILL: &str = "#fb923c";
 const PLAIN_FILL: &str = "#ffffff";
 /// Label of a continuation state's loop edge.
 const NEXT_PAGE: &str = "next page";
+
+/// One entry of a drawing's key: a state's look and what it means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegendEntry {
+    /// The fill colour.
+    pub fill: &'static str,
+    /// The border colour.
+    pub border: &'static str,
+    /// What a state drawn so is.
+    pub meaning: &'static str,
+}
+
+/// The key to a machine's drawing: the kinds of state it has (the initial one always),
+/// and, with `highlighted`, the colour of the states an instance's branches are in.
+pub fn legend(machine: &Machine, highlighted: bool) -> Vec<LegendEntry> {
+    let plain = |fill, meaning| LegendEntry {
+        fill,
+        border: "#333333",
+        meaning,
+    };
+    let mut key = vec![LegendEntry {
+        fill: PLAIN_FILL,
+        border: INITIAL_COLOR,
+        meaning: "initial state (thick green border)",
+    }];
+    let has = |f: fn(&State) -> bool| machine.states.iter().any(f);
+    if has(|s| s.continuation) {
+        key.push(plain(
+            CONTINUATION_FILL,
+            "continuation: pages through data (dashed `next page` loop)",
+        ));
+    }
+    if has(|s| s.fan_in.is_some()) {
+        key.push(plain(FAN_IN_FILL, "fan-in: joins branches"));
+    }
+    if has(|s| s.wait.is_some()) {
+        key.push(plain(WAIT_FILL, "waits for events from outside"));
+    }
+    if highlighted {
+        key.push(plain(HIGHLIGHT_FILL, "where branches are now"));
+    }
+    key
+}
 
 /// The second line of a state's label, naming what is special about it.
 fn badge(state: &State) -> Option<String> {

@@ -1054,6 +1054,11 @@ async fn a_machine_page_counts_its_instances_and_starts_new_ones() {
     assert!(page.contains("name: Job"), "{page}");
     assert!(page.contains("<caption>Schedules</caption>"), "{page}");
     assert!(page.contains("Typed keys: count (int)"), "{page}");
+    assert!(
+        page.contains("initial state (thick green border)"),
+        "the key: {page}"
+    );
+    assert!(page.contains("where branches are now"), "{page}");
     let (status, _) = call(&api, "GET", "/machines/Nope", None, None).await;
     assert_eq!(status, 404);
 
