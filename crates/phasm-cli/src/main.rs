@@ -295,6 +295,9 @@ enum Command {
     Cancel {
         /// The instance's name.
         instance: String,
+        /// Why: kept as the instance's error, shown by `status` and the console.
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -446,7 +449,11 @@ async fn run_async(command: Command) -> ExitCode {
             };
             cmd::send::send(send, &db).await
         }
-        Command::Cancel { instance, db } => cmd::inspect::cancel(&instance, &db).await,
+        Command::Cancel {
+            instance,
+            reason,
+            db,
+        } => cmd::inspect::cancel(&instance, reason.as_deref(), &db).await,
         Command::Bench { bench } => cmd::bench::run(bench).await,
         Command::Validate { .. } | Command::Graph { .. } => exit::invalid_reported(),
     }

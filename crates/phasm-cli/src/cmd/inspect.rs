@@ -455,7 +455,11 @@ pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
 }
 
 /// `phasm cancel`.
-pub async fn cancel(name: &str, args: &DbArgs) -> ExitCode {
+pub async fn cancel(name: &str, reason: Option<&str>, args: &DbArgs) -> ExitCode {
+    let reason = match phasm::control::cancel_reason(reason) {
+        Ok(r) => r,
+        Err(e) => return exit::invalid(e),
+    };
     let store = match open_db(args, phasm::store::Access::Existing).await {
         Ok(s) => s,
         Err(code) => return code,
@@ -463,7 +467,9 @@ pub async fn cancel(name: &str, args: &DbArgs) -> ExitCode {
     report(
         name,
         "cancelled",
-        store.cancel(SystemClock.now(), name).await,
+        store
+            .cancel_because(SystemClock.now(), name, reason.as_deref())
+            .await,
     )
 }
 

@@ -169,12 +169,20 @@ fn start_is_idempotent_and_cancel_stops_an_instance() {
     assert_eq!(s["status"], "running");
     assert_eq!(s["tasks"].as_array().unwrap().len(), 1);
 
-    assert_eq!(phasm(d, &["cancel", "job-1"]).status.code(), Some(0));
+    assert_eq!(
+        phasm(d, &["cancel", "job-1", "--reason", "started by mistake"])
+            .status
+            .code(),
+        Some(0)
+    );
     assert_eq!(
         phasm(d, &["cancel", "job-1"]).status.code(),
         Some(1),
         "already cancelled"
     );
+    let s: Value =
+        serde_json::from_slice(&phasm(d, &["status", "job-1", "--json"]).stdout).unwrap();
+    assert_eq!(s["error"], "started by mistake", "the reason is kept: {s}");
     let listed: Value =
         serde_json::from_slice(&phasm(d, &["list", "--status", "cancelled", "--json"]).stdout)
             .unwrap();

@@ -264,7 +264,11 @@ pub(crate) async fn instance(
         }
         p {
             @if matches!(view.status, InstanceStatus::Running | InstanceStatus::Failed) {
-                form class="inline" method="post" action={ "/instances/" (q) "/cancel" } { button id="cancel" { "Cancel" } }
+                form class="inline" method="post" action={ "/instances/" (q) "/cancel" } {
+                    input name="reason" placeholder="reason (optional)" size="24" aria-label="why it is cancelled";
+                    " "
+                    button id="cancel" { "Cancel" }
+                }
                 " "
             }
             @if view.status == InstanceStatus::Failed {
@@ -341,12 +345,16 @@ pub(crate) async fn instance_graph(
         .into_response()
 }
 
-async fn act(state: &ServerState, name: &str, cancel: bool) -> Response {
+async fn act(state: &ServerState, name: &str, cancel: Option<Option<String>>) -> Response {
     let now = state.clock.now();
-    let result = if cancel {
-        state.store.cancel(now, name).await
-    } else {
-        state.store.retry(now, name).await
+    let result = match cancel {
+        Some(reason) => {
+            state
+                .store
+                .cancel_because(now, name, reason.as_deref())
+                .await
+        }
+        None => state.store.retry(now, name).await,
     };
     match result {
         Ok(Control::Done) => Redirect::to(&format!("/instances/{}", seg(name))).into_response(),
@@ -363,12 +371,23 @@ async fn act(state: &ServerState, name: &str, cancel: bool) -> Response {
     }
 }
 
-/// `POST /instances/{name}/cancel` (the page's button).
+/// The cancel form's field.
+#[derive(Deserialize, Default)]
+pub(crate) struct CancelForm {
+    #[serde(default)]
+    reason: String,
+}
+
+/// `POST /instances/{name}/cancel` (the page's button, with an optional reason).
 pub(crate) async fn cancel(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
+    axum::extract::Form(form): axum::extract::Form<CancelForm>,
 ) -> Response {
-    act(&state, &name, true).await
+    match crate::control::cancel_reason(Some(&form.reason)) {
+        Ok(reason) => act(&state, &name, Some(reason)).await,
+        Err(e) => problem(StatusCode::BAD_REQUEST, "Not cancelled", &e),
+    }
 }
 
 /// `POST /instances/{name}/retry` (the page's button).
@@ -376,5 +395,5 @@ pub(crate) async fn retry(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
 ) -> Response {
-    act(&state, &name, false).await
+    act(&state, &name, None).await
 }

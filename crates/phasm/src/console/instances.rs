@@ -63,6 +63,8 @@ pub(crate) async fn instances(
                 button name="action" value="cancel-selected" { "Cancel selected" } " · "
                 button name="action" value="retry-all" { "Retry all that match" } " "
                 button name="action" value="cancel-all" { "Cancel all that match" }
+                " "
+                input name="reason" placeholder="reason for a cancel (optional)" size="28" aria-label="why they are cancelled";
             }
             table id="instances" {
                 thead { tr {
@@ -276,13 +278,20 @@ pub(crate) async fn bulk(
         };
         return page("Confirm", body).into_response();
     }
+    let reason = match control::cancel_reason(get("reason").as_deref()) {
+        Ok(r) => r,
+        Err(e) => return problem(StatusCode::BAD_REQUEST, "Bulk action", &e),
+    };
     let now = state.clock.now();
     let (mut done, mut refused, mut failed) = (0usize, Vec::new(), Vec::new());
     for name in &names {
         let result = if retry {
             state.store.retry(now, name).await
         } else {
-            state.store.cancel(now, name).await
+            state
+                .store
+                .cancel_because(now, name, reason.as_deref())
+                .await
         };
         match result {
             Ok(Control::Done) => done += 1,

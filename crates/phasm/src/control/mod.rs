@@ -138,6 +138,25 @@ pub async fn start_instance(
     }
 }
 
+/// The longest reason a cancellation may give.
+pub const MAX_CANCEL_REASON_CHARS: usize = 1000;
+
+/// A cancellation's reason as given: trimmed, none when empty.
+///
+/// # Errors
+/// A reason longer than [`MAX_CANCEL_REASON_CHARS`].
+pub fn cancel_reason(text: Option<&str>) -> Result<Option<String>, String> {
+    let Some(text) = text.map(str::trim).filter(|t| !t.is_empty()) else {
+        return Ok(None);
+    };
+    if text.chars().count() > MAX_CANCEL_REASON_CHARS {
+        return Err(format!(
+            "the reason is longer than {MAX_CANCEL_REASON_CHARS} characters"
+        ));
+    }
+    Ok(Some(text.to_string()))
+}
+
 /// Most instances started in one transaction (and by one HTTP request).
 pub const MAX_BATCH_START: usize = 10_000;
 

@@ -790,13 +790,44 @@ async fn control(
     }
 }
 
-async fn cancel(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
+/// The optional body of `POST /api/instances/{name}/cancel`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
     if let Some(bad) = check_name(&name) {
         return bad;
     }
+    let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("the body must be `{{\"reason\": \"...\"}}` or empty: {e}"),
+                )
+            }
+        }
+    };
+    let reason = match crate::control::cancel_reason(body.reason.as_deref()) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
     control(
         &name,
-        state.store.cancel(state.clock.now(), &name).await,
+        state
+            .store
+            .cancel_because(state.clock.now(), &name, reason.as_deref())
+            .await,
         "cancelled",
     )
     .await

@@ -1194,7 +1194,18 @@ pub trait AdminStore: Send + Sync + std::fmt::Debug {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;
 
     /// Cancel a running or failed instance: drop its pending tasks.
-    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control>;
+    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
+        self.cancel_because(now, name, None).await
+    }
+
+    /// [`AdminStore::cancel`], keeping `reason` as the instance's error (what `status` and
+    /// the console show for it).
+    async fn cancel_because(
+        &self,
+        now: Micros,
+        name: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<Control>;
 
     /// Delete up to `batch` instances that ended before `cutoff`, with their history, logs and
     /// any leftovers; returns how many were deleted. Running instances are never touched.

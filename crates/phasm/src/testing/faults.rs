@@ -266,8 +266,13 @@ impl AdminStore for FaultyStore {
         self.inner.retry(now, name).await
     }
 
-    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
-        self.inner.cancel(now, name).await
+    async fn cancel_because(
+        &self,
+        now: Micros,
+        name: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<Control> {
+        self.inner.cancel_because(now, name, reason).await
     }
 
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {

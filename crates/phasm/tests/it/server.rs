@@ -1396,3 +1396,57 @@ async fn an_instance_page_sends_events_starts_again_and_draws_the_path() {
     .await;
     assert_eq!(json(&body)["context"]["order"], 7, "{body}");
 }
+
+#[tokio::test]
+async fn cancelling_keeps_its_reason() {
+    let api = api(None).await;
+    for name in ["c1", "c2", "c3"] {
+        let body = format!(r#"{{"name": "{name}"}}"#);
+        let (status, _) = call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances",
+            Some(&body),
+            None,
+        )
+        .await;
+        assert_eq!(status, 201);
+    }
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/instances/c1/cancel",
+        Some(r#"{"reason": "ordered twice"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, body) = call(&api, "GET", "/api/instances/c1", None, None).await;
+    assert_eq!(json(&body)["error"], "ordered twice", "{body}");
+    // No body still cancels; a wrong body is refused and cancels nothing.
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/instances/c2/cancel",
+        Some(r#"{"why": 1}"#),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    let (_, body) = call(&api, "GET", "/api/instances/c2", None, None).await;
+    assert_eq!(json(&body)["status"], "running");
+    let (status, _) = call(&api, "POST", "/api/instances/c2/cancel", None, None).await;
+    assert_eq!(status, 200);
+    // The console's form.
+    let page = form_post(
+        &api,
+        "/instances/c3/cancel",
+        SAME_ORIGIN,
+        "reason=customer+asked",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 303"), "{page}");
+    let (_, body) = call(&api, "GET", "/api/instances/c3", None, None).await;
+    assert_eq!(json(&body)["error"], "customer asked", "{body}");
+    assert_eq!(json(&body)["status"], "cancelled");
+}

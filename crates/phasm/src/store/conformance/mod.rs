@@ -495,6 +495,20 @@ pub async fn cancel_and_halt_drop_pending_work(store: &dyn Store) {
         store.cancel(T0, "c").await.unwrap(),
         Control::NotAllowed(InstanceStatus::Cancelled)
     );
+    // A reason is kept as the instance's error.
+    start(store, "r", T0).await;
+    assert_eq!(
+        store
+            .cancel_because(T0, "r", Some("duplicate order"))
+            .await
+            .unwrap(),
+        Control::Done
+    );
+    let view = store.instance("r").await.unwrap().unwrap();
+    assert_eq!(
+        (view.status, view.error.as_deref()),
+        (InstanceStatus::Cancelled, Some("duplicate order"))
+    );
 
     start(store, "h", T0).await;
     let t = store.claim(T0, &request(1)).await.unwrap().remove(0);

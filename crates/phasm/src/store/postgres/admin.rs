@@ -59,7 +59,12 @@ pub(super) async fn retry(store: &PostgresStore, now: Micros, name: &str) -> Sto
     Ok(Control::Done)
 }
 
-pub(super) async fn cancel(store: &PostgresStore, now: Micros, name: &str) -> StoreResult<Control> {
+pub(super) async fn cancel(
+    store: &PostgresStore,
+    now: Micros,
+    name: &str,
+    reason: Option<&str>,
+) -> StoreResult<Control> {
     let mut client = store.client().await?;
     let tx = begin(&mut client).await?;
     let Some((id, status)) = lock_instance_by_name(&tx, name).await? else {
@@ -74,7 +79,7 @@ pub(super) async fn cancel(store: &PostgresStore, now: Micros, name: &str) -> St
     tx.execute("DELETE FROM items WHERE instance_id = $1", &[&id])
         .await
         .map_err(pg)?;
-    end_instance(&tx, id, InstanceStatus::Cancelled, None, now).await?;
+    end_instance(&tx, id, InstanceStatus::Cancelled, reason, now).await?;
     tx.commit().await.map_err(pg)?;
     Ok(Control::Done)
 }

@@ -567,8 +567,13 @@ impl AdminStore for PostgresStore {
         admin::retry(self, now, name).await
     }
 
-    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
-        admin::cancel(self, now, name).await
+    async fn cancel_because(
+        &self,
+        now: Micros,
+        name: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<Control> {
+        admin::cancel(self, now, name, reason).await
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {

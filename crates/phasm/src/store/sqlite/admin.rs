@@ -88,7 +88,12 @@ pub(super) fn scrub(tx: &Transaction<'_>, cutoff: Micros, batch: usize) -> Store
     Ok(deleted as u64)
 }
 
-pub(super) fn cancel(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResult<Control> {
+pub(super) fn cancel(
+    tx: &Transaction<'_>,
+    now: Micros,
+    name: &str,
+    reason: Option<&str>,
+) -> StoreResult<Control> {
     let Some((id, status)) = lookup(tx, name)? else {
         return Ok(Control::NotFound);
     };
@@ -96,6 +101,6 @@ pub(super) fn cancel(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResu
         return Ok(Control::NotAllowed(status));
     }
     drop_pending(tx, id).map_err(db)?;
-    end_instance(tx, id, InstanceStatus::Cancelled, None, now)?;
+    end_instance(tx, id, InstanceStatus::Cancelled, reason, now)?;
     Ok(Control::Done)
 }

@@ -159,7 +159,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Logs(_, r) => drop(r.send(Err(err()))),
         Request::HistoryPage(_, _, r) => drop(r.send(Err(err()))),
         Request::LogsPage(_, _, r) => drop(r.send(Err(err()))),
-        Request::Retry(_, _, r) | Request::Cancel(_, _, r) => drop(r.send(Err(err()))),
+        Request::Retry(_, _, r) | Request::Cancel(_, _, _, r) => drop(r.send(Err(err()))),
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
         Request::Stats(_, r) => drop(r.send(Err(err()))),
@@ -220,9 +220,10 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::HistoryPage(name, page, reply) => pending(reply, history_page(tx, &name, page)),
         Request::LogsPage(name, page, reply) => pending(reply, logs_page(tx, &name, page)),
         Request::Retry(now, name, reply) => pending(reply, scoped(tx, |tx| retry(tx, now, &name))),
-        Request::Cancel(now, name, reply) => {
-            pending(reply, scoped(tx, |tx| cancel(tx, now, &name)))
-        }
+        Request::Cancel(now, name, reason, reply) => pending(
+            reply,
+            scoped(tx, |tx| cancel(tx, now, &name, reason.as_deref())),
+        ),
         Request::Stats(now, reply) => pending(reply, stats(tx, now)),
         Request::WorkerAlive(now, worker, reply) => {
             pending(reply, scoped(tx, |tx| worker_alive(tx, now, &worker)))

@@ -157,7 +157,7 @@ enum Request {
     HistoryPage(String, PageRequest, Reply<Option<Page<HistoryEntry>>>),
     LogsPage(String, PageRequest, Reply<Option<Page<LogLine>>>),
     Retry(Micros, String, Reply<Control>),
-    Cancel(Micros, String, Reply<Control>),
+    Cancel(Micros, String, Option<String>, Reply<Control>),
     Probe(usize, Reply<f64>),
     Scrub(Micros, usize, Reply<u64>),
     Stats(Micros, Reply<super::StoreStats>),
@@ -408,9 +408,15 @@ impl AdminStore for SqliteStore {
         Ok(done)
     }
 
-    async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
+    async fn cancel_because(
+        &self,
+        now: Micros,
+        name: &str,
+        reason: Option<&str>,
+    ) -> StoreResult<Control> {
         let name = name.to_string();
-        self.call(|r| Request::Cancel(now, name, r)).await
+        let reason = reason.map(str::to_string);
+        self.call(|r| Request::Cancel(now, name, reason, r)).await
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
