@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::{html, Markup};
@@ -82,6 +82,7 @@ pub(crate) async fn machines(State(state): State<Arc<ServerState>>) -> Html<Stri
 pub(crate) async fn machine(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
+    Query(view): Query<GraphView>,
 ) -> Response {
     let Some(m) = state.config.machine(&name) else {
         return problem(
@@ -90,7 +91,7 @@ pub(crate) async fn machine(
             &format!("No machine named `{name}` in this configuration."),
         );
     };
-    machine_page(&state, m, None).await
+    machine_page(&state, m, None, view.actions.is_some()).await
 }
 
 /// A machine's page, with the start form (holding what was sent and why it failed, when a
@@ -99,6 +100,7 @@ async fn machine_page(
     state: &ServerState,
     m: &Machine,
     failed_start: Option<(&str, String)>,
+    show_actions: bool,
 ) -> Response {
     let now = state.clock.now();
     let overview = match state
@@ -136,7 +138,14 @@ async fn machine_page(
                 (start_form(m, failed_start))
             }
         }
-        p { img class="graph" id="graph" alt={ "graph of " (m.name) " with its instances' branches in each state" } src={ "/machines/" (q) "/graph.svg" }; }
+        p { img class="graph" id="graph" alt={ "graph of " (m.name) " with its instances' branches in each state" } src={ "/machines/" (q) "/graph.svg" (if show_actions { "?actions=1" } else { "" }) }; }
+        p {
+            @if show_actions {
+                a href={ "/machines/" (q) } { "Hide the states' actions" }
+            } @else {
+                a href={ "/machines/" (q) "?actions=1" } id="show-actions" { "Show each state's actions in the drawing" }
+            }
+        }
         (legend(m, true))
         h2 { "Failures" }
         @if overview.failures.is_empty() {
@@ -163,11 +172,18 @@ async fn machine_page(
     (code, page(&m.name, body)).into_response()
 }
 
+/// How a machine's drawing is asked for: `?actions=1` shows each state's actions.
+#[derive(Deserialize, Default)]
+pub(crate) struct GraphView {
+    actions: Option<String>,
+}
+
 /// `GET /machines/{name}/graph.svg`: the machine with, in each state, how many branches of
 /// running and failed instances are there (those states highlighted).
 pub(crate) async fn machine_graph(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
+    Query(view): Query<GraphView>,
 ) -> Response {
     let Some(m) = state.config.machine(&name) else {
         return StatusCode::NOT_FOUND.into_response();
@@ -177,17 +193,19 @@ pub(crate) async fn machine_graph(
         Ok(o) => control::where_instances_are(m, &o.states),
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, &m.name, &e.to_string()),
     };
-    let notes: Vec<(&str, String)> = tallies
-        .iter()
-        .map(|t| {
-            let note = match (t.running, t.failed) {
-                (r, 0) => format!("● {r} running"),
-                (0, f) => format!("✖ {f} failed"),
-                (r, f) => format!("● {r} running, ✖ {f} failed"),
-            };
-            (t.state.as_str(), note)
-        })
-        .collect();
+    let mut notes: Vec<(&str, String)> = if view.actions.is_some() {
+        crate::graph::action_notes(m)
+    } else {
+        Vec::new()
+    };
+    notes.extend(tallies.iter().map(|t| {
+        let note = match (t.running, t.failed) {
+            (r, 0) => format!("● {r} running"),
+            (0, f) => format!("✖ {f} failed"),
+            (r, f) => format!("● {r} running, ✖ {f} failed"),
+        };
+        (t.state.as_str(), note)
+    }));
     let here: Vec<&str> = tallies.iter().map(|t| t.state.as_str()).collect();
     (
         [(axum::http::header::CONTENT_TYPE, "image/svg+xml")],
@@ -333,11 +351,11 @@ pub(crate) async fn start(
         Ok(serde_json::Value::Object(map)) => map,
         Ok(other) => {
             let error = format!("The context must be a JSON object, not {other}.");
-            return machine_page(&state, m, Some((&form.context, error))).await;
+            return machine_page(&state, m, Some((&form.context, error)), false).await;
         }
         Err(e) => {
             let error = format!("The context is not JSON: {e}.");
-            return machine_page(&state, m, Some((&form.context, error))).await;
+            return machine_page(&state, m, Some((&form.context, error)), false).await;
         }
     };
     let wanted = Some(form.name.trim()).filter(|n| !n.is_empty());
@@ -358,6 +376,6 @@ pub(crate) async fn start(
         Err(StartError::Store(e)) => {
             problem(StatusCode::SERVICE_UNAVAILABLE, &m.name, &e.to_string())
         }
-        Err(e) => machine_page(&state, m, Some((&form.context, e.to_string()))).await,
+        Err(e) => machine_page(&state, m, Some((&form.context, e.to_string())), false).await,
     }
 }

@@ -30,6 +30,20 @@ const PLAIN_FILL: &str = "#ffffff";
 /// Label of a continuation state's loop edge.
 const NEXT_PAGE: &str = "next page";
 
+/// The actions of each state, as extra label lines for [`to_svg_annotated`]: `entry: NAME`,
+/// `do: NAME`, `exit: NAME` (the console's "show actions" view).
+pub fn action_notes(machine: &Machine) -> Vec<(&str, String)> {
+    let mut notes = Vec::new();
+    for s in &machine.states {
+        for (label, name) in [("entry", &s.entry), ("do", &s.action), ("exit", &s.exit)] {
+            if let Some(name) = name {
+                notes.push((s.name.as_str(), format!("{label}: {name}")));
+            }
+        }
+    }
+    notes
+}
+
 /// One entry of a drawing's key: a state's look and what it means.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LegendEntry {

@@ -126,5 +126,25 @@ pub fn to_svg_annotated(machine: &Machine, highlight: &[&str], notes: &[(&str, S
     }
     let mut writer = SVGWriter::new();
     graph.do_it(false, false, false, &mut writer);
-    writer.finalize()
+    titled(writer.finalize(), &machine.name)
+}
+
+/// The drawing with the machine's name as its title (what viewers and screen readers show).
+fn titled(svg: String, name: &str) -> String {
+    let Some(open) = svg
+        .find("<svg")
+        .and_then(|i| svg[i..].find('>').map(|j| i + j + 1))
+    else {
+        return svg;
+    };
+    let name: String = name
+        .chars()
+        .map(|c| match c {
+            '&' => "&amp;".to_string(),
+            '<' => "&lt;".to_string(),
+            '>' => "&gt;".to_string(),
+            c => c.to_string(),
+        })
+        .collect();
+    format!("{}<title>{name}</title>{}", &svg[..open], &svg[open..])
 }

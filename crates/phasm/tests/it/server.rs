@@ -1087,6 +1087,12 @@ async fn a_machine_page_counts_its_instances_and_starts_new_ones() {
         svg.contains("● 1 running"),
         "the count is drawn in its state: {svg}"
     );
+    assert!(svg.contains("<title>Job</title>"), "{svg}");
+    assert!(!svg.contains("do: A"), "{svg}");
+    let (_, svg) = call(&api, "GET", "/machines/Job/graph.svg?actions=1", None, None).await;
+    assert!(svg.contains("do: A"), "the state's action is drawn: {svg}");
+    let (_, page) = call(&api, "GET", "/machines/Job?actions=1", None, None).await;
+    assert!(page.contains("graph.svg?actions=1"), "{page}");
 
     // Mistakes come back on the form, with what was typed, as a 400.
     for (body, says) in [
