@@ -45,7 +45,7 @@ fn live_part(
         @if let Some(m) = machine { (legend(m, true)) }
         h2 { "History" }
         @if skipped > 0 {
-            p { (skipped) " earlier transitions are not shown: " a href={ "/api/instances/" (seg(&view.name)) "/history" } { "all of them" } " (JSON, in pages)." }
+            p { (skipped) " earlier transitions are not shown: " a id="all-history" href={ "/instances/" (seg(&view.name)) "/history" } { "all of them" } ", a page at a time (or " a href={ "/api/instances/" (seg(&view.name)) "/history" } { "as JSON" } ")." }
         }
         table {
             tr { th { "#" } th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" } }
@@ -120,6 +120,80 @@ fn live_part(
             }
         }
     }
+}
+
+/// The class of a log line's level (known levels only: the level is the action's text).
+fn level_class(level: &str) -> &'static str {
+    match level {
+        "error" => "err",
+        "warning" | "warn" => "warn",
+        "debug" => "muted",
+        _ => "",
+    }
+}
+
+/// Query of the history pages.
+#[derive(Deserialize)]
+pub(crate) struct HistoryQuery {
+    cursor: Option<i64>,
+}
+
+/// `GET /instances/{name}/history`: every committed transition, oldest first, a page of
+/// [`PAGE_ROWS`] at a time.
+pub(crate) async fn history(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> Response {
+    let after = query.cursor.unwrap_or(0).max(0);
+    let page = match state
+        .store
+        .history_page(
+            &name,
+            crate::store::PageRequest {
+                after,
+                limit: PAGE_ROWS,
+            },
+        )
+        .await
+    {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                &format!("No instance named `{name}`."),
+            )
+        }
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Error", &e.to_string()),
+    };
+    let q = seg(&name);
+    let body = html! {
+        h1 { "History of " (instance_link(&name)) }
+        table id="history" {
+            tr { th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" } }
+            @for h in &page.items {
+                tr {
+                    td { (h.from.as_deref().unwrap_or("—")) }
+                    td { (h.event) }
+                    td { (h.to) }
+                    td { (h.attempt) }
+                    td { (time(h.finished_at)) }
+                    td { (format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)) }
+                    td { (h.branch) }
+                }
+            }
+        }
+        p {
+            a href={ "/instances/" (q) "/history" } { "First page" }
+            @if let Some(next) = page.next { " · " a id="history-next" href={ "/instances/" (q) "/history?cursor=" (next) } { "Next " (PAGE_ROWS) } }
+        }
+    };
+    page_html(&name, body)
+}
+
+fn page_html(name: &str, body: Markup) -> Response {
+    page(&format!("History of {name}"), body).into_response()
 }
 
 /// A form that sends an event to the instance's waiting branches.
@@ -294,7 +368,9 @@ pub(crate) async fn instance(
         }
         h2 { "Log" }
         pre id="log" {
-            @for l in &logs { (time(l.at)) " " (format!("{:<7}", l.level)) " " (l.message) "\n" }
+            @for l in &logs {
+                span class=(level_class(&l.level)) { (time(l.at)) " " (format!("{:<7}", l.level)) " " (l.message) } "\n"
+            }
         }
         @if let Some(next) = next_log {
             p { a id="log-next" href={ "/instances/" (q) "?log_cursor=" (next) } { "next " (PAGE_ROWS) " log lines" } }

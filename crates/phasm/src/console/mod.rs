@@ -18,7 +18,7 @@ mod operations;
 /// The cookie that carries the token for the console's pages.
 pub use crate::server::auth::TOKEN_COOKIE;
 
-pub(crate) use instance::{cancel, instance, instance_graph, retry, send_event};
+pub(crate) use instance::{cancel, history, instance, instance_graph, retry, send_event};
 pub(crate) use instances::{bulk, instances};
 pub(crate) use login::{authorize_pages, login, login_form};
 pub(crate) use machines::{machine, machine_graph, machines, start};

@@ -152,6 +152,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/instances/{name}/cancel", post(crate::console::cancel))
         .route("/instances/{name}/retry", post(crate::console::retry))
         .route("/instances/{name}/events", post(crate::console::send_event))
+        .route("/instances/{name}/history", get(crate::console::history))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             crate::console::authorize_pages,

@@ -1376,6 +1376,14 @@ async fn an_instance_page_sends_events_starts_again_and_draws_the_path() {
     let (_, svg) = call(&api, "GET", "/instances/w1/graph.svg", None, None).await;
     assert!(svg.contains("✓ passed"), "{svg}");
     assert!(svg.contains("■ ended here"), "{svg}");
+    // Every transition, a page at a time.
+    let (status, page) = call(&api, "GET", "/instances/w1/history", None, None).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<table id=\"history\">"), "{page}");
+    assert!(page.contains("<td>approved</td><td>done</td>"), "{page}");
+    assert!(!page.contains("history-next"), "one page: {page}");
+    let (status, _) = call(&api, "GET", "/instances/nobody/history", None, None).await;
+    assert_eq!(status, 404);
     // A new instance with the same input.
     let again = form_post(
         &api,
