@@ -210,6 +210,9 @@ struct Inner {
     /// The leases of running steps, by task id.
     leases: Mutex<BTreeMap<i64, Lease>>,
     machines: Vec<String>,
+    /// What this worker says of itself at each heartbeat, but for the steps it runs (read
+    /// once: the host name is a file read).
+    about: crate::store::WorkerAbout,
     successors: SuccessorClaim,
     /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
     adopt: UnboundedSender<Task>,
@@ -274,6 +277,13 @@ impl Worker {
             targets: options.targets.clone(),
             max: 1,
         };
+        let about = crate::store::WorkerAbout {
+            host: host_name(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            concurrency: u32::try_from(options.concurrency).unwrap_or(u32::MAX),
+            running: 0,
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
@@ -284,6 +294,7 @@ impl Worker {
                 rng: Mutex::new(rng),
                 leases: Mutex::new(BTreeMap::new()),
                 machines,
+                about,
                 successors,
                 adopt,
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
@@ -485,11 +496,8 @@ async fn announce(inner: &Inner, started_at: Micros, running: usize) {
         seen_at: now,
         expires_at: now + micros(opts.lease),
         about: crate::store::WorkerAbout {
-            host: host_name(),
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            concurrency: u32::try_from(opts.concurrency).unwrap_or(u32::MAX),
             running: u32::try_from(running).unwrap_or(u32::MAX),
+            ..inner.about.clone()
         },
     };
     if let Err(e) = inner.store.worker_alive(now, &view).await {
