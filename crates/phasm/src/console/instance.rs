@@ -12,6 +12,7 @@ use maud::{html, Markup, PreEscaped};
 use serde::Deserialize;
 
 use super::layout::{instance_link, legend, page, problem, seg, status, time};
+use crate::engine::HistoryEntry;
 use crate::server::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 
@@ -47,21 +48,7 @@ fn live_part(
         @if skipped > 0 {
             p { (skipped) " earlier transitions are not shown: " a id="all-history" href={ "/instances/" (seg(&view.name)) "/history" } { "all of them" } ", a page at a time (or " a href={ "/api/instances/" (seg(&view.name)) "/history" } { "as JSON" } ")." }
         }
-        table {
-            tr { th { "#" } th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" } }
-            @for (i, h) in view.history.iter().enumerate() {
-                tr {
-                    td { (skipped as usize + i + 1) }
-                    td { (h.from.as_deref().unwrap_or("—")) }
-                    td { (h.event) }
-                    td { (h.to) }
-                    td { (h.attempt) }
-                    td { (time(h.finished_at)) }
-                    td { (format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)) }
-                    td { (h.branch) }
-                }
-            }
-        }
+        (history_table(None, &view.history, Some(skipped + 1)))
         @if !view.waiting.is_empty() {
             h2 { "Waiting for events" }
             table {
@@ -122,6 +109,30 @@ fn live_part(
     }
 }
 
+/// Committed transitions as a table, numbered from `first` when the numbers are known.
+fn history_table(id: Option<&str>, entries: &[HistoryEntry], first: Option<u64>) -> Markup {
+    html! {
+        table id=[id] {
+            tr {
+                @if first.is_some() { th { "#" } }
+                th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" }
+            }
+            @for (i, h) in entries.iter().enumerate() {
+                tr {
+                    @if let Some(first) = first { td { (first + i as u64) } }
+                    td { (h.from.as_deref().unwrap_or("—")) }
+                    td { (h.event) }
+                    td { (h.to) }
+                    td { (h.attempt) }
+                    td { (time(h.finished_at)) }
+                    td { (format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)) }
+                    td { (h.branch) }
+                }
+            }
+        }
+    }
+}
+
 /// The class of a log line's level (known levels only: the level is the action's text).
 fn level_class(level: &str) -> &'static str {
     match level {
@@ -170,20 +181,7 @@ pub(crate) async fn history(
     let q = seg(&name);
     let body = html! {
         h1 { "History of " (instance_link(&name)) }
-        table id="history" {
-            tr { th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" } }
-            @for h in &page.items {
-                tr {
-                    td { (h.from.as_deref().unwrap_or("—")) }
-                    td { (h.event) }
-                    td { (h.to) }
-                    td { (h.attempt) }
-                    td { (time(h.finished_at)) }
-                    td { (format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)) }
-                    td { (h.branch) }
-                }
-            }
-        }
+        (history_table(Some("history"), &page.items, None))
         p {
             a href={ "/instances/" (q) "/history" } { "First page" }
             @if let Some(next) = page.next { " · " a id="history-next" href={ "/instances/" (q) "/history?cursor=" (next) } { "Next " (PAGE_ROWS) } }
