@@ -173,16 +173,10 @@ pub fn steps_into(machine: &Machine, state: &str) -> Vec<StepMatch> {
 
 /// The state a listed instance's oldest pending step puts its branch in.
 pub fn pending_state(machine: Option<&Machine>, step: &crate::store::PendingStep) -> String {
-    let count = crate::store::StateCount {
-        state: step.from.clone(),
-        event: step.event.clone(),
-        waiting: step.waiting,
-        running: 0,
-        failed: 0,
-        oldest: step.queued_at,
-    };
     match machine {
-        Some(m) => super::overview::state_of(m, &count),
+        Some(m) => {
+            super::overview::state_entered(m, step.from.as_deref(), &step.event, step.waiting)
+        }
         None => step.from.clone().unwrap_or_default(),
     }
 }

@@ -25,7 +25,7 @@ pub struct StateTally {
 pub fn where_instances_are(machine: &Machine, counts: &[StateCount]) -> Vec<StateTally> {
     let mut tallies: Vec<StateTally> = Vec::new();
     for c in counts {
-        let state = state_of(machine, c);
+        let state = state_entered(machine, c.state.as_deref(), &c.event, c.waiting);
         match tallies.iter_mut().find(|t| t.state == state) {
             Some(t) => {
                 t.running += c.running;
@@ -45,15 +45,21 @@ pub fn where_instances_are(machine: &Machine, counts: &[StateCount]) -> Vec<Stat
     tallies
 }
 
-/// The state a pending step's branch is in: a wait's own state; otherwise the state its
-/// transition enters (a start step enters the initial state).
-pub(super) fn state_of(machine: &Machine, c: &StateCount) -> String {
-    match &c.state {
-        Some(from) if c.waiting => from.clone(),
+/// The state a pending step's branch is in, given the state the step leaves (`None`: a
+/// start step), its event and whether it is a wait: a wait's own state; otherwise the state
+/// its transition enters (a start step enters the initial state).
+pub(super) fn state_entered(
+    machine: &Machine,
+    from: Option<&str>,
+    event: &str,
+    waiting: bool,
+) -> String {
+    match from {
+        Some(from) if waiting => from.to_string(),
         Some(from) => machine
             .state(from)
-            .and_then(|s| s.transition(&c.event))
-            .map_or_else(|| from.clone(), |t| t.to.clone()),
+            .and_then(|s| s.transition(event))
+            .map_or_else(|| from.to_string(), |t| t.to.clone()),
         None => machine
             .initial_state()
             .map_or_else(String::new, |s| s.name.clone()),
