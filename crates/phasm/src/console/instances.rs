@@ -143,22 +143,9 @@ fn filters(state: &ServerState, p: &ListParams) -> Markup {
 
 /// The filters again, hidden in the bulk form (so "all that match" means this list).
 fn hidden_filters(p: &ListParams) -> Markup {
-    let fields = [
-        ("prefix", &p.prefix),
-        ("machine", &p.machine),
-        ("status", &p.status),
-        ("state", &p.state),
-        ("stuck", &p.stuck),
-        ("created_after", &p.created_after),
-        ("created_before", &p.created_before),
-        ("ended_after", &p.ended_after),
-        ("ended_before", &p.ended_before),
-    ];
     html! {
-        @for (name, value) in fields {
-            @if let Some(v) = value.as_deref().filter(|v| !v.is_empty()) {
-                input type="hidden" name=(name) value=(v);
-            }
+        @for (name, value) in p.given_filters() {
+            input type="hidden" name=(name) value=(value);
         }
     }
 }
@@ -223,18 +210,7 @@ pub(crate) async fn bulk(
         }
     };
     let verb = if retry { "Retry" } else { "Cancel" };
-    let params = ListParams {
-        machine: get("machine"),
-        status: get("status"),
-        prefix: get("prefix"),
-        state: get("state"),
-        stuck: get("stuck"),
-        created_after: get("created_after"),
-        created_before: get("created_before"),
-        ended_after: get("ended_after"),
-        ended_before: get("ended_before"),
-        ..ListParams::default()
-    };
+    let params = ListParams::from_filters(get);
     let names: Vec<String> = if all {
         let filter = match params.to_filter(&state.config, state.clock.now()) {
             Ok(f) => f,

@@ -43,6 +43,41 @@ pub struct ListParams {
 }
 
 impl ListParams {
+    /// The filters (every parameter but `order`, `limit` and `cursor`), by name.
+    fn filter_slots(&mut self) -> [(&'static str, &mut Option<String>); 9] {
+        [
+            ("prefix", &mut self.prefix),
+            ("machine", &mut self.machine),
+            ("status", &mut self.status),
+            ("state", &mut self.state),
+            ("stuck", &mut self.stuck),
+            ("created_after", &mut self.created_after),
+            ("created_before", &mut self.created_before),
+            ("ended_after", &mut self.ended_after),
+            ("ended_before", &mut self.ended_before),
+        ]
+    }
+
+    /// The filters that are given (not empty), as `(name, value)` pairs: what a form must
+    /// carry to list the same instances again.
+    pub fn given_filters(&self) -> Vec<(&'static str, String)> {
+        let mut copy = self.clone();
+        copy.filter_slots()
+            .into_iter()
+            .filter_map(|(name, value)| value.take().filter(|v| !v.is_empty()).map(|v| (name, v)))
+            .collect()
+    }
+
+    /// Filters read by name (`get`), the rest left out: the inverse of
+    /// [`ListParams::given_filters`].
+    pub fn from_filters(get: impl Fn(&str) -> Option<String>) -> Self {
+        let mut params = ListParams::default();
+        for (name, slot) in params.filter_slots() {
+            *slot = get(name);
+        }
+        params
+    }
+
     /// The filter these parameters ask for, at `now`.
     ///
     /// # Errors
@@ -178,5 +213,47 @@ pub fn pending_state(machine: Option<&Machine>, step: &crate::store::PendingStep
             super::overview::state_entered(m, step.from.as_deref(), &step.event, step.waiting)
         }
         None => step.from.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_given_filters_read_back_as_the_same_parameters() {
+        let params = ListParams {
+            prefix: Some("ord-".into()),
+            machine: Some("Orders".into()),
+            state: Some("payment".into()),
+            stuck: Some(String::new()),
+            ended_before: Some("2026-11-30".into()),
+            limit: Some(5),
+            ..ListParams::default()
+        };
+        let given = params.given_filters();
+        assert_eq!(
+            given,
+            [
+                ("prefix", "ord-".to_string()),
+                ("machine", "Orders".to_string()),
+                ("state", "payment".to_string()),
+                ("ended_before", "2026-11-30".to_string()),
+            ]
+        );
+        let back = ListParams::from_filters(|name| {
+            given
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+        });
+        assert_eq!(
+            back,
+            ListParams {
+                stuck: None,
+                limit: None,
+                ..params
+            }
+        );
     }
 }
