@@ -838,6 +838,37 @@ async fn a_batch_starts_every_context_or_none() {
 
 const WAITING_YAML: &str = "state_machines:\n- name: Approve\n  states:\n  - name: approval\n    initial: true\n    wait: true\n    transitions:\n    - event: approved\n      to: done\n  - name: done\n    final: true\n";
 
+/// Serve the waiting machine (`WAITING_YAML`) on a free port, with the store and
+/// configuration behind it (to run steps as a worker would).
+async fn waiting_api(token: Option<&str>) -> (Api, Arc<SqliteStore>, Arc<phasm::machine::Config>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let config = Arc::new(
+        load_str(
+            WAITING_YAML,
+            dir.path().join("fsm.yaml"),
+            &LoadOptions::default(),
+        )
+        .unwrap()
+        .config,
+    );
+    let state = Arc::new(ServerState {
+        store: Arc::clone(&store) as Arc<dyn phasm::store::Store>,
+        config: Arc::clone(&config),
+        clock: Arc::new(SystemClock),
+        limits: Limits::default(),
+        token: token.map(str::to_string),
+        metrics: None,
+        throttle: Default::default(),
+        allowed_hosts: None,
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(serve(listener, state, std::future::pending()));
+    (Api { addr, _dir: dir }, store, config)
+}
+
 /// Run the start task of `name` as a worker would: the instance then waits in `approval`.
 async fn begin_waiting(store: &SqliteStore, config: &phasm::machine::Config, name: &str) {
     let commit = run_step(store, config, name).await;
@@ -886,33 +917,8 @@ async fn run_step(
 
 #[tokio::test]
 async fn events_reach_waiting_instances_by_name_or_by_wait_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
-    let config = Arc::new(
-        load_str(
-            WAITING_YAML,
-            dir.path().join("fsm.yaml"),
-            &LoadOptions::default(),
-        )
-        .unwrap()
-        .config,
-    );
     let token = "a-long-enough-api-token";
-    let state = Arc::new(ServerState {
-        store: Arc::clone(&store) as Arc<dyn phasm::store::Store>,
-        config: Arc::clone(&config),
-        clock: Arc::new(SystemClock),
-        limits: Limits::default(),
-        token: Some(token.into()),
-        metrics: None,
-        throttle: Default::default(),
-        allowed_hosts: None,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, state, std::future::pending()));
-    let api = Api { addr, _dir: dir };
+    let (api, store, config) = waiting_api(Some(token)).await;
     let auth = Some(token);
     for name in ["a1", "a2"] {
         let body = format!(r#"{{"name": "{name}"}}"#);
@@ -1290,32 +1296,7 @@ async fn the_instance_list_filters_and_bulk_actions_act_on_what_it_shows() {
 
 #[tokio::test]
 async fn an_instance_page_sends_events_starts_again_and_draws_the_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let store =
-        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
-    let config = Arc::new(
-        load_str(
-            WAITING_YAML,
-            dir.path().join("fsm.yaml"),
-            &LoadOptions::default(),
-        )
-        .unwrap()
-        .config,
-    );
-    let state = Arc::new(ServerState {
-        store: Arc::clone(&store) as Arc<dyn phasm::store::Store>,
-        config: Arc::clone(&config),
-        clock: Arc::new(SystemClock),
-        limits: Limits::default(),
-        token: None,
-        metrics: None,
-        throttle: Default::default(),
-        allowed_hosts: None,
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(serve(listener, state, std::future::pending()));
-    let api = Api { addr, _dir: dir };
+    let (api, store, config) = waiting_api(None).await;
     let body = r#"{"name": "w1", "context": {"order": 7}}"#;
     let (status, _) = call(
         &api,
