@@ -84,21 +84,19 @@ pub(crate) async fn machine(
     Path(name): Path<String>,
     Query(view): Query<GraphView>,
 ) -> Response {
-    match machine_named(&state, &name) {
-        Ok(m) => machine_page(&state, m, None, view.actions.is_some()).await,
-        Err(not_found) => not_found,
-    }
+    let Some(m) = state.config.machine(&name) else {
+        return no_such_machine(&name);
+    };
+    machine_page(&state, m, None, view.actions.is_some()).await
 }
 
-/// The machine a page is about, or the page that says there is none (404).
-fn machine_named<'s>(state: &'s ServerState, name: &str) -> Result<&'s Machine, Response> {
-    state.config.machine(name).ok_or_else(|| {
-        problem(
-            StatusCode::NOT_FOUND,
-            "Not found",
-            &format!("No machine named `{name}` in this configuration."),
-        )
-    })
+/// The page that says a machine does not exist (404).
+fn no_such_machine(name: &str) -> Response {
+    problem(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        &format!("No machine named `{name}` in this configuration."),
+    )
 }
 
 /// A machine's page, with the start form (holding what was sent and why it failed, when a
@@ -347,9 +345,8 @@ pub(crate) async fn start(
     Path(name): Path<String>,
     Form(form): Form<StartForm>,
 ) -> Response {
-    let m = match machine_named(&state, &name) {
-        Ok(m) => m,
-        Err(not_found) => return not_found,
+    let Some(m) = state.config.machine(&name) else {
+        return no_such_machine(&name);
     };
     let context = match serde_json::from_str::<serde_json::Value>(form.context.trim()) {
         Ok(serde_json::Value::Object(map)) => map,
