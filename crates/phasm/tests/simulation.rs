@@ -295,7 +295,7 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Tr
 
 async fn all_transitions(store: &dyn Store, name: &str) -> Vec<HistoryEntry> {
     let mut all = Vec::new();
-    phasm::store::for_each_transition(store, name, |h| all.push(h.clone()))
+    phasm::store::for_each_transition(store, name, |h| all.push(h.entry.clone()))
         .await
         .unwrap();
     all

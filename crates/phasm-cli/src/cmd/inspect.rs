@@ -129,7 +129,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
     };
     if all && truncated {
         let mut n = 0;
-        let each = |h: &HistoryEntry| {
+        let each = |h: &phasm::store::HistoryRow| {
             row(n, h);
             n += 1;
         };

@@ -11,8 +11,8 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::{html, Markup, PreEscaped};
 use serde::Deserialize;
 
+use super::history::history_table;
 use super::layout::{instance_link, legend, page, problem, seg, status, time};
-use crate::engine::HistoryEntry;
 use crate::server::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 
@@ -24,6 +24,7 @@ fn live_part(
     view: &InstanceView,
     workers: &[WorkerView],
     machine: Option<&crate::machine::Machine>,
+    now: crate::clock::Micros,
 ) -> Markup {
     let b = &view.branches;
     // The latest transitions only (the store reads no more): a page stays small whatever the
@@ -44,11 +45,13 @@ fn live_part(
         @if let Some(error) = &view.error { p class="err" { (error) } }
         p { img class="graph" alt="graph" src={ "/instances/" (seg(&view.name)) "/graph.svg?t=" (view.history_total + view.tasks_total) }; }
         @if let Some(m) = machine { (legend(m, true)) }
+        h2 { "Timeline" }
+        (super::timeline::timeline(view, now))
         h2 { "History" }
         @if skipped > 0 {
             p { (skipped) " earlier transitions are not shown: " a id="all-history" href={ "/instances/" (seg(&view.name)) "/history" } { "all of them" } ", a page at a time (or " a href={ "/api/instances/" (seg(&view.name)) "/history" } { "as JSON" } ")." }
         }
-        (history_table(None, &view.history, Some(skipped + 1)))
+        (history_table(&view.name, None, &view.history))
         @if !view.waiting.is_empty() {
             h2 { "Waiting for events" }
             table {
@@ -109,89 +112,14 @@ fn live_part(
     }
 }
 
-/// Committed transitions as a table, numbered from `first` when the numbers are known.
-fn history_table(id: Option<&str>, entries: &[HistoryEntry], first: Option<u64>) -> Markup {
-    html! {
-        table id=[id] {
-            tr {
-                @if first.is_some() { th { "#" } }
-                th { "from" } th { "event" } th { "to" } th { "attempt" } th { "at" } th { "took" } th { "branch" }
-            }
-            @for (i, h) in entries.iter().enumerate() {
-                tr {
-                    @if let Some(first) = first { td { (first + i as u64) } }
-                    td { (h.from.as_deref().unwrap_or("—")) }
-                    td { (h.event) }
-                    td { (h.to) }
-                    td { (h.attempt) }
-                    td { (time(h.finished_at)) }
-                    td { (format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)) }
-                    td { (h.branch) }
-                }
-            }
-        }
-    }
-}
-
 /// The class of a log line's level (known levels only: the level is the action's text).
-fn level_class(level: &str) -> &'static str {
+pub(super) fn level_class(level: &str) -> &'static str {
     match level {
         "error" => "err",
         "warning" | "warn" => "warn",
         "debug" => "muted",
         _ => "",
     }
-}
-
-/// Query of the history pages.
-#[derive(Deserialize)]
-pub(crate) struct HistoryQuery {
-    cursor: Option<i64>,
-}
-
-/// `GET /instances/{name}/history`: every committed transition, oldest first, a page of
-/// [`PAGE_ROWS`] at a time.
-pub(crate) async fn history(
-    State(state): State<Arc<ServerState>>,
-    Path(name): Path<String>,
-    Query(query): Query<HistoryQuery>,
-) -> Response {
-    let after = query.cursor.unwrap_or(0).max(0);
-    let page = match state
-        .store
-        .history_page(
-            &name,
-            crate::store::PageRequest {
-                after,
-                limit: PAGE_ROWS,
-            },
-        )
-        .await
-    {
-        Ok(Some(p)) => p,
-        Ok(None) => {
-            return problem(
-                StatusCode::NOT_FOUND,
-                "Not found",
-                &format!("No instance named `{name}`."),
-            )
-        }
-        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Error", &e.to_string()),
-    };
-    let q = seg(&name);
-    let body = html! {
-        h1 { "History of " (instance_link(&name)) }
-        (history_table(Some("history"), &page.items, None))
-        p {
-            a href={ "/instances/" (q) "/history" } { "First page" }
-            @if let Some(next) = page.next { " · " a id="history-next" href={ "/instances/" (q) "/history?cursor=" (next) } { "Next " (PAGE_ROWS) } }
-        }
-    };
-    page_html(&name, body)
-}
-
-fn page_html(name: &str, body: Markup) -> Response {
-    page(&format!("History of {name}"), body).into_response()
 }
 
 /// A form that sends an event to the instance's waiting branches.
@@ -303,14 +231,13 @@ pub(crate) async fn instance(
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Error", &e.to_string()),
     };
     // Without the list of workers, no step is said to be unserved.
-    let workers = state
-        .store
-        .workers(state.clock.now())
-        .await
-        .unwrap_or_default();
+    let now = state.clock.now();
+    let workers = state.store.workers(now).await.unwrap_or_default();
     if headers.get("x-partial").is_some() {
-        return Html(live_part(&view, &workers, state.config.machine(&view.machine)).into_string())
-            .into_response();
+        return Html(
+            live_part(&view, &workers, state.config.machine(&view.machine), now).into_string(),
+        )
+        .into_response();
     }
     let log_page = state
         .store
@@ -359,7 +286,7 @@ pub(crate) async fn instance(
         @if !view.waiting.is_empty() {
             (send_form(&view))
         }
-        div id="live" { (live_part(&view, &workers, state.config.machine(&view.machine))) }
+        div id="live" { (live_part(&view, &workers, state.config.machine(&view.machine), now)) }
         @if !view.children.is_empty() {
             h2 { "Children" }
             ul { @for c in &view.children { li { (instance_link(c)) } } }

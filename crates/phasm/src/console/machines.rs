@@ -236,7 +236,38 @@ fn counts(o: &MachineOverview) -> Markup {
             (card("failed in the last day", ended(&o.ended_last_day, InstanceStatus::Failed), "s-failed"))
             (card("halted or cancelled in the last day", ended(&o.ended_last_day, InstanceStatus::Halted) + ended(&o.ended_last_day, InstanceStatus::Cancelled), "s-halted"))
         }
+        table id="rates" {
+            caption { "Failure rate and step times" }
+            tr { th { "window" } th { "instances ended" } th { "of them failed" } th { "steps" } th { "committed on a retry" } th { "p50 step" } th { "p99 step" } }
+            @for (window, list, steps) in [("last hour", &o.ended_last_hour, &o.steps_last_hour), ("last day", &o.ended_last_day, &o.steps_last_day)] {
+                @let total: u64 = list.iter().map(|(_, n)| n).sum();
+                @let failed = ended(list, InstanceStatus::Failed);
+                tr {
+                    td { (window) }
+                    td { (total) }
+                    td class=[(failed > 0).then_some("err")] { (failed) " (" (percent(failed, total)) ")" }
+                    td { (steps.steps) @if steps.sampled { " (the latest)" } }
+                    td class=[(steps.retried > 0).then_some("warn")] { (steps.retried) " (" (percent(steps.retried, steps.steps)) ")" }
+                    td { @if steps.steps > 0 { (millis(steps.p50)) } @else { "—" } }
+                    td { @if steps.steps > 0 { (millis(steps.p99)) } @else { "—" } }
+                }
+            }
+        }
     }
+}
+
+/// `part` of `whole` as a percentage (`—` of nothing).
+fn percent(part: u64, whole: u64) -> String {
+    if whole == 0 {
+        "—".into()
+    } else {
+        format!("{:.1} %", part as f64 * 100.0 / whole as f64)
+    }
+}
+
+/// A duration in microseconds, in milliseconds.
+fn millis(us: i64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
 }
 
 /// Branches of running and failed instances by the state they are in.

@@ -4,19 +4,21 @@
 mod listing;
 mod overview;
 mod queues;
+mod reset;
 mod schedules;
 mod send;
 
 pub use listing::{pending_state, steps_into, ListParams, MAX_PAGE};
 pub use overview::{where_instances_are, StateTally};
 pub use queues::{queue_statuses, QueueStatus};
+pub use reset::{reset, ResetError};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
 
 use serde_json::Value;
 
 use crate::clock::{rfc3339, Clock};
-use crate::engine::{self, Context, HistoryEntry, Limits};
+use crate::engine::{self, Context, Limits};
 use crate::machine::{Config, Machine, ValueKind};
 use crate::store::{
     InstanceStatus, InstanceView, NewInstance, Started, Store, StoreError, TaskStatus, TaskView,
@@ -438,9 +440,12 @@ pub fn worker_json(w: &WorkerView) -> serde_json::Value {
     })
 }
 
-/// The JSON form of one committed transition (in an instance's JSON and in history pages).
-pub fn history_json(h: &HistoryEntry) -> serde_json::Value {
+/// The JSON form of one committed transition (in an instance's JSON and in history pages):
+/// `id` finds the step in full (`GET /api/instances/{name}/history/{id}`).
+pub fn history_json(h: &crate::store::HistoryRow) -> serde_json::Value {
     serde_json::json!({
+        "id": h.id,
+        "step": h.step,
         "from": h.from,
         "event": h.event,
         "to": h.to,
@@ -452,6 +457,33 @@ pub fn history_json(h: &HistoryEntry) -> serde_json::Value {
         "ends_branch": h.ends_branch,
         "task": h.task,
     })
+}
+
+/// The JSON form of one step in full (`GET /api/instances/{name}/history/{id}`): the
+/// transition, the context it was given (`null`: a join's, or not kept), what it passed on
+/// along its branch (`passed_on.to`: `step` with its `id`, `pending`, or `nothing`), and the
+/// log lines of its task.
+pub fn step_json(detail: &crate::store::StepDetail) -> serde_json::Value {
+    use crate::store::PassedOn;
+    let passed_on = match &detail.passed_on {
+        PassedOn::Step(id, context) => {
+            serde_json::json!({"to": "step", "id": id, "context": context})
+        }
+        PassedOn::Pending(context) => serde_json::json!({"to": "pending", "context": context}),
+        PassedOn::Nothing => serde_json::json!({"to": "nothing"}),
+    };
+    let logs: Vec<serde_json::Value> = detail
+        .logs
+        .iter()
+        .map(|l| serde_json::json!({"at": rfc3339(l.at), "level": l.level, "message": l.message}))
+        .collect();
+    let mut json = history_json(&detail.row);
+    if let Some(object) = json.as_object_mut() {
+        object.insert("given".into(), serde_json::json!(detail.given));
+        object.insert("passed_on".into(), passed_on);
+        object.insert("logs".into(), serde_json::Value::Array(logs));
+    }
+    json
 }
 
 /// The JSON form of an instance: `phasm status --json` and `GET /api/instances/{name}`.

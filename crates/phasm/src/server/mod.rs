@@ -11,8 +11,10 @@ pub mod auth;
 mod events;
 mod guard;
 mod listen;
+mod steps;
 
 pub use guard::LOOPBACK_HOSTS;
+pub(crate) use steps::reset_status;
 
 pub use listen::ServeOptions;
 
@@ -118,6 +120,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/api/instances", get(list))
         .route("/api/instances/{name}", get(instance))
         .route("/api/instances/{name}/history", get(history_page))
+        .route("/api/instances/{name}/history/{id}", get(steps::step))
+        .route("/api/instances/{name}/reset", post(steps::reset))
         .route("/api/instances/{name}/logs", get(logs_page))
         .route("/api/instances/{name}/cancel", post(cancel))
         .route("/api/instances/{name}/retry", post(retry))
@@ -153,6 +157,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/instances/{name}/retry", post(crate::console::retry))
         .route("/instances/{name}/events", post(crate::console::send_event))
         .route("/instances/{name}/history", get(crate::console::history))
+        .route("/instances/{name}/steps/{id}", get(crate::console::step))
+        .route("/instances/{name}/reset", post(crate::console::reset))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             crate::console::authorize_pages,
@@ -578,6 +584,8 @@ async fn start_batch(
 struct PageQuery {
     cursor: Option<String>,
     limit: Option<usize>,
+    /// History pages only: the steps of this branch (`""`: the main line).
+    branch: Option<String>,
 }
 
 /// The page a query asks for (at most 1000 rows, 100 by default), or why the cursor is bad.
@@ -599,7 +607,8 @@ fn page_request(query: &PageQuery) -> Result<crate::store::PageRequest, String> 
     })
 }
 
-/// `GET /api/instances/{name}/history?cursor=&limit=`: committed transitions, oldest first.
+/// `GET /api/instances/{name}/history?cursor=&limit=&branch=`: committed transitions, oldest
+/// first (of one branch when `branch` is given).
 async fn history_page(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
@@ -612,7 +621,10 @@ async fn history_page(
     page_response(
         &name,
         "history",
-        state.store.history_page(&name, page).await,
+        state
+            .store
+            .history_page(&name, page, query.branch.as_deref())
+            .await,
         crate::control::history_json,
     )
 }

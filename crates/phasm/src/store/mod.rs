@@ -498,6 +498,51 @@ pub struct MachineOverview {
     /// The latest 1,000 failed instances grouped by their error, most common first (at most
     /// 10 groups).
     pub failures: Vec<FailureGroup>,
+    /// Steps committed since `hour`: how long they took and how many needed retries.
+    pub steps_last_hour: StepTimes,
+    /// … and since `day`.
+    pub steps_last_day: StepTimes,
+}
+
+/// How long a machine's steps took over a time window, over at most the latest
+/// [`STEP_TIMES_SAMPLE`] of them (so reading it is bounded however busy the machine).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct StepTimes {
+    /// Steps measured (at most [`STEP_TIMES_SAMPLE`]).
+    pub steps: u64,
+    /// More steps committed in the window than were measured: the figures are of the latest.
+    pub sampled: bool,
+    /// Of the steps measured, those that committed on a retry (a failed attempt before).
+    pub retried: u64,
+    /// The median time of the committing attempt.
+    pub p50: Micros,
+    /// The 99th percentile.
+    pub p99: Micros,
+}
+
+/// At most this many steps are measured for [`StepTimes`].
+pub const STEP_TIMES_SAMPLE: usize = 10_000;
+
+impl StepTimes {
+    /// The figures of some steps: `(duration, attempt)` of each, in any order.
+    pub fn measure(mut steps: Vec<(Micros, u32)>, sampled: bool) -> Self {
+        steps.sort_unstable_by_key(|(d, _)| *d);
+        // Nearest rank: the smallest duration at or above `percent` % of the steps.
+        let rank = |percent: usize| -> Micros {
+            let i = (percent * steps.len())
+                .div_ceil(100)
+                .clamp(1, steps.len().max(1))
+                - 1;
+            steps.get(i).map_or(0, |(d, _)| *d)
+        };
+        Self {
+            steps: steps.len() as u64,
+            sampled,
+            retried: steps.iter().filter(|(_, a)| *a > 0).count() as u64,
+            p50: rank(50),
+            p99: rank(99),
+        }
+    }
 }
 
 /// Pending steps of one machine that leave one state on one event (see
@@ -671,13 +716,13 @@ pub fn cut_message(text: String, full_chars: i64) -> String {
 pub async fn for_each_transition<S: ReadStore + ?Sized>(
     store: &S,
     name: &str,
-    mut each: impl FnMut(&HistoryEntry),
+    mut each: impl FnMut(&HistoryRow),
 ) -> StoreResult<()> {
     let mut page = PageRequest {
         after: 0,
         limit: 1000,
     };
-    while let Some(rows) = store.history_page(name, page).await? {
+    while let Some(rows) = store.history_page(name, page, None).await? {
         rows.items.iter().for_each(&mut each);
         match rows.next {
             Some(next) => page.after = next,
@@ -685,6 +730,54 @@ pub async fn for_each_transition<S: ReadStore + ?Sized>(
         }
     }
     Ok(())
+}
+
+/// One committed step as history pages read it: the transition, its row id (the cursor, and
+/// how [`ReadStore::step`] finds it) and its step number on its branch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryRow {
+    /// The row's id, increasing in commit order within an instance.
+    pub id: i64,
+    /// The step number of the task that ran (`None`: recorded before history kept step numbers).
+    pub step: Option<u64>,
+    /// The transition.
+    pub entry: HistoryEntry,
+}
+
+/// A row reads as its transition (`row.to`, `row.event`, …).
+impl std::ops::Deref for HistoryRow {
+    type Target = HistoryEntry;
+
+    fn deref(&self) -> &HistoryEntry {
+        &self.entry
+    }
+}
+
+/// One step in full: what the console's step page and `GET
+/// /api/instances/{name}/history/{id}` show.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepDetail {
+    /// The step.
+    pub row: HistoryRow,
+    /// The context the step was given (`None` for a join, whose input is the parked branches,
+    /// or for a step recorded before phasm kept contexts).
+    pub given: Option<Context>,
+    /// What the step passed on along its branch.
+    pub passed_on: PassedOn,
+    /// The log lines of the step's task (its failed attempts' errors among them), oldest
+    /// first, at most [`VIEW_ROWS`].
+    pub logs: Vec<LogLine>,
+}
+
+/// Where the context a step produced went (see [`StepDetail::passed_on`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PassedOn {
+    /// The next step of the branch ran with it (that step's history id).
+    Step(i64, Option<Context>),
+    /// The branch's next step is pending with it.
+    Pending(Context),
+    /// Nothing on the branch followed: it ended, parked at a fan-in, or the instance stopped.
+    Nothing,
 }
 
 /// How many transitions and pending tasks an [`InstanceView`] carries at most, so that
@@ -712,7 +805,7 @@ pub struct InstanceView {
     pub ended_at: Option<Micros>,
     /// The latest [`VIEW_ROWS`] committed transitions, oldest first ([`ReadStore::history_page`]
     /// reads them all).
-    pub history: Vec<HistoryEntry>,
+    pub history: Vec<HistoryRow>,
     /// How many transitions were committed in all.
     pub history_total: u64,
     /// The first [`VIEW_ROWS`] pending tasks, oldest first.
@@ -1150,13 +1243,18 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
     /// An instance's log lines, oldest first.
     async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>>;
 
-    /// A page of an instance's history, oldest first (`None`: no such instance). Memory per
-    /// call is bounded by `page.limit`.
+    /// A page of an instance's history, oldest first, of one branch when `branch` is given
+    /// (`None`: no such instance). Memory per call is bounded by `page.limit`.
     async fn history_page(
         &self,
         name: &str,
         page: PageRequest,
-    ) -> StoreResult<Option<Page<HistoryEntry>>>;
+        branch: Option<&str>,
+    ) -> StoreResult<Option<Page<HistoryRow>>>;
+
+    /// One step of an instance's history by its id, in full (`None`: no such instance, or
+    /// no such step of it).
+    async fn step(&self, name: &str, id: i64) -> StoreResult<Option<StepDetail>>;
 
     /// A page of an instance's log, oldest first (`None`: no such instance). Each message is
     /// cut at [`MAX_PAGE_MESSAGE_CHARS`] (the cut is said at its end), so memory per call is
@@ -1193,6 +1291,20 @@ pub trait AdminStore: Send + Sync + std::fmt::Debug {
     /// Resume a failed instance: its failed and held tasks run again from attempt 0.
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;
 
+    /// Run an instance again from a step of its history (Temporal's reset), whatever its
+    /// status: in one transaction its pending work (the tasks of every branch, and branches
+    /// parked at fan-ins) is dropped, it is running again with no error or result, `note` is
+    /// logged, and `task` (that step again, built by `control::reset`) is queued. A worker
+    /// running one of the dropped tasks cannot commit it (the fence). Instances it spawned,
+    /// and events queued for it, are kept.
+    async fn reset(
+        &self,
+        now: Micros,
+        name: &str,
+        task: &NewTask,
+        note: &str,
+    ) -> StoreResult<Control>;
+
     /// Cancel a running or failed instance: drop its pending tasks.
     async fn cancel(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.cancel_because(now, name, None).await
@@ -1228,4 +1340,24 @@ impl<T: WorkStore + ReadStore + AdminStore + ?Sized> Store for T {}
 /// The store traits, to call their methods on a `dyn Store`.
 pub mod prelude {
     pub use super::{AdminStore, ReadStore, Store, WorkStore};
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StepTimes;
+
+    #[test]
+    fn step_times_take_nearest_rank_percentiles() {
+        assert_eq!(StepTimes::measure(Vec::new(), false), StepTimes::default());
+        // 1..=100 ms, every tenth on a retry.
+        let steps = (1..=100)
+            .rev()
+            .map(|ms| (ms * 1000, u32::from(ms % 10 == 0)))
+            .collect();
+        let t = StepTimes::measure(steps, true);
+        assert_eq!((t.steps, t.retried, t.sampled), (100, 10, true));
+        assert_eq!((t.p50, t.p99), (50_000, 99_000));
+        let one = StepTimes::measure(vec![(7, 0)], false);
+        assert_eq!((one.p50, one.p99), (7, 7));
+    }
 }

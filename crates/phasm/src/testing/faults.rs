@@ -10,7 +10,7 @@ use crate::store::{AdminStore, ReadStore, WorkStore};
 use async_trait::async_trait;
 
 use crate::clock::Micros;
-use crate::engine::{Commit, HistoryEntry, LogLine, Task};
+use crate::engine::{Commit, LogLine, Task};
 use crate::store::{
     AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceSummary, InstanceView,
     ListFilter, NewInstance, Page, PageRequest, Started, Store, StoreError, StoreResult,
@@ -226,8 +226,13 @@ impl ReadStore for FaultyStore {
         &self,
         name: &str,
         page: PageRequest,
-    ) -> StoreResult<Option<Page<HistoryEntry>>> {
-        self.inner.history_page(name, page).await
+        branch: Option<&str>,
+    ) -> StoreResult<Option<Page<crate::store::HistoryRow>>> {
+        self.inner.history_page(name, page, branch).await
+    }
+
+    async fn step(&self, name: &str, id: i64) -> StoreResult<Option<crate::store::StepDetail>> {
+        self.inner.step(name, id).await
     }
 
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
@@ -264,6 +269,16 @@ impl ReadStore for FaultyStore {
 impl AdminStore for FaultyStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.inner.retry(now, name).await
+    }
+
+    async fn reset(
+        &self,
+        now: Micros,
+        name: &str,
+        task: &crate::engine::NewTask,
+        note: &str,
+    ) -> StoreResult<Control> {
+        self.inner.reset(now, name, task, note).await
     }
 
     async fn cancel_because(

@@ -1445,3 +1445,159 @@ async fn cancelling_keeps_its_reason() {
     assert_eq!(json(&body)["error"], "customer asked", "{body}");
     assert_eq!(json(&body)["status"], "cancelled");
 }
+
+#[tokio::test]
+async fn a_step_shows_its_contexts_and_a_reset_runs_the_instance_again_from_it() {
+    let (api, store, config) = waiting_api(None).await;
+    let body = r#"{"name": "r1", "context": {"order": 7}}"#;
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Approve/instances",
+        Some(body),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201);
+    begin_waiting(&store, &config, "r1").await;
+    let sent = r#"{"event": "approved", "data": {"by": "ann"}}"#;
+    let (status, answer) = call(&api, "POST", "/api/instances/r1/events", Some(sent), None).await;
+    assert_eq!(status, 202, "{answer}");
+    run_step(&store, &config, "r1").await;
+
+    // Each step has an id, its input, and what it passed on.
+    let (_, body) = call(&api, "GET", "/api/instances/r1/history", None, None).await;
+    let history = json(&body)["history"].clone();
+    let ids: Vec<i64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{history}");
+    let (status, body) = call(
+        &api,
+        "GET",
+        &format!("/api/instances/r1/history/{}", ids[0]),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let first = json(&body);
+    assert_eq!(first["given"]["order"], 7, "{first}");
+    assert_eq!(first["passed_on"]["to"], "step", "{first}");
+    assert_eq!(first["passed_on"]["id"], ids[1], "{first}");
+    assert_eq!(first["passed_on"]["context"]["by"], "ann", "{first}");
+    let (_, body) = call(
+        &api,
+        "GET",
+        &format!("/api/instances/r1/history/{}", ids[1]),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(json(&body)["passed_on"]["to"], "nothing", "{body}");
+    for (path, code) in [
+        ("/api/instances/r1/history/999999", 404),
+        ("/api/instances/r1/history/abc", 400),
+        ("/api/instances/nobody/history/1", 404),
+    ] {
+        let (status, body) = call(&api, "GET", path, None, None).await;
+        assert_eq!(status, code, "{path}: {body}");
+    }
+    // Branch filter: the main line has both steps, another branch none.
+    let (_, body) = call(&api, "GET", "/api/instances/r1/history?branch=", None, None).await;
+    assert_eq!(
+        json(&body)["history"].as_array().unwrap().len(),
+        2,
+        "{body}"
+    );
+    let (_, body) = call(
+        &api,
+        "GET",
+        "/api/instances/r1/history?branch=f1-1",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(json(&body)["history"], serde_json::json!([]), "{body}");
+
+    // The console's step page shows both contexts and the reset form; the instance page
+    // draws the timeline and links each step.
+    let (status, page) = call(
+        &api,
+        "GET",
+        &format!("/instances/r1/steps/{}", ids[0]),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(page.contains("id=\"given\""), "{page}");
+    assert!(
+        page.contains("&quot;by&quot;: &quot;ann&quot;") || page.contains("\"by\": \"ann\""),
+        "{page}"
+    );
+    assert!(page.contains("id=\"reset\""), "{page}");
+    let (_, page) = call(&api, "GET", "/instances/r1", None, None).await;
+    assert!(page.contains("id=\"timeline\""), "{page}");
+    assert!(
+        page.contains(&format!("/instances/r1/steps/{}", ids[1])),
+        "{page}"
+    );
+    let (_, page) = call(&api, "GET", "/machines/Approve", None, None).await;
+    assert!(page.contains("id=\"rates\""), "{page}");
+
+    // A reset needs the confirmation, then runs the instance again from the chosen step.
+    let unconfirmed = form_post(
+        &api,
+        "/instances/r1/reset",
+        SAME_ORIGIN,
+        &format!("step={}", ids[1]),
+    )
+    .await;
+    assert!(unconfirmed.starts_with("HTTP/1.1 400"), "{unconfirmed}");
+    let reset = form_post(
+        &api,
+        "/instances/r1/reset",
+        SAME_ORIGIN,
+        &format!("step={}&confirm=yes", ids[1]),
+    )
+    .await;
+    assert!(reset.starts_with("HTTP/1.1 303"), "{reset}");
+    let (_, body) = call(&api, "GET", "/api/instances/r1", None, None).await;
+    let view = json(&body);
+    assert_eq!(view["status"], "running", "{view}");
+    assert_eq!(view["tasks"][0]["event"], "approved", "{view}");
+    run_step(&store, &config, "r1").await;
+    let (_, body) = call(&api, "GET", "/api/instances/r1", None, None).await;
+    assert_eq!(json(&body)["status"], "completed", "{body}");
+    assert_eq!(json(&body)["context"]["order"], 7);
+
+    // Over the API, from the start: the instance waits for its approval again.
+    let (status, body) = call(
+        &api,
+        "POST",
+        "/api/instances/r1/reset",
+        Some(&format!(r#"{{"step": {}}}"#, ids[0])),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        json(&body)["note"].as_str().unwrap().contains("step"),
+        "{body}"
+    );
+    begin_waiting(&store, &config, "r1").await;
+    for (body, code) in [
+        (r#"{"step": 999999}"#.to_string(), 404),
+        (r#"{"stp": 1}"#.to_string(), 400),
+        ("[]".to_string(), 400),
+    ] {
+        let (status, answer) =
+            call(&api, "POST", "/api/instances/r1/reset", Some(&body), None).await;
+        assert_eq!(status, code, "{body}: {answer}");
+        assert!(json(&answer)["error"].is_string(), "{answer}");
+    }
+}

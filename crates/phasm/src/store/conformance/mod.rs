@@ -17,10 +17,12 @@ use futures_util::future::LocalBoxFuture;
 mod listing;
 mod overview;
 mod schedules;
+mod steps;
 mod waits;
 pub use listing::*;
 pub use overview::*;
 pub use schedules::*;
+pub use steps::*;
 pub use waits::*;
 
 use crate::engine::{
@@ -96,6 +98,8 @@ checks!(
     a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
     a_machine_overview_counts_where_its_instances_are,
     the_instance_list_filters_orders_and_describes,
+    each_step_keeps_its_input_and_says_what_it_passed_on,
+    a_reset_drops_pending_work_and_queues_the_step_again,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,
@@ -754,7 +758,7 @@ pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
     let mut after = 0;
     loop {
         let page = store
-            .history_page("p", PageRequest { after, limit: 2 })
+            .history_page("p", PageRequest { after, limit: 2 }, None)
             .await
             .unwrap()
             .unwrap();
@@ -790,7 +794,7 @@ pub async fn history_and_logs_page_with_cursors(store: &dyn Store) {
         .message
         .ends_with("… [cut: 10 more characters; `phasm logs` shows all]"));
     assert!(store
-        .history_page("nobody", PageRequest { after: 0, limit: 2 })
+        .history_page("nobody", PageRequest { after: 0, limit: 2 }, None)
         .await
         .unwrap()
         .is_none());

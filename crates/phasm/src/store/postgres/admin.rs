@@ -59,6 +59,48 @@ pub(super) async fn retry(store: &PostgresStore, now: Micros, name: &str) -> Sto
     Ok(Control::Done)
 }
 
+/// See [`AdminStore::reset`].
+pub(super) async fn reset(
+    store: &PostgresStore,
+    now: Micros,
+    name: &str,
+    task: &NewTask,
+    note: &str,
+) -> StoreResult<Control> {
+    let mut client = store.client().await?;
+    let tx = begin(&mut client).await?;
+    let Some((id, _)) = lock_instance_by_name(&tx, name).await? else {
+        return Ok(Control::NotFound);
+    };
+    tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&id])
+        .await
+        .map_err(pg)?;
+    tx.execute("DELETE FROM items WHERE instance_id = $1", &[&id])
+        .await
+        .map_err(pg)?;
+    tx.execute(
+        "UPDATE instances SET status = 'running', error = NULL, result = NULL, ended_at = NULL,
+                              updated_at = $2
+         WHERE id = $1",
+        &[&id, &now],
+    )
+    .await
+    .map_err(pg)?;
+    insert_task(&tx, id, task, now, None).await?;
+    tx.execute(
+        "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, 'info', $3, '')",
+        &[&id, &now, &note],
+    )
+    .await
+    .map_err(pg)?;
+    tx.execute("SELECT pg_notify('phasm', '')", &[])
+        .await
+        .map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
+    store.changes.notify_waiters();
+    Ok(Control::Done)
+}
+
 pub(super) async fn cancel(
     store: &PostgresStore,
     now: Micros,

@@ -215,13 +215,13 @@ pub(super) struct Outcome {
 pub(super) const SIMPLE_COMMIT: &str = "
 WITH fenced AS (
     DELETE FROM tasks WHERE id = $1 AND claim = $2 AND status = 'ready' AND due_at > $3
-    RETURNING instance_id
+    RETURNING instance_id, CASE WHEN kind = 'join' THEN NULL ELSE context END AS given, step
 ), joined AS (
     DELETE FROM items WHERE join_task = $1 AND EXISTS (SELECT 1 FROM fenced)
 ), hist AS (
     INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                         finished_at, task, branch, ends_branch)
-    SELECT instance_id, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM fenced WHERE $13
+                         finished_at, task, branch, ends_branch, context, step)
+    SELECT instance_id, $4, $5, $6, $7, $8, $9, $10, $11, $12, given, step FROM fenced WHERE $13
 ), next AS (
     INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch, queue,
                        target, status, due_at, created_at, lease_owner, claim, attempts,
@@ -333,11 +333,11 @@ pub(super) async fn apply_chain(
 pub(super) const PARK_COMMIT_TEMPLATE: &str = "
 WITH fenced AS (
     DELETE FROM tasks WHERE id = $1 AND claim = $2 AND status = 'ready' AND due_at > $3
-    RETURNING instance_id
+    RETURNING instance_id, context, step
 ), hist AS (
     INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                         finished_at, task, branch, ends_branch)
-    SELECT instance_id, $4, $5, $6, $7, $8, $9, $10, $11, FALSE FROM fenced
+                         finished_at, task, branch, ends_branch, context, step)
+    SELECT instance_id, $4, $5, $6, $7, $8, $9, $10, $11, FALSE, context, step FROM fenced
 ), item AS (
     INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
     SELECT instance_id, $12, $13, $14, $15, $16, $3 FROM fenced
@@ -387,7 +387,13 @@ pub(super) async fn apply_one(
         Shape::General => {}
     }
     let tx = begin(client).await?;
-    let Some((instance_id, kind)) = fence(&tx, now, c, plan.fence).await? else {
+    let Some(Fenced {
+        instance_id,
+        kind,
+        given,
+        step,
+    }) = fence(&tx, now, c, plan.fence).await?
+    else {
         return Ok(Outcome::fenced());
     };
     if kind == TaskKind::Join.as_str() && plan.fence.clears_join_items() {
@@ -417,8 +423,8 @@ pub(super) async fn apply_one(
     for h in plan.history {
         tx.execute(
             "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                                  finished_at, task, branch, ends_branch)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                                  finished_at, task, branch, ends_branch, context, step)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
             &[
                 &instance_id,
                 &h.from,
@@ -430,6 +436,8 @@ pub(super) async fn apply_one(
                 &h.task,
                 &h.branch,
                 &h.ends_branch,
+                &given,
+                &step,
             ],
         )
         .await
@@ -522,15 +530,25 @@ async fn queue_settle(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> St
     Ok(())
 }
 
+/// What the fence returns of the task it changed.
+struct Fenced {
+    instance_id: i64,
+    kind: String,
+    /// The context the step was given, kept in its history (a join's is its items, not kept).
+    given: Option<String>,
+    step: i64,
+}
+
 /// The fence (see `store::plan`): change the claimed task only if it is still ours and our
-/// lease unexpired, in one statement. Returns the task's instance and kind, or `None`.
+/// lease unexpired, in one statement. Returns what it changed, or `None`.
 async fn fence(
     tx: &Transaction<'_>,
     now: Micros,
     c: &Commit,
     fence: Fence<'_>,
-) -> StoreResult<Option<(i64, String)>> {
-    let guard = "AND claim = $2 AND status = 'ready' AND due_at > $3 RETURNING instance_id, kind";
+) -> StoreResult<Option<Fenced>> {
+    let guard = "AND claim = $2 AND status = 'ready' AND due_at > $3
+                 RETURNING instance_id, kind, CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
     let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
         Fence::Delete => (format!("DELETE FROM tasks WHERE id = $1 {guard}"), None),
         Fence::MarkPageQueued => (
@@ -566,7 +584,12 @@ async fn fence(
         }
     }
     .map_err(pg)?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok(row.map(|r| Fenced {
+        instance_id: r.get(0),
+        kind: r.get(1),
+        given: r.get(2),
+        step: r.get(3),
+    }))
 }
 
 pub(super) async fn end_instance(

@@ -527,8 +527,13 @@ impl ReadStore for PostgresStore {
         &self,
         name: &str,
         page: PageRequest,
-    ) -> StoreResult<Option<Page<HistoryEntry>>> {
-        read::history_page(self, name, page).await
+        branch: Option<&str>,
+    ) -> StoreResult<Option<Page<super::HistoryRow>>> {
+        read::history_page(self, name, page, branch).await
+    }
+
+    async fn step(&self, name: &str, id: i64) -> StoreResult<Option<super::StepDetail>> {
+        read::step(self, name, id).await
     }
 
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
@@ -565,6 +570,16 @@ impl ReadStore for PostgresStore {
 impl AdminStore for PostgresStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         admin::retry(self, now, name).await
+    }
+
+    async fn reset(
+        &self,
+        now: Micros,
+        name: &str,
+        task: &NewTask,
+        note: &str,
+    ) -> StoreResult<Control> {
+        admin::reset(self, now, name, task, note).await
     }
 
     async fn cancel_because(

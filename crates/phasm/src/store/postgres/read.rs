@@ -46,7 +46,8 @@ pub(super) async fn instance(
     let id: i64 = row.get(0);
     let history = client
         .query(
-            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch, step
              FROM (SELECT * FROM history WHERE instance_id = $1 ORDER BY id DESC LIMIT $2) h
              ORDER BY id",
             &[&id, &bigint(VIEW_ROWS)],
@@ -54,17 +55,7 @@ pub(super) async fn instance(
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| HistoryEntry {
-            from: r.get(0),
-            event: r.get(1),
-            to: r.get(2),
-            attempt: attempt(r.get::<_, i64>(3)),
-            started_at: r.get(4),
-            finished_at: r.get(5),
-            task: r.get(6),
-            branch: r.get(7),
-            ends_branch: r.get(8),
-        })
+        .map(history_row)
         .collect();
     let task_rows = client
         .query(
@@ -291,7 +282,8 @@ pub(super) async fn history_page(
     store: &PostgresStore,
     name: &str,
     page: PageRequest,
-) -> StoreResult<Option<Page<HistoryEntry>>> {
+    branch: Option<&str>,
+) -> StoreResult<Option<Page<super::super::HistoryRow>>> {
     let client = store.client().await?;
     let Some(id) = instance_id(&client, name).await? else {
         return Ok(None);
@@ -299,31 +291,121 @@ pub(super) async fn history_page(
     let limit = i64::try_from(page.limit).unwrap_or(i64::MAX - 1);
     let rows = client
         .query(
-            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch, ends_branch
-             FROM history WHERE instance_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-            &[&id, &page.after, &(limit + 1)],
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch, step
+             FROM history
+             WHERE instance_id = $1 AND id > $2 AND ($4::TEXT IS NULL OR branch = $4)
+             ORDER BY id LIMIT $3",
+            &[&id, &page.after, &(limit + 1), &branch],
         )
         .await
         .map_err(pg)?
         .iter()
         .map(|r| {
-            (
-                r.get::<_, i64>(0),
-                HistoryEntry {
-                    from: r.get(1),
-                    event: r.get(2),
-                    to: r.get(3),
-                    attempt: attempt(r.get::<_, i64>(4)),
-                    started_at: r.get(5),
-                    finished_at: r.get(6),
-                    task: r.get(7),
-                    branch: r.get(8),
-                    ends_branch: r.get(9),
-                },
-            )
+            let row = history_row(r);
+            (row.id, row)
         })
         .collect();
     Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+/// A history row from `id, from_state, event, to_state, attempt, started_at, finished_at,
+/// task, branch, ends_branch, step`.
+fn history_row(r: &tokio_postgres::Row) -> super::super::HistoryRow {
+    super::super::HistoryRow {
+        id: r.get(0),
+        step: r.get::<_, Option<i64>>(10).map(count),
+        entry: HistoryEntry {
+            from: r.get(1),
+            event: r.get(2),
+            to: r.get(3),
+            attempt: attempt(r.get::<_, i64>(4)),
+            started_at: r.get(5),
+            finished_at: r.get(6),
+            task: r.get(7),
+            branch: r.get(8),
+            ends_branch: r.get(9),
+        },
+    }
+}
+
+/// See [`ReadStore::step`].
+pub(super) async fn step(
+    store: &PostgresStore,
+    name: &str,
+    step: i64,
+) -> StoreResult<Option<super::super::StepDetail>> {
+    use super::super::{PassedOn, StepDetail};
+    let client = store.client().await?;
+    let Some(instance) = instance_id(&client, name).await? else {
+        return Ok(None);
+    };
+    let Some(found) = client
+        .query_opt(
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch, step, context
+             FROM history WHERE instance_id = $1 AND id = $2",
+            &[&instance, &step],
+        )
+        .await
+        .map_err(pg)?
+    else {
+        return Ok(None);
+    };
+    let row = history_row(&found);
+    let given: Option<String> = found.get(11);
+    let next = client
+        .query_opt(
+            "SELECT id, context FROM history
+             WHERE instance_id = $1 AND id > $2 AND branch = $3 ORDER BY id LIMIT 1",
+            &[&instance, &step, &row.entry.branch],
+        )
+        .await
+        .map_err(pg)?;
+    let passed_on = match next {
+        Some(r) => PassedOn::Step(
+            r.get(0),
+            r.get::<_, Option<String>>(1)
+                .as_deref()
+                .map(from_json)
+                .transpose()?,
+        ),
+        None => match client
+            .query_opt(
+                "SELECT context FROM tasks
+                 WHERE instance_id = $1 AND branch = $2 AND kind <> 'join' ORDER BY id LIMIT 1",
+                &[&instance, &row.entry.branch],
+            )
+            .await
+            .map_err(pg)?
+        {
+            Some(r) => PassedOn::Pending(from_json(r.get(0))?),
+            None => PassedOn::Nothing,
+        },
+    };
+    let limit = i64::try_from(VIEW_ROWS).unwrap_or(i64::MAX);
+    let logs = client
+        .query(
+            "SELECT at, level, message, task FROM logs
+             WHERE instance_id = $1 AND task = $2 ORDER BY id LIMIT $3",
+            &[&instance, &row.entry.task, &limit],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| LogLine {
+            at: r.get(0),
+            level: r.get(1),
+            message: r.get(2),
+            task: r.get(3),
+        })
+        .collect();
+    Ok(Some(StepDetail {
+        given: given.as_deref().map(from_json).transpose()?,
+        row,
+        passed_on,
+        logs,
+    }))
 }
 
 pub(super) async fn logs_page(
@@ -533,5 +615,32 @@ pub(super) async fn machine_overview(
             latest: r.get(3),
         })
         .collect();
+    overview.steps_last_hour = step_times(&client, machine, hour).await?;
+    overview.steps_last_day = step_times(&client, machine, day).await?;
     Ok(overview)
+}
+
+/// The machine's steps committed since `since`: the latest [`STEP_TIMES_SAMPLE`] measured.
+async fn step_times(
+    client: &Object,
+    machine: &str,
+    since: Micros,
+) -> StoreResult<super::super::StepTimes> {
+    let sample = i64::try_from(super::super::STEP_TIMES_SAMPLE).unwrap_or(i64::MAX - 1);
+    let mut steps: Vec<(Micros, u32)> = client
+        .query(
+            "SELECT h.finished_at - h.started_at, h.attempt
+             FROM history h JOIN instances i ON i.id = h.instance_id
+             WHERE h.finished_at >= $2 AND i.machine = $1
+             ORDER BY h.finished_at DESC LIMIT $3",
+            &[&machine, &since, &(sample + 1)],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), attempt(r.get::<_, i64>(1))))
+        .collect();
+    let sampled = steps.len() > super::super::STEP_TIMES_SAMPLE;
+    steps.truncate(super::super::STEP_TIMES_SAMPLE);
+    Ok(super::super::StepTimes::measure(steps, sampled))
 }

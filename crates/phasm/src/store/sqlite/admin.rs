@@ -74,6 +74,39 @@ pub(super) fn retry(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResul
     Ok(Control::Done)
 }
 
+/// See [`AdminStore::reset`].
+pub(super) fn reset(
+    tx: &Transaction<'_>,
+    now: Micros,
+    name: &str,
+    task: &NewTask,
+    note: &str,
+) -> StoreResult<Control> {
+    let Some((id, _)) = lookup(tx, name)? else {
+        return Ok(Control::NotFound);
+    };
+    drop_pending(tx, id).map_err(db)?;
+    tx.execute(
+        "UPDATE instances SET status = 'running', error = NULL, result = NULL, ended_at = NULL,
+                              updated_at = ?2
+         WHERE id = ?1",
+        params![id, now],
+    )
+    .map_err(db)?;
+    insert_task(tx, id, task, now, None)?;
+    insert_log(
+        tx,
+        id,
+        &LogLine {
+            at: now,
+            level: "info".into(),
+            message: note.to_string(),
+            task: String::new(),
+        },
+    )?;
+    Ok(Control::Done)
+}
+
 pub(super) fn scrub(tx: &Transaction<'_>, cutoff: Micros, batch: usize) -> StoreResult<u64> {
     // Foreign keys cascade to tasks, history, logs and items.
     let deleted = tx

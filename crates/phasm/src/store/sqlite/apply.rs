@@ -96,7 +96,13 @@ pub(super) fn apply(
     successors: Option<&SuccessorClaim>,
 ) -> StoreResult<(AppliedCommit, bool)> {
     let plan = plan::plan(c, successors, now);
-    let Some((instance_id, kind)) = fence(tx, now, c, plan.fence)? else {
+    let Some(Fenced {
+        instance_id,
+        kind,
+        given,
+        step,
+    }) = fence(tx, now, c, plan.fence)?
+    else {
         let fenced = AppliedCommit {
             applied: Applied::Fenced,
             claimed: Vec::new(),
@@ -122,8 +128,8 @@ pub(super) fn apply(
     for h in plan.history {
         tx.prepare_cached(
             "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                                  finished_at, task, branch, ends_branch)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                                  finished_at, task, branch, ends_branch, context, step)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(db)?
         .execute(params![
@@ -136,7 +142,9 @@ pub(super) fn apply(
             h.finished_at,
             h.task,
             h.branch,
-            h.ends_branch
+            h.ends_branch,
+            given,
+            step
         ])
         .map_err(db)?;
     }
@@ -236,15 +244,25 @@ pub(super) fn begin_wait(
     Ok(())
 }
 
+/// What the fence returns of the task it changed.
+struct Fenced {
+    instance_id: i64,
+    kind: String,
+    /// The context the step was given, kept in its history (a join's is its items, not kept).
+    given: Option<String>,
+    step: i64,
+}
+
 /// The fence: change the claimed task only if it is still ours and our lease unexpired,
-/// in one statement. Returns the task's instance and kind, or `None` when refused.
+/// in one statement. Returns what it changed, or `None` when refused.
 fn fence(
     tx: &Transaction<'_>,
     now: Micros,
     c: &Commit,
     fence: Fence<'_>,
-) -> StoreResult<Option<(i64, String)>> {
-    let guard = "AND claim = ?2 AND status = 'ready' AND due_at > ?3 RETURNING instance_id, kind";
+) -> StoreResult<Option<Fenced>> {
+    let guard = "AND claim = ?2 AND status = 'ready' AND due_at > ?3
+                 RETURNING instance_id, kind, CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
     let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
         Fence::Delete => (format!("DELETE FROM tasks WHERE id = ?1 {guard}"), None),
         Fence::MarkPageQueued => (
@@ -273,7 +291,14 @@ fn fence(
         ),
     };
     let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
-    let row = |r: &rusqlite::Row<'_>| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?));
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok(Fenced {
+            instance_id: r.get(0)?,
+            kind: r.get(1)?,
+            given: r.get(2)?,
+            step: r.get(3)?,
+        })
+    };
     match extra {
         None => stmt.query_row(params![c.task_id, c.claim, now], row),
         Some((due_at, text)) => stmt.query_row(params![c.task_id, c.claim, now, due_at, text], row),

@@ -157,9 +157,12 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Instance(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
         Request::Logs(_, r) => drop(r.send(Err(err()))),
-        Request::HistoryPage(_, _, r) => drop(r.send(Err(err()))),
+        Request::HistoryPage(_, _, _, r) => drop(r.send(Err(err()))),
+        Request::Step(_, _, r) => drop(r.send(Err(err()))),
         Request::LogsPage(_, _, r) => drop(r.send(Err(err()))),
-        Request::Retry(_, _, r) | Request::Cancel(_, _, _, r) => drop(r.send(Err(err()))),
+        Request::Retry(_, _, r) | Request::Cancel(_, _, _, r) | Request::Reset(_, _, _, _, r) => {
+            drop(r.send(Err(err())))
+        }
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
         Request::Stats(_, r) => drop(r.send(Err(err()))),
@@ -217,9 +220,15 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),
         Request::Logs(name, reply) => pending(reply, logs(tx, &name)),
-        Request::HistoryPage(name, page, reply) => pending(reply, history_page(tx, &name, page)),
+        Request::HistoryPage(name, page, branch, reply) => {
+            pending(reply, history_page(tx, &name, page, branch.as_deref()))
+        }
+        Request::Step(name, id, reply) => pending(reply, step(tx, &name, id)),
         Request::LogsPage(name, page, reply) => pending(reply, logs_page(tx, &name, page)),
         Request::Retry(now, name, reply) => pending(reply, scoped(tx, |tx| retry(tx, now, &name))),
+        Request::Reset(now, name, task, note, reply) => {
+            pending(reply, scoped(tx, |tx| reset(tx, now, &name, &task, &note)))
+        }
         Request::Cancel(now, name, reason, reply) => pending(
             reply,
             scoped(tx, |tx| cancel(tx, now, &name, reason.as_deref())),

@@ -154,9 +154,16 @@ enum Request {
     Instance(String, Reply<Option<InstanceView>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
     Logs(String, Reply<Vec<LogLine>>),
-    HistoryPage(String, PageRequest, Reply<Option<Page<HistoryEntry>>>),
+    HistoryPage(
+        String,
+        PageRequest,
+        Option<String>,
+        Reply<Option<Page<super::HistoryRow>>>,
+    ),
+    Step(String, i64, Reply<Option<super::StepDetail>>),
     LogsPage(String, PageRequest, Reply<Option<Page<LogLine>>>),
     Retry(Micros, String, Reply<Control>),
+    Reset(Micros, String, Box<NewTask>, String, Reply<Control>),
     Cancel(Micros, String, Option<String>, Reply<Control>),
     Probe(usize, Reply<f64>),
     Scrub(Micros, usize, Reply<u64>),
@@ -361,9 +368,17 @@ impl ReadStore for SqliteStore {
         &self,
         name: &str,
         page: PageRequest,
-    ) -> StoreResult<Option<Page<HistoryEntry>>> {
+        branch: Option<&str>,
+    ) -> StoreResult<Option<Page<super::HistoryRow>>> {
         let name = name.to_string();
-        self.read(|r| Request::HistoryPage(name, page, r)).await
+        let branch = branch.map(str::to_string);
+        self.read(|r| Request::HistoryPage(name, page, branch, r))
+            .await
+    }
+
+    async fn step(&self, name: &str, id: i64) -> StoreResult<Option<super::StepDetail>> {
+        let name = name.to_string();
+        self.read(|r| Request::Step(name, id, r)).await
     }
 
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
@@ -404,6 +419,21 @@ impl AdminStore for SqliteStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let name = name.to_string();
         let done = self.call(|r| Request::Retry(now, name, r)).await?;
+        self.changes.notify_waiters();
+        Ok(done)
+    }
+
+    async fn reset(
+        &self,
+        now: Micros,
+        name: &str,
+        task: &NewTask,
+        note: &str,
+    ) -> StoreResult<Control> {
+        let (name, task, note) = (name.to_string(), Box::new(task.clone()), note.to_string());
+        let done = self
+            .call(|r| Request::Reset(now, name, task, note, r))
+            .await?;
         self.changes.notify_waiters();
         Ok(done)
     }

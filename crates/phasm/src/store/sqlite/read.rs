@@ -92,25 +92,13 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
     };
     let history = tx
         .prepare_cached(
-            "SELECT from_state, event, to_state, attempt, started_at, finished_at, task, branch,
-                    ends_branch
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch, step
              FROM (SELECT * FROM history WHERE instance_id = ?1 ORDER BY id DESC LIMIT ?2)
              ORDER BY id",
         )
         .map_err(db)?
-        .query_map(params![id, bigint(VIEW_ROWS)], |r| {
-            Ok(HistoryEntry {
-                from: r.get(0)?,
-                event: r.get(1)?,
-                to: r.get(2)?,
-                attempt: r.get(3)?,
-                started_at: r.get(4)?,
-                finished_at: r.get(5)?,
-                task: r.get(6)?,
-                branch: r.get(7)?,
-                ends_branch: r.get(8)?,
-            })
-        })
+        .query_map(params![id, bigint(VIEW_ROWS)], history_row)
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
@@ -380,7 +368,8 @@ pub(super) fn history_page(
     tx: &Transaction<'_>,
     name: &str,
     page: PageRequest,
-) -> StoreResult<Option<Page<HistoryEntry>>> {
+    branch: Option<&str>,
+) -> StoreResult<Option<Page<super::super::HistoryRow>>> {
     let Some((id, _)) = lookup(tx, name)? else {
         return Ok(None);
     };
@@ -388,30 +377,118 @@ pub(super) fn history_page(
     let rows = tx
         .prepare_cached(
             "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
-                    ends_branch
-             FROM history WHERE instance_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                    ends_branch, step
+             FROM history WHERE instance_id = ?1 AND id > ?2 AND (?4 IS NULL OR branch = ?4)
+             ORDER BY id LIMIT ?3",
         )
         .map_err(db)?
-        .query_map(params![id, page.after, limit + 1], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                HistoryEntry {
-                    from: r.get(1)?,
-                    event: r.get(2)?,
-                    to: r.get(3)?,
-                    attempt: r.get(4)?,
-                    started_at: r.get(5)?,
-                    finished_at: r.get(6)?,
-                    task: r.get(7)?,
-                    branch: r.get(8)?,
-                    ends_branch: r.get(9)?,
-                },
-            ))
+        .query_map(params![id, page.after, limit + 1, branch], |r| {
+            let row = history_row(r)?;
+            Ok((row.id, row))
         })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
     Ok(Some(Page::from_rows(rows, page.limit)))
+}
+
+/// A history row from `id, from_state, event, to_state, attempt, started_at, finished_at,
+/// task, branch, ends_branch, step`.
+fn history_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<super::super::HistoryRow> {
+    Ok(super::super::HistoryRow {
+        id: r.get(0)?,
+        step: r.get::<_, Option<i64>>(10)?.map(count),
+        entry: HistoryEntry {
+            from: r.get(1)?,
+            event: r.get(2)?,
+            to: r.get(3)?,
+            attempt: r.get(4)?,
+            started_at: r.get(5)?,
+            finished_at: r.get(6)?,
+            task: r.get(7)?,
+            branch: r.get(8)?,
+            ends_branch: r.get(9)?,
+        },
+    })
+}
+
+/// See [`ReadStore::step`].
+pub(super) fn step(
+    tx: &Transaction<'_>,
+    name: &str,
+    step: i64,
+) -> StoreResult<Option<super::super::StepDetail>> {
+    use super::super::{PassedOn, StepDetail};
+    let Some((instance, _)) = lookup(tx, name)? else {
+        return Ok(None);
+    };
+    let found = tx
+        .prepare_cached(
+            "SELECT id, from_state, event, to_state, attempt, started_at, finished_at, task, branch,
+                    ends_branch, step, context
+             FROM history WHERE instance_id = ?1 AND id = ?2",
+        )
+        .map_err(db)?
+        .query_row(params![instance, step], |r| {
+            Ok((history_row(r)?, r.get::<_, Option<String>>(11)?))
+        })
+        .optional()
+        .map_err(db)?;
+    let Some((row, given)) = found else {
+        return Ok(None);
+    };
+    let next = tx
+        .prepare_cached(
+            "SELECT id, context FROM history
+             WHERE instance_id = ?1 AND id > ?2 AND branch = ?3 ORDER BY id LIMIT 1",
+        )
+        .map_err(db)?
+        .query_row(params![instance, step, row.entry.branch], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
+        })
+        .optional()
+        .map_err(db)?;
+    let passed_on = match next {
+        Some((id, context)) => PassedOn::Step(id, context.as_deref().map(from_json).transpose()?),
+        None => tx
+            .prepare_cached(
+                "SELECT context FROM tasks
+                 WHERE instance_id = ?1 AND branch = ?2 AND kind <> 'join' ORDER BY id LIMIT 1",
+            )
+            .map_err(db)?
+            .query_row(params![instance, row.entry.branch], |r| {
+                r.get::<_, String>(0)
+            })
+            .optional()
+            .map_err(db)?
+            .map_or(Ok(PassedOn::Nothing), |c| {
+                from_json(&c).map(PassedOn::Pending)
+            })?,
+    };
+    let limit = i64::try_from(VIEW_ROWS).unwrap_or(i64::MAX);
+    let logs = tx
+        .prepare_cached(
+            "SELECT at, level, message, task FROM logs
+             WHERE instance_id = ?1 AND task = ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(db)?
+        .query_map(params![instance, row.entry.task, limit], |r| {
+            Ok(LogLine {
+                at: r.get(0)?,
+                level: r.get(1)?,
+                message: r.get(2)?,
+                task: r.get(3)?,
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(Some(StepDetail {
+        given: given.as_deref().map(from_json).transpose()?,
+        row,
+        passed_on,
+        logs,
+    }))
 }
 
 pub(super) fn logs_page(
@@ -575,5 +652,34 @@ pub(super) fn machine_overview(
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
+    overview.steps_last_hour = step_times(tx, machine, hour)?;
+    overview.steps_last_day = step_times(tx, machine, day)?;
     Ok(overview)
+}
+
+/// The machine's steps committed since `since`: the latest [`STEP_TIMES_SAMPLE`] measured.
+fn step_times(
+    tx: &Transaction<'_>,
+    machine: &str,
+    since: Micros,
+) -> StoreResult<super::super::StepTimes> {
+    let sample = i64::try_from(super::super::STEP_TIMES_SAMPLE).unwrap_or(i64::MAX - 1);
+    let steps = tx
+        .prepare_cached(
+            "SELECT h.finished_at - h.started_at, h.attempt
+             FROM history h INDEXED BY history_by_finish JOIN instances i ON i.id = h.instance_id
+             WHERE h.finished_at >= ?2 AND i.machine = ?1
+             ORDER BY h.finished_at DESC LIMIT ?3",
+        )
+        .map_err(db)?
+        .query_map(params![machine, since, sample + 1], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, u32>(1)?))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let sampled = steps.len() > super::super::STEP_TIMES_SAMPLE;
+    let mut steps = steps;
+    steps.truncate(super::super::STEP_TIMES_SAMPLE);
+    Ok(super::super::StepTimes::measure(steps, sampled))
 }

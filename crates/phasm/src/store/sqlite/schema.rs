@@ -3,7 +3,7 @@
 use super::*;
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 7;
+pub(super) const SCHEMA_VERSION: i64 = 8;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -177,6 +177,14 @@ CREATE INDEX tasks_by_instance ON tasks (instance_id, id);
 -- What a worker says of itself besides what it takes (host, pid, version, concurrency,
 -- steps in flight), as JSON.
 ALTER TABLE workers ADD COLUMN about TEXT;
+",
+    r"
+-- Each step keeps the context it was given and its step number: the console shows a step's
+-- context before and after, and a reset runs a chosen step again from exactly that context.
+ALTER TABLE history ADD COLUMN context TEXT;
+ALTER TABLE history ADD COLUMN step INTEGER;
+-- Step times and retries of the last hour and day, per machine (the machine page).
+CREATE INDEX history_by_finish ON history (finished_at);
 ",
 ];
 
