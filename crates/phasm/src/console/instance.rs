@@ -43,7 +43,9 @@ fn live_part(
             }
         }
         @if let Some(error) = &view.error { p class="err" { (error) } }
-        p { img class="graph" alt="graph" src={ "/instances/" (seg(&view.name)) "/graph.svg?t=" (view.history_total + view.tasks_total) }; }
+        @let svg = format!("/instances/{}/graph.svg?t={}", seg(&view.name), view.history_total + view.tasks_total);
+        // A wide machine is scaled to the page; the link opens it at full size.
+        p { a href=(svg) title="open the drawing at full size" { img class="graph" alt={ "graph of " (view.machine) " with where this instance's branches are" } src=(svg); } }
         @if let Some(m) = machine { (legend(m, true)) }
         h2 { "Timeline" }
         (super::timeline::timeline(view, now))

@@ -18,6 +18,8 @@ td,th{border-bottom:1px solid var(--line);padding:.3rem .5rem;text-align:left;ve
 caption{text-align:left;font-weight:600;padding:.3rem 0}\
 .s-running{color:#3b82f6}.s-completed{color:#16a34a}.s-failed{color:#dc2626}.s-halted,.s-cancelled{color:#6b7280}\
 pre,textarea{background:var(--soft);padding:.6rem;overflow:auto;max-height:24rem;font-family:ui-monospace,monospace}\
+#log,#step-log{white-space:pre-wrap}\
+a:focus-visible,button:focus-visible,input:focus-visible,select:focus-visible,textarea:focus-visible{outline:3px solid #f59e0b;outline-offset:2px}\
 .err{color:#dc2626}.warn{color:#d97706}.muted{color:#6b7280}\
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid var(--line);border-radius:.4rem;padding:.6rem 1rem}\
 .num{font-size:1.4rem;font-weight:600;display:block}\

@@ -143,7 +143,9 @@ async fn machine_page(
                 (start_form(m, failed_start))
             }
         }
-        p { img class="graph" id="graph" alt={ "graph of " (m.name) " with its instances' branches in each state" } src={ "/machines/" (q) "/graph.svg" (if show_actions { "?actions=1" } else { "" }) }; }
+        @let svg = format!("/machines/{q}/graph.svg{}", if show_actions { "?actions=1" } else { "" });
+        // A wide machine is scaled to the page; the link opens it at full size.
+        p { a href=(svg) title="open the drawing at full size" { img class="graph" id="graph" alt={ "graph of " (m.name) " with its instances' branches in each state" } src=(svg); } }
         p {
             @if show_actions {
                 a href={ "/machines/" (q) } { "Hide the states' actions" }

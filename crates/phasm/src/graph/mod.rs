@@ -72,7 +72,7 @@ pub fn legend(machine: &Machine, highlighted: bool) -> Vec<LegendEntry> {
     if has(|s| s.continuation) {
         key.push(plain(
             CONTINUATION_FILL,
-            "continuation: pages through data (dashed `next page` loop)",
+            "continuation: pages through data (dashed loop, ↻ next page)",
         ));
     }
     if has(|s| s.fan_in.is_some()) {

@@ -50,6 +50,14 @@ pub fn to_svg_annotated(machine: &Machine, highlight: &[&str], notes: &[(&str, S
                 label.push('\n');
                 label.push_str(&b);
             }
+            // A loop's label would sit on the loop (the layout draws it over its own curve):
+            // the state names its loops instead, and the loop is drawn bare.
+            if state.continuation {
+                label.push_str(&format!("\n↻ {NEXT_PAGE}"));
+            }
+            for t in state.transitions.iter().filter(|t| t.to == state.name) {
+                label.push_str(&format!("\n↻ {}", t.event));
+            }
             for (_, note) in notes.iter().filter(|(s, _)| *s == state.name) {
                 label.push('\n');
                 label.push_str(note);
@@ -108,25 +116,49 @@ pub fn to_svg_annotated(machine: &Machine, highlight: &[&str], notes: &[(&str, S
     }
     for (i, state) in machine.states.iter().enumerate() {
         if state.continuation {
-            graph.add_edge(
-                arrow(NEXT_PAGE, LineStyleKind::Dashed),
-                handles[i],
-                handles[i],
-            );
+            graph.add_edge(arrow("", LineStyleKind::Dashed), handles[i], handles[i]);
         }
         for t in &state.transitions {
             if let Some(j) = machine.states.iter().position(|s| s.name == t.to) {
-                graph.add_edge(
-                    arrow(&t.event, LineStyleKind::Normal),
-                    handles[i],
-                    handles[j],
-                );
+                let text = if i == j { "" } else { t.event.as_str() };
+                graph.add_edge(arrow(text, LineStyleKind::Normal), handles[i], handles[j]);
             }
         }
     }
     let mut writer = SVGWriter::new();
     graph.do_it(false, false, false, &mut writer);
-    titled(writer.finalize(), &machine.name)
+    titled(widened(writer.finalize()), &machine.name)
+}
+
+/// Room on the left for loops: the layout draws a state's loop left of its box, past the
+/// drawing's edge when that state is the leftmost.
+const LOOP_ROOM: f64 = 40.0;
+
+/// The drawing with [`LOOP_ROOM`] more on its left (its `width` and `viewBox` moved), on a
+/// white ground of its own so that its dark lines read on a dark page or viewer too; as it
+/// was when the size is not where the layout writes it.
+fn widened(svg: String) -> String {
+    let header = |svg: &str| -> Option<(f64, f64, std::ops::Range<usize>)> {
+        let start = svg.find("<svg width=\"")?;
+        let end = start + svg[start..].find('>')?;
+        let tag = &svg[start..end];
+        let number = |after: &str| -> Option<f64> {
+            let i = tag.find(after)? + after.len();
+            tag[i..].split(['"', ' ']).next()?.parse().ok()
+        };
+        Some((number("width=\"")?, number("height=\"")?, start..end))
+    };
+    let Some((width, height, range)) = header(&svg) else {
+        return svg;
+    };
+    let wide = width + LOOP_ROOM;
+    format!(
+        "{}<svg width=\"{wide}\" height=\"{height}\" viewBox=\"{x} 0 {wide} {height}\" xmlns=\"http://www.w3.org/2000/svg\">\
+         <rect x=\"{x}\" width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>{}",
+        &svg[..range.start],
+        &svg[range.end + 1..],
+        x = -LOOP_ROOM,
+    )
 }
 
 /// The drawing with the machine's name as its title (what viewers and screen readers show).

@@ -67,6 +67,16 @@ fn svg_labels_every_transition_and_styles_each_kind_of_state() {
     }
     assert!(svg.contains("next page"), "continuation loop");
     assert!(svg.contains("fan-in 2s"), "fan-in badge");
+    // The loop's label is in its state's box, not on the loop (where it overlapped the curve).
+    assert!(
+        svg.contains("↻ next page"),
+        "the loop is named in the state"
+    );
+    assert!(!svg.contains(">next page</tspan>"), "no label on the loop");
+    // Its own ground and title, and room on the left for loops.
+    assert!(svg.contains("<title>ComplexMachine</title>"), "a title");
+    assert!(svg.contains("fill=\"#ffffff\"/>"), "a white ground");
+    assert!(svg.contains("viewBox=\"-40 0 "), "room for loops");
     // Fills distinguish continuation (blue) and fan-in (amber) states; the initial border is green.
     for colour in ["dbeafe", "fef3c7", "2e7d32"] {
         assert!(
