@@ -291,6 +291,23 @@ enum Command {
         #[command(flatten)]
         db: DbArgs,
     },
+    /// Run an instance again from a step of its history (its pending work is dropped).
+    ///
+    /// The step (an id from `phasm status`'s history, or the console's) runs again with the
+    /// context it was given, whatever the instance's status. Only a step of the main line,
+    /// not of a forked branch, and not a fan-in's join.
+    Reset {
+        /// The instance's name.
+        instance: String,
+        /// The step to run again: its id in the history.
+        #[arg(long)]
+        step: i64,
+        /// The machine file (the step is built again from the machine's transition).
+        #[arg(long)]
+        file: PathBuf,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// Cancel a running or failed instance.
     Cancel {
         /// The instance's name.
@@ -432,6 +449,12 @@ async fn run_async(command: Command) -> ExitCode {
         }
         Command::Logs { instance, db } => cmd::inspect::logs(&instance, &db.to_db_args()).await,
         Command::Retry { instance, db } => cmd::inspect::retry(&instance, &db).await,
+        Command::Reset {
+            instance,
+            step,
+            file,
+            db,
+        } => cmd::inspect::reset(&instance, step, &file, &db).await,
         Command::Send {
             args,
             data,

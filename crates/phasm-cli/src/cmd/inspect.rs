@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 
 use phasm::clock::{Clock, SystemClock};
-use phasm::engine::HistoryEntry;
 use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
 use serde_json::{json, Value};
 
@@ -107,18 +106,19 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
     }
     outln!("history");
     outln!(
-        "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} took",
-        "#",
+        "  {:>5}  {:<20} {:<20} {:<20} {:>7}  {:<24} took",
+        "step",
         "from",
         "event",
         "to",
         "attempt",
         "at"
     );
-    let row = |i: usize, h: &HistoryEntry| {
+    // Each step by its id: what `phasm reset --step` and the console's step pages take.
+    let row = |h: &phasm::store::HistoryRow| {
         outln!(
-            "  {:>3}  {:<20} {:<20} {:<20} {:>7}  {:<24} {}",
-            i + 1,
+            "  {:>5}  {:<20} {:<20} {:<20} {:>7}  {:<24} {}",
+            h.id,
             h.from.as_deref().unwrap_or("-"),
             h.event,
             h.to,
@@ -128,12 +128,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
         );
     };
     if all && truncated {
-        let mut n = 0;
-        let each = |h: &phasm::store::HistoryRow| {
-            row(n, h);
-            n += 1;
-        };
-        if let Err(e) = phasm::store::for_each_transition(&*store, name, each).await {
+        if let Err(e) = phasm::store::for_each_transition(&*store, name, row).await {
             return exit::database(e);
         }
     } else {
@@ -144,9 +139,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
                 count(skipped, "earlier transition")
             );
         }
-        for (i, h) in view.history.iter().enumerate() {
-            row(skipped as usize + i, h);
-        }
+        view.history.iter().for_each(row);
     }
     if !view.waiting.is_empty() {
         outln!("waiting (`phasm send {name} EVENT` delivers an event)");
@@ -452,6 +445,25 @@ pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
         Err(code) => return code,
     };
     report(name, "resumed", store.retry(SystemClock.now(), name).await)
+}
+
+/// `phasm reset`.
+pub async fn reset(name: &str, step: i64, file: &std::path::Path, args: &DbArgs) -> ExitCode {
+    let Some(config) = super::files::load(file) else {
+        return exit::invalid_reported();
+    };
+    let store = match open_db(args, phasm::store::Access::Existing).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match phasm::control::reset(&*store, &config, &SystemClock, name, step).await {
+        Ok(note) => {
+            outln!("{name}: running ({note})");
+            ExitCode::SUCCESS
+        }
+        Err(phasm::control::ResetError::Store(e)) => exit::database(e),
+        Err(e) => exit::failed(e),
+    }
 }
 
 /// `phasm cancel`.

@@ -308,3 +308,78 @@ fn serve_refuses_a_short_or_blank_token_before_listening() {
         );
     }
 }
+
+#[test]
+fn reset_runs_an_ended_instance_again_from_a_step_of_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("phasm.db").display().to_string();
+    let file = "examples/orders/orders.yaml";
+    let ran = phasm(&[
+        "run",
+        file,
+        "--name",
+        "o1",
+        "--set",
+        "quantity=2",
+        "--db",
+        &db,
+    ]);
+    assert!(ran.status.success(), "{}", text(&ran.stderr));
+    let status = |args: &[&str]| {
+        let out = phasm(&[&["status", "o1", "--db", &db], args].concat());
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).unwrap();
+    assert_eq!(json["status"], "completed");
+    let charging = json["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["to"] == "charging")
+        .expect("a step into charging")["id"]
+        .to_string();
+    // The text status lists each step by the id `reset` takes.
+    assert!(
+        status(&[])
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(charging.as_str())),
+        "{}",
+        status(&[])
+    );
+    let reset = phasm(&[
+        "reset", "o1", "--step", &charging, "--file", file, "--db", &db,
+    ]);
+    assert!(reset.status.success(), "{}", text(&reset.stderr));
+    assert!(
+        text(&reset.stdout).contains("running again from step"),
+        "{}",
+        text(&reset.stdout)
+    );
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).unwrap();
+    assert_eq!(json["status"], "running", "{json}");
+    assert_eq!(json["tasks"][0]["from"], "received", "{json}");
+    // An unknown step is refused, saying where the ids are.
+    let bad = phasm(&[
+        "reset", "o1", "--step", "99999", "--file", file, "--db", &db,
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        text(&bad.stderr).contains("has no step 99999"),
+        "{}",
+        text(&bad.stderr)
+    );
+    // Working it again ends it again, through the steps after the chosen one.
+    let again = phasm(&["run", file, "--name", "o1", "--db", &db]);
+    assert!(again.status.success(), "{}", text(&again.stderr));
+    let json: serde_json::Value = serde_json::from_str(&status(&["--json"])).unwrap();
+    assert_eq!(json["status"], "completed", "{json}");
+    let into_charging = json["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["to"] == "charging")
+        .count();
+    assert_eq!(into_charging, 2, "the step ran again: {json}");
+    assert_eq!(json["context"]["total"], 19.98, "{json}");
+}

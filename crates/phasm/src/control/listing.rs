@@ -14,6 +14,8 @@ pub const MAX_PAGE: usize = 1000;
 
 /// The query parameters of an instance list, as given (every one optional).
 #[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[cfg_attr(feature = "server", derive(utoipa::IntoParams))]
+#[cfg_attr(feature = "server", into_params(parameter_in = Query))]
 pub struct ListParams {
     /// Only this machine.
     pub machine: Option<String>,

@@ -10,14 +10,33 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
+use super::openapi::ErrorBody;
 use super::{check_name, error, ServerState};
 use crate::control::{send, SendError, SendOutcome, SendRequest, SendTo};
 use crate::engine::Context;
 
-/// `POST /api/instances/{name}/events` with `{"event": "...", "data": {...}, "id": "..."}`:
+/// Send an event to an instance's waiting branches.
+///
 /// 202 when waiting branches took the event or it was kept for the next wait, 200 when its
 /// `id` was accepted before (nothing done again), 409 when the instance cannot take it (ended,
 /// or no waiting state of its machine accepts the event), 404 for an unknown instance.
+#[utoipa::path(
+    post,
+    path = "/api/instances/{name}/events",
+    tag = "events",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body = super::openapi::EventBody,
+    responses(
+        (status = 202, description = "Taken by waiting branches, or kept for the next wait", body = serde_json::Value),
+        (status = 200, description = "This `id` was accepted before: nothing done again", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name (or no wait for that token)", body = ErrorBody),
+        (status = 409, description = "The instance cannot take it: it ended, or no waiting state of its machine accepts the event", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn to_instance(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
@@ -29,11 +48,28 @@ pub(super) async fn to_instance(
     deliver(&state, SendTo::Instance(name), &body).await
 }
 
-/// `POST /api/waits/{token}` with `{"event": "...", "data": {...}, "id": "..."}`: the event for
-/// the one wait the token addresses (a token from an entry action's `wait_token`). Answers as
-/// the instance's events endpoint; 409 once that wait is over. The token is the credential:
-/// this endpoint does not ask for the API's bearer token, so a system outside can call back
-/// with the token alone (as with Step Functions' task tokens).
+/// Send an event to the one wait a wait token addresses (no bearer token asked).
+///
+/// The token comes from an entry action's `wait_token`; it is the credential, so a system
+/// outside can call back with the token alone (as with Step Functions' task tokens). Answers as
+/// the instance's events endpoint; 409 once that wait is over.
+#[utoipa::path(
+    post,
+    path = "/api/waits/{token}",
+    tag = "events",
+    params(("token" = String, Path, description = "A wait token, from an entry action's `wait_token`")),
+    request_body = super::openapi::EventBody,
+    security(()),
+    responses(
+        (status = 202, description = "Taken by waiting branches, or kept for the next wait", body = serde_json::Value),
+        (status = 200, description = "This `id` was accepted before: nothing done again", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 404, description = "No instance of that name (or no wait for that token)", body = ErrorBody),
+        (status = 409, description = "The instance cannot take it: it ended, or no waiting state of its machine accepts the event", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn to_wait(
     State(state): State<Arc<ServerState>>,
     Path(token): Path<String>,

@@ -11,7 +11,10 @@ pub mod auth;
 mod events;
 mod guard;
 mod listen;
+mod openapi;
 mod steps;
+
+use openapi::{BatchBody, ErrorBody, StartBody};
 
 pub use guard::LOOPBACK_HOSTS;
 pub(crate) use steps::reset_status;
@@ -104,38 +107,62 @@ impl std::fmt::Debug for ServerState {
 
 /// A JSON error response.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+    let body = openapi::ErrorBody {
+        error: message.into(),
+    };
+    (status, Json(body)).into_response()
 }
 
 /// The API's routes.
 pub fn router(state: Arc<ServerState>) -> Router {
-    let api = Router::new()
-        .route("/api/machines", get(machines))
-        .route("/api/machines/{machine}/graph.svg", get(graph))
-        .route("/api/machines/{machine}/instances", post(start))
-        .route(
-            "/api/machines/{machine}/instances/batch",
-            post(start_batch).layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
-        )
-        .route("/api/instances", get(list))
-        .route("/api/instances/{name}", get(instance))
-        .route("/api/instances/{name}/history", get(history_page))
-        .route("/api/instances/{name}/history/{id}", get(steps::step))
-        .route("/api/instances/{name}/reset", post(steps::reset))
-        .route("/api/instances/{name}/logs", get(logs_page))
-        .route("/api/instances/{name}/cancel", post(cancel))
-        .route("/api/instances/{name}/retry", post(retry))
-        .route("/api/instances/{name}/events", post(events::to_instance))
-        .route("/api/workers", get(workers))
-        .route("/api/schedules", get(schedules))
-        .route("/api/queues", get(queues))
-        .route("/metrics", get(prometheus))
+    use utoipa::OpenApi;
+    use utoipa_axum::{router::OpenApiRouter, routes};
+    // Each route is registered with its description (`routes!`): the document served at
+    // `/api/openapi.json` lists exactly what these routers answer.
+    let (batch_schemas, batch_paths, batch) = routes!(start_batch);
+    let api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(machines))
+        .routes(routes!(graph))
+        .routes(routes!(start))
+        .routes((
+            batch_schemas,
+            batch_paths,
+            batch.layer(DefaultBodyLimit::max(MAX_BATCH_BODY_BYTES)),
+        ))
+        .routes(routes!(list))
+        .routes(routes!(instance))
+        .routes(routes!(history_page))
+        .routes(routes!(steps::step))
+        .routes(routes!(logs_page))
+        .routes(routes!(cancel))
+        .routes(routes!(retry))
+        .routes(routes!(steps::reset))
+        .routes(routes!(events::to_instance))
+        .routes(routes!(workers))
+        .routes(routes!(schedules))
+        .routes(routes!(queues))
+        .routes(routes!(prometheus))
+        .routes(routes!(openapi::openapi_json))
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             authorize,
         ))
         .layer(middleware::from_fn(guard::json_writes))
         .layer(middleware::from_fn(json_errors));
+    // The wait token is the credential here: no bearer token asked.
+    let waits = OpenApiRouter::new()
+        .routes(routes!(events::to_wait))
+        .layer(middleware::from_fn(guard::json_writes))
+        .layer(middleware::from_fn(json_errors));
+    let health = OpenApiRouter::new().routes(routes!(healthz));
+    let (api, document) = api.merge(waits).merge(health).split_for_parts();
+    let document = openapi::Document(
+        document
+            .to_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"the document did not serialise: {e}\"}}"))
+            .into(),
+    );
+    let api = api.layer(axum::Extension(document));
     let pages = Router::new()
         .route("/", get(crate::console::machines))
         .route("/machines/{name}", get(crate::console::machine))
@@ -165,7 +192,6 @@ pub fn router(state: Arc<ServerState>) -> Router {
         ))
         .layer(middleware::from_fn(guard::same_origin_forms));
     Router::new()
-        .route("/healthz", get(healthz))
         .merge(
             Router::new()
                 .route(
@@ -175,13 +201,6 @@ pub fn router(state: Arc<ServerState>) -> Router {
                 .layer(middleware::from_fn(guard::same_origin_forms)),
         )
         .merge(api)
-        .merge(
-            // The wait token is the credential here: no bearer token asked.
-            Router::new()
-                .route("/api/waits/{token}", post(events::to_wait))
-                .layer(middleware::from_fn(guard::json_writes))
-                .layer(middleware::from_fn(json_errors)),
-        )
         .merge(pages)
         .fallback(|| async {
             error(
@@ -331,6 +350,17 @@ async fn authorize(
     next.run(request).await
 }
 
+/// Whether the server and its database answer (no token asked).
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "The server and its database answer: `{\"status\": \"ok\"}`", body = serde_json::Value),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn healthz(State(state): State<Arc<ServerState>>) -> Response {
     match state.store.next_due().await {
         Ok(_) => Json(json!({ "status": "ok" })).into_response(),
@@ -361,7 +391,18 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     Ok(handle)
 }
 
-/// Prometheus text: the worker's counters and histograms, and pending work sampled now.
+/// Prometheus metrics: step counters and durations, and pending work per queue sampled now.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text: step counters and durations, and pending work per queue", content_type = "text/plain", body = String),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "Metrics are not enabled in this server", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn prometheus(State(state): State<Arc<ServerState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return error(
@@ -392,6 +433,16 @@ async fn prometheus(State(state): State<Arc<ServerState>>) -> Response {
         .into_response()
 }
 
+/// The machines this server runs: their states and initial state.
+#[utoipa::path(
+    get,
+    path = "/api/machines",
+    tag = "machines",
+    responses(
+        (status = 200, description = "The machines, with their states and initial state", body = serde_json::Value),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+    )
+)]
 async fn machines(State(state): State<Arc<ServerState>>) -> Response {
     let machines: Vec<Value> = state
         .config
@@ -408,6 +459,18 @@ async fn machines(State(state): State<Arc<ServerState>>) -> Response {
     Json(json!({ "machines": machines })).into_response()
 }
 
+/// A machine drawn as SVG.
+#[utoipa::path(
+    get,
+    path = "/api/machines/{machine}/graph.svg",
+    tag = "machines",
+    params(("machine" = String, Path, description = "The machine's name")),
+    responses(
+        (status = 200, description = "The machine drawn as SVG", content_type = "image/svg+xml", body = String),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No machine of that name", body = ErrorBody),
+    )
+)]
 async fn graph(State(state): State<Arc<ServerState>>, Path(machine): Path<String>) -> Response {
     match state.config.machine(&machine) {
         Some(m) => (
@@ -422,6 +485,28 @@ async fn graph(State(state): State<Arc<ServerState>>, Path(machine): Path<String
     }
 }
 
+/// Start an instance of a machine (idempotent by name).
+///
+/// The context's values are checked and converted against the machine's `context_types`; a
+/// name already used by an instance of this machine changes nothing (200, `created: false`).
+#[utoipa::path(
+    post,
+    path = "/api/machines/{machine}/instances",
+    tag = "machines",
+    params(("machine" = String, Path, description = "The machine's name")),
+    request_body = Option<StartBody>,
+    responses(
+        (status = 201, description = "Started: `{\"instance\": NAME, \"created\": true}`", body = serde_json::Value),
+        (status = 200, description = "An instance of that name existed: nothing changed (`created: false`, its `status`)", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No machine of that name", body = ErrorBody),
+        (status = 409, description = "The name is taken by an instance of another machine", body = ErrorBody),
+        (status = 413, description = "The body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn start(
     State(state): State<Arc<ServerState>>,
     Path(machine): Path<String>,
@@ -492,9 +577,25 @@ async fn start(
     }
 }
 
-/// `POST /api/machines/{machine}/instances/batch` with `{"contexts": [{...}, ...]}`: start one
-/// instance per context (at most [`MAX_BATCH_START`]), all in one transaction — all or none.
-/// 201 with `{"instances": [names in order], "created": N}`; 400 naming the first bad context.
+/// Start one instance per context, all in one transaction: all or none.
+///
+/// At most 10,000 contexts (`MAX_BATCH_START`); a bad one is named (`contexts[i]`) and nothing starts.
+#[utoipa::path(
+    post,
+    path = "/api/machines/{machine}/instances/batch",
+    tag = "machines",
+    params(("machine" = String, Path, description = "The machine's name")),
+    request_body = BatchBody,
+    responses(
+        (status = 201, description = "Every context started (or existed): `{\"instances\": [NAME, ...], \"created\": N}`", body = serde_json::Value),
+        (status = 400, description = "A bad body, or `contexts[i]` is bad (the message names it); nothing was started", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No machine of that name", body = ErrorBody),
+        (status = 413, description = "Over 10,000 contexts, or the body is too large", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn start_batch(
     State(state): State<Arc<ServerState>>,
     Path(machine): Path<String>,
@@ -580,9 +681,12 @@ async fn start_batch(
 }
 
 /// Query of a history or log page.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PageQuery {
+    /// The `next_cursor` of the previous page (none: the first page).
     cursor: Option<String>,
+    /// At most this many rows (default 100, at most 1000).
     limit: Option<usize>,
     /// History pages only: the steps of this branch (`""`: the main line).
     branch: Option<String>,
@@ -607,8 +711,20 @@ fn page_request(query: &PageQuery) -> Result<crate::store::PageRequest, String> 
     })
 }
 
-/// `GET /api/instances/{name}/history?cursor=&limit=&branch=`: committed transitions, oldest
-/// first (of one branch when `branch` is given).
+/// A page of an instance's steps, oldest first (of one branch with `branch`).
+#[utoipa::path(
+    get,
+    path = "/api/instances/{name}/history",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name"), PageQuery),
+    responses(
+        (status = 200, description = "`{\"history\": [steps, oldest first], \"next_cursor\": C}`; each step has an `id` for its full view", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn history_page(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
@@ -629,8 +745,22 @@ async fn history_page(
     )
 }
 
-/// `GET /api/instances/{name}/logs?cursor=&limit=`: log lines, oldest first (each message cut
-/// at 16 Ki characters, with a note).
+/// A page of an instance's log lines, oldest first.
+///
+/// Each message is cut at 16 Ki characters, with a note saying so.
+#[utoipa::path(
+    get,
+    path = "/api/instances/{name}/logs",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name"), PageQuery),
+    responses(
+        (status = 200, description = "`{\"logs\": [lines, oldest first], \"next_cursor\": C}`", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn logs_page(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
@@ -681,6 +811,19 @@ fn page_response<T>(
     }
 }
 
+/// Instances, filtered and paged: newest first, or most recently ended first.
+#[utoipa::path(
+    get,
+    path = "/api/instances",
+    tag = "instances",
+    params(crate::control::ListParams),
+    responses(
+        (status = 200, description = "A page of instances, newest first (or most recently ended first), and `next_cursor`", body = serde_json::Value),
+        (status = 400, description = "A bad filter, order, limit or cursor (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn list(
     State(state): State<Arc<ServerState>>,
     Query(query): Query<crate::control::ListParams>,
@@ -728,7 +871,17 @@ fn check_name(name: &str) -> Option<Response> {
     })
 }
 
-/// `GET /api/workers`: the workers alive now, what they take, and when they last said so.
+/// The workers alive now (what they take, when they last said so), and those gone.
+#[utoipa::path(
+    get,
+    path = "/api/workers",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{\"workers\": [alive], \"gone\": [stopped answering in the last day]}`", body = serde_json::Value),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn workers(State(state): State<Arc<ServerState>>) -> Response {
     let now = state.clock.now();
     match (
@@ -745,6 +898,17 @@ async fn workers(State(state): State<Arc<ServerState>>) -> Response {
     }
 }
 
+/// Pending work per queue (due, scheduled, running, oldest due) with its limits.
+#[utoipa::path(
+    get,
+    path = "/api/queues",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{\"queues\": [...], \"parked\": N}`: due, scheduled, running, oldest due, and limits per queue", body = serde_json::Value),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn queues(State(state): State<Arc<ServerState>>) -> Response {
     match state.store.stats(state.clock.now()).await {
         Ok(stats) => {
@@ -755,6 +919,17 @@ async fn queues(State(state): State<Arc<ServerState>>) -> Response {
     }
 }
 
+/// The schedules: each one's next tick and the last it fired.
+#[utoipa::path(
+    get,
+    path = "/api/schedules",
+    tag = "operations",
+    responses(
+        (status = 200, description = "`{\"schedules\": [...]}`: each with its next and last tick", body = serde_json::Value),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn schedules(State(state): State<Arc<ServerState>>) -> Response {
     let now = state.clock.now();
     match crate::control::schedule_statuses(&*state.store, &state.config, now).await {
@@ -767,6 +942,20 @@ async fn schedules(State(state): State<Arc<ServerState>>) -> Response {
     }
 }
 
+/// One instance: status, contexts, branches, latest steps, pending steps, waits, children.
+#[utoipa::path(
+    get,
+    path = "/api/instances/{name}",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "The instance: status, contexts, branches, latest history, pending steps, waits, children", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn instance(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
     if let Some(bad) = check_name(&name) {
         return bad;
@@ -804,12 +993,29 @@ async fn control(
 }
 
 /// The optional body of `POST /api/instances/{name}/cancel`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CancelBody {
     reason: Option<String>,
 }
 
+/// Cancel a running or failed instance, with an optional reason (`{"reason": "..."}`).
+#[utoipa::path(
+    post,
+    path = "/api/instances/{name}/cancel",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body = Option<CancelBody>,
+    responses(
+        (status = 200, description = "Cancelled: `{\"instance\": NAME, \"status\": \"cancelled\"}`", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name", body = ErrorBody),
+        (status = 409, description = "The instance has ended", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn cancel(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,
@@ -846,6 +1052,21 @@ async fn cancel(
     .await
 }
 
+/// Resume a failed instance: its failed and held steps run again from attempt 0.
+#[utoipa::path(
+    post,
+    path = "/api/instances/{name}/retry",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    responses(
+        (status = 200, description = "Running again from its failed step: `{\"instance\": NAME, \"status\": \"running\"}`", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name", body = ErrorBody),
+        (status = 409, description = "The instance has not failed", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 async fn retry(State(state): State<Arc<ServerState>>, Path(name): Path<String>) -> Response {
     if let Some(bad) = check_name(&name) {
         return bad;

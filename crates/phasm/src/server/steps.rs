@@ -10,11 +10,24 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::openapi::ErrorBody;
 use super::{check_name, error, ServerState};
 use crate::control::ResetError;
 
-/// `GET /api/instances/{name}/history/{id}`: the step, the context it was given, what it
-/// passed on, and its task's log lines.
+/// One step in full: the context it was given, what it passed on, its task's log lines.
+#[utoipa::path(
+    get,
+    path = "/api/instances/{name}/history/{id}",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name"), ("id" = i64, Path, description = "A step's `id`, from the instance's history")),
+    responses(
+        (status = 200, description = "The step: its transition, the context it was given, what it passed on (`passed_on.to`: `step`, `pending` or `nothing`), its task's log lines", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name, or no such step of it", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn step(
     State(state): State<Arc<ServerState>>,
     Path((name, id)): Path<(String, String)>,
@@ -39,15 +52,33 @@ pub(super) async fn step(
 }
 
 /// The body of `POST /api/instances/{name}/reset`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ResetBody {
+pub(super) struct ResetBody {
     /// The step to run again: an `id` from the instance's history.
     step: i64,
 }
 
-/// `POST /api/instances/{name}/reset` with `{"step": ID}`: run the instance again from that
-/// step of its history (see [`crate::control::reset`]).
+/// Run an instance again from a step of its history (`{"step": ID}`).
+///
+/// Its pending work is dropped and the step runs again with the context it was given (see
+/// `control::reset`). Only a step of the main line, and not a join.
+#[utoipa::path(
+    post,
+    path = "/api/instances/{name}/reset",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body = ResetBody,
+    responses(
+        (status = 200, description = "Running again from the step: `{\"instance\": NAME, \"status\": \"running\", \"note\": ...}`", body = serde_json::Value),
+        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+        (status = 404, description = "No instance of that name, or no such step of it", body = ErrorBody),
+        (status = 409, description = "That step cannot run again: on a forked branch, a join, or its machine changed", body = ErrorBody),
+        (status = 415, description = "The body is not `application/json`", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
 pub(super) async fn reset(
     State(state): State<Arc<ServerState>>,
     Path(name): Path<String>,

@@ -1601,3 +1601,95 @@ async fn a_step_shows_its_contexts_and_a_reset_runs_the_instance_again_from_it()
         assert!(json(&answer)["error"].is_string(), "{answer}");
     }
 }
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_route_the_api_answers() {
+    let api = api(Some("s3cret")).await;
+    let (status, _) = call(&api, "GET", "/api/openapi.json", None, None).await;
+    assert_eq!(
+        status, 401,
+        "the document is behind the token like the rest of /api"
+    );
+    let (status, body) = call(&api, "GET", "/api/openapi.json", None, Some("s3cret")).await;
+    assert_eq!(status, 200, "{body}");
+    let doc = json(&body);
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "{}",
+        doc["openapi"]
+    );
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            documented.push((method.to_uppercase(), path.clone()));
+            assert!(op["summary"].is_string(), "{method} {path} has a summary");
+            let responses = op["responses"].as_object().unwrap();
+            assert!(
+                responses.keys().any(|c| c.starts_with('2')),
+                "{method} {path}: a success"
+            );
+            if path != "/api/machines" && path != "/api/openapi.json" {
+                let errors: Vec<_> = responses
+                    .iter()
+                    .filter(|(c, _)| !c.starts_with('2'))
+                    .collect();
+                assert!(!errors.is_empty(), "{method} {path} documents its errors");
+                for (code, r) in errors {
+                    assert_eq!(
+                        r["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/ErrorBody",
+                        "{method} {path} {code}"
+                    );
+                }
+            }
+        }
+    }
+    documented.sort();
+    // The API as the README lists it: a route added or removed changes this list.
+    let mut expected: Vec<(String, String)> = [
+        ("GET", "/healthz"),
+        ("GET", "/metrics"),
+        ("GET", "/api/openapi.json"),
+        ("GET", "/api/machines"),
+        ("GET", "/api/machines/{machine}/graph.svg"),
+        ("POST", "/api/machines/{machine}/instances"),
+        ("POST", "/api/machines/{machine}/instances/batch"),
+        ("GET", "/api/instances"),
+        ("GET", "/api/instances/{name}"),
+        ("GET", "/api/instances/{name}/history"),
+        ("GET", "/api/instances/{name}/history/{id}"),
+        ("GET", "/api/instances/{name}/logs"),
+        ("POST", "/api/instances/{name}/cancel"),
+        ("POST", "/api/instances/{name}/retry"),
+        ("POST", "/api/instances/{name}/reset"),
+        ("POST", "/api/instances/{name}/events"),
+        ("POST", "/api/waits/{token}"),
+        ("GET", "/api/workers"),
+        ("GET", "/api/queues"),
+        ("GET", "/api/schedules"),
+    ]
+    .iter()
+    .map(|(m, p)| (m.to_string(), p.to_string()))
+    .collect();
+    expected.sort();
+    assert_eq!(documented, expected);
+    // Every documented route is served: no 405, and not the fallback for unknown paths.
+    for (method, path) in &documented {
+        let concrete = path
+            .replace("{machine}", "Job")
+            .replace("{name}", "nobody")
+            .replace("{id}", "1")
+            .replace("{token}", "not-a-token");
+        let body = (method == "POST").then_some("{}");
+        let (status, answer) = call(&api, method, &concrete, body, Some("s3cret")).await;
+        assert_ne!(status, 405, "{method} {concrete}: {answer}");
+        assert!(
+            !answer.contains("no such endpoint"),
+            "{method} {concrete}: {answer}"
+        );
+    }
+    // And a route that is not documented is not served.
+    let (status, answer) = call(&api, "GET", "/api/nothing-here", None, Some("s3cret")).await;
+    assert_eq!(status, 404);
+    assert!(answer.contains("no such endpoint"), "{answer}");
+}

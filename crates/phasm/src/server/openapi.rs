@@ -1,0 +1,109 @@
+//! The API's OpenAPI 3.1 description, served at `GET /api/openapi.json`. Each route's part
+//! is generated from its handler's `#[utoipa::path]` annotation, and the router registers a
+//! route and its description in one call (`utoipa_axum::routes!`), so the document lists what
+//! the server answers. This module holds what is shared: the document's head, the bearer
+//! security scheme, and the schemas of bodies the handlers read by hand.
+
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// The document's head: title, description, the security scheme, tags, and shared schemas.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "phasm",
+        description = "Durable finite-state-machine workflows: start instances of machines, \
+                       follow and control them, send them events. Every error is a JSON object \
+                       `{\"error\": MESSAGE}` saying what was wrong and what to do. When the \
+                       server runs with `--token`, every call under `/api` (but `/api/waits`) \
+                       needs `Authorization: Bearer TOKEN`."
+    ),
+    modifiers(&BearerSecurity),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody, StartBody, BatchBody, EventBody)),
+    tags(
+        (name = "machines", description = "The machines the server runs, and starting instances of them"),
+        (name = "instances", description = "Finding, reading and controlling instances"),
+        (name = "events", description = "Events from outside for waiting instances"),
+        (name = "operations", description = "Workers, queues, schedules, health and metrics"),
+    )
+)]
+pub(super) struct ApiDoc;
+
+/// Adds the `bearer` scheme the document's `security` names.
+struct BearerSecurity;
+
+impl Modify for BearerSecurity {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+    }
+}
+
+/// Every error answer.
+#[derive(ToSchema, serde::Serialize)]
+pub(super) struct ErrorBody {
+    /// What was wrong, where, and what to do.
+    pub(super) error: String,
+}
+
+/// The body of `POST /api/machines/{machine}/instances` (empty: an instance with an empty
+/// context and a generated name).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct StartBody {
+    /// The instance's name (unique; starting again with it changes nothing).
+    name: Option<String>,
+    /// The input context: values of the machine's `context_types` are checked and converted.
+    context: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The body of `POST /api/machines/{machine}/instances/batch`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct BatchBody {
+    /// One input context per instance, at most 10,000; all start, or none.
+    contexts: Vec<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// The body of the event endpoints.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub(super) struct EventBody {
+    /// The event (one a waiting state of the instance's machine accepts).
+    event: String,
+    /// Keys merged into the waiting branch's context.
+    data: Option<serde_json::Map<String, serde_json::Value>>,
+    /// An id: the same id sent again is accepted once.
+    id: Option<String>,
+}
+
+/// The generated document, as JSON text, for [`openapi_json`].
+#[derive(Clone)]
+pub(super) struct Document(pub(super) Arc<str>);
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The OpenAPI 3.1 document of this API", body = serde_json::Value),
+        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
+    )
+)]
+pub(super) async fn openapi_json(Extension(doc): Extension<Document>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        doc.0.to_string(),
+    )
+        .into_response()
+}
