@@ -239,7 +239,10 @@ fn counts(o: &MachineOverview) -> Markup {
             (card("halted or cancelled in the last day", ended(&o.ended_last_day, InstanceStatus::Halted) + ended(&o.ended_last_day, InstanceStatus::Cancelled), "s-halted"))
         }
         table id="rates" {
-            caption { "Failure rate and step times" }
+            caption {
+                "Failure rate and step times "
+                span class="muted" { "(steps: those in the window of the 1,000 instances that ended last and the 1,000 newest running, at most 10,000; the time of the committing attempt)" }
+            }
             tr { th { "window" } th { "instances ended" } th { "of them failed" } th { "steps" } th { "committed on a retry" } th { "p50 step" } th { "p99 step" } }
             @for (window, list, steps) in [("last hour", &o.ended_last_hour, &o.steps_last_hour), ("last day", &o.ended_last_day, &o.steps_last_day)] {
                 @let total: u64 = list.iter().map(|(_, n)| n).sum();
@@ -248,7 +251,7 @@ fn counts(o: &MachineOverview) -> Markup {
                     td { (window) }
                     td { (total) }
                     td class=[(failed > 0).then_some("err")] { (failed) " (" (percent(failed, total)) ")" }
-                    td { (steps.steps) @if steps.sampled { " (the latest)" } }
+                    td { (steps.steps) @if steps.sampled { " (a sample)" } }
                     td class=[(steps.retried > 0).then_some("warn")] { (steps.retried) " (" (percent(steps.retried, steps.steps)) ")" }
                     td { @if steps.steps > 0 { (millis(steps.p50)) } @else { "—" } }
                     td { @if steps.steps > 0 { (millis(steps.p99)) } @else { "—" } }

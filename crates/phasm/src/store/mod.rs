@@ -504,13 +504,15 @@ pub struct MachineOverview {
     pub steps_last_day: StepTimes,
 }
 
-/// How long a machine's steps took over a time window, over at most the latest
-/// [`STEP_TIMES_SAMPLE`] of them (so reading it is bounded however busy the machine).
+/// How long a machine's steps took over a time window: the steps committed in the window by
+/// the [`STEP_TIMES_INSTANCES`] instances of the machine that ended last in it and its
+/// newest running ones, at most [`STEP_TIMES_SAMPLE`] steps (so reading it is bounded however
+/// busy the machine, and no index on history's times costs each step a write).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct StepTimes {
     /// Steps measured (at most [`STEP_TIMES_SAMPLE`]).
     pub steps: u64,
-    /// More steps committed in the window than were measured: the figures are of the latest.
+    /// The instances read had more steps in the window than were measured.
     pub sampled: bool,
     /// Of the steps measured, those that committed on a retry (a failed attempt before).
     pub retried: u64,
@@ -522,6 +524,10 @@ pub struct StepTimes {
 
 /// At most this many steps are measured for [`StepTimes`].
 pub const STEP_TIMES_SAMPLE: usize = 10_000;
+
+/// [`StepTimes`] reads the steps of at most this many ended instances of the machine, and as
+/// many running ones.
+pub const STEP_TIMES_INSTANCES: usize = 1_000;
 
 impl StepTimes {
     /// The figures of some steps: `(duration, attempt)` of each, in any order.

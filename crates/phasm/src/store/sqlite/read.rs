@@ -657,22 +657,32 @@ pub(super) fn machine_overview(
     Ok(overview)
 }
 
-/// The machine's steps committed since `since`: the latest [`STEP_TIMES_SAMPLE`] measured.
+/// The machine's steps committed since `since` (see [`StepTimes`](super::super::StepTimes)):
+/// through the indexes of its instances, so that no index on history's times costs every
+/// step a write.
 fn step_times(
     tx: &Transaction<'_>,
     machine: &str,
     since: Micros,
 ) -> StoreResult<super::super::StepTimes> {
     let sample = i64::try_from(super::super::STEP_TIMES_SAMPLE).unwrap_or(i64::MAX - 1);
+    let instances = i64::try_from(super::super::STEP_TIMES_INSTANCES).unwrap_or(i64::MAX);
     let steps = tx
         .prepare_cached(
             "SELECT h.finished_at - h.started_at, h.attempt
-             FROM history h INDEXED BY history_by_finish JOIN instances i ON i.id = h.instance_id
-             WHERE h.finished_at >= ?2 AND i.machine = ?1
-             ORDER BY h.finished_at DESC LIMIT ?3",
+             FROM (SELECT id FROM (SELECT id FROM instances INDEXED BY instances_ended_by_machine
+                                   WHERE machine = ?1 AND ended_at >= ?2 AND status <> 'running'
+                                   ORDER BY ended_at DESC LIMIT ?4)
+                   UNION ALL
+                   SELECT id FROM (SELECT id FROM instances
+                                   WHERE machine = ?1 AND status = 'running'
+                                   ORDER BY id DESC LIMIT ?4)) i
+             JOIN history h ON h.instance_id = i.id
+             WHERE h.finished_at >= ?2
+             LIMIT ?3",
         )
         .map_err(db)?
-        .query_map(params![machine, since, sample + 1], |r| {
+        .query_map(params![machine, since, sample + 1, instances], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, u32>(1)?))
         })
         .map_err(db)?

@@ -183,8 +183,6 @@ ALTER TABLE workers ADD COLUMN about TEXT;
 -- context before and after, and a reset runs a chosen step again from exactly that context.
 ALTER TABLE history ADD COLUMN context TEXT;
 ALTER TABLE history ADD COLUMN step INTEGER;
--- Step times and retries of the last hour and day, per machine (the machine page).
-CREATE INDEX history_by_finish ON history (finished_at);
 ",
 ];
 
