@@ -132,8 +132,11 @@ fn filters(state: &ServerState, p: &ListParams) -> Markup {
             label { "Ended from " input name="ended_after" value=(val(&p.ended_after)) size="16"; }
             label { " to " input name="ended_before" value=(val(&p.ended_before)) size="16"; } " "
             label { "Order " select name="order" {
-                option value="created" selected[p.order.as_deref() != Some("ended")] { "newest first" }
-                option value="ended" selected[p.order.as_deref() == Some("ended")] { "ended last first" }
+                @let chosen = p.order.as_deref().unwrap_or("created");
+                option value="created" selected[chosen == "created"] { "newest first" }
+                option value="oldest" selected[chosen == "oldest"] { "oldest first" }
+                option value="ended" selected[chosen == "ended"] { "ended last first" }
+                option value="duration" selected[chosen == "duration"] { "longest first (ended)" }
             } } " "
             button { "Filter" } " "
             a href="/instances" { "Clear" }

@@ -36,7 +36,8 @@ pub struct ListParams {
     pub ended_after: Option<String>,
     /// Ended before this time.
     pub ended_before: Option<String>,
-    /// `created` (newest first, the default) or `ended` (most recently ended first).
+    /// `created` (newest first, the default), `oldest` (oldest first), `ended` (most recently
+    /// ended first) or `duration` (longest first; ended instances).
     pub order: Option<String>,
     /// At most this many (default 50, at most [`MAX_PAGE`]).
     pub limit: Option<usize>,
@@ -133,7 +134,13 @@ impl ListParams {
         let order = match given(&self.order).as_deref() {
             None | Some("created") => ListOrder::Created,
             Some("ended") => ListOrder::Ended,
-            Some(other) => return Err(format!("unknown order `{other}`; use created or ended")),
+            Some("duration") => ListOrder::Duration,
+            Some("oldest") => ListOrder::Oldest,
+            Some(other) => {
+                return Err(format!(
+                    "unknown order `{other}`; use created, oldest, ended or duration"
+                ))
+            }
         };
         let cursor = given(&self.cursor);
         if let Some(c) = cursor

@@ -151,6 +151,26 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
             }
             "i.ended_at DESC, i.id DESC"
         }
+        ListOrder::Duration => {
+            conditions.push("i.ended_at IS NOT NULL AND i.status <> 'running'".to_string());
+            if let Some(c) = &filter.before {
+                conditions.push(format!(
+                    "(i.ended_at - i.created_at, i.id) < \
+                     (SELECT ended_at - created_at, id FROM instances WHERE name = {})",
+                    b.text(c)
+                ));
+            }
+            "i.ended_at - i.created_at DESC, i.id DESC"
+        }
+        ListOrder::Oldest => {
+            if let Some(c) = &filter.before {
+                conditions.push(format!(
+                    "i.id > (SELECT id FROM instances WHERE name = {})",
+                    b.text(c)
+                ));
+            }
+            "i.id"
+        }
     };
     let limit =
         b.int(i64::try_from(if filter.limit == 0 { 100 } else { filter.limit }).unwrap_or(100));

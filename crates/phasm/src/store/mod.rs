@@ -1023,6 +1023,10 @@ pub enum ListOrder {
     Created,
     /// Most recently ended first; only instances that ended.
     Ended,
+    /// Longest first (from creation to end); only instances that ended.
+    Duration,
+    /// Oldest first (a running instance's age is its duration so far).
+    Oldest,
 }
 
 /// A kind of pending step (see [`ListFilter::steps`]).

@@ -186,3 +186,53 @@ pub async fn the_instance_list_filters_orders_and_describes(store: &dyn Store) {
     assert_eq!(b1.pending.as_ref().map(|p| p.from.clone()), Some(None));
     assert_eq!(b1.parent, None);
 }
+
+/// Check the orders by duration (ended instances, longest first) and by age (oldest first),
+/// with their cursors.
+pub async fn the_instance_list_sorts_by_duration_and_by_age(store: &dyn Store) {
+    start_at(store, "x", T0, T0).await;
+    start_at(store, "y", T0 + SEC, T0 + SEC).await;
+    start_at(store, "z", T0 + 2 * SEC, T0 + 1000 * SEC).await;
+    for t in store.claim(T0 + 5 * SEC, &request(2)).await.unwrap() {
+        let mut c = commit(&t);
+        c.instance_change = InstanceChange::BranchEnded(ctx(1));
+        // x runs 14 s, y 10 s (within the 10 s leases from 5 s); z is still running.
+        let end = if t.instance == "x" {
+            T0 + 14 * SEC
+        } else {
+            T0 + 11 * SEC
+        };
+        assert_eq!(apply_one(store, end, c).await, Applied::Yes);
+    }
+    let order = |o: ListOrder, before: Option<&str>, machine: Option<&str>| ListFilter {
+        order: o,
+        before: before.map(str::to_string),
+        machine: machine.map(str::to_string),
+        ..ListFilter::default()
+    };
+    assert_eq!(
+        names(store, order(ListOrder::Duration, None, None)).await,
+        ["x", "y"]
+    );
+    assert_eq!(
+        names(store, order(ListOrder::Duration, Some("x"), None)).await,
+        ["y"]
+    );
+    assert_eq!(
+        names(store, order(ListOrder::Duration, None, Some("M"))).await,
+        ["x", "y"]
+    );
+    assert!(
+        names(store, order(ListOrder::Duration, None, Some("Other")))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        names(store, order(ListOrder::Oldest, None, None)).await,
+        ["x", "y", "z"]
+    );
+    assert_eq!(
+        names(store, order(ListOrder::Oldest, Some("x"), None)).await,
+        ["y", "z"]
+    );
+}

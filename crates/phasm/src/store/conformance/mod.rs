@@ -98,6 +98,7 @@ checks!(
     a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
     a_machine_overview_counts_where_its_instances_are,
     the_instance_list_filters_orders_and_describes,
+    the_instance_list_sorts_by_duration_and_by_age,
     each_step_keeps_its_input_and_says_what_it_passed_on,
     a_reset_drops_pending_work_and_queues_the_step_again,
 );

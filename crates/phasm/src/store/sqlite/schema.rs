@@ -183,6 +183,11 @@ ALTER TABLE workers ADD COLUMN about TEXT;
 -- context before and after, and a reset runs a chosen step again from exactly that context.
 ALTER TABLE history ADD COLUMN context TEXT;
 ALTER TABLE history ADD COLUMN step INTEGER;
+-- The instance list sorted by duration (longest first): ended instances, all or of a machine.
+CREATE INDEX instances_by_duration ON instances ((ended_at - created_at), id)
+    WHERE status <> 'running';
+CREATE INDEX instances_by_machine_duration ON instances (machine, (ended_at - created_at), id)
+    WHERE status <> 'running';
 ",
 ];
 
