@@ -116,6 +116,30 @@ class Browser:
             and self.eval("window.__before_submit === undefined")
         )
 
+    def key(self, key: str) -> None:
+        """Press and release a key (`Tab`, `Enter`, ` `) as a keyboard would."""
+        codes = {"Tab": 9, "Enter": 13, " ": 32}
+        for kind in ("keyDown", "keyUp"):
+            params: dict[str, Any] = {
+                "type": kind,
+                "key": key,
+                "code": "Space" if key == " " else key,
+                "windowsVirtualKeyCode": codes[key],
+            }
+            if kind == "keyDown" and key in ("Enter", " "):
+                params["text"] = "\r" if key == "Enter" else " "
+            self.call("Input.dispatchKeyEvent", params, session=True)
+
+    def focused(self) -> str:
+        """What has the keyboard focus: `TAG name|text -> href`."""
+        return str(self.eval(
+            "(() => { const e = document.activeElement; if (!e) return '';"
+            # An SVG link's href is an animated string.
+            " const h = e.href && (e.href.baseVal !== undefined ? e.href.baseVal : e.href);"
+            " return e.tagName.toUpperCase() + ' ' + (e.name || e.innerText || e.textContent || '').trim().slice(0, 40)"
+            " + (h ? ' -> ' + new URL(h, location.href).pathname : ''); })()"
+        ))
+
     def text(self) -> str:
         """The page's text."""
         return str(self.eval("document.body.innerText"))

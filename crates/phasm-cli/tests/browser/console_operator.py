@@ -1,6 +1,7 @@
 """An operator in a real browser: starts an instance with the machine page's form, finds
-failed instances by search and filter in the instance list, and retries them all with the
-bulk action (confirmation included). Run by `tests/it/console.rs` with the server's address,
+failed instances by search and filter in the instance list, retries them all with the bulk
+action (confirmation included), then works with the keyboard alone: Tab through the list,
+Enter on an instance, its timeline and steps, and a reset from a step's page. Run by `tests/it/console.rs` with the server's address,
 Chromium's path and a scratch folder; exits non-zero, saying what was wrong, on a failure.
 """
 
@@ -23,6 +24,58 @@ def check(condition: bool, what: str, page: str = "") -> None:
     if not condition:
         print(f"FAILED: {what}\n{page}", file=sys.stderr)
         sys.exit(1)
+
+
+def tab_to(browser: Browser, wanted: str, most: int = 80) -> list[str]:
+    """Press Tab until the focused element's description contains `wanted`; what was focused
+    on the way."""
+    seen: list[str] = []
+    for _ in range(most):
+        browser.key("Tab")
+        now = browser.focused()
+        seen.append(now)
+        if wanted in now:
+            return seen
+    check(False, f"Tab never reached {wanted!r}; it went through {seen}")
+    return seen
+
+
+def keyboard(browser: Browser, base: str) -> None:
+    """The console with the keyboard alone: every control of the instance list is reached by
+    Tab with a visible focus, a link is followed with Enter, and a step is run again with
+    Space and Enter."""
+    browser.goto(f"{base}/instances?prefix=ok-")
+    seen = tab_to(browser, "-> /instances/ok-1")
+    for control in ["A Machines", "A Instances", "A Workers", "A Queues", "INPUT prefix",
+                    "SELECT machine", "SELECT status", "INPUT stuck", "SELECT order", "BUTTON"]:
+        check(any(s.startswith(control) for s in seen), f"Tab reaches {control}: {seen}")
+    outline = browser.eval("getComputedStyle(document.activeElement).outlineStyle")
+    check(outline not in ("", "none"), f"the focused link shows its focus (outline {outline!r})")
+    browser.key("Enter")
+    browser.wait_loaded(lambda: browser.eval("location.pathname") == "/instances/ok-1")
+    check(browser.eval("!!document.getElementById('timeline')"), "the instance page draws its timeline", browser.text())
+    steps = browser.eval("[...document.querySelectorAll('#live table a[href*=\"/steps/\"]')].map(a => new URL(a.href).pathname)")
+    check(len(steps) == 2, f"two steps are listed with links: {steps}", browser.text())
+    # The last step (working → finished), by keyboard, then run again from it.
+    tab_to(browser, "-> " + steps[1])
+    browser.key("Enter")
+    browser.wait_loaded(lambda: browser.eval("location.pathname") == steps[1])
+    check("Context given" in browser.text(), "the step page shows its contexts", browser.text())
+    tab_to(browser, "INPUT confirm")
+    browser.key(" ")
+    check(browser.eval("document.querySelector('#reset input[name=confirm]').checked"), "Space ticks the confirmation")
+    tab_to(browser, "BUTTON Run again")
+    browser.eval("window.__before_submit = true")
+    browser.key("Enter")
+    browser.wait_loaded(lambda: browser.eval("location.pathname") == "/instances/ok-1"
+                        and browser.eval("window.__before_submit === undefined"))
+    deadline = time.monotonic() + 30
+    while True:
+        view = api(base, "/api/instances/ok-1")
+        if view["status"] == "completed" and view["history_total"] == 3:
+            break
+        check(time.monotonic() < deadline, f"ok-1 ran the step again and completed: {view}")
+        time.sleep(0.3)
 
 
 def main() -> None:
@@ -83,6 +136,7 @@ def main() -> None:
             while len(api(base, f"/api/instances/{name}/logs")["logs"]) < 2:
                 check(time.monotonic() < deadline, f"{name} did not run again after the retry")
                 time.sleep(0.3)
+        keyboard(browser, base)
         print("ok")
     finally:
         browser.close()

@@ -325,7 +325,9 @@ fn a_page_on_another_origin_can_neither_start_nor_cancel() {
 }
 
 /// An operator's round in the browser (`tests/browser/console_operator.py`, driving Chromium
-/// over the DevTools protocol): the start form, search and filter, and a confirmed bulk retry.
+/// over the DevTools protocol): the start form, search and filter, a confirmed bulk retry, and
+/// the keyboard alone — every control of the list reached by Tab with a visible focus, a link
+/// followed with Enter, a step's page, and a reset ticked with Space and sent with Enter.
 #[test]
 fn an_operator_starts_finds_and_retries_instances_in_the_browser() {
     let Some(chromium) = chromium() else { return };
