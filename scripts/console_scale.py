@@ -3,7 +3,7 @@
 in under 50 ms with 1,000,000 ended instances in the database").
 
 Fills a fresh SQLite database with `--ended` instances of machine `Job` that ended over the
-last 30 days (one in 50 failed; three transitions each) and `--running` instances waiting in
+last 30 days, each after 1 to 601 s (one in 50 failed; three transitions each) and `--running` instances waiting in
 its states, starts `phasm serve` on it, and requests each console page and list query
 `--times` times, printing the median and slowest answer of each.
 
@@ -60,8 +60,9 @@ def fill(path: str, ended: int, running: int, now: int) -> None:
                                       ended_at, error)
                SELECT printf('job-%07d', i), 'Job',
                       CASE WHEN i % 50 = 0 THEN 'failed' ELSE 'completed' END, '{}',
-                      ? - 30 * ? + i * (30 * ? / ?), ? - 30 * ? + i * (30 * ? / ?) + 1000000,
-                      ? - 30 * ? + i * (30 * ? / ?) + 1000000,
+                      ? - 30 * ? + i * (30 * ? / ?),
+                      ? - 30 * ? + i * (30 * ? / ?) + 1000000 + (i * 7919 % 600000) * 1000,
+                      ? - 30 * ? + i * (30 * ? / ?) + 1000000 + (i * 7919 % 600000) * 1000,
                       CASE WHEN i % 50 = 0 THEN 'action `Go` failed: error ' || (i % 7) END
                FROM n""",
             (ended, now, DAY, DAY, ended, now, DAY, DAY, ended, now, DAY, DAY, ended),
@@ -139,6 +140,10 @@ def main() -> None:
                 except OSError:
                     time.sleep(0.1)
             day_ago = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - 86_400))
+            middle = sqlite3.connect(args.db).execute(
+                "SELECT h.id FROM history h JOIN instances i ON i.id = h.instance_id"
+                " WHERE i.name = 'job-0500000' ORDER BY h.id LIMIT 1 OFFSET 1"
+            ).fetchone()[0]
             pages = [
                 "/",
                 "/machines/Job",
@@ -151,7 +156,13 @@ def main() -> None:
                 "/instances?machine=Job&state=b&stuck=1h",
                 f"/instances?order=ended&ended_after={day_ago}",
                 "/instances?cursor=job-0500000",
+                "/instances?order=oldest",
+                "/instances?order=duration&machine=Job",
+                "/instances?order=duration&machine=Job&cursor=job-0500000",
                 "/instances/job-0500000",
+                "/instances/job-0500000/history",
+                f"/instances/job-0500000/steps/{middle}",
+                "/api/openapi.json",
                 "/workers",
                 "/queues",
             ]

@@ -152,15 +152,23 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
             "i.ended_at DESC, i.id DESC"
         }
         ListOrder::Duration => {
+            // SQLite keeps the duration as a virtual column (see its schema); PostgreSQL
+            // indexes the expression.
+            let (duration, of_cursor) = match dialect {
+                Dialect::Sqlite => ("i.duration", "duration"),
+                Dialect::Postgres => ("(i.ended_at - i.created_at)", "ended_at - created_at"),
+            };
             conditions.push("i.ended_at IS NOT NULL AND i.status <> 'running'".to_string());
             if let Some(c) = &filter.before {
                 conditions.push(format!(
-                    "(i.ended_at - i.created_at, i.id) < \
-                     (SELECT ended_at - created_at, id FROM instances WHERE name = {})",
+                    "({duration}, i.id) < (SELECT {of_cursor}, id FROM instances WHERE name = {})",
                     b.text(c)
                 ));
             }
-            "i.ended_at - i.created_at DESC, i.id DESC"
+            match dialect {
+                Dialect::Sqlite => "i.duration DESC, i.id DESC",
+                Dialect::Postgres => "(i.ended_at - i.created_at) DESC, i.id DESC",
+            }
         }
         ListOrder::Oldest => {
             if let Some(c) = &filter.before {

@@ -1023,7 +1023,8 @@ pub enum ListOrder {
     Created,
     /// Most recently ended first; only instances that ended.
     Ended,
-    /// Longest first (from creation to end); only instances that ended.
+    /// Longest first (from creation to end); only instances that ended. Read through an
+    /// index with [`ListFilter::machine`] (the API and console ask for one).
     Duration,
     /// Oldest first (a running instance's age is its duration so far).
     Oldest,
