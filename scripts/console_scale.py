@@ -157,7 +157,7 @@ def main() -> None:
                 f"/instances?order=ended&ended_after={day_ago}",
                 "/instances?cursor=job-0500000",
                 "/instances?order=oldest",
-                "/instances?order=duration&machine=Job",
+                "/instances?order=duration",
                 "/instances?order=duration&machine=Job&cursor=job-0500000",
                 "/instances/job-0500000",
                 "/instances/job-0500000/history",

@@ -136,7 +136,7 @@ fn filters(state: &ServerState, p: &ListParams) -> Markup {
                 option value="created" selected[chosen == "created"] { "newest first" }
                 option value="oldest" selected[chosen == "oldest"] { "oldest first" }
                 option value="ended" selected[chosen == "ended"] { "ended last first" }
-                option value="duration" selected[chosen == "duration"] { "longest first (ended; of a machine)" }
+                option value="duration" selected[chosen == "duration"] { "longest first (of the 10,000 ended last)" }
             } } " "
             button { "Filter" } " "
             a href="/instances" { "Clear" }

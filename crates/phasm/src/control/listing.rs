@@ -37,7 +37,7 @@ pub struct ListParams {
     /// Ended before this time.
     pub ended_before: Option<String>,
     /// `created` (newest first, the default), `oldest` (oldest first), `ended` (most recently
-    /// ended first) or `duration` (longest first; one machine's ended instances).
+    /// ended first) or `duration` (longest first, among the 10,000 that ended last).
     pub order: Option<String>,
     /// At most this many (default 50, at most [`MAX_PAGE`]).
     pub limit: Option<usize>,
@@ -134,12 +134,6 @@ impl ListParams {
         let order = match given(&self.order).as_deref() {
             None | Some("created") => ListOrder::Created,
             Some("ended") => ListOrder::Ended,
-            Some("duration") if given(&self.machine).is_none() => {
-                return Err(
-                    "order `duration` lists one machine's ended instances, longest first: give `machine`"
-                        .into(),
-                )
-            }
             Some("duration") => ListOrder::Duration,
             Some("oldest") => ListOrder::Oldest,
             Some(other) => {

@@ -5,6 +5,9 @@
 
 use super::{InstanceStatus, ListFilter, ListOrder};
 
+/// [`ListOrder::Duration`] sorts at most this many instances: those that ended last.
+pub const DURATION_WINDOW: usize = 10_000;
+
 /// The SQL spellings of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Dialect {
@@ -152,23 +155,35 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
             "i.ended_at DESC, i.id DESC"
         }
         ListOrder::Duration => {
-            // SQLite keeps the duration as a virtual column (see its schema); PostgreSQL
-            // indexes the expression.
-            let (duration, of_cursor) = match dialect {
-                Dialect::Sqlite => ("i.duration", "duration"),
-                Dialect::Postgres => ("(i.ended_at - i.created_at)", "ended_at - created_at"),
-            };
-            conditions.push("i.ended_at IS NOT NULL AND i.status <> 'running'".to_string());
+            // Sorted among the machine's DURATION_WINDOW instances that ended last (within
+            // the ended range): bounded reading through the index of ended instances, and no
+            // index of durations for every ending to write.
+            let mut window = vec![
+                "w.status <> 'running'".to_string(),
+                "w.ended_at IS NOT NULL".to_string(),
+            ];
+            if let Some(m) = &filter.machine {
+                window.push(format!("w.machine = {}", b.text(m)));
+            }
+            if let Some(t) = filter.ended_after {
+                window.push(format!("w.ended_at >= {}", b.int(t)));
+            }
+            if let Some(t) = filter.ended_before {
+                window.push(format!("w.ended_at < {}", b.int(t)));
+            }
+            let size = b.int(i64::try_from(DURATION_WINDOW).unwrap_or(i64::MAX));
+            conditions.push(format!(
+                "i.id IN (SELECT w.id FROM instances w WHERE {} ORDER BY w.ended_at DESC LIMIT {size})",
+                window.join(" AND ")
+            ));
             if let Some(c) = &filter.before {
                 conditions.push(format!(
-                    "({duration}, i.id) < (SELECT {of_cursor}, id FROM instances WHERE name = {})",
+                    "(i.ended_at - i.created_at, i.id) < \
+                     (SELECT ended_at - created_at, id FROM instances WHERE name = {})",
                     b.text(c)
                 ));
             }
-            match dialect {
-                Dialect::Sqlite => "i.duration DESC, i.id DESC",
-                Dialect::Postgres => "(i.ended_at - i.created_at) DESC, i.id DESC",
-            }
+            "i.ended_at - i.created_at DESC, i.id DESC"
         }
         ListOrder::Oldest => {
             if let Some(c) = &filter.before {

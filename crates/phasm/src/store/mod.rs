@@ -34,6 +34,7 @@ use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task};
 #[cfg(feature = "postgres")]
 pub use postgres::{PostgresOptions, PostgresStore};
 
+pub use listing::DURATION_WINDOW;
 pub use sqlite::{Access, SqliteOptions, SqliteStore, Synchronous, Threads};
 
 /// Where an instance is in its life.
@@ -1023,8 +1024,9 @@ pub enum ListOrder {
     Created,
     /// Most recently ended first; only instances that ended.
     Ended,
-    /// Longest first (from creation to end); only instances that ended. Read through an
-    /// index with [`ListFilter::machine`] (the API and console ask for one).
+    /// Longest first (from creation to end), among the [`DURATION_WINDOW`] instances that
+    /// ended last (of [`ListFilter::machine`], in the ended range when given): bounded
+    /// reading, and no index of durations for every ending to write.
     Duration,
     /// Oldest first (a running instance's age is its duration so far).
     Oldest,

@@ -183,10 +183,6 @@ ALTER TABLE workers ADD COLUMN about TEXT;
 -- context before and after, and a reset runs a chosen step again from exactly that context.
 ALTER TABLE history ADD COLUMN context TEXT;
 ALTER TABLE history ADD COLUMN step BIGINT;
--- The instance list sorted by duration (longest first): one machine's ended instances (one
--- index, written once per ended instance).
-CREATE INDEX instances_by_machine_duration ON instances (machine, (ended_at - created_at), id)
-    WHERE status <> 'running';
 ",
 ];
 

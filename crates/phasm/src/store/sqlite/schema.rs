@@ -183,13 +183,6 @@ ALTER TABLE workers ADD COLUMN about TEXT;
 -- context before and after, and a reset runs a chosen step again from exactly that context.
 ALTER TABLE history ADD COLUMN context TEXT;
 ALTER TABLE history ADD COLUMN step INTEGER;
--- The instance list sorted by duration (longest first): one machine's ended instances (one
--- index, written once per ended instance). A virtual column (computed when read, nothing
--- stored) so that the list's cursor, a row value `(duration, id) < (…)`, is a range of the
--- index (SQLite does not range-scan row values over an expression).
-ALTER TABLE instances ADD COLUMN duration INTEGER GENERATED ALWAYS AS (ended_at - created_at) VIRTUAL;
-CREATE INDEX instances_by_machine_duration ON instances (machine, duration, id)
-    WHERE status <> 'running';
 ",
 ];
 
