@@ -90,9 +90,19 @@ fn live_part(
                     tr {
                         td { (t.from.as_deref().unwrap_or("start")) }
                         td { (t.event) }
-                        td { (t.status) }
-                        td { (t.attempts) }
-                        td { (time(t.due_at)) }
+                        @match &t.leased_by {
+                            // A held task's due time is its lease's end.
+                            Some(worker) => {
+                                td { "running on " (worker) }
+                                td { (t.attempts) }
+                                td { "lease until " (time(t.due_at)) }
+                            }
+                            None => {
+                                td { (t.status) }
+                                td { (t.attempts) }
+                                td { (time(t.due_at)) }
+                            }
+                        }
                         td class="err" { (why) }
                     }
                 }

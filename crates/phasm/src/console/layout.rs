@@ -15,7 +15,7 @@ header a{color:#fff;text-decoration:none}header a:focus,header a:hover{text-deco
 main{padding:1rem 1.2rem}\
 table{border-collapse:collapse;width:100%;font-size:.9rem;margin:.4rem 0 1rem}\
 td,th{border-bottom:1px solid var(--line);padding:.3rem .5rem;text-align:left;vertical-align:top}\
-caption{text-align:left;font-weight:600;padding:.3rem 0}\
+caption{text-align:left;font-weight:600;padding:.3rem 0}caption .muted{font-weight:400}\
 .s-running{color:#3b82f6}.s-completed{color:#16a34a}.s-failed{color:#dc2626}.s-halted,.s-cancelled{color:#6b7280}\
 pre,textarea{background:var(--soft);padding:.6rem;overflow:auto;max-height:24rem;font-family:ui-monospace,monospace}\
 #log,#step-log{white-space:pre-wrap}\
