@@ -30,7 +30,6 @@ use crate::engine::Context;
         (status = 202, description = "Taken by waiting branches, or kept for the next wait", body = serde_json::Value),
         (status = 200, description = "This `id` was accepted before: nothing done again", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name (or no wait for that token)", body = ErrorBody),
         (status = 409, description = "The instance cannot take it: it ended, or no waiting state of its machine accepts the event", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),

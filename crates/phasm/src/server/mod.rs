@@ -155,7 +155,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .layer(middleware::from_fn(guard::json_writes))
         .layer(middleware::from_fn(json_errors));
     let health = OpenApiRouter::new().routes(routes!(healthz));
-    let (api, document) = api.merge(waits).merge(health).split_for_parts();
+    let (api, mut document) = api.merge(waits).merge(health).split_for_parts();
+    openapi::add_token_errors(&mut document);
     let document = openapi::Document(
         document
             .to_json()
@@ -398,7 +399,6 @@ pub fn install_metrics() -> Result<metrics_exporter_prometheus::PrometheusHandle
     tag = "operations",
     responses(
         (status = 200, description = "Prometheus text: step counters and durations, and pending work per queue", content_type = "text/plain", body = String),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "Metrics are not enabled in this server", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
@@ -440,7 +440,6 @@ async fn prometheus(State(state): State<Arc<ServerState>>) -> Response {
     tag = "machines",
     responses(
         (status = 200, description = "The machines, with their states and initial state", body = serde_json::Value),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
     )
 )]
 async fn machines(State(state): State<Arc<ServerState>>) -> Response {
@@ -467,7 +466,6 @@ async fn machines(State(state): State<Arc<ServerState>>) -> Response {
     params(("machine" = String, Path, description = "The machine's name")),
     responses(
         (status = 200, description = "The machine drawn as SVG", content_type = "image/svg+xml", body = String),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No machine of that name", body = ErrorBody),
     )
 )]
@@ -499,7 +497,6 @@ async fn graph(State(state): State<Arc<ServerState>>, Path(machine): Path<String
         (status = 201, description = "Started: `{\"instance\": NAME, \"created\": true}`", body = serde_json::Value),
         (status = 200, description = "An instance of that name existed: nothing changed (`created: false`, its `status`)", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No machine of that name", body = ErrorBody),
         (status = 409, description = "The name is taken by an instance of another machine", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
@@ -589,7 +586,6 @@ async fn start(
     responses(
         (status = 201, description = "Every context started (or existed): `{\"instances\": [NAME, ...], \"created\": N}`", body = serde_json::Value),
         (status = 400, description = "A bad body, or `contexts[i]` is bad (the message names it); nothing was started", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No machine of that name", body = ErrorBody),
         (status = 413, description = "Over 10,000 contexts, or the body is too large", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
@@ -720,7 +716,6 @@ fn page_request(query: &PageQuery) -> Result<crate::store::PageRequest, String> 
     responses(
         (status = 200, description = "`{\"history\": [steps, oldest first], \"next_cursor\": C}`; each step has an `id` for its full view", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
@@ -756,7 +751,6 @@ async fn history_page(
     responses(
         (status = 200, description = "`{\"logs\": [lines, oldest first], \"next_cursor\": C}`", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
@@ -820,7 +814,6 @@ fn page_response<T>(
     responses(
         (status = 200, description = "A page of instances, newest first (or most recently ended first), and `next_cursor`", body = serde_json::Value),
         (status = 400, description = "A bad filter, order, limit or cursor (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
 )]
@@ -878,7 +871,6 @@ fn check_name(name: &str) -> Option<Response> {
     tag = "operations",
     responses(
         (status = 200, description = "`{\"workers\": [alive], \"gone\": [stopped answering in the last day]}`", body = serde_json::Value),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
 )]
@@ -905,7 +897,6 @@ async fn workers(State(state): State<Arc<ServerState>>) -> Response {
     tag = "operations",
     responses(
         (status = 200, description = "`{\"queues\": [...], \"parked\": N}`: due, scheduled, running, oldest due, and limits per queue", body = serde_json::Value),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
 )]
@@ -926,7 +917,6 @@ async fn queues(State(state): State<Arc<ServerState>>) -> Response {
     tag = "operations",
     responses(
         (status = 200, description = "`{\"schedules\": [...]}`: each with its next and last tick", body = serde_json::Value),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
 )]
@@ -951,7 +941,6 @@ async fn schedules(State(state): State<Arc<ServerState>>) -> Response {
     responses(
         (status = 200, description = "The instance: status, contexts, branches, latest history, pending steps, waits, children", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
@@ -1009,7 +998,6 @@ struct CancelBody {
     responses(
         (status = 200, description = "Cancelled: `{\"instance\": NAME, \"status\": \"cancelled\"}`", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name", body = ErrorBody),
         (status = 409, description = "The instance has ended", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
@@ -1061,7 +1049,6 @@ async fn cancel(
     responses(
         (status = 200, description = "Running again from its failed step: `{\"instance\": NAME, \"status\": \"running\"}`", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name", body = ErrorBody),
         (status = 409, description = "The instance has not failed", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),

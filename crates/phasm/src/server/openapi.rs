@@ -86,6 +86,42 @@ pub(super) struct EventBody {
     id: Option<String>,
 }
 
+/// Adds the token's answer (401) to every operation the token protects — `/api` but
+/// `/api/waits`, and `/metrics`, the paths `authorize` guards — so no handler repeats it.
+pub(super) fn add_token_errors(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{schema::Ref, ContentBuilder, RefOr, ResponseBuilder};
+    let unauthorized = ResponseBuilder::new()
+        .description("A token is required and was missing or wrong")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build();
+    for (path, item) in &mut openapi.paths.paths {
+        let guarded =
+            (path.starts_with("/api/") && !path.starts_with("/api/waits/")) || path == "/metrics";
+        if !guarded {
+            continue;
+        }
+        for operation in [
+            &mut item.get,
+            &mut item.post,
+            &mut item.put,
+            &mut item.delete,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            operation
+                .responses
+                .responses
+                .insert("401".into(), RefOr::T(unauthorized.clone()));
+        }
+    }
+}
+
 /// The generated document, as JSON text, for [`openapi_json`].
 #[derive(Clone)]
 pub(super) struct Document(pub(super) Arc<str>);
@@ -97,7 +133,6 @@ pub(super) struct Document(pub(super) Arc<str>);
     tag = "operations",
     responses(
         (status = 200, description = "The OpenAPI 3.1 document of this API", body = serde_json::Value),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
     )
 )]
 pub(super) async fn openapi_json(Extension(doc): Extension<Document>) -> Response {

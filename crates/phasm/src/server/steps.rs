@@ -23,7 +23,6 @@ use crate::control::ResetError;
     responses(
         (status = 200, description = "The step: its transition, the context it was given, what it passed on (`passed_on.to`: `step`, `pending` or `nothing`), its task's log lines", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name, or no such step of it", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
@@ -72,7 +71,6 @@ pub(super) struct ResetBody {
     responses(
         (status = 200, description = "Running again from the step: `{\"instance\": NAME, \"status\": \"running\", \"note\": ...}`", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
-        (status = 401, description = "A token is required and was missing or wrong", body = ErrorBody),
         (status = 404, description = "No instance of that name, or no such step of it", body = ErrorBody),
         (status = 409, description = "That step cannot run again: on a forked branch, a join, or its machine changed", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),

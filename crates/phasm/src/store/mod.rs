@@ -1307,7 +1307,9 @@ pub trait AdminStore: Send + Sync + std::fmt::Debug {
     /// Run an instance again from a step of its history (Temporal's reset), whatever its
     /// status: in one transaction its pending work (the tasks of every branch, and branches
     /// parked at fan-ins) is dropped, it is running again with no error or result, `note` is
-    /// logged, and `task` (that step again, built by `control::reset`) is queued. A worker
+    /// logged, and `task` (that step again, built by `control::reset`) is queued. History
+    /// keeps the earlier run's steps; the instance's branch counts and end states are of the
+    /// run since the reset. A worker
     /// running one of the dropped tasks cannot commit it (the fence). Instances it spawned,
     /// and events queued for it, are kept.
     async fn reset(

@@ -115,12 +115,16 @@ pub async fn a_reset_drops_pending_work_and_queues_the_step_again(store: &dyn St
     start(store, "r", T0).await;
     let first = store.claim(T0, &request(1)).await.unwrap().remove(0);
     let mut c = commit(&first);
+    // (As if the step had also ended a branch: the run's branch counts say so until a reset.)
+    c.history[0].ends_branch = true;
     c.new_tasks.push(new_task("r--a", Some("a"), T0));
     let mut other = new_task("r--b", Some("a"), T0);
     other.branch = "f1-1".into();
     c.new_tasks.push(other);
     assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
     let held = store.claim(T0 + SEC, &request(1)).await.unwrap().remove(0);
+    let before = store.instance("r").await.unwrap().unwrap();
+    assert_eq!(before.branches.ended, 1);
 
     let mut again = new_task("r--again", Some("a"), T0 + 2 * SEC);
     again.context = ctx(7);
@@ -133,6 +137,12 @@ pub async fn a_reset_drops_pending_work_and_queues_the_step_again(store: &dyn St
     assert_eq!(view.status, InstanceStatus::Running);
     let names: Vec<&str> = view.tasks.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["r--again"], "only the step run again is pending");
+    assert_eq!(view.history_total, 1, "history keeps the earlier run");
+    assert_eq!(
+        view.branches.ended, 0,
+        "branch counts are of the run since the reset"
+    );
+    assert!(view.end_states.is_empty(), "{:?}", view.end_states);
     assert_eq!(
         apply_one(store, T0 + 3 * SEC, commit(&held)).await,
         Applied::Fenced,

@@ -72,15 +72,12 @@ pub(super) async fn reset(
     let Some((id, _)) = lock_instance_by_name(&tx, name).await? else {
         return Ok(Control::NotFound);
     };
-    tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&id])
-        .await
-        .map_err(pg)?;
-    tx.execute("DELETE FROM items WHERE instance_id = $1", &[&id])
-        .await
-        .map_err(pg)?;
+    drop_pending(&tx, id).await?;
     tx.execute(
         "UPDATE instances SET status = 'running', error = NULL, result = NULL, ended_at = NULL,
-                              updated_at = $2
+                              updated_at = $2,
+                              reset_after = (SELECT COALESCE(MAX(id), 0) FROM history
+                                             WHERE instance_id = $1)
          WHERE id = $1",
         &[&id, &now],
     )
@@ -115,12 +112,7 @@ pub(super) async fn cancel(
     if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
         return Ok(Control::NotAllowed(status));
     }
-    tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&id])
-        .await
-        .map_err(pg)?;
-    tx.execute("DELETE FROM items WHERE instance_id = $1", &[&id])
-        .await
-        .map_err(pg)?;
+    drop_pending(&tx, id).await?;
     end_instance(&tx, id, InstanceStatus::Cancelled, reason, now).await?;
     tx.commit().await.map_err(pg)?;
     Ok(Control::Done)

@@ -479,12 +479,7 @@ pub(super) async fn apply_one(
             .map_err(pg)?;
         }
         InstanceWrite::Halt(reason) => {
-            tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&instance_id])
-                .await
-                .map_err(pg)?;
-            tx.execute("DELETE FROM items WHERE instance_id = $1", &[&instance_id])
-                .await
-                .map_err(pg)?;
+            drop_pending(&tx, instance_id).await?;
             end_instance(&tx, instance_id, InstanceStatus::Halted, Some(reason), now).await?;
         }
         InstanceWrite::Fail(error) => {
@@ -590,6 +585,17 @@ async fn fence(
         given: r.get(2),
         step: r.get(3),
     }))
+}
+
+/// Drop an instance's pending work: its tasks (of every branch) and its parked branches.
+pub(super) async fn drop_pending(tx: &Transaction<'_>, instance_id: i64) -> StoreResult<()> {
+    tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&instance_id])
+        .await
+        .map_err(pg)?;
+    tx.execute("DELETE FROM items WHERE instance_id = $1", &[&instance_id])
+        .await
+        .map_err(pg)?;
+    Ok(())
 }
 
 pub(super) async fn end_instance(

@@ -104,7 +104,8 @@ pub(super) async fn instance(
                (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'ready'
                   AND (kind NOT IN ('join', 'wait') OR lease_owner IS NOT NULL)),
                (SELECT COUNT(*) FROM items WHERE instance_id = $1),
-               (SELECT COUNT(*) FROM history WHERE instance_id = $1 AND ends_branch),
+               (SELECT COUNT(*) FROM history WHERE instance_id = $1 AND ends_branch
+                  AND id > (SELECT reset_after FROM instances WHERE id = $1)),
                (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'failed'),
                (SELECT COUNT(*) FROM tasks WHERE instance_id = $1 AND status = 'held'),
                (SELECT COUNT(*) FROM history WHERE instance_id = $1),
@@ -119,6 +120,7 @@ pub(super) async fn instance(
     let end_states = client
         .query(
             "SELECT to_state FROM history WHERE instance_id = $1 AND ends_branch
+               AND id > (SELECT reset_after FROM instances WHERE id = $1)
              GROUP BY to_state ORDER BY MAX(id)",
             &[&id],
         )

@@ -88,7 +88,9 @@ pub(super) fn reset(
     drop_pending(tx, id).map_err(db)?;
     tx.execute(
         "UPDATE instances SET status = 'running', error = NULL, result = NULL, ended_at = NULL,
-                              updated_at = ?2
+                              updated_at = ?2,
+                              reset_after = (SELECT COALESCE(MAX(id), 0) FROM history
+                                             WHERE instance_id = ?1)
          WHERE id = ?1",
         params![id, now],
     )

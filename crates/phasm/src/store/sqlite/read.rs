@@ -167,7 +167,10 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
             + count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'join' AND lease_owner IS NOT NULL")?,
         held: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'held'")?,
         parked: count("SELECT COUNT(*) FROM items WHERE instance_id = ?1")?,
-        ended: count("SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1")?,
+        ended: count(
+            "SELECT COUNT(*) FROM history WHERE instance_id = ?1 AND ends_branch = 1
+               AND id > (SELECT reset_after FROM instances WHERE id = ?1)",
+        )?,
         failed: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'failed'")?,
         waiting: count("SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready' AND kind = 'wait' AND lease_owner IS NULL")?,
     };
@@ -178,6 +181,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
     let end_states = tx
         .prepare_cached(
             "SELECT to_state FROM history WHERE instance_id = ?1 AND ends_branch = 1
+               AND id > (SELECT reset_after FROM instances WHERE id = ?1)
              GROUP BY to_state ORDER BY MAX(id)",
         )
         .map_err(db)?

@@ -183,6 +183,9 @@ ALTER TABLE workers ADD COLUMN about TEXT;
 -- context before and after, and a reset runs a chosen step again from exactly that context.
 ALTER TABLE history ADD COLUMN context TEXT;
 ALTER TABLE history ADD COLUMN step INTEGER;
+-- A reset runs an instance again: the history rows up to this id belong to its earlier runs,
+-- so its branch counts and end states are of the run since.
+ALTER TABLE instances ADD COLUMN reset_after INTEGER NOT NULL DEFAULT 0;
 ",
 ];
 
