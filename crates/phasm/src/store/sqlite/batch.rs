@@ -177,14 +177,19 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         tx: &Transaction<'_>,
         f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
     ) -> StoreResult<T> {
-        tx.execute_batch("SAVEPOINT request").map_err(db)?;
-        let result = f(tx);
-        let end = if result.is_ok() {
-            "RELEASE request"
-        } else {
-            "ROLLBACK TO request; RELEASE request"
+        // Cached statements: these run around every request of every batch.
+        let run = |sql: &str| -> StoreResult<()> {
+            tx.prepare_cached(sql)
+                .and_then(|mut s| s.execute([]))
+                .map(drop)
+                .map_err(db)
         };
-        tx.execute_batch(end).map_err(db)?;
+        run("SAVEPOINT request")?;
+        let result = f(tx);
+        if result.is_err() {
+            run("ROLLBACK TO request")?;
+        }
+        run("RELEASE request")?;
         result
     }
     match request {

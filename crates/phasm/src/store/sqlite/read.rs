@@ -56,12 +56,10 @@ fn worker_rows(tx: &Transaction<'_>, sql: &str, now: Micros) -> StoreResult<Vec<
 }
 
 pub(super) fn next_due(tx: &Transaction<'_>) -> StoreResult<Option<Micros>> {
-    tx.query_row(
-        "SELECT MIN(due_at) FROM tasks WHERE status = 'ready' AND due_at < ?1",
-        [crate::engine::NEVER],
-        |r| r.get(0),
-    )
-    .map_err(db)
+    tx.prepare_cached("SELECT MIN(due_at) FROM tasks WHERE status = 'ready' AND due_at < ?1")
+        .map_err(db)?
+        .query_row([crate::engine::NEVER], |r| r.get(0))
+        .map_err(db)
 }
 
 pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceView>> {
