@@ -179,8 +179,8 @@ pub(crate) async fn step(
             }
         }
         h2 { "Run again from this step" }
-        @if !h.branch.is_empty() {
-            p class="muted" { "This step ran on a forked branch: a reset runs the instance again from a step of its main line (the fork, or a step before it)." }
+        @if !crate::control::is_whole_line(&h.branch) {
+            p class="muted" { "This step ran on a forked branch: a reset runs the instance again from a step of the line the whole instance runs on (the step that forked this branch, one before it, or one after the branches were joined)." }
         } @else if detail.given.is_none() {
             p class="muted" { "This step's input was not kept, so it cannot run again." }
         } @else {
@@ -188,7 +188,8 @@ pub(crate) async fn step(
                 input type="hidden" name="step" value=(h.id);
                 p {
                     "The instance's pending work (every branch, and branches parked at fan-ins) is dropped, "
-                    "and this step runs again with the context it was given. Instances it spawned and events kept for it stay."
+                    "and this step runs again with the context it was given. Instances it spawned and events kept for it stay. "
+                    "Refused if other branches were in flight when this step ran (they would be lost)."
                 }
                 label { input type="checkbox" name="confirm" value="yes" required; " I understand: drop the pending work and run from here" }
                 " " button id="reset-button" { "Run again from step #" (h.id) }

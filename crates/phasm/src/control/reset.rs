@@ -4,7 +4,7 @@
 use crate::clock::Clock;
 use crate::engine::{self, task_name, NewTask, TaskKind, PSEUDO_FINAL, PSEUDO_INIT};
 use crate::machine::{Config, Machine};
-use crate::store::{Control, Store, StoreError};
+use crate::store::{Control, HistoryRow, Store, StoreError};
 
 /// Why an instance was not reset.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,17 @@ pub enum ResetError {
         step: i64,
         /// Its branch.
         branch: String,
+    },
+    /// Other branches were in flight alongside the step: running again from it would drop
+    /// them (a fan-in would then join fewer branches than the run had).
+    #[error("step {step} of `{instance}` ran while other branches were in flight ({branches}); running again from it would drop them: choose a step before they were forked, or after they were joined")]
+    Alongside {
+        /// The instance.
+        instance: String,
+        /// The step.
+        step: i64,
+        /// Some of the branches, named.
+        branches: String,
     },
     /// The step's input was not kept: a join (its input is the parked branches), or a step
     /// recorded before history kept contexts.
@@ -87,7 +98,7 @@ pub async fn reset(
         };
     };
     let row = &detail.row;
-    if !row.branch.is_empty() {
+    if !is_whole_line(&row.branch) {
         return Err(ResetError::OnBranch {
             instance: name.to_string(),
             step,
@@ -105,6 +116,25 @@ pub async fn reset(
         .instance(name)
         .await?
         .ok_or_else(|| ResetError::NotFound(name.to_string()))?;
+    let mut lines = Lines::default();
+    crate::store::for_each_transition(store, name, |h| lines.add(h)).await?;
+    let pending: Vec<&str> = view
+        .tasks
+        .iter()
+        .filter_map(|t| task_branch(&t.name))
+        .collect();
+    let alongside = lines.alongside(row, &pending);
+    if !alongside.is_empty() {
+        let mut named: Vec<&str> = alongside.iter().take(5).map(String::as_str).collect();
+        if alongside.len() > 5 {
+            named.push("…");
+        }
+        return Err(ResetError::Alongside {
+            instance: name.to_string(),
+            step,
+            branches: named.join(", "),
+        });
+    }
     let not_in_machine = |hint| ResetError::NotInMachine {
         instance: name.to_string(),
         step,
@@ -181,4 +211,172 @@ fn again(
         due_at: now,
         token: None,
     })
+}
+
+/// A line the whole instance runs on: the main line (`""`), or the line a join continues
+/// (`jN`); a reset can run again only from a step of one. A forked branch's name has a fork
+/// part (`f3-1`, `j7.f2-1`).
+pub fn is_whole_line(branch: &str) -> bool {
+    branch.is_empty() || (!branch.contains('.') && branch.starts_with('j'))
+}
+
+/// The branch of a task, from its name (`INSTANCE--branch-B--…`; `""` without).
+fn task_branch(task: &str) -> Option<&str> {
+    let (_, rest) = task.split_once("--branch-")?;
+    rest.split("--").next()
+}
+
+/// The parent of a forked branch and the step that forked it (`j7.f2-1` → (`j7`, 2)).
+fn forked_from(branch: &str) -> Option<(&str, u64)> {
+    let (parent, part) = match branch.rsplit_once('.') {
+        Some((parent, part)) => (parent, part),
+        None => ("", branch),
+    };
+    let step = part.strip_prefix('f')?.split('-').next()?.parse().ok()?;
+    Some((parent, step))
+}
+
+/// What history says of each branch, read once: enough to tell which branches were in flight
+/// when a step ran.
+#[derive(Debug, Default)]
+struct Lines {
+    /// Per branch: its rows as (id, state entered, ended its branch).
+    rows: std::collections::BTreeMap<String, Vec<(i64, String, bool)>>,
+    /// The joins: (id, fan-in state).
+    joins: Vec<(i64, String)>,
+}
+
+impl Lines {
+    fn add(&mut self, h: &HistoryRow) {
+        self.rows
+            .entry(h.branch.clone())
+            .or_default()
+            .push((h.id, h.to.clone(), h.ends_branch));
+        if h.event == engine::FAN_IN_EVENT {
+            self.joins.push((h.id, h.to.clone()));
+        }
+    }
+
+    /// The branches in flight alongside step `s` (other than its own line): started before it
+    /// and neither ended nor joined by then, or forked from its line before it; `pending`:
+    /// the branches of the pending steps (a forked branch may not have run yet).
+    fn alongside(&self, s: &HistoryRow, pending: &[&str]) -> Vec<String> {
+        // A branch `f{k}-…` is forked by its parent's step k - 1 (it begins as step k): before
+        // the step when k - 1 < its step, by the step itself when k - 1 = its step.
+        let step = s.step.unwrap_or(0);
+        let forked_before =
+            |b: &str| forked_from(b).is_some_and(|(parent, k)| parent == s.branch && k <= step);
+        let mut found = Vec::new();
+        for (branch, rows) in &self.rows {
+            if *branch == s.branch {
+                continue;
+            }
+            let before: Vec<_> = rows.iter().filter(|(id, _, _)| *id < s.id).collect();
+            let in_flight = match before.last() {
+                // Ran before the step: in flight unless it ended or was joined by then.
+                Some((last, state, ended)) => {
+                    let settled = *ended
+                        || self
+                            .joins
+                            .iter()
+                            .any(|(id, at)| at == state && *id > *last && *id < s.id);
+                    !settled || rows.len() > before.len()
+                }
+                // Ran only after: in flight if it was forked from the step's line before it.
+                None => forked_before(branch),
+            };
+            if in_flight {
+                found.push(branch.clone());
+            }
+        }
+        for b in pending {
+            if *b != s.branch && !self.rows.contains_key(*b) && forked_before(b) {
+                found.push((*b).to_string());
+            }
+        }
+        found.sort();
+        found.dedup();
+        found
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::HistoryEntry;
+
+    fn row(id: i64, branch: &str, step: u64, to: &str, event: &str, ends: bool) -> HistoryRow {
+        HistoryRow {
+            id,
+            step: Some(step),
+            entry: HistoryEntry {
+                from: None,
+                event: event.into(),
+                to: to.into(),
+                attempt: 0,
+                started_at: 0,
+                finished_at: 0,
+                task: String::new(),
+                branch: branch.into(),
+                ends_branch: ends,
+            },
+        }
+    }
+
+    /// The order demo: main forks two items at `split` (step 2), each branch and main pack
+    /// and park at `ship`, the join continues on `j9` to `done`.
+    fn forked() -> (Lines, Vec<HistoryRow>) {
+        let rows = vec![
+            row(1, "", 0, "received", "pseudo-init", false),
+            row(2, "", 1, "payment", "ok", false),
+            row(3, "", 2, "split", "paid", false),
+            row(4, "f3-1", 3, "pack", "item", false),
+            row(5, "f3-1", 3, "ship", "item", false),
+            row(6, "", 3, "pack", "item", false),
+            row(7, "", 3, "ship", "item", false),
+            row(8, "f3-2", 3, "pack", "item", false),
+            row(9, "f3-2", 3, "ship", "item", false),
+            row(10, "j9", 4, "ship", "fan-in", false),
+            row(11, "j9", 5, "done", "shipped", true),
+        ];
+        let mut lines = Lines::default();
+        rows.iter().for_each(|r| lines.add(r));
+        (lines, rows)
+    }
+
+    #[test]
+    fn a_reset_is_refused_while_other_branches_were_in_flight() {
+        let (lines, rows) = forked();
+        // Before the fork, and the fork itself: nothing else in flight.
+        for id in [1, 2, 3] {
+            assert!(lines.alongside(&rows[id - 1], &[]).is_empty(), "step {id}");
+        }
+        // The main line after the fork runs alongside its forked items.
+        assert_eq!(lines.alongside(&rows[5], &[]), ["f3-1", "f3-2"]);
+        // After the join, the join's line is alone again.
+        assert!(lines.alongside(&rows[10], &[]).is_empty());
+        // A fork still counting down (no history yet) counts too, but not one the step made.
+        let mut early = Lines::default();
+        rows[..3].iter().for_each(|r| early.add(r));
+        let after_split = row(6, "", 3, "pack", "item", false);
+        assert_eq!(early.alongside(&after_split, &["f3-1"]), ["f3-1"]);
+        assert!(
+            early.alongside(&rows[2], &["f3-1"]).is_empty(),
+            "forked by step 3 itself"
+        );
+    }
+
+    #[test]
+    fn lines_and_forks_are_read_from_branch_names() {
+        assert!(is_whole_line("") && is_whole_line("j48"));
+        assert!(!is_whole_line("f3-1") && !is_whole_line("j7.f2-1"));
+        assert_eq!(forked_from("f3-1"), Some(("", 3)));
+        assert_eq!(forked_from("j7.f2-10"), Some(("j7", 2)));
+        assert_eq!(forked_from("j7"), None);
+        assert_eq!(
+            task_branch("o1--branch-f3-1--split--item--pack--step-3"),
+            Some("f3-1")
+        );
+        assert_eq!(task_branch("o1--split--item--pack--step-3"), None);
+    }
 }

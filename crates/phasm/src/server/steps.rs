@@ -118,6 +118,7 @@ pub(crate) fn reset_status(e: &ResetError) -> StatusCode {
         ResetError::NotFound(_) | ResetError::NoStep { .. } => StatusCode::NOT_FOUND,
         ResetError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         ResetError::OnBranch { .. }
+        | ResetError::Alongside { .. }
         | ResetError::NoInput { .. }
         | ResetError::NotInMachine { .. } => StatusCode::CONFLICT,
     }

@@ -392,10 +392,103 @@ state_machines:
     assert_eq!(child.context["of"], 9);
 }
 
+/// A reset of a forked instance: from the step that forked (the branches are made again and
+/// joined again), not from a step that ran alongside the branches (they would be lost), nor
+/// from a branch's step or the join.
+async fn a_forked_instance_runs_again_only_from_a_step_that_ran_alone(store: Arc<dyn Store>) {
+    let yaml = r#"
+state_machines:
+- name: Order
+  states:
+  - name: split
+    initial: true
+    action: Split
+    transitions:
+    - event: item
+      to: pack
+  - name: pack
+    action: Pack
+    transitions:
+    - event: packed
+      to: ship
+  - name: ship
+    fan_in: all
+    action: Ship
+    final: true
+"#;
+    let joins = Arc::new(AtomicU64::new(0));
+    let mut r = Registry::new();
+    r.register_fn("Split", |cx| {
+        for item in ["lamp", "mug"] {
+            let mut d = Context::new();
+            d.insert("item".into(), json!(item));
+            cx.fork(d);
+        }
+        cx.put("item", "book")?;
+        Ok(Some("item".into()))
+    });
+    r.register_fn("Pack", |_| Ok(Some("packed".into())));
+    let j = Arc::clone(&joins);
+    r.register_fn("Ship", move |cx| {
+        j.fetch_add(1, Ordering::SeqCst);
+        cx.put("shipped", cx.contexts().len())?;
+        Ok(None)
+    });
+    let run = Immediate::with_store(load(yaml), r, Arc::clone(&store)).unwrap();
+    let view = run.run("Order", Context::new()).await.unwrap();
+    assert_eq!(view.status, InstanceStatus::Completed);
+    assert_eq!(view.current_context.as_ref().unwrap()["shipped"], 3);
+    let name = view.name.clone();
+    let step = |pick: &dyn Fn(&phasm::store::HistoryRow) -> bool| {
+        view.history
+            .iter()
+            .find(|h| pick(h))
+            .unwrap_or_else(|| panic!("{:?}", view.history))
+            .id
+    };
+    let forking = step(&|h| h.from.is_none());
+    let alongside = step(&|h| h.branch.is_empty() && h.to == "pack");
+    let on_branch = step(&|h| !h.branch.is_empty() && !h.branch.starts_with('j'));
+    let join = step(&|h| h.event == "fan-in");
+    // A branch's step that ran and arrived at the fan-in is one task with two rows: what it
+    // passed on went to the join, not to "the next row".
+    let branch_step = run.store().step(&name, on_branch).await.unwrap().unwrap();
+    assert_eq!(branch_step.passed_on, phasm::store::PassedOn::Nothing);
+    let config = load(yaml);
+    let reset = |id| phasm::control::reset(run.store(), &config, run.clock(), &name, id);
+    let refused = reset(alongside).await.unwrap_err();
+    assert!(
+        matches!(refused, phasm::control::ResetError::Alongside { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("f1-1"), "{refused}");
+    assert!(matches!(
+        reset(on_branch).await.unwrap_err(),
+        phasm::control::ResetError::OnBranch { .. }
+    ));
+    assert!(matches!(
+        reset(join).await.unwrap_err(),
+        phasm::control::ResetError::NoInput { .. }
+    ));
+    // From the fork: the branches are made again and joined again, once.
+    reset(forking).await.unwrap();
+    run.run_pending().await.unwrap();
+    let again = run.store().instance(&name).await.unwrap().unwrap();
+    assert_eq!(again.status, InstanceStatus::Completed, "{again:?}");
+    assert_eq!(again.current_context.as_ref().unwrap()["shipped"], 3);
+    assert_eq!(joins.load(Ordering::SeqCst), 2, "joined once per run");
+    assert_eq!(
+        again.branches.ended, 1,
+        "the new run's counts: {:?}",
+        again.branches
+    );
+}
+
 on_both_stores!(
     a_barrier_joins_once_when_every_branch_has_arrived,
     late_arrivals_open_the_next_window,
     built_in_list_pages_run_in_parallel_branches,
     exec_actions_page_fork_join_and_spawn,
     spawning_an_unknown_machine_fails_the_step,
+    a_forked_instance_runs_again_only_from_a_step_that_ran_alone,
 );

@@ -358,9 +358,12 @@ pub(super) async fn step(
     let given: Option<String> = found.get(11);
     let next = client
         .query_opt(
+            // The same task's other rows (a step that ran, then arrived at a fan-in) are
+            // this step, not the next.
             "SELECT id, context FROM history
-             WHERE instance_id = $1 AND id > $2 AND branch = $3 ORDER BY id LIMIT 1",
-            &[&instance, &step, &row.entry.branch],
+             WHERE instance_id = $1 AND id > $2 AND branch = $3 AND task <> $4
+             ORDER BY id LIMIT 1",
+            &[&instance, &step, &row.entry.branch, &row.entry.task],
         )
         .await
         .map_err(pg)?;

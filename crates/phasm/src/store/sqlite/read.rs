@@ -441,13 +441,17 @@ pub(super) fn step(
     };
     let next = tx
         .prepare_cached(
+            // The same task's other rows (a step that ran, then arrived at a fan-in) are
+            // this step, not the next.
             "SELECT id, context FROM history
-             WHERE instance_id = ?1 AND id > ?2 AND branch = ?3 ORDER BY id LIMIT 1",
+             WHERE instance_id = ?1 AND id > ?2 AND branch = ?3 AND task <> ?4
+             ORDER BY id LIMIT 1",
         )
         .map_err(db)?
-        .query_row(params![instance, step, row.entry.branch], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?))
-        })
+        .query_row(
+            params![instance, step, row.entry.branch, row.entry.task],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?)),
+        )
         .optional()
         .map_err(db)?;
     let passed_on = match next {
