@@ -194,6 +194,19 @@ ALTER TABLE instances ADD COLUMN reset_after INTEGER NOT NULL DEFAULT 0;
 /// its statements again (parsing was 12 % of a chain benchmark's CPU, its reads included).
 const STATEMENT_CACHE: usize = 128;
 
+/// Plans that do not depend on bound values (SQLite's query planner stability guarantee).
+/// Without it, SQLite prepares a statement again each time a value is bound to a parameter
+/// its planner looked at — every `LIMIT ?` (the claim's among them), and `= ?` moving to or
+/// from 0 and 1 — so a cached statement was parsed and planned again on nearly every use.
+/// phasm's statements spell out the conditions their partial indexes need, so no plan needs
+/// the values.
+fn stable_plans(conn: &Connection) -> rusqlite::Result<bool> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+}
+
 /// A second, read-only connection to a database file already opened (and migrated) by the
 /// writer; `None` for an in-memory database (another connection would see another database)
 /// or when it cannot be opened (the writer then serves reads too).
@@ -209,6 +222,7 @@ pub(super) fn open_reader(path: &Path) -> Option<Connection> {
     .ok()?;
     conn.busy_timeout(Duration::from_secs(10)).ok()?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    stable_plans(&conn).ok()?;
     conn.execute_batch("PRAGMA query_only = ON").ok()?;
     // Read once now: the connection opens the WAL and its index at its first read and keeps
     // them, so reads still work later when the process is out of file descriptors.
@@ -237,6 +251,7 @@ pub(super) fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResu
         .map_err(|e| StoreError::database(format!("cannot open `{}`: {e}", path.display())))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    stable_plans(&conn).map_err(db)?;
     // Look before touching anything: whose file is this, and which schema does it hold?
     let version = inspect(&conn, path)?;
     if options.access == Access::ReadOnly {
