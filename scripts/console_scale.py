@@ -139,7 +139,10 @@ def main() -> None:
                     break
                 except OSError:
                     time.sleep(0.1)
-            day_ago = time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - 86_400))
+            def days_ago(n: int) -> str:
+                return time.strftime("%Y-%m-%dT%H:%M", time.gmtime(time.time() - n * 86_400))
+
+            day_ago = days_ago(1)
             middle = sqlite3.connect(args.db).execute(
                 "SELECT h.id FROM history h JOIN instances i ON i.id = h.instance_id"
                 " WHERE i.name = 'job-0500000' ORDER BY h.id LIMIT 1 OFFSET 1"
@@ -157,6 +160,8 @@ def main() -> None:
                 f"/instances?order=ended&ended_after={day_ago}",
                 "/instances?cursor=job-0500000",
                 "/instances?order=oldest",
+                f"/instances?created_before={days_ago(20)}",
+                f"/instances?machine=Job&created_after={days_ago(21)}&created_before={days_ago(20)}",
                 "/instances?order=duration",
                 "/instances?order=duration&machine=Job&cursor=job-0500000",
                 "/instances/job-0500000",

@@ -133,6 +133,17 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
             }
             "i.name DESC"
         }
+        // With a created range, by creation time through its index (in id order, a range
+        // far in the past would walk every instance created since).
+        ListOrder::Created if filter.created_after.is_some() || filter.created_before.is_some() => {
+            if let Some(c) = &filter.before {
+                conditions.push(format!(
+                    "(i.created_at, i.id) < (SELECT created_at, id FROM instances WHERE name = {})",
+                    b.text(c)
+                ));
+            }
+            "i.created_at DESC, i.id DESC"
+        }
         ListOrder::Created => {
             if let Some(c) = &filter.before {
                 conditions.push(format!(

@@ -138,6 +138,22 @@ pub async fn the_instance_list_filters_orders_and_describes(store: &dyn Store) {
         .await,
         ["a-2"]
     );
+    // A created range lists newest first by creation time, paged by its cursor.
+    assert_eq!(
+        names(store, f(|f| f.created_before = Some(T0 + 30 * SEC))).await,
+        ["b-1", "a-2", "a-1"]
+    );
+    assert_eq!(
+        names(
+            store,
+            f(|f| {
+                f.created_before = Some(T0 + 30 * SEC);
+                f.before = Some("a-2".into());
+            })
+        )
+        .await,
+        ["a-1"]
+    );
     assert_eq!(
         names(store, f(|f| f.order = ListOrder::Ended)).await,
         ["a-2"]

@@ -186,6 +186,9 @@ ALTER TABLE history ADD COLUMN step BIGINT;
 -- A reset runs an instance again: the history rows up to this id belong to its earlier runs,
 -- so its branch counts and end states are of the run since.
 ALTER TABLE instances ADD COLUMN reset_after BIGINT NOT NULL DEFAULT 0;
+-- The instance list with a created range: newest first through this index, however many
+-- instances were created since (one entry per instance started).
+CREATE INDEX instances_by_created ON instances (created_at, id);
 ",
 ];
 
