@@ -1,6 +1,9 @@
-//! The HTTP API (`phasm serve`): JSON over HTTP for starting, inspecting, cancelling and
-//! retrying instances, plus the machines and their drawings, and the web console's pages
-//! ([`crate::console`]).
+//! The HTTP API (`phasm serve`): JSON over HTTP for starting, inspecting, cancelling,
+//! retrying and resetting instances, plus the machines and their drawings, and the web
+//! console's pages ([`crate::console`]). `GET /api/openapi.json` describes the API: each
+//! route is registered with its `#[utoipa::path]` description (`openapi`), so the document
+//! lists what the router serves. Modules: `auth` (the token), `guard` (hosts, forms, JSON
+//! writes), `listen` (the accept loop), `events` and `steps` (their endpoints), `openapi`.
 //!
 //! The router only calls the library ([`crate::control`], the [`Store`]); errors are JSON
 //! objects `{"error": MESSAGE}` with a 4xx status for bad requests, never a 500 for bad
