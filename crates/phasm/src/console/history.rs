@@ -121,8 +121,11 @@ fn context_block(id: &str, context: &crate::engine::Context) -> Markup {
 /// `GET /instances/{name}/steps/{id}`: one step in full.
 pub(crate) async fn step(
     State(state): State<Arc<ServerState>>,
-    Path((name, id)): Path<(String, i64)>,
+    Path((name, id)): Path<(String, String)>,
 ) -> Response {
+    let Some(id) = step_id(&id) else {
+        return not_a_step(&id);
+    };
     let detail = match state.store.step(&name, id).await {
         Ok(Some(d)) => d,
         Ok(None) => {
@@ -199,10 +202,24 @@ pub(crate) async fn step(
     page(&format!("Step {id} of {name}"), body).into_response()
 }
 
+/// A step's id as a page or form gives it.
+fn step_id(text: &str) -> Option<i64> {
+    text.trim().parse().ok()
+}
+
+fn not_a_step(text: &str) -> Response {
+    problem(
+        StatusCode::BAD_REQUEST,
+        "Not a step",
+        &format!("`{text}` is not a step's id: the history lists each step with its id."),
+    )
+}
+
 /// The reset form's fields.
 #[derive(Deserialize)]
 pub(crate) struct ResetForm {
-    step: i64,
+    #[serde(default)]
+    step: String,
     #[serde(default)]
     confirm: String,
 }
@@ -214,6 +231,9 @@ pub(crate) async fn reset(
     Path(name): Path<String>,
     axum::extract::Form(form): axum::extract::Form<ResetForm>,
 ) -> Response {
+    let Some(step) = step_id(&form.step) else {
+        return not_a_step(&form.step);
+    };
     if form.confirm != "yes" {
         return problem(
             StatusCode::BAD_REQUEST,
@@ -221,15 +241,7 @@ pub(crate) async fn reset(
             "Tick the confirmation: a reset drops the instance's pending work.",
         );
     }
-    match crate::control::reset(
-        &*state.store,
-        &state.config,
-        &*state.clock,
-        &name,
-        form.step,
-    )
-    .await
-    {
+    match crate::control::reset(&*state.store, &state.config, &*state.clock, &name, step).await {
         Ok(_) => Redirect::to(&format!("/instances/{}", seg(&name))).into_response(),
         Err(e) => problem(crate::server::reset_status(&e), "Not reset", &e.to_string()),
     }

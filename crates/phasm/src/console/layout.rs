@@ -66,6 +66,44 @@ pub(super) fn problem(status: StatusCode, title: &str, message: &str) -> Respons
     (status, page(title, body)).into_response()
 }
 
+/// Every error answer of a page is a page: axum's extractors answer a bad query string, form
+/// or path in plain text (or with no body); this turns those into the console's problem page,
+/// keeping the status and the `Allow` and `Retry-After` headers.
+pub(crate) async fn html_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use axum::http::header;
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if is_html || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let title = status.canonical_reason().unwrap_or("Error");
+    let message = if text.is_empty() {
+        title.to_string()
+    } else {
+        text
+    };
+    let mut answer = problem(status, title, &message);
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(value) = parts.headers.get(&name) {
+            answer.headers_mut().insert(name, value.clone());
+        }
+    }
+    answer
+}
+
 /// The key to a machine's drawing, under it.
 pub(super) fn legend(machine: &crate::machine::Machine, highlighted: bool) -> Markup {
     html! {

@@ -24,6 +24,7 @@ pub use crate::server::auth::TOKEN_COOKIE;
 pub(crate) use history::{history, reset, step};
 pub(crate) use instance::{cancel, instance, instance_graph, retry, send_event};
 pub(crate) use instances::{bulk, instances};
+pub(crate) use layout::html_errors;
 pub(crate) use login::{authorize_pages, login, login_form};
 pub(crate) use machines::{machine, machine_graph, machines, start};
 pub(crate) use operations::{queues, workers};

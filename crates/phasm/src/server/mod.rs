@@ -194,7 +194,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
             Arc::clone(&state),
             crate::console::authorize_pages,
         ))
-        .layer(middleware::from_fn(guard::same_origin_forms));
+        .layer(middleware::from_fn(guard::same_origin_forms))
+        .layer(middleware::from_fn(crate::console::html_errors));
     Router::new()
         .merge(
             Router::new()

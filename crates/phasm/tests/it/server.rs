@@ -1549,6 +1549,28 @@ async fn a_step_shows_its_contexts_and_a_reset_runs_the_instance_again_from_it()
     let (_, page) = call(&api, "GET", "/machines/Approve", None, None).await;
     assert!(page.contains("id=\"rates\""), "{page}");
 
+    // Bad ids are explained on a page, not answered with a bare rejection.
+    let (status, page) = call(&api, "GET", "/instances/r1/steps/abc", None, None).await;
+    assert_eq!(status, 400);
+    assert!(
+        page.contains("is not a step&#39;s id") || page.contains("is not a step's id"),
+        "{page}"
+    );
+    let bad = form_post(
+        &api,
+        "/instances/r1/reset",
+        SAME_ORIGIN,
+        "step=abc&confirm=yes",
+    )
+    .await;
+    assert!(
+        bad.starts_with("HTTP/1.1 400") && bad.contains("<html"),
+        "{bad}"
+    );
+    // So are the extractors' own rejections (a history cursor that is not a number).
+    let (status, page) = call(&api, "GET", "/instances/r1/history?cursor=abc", None, None).await;
+    assert_eq!(status, 400);
+    assert!(page.contains("<html") && page.contains("cursor"), "{page}");
     // A reset needs the confirmation, then runs the instance again from the chosen step.
     let unconfirmed = form_post(
         &api,
