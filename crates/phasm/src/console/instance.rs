@@ -12,7 +12,7 @@ use maud::{html, Markup, PreEscaped};
 use serde::Deserialize;
 
 use super::history::history_table;
-use super::layout::{instance_link, legend, page, problem, seg, status, time};
+use super::layout::{human_duration, instance_link, legend, page, problem, seg, status, time};
 use crate::server::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 
@@ -264,13 +264,36 @@ pub(crate) async fn instance(
         .ok()
         .flatten();
     let (logs, next_log) = log_page.map_or((Vec::new(), None), |p| (p.items, p.next));
+    // The states its branches are in now (of its first pending steps), as the list shows.
+    let machine = state.config.machine(&view.machine);
+    let mut here: Vec<String> = view
+        .tasks
+        .iter()
+        .map(|t| {
+            let step = crate::store::PendingStep {
+                from: t.from.clone(),
+                event: t.event.clone(),
+                waiting: view.is_wait(t),
+                queued_at: t.due_at,
+            };
+            crate::control::pending_state(machine, &step)
+        })
+        .filter(|s| !s.is_empty())
+        .collect();
+    here.sort();
+    here.dedup();
     let q = seg(&view.name);
     let body = html! {
         h1 { (view.name) }
-        p {
+        p id="header" {
             "machine " a href={ "/machines/" (seg(&view.machine)) } { (view.machine) }
             " · created " (time(view.created_at))
-            @if let Some(ended) = view.ended_at { " · ended " (time(ended)) }
+            @match view.ended_at {
+                Some(ended) => { " · ended " (time(ended)) " after " (human_duration(ended - view.created_at)) }
+                None => { " · running for " (human_duration(now - view.created_at)) }
+            }
+            " · " (view.history_total) " steps"
+            @if !here.is_empty() { " · now in " strong { (here.join(", ")) } }
             @if let Some(parent) = &view.parent { " · parent " (instance_link(parent)) }
         }
         p {

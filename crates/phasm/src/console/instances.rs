@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, PreEscaped};
 
-use super::layout::{instance_link, page, problem, seg, status, time};
+use super::layout::{human_duration, instance_link, page, problem, seg, status, time};
 use crate::control::{self, ListParams};
 use crate::server::ServerState;
 use crate::store::{Control, InstanceSummary, ListFilter};
@@ -167,22 +167,11 @@ fn table_rows(state: &ServerState, rows: &[InstanceSummary], now: i64) -> Markup
                 td { (in_state.unwrap_or_default()) }
                 td { (r.steps) }
                 td { (time(r.created_at)) }
-                td { (human(took)) @if r.ended_at.is_none() { " so far" } }
+                td { (human_duration(took)) @if r.ended_at.is_none() { " so far" } }
                 td { @if let Some(p) = &r.parent { (instance_link(p)) } }
                 td class="err" { (r.error.as_deref().unwrap_or("")) }
             }
         }
-    }
-}
-
-/// A duration in microseconds for people (`1.2 s`, `3 min`, `2 h 5 min`).
-fn human(micros: i64) -> String {
-    let ms = micros.max(0) / 1000;
-    match ms {
-        0..=999 => format!("{ms} ms"),
-        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
-        60_000..=3_599_999 => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000),
-        _ => format!("{} h {} min", ms / 3_600_000, ms % 3_600_000 / 60_000),
     }
 }
 
@@ -323,7 +312,7 @@ mod tests {
     #[test]
     fn the_status_filter_offers_every_status() {
         assert!(STATUSES.iter().all(|s| InstanceStatus::parse(s).is_some()));
-        assert_eq!(human(1_500_000), "1.5 s");
-        assert_eq!(human(3_725_000_000), "1 h 2 min");
+        assert_eq!(human_duration(1_500_000), "1.5 s");
+        assert_eq!(human_duration(3_725_000_000), "1 h 2 min");
     }
 }

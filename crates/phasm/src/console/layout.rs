@@ -143,6 +143,17 @@ pub(super) fn ago(at: Micros, now: Micros) -> String {
     }
 }
 
+/// A duration in microseconds for people (`1.2 s`, `3 min 4 s`, `2 h 5 min`).
+pub(super) fn human_duration(micros: i64) -> String {
+    let ms = micros.max(0) / 1000;
+    match ms {
+        0..=999 => format!("{ms} ms"),
+        1000..=59_999 => format!("{:.1} s", ms as f64 / 1000.0),
+        60_000..=3_599_999 => format!("{} min {} s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{} h {} min", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
 /// Escape a path segment or query value (instance and machine names are restricted, but be
 /// safe).
 pub(super) fn seg(text: &str) -> String {

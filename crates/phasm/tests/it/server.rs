@@ -1315,6 +1315,8 @@ async fn an_instance_page_sends_events_starts_again_and_draws_the_path() {
         "a waiting instance has a send form: {page}"
     );
     assert!(page.contains("<option>approved</option>"), "{page}");
+    assert!(page.contains("now in <strong>approval</strong>"), "{page}");
+    assert!(page.contains("running for "), "{page}");
     assert!(page.contains("download=\"w1.json\""), "{page}");
     assert!(page.contains("id=\"again\""), "{page}");
     // A bad event is explained, and nothing is sent.
@@ -1542,6 +1544,10 @@ async fn a_step_shows_its_contexts_and_a_reset_runs_the_instance_again_from_it()
     assert!(page.contains("id=\"reset\""), "{page}");
     let (_, page) = call(&api, "GET", "/instances/r1", None, None).await;
     assert!(page.contains("id=\"timeline\""), "{page}");
+    assert!(
+        page.contains(" steps") && page.contains(" after "),
+        "the header: {page}"
+    );
     assert!(
         page.contains(&format!("/instances/r1/steps/{}", ids[1])),
         "{page}"
