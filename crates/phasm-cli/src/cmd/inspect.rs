@@ -294,11 +294,11 @@ pub async fn queues(file: Option<&std::path::Path>, as_json: bool, args: &DbArgs
         Ok(s) => s,
         Err(code) => return code,
     };
-    let stats = match store.stats(SystemClock.now()).await {
-        Ok(s) => s,
-        Err(e) => return exit::database(e),
-    };
-    let queues = phasm::control::queue_statuses(config.as_ref(), &stats);
+    let (queues, stats) =
+        match phasm::control::queue_report(&*store, config.as_ref(), SystemClock.now()).await {
+            Ok(report) => report,
+            Err(e) => return exit::database(e),
+        };
     if as_json {
         outln!("{}", json!({ "queues": queues, "parked": stats.parked }));
         return ExitCode::SUCCESS;
@@ -319,8 +319,11 @@ pub async fn queues(file: Option<&std::path::Path>, as_json: bool, args: &DbArgs
         } else {
             format!("; {}", limits.join(", "))
         };
+        let rate = q.steps_per_second.map_or(String::new(), |r| {
+            format!("; {r:.1} steps/s over the last minute")
+        });
         outln!(
-            "{}  {} due, {} scheduled, {} running; oldest due waited {:.1} s{limits}",
+            "{}  {} due, {} scheduled, {} running; oldest due waited {:.1} s{rate}{limits}",
             q.queue,
             q.due,
             q.scheduled,

@@ -381,5 +381,20 @@ fn reset_runs_an_ended_instance_again_from_a_step_of_its_history() {
         .filter(|h| h["to"] == "charging")
         .count();
     assert_eq!(into_charging, 2, "the step ran again: {json}");
+    // `phasm queues` counts the steps just committed per queue (which queue a step ran on is
+    // the file's to say).
+    let out = phasm(&["queues", "--file", file, "--db", &db, "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let queues: serde_json::Value = serde_json::from_str(&text(&out.stdout)).unwrap();
+    let payments = queues["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "payments")
+        .unwrap_or_else(|| panic!("{queues}"));
+    assert!(
+        payments["steps_per_second"].as_f64().unwrap_or(0.0) > 0.0,
+        "{queues}"
+    );
     assert_eq!(json["context"]["total"], 19.98, "{json}");
 }

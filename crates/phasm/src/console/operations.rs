@@ -74,19 +74,19 @@ fn worker_table(id: &str, workers: &[WorkerView], now: i64) -> Markup {
 /// `GET /queues`.
 pub(crate) async fn queues(State(state): State<Arc<ServerState>>) -> Response {
     let now = state.clock.now();
-    let stats = match state.store.stats(now).await {
-        Ok(s) => s,
-        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Queues", &e.to_string()),
-    };
-    let queues = crate::control::queue_statuses(Some(&state.config), &stats);
+    let (queues, stats) =
+        match crate::control::queue_report(&*state.store, Some(&state.config), now).await {
+            Ok(report) => report,
+            Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, "Queues", &e.to_string()),
+        };
     let body = html! {
         h1 { "Queues" }
-        p class="muted" { "Steps of running instances in each queue: due now, scheduled for later (countdowns, retry backoffs, timeouts), and running (held by a worker)." }
+        p class="muted" { "Steps of running instances in each queue: due now, scheduled for later (countdowns, retry backoffs, timeouts), and running (held by a worker); and the steps committed per second over the last minute (counted over at most the latest 20,000 steps)." }
         @if queues.is_empty() {
             p { "No step is pending in any queue." }
         } @else {
             table id="queues" {
-                tr { th { "queue" } th { "due" } th { "scheduled" } th { "running" } th { "oldest due waited" } th { "max_concurrent" } th { "rate" } }
+                tr { th { "queue" } th { "due" } th { "scheduled" } th { "running" } th { "oldest due waited" } th { "steps/s (last minute)" } th { "max_concurrent" } th { "rate limit" } }
                 @for q in &queues {
                     tr {
                         td { (q.queue) }
@@ -94,6 +94,7 @@ pub(crate) async fn queues(State(state): State<Arc<ServerState>>) -> Response {
                         td { (q.scheduled) }
                         td { (q.running) }
                         td { (format!("{:.1} s", q.oldest_due_age_seconds)) }
+                        td { (q.steps_per_second.map_or("—".to_string(), |r| format!("{r:.1}"))) }
                         td { (q.max_concurrent.map_or("—".to_string(), |n| n.to_string())) }
                         td { (q.rate.as_deref().unwrap_or("—")) }
                     }

@@ -10,7 +10,7 @@ mod send;
 
 pub use listing::{pending_state, steps_into, ListParams, MAX_PAGE};
 pub use overview::{where_instances_are, StateTally};
-pub use queues::{queue_statuses, QueueStatus};
+pub use queues::{queue_report, queue_statuses, QueueStatus, Throughput, RATE_WINDOW};
 pub use reset::{is_whole_line, reset, ResetError};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};

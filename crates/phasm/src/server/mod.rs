@@ -900,14 +900,14 @@ async fn workers(State(state): State<Arc<ServerState>>) -> Response {
     path = "/api/queues",
     tag = "operations",
     responses(
-        (status = 200, description = "`{\"queues\": [...], \"parked\": N}`: due, scheduled, running, oldest due, and limits per queue", body = serde_json::Value),
+        (status = 200, description = "`{\"queues\": [...], \"parked\": N}`: due, scheduled, running, oldest due, steps per second over the last minute, and limits per queue", body = serde_json::Value),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
 )]
 async fn queues(State(state): State<Arc<ServerState>>) -> Response {
-    match state.store.stats(state.clock.now()).await {
-        Ok(stats) => {
-            let queues = crate::control::queue_statuses(Some(&state.config), &stats);
+    let now = state.clock.now();
+    match crate::control::queue_report(&*state.store, Some(&state.config), now).await {
+        Ok((queues, stats)) => {
             Json(json!({ "queues": queues, "parked": stats.parked })).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

@@ -523,6 +523,49 @@ pub struct StepTimes {
     pub p99: Micros,
 }
 
+/// Steps committed lately (see [`ReadStore::recent_steps`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RecentSteps {
+    /// When the window counted starts: the `since` asked for, or later when more steps than
+    /// [`RECENT_STEPS_SAMPLE`] were committed since (the oldest of those counted).
+    pub window_start: Micros,
+    /// The steps, by machine and transition.
+    pub groups: Vec<RecentGroup>,
+}
+
+/// Steps of one machine's transition committed in a [`RecentSteps`] window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentGroup {
+    /// The machine.
+    pub machine: String,
+    /// The state left (`None`: starting).
+    pub from: Option<String>,
+    /// The event.
+    pub event: String,
+    /// The state entered.
+    pub to: String,
+    /// How many.
+    pub steps: u64,
+}
+
+/// [`ReadStore::recent_steps`] counts at most this many of the latest steps.
+pub const RECENT_STEPS_SAMPLE: usize = 20_000;
+
+/// Where a [`RecentSteps`] window starts: `since`, unless the sample of the latest `sample`
+/// steps was full and all in the window (then more steps than that were committed since, and
+/// the window counted starts at the oldest sampled).
+pub(crate) fn recent_window(
+    since: Micros,
+    counted: i64,
+    sample: i64,
+    oldest: Option<Micros>,
+) -> Micros {
+    match oldest {
+        Some(oldest) if counted >= sample && oldest > since => oldest,
+        _ => since,
+    }
+}
+
 /// At most this many steps are measured for [`StepTimes`].
 pub const STEP_TIMES_SAMPLE: usize = 10_000;
 
@@ -1284,6 +1327,10 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
     /// Pending work per queue and parked branches, for metrics.
     async fn stats(&self, now: Micros) -> StoreResult<StoreStats>;
 
+    /// The steps committed since `since`, by machine and transition, over at most the latest
+    /// [`RECENT_STEPS_SAMPLE`] steps (bounded reading: the queues' throughput).
+    async fn recent_steps(&self, since: Micros) -> StoreResult<RecentSteps>;
+
     /// Every schedule the store has fired (or seen), by name.
     async fn schedules(&self) -> StoreResult<Vec<ScheduleRecord>>;
 
@@ -1360,6 +1407,23 @@ pub mod prelude {
 #[cfg(test)]
 mod tests {
     use super::StepTimes;
+
+    #[test]
+    fn a_full_sample_of_recent_steps_starts_at_its_oldest() {
+        use super::recent_window;
+        assert_eq!(recent_window(100, 5, 10, Some(150)), 100, "not full: since");
+        assert_eq!(
+            recent_window(100, 10, 10, Some(150)),
+            150,
+            "full: its oldest"
+        );
+        assert_eq!(
+            recent_window(100, 10, 10, Some(90)),
+            100,
+            "full, older than since"
+        );
+        assert_eq!(recent_window(100, 0, 10, None), 100);
+    }
 
     #[test]
     fn step_times_take_nearest_rank_percentiles() {

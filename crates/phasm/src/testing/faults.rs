@@ -251,6 +251,10 @@ impl ReadStore for FaultyStore {
         self.inner.stats(now).await
     }
 
+    async fn recent_steps(&self, since: Micros) -> StoreResult<crate::store::RecentSteps> {
+        self.inner.recent_steps(since).await
+    }
+
     async fn schedules(&self) -> StoreResult<Vec<crate::store::ScheduleRecord>> {
         self.inner.schedules().await
     }

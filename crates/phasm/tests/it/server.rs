@@ -1467,6 +1467,18 @@ async fn a_step_shows_its_contexts_and_a_reset_runs_the_instance_again_from_it()
     assert_eq!(status, 202, "{answer}");
     run_step(&store, &config, "r1").await;
 
+    // The queue's rate counts the steps just committed (two in the last minute).
+    let (_, body) = call(&api, "GET", "/api/queues", None, None).await;
+    let queues = json(&body);
+    let rate = queues["queues"][0]["steps_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!((rate - 2.0 / 60.0).abs() < 1e-6, "{queues}");
+    let (_, page) = call(&api, "GET", "/queues", None, None).await;
+    assert!(
+        page.contains("steps/s (last minute)") && page.contains("<td>0.0</td>"),
+        "{page}"
+    );
     // Each step has an id, its input, and what it passed on.
     let (_, body) = call(&api, "GET", "/api/instances/r1/history", None, None).await;
     let history = json(&body)["history"].clone();

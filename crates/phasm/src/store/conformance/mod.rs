@@ -101,6 +101,7 @@ checks!(
     the_instance_list_sorts_by_duration_and_by_age,
     each_step_keeps_its_input_and_says_what_it_passed_on,
     a_reset_drops_pending_work_and_queues_the_step_again,
+    recent_steps_are_counted_by_transition_since_a_time,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

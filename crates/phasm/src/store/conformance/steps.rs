@@ -181,3 +181,35 @@ pub async fn a_reset_drops_pending_work_and_queues_the_step_again(store: &dyn St
         Control::NotFound
     );
 }
+
+/// Check that the steps committed lately are counted by machine and transition, since the
+/// time asked.
+pub async fn recent_steps_are_counted_by_transition_since_a_time(store: &dyn Store) {
+    for name in ["q1", "q2"] {
+        start(store, name, T0).await;
+    }
+    for t in store.claim(T0, &request(2)).await.unwrap() {
+        assert_eq!(apply_one(store, T0 + SEC, commit(&t)).await, Applied::Yes);
+    }
+    // `commit` records each step as finished at T0.
+    let recent = store.recent_steps(T0 - SEC).await.unwrap();
+    assert_eq!(recent.window_start, T0 - SEC);
+    assert_eq!(recent.groups.len(), 1, "{recent:?}");
+    let g = &recent.groups[0];
+    assert_eq!(
+        (
+            g.machine.as_str(),
+            g.from.as_deref(),
+            g.event.as_str(),
+            g.to.as_str(),
+            g.steps
+        ),
+        ("M", None, "go", "a", 2)
+    );
+    assert!(store
+        .recent_steps(T0 + SEC)
+        .await
+        .unwrap()
+        .groups
+        .is_empty());
+}

@@ -564,6 +564,10 @@ impl ReadStore for PostgresStore {
     async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
         read::stats(self, now).await
     }
+
+    async fn recent_steps(&self, since: Micros) -> StoreResult<super::RecentSteps> {
+        read::recent_steps(self, since).await
+    }
 }
 
 #[async_trait]

@@ -658,3 +658,45 @@ async fn step_times(
     steps.truncate(super::super::STEP_TIMES_SAMPLE);
     Ok(super::super::StepTimes::measure(steps, sampled))
 }
+
+/// See [`ReadStore::recent_steps`].
+pub(super) async fn recent_steps(
+    store: &PostgresStore,
+    since: Micros,
+) -> StoreResult<super::super::RecentSteps> {
+    let client = store.client().await?;
+    let sample = i64::try_from(super::super::RECENT_STEPS_SAMPLE).unwrap_or(i64::MAX);
+    let head = client
+        .query_one(
+            "SELECT COUNT(*), MIN(finished_at)
+             FROM (SELECT finished_at FROM history ORDER BY id DESC LIMIT $1) h",
+            &[&sample],
+        )
+        .await
+        .map_err(pg)?;
+    let groups = client
+        .query(
+            "SELECT i.machine, h.from_state, h.event, h.to_state, COUNT(*)
+             FROM (SELECT instance_id, from_state, event, to_state, finished_at FROM history
+                   ORDER BY id DESC LIMIT $1) h
+             JOIN instances i ON i.id = h.instance_id
+             WHERE h.finished_at >= $2
+             GROUP BY 1, 2, 3, 4",
+            &[&sample, &since],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| super::super::RecentGroup {
+            machine: r.get(0),
+            from: r.get(1),
+            event: r.get(2),
+            to: r.get(3),
+            steps: count(r.get::<_, i64>(4)),
+        })
+        .collect();
+    Ok(super::super::RecentSteps {
+        window_start: super::super::recent_window(since, head.get(0), sample, head.get(1)),
+        groups,
+    })
+}

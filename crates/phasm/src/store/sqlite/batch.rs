@@ -166,6 +166,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
         Request::Stats(_, r) => drop(r.send(Err(err()))),
+        Request::RecentSteps(_, r) => drop(r.send(Err(err()))),
         Request::WorkerAlive(_, _, r) | Request::WorkerStopped(_, r) => drop(r.send(Err(err()))),
         Request::Workers(_, r) | Request::WorkersGone(_, r) => drop(r.send(Err(err()))),
     }
@@ -239,6 +240,7 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
             scoped(tx, |tx| cancel(tx, now, &name, reason.as_deref())),
         ),
         Request::Stats(now, reply) => pending(reply, stats(tx, now)),
+        Request::RecentSteps(since, reply) => pending(reply, recent_steps(tx, since)),
         Request::WorkerAlive(now, worker, reply) => {
             pending(reply, scoped(tx, |tx| worker_alive(tx, now, &worker)))
         }

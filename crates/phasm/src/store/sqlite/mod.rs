@@ -168,6 +168,7 @@ enum Request {
     Probe(usize, Reply<f64>),
     Scrub(Micros, usize, Reply<u64>),
     Stats(Micros, Reply<super::StoreStats>),
+    RecentSteps(Micros, Reply<super::RecentSteps>),
     WorkerAlive(Micros, Box<WorkerView>, Reply<()>),
     WorkerStopped(String, Reply<()>),
     Workers(Micros, Reply<Vec<WorkerView>>),
@@ -411,6 +412,10 @@ impl ReadStore for SqliteStore {
 
     async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
         self.read(|r| Request::Stats(now, r)).await
+    }
+
+    async fn recent_steps(&self, since: Micros) -> StoreResult<super::RecentSteps> {
+        self.read(|r| Request::RecentSteps(since, r)).await
     }
 }
 

@@ -699,3 +699,47 @@ fn step_times(
     steps.truncate(super::super::STEP_TIMES_SAMPLE);
     Ok(super::super::StepTimes::measure(steps, sampled))
 }
+
+/// See [`ReadStore::recent_steps`].
+pub(super) fn recent_steps(
+    tx: &Transaction<'_>,
+    since: Micros,
+) -> StoreResult<super::super::RecentSteps> {
+    let sample = i64::try_from(super::super::RECENT_STEPS_SAMPLE).unwrap_or(i64::MAX);
+    let (counted, oldest) = tx
+        .prepare_cached(
+            "SELECT COUNT(*), MIN(finished_at)
+             FROM (SELECT finished_at FROM history ORDER BY id DESC LIMIT ?1)",
+        )
+        .map_err(db)?
+        .query_row([sample], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<i64>>(1)?))
+        })
+        .map_err(db)?;
+    let groups = tx
+        .prepare_cached(
+            "SELECT i.machine, h.from_state, h.event, h.to_state, COUNT(*)
+             FROM (SELECT instance_id, from_state, event, to_state, finished_at FROM history
+                   ORDER BY id DESC LIMIT ?1) h
+             JOIN instances i ON i.id = h.instance_id
+             WHERE h.finished_at >= ?2
+             GROUP BY 1, 2, 3, 4",
+        )
+        .map_err(db)?
+        .query_map(params![sample, since], |r| {
+            Ok(super::super::RecentGroup {
+                machine: r.get(0)?,
+                from: r.get(1)?,
+                event: r.get(2)?,
+                to: r.get(3)?,
+                steps: count(r.get::<_, i64>(4)?),
+            })
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    Ok(super::super::RecentSteps {
+        window_start: super::super::recent_window(since, counted, sample, oldest),
+        groups,
+    })
+}
