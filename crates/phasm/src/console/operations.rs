@@ -81,7 +81,7 @@ pub(crate) async fn queues(State(state): State<Arc<ServerState>>) -> Response {
         };
     let body = html! {
         h1 { "Queues" }
-        p class="muted" { "Steps of running instances in each queue: due now, scheduled for later (countdowns, retry backoffs, timeouts), and running (held by a worker); and the steps committed per second over the last minute (counted over at most the latest 20,000 steps)." }
+        p class="muted" { "Steps of running instances in each queue: due now, scheduled for later (countdowns, retry backoffs, timeouts), and running (held by a worker); and the steps committed per second over the last minute (counted over at most the latest 5,000 steps)." }
         @if queues.is_empty() {
             p { "No step is pending in any queue." }
         } @else {

@@ -549,7 +549,7 @@ pub struct RecentGroup {
 }
 
 /// [`ReadStore::recent_steps`] counts at most this many of the latest steps.
-pub const RECENT_STEPS_SAMPLE: usize = 20_000;
+pub const RECENT_STEPS_SAMPLE: usize = 5_000;
 
 /// Where a [`RecentSteps`] window starts: `since`, unless the sample of the latest `sample`
 /// steps was full and all in the window (then more steps than that were committed since, and
