@@ -111,13 +111,16 @@ pub(super) fn reset(
 
 pub(super) fn scrub(tx: &Transaction<'_>, cutoff: Micros, batch: usize) -> StoreResult<u64> {
     // Foreign keys cascade to tasks, history, logs and items.
+    // The batch is written into the SQL, so the planner knows it (see `read::recent_steps`).
     let deleted = tx
         .execute(
-            "DELETE FROM instances WHERE id IN (
-                 SELECT id FROM instances
-                 WHERE status <> 'running' AND ended_at IS NOT NULL AND ended_at < ?1
-                 ORDER BY id LIMIT ?2)",
-            params![cutoff, bigint(batch)],
+            &format!(
+                "DELETE FROM instances WHERE id IN (
+                     SELECT id FROM instances
+                     WHERE status <> 'running' AND ended_at IS NOT NULL AND ended_at < ?1
+                     ORDER BY id LIMIT {batch})"
+            ),
+            params![cutoff],
         )
         .map_err(db)?;
     Ok(deleted as u64)
