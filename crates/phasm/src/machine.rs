@@ -82,6 +82,15 @@ impl Machine {
         self.states.iter().find(|s| s.initial)
     }
 
+    /// The first transition (in file order) into state `state`, if any: whose policy a task
+    /// of that state with no transition of its own takes (a final state's exit, a join).
+    pub fn transition_into(&self, state: &str) -> Option<&Transition> {
+        self.states
+            .iter()
+            .flat_map(|s| &s.transitions)
+            .find(|t| t.to == state)
+    }
+
     /// Every place this machine names an action, with the namespace it is looked up in.
     pub fn action_refs(&self) -> Vec<ActionRef<'_>> {
         let mut refs = Vec::new();

@@ -59,10 +59,7 @@ fn queue_of<'m>(
         to
     };
     machine
-        .states
-        .iter()
-        .flat_map(|s| &s.transitions)
-        .find(|t| t.to == state)
+        .transition_into(state)
         .map(|t| t.effective.queue.as_str())
 }
 

@@ -188,10 +188,7 @@ fn again(
     let (to, kind, policy) = if event == PSEUDO_FINAL {
         // The exit of a final state: its queue is the one of a transition into it.
         let into = machine
-            .states
-            .iter()
-            .flat_map(|s| &s.transitions)
-            .find(|t| t.to == from)
+            .transition_into(from)
             .map_or(&machine.start_policy, |t| &t.effective);
         (PSEUDO_FINAL, TaskKind::FinalExit, into)
     } else {
