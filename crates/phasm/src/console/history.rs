@@ -12,7 +12,7 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::instance::level_class;
-use super::layout::{instance_link, page, problem, seg, time};
+use super::layout::{instance_link, millis, page, problem, seg, time};
 use crate::server::ServerState;
 use crate::store::{HistoryRow, PassedOn};
 
@@ -21,7 +21,7 @@ const PAGE_ROWS: usize = 100;
 
 /// A step's duration, for people.
 fn took(h: &HistoryRow) -> String {
-    format!("{:.1} ms", (h.finished_at - h.started_at) as f64 / 1000.0)
+    millis(h.finished_at - h.started_at)
 }
 
 /// What a branch is called on the pages (the main line's name is empty).

@@ -143,6 +143,11 @@ pub(super) fn ago(at: Micros, now: Micros) -> String {
     }
 }
 
+/// A duration in microseconds, in milliseconds (`12.3 ms`): a step's time.
+pub(super) fn millis(us: i64) -> String {
+    format!("{:.1} ms", us as f64 / 1000.0)
+}
+
 /// A duration in microseconds for people (`1.2 s`, `3 min 4 s`, `2 h 5 min`).
 pub(super) fn human_duration(micros: i64) -> String {
     let ms = micros.max(0) / 1000;

@@ -11,7 +11,7 @@ use axum::response::{Html, IntoResponse, Redirect, Response};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::layout::{ago, instance_link, legend, page, problem, seg, time};
+use super::layout::{ago, instance_link, legend, millis, page, problem, seg, time};
 use crate::control::{self, ScheduleStatus, StartError, StartOutcome};
 use crate::machine::{ActionBinding, Config, Machine};
 use crate::server::ServerState;
@@ -268,11 +268,6 @@ fn percent(part: u64, whole: u64) -> String {
     } else {
         format!("{:.1} %", part as f64 * 100.0 / whole as f64)
     }
-}
-
-/// A duration in microseconds, in milliseconds.
-fn millis(us: i64) -> String {
-    format!("{:.1} ms", us as f64 / 1000.0)
 }
 
 /// Branches of running and failed instances by the state they are in.

@@ -6,7 +6,7 @@
 
 use maud::{html, Markup};
 
-use super::layout::seg;
+use super::layout::{millis, seg};
 use crate::clock::Micros;
 use crate::store::{InstanceView, TaskStatus};
 
@@ -48,7 +48,7 @@ pub(super) fn timeline(view: &InstanceView, now: Micros) -> Markup {
             })
             .or((h.from.is_none()).then_some(view.created_at));
         ended.push((h.branch.as_str(), h.finished_at));
-        let took = (h.finished_at - h.started_at) as f64 / 1000.0;
+        let took = millis(h.finished_at - h.started_at);
         lanes.push(Lane {
             label: if h.branch.is_empty() {
                 format!("{} → {}", h.from.as_deref().unwrap_or("start"), h.to)
@@ -66,12 +66,12 @@ pub(super) fn timeline(view: &InstanceView, now: Micros) -> Markup {
             class: if h.attempt > 0 { "retried" } else { "ran" },
             note: if h.attempt > 0 {
                 format!(
-                    "{took:.1} ms, attempt {} ({} failed before)",
+                    "{took}, attempt {} ({} failed before)",
                     h.attempt + 1,
                     h.attempt
                 )
             } else {
-                format!("{took:.1} ms")
+                took
             },
             link: Some(format!("/instances/{}/steps/{}", seg(&view.name), h.id)),
         });
