@@ -51,6 +51,12 @@ pub(super) async fn retry(store: &PostgresStore, now: Micros, name: &str) -> Sto
     )
     .await
     .map_err(pg)?;
+    commit_waking(store, tx).await
+}
+
+/// Commit an instance's pending work made ready again (a retry, a reset), and wake idle
+/// workers: this process's, and other processes' through `LISTEN phasm`.
+async fn commit_waking(store: &PostgresStore, tx: Transaction<'_>) -> StoreResult<Control> {
     tx.execute("SELECT pg_notify('phasm', '')", &[])
         .await
         .map_err(pg)?;
@@ -90,12 +96,7 @@ pub(super) async fn reset(
     )
     .await
     .map_err(pg)?;
-    tx.execute("SELECT pg_notify('phasm', '')", &[])
-        .await
-        .map_err(pg)?;
-    tx.commit().await.map_err(pg)?;
-    store.changes.notify_waiters();
-    Ok(Control::Done)
+    commit_waking(store, tx).await
 }
 
 pub(super) async fn cancel(

@@ -260,6 +260,16 @@ pub(super) async fn list(
         .collect()
 }
 
+/// A log line from `at, level, message, task`.
+fn log_line(r: &tokio_postgres::Row) -> LogLine {
+    LogLine {
+        at: r.get(0),
+        level: r.get(1),
+        message: r.get(2),
+        task: r.get(3),
+    }
+}
+
 pub(super) async fn logs(store: &PostgresStore, name: &str) -> StoreResult<Vec<LogLine>> {
     let client = store.client().await?;
     Ok(client
@@ -271,12 +281,7 @@ pub(super) async fn logs(store: &PostgresStore, name: &str) -> StoreResult<Vec<L
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| LogLine {
-            at: r.get(0),
-            level: r.get(1),
-            message: r.get(2),
-            task: r.get(3),
-        })
+        .map(log_line)
         .collect())
 }
 
@@ -398,12 +403,7 @@ pub(super) async fn step(
         .await
         .map_err(pg)?
         .iter()
-        .map(|r| LogLine {
-            at: r.get(0),
-            level: r.get(1),
-            message: r.get(2),
-            task: r.get(3),
-        })
+        .map(log_line)
         .collect();
     Ok(Some(StepDetail {
         given: given.as_deref().map(from_json).transpose()?,

@@ -347,20 +347,23 @@ pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec
         .collect()
 }
 
+/// A log line from `at, level, message, task`.
+fn log_line(r: &rusqlite::Row<'_>) -> rusqlite::Result<LogLine> {
+    Ok(LogLine {
+        at: r.get(0)?,
+        level: r.get(1)?,
+        message: r.get(2)?,
+        task: r.get(3)?,
+    })
+}
+
 pub(super) fn logs(tx: &Transaction<'_>, name: &str) -> StoreResult<Vec<LogLine>> {
     tx.prepare_cached(
         "SELECT l.at, l.level, l.message, l.task FROM logs l
          JOIN instances i ON i.id = l.instance_id WHERE i.name = ?1 ORDER BY l.id",
     )
     .map_err(db)?
-    .query_map([name], |r| {
-        Ok(LogLine {
-            at: r.get(0)?,
-            level: r.get(1)?,
-            message: r.get(2)?,
-            task: r.get(3)?,
-        })
-    })
+    .query_map([name], log_line)
     .map_err(db)?
     .collect::<Result<Vec<_>, _>>()
     .map_err(db)
@@ -478,14 +481,7 @@ pub(super) fn step(
              WHERE instance_id = ?1 AND task = ?2 ORDER BY id LIMIT ?3",
         )
         .map_err(db)?
-        .query_map(params![instance, row.entry.task, limit], |r| {
-            Ok(LogLine {
-                at: r.get(0)?,
-                level: r.get(1)?,
-                message: r.get(2)?,
-                task: r.get(3)?,
-            })
-        })
+        .query_map(params![instance, row.entry.task, limit], log_line)
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
