@@ -118,11 +118,7 @@ pub async fn reset(
         .ok_or_else(|| ResetError::NotFound(name.to_string()))?;
     let mut lines = Lines::default();
     crate::store::for_each_transition(store, name, |h| lines.add(h)).await?;
-    let pending: Vec<&str> = view
-        .tasks
-        .iter()
-        .filter_map(|t| task_branch(&t.name))
-        .collect();
+    let pending: Vec<&str> = view.tasks.iter().map(|t| t.branch.as_str()).collect();
     let alongside = lines.alongside(row, &pending);
     if !alongside.is_empty() {
         let mut named: Vec<&str> = alongside.iter().take(5).map(String::as_str).collect();
@@ -215,12 +211,6 @@ fn again(
 /// part (`f3-1`, `j7.f2-1`).
 pub fn is_whole_line(branch: &str) -> bool {
     branch.is_empty() || (!branch.contains('.') && branch.starts_with('j'))
-}
-
-/// The branch of a task, from its name (`INSTANCE--branch-B--…`; `""` without).
-fn task_branch(task: &str) -> Option<&str> {
-    let (_, rest) = task.split_once("--branch-")?;
-    rest.split("--").next()
 }
 
 /// The parent of a forked branch and the step that forked it (`j7.f2-1` → (`j7`, 2)).
@@ -370,10 +360,5 @@ mod tests {
         assert_eq!(forked_from("f3-1"), Some(("", 3)));
         assert_eq!(forked_from("j7.f2-10"), Some(("j7", 2)));
         assert_eq!(forked_from("j7"), None);
-        assert_eq!(
-            task_branch("o1--branch-f3-1--split--item--pack--step-3"),
-            Some("f3-1")
-        );
-        assert_eq!(task_branch("o1--split--item--pack--step-3"), None);
     }
 }

@@ -702,6 +702,8 @@ pub struct TaskView {
     pub queue: String,
     /// The worker pool it is for (`target`); only `phasm worker --target NAME` takes it.
     pub target: Option<String>,
+    /// The branch it runs on (`""`: the main line).
+    pub branch: String,
 }
 
 /// The longest log message a page carries; longer ones are cut, with a note of how much.

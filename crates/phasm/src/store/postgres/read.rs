@@ -59,7 +59,8 @@ pub(super) async fn instance(
         .collect();
     let task_rows = client
         .query(
-            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
+            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target,
+                    branch
              FROM tasks WHERE instance_id = $1 ORDER BY id LIMIT $2",
             &[&id, &bigint(VIEW_ROWS)],
         )
@@ -79,6 +80,7 @@ pub(super) async fn instance(
                 last_error: r.get(7),
                 queue: r.get(8),
                 target: r.get(10),
+                branch: r.get(11),
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;

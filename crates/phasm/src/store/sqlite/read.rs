@@ -103,7 +103,8 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
     let mut contexts = Vec::new();
     let rows = tx
         .prepare_cached(
-            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target
+            "SELECT name, from_state, event, status, due_at, lease_owner, attempts, last_error, queue, context, target,
+                    branch
              FROM tasks WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(db)?
@@ -120,6 +121,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
                     last_error: r.get(7)?,
                     queue: r.get(8)?,
                     target: r.get(10)?,
+                    branch: r.get(11)?,
                 },
                 r.get::<_, String>(9)?,
                 r.get::<_, String>(3)?,
