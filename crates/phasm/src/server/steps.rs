@@ -61,7 +61,8 @@ pub(super) struct ResetBody {
 /// Run an instance again from a step of its history (`{"step": ID}`).
 ///
 /// Its pending work is dropped and the step runs again with the context it was given (see
-/// `control::reset`). Only a step of the main line, and not a join.
+/// `control::reset`). Only a step whose line ran alone (the main line, or a join's, with
+/// every branch forked before it ended or joined by then), and not a join.
 #[utoipa::path(
     post,
     path = "/api/instances/{name}/reset",
@@ -72,7 +73,7 @@ pub(super) struct ResetBody {
         (status = 200, description = "Running again from the step: `{\"instance\": NAME, \"status\": \"running\", \"note\": ...}`", body = serde_json::Value),
         (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
         (status = 404, description = "No instance of that name, or no such step of it", body = ErrorBody),
-        (status = 409, description = "That step cannot run again: on a forked branch, a join, or its machine changed", body = ErrorBody),
+        (status = 409, description = "That step cannot run again: on a forked branch, run while other branches were in flight, a join, or its machine changed", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
