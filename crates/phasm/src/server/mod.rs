@@ -123,7 +123,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
     // Each route is registered with its description (`routes!`): the document served at
     // `/api/openapi.json` lists exactly what these routers answer.
     let (batch_schemas, batch_paths, batch) = routes!(start_batch);
-    let api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(machines))
         .routes(routes!(graph))
         .routes(routes!(start))
@@ -152,14 +152,15 @@ pub fn router(state: Arc<ServerState>) -> Router {
         ))
         .layer(middleware::from_fn(guard::json_writes))
         .layer(middleware::from_fn(json_errors));
+    // Every route so far is behind `authorize`.
+    openapi::add_token_errors(api.get_openapi_mut());
     // The wait token is the credential here: no bearer token asked.
     let waits = OpenApiRouter::new()
         .routes(routes!(events::to_wait))
         .layer(middleware::from_fn(guard::json_writes))
         .layer(middleware::from_fn(json_errors));
     let health = OpenApiRouter::new().routes(routes!(healthz));
-    let (api, mut document) = api.merge(waits).merge(health).split_for_parts();
-    openapi::add_token_errors(&mut document);
+    let (api, document) = api.merge(waits).merge(health).split_for_parts();
     let document = openapi::Document(
         document
             .to_json()

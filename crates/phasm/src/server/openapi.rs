@@ -86,8 +86,9 @@ pub(super) struct EventBody {
     id: Option<String>,
 }
 
-/// Adds the token's answer (401) to every operation the token protects — `/api` but
-/// `/api/waits`, and `/metrics`, the paths `authorize` guards — so no handler repeats it.
+/// Adds the token's answer (401) to every operation of `openapi`: given the document of the
+/// routes behind `authorize` (before the unguarded ones are merged in), so no handler repeats
+/// it and no list of guarded paths is kept beside the router.
 pub(super) fn add_token_errors(openapi: &mut utoipa::openapi::OpenApi) {
     use utoipa::openapi::{schema::Ref, ContentBuilder, RefOr, ResponseBuilder};
     let unauthorized = ResponseBuilder::new()
@@ -99,12 +100,7 @@ pub(super) fn add_token_errors(openapi: &mut utoipa::openapi::OpenApi) {
                 .build(),
         )
         .build();
-    for (path, item) in &mut openapi.paths.paths {
-        let guarded =
-            (path.starts_with("/api/") && !path.starts_with("/api/waits/")) || path == "/metrics";
-        if !guarded {
-            continue;
-        }
+    for item in openapi.paths.paths.values_mut() {
         for operation in [
             &mut item.get,
             &mut item.post,

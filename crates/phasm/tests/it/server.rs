@@ -1663,6 +1663,12 @@ async fn the_openapi_document_lists_every_route_the_api_answers() {
         for (method, op) in item.as_object().unwrap() {
             documented.push((method.to_uppercase(), path.clone()));
             assert!(op["summary"].is_string(), "{method} {path} has a summary");
+            let open = path == "/healthz" || path.starts_with("/api/waits/");
+            assert_eq!(
+                op["responses"].get("401").is_some(),
+                !open,
+                "{method} {path}: the token's 401 is documented where the token is asked"
+            );
             let responses = op["responses"].as_object().unwrap();
             assert!(
                 responses.keys().any(|c| c.starts_with('2')),
