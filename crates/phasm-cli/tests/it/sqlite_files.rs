@@ -160,3 +160,88 @@ fn only_commands_that_start_work_create_a_database() {
     assert!(listed.status.success(), "{}", text(&listed.stderr));
     assert!(text(&listed.stdout).contains("completed"));
 }
+
+/// Whether this process may make a private mount namespace (root): `unshare` then gives a
+/// command a small tmpfs of its own that vanishes with it, touching nothing else.
+fn private_mounts() -> bool {
+    Command::new("unshare")
+        .args(["-m", "true"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A disk that fills up is reported as full — the first error, not the "cannot commit - no
+/// transaction is active" of the rollback it caused — and nothing half-started is left.
+#[test]
+fn a_full_disk_is_reported_as_full() {
+    if !private_mounts() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs as root and must run this test (unshare -m failed)"
+        );
+        eprintln!("SKIPPED a_full_disk_is_reported_as_full: needs root for a private tmpfs");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("fsm.yaml"), MACHINE).unwrap();
+    let mut lines = String::new();
+    for i in 0..3000 {
+        lines.push_str(&format!(
+            "{{\"i\": {i}, \"pad\": \"{}\"}}\n",
+            "x".repeat(2000)
+        ));
+    }
+    std::fs::write(d.join("ctx.jsonl"), lines).unwrap();
+    std::fs::create_dir(d.join("small")).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=400k tmpfs small && cd small && {} start ../fsm.yaml --contexts ../ctx.jsonl --db p.db > /dev/null",
+        env!("CARGO_BIN_EXE_phasm")
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("database or disk is full"), "{err}");
+    assert!(!err.contains("no transaction is active"), "{err}");
+}
+
+/// A new database, its WAL and shared-memory files are readable by their owner alone: they
+/// hold every context and the wait-token key.
+#[test]
+fn new_database_files_are_private_to_their_owner() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("fsm.yaml"), MACHINE).unwrap();
+    // A worker keeps the WAL and shared-memory files open while we look.
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["worker", "fsm.yaml", "--db", "p.db"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = phasm(d, &["start", "fsm.yaml", "--db", "p.db"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !(d.join("p.db-wal").exists() && d.join("p.db-shm").exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no WAL files appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    for file in ["p.db", "p.db-wal", "p.db-shm"] {
+        let mode = std::fs::metadata(d.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "{file} is {mode:o}");
+    }
+    let _ = worker.kill();
+    let _ = worker.wait();
+}

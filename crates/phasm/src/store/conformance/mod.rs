@@ -56,6 +56,7 @@ checks!(
     starting_is_idempotent,
     claims_only_due_tasks_once_until_the_lease_expires,
     claim_respects_limits_and_queues,
+    a_backlog_a_worker_may_not_take_hides_nothing,
     a_superseded_claim_cannot_commit,
     an_expired_lease_cannot_commit,
     renewing_extends_a_held_lease,
@@ -263,6 +264,54 @@ pub async fn claim_respects_limits_and_queues(store: &dyn Store) {
     limited.queue_limits = vec![("default".into(), 1)];
     assert_eq!(store.claim(T0, &limited).await.unwrap().len(), 1);
     assert_eq!(store.claim(T0, &request(10)).await.unwrap().len(), 2);
+}
+
+/// Check that due tasks a claimer may not take (another target's, another queue's, or a
+/// queue with no room left), however many and however much older, never hide one it may.
+pub async fn a_backlog_a_worker_may_not_take_hides_nothing(store: &dyn Store) {
+    let backlog = |name: String, target: Option<&str>, queue: &str| {
+        let mut task = new_task(&format!("{name}--start"), None, T0 - SEC);
+        task.target = target.map(str::to_string);
+        task.queue = queue.into();
+        NewInstance {
+            name,
+            machine: "M".into(),
+            context: ctx(0),
+            start: task,
+        }
+    };
+    let mut old = Vec::new();
+    for i in 0..40 {
+        old.push(backlog(format!("heavy{i}"), Some("heavy"), "default"));
+        old.push(backlog(format!("slow{i}"), None, "slow"));
+    }
+    store.start_many(T0, old).await.unwrap();
+    let mut fresh = Vec::new();
+    fresh.push(backlog("plain".into(), None, "default"));
+    fresh.push(backlog("fast".into(), None, "fast"));
+    for n in &mut fresh {
+        n.start.due_at = T0;
+    }
+    store.start_many(T0, fresh).await.unwrap();
+    let names = |tasks: Vec<Task>| tasks.into_iter().map(|t| t.instance).collect::<Vec<_>>();
+
+    let mut fast_only = request(1);
+    fast_only.targets = Targets::Untargeted;
+    fast_only.queues = Some(vec!["fast".into()]);
+    assert_eq!(
+        names(store.claim(T0, &fast_only).await.unwrap()),
+        ["fast"],
+        "a worker of queue `fast` claims its task behind 80 older tasks of other queues"
+    );
+    let mut untargeted = request(1);
+    untargeted.targets = Targets::Untargeted;
+    untargeted.queue_limits = vec![("slow".into(), 0)];
+    assert_eq!(
+        names(store.claim(T0, &untargeted).await.unwrap()),
+        ["plain"],
+        "an untargeted worker whose `slow` queue is full claims the untargeted task behind 40 \
+         targeted ones and 40 of the full queue"
+    );
 }
 
 /// Check that a superseded claim cannot commit.

@@ -129,20 +129,6 @@ pub(super) async fn claim(
         crate::store::Targets::Untargeted => (false, true, Vec::new()),
         crate::store::Targets::Only(names) => (false, false, names.clone()),
     };
-    let rows = tx
-        .query(
-            "SELECT t.id, t.claim, t.instance_id, i.name AS instance, i.machine, t.name, t.from_state,
-                    t.event, t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at,
-                    t.queue, t.token, t.grp, t.page_queued, t.target
-             FROM tasks t JOIN instances i ON i.id = t.instance_id
-             WHERE t.status = 'ready' AND t.due_at <= $1
-               AND ($3 OR ($4 AND t.target IS NULL) OR t.target = ANY($5))
-             ORDER BY t.due_at LIMIT $2
-             FOR UPDATE OF t SKIP LOCKED",
-            &[&now, &window, &any_target, &untargeted, &only_targets],
-        )
-        .await
-        .map_err(pg)?;
     let until = now.saturating_add(micros(req.lease));
     let mut per_queue = req.queue_limits.clone();
     let shared = shared_allowance(&tx, now, &req.shared_limits).await?;
@@ -152,19 +138,43 @@ pub(super) async fn claim(
             None => per_queue.push((queue.clone(), *allowed)),
         }
     }
+    // Only tasks this worker may take are read (its queues and targets, and none of a queue
+    // with no room left), so a backlog it may not take never hides the work it may.
+    let full_queues: Vec<String> = per_queue
+        .iter()
+        .filter(|(_, left)| *left == 0)
+        .map(|(q, _)| q.clone())
+        .collect();
+    let rows = tx
+        .query(
+            "SELECT t.id, t.claim, t.instance_id, i.name AS instance, i.machine, t.name, t.from_state,
+                    t.event, t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at,
+                    t.queue, t.token, t.grp, t.page_queued, t.target
+             FROM tasks t JOIN instances i ON i.id = t.instance_id
+             WHERE t.status = 'ready' AND t.due_at <= $1
+               AND ($3 OR ($4 AND t.target IS NULL) OR t.target = ANY($5))
+               AND ($6::TEXT[] IS NULL OR t.queue = ANY($6))
+               AND NOT (t.queue = ANY($7))
+             ORDER BY t.due_at LIMIT $2
+             FOR UPDATE OF t SKIP LOCKED",
+            &[
+                &now,
+                &window,
+                &any_target,
+                &untargeted,
+                &only_targets,
+                &req.queues,
+                &full_queues,
+            ],
+        )
+        .await
+        .map_err(pg)?;
     let mut chosen = Vec::new();
     for row in &rows {
         if chosen.len() >= req.limit {
             break;
         }
         let (task, instance_id, grp) = task_row(row, now)?;
-        if req
-            .queues
-            .as_ref()
-            .is_some_and(|only| !only.contains(&task.queue))
-        {
-            continue;
-        }
         if let Some((_, left)) = per_queue.iter_mut().find(|(q, _)| *q == task.queue) {
             if *left == 0 {
                 continue;

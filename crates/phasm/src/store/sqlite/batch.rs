@@ -12,17 +12,22 @@ pub(super) enum Lane {
 }
 
 impl Lane {
-    /// A lane for `conn`: a thread of its own named `name`, or the caller's.
-    pub(super) fn new(name: &str, conn: Connection, threads: Threads) -> StoreResult<Self> {
+    /// A lane for `conn`: a thread of its own named `name`, or the caller's. A lane that
+    /// `writes` opens each batch's transaction with `BEGIN IMMEDIATE`.
+    pub(super) fn new(
+        name: &str,
+        conn: Connection,
+        threads: Threads,
+        writes: bool,
+    ) -> StoreResult<Self> {
+        let batcher = Batcher { conn, writes };
         if threads == Threads::Caller {
-            return Ok(Lane::Caller(Arc::new(std::sync::Mutex::new(Batcher {
-                conn,
-            }))));
+            return Ok(Lane::Caller(Arc::new(std::sync::Mutex::new(batcher))));
         }
         let (requests, receiver) = mpsc::channel();
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || Batcher { conn }.run(receiver))
+            .spawn(move || batcher.run(receiver))
             .map_err(|e| StoreError::database(format!("cannot start the SQLite thread: {e}")))?;
         Ok(Lane::Thread(requests))
     }
@@ -45,10 +50,13 @@ impl Lane {
 /// Sends a request's result once the batch it ran in has committed.
 pub(super) type Pending = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 
+/// A request's own error is its answer; a request that succeeded is answered with the
+/// batch's error when the batch could not commit.
 pub(super) fn pending<T: Send + 'static>(reply: Reply<T>, result: StoreResult<T>) -> Pending {
     Box::new(move |batch_error| {
         let result = match (batch_error, result) {
-            (Some(e), _) => Err(e.during("commit failed")),
+            (_, Err(e)) => Err(e),
+            (Some(e), Ok(_)) => Err(e.during("commit failed")),
             (None, r) => r,
         };
         let _ = reply.send(result);
@@ -60,6 +68,11 @@ pub(super) fn pending<T: Send + 'static>(reply: Reply<T>, result: StoreResult<T>
 #[derive(Debug)]
 pub(super) struct Batcher {
     conn: Connection,
+    /// Whether this is the writer's connection: its transactions take the write lock when
+    /// they begin (`BEGIN IMMEDIATE`), so one never fails upgrading a read to a write while
+    /// another process writes — the busy timeout covers waiting for the lock at `BEGIN`,
+    /// but an upgrade that would deadlock fails at once with "database is locked".
+    writes: bool,
 }
 
 /// Most requests run in one transaction.
@@ -100,7 +113,12 @@ impl Batcher {
     }
 
     fn run_batch(&mut self, batch: Vec<Request>) {
-        let tx = match self.conn.transaction() {
+        let behavior = if self.writes {
+            rusqlite::TransactionBehavior::Immediate
+        } else {
+            rusqlite::TransactionBehavior::Deferred
+        };
+        let tx = match self.conn.transaction_with_behavior(behavior) {
             Ok(tx) => tx,
             Err(e) => {
                 let e = db(e);
@@ -111,10 +129,20 @@ impl Batcher {
             }
         };
         let mut replies: Vec<Pending> = Vec::with_capacity(batch.len());
+        let mut first_error = None;
         for request in batch {
-            replies.push(handle(&tx, request));
+            replies.push(handle(&tx, request, &mut first_error));
         }
-        match tx.commit().map_err(db) {
+        let committed = if tx.is_autocommit() {
+            // An error such as SQLITE_FULL or an I/O error rolled the whole transaction back:
+            // committing would only say "no transaction is active". Every request is answered
+            // with the error that ended it.
+            Err(first_error
+                .unwrap_or_else(|| StoreError::database("SQLite rolled the transaction back")))
+        } else {
+            tx.commit().map_err(db)
+        };
+        match committed {
             Ok(()) => replies.into_iter().for_each(|r| r(None)),
             Err(e) => replies.into_iter().for_each(|r| r(Some(&e))),
         }
@@ -172,10 +200,16 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
     }
 }
 
-/// Run one request inside a savepoint of the batch's transaction.
-pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
+/// Run one request inside a savepoint of the batch's transaction; the first error any
+/// request met is kept in `first_error`, the cause to report if the batch cannot commit.
+pub(super) fn handle(
+    tx: &Transaction<'_>,
+    request: Request,
+    first_error: &mut Option<StoreError>,
+) -> Pending {
     fn scoped<T>(
         tx: &Transaction<'_>,
+        ended_by: &mut Option<StoreError>,
         f: impl FnOnce(&Transaction<'_>) -> StoreResult<T>,
     ) -> StoreResult<T> {
         // Cached statements: these run around every request of every batch.
@@ -187,8 +221,17 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         };
         run("SAVEPOINT request")?;
         let result = f(tx);
-        if result.is_err() {
-            run("ROLLBACK TO request")?;
+        if let Err(first) = &result {
+            // When the error rolled the transaction back (SQLITE_FULL, an I/O error), the
+            // savepoint is gone too: the request's answer is its own error, not the
+            // rollback's "no such savepoint".
+            if tx.is_autocommit() {
+                ended_by.get_or_insert_with(|| first.clone());
+                return result;
+            }
+            if let Err(e) = run("ROLLBACK TO request") {
+                return Err(first.clone().during(&format!("then {e}")));
+            }
         }
         run("RELEASE request")?;
         result
@@ -196,29 +239,36 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
     match request {
         Request::Start(now, instances, reply) => pending(
             reply,
-            scoped(tx, |tx| {
+            scoped(tx, first_error, |tx| {
                 instances
                     .iter()
                     .map(|new| start(tx, now, new))
                     .collect::<StoreResult<Vec<_>>>()
             }),
         ),
-        Request::Claim(now, req, reply) => pending(reply, scoped(tx, |tx| claim(tx, now, &req))),
-        Request::Renew(now, leases, until, reply) => {
-            pending(reply, scoped(tx, |tx| renew(tx, now, &leases, until)))
+        Request::Claim(now, req, reply) => {
+            pending(reply, scoped(tx, first_error, |tx| claim(tx, now, &req)))
         }
+        Request::Renew(now, leases, until, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| renew(tx, now, &leases, until)),
+        ),
         Request::Apply(now, commit, successors, reply) => pending(
             reply,
-            scoped(tx, |tx| apply(tx, now, &commit, successors.as_ref())),
+            scoped(tx, first_error, |tx| {
+                apply(tx, now, &commit, successors.as_ref())
+            }),
         ),
         Request::NextDue(reply) => pending(reply, next_due(tx)),
-        Request::Deliver(now, delivery, reply) => {
-            pending(reply, scoped(tx, |tx| deliver(tx, now, &delivery)))
-        }
+        Request::Deliver(now, delivery, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| deliver(tx, now, &delivery)),
+        ),
         Request::WaitKey(reply) => pending(reply, wait_key(tx)),
-        Request::FireSchedule(now, tick, reply) => {
-            pending(reply, scoped(tx, |tx| fire_schedule(tx, now, &tick)))
-        }
+        Request::FireSchedule(now, tick, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| fire_schedule(tx, now, &tick)),
+        ),
         Request::Schedules(reply) => pending(reply, schedules(tx)),
         Request::MachineOverview(machine, hour, day, reply) => {
             pending(reply, machine_overview(tx, &machine, hour, day))
@@ -231,19 +281,25 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         }
         Request::Step(name, id, reply) => pending(reply, step(tx, &name, id)),
         Request::LogsPage(name, page, reply) => pending(reply, logs_page(tx, &name, page)),
-        Request::Retry(now, name, reply) => pending(reply, scoped(tx, |tx| retry(tx, now, &name))),
-        Request::Reset(now, name, task, note, reply) => {
-            pending(reply, scoped(tx, |tx| reset(tx, now, &name, &task, &note)))
+        Request::Retry(now, name, reply) => {
+            pending(reply, scoped(tx, first_error, |tx| retry(tx, now, &name)))
         }
+        Request::Reset(now, name, task, note, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| reset(tx, now, &name, &task, &note)),
+        ),
         Request::Cancel(now, name, reason, reply) => pending(
             reply,
-            scoped(tx, |tx| cancel(tx, now, &name, reason.as_deref())),
+            scoped(tx, first_error, |tx| {
+                cancel(tx, now, &name, reason.as_deref())
+            }),
         ),
         Request::Stats(now, reply) => pending(reply, stats(tx, now)),
         Request::RecentSteps(since, reply) => pending(reply, recent_steps(tx, since)),
-        Request::WorkerAlive(now, worker, reply) => {
-            pending(reply, scoped(tx, |tx| worker_alive(tx, now, &worker)))
-        }
+        Request::WorkerAlive(now, worker, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| worker_alive(tx, now, &worker)),
+        ),
         Request::WorkerStopped(owner, reply) => pending(
             reply,
             tx.execute("DELETE FROM workers WHERE owner = ?1", [owner])
@@ -252,9 +308,10 @@ pub(super) fn handle(tx: &Transaction<'_>, request: Request) -> Pending {
         ),
         Request::Workers(now, reply) => pending(reply, workers(tx, now)),
         Request::WorkersGone(now, reply) => pending(reply, workers_gone(tx, now)),
-        Request::Scrub(cutoff, batch, reply) => {
-            pending(reply, scoped(tx, |tx| scrub(tx, cutoff, batch)))
-        }
+        Request::Scrub(cutoff, batch, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| scrub(tx, cutoff, batch)),
+        ),
         Request::Probe(_, reply) => {
             pending(reply, Err(StoreError::database("probe inside a batch")))
         }

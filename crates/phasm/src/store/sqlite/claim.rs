@@ -22,7 +22,6 @@ pub(super) struct ClaimRow {
     token: Option<String>,
     grp: Option<String>,
     page_queued: bool,
-    target: Option<String>,
 }
 
 /// How many more tasks of each limited queue may start now, whoever claims them: its
@@ -71,6 +70,38 @@ pub(super) fn shared_allowance(
     Ok(allowance)
 }
 
+/// A claim's filters as the claim statement's parameters (lists as JSON arrays).
+struct ClaimFilter {
+    any_target: bool,
+    untargeted: bool,
+    targets: String,
+    queues: Option<String>,
+    full_queues: String,
+}
+
+impl ClaimFilter {
+    fn of(req: &ClaimRequest, per_queue: &[(String, usize)]) -> Self {
+        let json = |names: &[String]| serde_json::Value::from(names.to_vec()).to_string();
+        let (any_target, untargeted, targets) = match &req.targets {
+            crate::store::Targets::Any => (true, false, Vec::new()),
+            crate::store::Targets::Untargeted => (false, true, Vec::new()),
+            crate::store::Targets::Only(names) => (false, false, names.clone()),
+        };
+        let full: Vec<String> = per_queue
+            .iter()
+            .filter(|(_, left)| *left == 0)
+            .map(|(q, _)| q.clone())
+            .collect();
+        Self {
+            any_target,
+            untargeted,
+            targets: json(&targets),
+            queues: req.queues.as_deref().map(json),
+            full_queues: json(&full),
+        }
+    }
+}
+
 pub(super) fn claim(
     tx: &Transaction<'_>,
     now: Micros,
@@ -79,44 +110,6 @@ pub(super) fn claim(
     if req.limit == 0 {
         return Ok(Vec::new());
     }
-    // Look at a few more candidates than wanted, so per-queue limits can skip some.
-    let window = bigint((req.limit * 2).max(16));
-    let rows = tx
-        .prepare_cached(
-            "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
-                    t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue,
-                    t.token, t.grp, t.page_queued, t.target
-             FROM tasks t JOIN instances i ON i.id = t.instance_id
-             WHERE t.status = 'ready' AND t.due_at <= ?1
-             ORDER BY t.due_at LIMIT ?2",
-        )
-        .map_err(db)?
-        .query_map(params![now, window], |r| {
-            Ok(ClaimRow {
-                id: r.get(0)?,
-                claim: r.get(1)?,
-                instance_id: r.get(2)?,
-                instance: r.get(3)?,
-                machine: r.get(4)?,
-                name: r.get(5)?,
-                from_state: r.get(6)?,
-                event: r.get(7)?,
-                kind: r.get(8)?,
-                context: r.get(9)?,
-                step: r.get(10)?,
-                branch: r.get(11)?,
-                attempts: r.get(12)?,
-                first: r.get(13)?,
-                queue: r.get(14)?,
-                token: r.get(15)?,
-                grp: r.get(16)?,
-                page_queued: r.get(17)?,
-                target: r.get(18)?,
-            })
-        })
-        .map_err(db)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db)?;
     let until = now.saturating_add(micros(req.lease));
     let mut per_queue: Vec<(String, usize)> = req.queue_limits.clone();
     // The configured limits hold across every worker process on the file too.
@@ -126,18 +119,64 @@ pub(super) fn claim(
             None => per_queue.push((queue, allowed)),
         }
     }
+    // Only tasks this worker may take are read (its queues and targets, and none of a queue
+    // with no room left), so a backlog it may not take never hides the work it may.
+    let filter = ClaimFilter::of(req, &per_queue);
+    // Look at a few more candidates than wanted, so per-queue limits can skip some.
+    let window = bigint((req.limit * 2).max(16));
+    let rows = tx
+        .prepare_cached(
+            "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
+                    t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue,
+                    t.token, t.grp, t.page_queued
+             FROM tasks t JOIN instances i ON i.id = t.instance_id
+             WHERE t.status = 'ready' AND t.due_at <= ?1
+               AND (?3 OR (?4 AND t.target IS NULL) OR t.target IN (SELECT value FROM json_each(?5)))
+               AND (?6 IS NULL OR t.queue IN (SELECT value FROM json_each(?6)))
+               AND t.queue NOT IN (SELECT value FROM json_each(?7))
+             ORDER BY t.due_at LIMIT ?2",
+        )
+        .map_err(db)?
+        .query_map(
+            params![
+                now,
+                window,
+                filter.any_target,
+                filter.untargeted,
+                filter.targets,
+                filter.queues,
+                filter.full_queues
+            ],
+            |r| {
+                Ok(ClaimRow {
+                    id: r.get(0)?,
+                    claim: r.get(1)?,
+                    instance_id: r.get(2)?,
+                    instance: r.get(3)?,
+                    machine: r.get(4)?,
+                    name: r.get(5)?,
+                    from_state: r.get(6)?,
+                    event: r.get(7)?,
+                    kind: r.get(8)?,
+                    context: r.get(9)?,
+                    step: r.get(10)?,
+                    branch: r.get(11)?,
+                    attempts: r.get(12)?,
+                    first: r.get(13)?,
+                    queue: r.get(14)?,
+                    token: r.get(15)?,
+                    grp: r.get(16)?,
+                    page_queued: r.get(17)?,
+                })
+            },
+        )
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
     let mut claimed = Vec::new();
     for row in rows {
         if claimed.len() >= req.limit {
             break;
-        }
-        if let Some(only) = &req.queues {
-            if !only.contains(&row.queue) {
-                continue;
-            }
-        }
-        if !req.targets.takes(row.target.as_deref()) {
-            continue;
         }
         if let Some((_, left)) = per_queue.iter_mut().find(|(q, _)| *q == row.queue) {
             if *left == 0 {

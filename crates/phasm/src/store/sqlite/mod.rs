@@ -184,13 +184,14 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>, options: &SqliteOptions) -> StoreResult<Self> {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path, options)?;
-        let requests = Lane::new("phasm-sqlite", conn, options.threads)?;
+        let writes = options.access != Access::ReadOnly;
+        let requests = Lane::new("phasm-sqlite", conn, options.threads, writes)?;
         let reader = match options.threads {
             Threads::Own => open_reader(&path),
             Threads::Caller => None,
         };
         let reads = match reader {
-            Some(conn) => Lane::new("phasm-sqlite-read", conn, options.threads)?,
+            Some(conn) => Lane::new("phasm-sqlite-read", conn, options.threads, false)?,
             None => requests.clone(),
         };
         let changes = Arc::new(Notify::new());

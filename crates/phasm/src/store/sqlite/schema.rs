@@ -236,6 +236,27 @@ pub(super) fn open_reader(path: &Path) -> Option<Connection> {
     Some(conn)
 }
 
+/// Create an empty database file readable and writable by its owner alone (`0600`): it
+/// holds every context and the wait-token key. SQLite gives the WAL and shared-memory files
+/// it makes beside it the same mode.
+fn create_private(path: &Path) -> StoreResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        // Another process made it first: it is opened as it is.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::database(format!(
+            "cannot create `{}`: {e}",
+            path.display()
+        ))),
+    }
+}
+
 pub(super) fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResult<Connection> {
     use rusqlite::OpenFlags;
     let in_memory = path.as_os_str() == ":memory:";
@@ -244,6 +265,9 @@ pub(super) fn open_connection(path: &Path, options: &SqliteOptions) -> StoreResu
             "no phasm database at `{}` (a mistyped path? `phasm run`, `start`, `worker` and `serve` create one)",
             path.display()
         )));
+    }
+    if options.access == Access::Create && !in_memory && !path.exists() {
+        create_private(path)?;
     }
     let flags = match options.access {
         Access::Create => OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
