@@ -1,39 +1,21 @@
 //! PostgreSQL restarts in the middle of a run: the workers log the outage, back off,
 //! reconnect, and finish every instance with nothing lost and nothing committed twice.
-//! (Its own test binary, so no other test's connections see the restart.)
+//! The server is a throwaway cluster of this test's own, never the machine's.
 
 #[path = "it/common/mod.rs"]
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_joined_once, count, phasm, postgres_schema, worker, FORK_JOIN};
-
-fn restart_postgres() -> Result<(), String> {
-    let versions =
-        std::fs::read_dir("/etc/postgresql").map_err(|e| format!("no local cluster: {e}"))?;
-    let version = versions
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .next()
-        .ok_or("no local cluster")?;
-    let out = Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
-        .output()
-        .map_err(|e| format!("pg_ctlcluster: {e}"))?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(())
-}
+use common::cluster::Cluster;
+use common::{assert_joined_once, count, phasm, worker, FORK_JOIN};
 
 #[test]
 fn workers_survive_a_database_restart() {
-    let Some(schema) = postgres_schema("restart") else {
+    let Some(cluster) = Cluster::start("workers_survive_a_database_restart") else {
         return;
     };
-    let db = schema.url.clone();
+    let db = cluster.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("fsm.yaml"), FORK_JOIN).unwrap();
@@ -55,13 +37,7 @@ fn workers_survive_a_database_restart() {
         worker(d, &db, &["--concurrency", "8"]),
     ];
     std::thread::sleep(Duration::from_millis(800));
-    if let Err(why) = restart_postgres() {
-        if std::env::var("PHASM_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-            panic!("cannot restart PostgreSQL for this test: {why}");
-        }
-        eprintln!("SKIPPED workers_survive_a_database_restart: cannot restart PostgreSQL ({why})");
-        return;
-    }
+    cluster.restart();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let out = phasm(

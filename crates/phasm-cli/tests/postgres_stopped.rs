@@ -1,6 +1,6 @@
 //! PostgreSQL stops while a worker runs: SIGTERM still stops the worker within seconds, and
 //! once the server is back another worker finishes every instance, nothing lost or committed
-//! twice. (Its own test binary, so no other test's connections see the outage.)
+//! twice. The server is a throwaway cluster of this test's own, never the machine's.
 
 #[path = "it/common/mod.rs"]
 mod common;
@@ -8,51 +8,16 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{assert_joined_once, count, phasm, postgres_schema, worker, FORK_JOIN};
-
-fn cluster(action: &str) -> Result<(), String> {
-    let version = std::fs::read_dir("/etc/postgresql")
-        .map_err(|e| format!("no local cluster: {e}"))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .next()
-        .ok_or("no local cluster")?;
-    let out = Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", action])
-        .output()
-        .map_err(|e| format!("pg_ctlcluster: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// Starts the server again however the test ends.
-struct Restart;
-
-impl Drop for Restart {
-    fn drop(&mut self) {
-        let _ = cluster("start");
-        for _ in 0..30 {
-            let ready = Command::new("pg_isready")
-                .args(["-q", "-h", "127.0.0.1", "-p", "5432"])
-                .status()
-                .is_ok_and(|s| s.success());
-            if ready {
-                break;
-            }
-            std::thread::sleep(Duration::from_secs(1));
-        }
-    }
-}
+use common::cluster::Cluster;
+use common::{assert_joined_once, count, phasm, worker, FORK_JOIN};
 
 #[test]
 fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
-    let Some(schema) = postgres_schema("stopped") else {
+    let Some(cluster) = Cluster::start("sigterm_stops_a_worker_promptly_while_postgres_is_down")
+    else {
         return;
     };
-    let db = schema.url.clone();
+    let db = cluster.url.clone();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::write(d.join("fsm.yaml"), FORK_JOIN).unwrap();
@@ -92,16 +57,7 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
         text
     });
     std::thread::sleep(Duration::from_millis(500));
-    let restart = Restart;
-    if let Err(why) = cluster("stop") {
-        if std::env::var("PHASM_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-            panic!("cannot stop PostgreSQL for this test: {why}");
-        }
-        eprintln!("SKIPPED: cannot stop PostgreSQL ({why})");
-        let _ = running.kill();
-        let _ = running.wait();
-        return;
-    }
+    cluster.stop();
     // Let the worker meet the outage (failed claims and commits, backing off).
     std::thread::sleep(Duration::from_secs(3));
     let asked = Instant::now();
@@ -143,7 +99,7 @@ fn sigterm_stops_a_worker_promptly_while_postgres_is_down() {
         given_up >= 1,
         "steps were running when the database went: {said}"
     );
-    drop(restart); // the server is back
+    cluster.start_again();
     let mut finisher = worker(d, &db, &["--concurrency", "8"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while count(d, &db, "completed") < instances {

@@ -11,11 +11,29 @@ fn base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
-/// A schema of one test's own, dropped by [`Schema::drop_schema`].
+/// A schema of one test's own, dropped by [`Schema::drop_schema`] — or, when the test
+/// panicked before it got there, when this goes out of scope.
 pub struct Schema {
     client: tokio_postgres::Client,
+    base: String,
     name: String,
     url: String,
+    dropped: bool,
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        if !self.dropped {
+            // No runtime to await on here: psql drops it.
+            let _ = std::process::Command::new("psql")
+                .args([
+                    &self.base,
+                    "-qc",
+                    &format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+                ])
+                .output();
+        }
+    }
 }
 
 impl Schema {
@@ -51,7 +69,13 @@ impl Schema {
             .expect("create schema");
         let sep = if base.contains('?') { '&' } else { '?' };
         let url = format!("{base}{sep}options=-csearch_path%3D{name}");
-        Some(Self { client, name, url })
+        Some(Self {
+            client,
+            base,
+            name,
+            url,
+            dropped: false,
+        })
     }
 
     /// The URL of this schema.
@@ -76,10 +100,11 @@ impl Schema {
     }
 
     /// Drop the schema and everything in it.
-    pub async fn drop_schema(self) {
-        let _ = self
+    pub async fn drop_schema(mut self) {
+        let dropped = self
             .client
             .batch_execute(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
             .await;
+        self.dropped = dropped.is_ok();
     }
 }
