@@ -231,10 +231,23 @@ struct Lines {
     rows: std::collections::BTreeMap<String, Vec<(i64, String, bool)>>,
     /// The joins: (id, fan-in state).
     joins: Vec<(i64, String)>,
+    /// The first row of each run since a reset (the reset step's own row), in order: a
+    /// run's branches reuse the names of the run before it, so a step is judged by the rows
+    /// of its own run alone.
+    runs: Vec<i64>,
+}
+
+/// Whether `task` is the name of a step a reset queued again (`…--step-N--reset-T`).
+fn is_reset_task(task: &str) -> bool {
+    task.rsplit_once("--reset-")
+        .is_some_and(|(_, t)| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
 }
 
 impl Lines {
     fn add(&mut self, h: &HistoryRow) {
+        if is_reset_task(&h.task) {
+            self.runs.push(h.id);
+        }
         self.rows
             .entry(h.branch.clone())
             .or_default()
@@ -253,9 +266,17 @@ impl Lines {
         let step = s.step.unwrap_or(0);
         let forked_before =
             |b: &str| forked_from(b).is_some_and(|(parent, k)| parent == s.branch && k <= step);
+        // The run the step belongs to: from the reset that began it to the next reset.
+        let first = self.runs.iter().rev().find(|id| **id <= s.id).copied();
+        let next = self.runs.iter().find(|id| **id > s.id).copied();
+        let in_run = |id: i64| first.is_none_or(|f| id >= f) && next.is_none_or(|n| id < n);
         let mut found = Vec::new();
         for (branch, rows) in &self.rows {
             if *branch == s.branch {
+                continue;
+            }
+            let rows: Vec<_> = rows.iter().filter(|(id, _, _)| in_run(*id)).collect();
+            if rows.is_empty() {
                 continue;
             }
             let before: Vec<_> = rows.iter().filter(|(id, _, _)| *id < s.id).collect();
@@ -276,8 +297,14 @@ impl Lines {
                 found.push(branch.clone());
             }
         }
+        // Pending work belongs to the latest run.
+        let latest = next.is_none();
         for b in pending {
-            if *b != s.branch && !self.rows.contains_key(*b) && forked_before(b) {
+            let ran = self
+                .rows
+                .get(*b)
+                .is_some_and(|rows| rows.iter().any(|(id, _, _)| in_run(*id)));
+            if latest && *b != s.branch && !ran && forked_before(b) {
                 found.push((*b).to_string());
             }
         }
@@ -351,6 +378,39 @@ mod tests {
             early.alongside(&rows[2], &["f3-1"]).is_empty(),
             "forked by step 3 itself"
         );
+    }
+
+    /// After a reset to the fork (step 3), the rerun forks the same branch names again: its
+    /// own steps are judged by its own rows, and the first run's steps by theirs.
+    #[test]
+    fn a_rerun_is_judged_by_its_own_rows() {
+        let (mut lines, mut rows) = forked();
+        let mut again = vec![
+            row(12, "", 2, "split", "paid", false),
+            row(13, "f3-1", 3, "pack", "item", false),
+            row(14, "", 3, "pack", "item", false),
+            row(15, "f3-1", 3, "ship", "item", false),
+            row(16, "", 3, "ship", "item", false),
+            row(17, "f3-2", 3, "pack", "item", false),
+            row(18, "f3-2", 3, "ship", "item", false),
+            row(19, "j19", 4, "ship", "fan-in", false),
+            row(20, "j19", 5, "done", "shipped", true),
+        ];
+        again[0].entry.task = "o--payment--paid--split--step-2--reset-1800000000000000".into();
+        again.iter().for_each(|r| lines.add(r));
+        rows.extend(again);
+        let at = |id: i64| &rows[usize::try_from(id - 1).unwrap()];
+        // The rerun's fork, and the step after its join, can be reset again.
+        assert!(lines.alongside(at(12), &[]).is_empty());
+        assert!(lines.alongside(at(20), &[]).is_empty());
+        // The rerun's main line after its fork ran alongside the rerun's items.
+        assert_eq!(lines.alongside(at(14), &[]), ["f3-1", "f3-2"]);
+        // The first run is judged as before.
+        assert!(lines.alongside(at(3), &[]).is_empty());
+        assert_eq!(lines.alongside(at(6), &[]), ["f3-1", "f3-2"]);
+        assert!(lines.alongside(at(11), &[]).is_empty());
+        assert!(is_reset_task("a--x--go--y--step-2--reset-17"));
+        assert!(!is_reset_task("a--x--go--reset--step-2"));
     }
 
     #[test]
