@@ -163,13 +163,21 @@ enum Command {
         /// Address to listen on. Any address other than loopback needs --token.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
-        /// Require `Authorization: Bearer TOKEN` on every API call.
+        /// Require `Authorization: Bearer TOKEN` on every API call. On the command line the
+        /// token is visible to every local user (in `ps`): prefer --token-file or PHASM_TOKEN.
         #[arg(long, env = "PHASM_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Read the token from this file (its first line; keep the file private).
+        #[arg(long, env = "PHASM_TOKEN_FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         /// Also answer to this `Host` name (repeatable); on loopback only `localhost`,
         /// `127.0.0.1` and `[::1]` are served otherwise.
         #[arg(long = "allow-host", value_name = "NAME")]
         allow_hosts: Vec<String>,
+        /// A reverse proxy's address whose `X-Forwarded-For` names the client (repeatable):
+        /// wrong tokens are then throttled per forwarded address, not per proxy.
+        #[arg(long = "trusted-proxy", value_name = "IP")]
+        trusted_proxies: Vec<std::net::IpAddr>,
         /// Most steps running at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -395,21 +403,23 @@ async fn run_async(command: Command) -> ExitCode {
             file,
             listen,
             token,
+            token_file,
             allow_hosts,
+            trusted_proxies,
             concurrency,
             scrub_older_than,
             db,
         } => {
-            cmd::run::serve(
-                &file,
+            let settings = cmd::run::ServeSettings {
                 listen,
                 token,
+                token_file,
                 allow_hosts,
+                trusted_proxies,
                 concurrency,
                 scrub_older_than,
-                &db,
-            )
-            .await
+            };
+            cmd::run::serve(&file, settings, &db).await
         }
         Command::Scrub {
             older_than,

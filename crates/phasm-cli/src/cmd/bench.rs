@@ -312,6 +312,7 @@ async fn http_starts(
         metrics: None,
         throttle: phasm::server::auth::Throttle::default(),
         allowed_hosts: None,
+        trusted_proxies: Vec::new(),
     });
     let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
         Ok(l) => l,

@@ -669,16 +669,59 @@ fn unserved_targets(config: &Config, targets: &[String]) -> Vec<String> {
     used.into_iter().filter(|t| !targets.contains(t)).collect()
 }
 
+/// How `phasm serve` serves.
+#[derive(Debug)]
+pub struct ServeSettings {
+    /// Where it listens.
+    pub listen: std::net::SocketAddr,
+    /// The API token (`--token` or `PHASM_TOKEN`).
+    pub token: Option<String>,
+    /// A file holding the token (`--token-file` or `PHASM_TOKEN_FILE`).
+    pub token_file: Option<std::path::PathBuf>,
+    /// More `Host` names to answer to.
+    pub allow_hosts: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Most steps at once.
+    pub concurrency: usize,
+    /// Scrub ended instances older than this every hour.
+    pub scrub_older_than: Option<Duration>,
+}
+
+/// The token `phasm serve` requires: from `--token-file` (its first line), or `--token` /
+/// `PHASM_TOKEN` — with a warning when it was typed on the command line, where `ps` shows it
+/// to every local user.
+fn serve_token(settings: &ServeSettings) -> Result<Option<String>, String> {
+    if let Some(path) = &settings.token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--token-file `{}`: {e}", path.display()))?;
+        let token = text.lines().next().unwrap_or_default().trim().to_string();
+        return Ok(Some(token));
+    }
+    let on_command_line =
+        std::env::args_os().any(|a| a == "--token" || a.to_string_lossy().starts_with("--token="));
+    if settings.token.is_some() && on_command_line {
+        tracing::warn!(
+            "--token on the command line is visible to every local user (ps, /proc): use --token-file or PHASM_TOKEN"
+        );
+    }
+    Ok(settings.token.clone())
+}
+
 /// `phasm serve`: a worker and the HTTP API, until SIGINT or SIGTERM.
-pub async fn serve(
-    file: &Path,
-    listen: std::net::SocketAddr,
-    token: Option<String>,
-    allow_hosts: Vec<String>,
-    concurrency: usize,
-    scrub_older_than: Option<Duration>,
-    db_args: &DbArgs,
-) -> ExitCode {
+pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> ExitCode {
+    let token = match serve_token(&settings) {
+        Ok(t) => t,
+        Err(e) => return exit::invalid(e),
+    };
+    let ServeSettings {
+        listen,
+        allow_hosts,
+        trusted_proxies,
+        concurrency,
+        scrub_older_than,
+        ..
+    } = settings;
     // On loopback only the loopback names are served (a page elsewhere cannot reach the API
     // through a name that resolves to 127.0.0.1); elsewhere any, unless names are given.
     let allowed_hosts = if listen.ip().is_loopback() || !allow_hosts.is_empty() {
@@ -696,7 +739,9 @@ pub async fn serve(
     };
     let shutdown = Shutdown::install();
     if let Some(Err(e)) = token.as_deref().map(phasm::server::auth::check_token) {
-        return exit::invalid(format!("--token/PHASM_TOKEN: {e}"));
+        return exit::invalid(format!(
+            "the token (--token, --token-file or PHASM_TOKEN): {e}"
+        ));
     }
     if !listen.ip().is_loopback() && token.as_deref().is_none_or(str::is_empty) {
         return exit::invalid(format!("listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN"));
@@ -768,6 +813,7 @@ pub async fn serve(
         metrics,
         throttle: Default::default(),
         allowed_hosts,
+        trusted_proxies,
     });
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut api_stop = stop_rx.clone();

@@ -303,10 +303,59 @@ fn serve_refuses_a_short_or_blank_token_before_listening() {
         assert_eq!(out.status.code(), Some(2), "{token:?}");
         let err = text(&out.stderr);
         assert!(
-            err.contains("--token/PHASM_TOKEN") && err.contains(why),
+            err.contains("the token (--token") && err.contains(why),
             "{err}"
         );
     }
+    // A token file is read (its first line) and checked the same way.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("token");
+    std::fs::write(&file, "short\n").unwrap();
+    let out = phasm(&[
+        "serve",
+        "examples/orders/orders.yaml",
+        "--listen",
+        "127.0.0.1:0",
+        "--token-file",
+        &file.display().to_string(),
+        "--db",
+        "/nonexistent/never-opened.db",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("use at least 16"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Actions never see phasm's own secrets (the API token, the database URL), while a variable
+/// an operator sets for them on purpose passes through.
+#[test]
+fn actions_do_not_inherit_the_token_or_the_database_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let yaml = "actions:\n  Look:\n    exec: [sh, look.sh]\nstate_machines:\n- name: M\n  logging: persistent\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Look\n";
+    let script = "cat > /dev/null\nprintf '{\"log\": [\"token=%s db=%s file=%s mine=%s\"]}' \"$PHASM_TOKEN\" \"$PHASM_DB\" \"$PHASM_TOKEN_FILE\" \"$MY_SETTING\"\n";
+    std::fs::write(d.join("look.sh"), script).unwrap();
+    std::fs::write(d.join("fsm.yaml"), yaml).unwrap();
+    let db = d.join("p.db").display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["run", "fsm.yaml", "--name", "look"])
+        .current_dir(d)
+        .env("PHASM_DB", &db)
+        .env("PHASM_TOKEN", "secret-token-0123456789")
+        .env("PHASM_TOKEN_FILE", "/secret/file")
+        .env("MY_SETTING", "kept")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let logs = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["logs", "look", "--db", &db])
+        .output()
+        .unwrap();
+    let logs = text(&logs.stdout);
+    assert!(logs.contains("token= db= file= mine=kept"), "{logs}");
 }
 
 #[test]

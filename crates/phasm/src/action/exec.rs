@@ -56,7 +56,7 @@ impl Action for ExecAction {
             .argv
             .split_first()
             .ok_or_else(|| ActionError::new("exec binding has no program"))?;
-        let mut child = Command::new(program)
+        let mut child = super::withhold_secrets(&mut Command::new(program))
             .args(args)
             .current_dir(&self.binding.working_dir)
             .stdin(Stdio::piped())

@@ -77,6 +77,20 @@ pub fn out_of_resources(e: &std::io::Error) -> bool {
     })
 }
 
+/// phasm's own secrets in its environment, which no action's process inherits: the API
+/// token (`PHASM_TOKEN`, `PHASM_TOKEN_FILE`) and the database URL, which may hold a password
+/// (`PHASM_DB`). Everything else in phasm's environment is passed on as it is, so a
+/// variable an operator sets for the actions on purpose reaches them.
+pub const WITHHELD_ENV: &[&str] = &["PHASM_TOKEN", "PHASM_TOKEN_FILE", "PHASM_DB"];
+
+/// Keep [`WITHHELD_ENV`] out of a program's environment.
+pub fn withhold_secrets(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    for name in WITHHELD_ENV {
+        command.env_remove(name);
+    }
+    command
+}
+
 impl From<String> for ActionError {
     fn from(message: String) -> Self {
         Self::new(message)

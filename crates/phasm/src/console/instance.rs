@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
-use maud::{html, Markup, PreEscaped};
+use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::history::history_table;
@@ -336,7 +336,7 @@ pub(crate) async fn instance(
             p { a id="log-next" href={ "/instances/" (q) "?log_cursor=" (next) } { "next " (PAGE_ROWS) " log lines" } }
         }
         @if view.status == InstanceStatus::Running {
-            script { (PreEscaped("setInterval(async()=>{const r=await fetch(location.pathname,{headers:{'X-Partial':'1'}});if(r.ok){document.getElementById('live').innerHTML=await r.text();}},2000);")) }
+            (super::layout::refresh("live", 2000, "path", None))
         }
     };
     page(&view.name, body).into_response()

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::{Form, Query, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
-use maud::{html, Markup, PreEscaped};
+use maud::{html, Markup};
 
 use super::layout::{human_duration, instance_link, page, problem, seg, status, time};
 use crate::control::{self, ListParams};
@@ -90,7 +90,7 @@ pub(crate) async fn instances(
         @if refresh {
             // Only the rows are replaced, and only while nothing is selected: the scroll
             // position, the filters (in the URL) and a selection stay.
-            script { (PreEscaped("setInterval(async()=>{if(document.querySelector('#rows input:checked'))return;const r=await fetch(location.href,{headers:{'X-Partial':'1'}});if(r.ok){document.getElementById('rows').innerHTML=await r.text();}},5000);")) }
+            (super::layout::refresh("rows", 5000, "href", Some("#rows input:checked")))
         }
     };
     page("Instances", body).into_response()

@@ -29,6 +29,47 @@ img.graph{max-width:100%;border:1px solid var(--line);background:#fff}\
 .swatch{display:inline-block;width:1.4em;height:.9em;border:2px solid;border-radius:.3em;vertical-align:middle;margin-right:.3em}\
 .legend{font-size:.85rem}";
 
+/// The console's only script, served at [`SCRIPT_PATH`] (the Content-Security-Policy allows
+/// scripts from the server itself alone, never inline): it refreshes the element a page
+/// marked with [`refresh`].
+pub const SCRIPT: &str = "\
+for(const m of document.querySelectorAll('[data-refresh]')){\
+const d=m.dataset;\
+setInterval(async()=>{\
+if(d.hold&&document.querySelector(d.hold))return;\
+const u=d.from==='path'?location.pathname:location.href;\
+const r=await fetch(u,{headers:{'X-Partial':'1'}});\
+const t=document.getElementById(d.refresh);\
+if(r.ok&&t){t.innerHTML=await r.text();}\
+},Number(d.every));}\n";
+
+/// Where the console's script is served.
+pub const SCRIPT_PATH: &str = "/assets/console.js";
+
+/// Have the console's script replace element `id` every `every_ms` with the page's partial
+/// answer (`X-Partial: 1`) for the page's path (`from` = `"path"`) or whole URL (`"href"`),
+/// skipped while `hold` (a CSS selector) matches something.
+pub(super) fn refresh(id: &str, every_ms: u32, from: &str, hold: Option<&str>) -> Markup {
+    html! {
+        span hidden data-refresh=(id) data-every=(every_ms) data-from=(from) data-hold=[hold] {}
+        script src=(SCRIPT_PATH) {}
+    }
+}
+
+/// `GET /assets/console.js`.
+pub(crate) async fn script() -> impl axum::response::IntoResponse {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        SCRIPT,
+    )
+}
+
 /// A whole page.
 pub(super) fn page(title: &str, body: Markup) -> Html<String> {
     Html(

@@ -10,23 +10,45 @@ use maud::html;
 use serde::Deserialize;
 
 use super::layout::page;
-use crate::server::auth::{cookie_value, token_given, token_matches, TOKEN_COOKIE};
+use crate::server::auth::{cookie_value, token_given, Verdict, TOKEN_COOKIE};
 use crate::server::ServerState;
 
 /// Pages need the token too: a bearer header, or the cookie set by the login form.
 /// Let a page through, or send the browser to the login form.
+/// A wrong cookie counts against the address as a wrong bearer token does (one throttle).
 pub(crate) async fn authorize_pages(
     State(state): State<Arc<ServerState>>,
+    client: crate::server::Client,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    match &state.token {
-        Some(token) if !token_matches(token_given(&headers).as_deref(), token) => {
-            Redirect::to("/login").into_response()
-        }
-        _ => next.run(request).await,
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    match state
+        .throttle
+        .check(client.0, token_given(&headers).as_deref(), token)
+    {
+        Verdict::Allowed => next.run(request).await,
+        Verdict::Blocked(wait) => too_many(wait),
+        Verdict::Missing | Verdict::Wrong => Redirect::to("/login").into_response(),
     }
+}
+
+/// The page refusing an address that sent too many wrong tokens.
+fn too_many(wait: std::time::Duration) -> Response {
+    let secs = wait.as_secs().max(1);
+    let body = html! {
+        h1 { "Log in" }
+        p class="err" { "Too many wrong tokens from this address: try again in " (secs) " s." }
+    };
+    (
+        StatusCode::TOO_MANY_REQUESTS,
+        [(header::RETRY_AFTER, secs.to_string())],
+        page("Log in", body),
+    )
+        .into_response()
 }
 
 /// `GET /login`.
@@ -58,38 +80,27 @@ pub(crate) async fn login(
     let Some(token) = &state.token else {
         return Redirect::to("/").into_response();
     };
-    if let Some(wait) = state.throttle.blocked(client.0) {
-        let secs = wait.as_secs().max(1);
-        let body = html! {
-            h1 { "Log in" }
-            p class="err" { "Too many wrong tokens from this address: try again in " (secs) " s." }
-        };
-        return (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(header::RETRY_AFTER, secs.to_string())],
-            page("Log in", body),
-        )
-            .into_response();
+    match state.throttle.check(client.0, Some(&form.token), token) {
+        Verdict::Allowed => {}
+        Verdict::Blocked(wait) => return too_many(wait),
+        Verdict::Missing | Verdict::Wrong => {
+            let body = html! {
+                h1 { "Log in" }
+                p class="err" { "Wrong token." }
+                p { a href="/login" { "Try again" } }
+            };
+            return (StatusCode::UNAUTHORIZED, page("Log in", body)).into_response();
+        }
     }
-    if token_matches(Some(&form.token), token) {
-        state.throttle.succeeded(client.0);
-        return (
-            [(
-                header::SET_COOKIE,
-                format!(
-                    "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
-                    cookie_value(&form.token)
-                ),
-            )],
-            Redirect::to("/"),
-        )
-            .into_response();
-    }
-    state.throttle.failed(client.0);
-    let body = html! {
-        h1 { "Log in" }
-        p class="err" { "Wrong token." }
-        p { a href="/login" { "Try again" } }
-    };
-    (StatusCode::UNAUTHORIZED, page("Log in", body)).into_response()
+    (
+        [(
+            header::SET_COOKIE,
+            format!(
+                "{TOKEN_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict",
+                cookie_value(&form.token)
+            ),
+        )],
+        Redirect::to("/"),
+    )
+        .into_response()
 }

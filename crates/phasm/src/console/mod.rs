@@ -20,11 +20,12 @@ mod timeline;
 
 /// The cookie that carries the token for the console's pages.
 pub use crate::server::auth::TOKEN_COOKIE;
+pub use layout::{SCRIPT, SCRIPT_PATH};
 
 pub(crate) use history::{history, reset, step};
 pub(crate) use instance::{cancel, instance, instance_graph, retry, send_event};
 pub(crate) use instances::{bulk, instances};
-pub(crate) use layout::html_errors;
+pub(crate) use layout::{html_errors, script};
 pub(crate) use login::{authorize_pages, login, login_form};
 pub(crate) use machines::{machine, machine_graph, machines, start};
 pub(crate) use operations::{queues, workers};

@@ -1,5 +1,13 @@
 //! Who may use the API and the console: the token (compared in constant time), the login
-//! cookie, and throttling of wrong tokens per client address.
+//! cookie, and one throttle of wrong tokens per client address for the API, the pages and
+//! the login form alike.
+//!
+//! The right token always passes, even from an address that is being refused: behind a
+//! proxy every client shares one address, and five wrong guesses must not lock them all out.
+//! That an answer then tells a right guess from a wrong one costs nothing: a token has at
+//! least [`MIN_TOKEN_CHARS`] printable characters, far beyond what guessing reaches. The
+//! throttle keeps a guesser's requests cheap (a 429 before anything is looked up) and its
+//! log quiet.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -85,7 +93,35 @@ pub struct Throttle {
     failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
+/// What a request's token earns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The right token: served, whatever the address did before.
+    Allowed,
+    /// No token at all (not counted as a wrong one).
+    Missing,
+    /// A wrong token, now counted against the address.
+    Wrong,
+    /// A wrong token from an address that sent too many: refused for this long.
+    Blocked(Duration),
+}
+
 impl Throttle {
+    /// Judge the token `given` by client `ip` against `token` (see [`Verdict`]).
+    pub fn check(&self, ip: IpAddr, given: Option<&str>, token: &str) -> Verdict {
+        if token_matches(given, token) {
+            return Verdict::Allowed;
+        }
+        if given.is_none() {
+            return Verdict::Missing;
+        }
+        if let Some(left) = self.blocked(ip) {
+            return Verdict::Blocked(left);
+        }
+        self.failed(ip);
+        Verdict::Wrong
+    }
+
     /// How long `ip` must wait before it may try again (`None`: it may try now).
     pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
         let failures = self.lock();
@@ -105,11 +141,6 @@ impl Throttle {
             *entry = (0, Instant::now());
         }
         entry.0 += 1;
-    }
-
-    /// `ip` sent the right token: forget its failures.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.lock().remove(&ip);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
@@ -144,15 +175,20 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_of_wrong_tokens_is_refused_for_the_window() {
+    fn a_burst_of_wrong_tokens_is_refused_for_the_window_but_the_right_token_passes() {
         let throttle = Throttle::default();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let token = "the-right-token-0123";
         for _ in 0..MAX_FAILURES {
-            assert!(throttle.blocked(ip).is_none());
-            throttle.failed(ip);
+            assert_eq!(throttle.check(ip, Some("guess"), token), Verdict::Wrong);
         }
-        assert!(throttle.blocked(ip).is_some());
+        assert!(matches!(
+            throttle.check(ip, Some("guess"), token),
+            Verdict::Blocked(_)
+        ));
+        assert_eq!(throttle.check(ip, None, token), Verdict::Missing);
+        assert_eq!(throttle.check(ip, Some(token), token), Verdict::Allowed);
         let other: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(throttle.blocked(other).is_none());
+        assert_eq!(throttle.check(other, Some("guess"), token), Verdict::Wrong);
     }
 }

@@ -1,7 +1,9 @@
 //! What the server refuses from browsers acting for another site: a `Host` a loopback
 //! listener does not answer to (DNS rebinding), API writes that are not JSON (a cross-site
 //! `no-cors` POST can only send form or text bodies), and console forms posted from another
-//! origin (cross-site request forgery, including from a sibling origin of the same site).
+//! origin (cross-site request forgery, including from a sibling origin of the same site);
+//! and, on every answer, the headers that keep a page from being framed (clickjacking),
+//! running scripts other than the server's own, or being sniffed as another type.
 
 use std::sync::Arc;
 
@@ -11,6 +13,36 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use super::{error, ServerState};
+
+/// The Content-Security-Policy of every answer: the console's pages run only the server's
+/// own script, load nothing from elsewhere, post forms only to the server, and may not be
+/// framed. (Inline styles are allowed: the console and its graphs style elements inline.)
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
+     style-src 'self' 'unsafe-inline'; img-src 'self' data:; object-src 'none'; \
+     base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+/// Add the headers that protect a browser to every answer: no framing (`X-Frame-Options`,
+/// `frame-ancestors`), scripts from this server only, no type sniffing, and no `Referer`
+/// sent to other sites.
+pub(crate) async fn security_headers(request: Request, next: Next) -> Response {
+    use axum::http::HeaderValue;
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CONTENT_SECURITY_POLICY),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    response
+}
 
 /// The names a loopback listener answers to (any port).
 pub const LOOPBACK_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]"];

@@ -79,27 +79,65 @@ pub struct ServerState {
     /// The `Host` names served (any port); others get 421. `None`: any (a listener reachable
     /// only through names the operator controls, behind a token).
     pub allowed_hosts: Option<Vec<String>>,
+    /// Proxies whose `X-Forwarded-For` names the client (the throttle of wrong tokens is
+    /// then kept per forwarded address). Empty: the connection's address is the client's,
+    /// and `X-Forwarded-For` is ignored.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
-/// The address a request came from (unspecified when the server was not started by
-/// [`serve`], e.g. a router used directly in a test).
+/// The address a request came from: the connection's, or — when that is one of
+/// [`ServerState::trusted_proxies`] — the address the proxies forwarded (the last one in
+/// `X-Forwarded-For` that is not itself a trusted proxy). Unspecified when the server was
+/// not started by [`serve`], e.g. a router used directly in a test.
 #[derive(Debug, Clone, Copy)]
 pub struct Client(pub IpAddr);
 
-impl<S: Send + Sync> FromRequestParts<S> for Client {
+impl FromRequestParts<Arc<ServerState>> for Client {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _state: &S,
+        state: &Arc<ServerState>,
     ) -> Result<Self, Self::Rejection> {
-        Ok(Client(
-            parts
-                .extensions
-                .get::<ConnectInfo<SocketAddr>>()
-                .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip()),
-        ))
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        Ok(Client(client_address(
+            peer,
+            &parts.headers,
+            &state.trusted_proxies,
+        )))
     }
+}
+
+/// The client's address: `peer`, or, when `peer` is a trusted proxy, the nearest address in
+/// `X-Forwarded-For` (read from the right, each proxy appending) that is not a trusted proxy.
+/// A header that does not parse leaves the last trusted address as the client.
+pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let hops: Vec<&str> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip;
+                if !trusted.contains(&ip) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 impl std::fmt::Debug for ServerState {
@@ -204,7 +242,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
                     "/login",
                     get(crate::console::login_form).post(crate::console::login),
                 )
-                .layer(middleware::from_fn(guard::same_origin_forms)),
+                .layer(middleware::from_fn(guard::same_origin_forms))
+                .route(crate::console::SCRIPT_PATH, get(crate::console::script)),
         )
         .merge(api)
         .merge(pages)
@@ -220,6 +259,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
             guard::check_host,
         ))
         .layer(middleware::from_fn(limit_head))
+        .layer(middleware::from_fn(guard::security_headers))
         .with_state(state)
 }
 
@@ -331,26 +371,26 @@ async fn authorize(
     next: Next,
 ) -> Response {
     if let Some(token) = &state.token {
-        if let Some(wait) = state.throttle.blocked(client.0) {
-            let secs = wait.as_secs().max(1);
-            let mut response = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                format!("too many wrong tokens from this address: try again in {secs} s"),
-            );
-            if let Ok(value) = secs.to_string().parse() {
-                response.headers_mut().insert(header::RETRY_AFTER, value);
-            }
-            return response;
-        }
         let given = auth::token_given(&headers);
-        if !auth::token_matches(given.as_deref(), token) {
-            if given.is_some() {
-                state.throttle.failed(client.0);
+        match state.throttle.check(client.0, given.as_deref(), token) {
+            auth::Verdict::Allowed => {}
+            auth::Verdict::Blocked(wait) => {
+                let secs = wait.as_secs().max(1);
+                let mut response = error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!("too many wrong tokens from this address: try again in {secs} s"),
+                );
+                if let Ok(value) = secs.to_string().parse() {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                return response;
             }
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong token: send `Authorization: Bearer TOKEN`",
-            );
+            auth::Verdict::Missing | auth::Verdict::Wrong => {
+                return error(
+                    StatusCode::UNAUTHORIZED,
+                    "missing or wrong token: send `Authorization: Bearer TOKEN`",
+                );
+            }
         }
     }
     next.run(request).await

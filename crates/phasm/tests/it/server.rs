@@ -22,7 +22,7 @@ async fn api(token: Option<&str>) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store =
         Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
-    api_with(dir, store, token, None).await
+    api_with(dir, store, token, None, &[]).await
 }
 
 /// Serve `store` with the test machine on a free port (contexts up to 1000 bytes).
@@ -31,6 +31,7 @@ async fn api_with(
     store: Arc<SqliteStore>,
     token: Option<&str>,
     hosts: Option<&[&str]>,
+    trusted_proxies: &[&str],
 ) -> Api {
     let config = Arc::new(
         load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
@@ -48,6 +49,7 @@ async fn api_with(
         metrics: Some(phasm::server::install_metrics().unwrap()),
         throttle: Default::default(),
         allowed_hosts: hosts.map(|h| h.iter().map(|n| (*n).to_string()).collect()),
+        trusted_proxies: trusted_proxies.iter().map(|p| p.parse().unwrap()).collect(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -447,33 +449,115 @@ async fn login_works_for_tokens_with_plus_slash_and_equals() {
     assert!(page.contains("<h1>Machines</h1>"), "{page}");
 }
 
+/// A GET carrying `headers` (whole header lines); the whole response.
+async fn get_with(api: &Api, path: &str, headers: &str) -> String {
+    raw(
+        api,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\n{headers}Connection: close\r\n\r\n"),
+    )
+    .await
+}
+
 #[tokio::test]
-async fn a_burst_of_wrong_tokens_is_refused_for_a_while() {
+async fn a_burst_of_wrong_tokens_is_refused_for_a_while_but_never_the_right_token() {
     let api = api(Some(BASE64_TOKEN)).await;
-    for _ in 0..phasm::server::auth::MAX_FAILURES {
-        let (status, _) = call(
-            &api,
-            "GET",
-            "/api/machines",
-            None,
-            Some("wrong-token-guess"),
-        )
-        .await;
+    // One throttle: wrong bearer tokens, wrong cookies on pages and wrong logins all count.
+    let (status, _) = call(&api, "GET", "/api/machines", None, Some("guess-1")).await;
+    assert_eq!(status, 401);
+    let page = get_with(
+        &api,
+        "/",
+        &format!("Cookie: {}=guess-2\r\n", phasm::console::TOKEN_COOKIE),
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 303"), "{page}");
+    let response = form_post(&api, "/login", SAME_ORIGIN, "token=guess-3").await;
+    assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    for _ in 3..phasm::server::auth::MAX_FAILURES {
+        let (status, _) = call(&api, "GET", "/api/machines", None, Some("guess")).await;
         assert_eq!(status, 401);
     }
-    // Now even the right token waits: the address is refused until the window ends.
-    let (status, body) = call(&api, "GET", "/api/machines", None, Some(BASE64_TOKEN)).await;
+    // Now wrong tokens are refused at once, on the API, the pages and the login form.
+    let (status, body) = call(&api, "GET", "/api/machines", None, Some("guess")).await;
     assert_eq!(status, 429, "{body}");
     assert!(json(&body)["error"]
         .as_str()
         .unwrap()
         .contains("too many wrong tokens"));
-    let form = "token=guess";
-    let response = form_post(&api, "/login", SAME_ORIGIN, form).await;
+    let page = get_with(
+        &api,
+        "/",
+        &format!("Cookie: {}=guess\r\n", phasm::console::TOKEN_COOKIE),
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 429"), "{page}");
+    let response = form_post(&api, "/login", SAME_ORIGIN, "token=guess").await;
     assert!(response.starts_with("HTTP/1.1 429"), "{response}");
     assert!(
         response.to_ascii_lowercase().contains("retry-after: "),
         "{response}"
+    );
+    // The right token still passes from the same address: behind a proxy, every client
+    // shares it, and one guesser must not lock them out.
+    let (status, body) = call(&api, "GET", "/api/machines", None, Some(BASE64_TOKEN)).await;
+    assert_eq!(status, 200, "{body}");
+    let cookie = format!(
+        "Cookie: {}={}\r\n",
+        phasm::console::TOKEN_COOKIE,
+        phasm::server::auth::cookie_value(BASE64_TOKEN)
+    );
+    let page = get_with(&api, "/", &cookie).await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    let form = format!("token={}", phasm::server::auth::cookie_value(BASE64_TOKEN));
+    let response = form_post(&api, "/login", SAME_ORIGIN, &form).await;
+    assert!(response.starts_with("HTTP/1.1 303"), "{response}");
+}
+
+/// Behind a trusted proxy the throttle is kept per forwarded address: one client's wrong
+/// tokens do not refuse another's; from an untrusted peer the header is ignored.
+#[tokio::test]
+async fn behind_a_trusted_proxy_wrong_tokens_are_counted_per_forwarded_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let api = api_with(dir, store, Some(BASE64_TOKEN), None, &["127.0.0.1"]).await;
+    let from = |client: &str, token: &str| {
+        format!("X-Forwarded-For: {client}\r\nAuthorization: Bearer {token}\r\n")
+    };
+    for _ in 0..phasm::server::auth::MAX_FAILURES {
+        let r = get_with(&api, "/api/machines", &from("203.0.113.7", "guess")).await;
+        assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    }
+    let r = get_with(&api, "/api/machines", &from("203.0.113.7", "guess")).await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+    // Another client behind the same proxy is judged on its own.
+    let r = get_with(&api, "/api/machines", &from("198.51.100.2", "guess")).await;
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    // A forged first hop is ignored: the proxy appended the real client last.
+    let forged = "X-Forwarded-For: 198.51.100.9, 203.0.113.7\r\nAuthorization: Bearer guess\r\n";
+    let r = get_with(&api, "/api/machines", forged).await;
+    assert!(r.starts_with("HTTP/1.1 429"), "{r}");
+}
+
+#[test]
+fn the_client_address_is_the_peers_unless_a_trusted_proxy_forwarded_it() {
+    use axum::http::HeaderMap;
+    use phasm::server::client_address;
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-forwarded-for", "1.2.3.4, 10.0.0.2".parse().unwrap());
+    let proxies = [ip("10.0.0.1"), ip("10.0.0.2")];
+    assert_eq!(
+        client_address(ip("10.0.0.1"), &headers, &proxies),
+        ip("1.2.3.4")
+    );
+    assert_eq!(
+        client_address(ip("9.9.9.9"), &headers, &proxies),
+        ip("9.9.9.9")
+    );
+    assert_eq!(
+        client_address(ip("10.0.0.1"), &HeaderMap::new(), &proxies),
+        ip("10.0.0.1")
     );
 }
 
@@ -607,7 +691,7 @@ async fn api_with_hosts(hosts: &[&str]) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let store =
         Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
-    api_with(dir, store, None, Some(hosts)).await
+    api_with(dir, store, None, Some(hosts), &[]).await
 }
 
 #[tokio::test]
@@ -680,7 +764,7 @@ async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
         })
         .collect();
     store.apply(now, commit, None).await.unwrap();
-    let api = api_with(dir, store, None, None).await;
+    let api = api_with(dir, store, None, None, &[]).await;
 
     let mut seen = 0;
     let mut cursor = String::new();
@@ -862,6 +946,7 @@ async fn waiting_api(token: Option<&str>) -> (Api, Arc<SqliteStore>, Arc<phasm::
         metrics: None,
         throttle: Default::default(),
         allowed_hosts: None,
+        trusted_proxies: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1738,4 +1823,58 @@ async fn the_openapi_document_lists_every_route_the_api_answers() {
     let (status, answer) = call(&api, "GET", "/api/nothing-here", None, Some("s3cret")).await;
     assert_eq!(status, 404);
     assert!(answer.contains("no such endpoint"), "{answer}");
+}
+
+/// Every answer — pages, API, login, errors, the script — forbids framing (clickjacking),
+/// scripts from anywhere but the server, type sniffing and cross-site referrers; and no page
+/// carries an inline script the policy would have to allow.
+#[tokio::test]
+async fn every_answer_carries_the_browser_protection_headers() {
+    let api = api(None).await;
+    let out = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some("{\"name\": \"i1\"}"),
+        None,
+    )
+    .await;
+    assert_eq!(out.0, 201, "{}", out.1);
+    for path in [
+        "/",
+        "/instances",
+        "/instances?refresh=1",
+        "/instances/i1",
+        "/login",
+        "/api/machines",
+        "/api/nowhere",
+        phasm::console::SCRIPT_PATH,
+    ] {
+        let response = get_with(&api, path, "").await;
+        let head = response
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .to_ascii_lowercase();
+        for header in [
+            "x-frame-options: deny",
+            "content-security-policy: default-src 'self'; script-src 'self';",
+            "frame-ancestors 'none'",
+            "x-content-type-options: nosniff",
+            "referrer-policy: same-origin",
+        ] {
+            assert!(head.contains(header), "{path} lacks `{header}`:\n{head}");
+        }
+        let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+        for (i, _) in body.match_indices("<script") {
+            let tag = &body[i..body[i..].find('>').map_or(body.len(), |e| i + e)];
+            assert!(tag.contains("src=\""), "{path} has an inline script: {tag}");
+        }
+    }
+    let script = get_with(&api, phasm::console::SCRIPT_PATH, "").await;
+    assert!(script.contains("text/javascript"), "{script}");
+    assert!(
+        script.contains("data-refresh") || script.contains("[data-refresh]"),
+        "{script}"
+    );
 }

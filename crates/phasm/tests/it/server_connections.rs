@@ -34,6 +34,7 @@ async fn server(options: ServeOptions) -> (std::net::SocketAddr, tempfile::TempD
         metrics: None,
         throttle: Default::default(),
         allowed_hosts: None,
+        trusted_proxies: Vec::new(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

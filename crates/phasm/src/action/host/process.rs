@@ -78,8 +78,10 @@ impl HostProcess {
         in_flight: usize,
     ) -> Result<(Arc<Self>, Ready), String> {
         let describe = format!("{} {}", command.program, command.args.join(" "));
-        let mut child = Command::new(&command.program)
+        let mut child = crate::action::withhold_secrets(&mut Command::new(&command.program))
             .args(&command.args)
+            // The host exits when this process is gone (see docs/host-protocol.md).
+            .env("PHASM_PARENT_PID", std::process::id().to_string())
             .current_dir(&command.working_dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
