@@ -47,6 +47,23 @@ pub(super) async fn to_instance(
     deliver(&state, SendTo::Instance(name), &body).await
 }
 
+/// A wait token whose signature does not check is refused before its body is read.
+pub(super) async fn signed_wait_token(
+    State(state): State<Arc<ServerState>>,
+    Path(token): Path<String>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match state.store.wait_key().await {
+        Ok(key) if crate::token::open(&key, &token).is_none() => error(
+            StatusCode::NOT_FOUND,
+            "no wait for that token (it is not one phasm made for this database)",
+        ),
+        // A store that cannot answer is reported by the handler.
+        _ => next.run(request).await,
+    }
+}
+
 /// Send an event to the one wait a wait token addresses (no bearer token asked).
 ///
 /// The token comes from an entry action's `wait_token`; it is the credential, so a system

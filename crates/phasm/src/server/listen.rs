@@ -1,7 +1,9 @@
 //! Accepting connections without letting clients exhaust the process: a cap on open
-//! connections (beyond it new ones wait in the kernel's backlog), a deadline for each request
-//! head (a connection that is silent, or dribbles its headers, is closed — whether new or kept
-//! alive between requests), and graceful shutdown.
+//! connections (beyond it new ones wait in the kernel's backlog), a share of it that one
+//! client address may not exceed (so one client cannot take every connection), a deadline for
+//! each request head (a connection that is silent, or dribbles its headers, is closed —
+//! whether new or kept alive between requests) and for each whole request (a body sent a
+//! byte at a time gets a 408), and graceful shutdown.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,6 +31,13 @@ pub struct ServeOptions {
     /// Heads over [`super::MAX_URI_BYTES`] / [`super::MAX_HEADER_BYTES`] (smaller) get a JSON
     /// error from the API.
     pub max_head_bytes: usize,
+    /// Longest time from a request's head to its answer, its body's reading included; a
+    /// request still unanswered then gets 408 and its connection is closed.
+    pub request_timeout: Duration,
+    /// Most connections one client address may hold open (`None`: three quarters of the
+    /// cap, so other clients always find room). Connections beyond it are closed at once.
+    /// The server's trusted proxies are not limited.
+    pub max_connections_per_address: Option<usize>,
 }
 
 impl Default for ServeOptions {
@@ -37,11 +46,21 @@ impl Default for ServeOptions {
             max_connections: None,
             header_read_timeout: Duration::from_secs(10),
             max_head_bytes: 256 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_connections_per_address: None,
         }
     }
 }
 
 impl ServeOptions {
+    /// The connections one address may hold in force.
+    pub fn per_address_cap(&self) -> usize {
+        self.max_connections_per_address.unwrap_or_else(|| {
+            let cap = self.connection_cap();
+            (cap - cap / 4).max(1)
+        })
+    }
+
     /// The connection cap in force.
     pub fn connection_cap(&self) -> usize {
         self.max_connections.unwrap_or_else(|| {
@@ -62,9 +81,12 @@ pub async fn serve_app(
     listener: TcpListener,
     app: Router,
     options: ServeOptions,
+    unlimited: Vec<std::net::IpAddr>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let permits = Arc::new(Semaphore::new(options.connection_cap()));
+    let per_address = options.per_address_cap();
+    let open = Arc::new(PerAddress::default());
     let (close_tx, close_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -90,6 +112,11 @@ pub async fn serve_app(
                 }
             },
         };
+        let Some(held) = open.take(addr.ip(), per_address, &unlimited) else {
+            tracing::debug!(client = %addr.ip(), "closed a connection over the per-address cap");
+            drop(stream);
+            continue;
+        };
         let service = app.clone().map_request(
             move |mut request: axum::http::Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(addr));
@@ -104,6 +131,7 @@ pub async fn serve_app(
         let mut close = close_rx.clone();
         connections.spawn(async move {
             let _permit = permit;
+            let _held = held;
             let connection =
                 builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
             tokio::pin!(connection);
@@ -123,4 +151,58 @@ pub async fn serve_app(
     let _ = close_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Open connections by client address.
+#[derive(Debug, Default)]
+struct PerAddress {
+    open: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection counted against its address until dropped.
+struct Held {
+    table: Arc<PerAddress>,
+    ip: std::net::IpAddr,
+}
+
+impl PerAddress {
+    /// Count a connection from `ip`, unless it already holds `cap` (addresses in `unlimited`
+    /// are never refused).
+    fn take(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+        cap: usize,
+        unlimited: &[std::net::IpAddr],
+    ) -> Option<Held> {
+        let mut open = self.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= cap && !unlimited.contains(&ip) {
+            return None;
+        }
+        *n += 1;
+        Some(Held {
+            table: Arc::clone(self),
+            ip,
+        })
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<std::net::IpAddr, usize>> {
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut open = self.table.lock();
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
 }

@@ -54,6 +54,13 @@ pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// [`MAX_BATCH_START`] contexts of a few kilobytes each.
 pub const MAX_BATCH_BODY_BYTES: usize = 32 * 1024 * 1024;
 
+/// Largest body of an event sent with a wait token (`POST /api/waits/{token}`), read only
+/// once the token's signature has checked.
+pub const MAX_UNAUTHENTICATED_BODY_BYTES: usize = 256 * 1024;
+
+/// Largest login form.
+pub const MAX_LOGIN_BODY_BYTES: usize = 4 * 1024;
+
 /// Longest request target (path and query) answered; longer ones get a JSON 414.
 pub const MAX_URI_BYTES: usize = 8 * 1024;
 
@@ -195,6 +202,12 @@ pub fn router(state: Arc<ServerState>) -> Router {
     // The wait token is the credential here: no bearer token asked.
     let waits = OpenApiRouter::new()
         .routes(routes!(events::to_wait))
+        // Read only after the token's signature checks, and small.
+        .layer(DefaultBodyLimit::max(MAX_UNAUTHENTICATED_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            events::signed_wait_token,
+        ))
         .layer(middleware::from_fn(guard::json_writes))
         .layer(middleware::from_fn(json_errors));
     let health = OpenApiRouter::new().routes(routes!(healthz));
@@ -242,6 +255,7 @@ pub fn router(state: Arc<ServerState>) -> Router {
                     "/login",
                     get(crate::console::login_form).post(crate::console::login),
                 )
+                .layer(DefaultBodyLimit::max(MAX_LOGIN_BODY_BYTES))
                 .layer(middleware::from_fn(guard::same_origin_forms))
                 .route(crate::console::SCRIPT_PATH, get(crate::console::script)),
         )
@@ -261,6 +275,28 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .layer(middleware::from_fn(limit_head))
         .layer(middleware::from_fn(guard::security_headers))
         .with_state(state)
+}
+
+/// Answer 408 (and close the connection) when a request is not answered within `deadline`
+/// of its head: a body sent a byte at a time holds a connection no longer than that.
+async fn request_deadline(deadline: std::time::Duration, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(deadline, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            let mut response = error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request was not complete and answered within {} s; send the body at once",
+                    deadline.as_secs()
+                ),
+            );
+            response.headers_mut().insert(
+                header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            response
+        }
+    }
 }
 
 /// Refuse request targets and header sets over the limits, with a JSON error.
@@ -360,7 +396,12 @@ pub async fn serve_with(
     options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    listen::serve_app(listener, router(state), options, shutdown).await
+    let unlimited = state.trusted_proxies.clone();
+    let deadline = options.request_timeout;
+    let app = router(state).layer(middleware::from_fn(move |request: Request, next: Next| {
+        request_deadline(deadline, request, next)
+    }));
+    listen::serve_app(listener, app, options, unlimited, shutdown).await
 }
 
 async fn authorize(

@@ -1878,3 +1878,20 @@ async fn every_answer_carries_the_browser_protection_headers() {
         "{script}"
     );
 }
+
+/// The routes that need no bearer token read little: a wait token whose signature does not
+/// check is refused before its body is read, a wait's body and a login form are small.
+#[tokio::test]
+async fn unauthenticated_routes_read_small_bodies_and_only_for_signed_tokens() {
+    let api = api(Some(BASE64_TOKEN)).await;
+    // A forged token, with a body that never comes: refused at once.
+    let forged = raw(
+        &api,
+        "POST /api/waits/forged-token HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n",
+    )
+    .await;
+    assert!(forged.starts_with("HTTP/1.1 404"), "{forged}");
+    let big = "x".repeat(phasm::server::MAX_LOGIN_BODY_BYTES + 10);
+    let response = form_post(&api, "/login", SAME_ORIGIN, &format!("token={big}")).await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+}

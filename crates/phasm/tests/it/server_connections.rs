@@ -152,3 +152,78 @@ async fn oversized_request_heads_get_json_errors() {
         "{answer:.400}"
     );
 }
+
+/// A body sent a byte at a time holds its connection no longer than the request deadline:
+/// it gets a 408 and the connection is closed, and the server answers others meanwhile.
+#[tokio::test]
+async fn a_body_dribbled_a_byte_at_a_time_gets_a_408_at_the_request_deadline() {
+    let (addr, _dir) = server(ServeOptions {
+        request_timeout: Duration::from_millis(800),
+        ..ServeOptions::default()
+    })
+    .await;
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(
+        b"POST /api/machines/Job/instances HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let dribble = async {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(300), dribble).await;
+    // Others are served while it dribbles.
+    assert!(exchange(addr, HEALTH).await.starts_with("HTTP/1.1 200"));
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes at the deadline")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("send the body at once"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// One client address cannot hold every connection: beyond its share its new connections are
+/// closed at once, and another address is still served.
+#[tokio::test]
+async fn one_address_cannot_take_every_connection() {
+    let (addr, _dir) = server(ServeOptions {
+        max_connections: Some(8),
+        header_read_timeout: Duration::from_secs(30),
+        ..ServeOptions::default()
+    })
+    .await;
+    // Three quarters of 8: six silent connections from 127.0.0.1 are held.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut seventh = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), seventh.read(&mut buf))
+        .await
+        .expect("a connection over the address's share is closed at once")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    // Another address (all of 127/8 is loopback) still gets an answer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(addr).await.unwrap();
+    other.write_all(HEALTH.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), other.read_to_end(&mut answer))
+        .await
+        .expect("another address is served")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    drop(held);
+}
