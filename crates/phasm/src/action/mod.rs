@@ -185,6 +185,20 @@ pub struct ActionContext {
     pub(crate) early_token: Option<tokio::sync::mpsc::UnboundedSender<serde_json::Value>>,
     /// In a step that enters a waiting state: the token addressing the wait it begins.
     pub(crate) wait_token: Option<String>,
+    /// What the step's log lines have used of [`MAX_STEP_LOG_BYTES`], and what was cut.
+    pub(crate) log_budget: LogBudget,
+}
+
+/// Most bytes of log lines one step keeps (and writes to phasm's own log); past it lines are
+/// dropped, and one last line says how much.
+pub const MAX_STEP_LOG_BYTES: usize = 64 * 1024;
+
+/// A step's use of [`MAX_STEP_LOG_BYTES`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LogBudget {
+    used: usize,
+    cut_lines: usize,
+    cut_bytes: usize,
 }
 
 impl ActionContext {
@@ -211,6 +225,7 @@ impl ActionContext {
             spawns: Vec::new(),
             early_token: None,
             wait_token: None,
+            log_budget: LogBudget::default(),
         }
     }
 
@@ -310,8 +325,18 @@ impl ActionContext {
 
     /// Write a log line. It goes to phasm's own log output, and is kept with the instance
     /// (`phasm logs`) when the machine has `logging: persistent`.
+    ///
+    /// Once the step's lines reach [`MAX_STEP_LOG_BYTES`], later ones are only counted, and
+    /// [`ActionContext::take_logs`] ends the step's lines with one saying how much was cut.
     pub fn log(&mut self, level: &str, message: impl Into<String>) {
         let message = message.into();
+        let budget = &mut self.log_budget;
+        if budget.used + message.len() > MAX_STEP_LOG_BYTES {
+            budget.cut_lines += 1;
+            budget.cut_bytes += message.len();
+            return;
+        }
+        budget.used += message.len();
         // The action's own words: phasm's log output shows them at `info` (`RUST_LOG=info`),
         // whatever level the action chose, which is kept with the record.
         tracing::info!(instance = %self.instance, state = %self.state, level, "{message}");
@@ -323,6 +348,31 @@ impl ActionContext {
                 task: self.task.clone(),
             });
         }
+    }
+
+    /// The step's log lines, ending with one that says how many were cut past
+    /// [`MAX_STEP_LOG_BYTES`] (when any were).
+    pub fn take_logs(&mut self) -> Vec<LogLine> {
+        let budget = std::mem::take(&mut self.log_budget);
+        let mut logs = std::mem::take(&mut self.logs);
+        if budget.cut_lines > 0 {
+            let message = format!(
+                "… {} more log lines ({} bytes) cut: a step keeps at most {} KiB of log",
+                budget.cut_lines,
+                budget.cut_bytes,
+                MAX_STEP_LOG_BYTES / 1024
+            );
+            tracing::info!(instance = %self.instance, state = %self.state, "{message}");
+            if self.persistent {
+                logs.push(LogLine {
+                    at: self.clock.now(),
+                    level: "warning".into(),
+                    message,
+                    task: self.task.clone(),
+                });
+            }
+        }
+        logs
     }
 
     /// Shorthand for `log("info", …)`.
@@ -525,4 +575,31 @@ impl Registry {
 /// Whether a machine's action logs are kept with its instances.
 pub(crate) fn keeps_logs(machine: &Machine) -> bool {
     machine.logging == Logging::Persistent
+}
+
+#[cfg(test)]
+mod log_budget_tests {
+    use super::*;
+
+    #[test]
+    fn a_step_keeps_at_most_its_log_budget_and_says_what_was_cut() {
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::SystemClock);
+        let mut cx = ActionContext::new("M", "i", Context::new(), clock);
+        let line = "x".repeat(1024);
+        for _ in 0..200 {
+            cx.info(line.clone());
+        }
+        let logs = cx.take_logs();
+        let kept: usize = logs.iter().map(|l| l.message.len()).sum();
+        assert!(kept <= MAX_STEP_LOG_BYTES + 200, "{kept} bytes kept");
+        assert_eq!(logs.len(), 65);
+        let last = &logs.last().unwrap().message;
+        assert!(
+            last.contains("136 more log lines (139264 bytes) cut"),
+            "{last}"
+        );
+        // The next step starts with a full budget.
+        cx.info("again");
+        assert_eq!(cx.take_logs().len(), 1);
+    }
 }

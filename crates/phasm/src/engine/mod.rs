@@ -10,6 +10,7 @@
 mod complete;
 mod naming;
 mod step;
+pub mod text;
 
 pub use complete::complete;
 pub use naming::{instance_name, is_valid_instance_name, task_name, wait_task_name};
@@ -442,6 +443,37 @@ pub struct Commit {
 }
 
 impl Commit {
+    /// This commit with every free text as a store keeps it: errors and reasons without NUL
+    /// and at most [`text::MAX_TEXT_BYTES`] ([`text::storable`]); log lines (bounded per step
+    /// by the action context) and fan-in group values (never cut: a cut could join two
+    /// groups) without NUL. Each store applies this before it writes, so no text column
+    /// receives a NUL.
+    #[must_use]
+    pub fn storable(mut self) -> Self {
+        let fix = |s: &mut String| *s = text::storable(std::mem::take(s));
+        match &mut self.disposition {
+            Disposition::Retry { error, .. } | Disposition::Failed { error } => fix(error),
+            Disposition::Postpone { reason, .. } => fix(reason),
+            Disposition::Finished | Disposition::Keep => {}
+        }
+        match &mut self.instance_change {
+            InstanceChange::Halt(reason) | InstanceChange::Fail(reason) => fix(reason),
+            InstanceChange::None | InstanceChange::BranchEnded(_) => {}
+        }
+        let escape = |s: &mut String| {
+            if let std::borrow::Cow::Owned(escaped) = text::without_nul(s) {
+                *s = escaped;
+            }
+        };
+        for line in &mut self.logs {
+            escape(&mut line.message);
+        }
+        for parked in &mut self.parked {
+            escape(&mut parked.group);
+        }
+        self
+    }
+
     /// A commit that finishes `task` and does nothing else; the step's effects are added to it.
     pub fn finishing(task: &Task) -> Self {
         Self {
@@ -748,6 +780,7 @@ fn child_instance_name(parent: &str, branch: &str, step: u64, n: usize) -> Strin
 /// Turn a failed attempt into its commit: a retry after the policy's backoff, or — past the
 /// retry limit or the age limit — the instance's failure.
 pub fn failed_attempt(machine: &Machine, task: &Task, error: String, now: Micros) -> Commit {
+    let error = text::storable(error);
     let policy = retry_policy(machine, task);
     let base = Commit::finishing(task);
     let retry = task.attempt + 1;
@@ -798,6 +831,7 @@ pub fn postponed(
     delay: std::time::Duration,
     logs: Vec<LogLine>,
 ) -> Commit {
+    let reason = text::storable(reason);
     let mut commit = Commit::finishing(task);
     commit.logs = logs;
     commit.logs.push(LogLine {
@@ -835,6 +869,7 @@ pub fn lost_attempts(machine: &Machine, task: &Task, now: Micros) -> Option<Comm
 
 /// Turn a mistake in the machine (see [`PlanError`]) into its commit: no retries.
 pub fn mistake(task: &Task, error: String, now: Micros) -> Commit {
+    let error = text::storable(error);
     let base = Commit::finishing(task);
     fail_for_good(base, error, now, task)
 }

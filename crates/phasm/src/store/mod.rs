@@ -192,6 +192,18 @@ pub struct Delivery {
     pub wait: Option<String>,
 }
 
+impl Delivery {
+    /// This delivery with its sender's id as a store keeps it (a NUL written `\\0`; see
+    /// [`crate::engine::text`]): each store applies this before it writes.
+    pub fn storable(&self) -> Self {
+        let mut d = self.clone();
+        if let Some(id) = &d.id {
+            d.id = Some(crate::engine::text::without_nul(id).into_owned());
+        }
+        d
+    }
+}
+
 /// What [`WorkStore::deliver`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivered {

@@ -968,6 +968,7 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         spawns: Vec::new(),
         early_token: None,
         wait_token: None,
+        log_budget: Default::default(),
     };
     if let Some(name) = engine::wait_begun(machine, task) {
         match env.store.wait_key().await {
@@ -984,13 +985,14 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
     let calls = run_calls(env, &mut step, &mut cx);
     let result = AssertUnwindSafe(calls).catch_unwind().await;
     let now = env.clock.now();
+    let logs = cx.take_logs();
     match result {
         Ok(Ok(())) => {
             let outcome = Outcome {
                 context: cx.context,
                 event: None,
                 halted: cx.halted,
-                logs: cx.logs,
+                logs,
                 forks: cx.forks,
                 spawns: cx.spawns,
                 next_token: cx.next_token,
@@ -1004,16 +1006,16 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
         }
         Ok(Err(StepFailure::Unavailable(reason))) => {
             tracing::warn!(task = %task.name, "{reason}; postponed (not counted as an attempt)");
-            step.postpone(reason, now, cx.logs)
+            step.postpone(reason, now, logs)
         }
-        Ok(Err(StepFailure::Failed(error))) => step.fail(error, now, cx.logs),
+        Ok(Err(StepFailure::Failed(error))) => step.fail(error, now, logs),
         Err(panic) => {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
-            step.fail(format!("an action panicked: {message}"), now, Vec::new())
+            step.fail(format!("an action panicked: {message}"), now, logs)
         }
     }
 }

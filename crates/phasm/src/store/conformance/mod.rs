@@ -57,6 +57,7 @@ checks!(
     claims_only_due_tasks_once_until_the_lease_expires,
     claim_respects_limits_and_queues,
     a_backlog_a_worker_may_not_take_hides_nothing,
+    text_with_nul_or_megabytes_is_stored_escaped_and_cut,
     a_superseded_claim_cannot_commit,
     an_expired_lease_cannot_commit,
     renewing_extends_a_held_lease,
@@ -312,6 +313,63 @@ pub async fn a_backlog_a_worker_may_not_take_hides_nothing(store: &dyn Store) {
         "an untargeted worker whose `slow` queue is full claims the untargeted task behind 40 \
          targeted ones and 40 of the full queue"
     );
+}
+
+/// Check that free text (log lines, errors, a cancel's reason, an event's id) with NUL bytes
+/// or megabytes in it commits — NUL written `\\0`, the text cut to 8 KiB and marked — where
+/// PostgreSQL's text columns would refuse a NUL and fail every commit of the step.
+pub async fn text_with_nul_or_megabytes_is_stored_escaped_and_cut(store: &dyn Store) {
+    use crate::engine::text::MAX_TEXT_BYTES;
+    start(store, "i", T0).await;
+    let task = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    let mut c = Commit::finishing(&task);
+    c.logs.push(crate::engine::LogLine {
+        at: T0,
+        level: "info".into(),
+        message: "a\0b".into(),
+        task: task.name.clone(),
+    });
+    c.disposition = crate::engine::Disposition::Retry {
+        due_at: T0 + SEC,
+        error: format!("bad\0{}", "x".repeat(3 * 1024 * 1024)),
+    };
+    assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    let logs = store.logs("i").await.unwrap();
+    assert_eq!(logs[0].message, "a\\0b");
+    let view = store.instance("i").await.unwrap().unwrap();
+    let error = view.tasks[0].last_error.clone().unwrap();
+    assert!(error.starts_with("bad\\0xxx"), "{}", &error[..20]);
+    assert!(
+        error.len() < MAX_TEXT_BYTES + 64,
+        "{} bytes stored",
+        error.len()
+    );
+    assert!(
+        error.ends_with("more bytes]"),
+        "{}",
+        &error[error.len() - 40..]
+    );
+    let delivery = crate::store::Delivery {
+        instance: "i".into(),
+        event: "go".into(),
+        data: Context::new(),
+        id: Some("id\0".into()),
+        wait: None,
+    };
+    store.deliver(T0, &delivery).await.unwrap();
+    assert_eq!(
+        store.deliver(T0, &delivery).await.unwrap(),
+        crate::store::Delivered::Duplicate
+    );
+    assert_eq!(
+        store
+            .cancel_because(T0, "i", Some("stop\0now"))
+            .await
+            .unwrap(),
+        Control::Done
+    );
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.error.as_deref(), Some("stop\\0now"));
 }
 
 /// Check that a superseded claim cannot commit.

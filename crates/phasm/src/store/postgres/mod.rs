@@ -465,7 +465,7 @@ impl WorkStore for PostgresStore {
         commit: Commit,
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit> {
-        apply::apply(self, now, &commit, successors).await
+        apply::apply(self, now, &commit.storable(), successors).await
     }
 
     async fn fire_schedule(
@@ -477,7 +477,7 @@ impl WorkStore for PostgresStore {
     }
 
     async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
-        deliver::deliver(self, now, delivery).await
+        deliver::deliver(self, now, &delivery.storable()).await
     }
 
     async fn wait_key(&self) -> StoreResult<Vec<u8>> {
@@ -592,7 +592,8 @@ impl AdminStore for PostgresStore {
         name: &str,
         reason: Option<&str>,
     ) -> StoreResult<Control> {
-        admin::cancel(self, now, name, reason).await
+        let reason = reason.map(|r| crate::engine::text::storable(r.to_string()));
+        admin::cancel(self, now, name, reason.as_deref()).await
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {

@@ -291,7 +291,7 @@ impl WorkStore for SqliteStore {
     ) -> StoreResult<AppliedCommit> {
         let successors = successors.cloned();
         let (applied, queued) = self
-            .call(|r| Request::Apply(now, Box::new(commit), successors, r))
+            .call(|r| Request::Apply(now, Box::new(commit.storable()), successors, r))
             .await?;
         // Wake idle workers of this process when work was queued that nobody holds yet.
         if queued {
@@ -301,7 +301,7 @@ impl WorkStore for SqliteStore {
     }
 
     async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
-        let delivery = Box::new(delivery.clone());
+        let delivery = Box::new(delivery.storable());
         let delivered = self.call(|r| Request::Deliver(now, delivery, r)).await?;
         if matches!(delivered, Delivered::Dispatched(_)) {
             self.changes.notify_waiters();
@@ -451,7 +451,7 @@ impl AdminStore for SqliteStore {
         reason: Option<&str>,
     ) -> StoreResult<Control> {
         let name = name.to_string();
-        let reason = reason.map(str::to_string);
+        let reason = reason.map(|r| crate::engine::text::storable(r.to_string()));
         self.call(|r| Request::Cancel(now, name, reason, r)).await
     }
 
