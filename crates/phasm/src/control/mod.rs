@@ -64,6 +64,15 @@ pub enum StartError {
     /// A caller-given name is not usable.
     #[error("invalid instance name `{0}`: use 1 to 200 letters, digits, `-`, `_` and `.`")]
     InvalidName(String),
+    /// A caller-given name has the shape of names the engine gives (see
+    /// [`engine::reserved_shape`]).
+    #[error("instance name `{name}` has the shape of {shape}, which phasm keeps for the instances it names itself: choose another name")]
+    ReservedName {
+        /// The name.
+        name: String,
+        /// The shape it has.
+        shape: &'static str,
+    },
     /// The name exists for another machine.
     #[error("instance `{name}` already exists for machine `{machine}`")]
     NameTaken {
@@ -111,8 +120,18 @@ pub async fn start_instance(
     let context = checked_context(m, context, limits)?;
     let now = clock.now();
     let name = match name {
-        Some(n) if engine::is_valid_instance_name(n) => n.to_string(),
-        Some(n) => return Err(StartError::InvalidName(n.to_string())),
+        Some(n) if !engine::is_valid_instance_name(n) => {
+            return Err(StartError::InvalidName(n.to_string()))
+        }
+        Some(n) => match engine::reserved_shape(n) {
+            Some(shape) => {
+                return Err(StartError::ReservedName {
+                    name: n.to_string(),
+                    shape,
+                })
+            }
+            None => n.to_string(),
+        },
         None => engine::instance_name(&m.name, now, &mut fastrand::Rng::new()),
     };
     let start = engine::start_task(m, &name, context.clone(), now);

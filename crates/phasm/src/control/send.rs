@@ -89,7 +89,7 @@ pub enum SendError {
     },
     /// The wait the token addresses is over (an event or its timeout ended it), or does not
     /// accept this event.
-    #[error("the wait this token addresses is over, or does not accept event `{0}`")]
+    #[error("the wait this token addresses is over, or does not accept event `{0}` (a token never sends its wait's timeout event)")]
     WaitOver(String),
     /// The store failed.
     #[error(transparent)]

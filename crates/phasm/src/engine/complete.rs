@@ -326,7 +326,7 @@ fn begin_wait(
     let policy = timeout.map_or(&here.machine.start_policy, |(_, p)| p);
     commit.waits.push(NewWait {
         task: NewTask {
-            name: wait_task_name(&task.instance, &here.branch, &to.name, here.step),
+            name: wait_task_name(&task.instance, &here.branch, &to.name, here.step, task.id),
             from_state: Some(to.name.clone()),
             event: match timeout {
                 Some(_) => wait.timeout_event.clone(),

@@ -13,7 +13,9 @@ mod step;
 pub mod text;
 
 pub use complete::complete;
-pub use naming::{instance_name, is_valid_instance_name, task_name, wait_task_name};
+pub use naming::{
+    instance_name, is_valid_instance_name, reserved_shape, task_name, wait_task_name,
+};
 pub use step::{Begin, Step};
 
 use serde::{Deserialize, Serialize};
@@ -615,6 +617,7 @@ pub fn wait_begun(machine: &Machine, task: &Task) -> Option<String> {
         &task.branch,
         &to.name,
         task.step + 1,
+        task.id,
     ))
 }
 

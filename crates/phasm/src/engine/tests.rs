@@ -428,7 +428,7 @@ fn entering_a_waiting_state_runs_its_entry_and_queues_a_wait_not_an_action() {
     assert_eq!(roles(&p), [(ActionRole::Entry, "Ask")]);
     assert_eq!(
         wait_begun(m, &t).as_deref(),
-        Some("M-1--approval--wait--step-5")
+        Some("M-1--approval--wait--step-5--by-7")
     );
     let mut rng = fastrand::Rng::with_seed(1);
     let times = StepTimes {
@@ -451,7 +451,7 @@ fn entering_a_waiting_state_runs_its_entry_and_queues_a_wait_not_an_action() {
         panic!("one wait: {commit:?}")
     };
     assert_eq!(w.task.kind, TaskKind::Wait);
-    assert_eq!(w.task.name, "M-1--approval--wait--step-5");
+    assert_eq!(w.task.name, "M-1--approval--wait--step-5--by-7");
     assert_eq!(w.task.event, "expired");
     assert_eq!(w.task.due_at, 1_000_000 + 10_000_000, "the timeout");
     let events: Vec<&str> = w.accepts.iter().map(|a| a.event.as_str()).collect();

@@ -652,6 +652,7 @@ async fn start(
         Err(e @ StartError::UnknownMachine { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(
             e @ (StartError::InvalidName(_)
+            | StartError::ReservedName { .. }
             | StartError::ContextTooLarge { .. }
             | StartError::BadValue(_)),
         ) => error(StatusCode::BAD_REQUEST, e.to_string()),

@@ -220,7 +220,8 @@ pub enum Delivered {
     /// The instance has ended (or failed): events are not accepted.
     NotRunning(InstanceStatus),
     /// The wait the event was addressed to ([`Delivery::wait`]) is over or does not accept
-    /// the event; nothing was done.
+    /// the event (a token never ends its wait with the wait's timeout event); nothing was
+    /// done.
     WaitOver,
 }
 

@@ -1895,3 +1895,96 @@ async fn unauthenticated_routes_read_small_bodies_and_only_for_signed_tokens() {
     let response = form_post(&api, "/login", SAME_ORIGIN, &format!("token={big}")).await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
 }
+
+/// A wait token stops working when its wait ends, and does not come back to life when the
+/// same wait is begun again by a reset (it changed an amount once): the new wait has a token
+/// of its own.
+#[tokio::test]
+async fn a_wait_token_dies_with_its_wait_even_when_a_reset_begins_the_wait_again() {
+    let (api, store, config) = waiting_api(None).await;
+    let (code, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Approve/instances",
+        Some(r#"{"name": "r1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201);
+    begin_waiting(&store, &config, "r1").await;
+    let key = store.wait_key().await.unwrap();
+    let first = store.instance("r1").await.unwrap().unwrap().waiting[0]
+        .task
+        .clone();
+    let old = format!(
+        "/api/waits/{}",
+        phasm::token::wait_token(&key, "r1", &first)
+    );
+    let approve = r#"{"event": "approved", "data": {"amount": 999}}"#;
+    let (code, body) = call(&api, "POST", &old, Some(approve), None).await;
+    assert_eq!(code, 202, "{body}");
+    run_step(&store, &config, "r1").await;
+    let (code, body) = call(&api, "GET", "/api/instances/r1", None, None).await;
+    assert_eq!(code, 200);
+    let view = json(&body);
+    assert_eq!(view["status"], "completed", "{body}");
+    let start_step = view["history"][0]["id"].as_i64().unwrap();
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/instances/r1/reset",
+        Some(&format!(r#"{{"step": {start_step}}}"#)),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    begin_waiting(&store, &config, "r1").await;
+    let second = store.instance("r1").await.unwrap().unwrap().waiting[0]
+        .task
+        .clone();
+    assert_ne!(second, first, "the wait begun again has a name of its own");
+    let replay = r#"{"event": "approved", "data": {"amount": 0.01}}"#;
+    let (code, body) = call(&api, "POST", &old, Some(replay), None).await;
+    assert_eq!(code, 409, "the old token is dead: {body}");
+    let new = format!(
+        "/api/waits/{}",
+        phasm::token::wait_token(&key, "r1", &second)
+    );
+    let (code, body) = call(&api, "POST", &new, Some(approve), None).await;
+    assert_eq!(code, 202, "{body}");
+}
+
+/// A start may not take a name in a shape the engine gives its own instances: made in
+/// advance, it would stand in for a spawned child or a schedule's tick, which would then never
+/// run.
+#[tokio::test]
+async fn names_in_the_engines_own_shapes_are_refused_at_start() {
+    let api = api(None).await;
+    for (name, says) in [
+        ("par1.s0.1", "spawned child"),
+        ("par1.s3.bf2-1.0", "spawned child"),
+        ("hourly-20261207T120000Z", "schedule tick"),
+    ] {
+        let body = format!(r#"{{"name": "{name}"}}"#);
+        let (code, body) = call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances",
+            Some(&body),
+            None,
+        )
+        .await;
+        assert_eq!(code, 400, "{name}: {body}");
+        let error = json(&body)["error"].as_str().unwrap().to_string();
+        assert!(error.contains(name) && error.contains(says), "{error}");
+    }
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"name": "v1.2-final"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+}

@@ -96,6 +96,7 @@ checks!(
     events_to_an_ended_or_unknown_instance_are_refused,
     a_wait_without_timeout_is_never_due_even_after_a_retry,
     a_token_addressed_delivery_reaches_only_its_wait,
+    a_token_never_sends_its_waits_timeout_event,
     each_schedule_tick_starts_one_instance_and_never_goes_back,
     a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
     a_machine_overview_counts_where_its_instances_are,

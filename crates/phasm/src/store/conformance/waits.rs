@@ -6,7 +6,7 @@ use crate::store::{Applied, Control, Delivered, Delivery, InstanceStatus, Store}
 
 /// A wait of instance `i` in state `approval` for `events`, due at `due_at`, on `branch`.
 fn wait(i: &str, branch: &str, due_at: i64, events: &[&str]) -> NewWait {
-    let name = crate::engine::wait_task_name(i, branch, "approval", 1);
+    let name = crate::engine::wait_task_name(i, branch, "approval", 1, 1);
     NewWait {
         task: NewTask {
             name,
@@ -329,4 +329,28 @@ pub async fn a_token_addressed_delivery_reaches_only_its_wait(store: &dyn Store)
     let key = store.wait_key().await.unwrap();
     assert!(key.len() >= 32, "a key of {} bytes", key.len());
     assert_eq!(store.wait_key().await.unwrap(), key);
+}
+
+/// Check that a delivery addressed to one wait (a token's) never ends it with the wait's
+/// timeout event — only with an event it accepts from outside — while the instance's own
+/// name may send the timeout event (an operator's choice).
+pub async fn a_token_never_sends_its_waits_timeout_event(store: &dyn Store) {
+    let w = wait("t", "", T0 + 60 * SEC, &["approved", "expired"]);
+    let name = w.task.name.clone();
+    begin_waiting(store, "t", vec![w]).await;
+    let by_token = |event: &str| Delivery {
+        wait: Some(name.clone()),
+        ..send("t", event, None, Context::new())
+    };
+    assert_eq!(
+        store.deliver(T0, &by_token("expired")).await.unwrap(),
+        Delivered::WaitOver
+    );
+    let view = store.instance("t").await.unwrap().unwrap();
+    assert_eq!(view.waiting.len(), 1, "the wait goes on");
+    assert!(view.buffered.is_empty());
+    assert_eq!(
+        store.deliver(T0, &by_token("approved")).await.unwrap(),
+        Delivered::Dispatched(1)
+    );
 }

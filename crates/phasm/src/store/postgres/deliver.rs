@@ -32,7 +32,7 @@ pub(super) async fn deliver(
     }
     let waits = tx
         .query(
-            "SELECT id, name, from_state, context, step, branch, accepts FROM tasks
+            "SELECT id, name, from_state, context, step, branch, accepts, event FROM tasks
              WHERE instance_id = $1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
                AND ($2::TEXT IS NULL OR name = $2)
              ORDER BY id",
@@ -42,6 +42,12 @@ pub(super) async fn deliver(
         .map_err(pg)?;
     let mut taken = 0u32;
     for row in &waits {
+        // A token's holder may end its wait only with an event the wait accepts from
+        // outside, never with the wait's own timeout event.
+        let timeout_event: String = row.get("event");
+        if d.wait.is_some() && !timeout_event.is_empty() && timeout_event == d.event {
+            continue;
+        }
         let wait = super::super::stored_wait(
             row.get(1),
             row.get(2),

@@ -25,7 +25,7 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
     }
     let waits = tx
         .prepare_cached(
-            "SELECT id, name, from_state, context, step, branch, accepts FROM tasks
+            "SELECT id, name, from_state, context, step, branch, accepts, event FROM tasks
              WHERE instance_id = ?1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
                AND (?2 IS NULL OR name = ?2)
              ORDER BY id",
@@ -40,6 +40,7 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
                 step: r.get(4)?,
                 branch: r.get(5)?,
                 accepts: r.get(6)?,
+                timeout_event: r.get(7)?,
             })
         })
         .map_err(db)?
@@ -47,6 +48,11 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
         .map_err(db)?;
     let mut taken = 0u32;
     for row in waits {
+        // A token's holder may end its wait only with an event the wait accepts from
+        // outside, never with the wait's own timeout event.
+        if d.wait.is_some() && !row.timeout_event.is_empty() && row.timeout_event == d.event {
+            continue;
+        }
         let id = row.id;
         let Some(dispatch) = row.dispatch(&d.event, &d.data, now)? else {
             continue;
@@ -92,6 +98,8 @@ struct WaitRow {
     step: i64,
     branch: String,
     accepts: Option<String>,
+    /// The wait's timeout event (`""` without a timeout).
+    timeout_event: String,
 }
 
 impl WaitRow {
