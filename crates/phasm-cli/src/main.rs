@@ -178,6 +178,9 @@ enum Command {
         /// wrong tokens are then throttled per forwarded address, not per proxy.
         #[arg(long = "trusted-proxy", value_name = "IP")]
         trusted_proxies: Vec<std::net::IpAddr>,
+        /// Most events an instance keeps before a wait takes them; one more is refused (409).
+        #[arg(long, default_value_t = phasm::engine::DEFAULT_MAX_KEPT_EVENTS)]
+        max_kept_events: usize,
         /// Most steps running at once.
         #[arg(long, default_value_t = 64)]
         concurrency: usize,
@@ -289,6 +292,9 @@ enum Command {
         /// the event (otherwise nothing could ever take it).
         #[arg(long)]
         file: Option<PathBuf>,
+        /// Most events an instance keeps before a wait takes them; one more is refused.
+        #[arg(long, default_value_t = phasm::engine::DEFAULT_MAX_KEPT_EVENTS)]
+        max_kept_events: usize,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -406,6 +412,7 @@ async fn run_async(command: Command) -> ExitCode {
             token_file,
             allow_hosts,
             trusted_proxies,
+            max_kept_events,
             concurrency,
             scrub_older_than,
             db,
@@ -416,6 +423,7 @@ async fn run_async(command: Command) -> ExitCode {
                 token_file,
                 allow_hosts,
                 trusted_proxies,
+                max_kept_events,
                 concurrency,
                 scrub_older_than,
             };
@@ -471,6 +479,7 @@ async fn run_async(command: Command) -> ExitCode {
             id,
             token,
             file,
+            max_kept_events,
             db,
         } => {
             let send = cmd::send::SendArgs {
@@ -479,6 +488,7 @@ async fn run_async(command: Command) -> ExitCode {
                 id,
                 token,
                 file,
+                max_kept_events,
             };
             cmd::send::send(send, &db).await
         }

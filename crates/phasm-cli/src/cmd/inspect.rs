@@ -168,7 +168,12 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
                 e.id.as_deref()
                     .map(|i| format!(" (id {i})"))
                     .unwrap_or_default();
-            outln!("  {}{id} at {}", e.event, time(e.at));
+            outln!(
+                "  {}{id}, {} bytes of data, at {}",
+                e.event,
+                e.bytes,
+                time(e.at)
+            );
         }
     }
     let pending: Vec<_> = view.tasks.iter().filter(|t| !view.is_wait(t)).collect();

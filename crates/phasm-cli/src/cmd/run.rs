@@ -72,6 +72,7 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
         store,
         limits: Limits {
             max_context_bytes: args.max_context_bytes,
+            ..Limits::default()
         },
     })
 }
@@ -586,7 +587,10 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         } else {
             Targets::Only(targets.clone())
         },
-        limits: Limits { max_context_bytes },
+        limits: Limits {
+            max_context_bytes,
+            ..Limits::default()
+        },
         events: (!quiet).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(print_steps(rx));
@@ -682,6 +686,8 @@ pub struct ServeSettings {
     pub allow_hosts: Vec<String>,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Most events an instance keeps before a wait takes them.
+    pub max_kept_events: usize,
     /// Most steps at once.
     pub concurrency: usize,
     /// Scrub ended instances older than this every hour.
@@ -718,6 +724,7 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
         listen,
         allow_hosts,
         trusted_proxies,
+        max_kept_events,
         concurrency,
         scrub_older_than,
         ..
@@ -808,7 +815,10 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
         store,
         config,
         clock,
-        limits: Limits::default(),
+        limits: Limits {
+            max_kept_events,
+            ..Limits::default()
+        },
         token,
         metrics,
         throttle: Default::default(),

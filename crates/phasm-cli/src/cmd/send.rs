@@ -25,6 +25,8 @@ pub struct SendArgs {
     pub token: Option<String>,
     /// The machine file, for checking the event.
     pub file: Option<PathBuf>,
+    /// Most events an instance keeps.
+    pub max_kept_events: usize,
 }
 
 /// `phasm send`: 0 when the event was accepted (delivered, kept for the next wait, or sent
@@ -75,7 +77,10 @@ pub async fn send(args: SendArgs, db: &DbArgs) -> ExitCode {
         config.as_ref(),
         &SystemClock,
         request,
-        &Limits::default(),
+        &Limits {
+            max_kept_events: args.max_kept_events,
+            ..Limits::default()
+        },
     )
     .await;
     match sent {

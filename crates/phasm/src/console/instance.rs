@@ -72,9 +72,9 @@ fn live_part(
         @if !view.buffered.is_empty() {
             h2 { "Events kept for a later wait" }
             table {
-                tr { th { "event" } th { "id" } th { "at" } }
+                tr { th { "event" } th { "id" } th { "data" } th { "at" } }
                 @for e in &view.buffered {
-                    tr { td { (e.event) } td { (e.id.as_deref().unwrap_or("")) } td { (time(e.at)) } }
+                    tr { td { (e.event) } td { (e.id.as_deref().unwrap_or("")) } td { (e.bytes) " bytes" } td { (time(e.at)) } }
                 }
             }
         }

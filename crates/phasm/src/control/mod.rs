@@ -561,7 +561,7 @@ pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json:
         "buffered": view.buffered.iter().map(|e| serde_json::json!({
             "event": e.event,
             "id": e.id,
-            "data": e.data,
+            "bytes": e.bytes,
             "at": rfc3339(e.at),
         })).collect::<Vec<_>>(),
     })

@@ -3,8 +3,10 @@
 
 use crate::clock::Clock;
 use crate::engine::{Context, Limits};
-use crate::machine::{is_valid_event, Config};
-use crate::store::{Delivered, Delivery, InstanceStatus, Store, StoreError};
+use crate::machine::{is_valid_event, Config, Machine};
+use crate::store::{
+    Delivered, Delivery, DeliveryChecks, InstanceStatus, Reachable, Store, StoreError,
+};
 
 /// Where an event is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,6 +93,35 @@ pub enum SendError {
     /// accept this event.
     #[error("the wait this token addresses is over, or does not accept event `{0}` (a token never sends its wait's timeout event)")]
     WaitOver(String),
+    /// Merged into a waiting branch's context, the event's data would pass the context limit;
+    /// nothing was done.
+    #[error("instance `{instance}`: with the event's data merged, a waiting branch's context would be {bytes} bytes, over the limit of {max} bytes; nothing was changed (send less data)")]
+    TooLarge {
+        /// The instance.
+        instance: String,
+        /// The merged context's size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The instance keeps as many events as it may.
+    #[error("instance `{instance}` already keeps {kept} events sent before a wait takes them (at most {max}); nothing was kept")]
+    TooManyKept {
+        /// The instance.
+        instance: String,
+        /// Events kept now.
+        kept: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// No branch waits for the event, and none can any more.
+    #[error("instance `{instance}` will not wait for `{event}` again: no branch waits for it now, and none of its pending steps can reach a state that would (it is ending); nothing was kept")]
+    CannotWait {
+        /// The instance.
+        instance: String,
+        /// The event.
+        event: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -102,7 +133,12 @@ impl SendError {
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,
-            SendError::NotRunning { .. } | SendError::NotAccepted { .. } | SendError::WaitOver(_)
+            SendError::NotRunning { .. }
+                | SendError::NotAccepted { .. }
+                | SendError::WaitOver(_)
+                | SendError::TooLarge { .. }
+                | SendError::TooManyKept { .. }
+                | SendError::CannotWait { .. }
         )
     }
 }
@@ -187,6 +223,11 @@ pub async fn send(
         data: request.data,
         id: request.id,
         wait,
+        checks: DeliveryChecks {
+            max_context_bytes: Some(limits.max_context_bytes),
+            max_kept_events: Some(limits.max_kept_events),
+            reachable: machine.map(|m| reachable(m, &request.event)),
+        },
     };
     let delivered = deliver_retrying(store, clock, &delivery).await?;
     match delivered {
@@ -203,6 +244,60 @@ pub async fn send(
             },
         }),
         Delivered::WaitOver => Err(SendError::WaitOver(request.event)),
+        Delivered::TooLarge(bytes) => Err(SendError::TooLarge {
+            instance,
+            bytes,
+            max: limits.max_context_bytes,
+        }),
+        Delivered::TooManyKept(kept) => Err(SendError::TooManyKept {
+            instance,
+            kept,
+            max: limits.max_kept_events,
+        }),
+        Delivered::CannotWait => Err(SendError::CannotWait {
+            instance,
+            event: request.event,
+        }),
+    }
+}
+
+/// Where in `machine` an `event` could still be taken: the states from which a waiting state
+/// accepting it can be reached (those waits included), and the dispatches into them.
+pub fn reachable(machine: &Machine, event: &str) -> Reachable {
+    let mut states: std::collections::BTreeSet<&str> = machine
+        .states
+        .iter()
+        .filter(|s| s.wait.is_some() && s.accepted_events().any(|e| e == event))
+        .map(|s| s.name.as_str())
+        .collect();
+    loop {
+        let before = states.len();
+        for s in &machine.states {
+            if s.transitions.iter().any(|t| states.contains(t.to.as_str())) {
+                states.insert(s.name.as_str());
+            }
+        }
+        if states.len() == before {
+            break;
+        }
+    }
+    let mut dispatches = Vec::new();
+    if machine
+        .initial_state()
+        .is_some_and(|s| states.contains(s.name.as_str()))
+    {
+        dispatches.push(format!("\u{1f}{}", crate::engine::PSEUDO_INIT));
+    }
+    for s in &machine.states {
+        for t in &s.transitions {
+            if states.contains(t.to.as_str()) {
+                dispatches.push(format!("{}\u{1f}{}", s.name, t.event));
+            }
+        }
+    }
+    Reachable {
+        states: states.into_iter().map(str::to_string).collect(),
+        dispatches,
     }
 }
 
@@ -223,5 +318,24 @@ async fn deliver_retrying(
             }
             other => return other,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_is_reachable_from_the_steps_that_can_still_lead_to_a_wait_for_it() {
+        let yaml = "state_machines:\n- name: M\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - {event: ask, to: approval}\n    - {event: skip, to: done}\n  - name: approval\n    wait: true\n    transitions:\n    - {event: approved, to: done}\n  - name: done\n    final: true\n";
+        let config = crate::config::load_str(yaml, "m.yaml", &Default::default())
+            .unwrap()
+            .config;
+        let m = config.machine("M").unwrap();
+        let r = reachable(m, "approved");
+        assert_eq!(r.states, ["a", "approval"]);
+        assert_eq!(r.dispatches, ["\u{1f}pseudo-init", "a\u{1f}ask"]);
+        let none = reachable(m, "unknown");
+        assert!(none.states.is_empty() && none.dispatches.is_empty());
     }
 }

@@ -500,12 +500,18 @@ impl Commit {
 pub struct Limits {
     /// Largest context, in bytes of JSON.
     pub max_context_bytes: usize,
+    /// Most events kept for one instance (sent before a wait accepts them).
+    pub max_kept_events: usize,
 }
+
+/// [`Limits::max_kept_events`] unless configured.
+pub const DEFAULT_MAX_KEPT_EVENTS: usize = 100;
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_context_bytes: DEFAULT_MAX_CONTEXT_BYTES,
+            max_kept_events: DEFAULT_MAX_KEPT_EVENTS,
         }
     }
 }

@@ -281,6 +281,7 @@ fn an_oversized_context_is_refused_and_fails_the_branch() {
     };
     let limits = Limits {
         max_context_bytes: 1000,
+        ..Limits::default()
     };
     let commit = complete(
         &c,

@@ -190,6 +190,35 @@ pub struct Delivery {
     /// Only the branch whose wait task has this name (a wait token's): the event is not
     /// buffered when that wait is over.
     pub wait: Option<String>,
+    /// What the store checks in the delivery's transaction before it changes anything.
+    pub checks: DeliveryChecks,
+}
+
+/// What a delivery must respect, checked by the store in the delivery's own transaction
+/// (so an answer is true when given: nothing is changed when a check refuses).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeliveryChecks {
+    /// The largest context (bytes of JSON) a branch may have once the event's data is merged
+    /// into it: a delivery that would pass it is refused ([`Delivered::TooLarge`]).
+    pub max_context_bytes: Option<usize>,
+    /// The most events kept for an instance: one more is refused
+    /// ([`Delivered::TooManyKept`]).
+    pub max_kept_events: Option<usize>,
+    /// Where the event could still be taken, for keeping it: kept only while a pending step
+    /// of the instance can reach a waiting state that accepts it, else refused
+    /// ([`Delivered::CannotWait`]). `None`: kept whenever the instance runs.
+    pub reachable: Option<Reachable>,
+}
+
+/// The steps of a machine from which a waiting state accepting one event can be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reachable {
+    /// States from which such a wait can be reached (the waits themselves included): a wait,
+    /// a join or a parked branch in one of them can still take the event.
+    pub states: Vec<String>,
+    /// Dispatches into those states, each `FROM\u{1f}EVENT` (`FROM` empty for an
+    /// instance's start task).
+    pub dispatches: Vec<String>,
 }
 
 impl Delivery {
@@ -223,6 +252,15 @@ pub enum Delivered {
     /// the event (a token never ends its wait with the wait's timeout event); nothing was
     /// done.
     WaitOver,
+    /// Merged into a waiting branch's context, the event's data would make it this many
+    /// bytes, over [`DeliveryChecks::max_context_bytes`]; nothing was done.
+    TooLarge(usize),
+    /// The instance already keeps [`DeliveryChecks::max_kept_events`] events; nothing was
+    /// done.
+    TooManyKept(usize),
+    /// No branch waits for the event, and none of the instance's pending steps can reach a
+    /// state that would (see [`DeliveryChecks::reachable`]): nothing was kept.
+    CannotWait,
 }
 
 /// A schedule's tick to fire (see [`WorkStore::fire_schedule`]).
@@ -298,8 +336,9 @@ pub struct BufferedEvent {
     pub event: String,
     /// The sender's id, if it gave one.
     pub id: Option<String>,
-    /// Its data.
-    pub data: Context,
+    /// The size of its data, in bytes of JSON (a view never carries the data itself: a
+    /// hundred kept events of a megabyte each would make one view 100 MB).
+    pub bytes: u64,
     /// When it was accepted.
     pub at: Micros,
 }

@@ -44,6 +44,7 @@ async fn api_with(
         clock: Arc::new(SystemClock),
         limits: Limits {
             max_context_bytes: 1000,
+            ..Limits::default()
         },
         token: token.map(str::to_string),
         metrics: Some(phasm::server::install_metrics().unwrap()),
@@ -1069,10 +1070,15 @@ async fn events_reach_waiting_instances_by_name_or_by_wait_token() {
         auth,
     )
     .await;
-    assert_eq!(
-        (code, json(&body)["buffered"].clone()),
-        (202, true.into()),
-        "no wait now: {body}"
+    // No wait now, and its pending step (approval → done) ends it: the event would be kept
+    // for nothing, so the answer says so instead of "kept".
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("will not wait for `approved` again"),
+        "{body}"
     );
     let (code, body) = call(
         &api,

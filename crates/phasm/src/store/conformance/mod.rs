@@ -97,6 +97,7 @@ checks!(
     a_wait_without_timeout_is_never_due_even_after_a_retry,
     a_token_addressed_delivery_reaches_only_its_wait,
     a_token_never_sends_its_waits_timeout_event,
+    a_delivery_is_refused_whole_when_its_checks_fail,
     each_schedule_tick_starts_one_instance_and_never_goes_back,
     a_skipping_schedule_starts_nothing_while_its_last_instance_runs,
     a_machine_overview_counts_where_its_instances_are,
@@ -356,6 +357,7 @@ pub async fn text_with_nul_or_megabytes_is_stored_escaped_and_cut(store: &dyn St
         data: Context::new(),
         id: Some("id\0".into()),
         wait: None,
+        checks: Default::default(),
     };
     store.deliver(T0, &delivery).await.unwrap();
     assert_eq!(

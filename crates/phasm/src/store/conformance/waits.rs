@@ -57,6 +57,7 @@ fn send(i: &str, event: &str, id: Option<&str>, data: Context) -> Delivery {
         data,
         id: id.map(str::to_string),
         wait: None,
+        checks: Default::default(),
     }
 }
 
@@ -160,15 +161,13 @@ pub async fn an_event_sent_before_the_wait_is_taken_in_order_when_it_begins(stor
     assert_eq!(apply_one(store, T0 + SEC, c).await, Applied::Yes);
     let view = store.instance("b").await.unwrap().unwrap();
     assert!(view.waiting.is_empty(), "the wait took a buffered event");
-    let buffered: Vec<(&str, Option<&serde_json::Value>)> = view
+    let buffered: Vec<(&str, u64)> = view
         .buffered
         .iter()
-        .map(|e| (e.event.as_str(), e.data.get("v")))
+        .map(|e| (e.event.as_str(), e.bytes))
         .collect();
-    assert_eq!(
-        buffered,
-        [("other", Some(&1.into())), ("approved", Some(&3.into()))]
-    );
+    // `{"v":1}` and `{"v":3}` are left (the view says their sizes, not their data).
+    assert_eq!(buffered, [("other", 7), ("approved", 7)]);
     let claimed = store.claim(T0 + SEC, &request(10)).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].event, "approved");
@@ -352,5 +351,105 @@ pub async fn a_token_never_sends_its_waits_timeout_event(store: &dyn Store) {
     assert_eq!(
         store.deliver(T0, &by_token("approved")).await.unwrap(),
         Delivered::Dispatched(1)
+    );
+}
+
+/// Check that the checks a delivery carries are made before anything changes: data that
+/// would pass the context limit once merged is refused and the wait goes on; an instance
+/// keeps at most so many events; and an event is kept only while a pending step can still
+/// reach a wait for it (an instance about to end answers so instead of keeping it forever).
+pub async fn a_delivery_is_refused_whole_when_its_checks_fail(store: &dyn Store) {
+    use crate::store::{DeliveryChecks, Reachable};
+    // A waiting branch: data that would make its context too large changes nothing.
+    begin_waiting(store, "big", vec![wait("big", "", NEVER, &["approved"])]).await;
+    let large = Delivery {
+        checks: DeliveryChecks {
+            max_context_bytes: Some(200),
+            ..DeliveryChecks::default()
+        },
+        ..send("big", "approved", Some("m-1"), {
+            let mut c = data("pad", 7);
+            c.insert("text".into(), "x".repeat(300).into());
+            c
+        })
+    };
+    let Delivered::TooLarge(bytes) = store.deliver(T0, &large).await.unwrap() else {
+        panic!("too large data is refused");
+    };
+    assert!(bytes > 300, "{bytes}");
+    let view = store.instance("big").await.unwrap().unwrap();
+    assert_eq!(view.waiting.len(), 1, "the wait goes on");
+    assert!(view.buffered.is_empty());
+    let small = Delivery {
+        checks: large.checks.clone(),
+        ..send("big", "approved", Some("m-1"), data("pad", 7))
+    };
+    assert_eq!(
+        store.deliver(T0, &small).await.unwrap(),
+        Delivered::Dispatched(1),
+        "the refused id was not recorded"
+    );
+
+    // No wait yet: the start step is pending, and it leads to a wait for the event.
+    start(store, "early", T0 + 60 * SEC).await;
+    let reachable = Reachable {
+        states: vec!["approval".into()],
+        // The conformance suite's start tasks dispatch `go`.
+        dispatches: vec!["\u{1f}go".into()],
+    };
+    let keep = |n: i64| Delivery {
+        checks: DeliveryChecks {
+            max_kept_events: Some(2),
+            reachable: Some(reachable.clone()),
+            ..DeliveryChecks::default()
+        },
+        ..send("early", "approved", None, data("n", n))
+    };
+    assert_eq!(
+        store.deliver(T0, &keep(1)).await.unwrap(),
+        Delivered::Buffered
+    );
+    assert_eq!(
+        store.deliver(T0, &keep(2)).await.unwrap(),
+        Delivered::Buffered
+    );
+    assert_eq!(
+        store.deliver(T0, &keep(3)).await.unwrap(),
+        Delivered::TooManyKept(2)
+    );
+    assert_eq!(
+        store
+            .instance("early")
+            .await
+            .unwrap()
+            .unwrap()
+            .buffered
+            .len(),
+        2
+    );
+    // Its pending steps cannot reach such a wait: nothing is kept.
+    let hopeless = Delivery {
+        checks: DeliveryChecks {
+            reachable: Some(Reachable {
+                states: vec!["approval".into()],
+                dispatches: vec!["elsewhere\u{1f}go".into()],
+            }),
+            ..DeliveryChecks::default()
+        },
+        ..send("early", "approved", None, data("n", 4))
+    };
+    assert_eq!(
+        store.deliver(T0, &hopeless).await.unwrap(),
+        Delivered::CannotWait
+    );
+    assert_eq!(
+        store
+            .instance("early")
+            .await
+            .unwrap()
+            .unwrap()
+            .buffered
+            .len(),
+        2
     );
 }

@@ -40,7 +40,7 @@ pub(super) async fn deliver(
         )
         .await
         .map_err(pg)?;
-    let mut taken = 0u32;
+    let mut dispatches = Vec::new();
     for row in &waits {
         // A token's holder may end its wait only with an event the wait accepts from
         // outside, never with the wait's own timeout event.
@@ -56,15 +56,28 @@ pub(super) async fn deliver(
             row.get(5),
             row.get(6),
         )?;
-        let Some(dispatch) = wait.dispatch(&d.event, &d.data, now) else {
-            continue;
-        };
+        if let Some(dispatch) = wait.dispatch(&d.event, &d.data, now) {
+            dispatches.push((row.get::<_, i64>(0), dispatch));
+        }
+    }
+    // Every check before anything changes: a refused delivery leaves the instance as it was
+    // (the transaction is dropped, so rolled back).
+    if let Some(max) = d.checks.max_context_bytes {
+        for (_, dispatch) in &dispatches {
+            let bytes = to_json(&dispatch.context)?.len();
+            if bytes > max {
+                return Ok(Delivered::TooLarge(bytes));
+            }
+        }
+    }
+    let mut taken = 0u32;
+    for (id, dispatch) in dispatches {
         // A claim committed meanwhile (the timeout began) makes this match nothing: then the
         // timeout wins and the event is buffered below.
         let deleted = tx
             .execute(
                 "DELETE FROM tasks WHERE id = $1 AND lease_owner IS NULL",
-                &[&row.get::<_, i64>(0)],
+                &[&id],
             )
             .await
             .map_err(pg)?;
@@ -76,6 +89,9 @@ pub(super) async fn deliver(
     let answer = match (taken, &d.wait) {
         (0, Some(_)) => return Ok(Delivered::WaitOver),
         (0, None) => {
+            if let Some(refused) = keep_refused(&tx, instance_id, d).await? {
+                return Ok(refused);
+            }
             tx.execute(
                 "INSERT INTO events (instance_id, event, data, event_id, created_at)
                  VALUES ($1, $2, $3, $4, $5)",
@@ -102,6 +118,48 @@ pub(super) async fn deliver(
     }
     tx.commit().await.map_err(pg)?;
     Ok(answer)
+}
+
+/// Why an event no branch waits for may not be kept, if it may not: the instance keeps as
+/// many as it may, or none of its pending steps can reach a state that would wait for it.
+/// (The instance's row is locked: no commit of it runs meanwhile.)
+async fn keep_refused(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    d: &Delivery,
+) -> StoreResult<Option<Delivered>> {
+    if let Some(max) = d.checks.max_kept_events {
+        let kept: i64 = tx
+            .query_one(
+                "SELECT COUNT(*) FROM events WHERE instance_id = $1",
+                &[&instance_id],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        let kept = usize::try_from(kept).unwrap_or(usize::MAX);
+        if kept >= max {
+            return Ok(Some(Delivered::TooManyKept(kept)));
+        }
+    }
+    if let Some(reachable) = &d.checks.reachable {
+        let possible: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE instance_id = $1 AND (
+                          (kind IN ('wait', 'join') AND from_state = ANY($2))
+                       OR (kind = 'dispatch'
+                           AND (COALESCE(from_state, '') || chr(31) || event) = ANY($3))))
+                     OR EXISTS (SELECT 1 FROM items WHERE instance_id = $1 AND state = ANY($2))",
+                &[&instance_id, &reachable.states, &reachable.dispatches],
+            )
+            .await
+            .map_err(pg)?
+            .get(0);
+        if !possible {
+            return Ok(Some(Delivered::CannotWait));
+        }
+    }
+    Ok(None)
 }
 
 /// The key that signs wait tokens.

@@ -191,7 +191,7 @@ async fn waits(client: &Object, id: i64) -> StoreResult<Vec<WaitView>> {
 async fn buffered(client: &Object, id: i64) -> StoreResult<Vec<BufferedEvent>> {
     client
         .query(
-            "SELECT event, event_id, data, created_at FROM events
+            "SELECT event, event_id, OCTET_LENGTH(data)::BIGINT, created_at FROM events
              WHERE instance_id = $1 ORDER BY id LIMIT $2",
             &[&id, &bigint(VIEW_ROWS)],
         )
@@ -202,7 +202,7 @@ async fn buffered(client: &Object, id: i64) -> StoreResult<Vec<BufferedEvent>> {
             Ok(BufferedEvent {
                 event: r.get(0),
                 id: r.get(1),
-                data: from_json(r.get(2))?,
+                bytes: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
                 at: r.get(3),
             })
         })

@@ -46,7 +46,7 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
-    let mut taken = 0u32;
+    let mut dispatches = Vec::new();
     for row in waits {
         // A token's holder may end its wait only with an event the wait accepts from
         // outside, never with the wait's own timeout event.
@@ -54,9 +54,21 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
             continue;
         }
         let id = row.id;
-        let Some(dispatch) = row.dispatch(&d.event, &d.data, now)? else {
-            continue;
-        };
+        if let Some(dispatch) = row.dispatch(&d.event, &d.data, now)? {
+            dispatches.push((id, dispatch));
+        }
+    }
+    // Every check before anything changes: a refused delivery leaves the instance as it was.
+    if let Some(max) = d.checks.max_context_bytes {
+        for (_, dispatch) in &dispatches {
+            let bytes = to_json(&dispatch.context)?.len();
+            if bytes > max {
+                return Ok(Delivered::TooLarge(bytes));
+            }
+        }
+    }
+    let mut taken = 0u32;
+    for (id, dispatch) in dispatches {
         tx.prepare_cached("DELETE FROM tasks WHERE id = ?1 AND lease_owner IS NULL")
             .map_err(db)?
             .execute([id])
@@ -67,6 +79,9 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
     let answer = match (taken, &d.wait) {
         (0, Some(_)) => return Ok(Delivered::WaitOver),
         (0, None) => {
+            if let Some(refused) = keep_refused(tx, instance_id, d)? {
+                return Ok(refused);
+            }
             tx.prepare_cached(
                 "INSERT INTO events (instance_id, event, data, event_id, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -87,6 +102,53 @@ pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreR
         .map_err(db)?;
     }
     Ok(answer)
+}
+
+/// Why an event no branch waits for may not be kept, if it may not: the instance keeps as
+/// many as it may, or none of its pending steps can reach a state that would wait for it.
+fn keep_refused(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    d: &Delivery,
+) -> StoreResult<Option<Delivered>> {
+    if let Some(max) = d.checks.max_kept_events {
+        let kept: i64 = tx
+            .prepare_cached("SELECT COUNT(*) FROM events WHERE instance_id = ?1")
+            .map_err(db)?
+            .query_row([instance_id], |r| r.get(0))
+            .map_err(db)?;
+        let kept = usize::try_from(kept).unwrap_or(usize::MAX);
+        if kept >= max {
+            return Ok(Some(Delivered::TooManyKept(kept)));
+        }
+    }
+    if let Some(reachable) = &d.checks.reachable {
+        let json = |names: &[String]| serde_json::Value::from(names.to_vec()).to_string();
+        let possible: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1 AND (
+                          (kind IN ('wait', 'join') AND from_state IN (SELECT value FROM json_each(?2)))
+                       OR (kind = 'dispatch'
+                           AND (COALESCE(from_state, '') || char(31) || event)
+                               IN (SELECT value FROM json_each(?3)))))
+                     OR EXISTS (SELECT 1 FROM items WHERE instance_id = ?1
+                                  AND state IN (SELECT value FROM json_each(?2)))",
+            )
+            .map_err(db)?
+            .query_row(
+                params![
+                    instance_id,
+                    json(&reachable.states),
+                    json(&reachable.dispatches)
+                ],
+                |r| r.get(0),
+            )
+            .map_err(db)?;
+        if !possible {
+            return Ok(Some(Delivered::CannotWait));
+        }
+    }
+    Ok(None)
 }
 
 /// A wait task as read for a delivery.

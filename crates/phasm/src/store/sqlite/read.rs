@@ -254,7 +254,7 @@ fn waits(tx: &Transaction<'_>, id: i64) -> StoreResult<Vec<WaitView>> {
 fn buffered(tx: &Transaction<'_>, id: i64) -> StoreResult<Vec<BufferedEvent>> {
     let rows = tx
         .prepare_cached(
-            "SELECT event, event_id, data, created_at FROM events
+            "SELECT event, event_id, LENGTH(CAST(data AS BLOB)), created_at FROM events
              WHERE instance_id = ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(db)?
@@ -262,23 +262,22 @@ fn buffered(tx: &Transaction<'_>, id: i64) -> StoreResult<Vec<BufferedEvent>> {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, Option<String>>(1)?,
-                r.get::<_, String>(2)?,
+                r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
             ))
         })
         .map_err(db)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(db)?;
-    rows.into_iter()
-        .map(|(event, id, data, at)| {
-            Ok(BufferedEvent {
-                event,
-                id,
-                data: from_json(&data)?,
-                at,
-            })
+    Ok(rows
+        .into_iter()
+        .map(|(event, id, bytes, at)| BufferedEvent {
+            event,
+            id,
+            bytes: u64::try_from(bytes).unwrap_or(0),
+            at,
         })
-        .collect()
+        .collect())
 }
 
 pub(super) fn list(tx: &Transaction<'_>, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
