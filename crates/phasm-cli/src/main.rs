@@ -123,9 +123,16 @@ enum Command {
         #[command(flatten)]
         start: StartArgs,
         /// Start one instance per line of this JSON Lines file (`-`: standard input), each
-        /// line a context object, in transactions of 10,000; every line is checked first.
+        /// line a context object or `{"name": NAME, "context": {...}}`, in transactions of
+        /// 10,000; every line is checked first. Each committed transaction's names are
+        /// printed at once. Starting the same file again starts nothing twice: a line
+        /// without a name is named from the file's content and its line number.
         #[arg(long, value_name = "FILE.jsonl", conflicts_with_all = ["name", "context", "set"])]
         contexts: Option<PathBuf>,
+        /// With --contexts: name the lines without a name `MACHINE-KEY-LINE` instead of
+        /// from the file's content (give a new key to start the same file anew).
+        #[arg(long, requires = "contexts")]
+        key: Option<String>,
     },
     /// Work on every instance of the file's machines until stopped (SIGINT/SIGTERM finish the
     /// running steps, then exit).
@@ -381,8 +388,12 @@ async fn run_async(command: Command) -> ExitCode {
             json,
             concurrency,
         } => cmd::run::run(&start, json, concurrency).await,
-        Command::Start { start, contexts } => match contexts {
-            Some(path) => cmd::run::start_lines(&start, &path).await,
+        Command::Start {
+            start,
+            contexts,
+            key,
+        } => match contexts {
+            Some(path) => cmd::run::start_lines(&start, &path, key.as_deref()).await,
             None => cmd::run::start(&start).await,
         },
         Command::Worker {

@@ -241,8 +241,8 @@ async fn start_lines(
         return exit::failed(format!("cannot write {}: {e}", file.display()));
     }
     let began = Instant::now();
-    let contexts = match super::run::read_contexts(&file) {
-        Ok(c) => c.into_iter().map(|(_, c)| c).collect(),
+    let contexts = match super::run::read_lines(&file) {
+        Ok((items, _)) => items.into_iter().map(|(_, item)| item).collect(),
         Err(e) => return exit::failed(e),
     };
     let started = phasm::control::start_instances(
@@ -251,6 +251,7 @@ async fn start_lines(
         &SystemClock,
         "Order",
         contexts,
+        None,
         &Limits::default(),
     )
     .await;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use phasm::action::Registry;
 use phasm::clock::{Clock, SystemClock};
-use phasm::control::{parse_set, start_instance, StartOutcome};
+use phasm::control::{parse_set, start_instance, BatchItem, StartOutcome, MAX_BATCH_START};
 use phasm::engine::{Context, Limits};
 use phasm::machine::{Config, Machine};
 use phasm::store::{InstanceStatus, Store, Targets};
@@ -157,80 +157,135 @@ pub async fn start(args: &StartArgs) -> ExitCode {
     }
 }
 
-/// `phasm start --contexts FILE.jsonl`: one instance per line; the names, one per line.
-pub async fn start_lines(args: &StartArgs, path: &Path) -> ExitCode {
-    let contexts = match read_contexts(path) {
-        Ok(c) => c,
+/// `phasm start --contexts FILE.jsonl`: one instance per line; the names, one per line,
+/// printed as each transaction of [`MAX_BATCH_START`] lines commits. A line without a name
+/// is named `MACHINE-KEY-LINE` (`KEY`: `--key`, else taken from the file's content), so the
+/// same file started again starts nothing twice. SIGINT or SIGTERM stop it between
+/// transactions, saying where.
+pub async fn start_lines(args: &StartArgs, path: &Path, key: Option<&str>) -> ExitCode {
+    let shutdown = Shutdown::install();
+    let (lines, digest) = match read_lines(path) {
+        Ok(read) => read,
         Err(e) => return exit::invalid(e),
     };
     let p = match prepare(args, 2, false).await {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let lines: Vec<usize> = contexts.iter().map(|(line, _)| *line).collect();
-    let contexts = contexts.into_iter().map(|(_, c)| c).collect();
-    let started = phasm::control::start_instances(
-        &*p.store,
-        &p.config,
-        &SystemClock,
-        &p.machine,
-        contexts,
-        &p.limits,
-    )
-    .await;
-    let print = |outcomes: &[StartOutcome]| {
-        for o in outcomes {
-            outln!("{}", o.name());
+    let key = key.map_or(digest, str::to_string);
+    let mut numbers = Vec::with_capacity(lines.len());
+    let mut items = Vec::with_capacity(lines.len());
+    for (line, mut item) in lines {
+        if item.name.is_none() {
+            item.name = Some(format!("{}-{key}-{line}", p.machine));
         }
-    };
-    match started {
-        Ok(outcomes) => {
-            print(&outcomes);
-            ExitCode::SUCCESS
+        numbers.push(line);
+        items.push(item);
+    }
+    // Each line is checked before anything starts: a bad line anywhere starts nothing.
+    if let Err(e) = phasm::control::check_items(&p.config, &p.machine, &items, &p.limits) {
+        return match e {
+            phasm::control::BatchStartError::Context { index, error } => {
+                let line = numbers.get(index).copied().unwrap_or(index + 1);
+                exit::invalid(format!(
+                    "{}:{line}: {error}; nothing was started",
+                    path.display()
+                ))
+            }
+            other => exit::invalid(other),
+        };
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+    }
+    let mut done = 0;
+    let mut rest = items.into_iter();
+    loop {
+        let chunk: Vec<_> = rest.by_ref().take(MAX_BATCH_START).collect();
+        if chunk.is_empty() {
+            return ExitCode::SUCCESS;
         }
-        Err(phasm::control::BatchStartError::Context { index, error }) => {
-            let line = lines.get(index).copied().unwrap_or(index + 1);
-            exit::invalid(format!(
-                "{}:{line}: {error}; nothing was started",
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            let next = numbers.get(done).copied().unwrap_or_default();
+            return exit::failed(format!(
+                "stopped by a signal: lines before {next} of {} were started, none from line {next} on; run the same command again to start the rest (nothing is started twice)",
                 path.display()
-            ))
+            ));
         }
-        Err(phasm::control::BatchStartError::Start(e)) => exit::start_error(&e),
-        Err(phasm::control::BatchStartError::Partial { started, error }) => {
-            print(&started);
-            let next = lines.get(started.len()).copied().unwrap_or_default();
-            exit::database(format!(
-                "{error}; the {} instances above were started, none from line {next} of {} on",
-                started.len(),
-                path.display()
-            ))
+        let count = chunk.len();
+        let started = phasm::control::start_instances(
+            &*p.store,
+            &p.config,
+            &SystemClock,
+            &p.machine,
+            chunk,
+            None,
+            &p.limits,
+        )
+        .await;
+        match started {
+            Ok(outcomes) => {
+                for o in &outcomes {
+                    outln!("{}", o.name());
+                }
+                done += count;
+            }
+            Err(phasm::control::BatchStartError::Context { index, error }) => {
+                let line = numbers.get(done + index).copied().unwrap_or_default();
+                return exit::invalid(format!(
+                    "{}:{line}: {error}; the lines before {} were started",
+                    path.display(),
+                    numbers.get(done).copied().unwrap_or_default()
+                ));
+            }
+            Err(phasm::control::BatchStartError::Start(e)) if done == 0 => {
+                return exit::start_error(&e)
+            }
+            Err(e) => {
+                let next = numbers.get(done).copied().unwrap_or_default();
+                return exit::database(format!(
+                    "{e}; lines before {next} of {} were started, none from line {next} on; run the same command again to start the rest (nothing is started twice)",
+                    path.display()
+                ));
+            }
         }
     }
 }
 
-/// The contexts of a JSON Lines file (`-`: standard input), each with its line number; blank
-/// lines are skipped.
-pub(crate) fn read_contexts(path: &Path) -> Result<Vec<(usize, Context)>, String> {
-    use std::io::BufRead;
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
+/// The items of a JSON Lines file (`-`: standard input), each with its line number (blank
+/// lines are skipped), and a digest of the file's content (16 hex digits of SHA-256).
+pub(crate) fn read_lines(path: &Path) -> Result<(Vec<(usize, BatchItem)>, String), String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut text = String::new();
+    let read = if path.as_os_str() == "-" {
+        std::io::stdin().lock().read_to_string(&mut text)
     } else {
-        let file = std::fs::File::open(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Box::new(std::io::BufReader::new(file))
+        std::fs::File::open(path).and_then(|mut f| f.read_to_string(&mut text))
     };
-    let mut contexts = Vec::new();
-    for (i, line) in reader.lines().enumerate() {
+    read.map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let digest = sha2::Sha256::digest(text.as_bytes());
+    let digest: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut items = Vec::new();
+    for (i, line) in text.lines().enumerate() {
         let number = i + 1;
-        let line = line.map_err(|e| format!("{}:{number}: {e}", path.display()))?;
         if line.trim().is_empty() {
             continue;
         }
-        match serde_json::from_str::<Value>(&line) {
-            Ok(Value::Object(map)) => contexts.push((number, map)),
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(map)) => items.push((
+                number,
+                BatchItem::from_object(map)
+                    .map_err(|e| format!("{}:{number}: {e}", path.display()))?,
+            )),
             Ok(other) => {
                 return Err(format!(
-                    "{}:{number}: each line must be a JSON object (a context), not {}",
+                    "{}:{number}: each line must be a JSON object (a context, or {{\"name\": …, \"context\": {{…}}}}), not {}",
                     path.display(),
                     kind_of(&other)
                 ))
@@ -238,7 +293,7 @@ pub(crate) fn read_contexts(path: &Path) -> Result<Vec<(usize, Context)>, String
             Err(e) => return Err(format!("{}:{number}: not JSON: {e}", path.display())),
         }
     }
-    Ok(contexts)
+    Ok((items, digest))
 }
 
 fn kind_of(v: &Value) -> &'static str {

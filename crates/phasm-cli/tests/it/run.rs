@@ -710,6 +710,116 @@ fn start_contexts_starts_one_instance_per_line_or_none() {
     assert_eq!(instance_count(&p.join("phasm.db").display().to_string()), 5);
 }
 
+/// A file started again — after its start was killed part way, or stopped with SIGINT — adds
+/// only what was missing: each committed transaction's names were printed as it committed, a
+/// signal stops between transactions saying where, and the lines' names come from the file's
+/// content and line numbers, so nothing is started twice.
+#[test]
+fn a_bulk_start_stopped_part_way_is_finished_by_running_it_again() {
+    let dir = small();
+    let p = dir.path();
+    let db = p.join("again.db").display().to_string();
+    let mut lines = String::new();
+    for i in 0..25_000 {
+        lines.push_str(&format!("{{\"count\": {i}}}\n"));
+    }
+    lines.push_str("{\"name\": \"named-one\", \"context\": {\"count\": 1}}\n");
+    std::fs::write(p.join("big.jsonl"), lines).unwrap();
+    let args = [
+        "start",
+        "fsm.yaml",
+        "--machine",
+        "Small",
+        "--contexts",
+        "big.jsonl",
+        "--sync",
+        "off",
+        "--db",
+        &db,
+    ];
+    // SIGINT once the first transaction's names are out.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(args)
+        .current_dir(p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    assert!(first.starts_with("Small-"), "{first}");
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stdout, &mut rest);
+    let out = child.wait_with_output().unwrap();
+    let printed = 1 + rest.lines().count();
+    let err = text(&out.stderr);
+    if out.status.success() {
+        // It finished before the signal was seen: every line was started.
+        assert_eq!(printed, 25_001, "{err}");
+    } else {
+        assert!(err.contains("stopped by a signal"), "{err}");
+        assert!(err.contains("run the same command again"), "{err}");
+        assert_eq!(printed % 10_000, 0, "whole transactions only: {printed}");
+        assert_eq!(instance_count(&db), printed);
+    }
+    // Again: only what is missing is started; the names are the same.
+    let out = phasm(p, &args);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).lines().count(), 25_001);
+    assert!(text(&out.stdout).lines().any(|l| l == "named-one"));
+    assert_eq!(instance_count(&db), 25_001);
+    // Killed outright part way, then run again: still each line once.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args([
+            "start",
+            "fsm.yaml",
+            "--machine",
+            "Small",
+            "--contexts",
+            "big.jsonl",
+            "--key",
+            "second",
+            "--sync",
+            "off",
+            "--db",
+            &db,
+        ])
+        .current_dir(p)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = phasm(
+        p,
+        &[
+            "start",
+            "fsm.yaml",
+            "--machine",
+            "Small",
+            "--contexts",
+            "big.jsonl",
+            "--key",
+            "second",
+            "--sync",
+            "off",
+            "--db",
+            &db,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // `named-one` exists already; the 25,000 unnamed lines are new under the key `second`.
+    assert_eq!(instance_count(&db), 50_001);
+}
+
 /// A bulk start killed at any moment leaves all of its 10,000 instances or none, on SQLite
 /// and on PostgreSQL.
 #[test]
@@ -728,7 +838,10 @@ fn killed_bulk_starts(p: &Path, db: &str) {
         lines.push_str(&format!("{{\"count\": {i}}}\n"));
     }
     std::fs::write(p.join("many.jsonl"), lines).unwrap();
+    // Each start a batch of its own (a new key), so each may add its 10,000.
+    let key = std::cell::Cell::new(0);
     let start = || {
+        key.set(key.get() + 1);
         Command::new(env!("CARGO_BIN_EXE_phasm"))
             .args([
                 "start",
@@ -737,6 +850,8 @@ fn killed_bulk_starts(p: &Path, db: &str) {
                 "Small",
                 "--contexts",
                 "many.jsonl",
+                "--key",
+                &format!("k{}", key.get()),
                 "--db",
                 db,
             ])

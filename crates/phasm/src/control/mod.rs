@@ -64,6 +64,9 @@ pub enum StartError {
     /// A caller-given name is not usable.
     #[error("invalid instance name `{0}`: use 1 to 200 letters, digits, `-`, `_` and `.`")]
     InvalidName(String),
+    /// A batch's idempotency key is not usable.
+    #[error("invalid batch key `{0}`: use 1 to 100 letters, digits, `-`, `_` and `.`")]
+    InvalidKey(String),
     /// A caller-given name has the shape of names the engine gives (see
     /// [`engine::reserved_shape`]).
     #[error("instance name `{name}` has the shape of {shape}, which phasm keeps for the instances it names itself: choose another name")]
@@ -120,18 +123,7 @@ pub async fn start_instance(
     let context = checked_context(m, context, limits)?;
     let now = clock.now();
     let name = match name {
-        Some(n) if !engine::is_valid_instance_name(n) => {
-            return Err(StartError::InvalidName(n.to_string()))
-        }
-        Some(n) => match engine::reserved_shape(n) {
-            Some(shape) => {
-                return Err(StartError::ReservedName {
-                    name: n.to_string(),
-                    shape,
-                })
-            }
-            None => n.to_string(),
-        },
+        Some(n) => checked_name(n)?,
         None => engine::instance_name(&m.name, now, &mut fastrand::Rng::new()),
     };
     let start = engine::start_task(m, &name, context.clone(), now);
@@ -206,11 +198,63 @@ pub enum BatchStartError {
     },
 }
 
-/// Start one instance of `machine` per context. Every context is checked (typed values, size)
-/// before anything is written; they are then written in transactions of [`MAX_BATCH_START`],
-/// each all or nothing — so a batch of at most that many starts entirely or not at all. The
-/// instances are named `MACHINE-YYYYMMDDHHMMSS-XXXXXX-N` (one random part per call, `N` the
-/// position), and answered in the order of `contexts`.
+/// One instance of a batch start: its context, and the name to give it (none: one is made).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchItem {
+    /// The instance's name; a repeat of a name that exists starts nothing.
+    pub name: Option<String>,
+    /// Its starting context.
+    pub context: Context,
+}
+
+impl BatchItem {
+    /// A batch item from one JSON object: `{"context": {...}}` or `{"name": NAME, "context":
+    /// {...}}` (an object with a `context` object and nothing else but a `name`), or else the
+    /// object is itself the context.
+    ///
+    /// # Errors
+    /// A `name` that is not a string.
+    pub fn from_object(mut object: Context) -> Result<Self, String> {
+        let wrapped = matches!(object.get("context"), Some(Value::Object(_)))
+            && object.keys().all(|k| k == "context" || k == "name");
+        if !wrapped {
+            return Ok(Self {
+                name: None,
+                context: object,
+            });
+        }
+        let name = match object.remove("name") {
+            None => None,
+            Some(Value::String(n)) => Some(n),
+            Some(other) => return Err(format!("`name` must be a string, not {other}")),
+        };
+        let Some(Value::Object(context)) = object.remove("context") else {
+            return Err("`context` must be an object".into());
+        };
+        Ok(Self { name, context })
+    }
+}
+
+impl From<Context> for BatchItem {
+    fn from(context: Context) -> Self {
+        Self {
+            name: None,
+            context,
+        }
+    }
+}
+
+/// The longest idempotency key of a batch start.
+pub const MAX_BATCH_KEY_CHARS: usize = 100;
+
+/// Start one instance of `machine` per item. Every item is checked (its name, typed values,
+/// size) before anything is written; they are then written in transactions of
+/// [`MAX_BATCH_START`], each all or nothing — so a batch of at most that many starts entirely
+/// or not at all. An item without a name is named `MACHINE-KEY-N` with an idempotency `key`
+/// (`N` its position), else `MACHINE-YYYYMMDDHHMMSS-XXXXXX-N` (one random part per call).
+/// A name that exists starts nothing, so a batch sent again — its answer lost, or its sender
+/// stopped part way — with its names or its key starts nothing twice, and answers with the
+/// same names. Outcomes are in the order of `items`.
 ///
 /// # Errors
 /// See [`BatchStartError`].
@@ -219,7 +263,8 @@ pub async fn start_instances(
     config: &Config,
     clock: &dyn Clock,
     machine: &str,
-    contexts: Vec<Context>,
+    items: Vec<BatchItem>,
+    key: Option<&str>,
     limits: &Limits,
 ) -> Result<Vec<StartOutcome>, BatchStartError> {
     let Some(m) = config.machine(machine) else {
@@ -229,22 +274,13 @@ pub async fn start_instances(
         }
         .into());
     };
-    let now = clock.now();
-    let base = engine::instance_name(&m.name, now, &mut fastrand::Rng::new());
-    let width = contexts.len().to_string().len();
-    let mut batch = Vec::with_capacity(contexts.len());
-    for (index, context) in contexts.into_iter().enumerate() {
-        let context = checked_context(m, context, limits)
-            .map_err(|error| BatchStartError::Context { index, error })?;
-        let name = format!("{base}-{index:0width$}");
-        let start = engine::start_task(m, &name, context.clone(), now);
-        batch.push(NewInstance {
-            name,
-            machine: m.name.clone(),
-            context,
-            start,
-        });
+    if let Some(key) = key {
+        if key.chars().count() > MAX_BATCH_KEY_CHARS || !engine::is_valid_instance_name(key) {
+            return Err(StartError::InvalidKey(key.to_string()).into());
+        }
     }
+    let now = clock.now();
+    let batch = prepared_batch(m, items, key, now, limits)?;
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut rest = batch.into_iter();
     loop {
@@ -276,6 +312,83 @@ pub async fn start_instances(
                     },
                 }),
         );
+    }
+}
+
+/// Check every item of a batch of `machine` as [`start_instances`] would, writing nothing.
+///
+/// # Errors
+/// The first item that cannot start ([`BatchStartError::Context`]), or an unknown machine or
+/// a bad key ([`BatchStartError::Start`]).
+pub fn check_items(
+    config: &Config,
+    machine: &str,
+    items: &[BatchItem],
+    limits: &Limits,
+) -> Result<(), BatchStartError> {
+    let Some(m) = config.machine(machine) else {
+        return Err(StartError::UnknownMachine {
+            name: machine.to_string(),
+            known: config.machines.iter().map(|m| m.name.clone()).collect(),
+        }
+        .into());
+    };
+    for (index, item) in items.iter().enumerate() {
+        checked_context(m, item.context.clone(), limits)
+            .map_err(|error| BatchStartError::Context { index, error })?;
+        if let Some(name) = &item.name {
+            checked_name(name).map_err(|error| BatchStartError::Context { index, error })?;
+        }
+    }
+    Ok(())
+}
+
+/// The instances a batch starts, every item checked.
+fn prepared_batch(
+    m: &Machine,
+    items: Vec<BatchItem>,
+    key: Option<&str>,
+    now: crate::clock::Micros,
+    limits: &Limits,
+) -> Result<Vec<NewInstance>, BatchStartError> {
+    let base = match key {
+        Some(key) => format!("{}-{key}", m.name),
+        None => engine::instance_name(&m.name, now, &mut fastrand::Rng::new()),
+    };
+    let width = items.len().to_string().len();
+    let mut batch = Vec::with_capacity(items.len());
+    for (index, item) in items.into_iter().enumerate() {
+        let context = checked_context(m, item.context, limits)
+            .map_err(|error| BatchStartError::Context { index, error })?;
+        let name = match item.name {
+            Some(name) => {
+                checked_name(&name).map_err(|error| BatchStartError::Context { index, error })?
+            }
+            None => format!("{base}-{index:0width$}"),
+        };
+        let start = engine::start_task(m, &name, context.clone(), now);
+        batch.push(NewInstance {
+            name,
+            machine: m.name.clone(),
+            context,
+            start,
+        });
+    }
+    Ok(batch)
+}
+
+/// A caller-given instance name, if it is usable: valid, and not in a shape the engine keeps
+/// for the instances it names itself.
+fn checked_name(name: &str) -> Result<String, StartError> {
+    if !engine::is_valid_instance_name(name) {
+        return Err(StartError::InvalidName(name.to_string()));
+    }
+    match engine::reserved_shape(name) {
+        Some(shape) => Err(StartError::ReservedName {
+            name: name.to_string(),
+            shape,
+        }),
+        None => Ok(name.to_string()),
     }
 }
 

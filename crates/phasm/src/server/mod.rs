@@ -11,6 +11,7 @@
 //! embedders choose the address and the lifetime.
 
 pub mod auth;
+mod batch;
 mod events;
 mod guard;
 mod listen;
@@ -652,6 +653,7 @@ async fn start(
         Err(e @ StartError::UnknownMachine { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(
             e @ (StartError::InvalidName(_)
+            | StartError::InvalidKey(_)
             | StartError::ReservedName { .. }
             | StartError::ContextTooLarge { .. }
             | StartError::BadValue(_)),
@@ -684,55 +686,23 @@ async fn start_batch(
     Path(machine): Path<String>,
     body: Bytes,
 ) -> Response {
-    let usage = "the body must be a JSON object: {\"contexts\": [{...}, ...]}";
-    let request: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => {
+    let request = match batch::read(&body, state.limits.max_context_bytes) {
+        Ok(r) => r,
+        Err(batch::BodyError::TooMany) => {
             return error(
-                StatusCode::BAD_REQUEST,
-                format!("the body is not JSON: {e}"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("more than {MAX_BATCH_START} contexts in one request; send at most {MAX_BATCH_START} per request"),
             )
         }
+        Err(batch::BodyError::Bad(message)) => return error(StatusCode::BAD_REQUEST, message),
     };
-    let Value::Object(mut request) = request else {
-        return error(StatusCode::BAD_REQUEST, usage);
-    };
-    let Some(Value::Array(items)) = request.remove("contexts") else {
-        return error(StatusCode::BAD_REQUEST, usage);
-    };
-    if let Some(key) = request.keys().next() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("unknown field `{key}`; expected `contexts`"),
-        );
-    }
-    if items.len() > MAX_BATCH_START {
-        return error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "{} contexts in one request; send at most {MAX_BATCH_START} per request",
-                items.len()
-            ),
-        );
-    }
-    let mut contexts = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        match item {
-            Value::Object(c) => contexts.push(c),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("contexts[{i}] must be a JSON object"),
-                )
-            }
-        }
-    }
     let outcome = start_instances(
         &*state.store,
         &state.config,
         &*state.clock,
         &machine,
-        contexts,
+        request.items,
+        request.key.as_deref(),
         &state.limits,
     )
     .await;
@@ -755,6 +725,9 @@ async fn start_batch(
         ),
         Err(BatchStartError::Start(e @ StartError::UnknownMachine { .. })) => {
             error(StatusCode::NOT_FOUND, e.to_string())
+        }
+        Err(BatchStartError::Start(e @ StartError::InvalidKey(_))) => {
+            error(StatusCode::BAD_REQUEST, e.to_string())
         }
         Err(BatchStartError::Start(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e @ BatchStartError::Partial { .. }) => {

@@ -70,8 +70,13 @@ pub(super) struct StartBody {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub(super) struct BatchBody {
-    /// One input context per instance, at most 10,000; all start, or none.
+    /// One item per instance, at most 10,000; all start, or none. An item is its input
+    /// context, or `{"name": NAME, "context": {...}}` to name the instance (an object with a
+    /// `context` object and nothing else but a `name`). A name that exists starts nothing.
     contexts: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// An idempotency key: unnamed items are named `MACHINE-KEY-N`, so the same batch sent
+    /// again (its answer lost) starts nothing twice and answers with the same names.
+    key: Option<String>,
 }
 
 /// The body of the event endpoints.

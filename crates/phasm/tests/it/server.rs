@@ -921,6 +921,56 @@ async fn a_batch_starts_every_context_or_none() {
     assert_eq!(json(&body)["created"], 10_000);
 }
 
+/// A batch sent again — its answer lost, say — starts nothing twice: with an idempotency key
+/// its unnamed items are named from the key, and items may carry names of their own.
+#[tokio::test]
+async fn a_batch_sent_again_with_its_key_or_names_starts_nothing_twice() {
+    let api = api(None).await;
+    let body = r#"{"key": "import-7", "contexts": [{"count": 1}, {"name": "mine", "context": {"count": 2}}]}"#;
+    let (status, first) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(body),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(json(&first)["created"], 2);
+    assert_eq!(
+        json(&first)["instances"],
+        serde_json::json!(["Job-import-7-0", "mine"])
+    );
+    let (status, again) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(body),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{again}");
+    assert_eq!(json(&again)["created"], 0, "{again}");
+    assert_eq!(json(&again)["instances"], json(&first)["instances"]);
+    let (_, list) = call(&api, "GET", "/api/instances?limit=100", None, None).await;
+    assert_eq!(json(&list)["instances"].as_array().unwrap().len(), 2);
+    for bad in [
+        r#"{"key": "bad key", "contexts": [{}]}"#,
+        r#"{"contexts": [{"name": "par.s1.2", "context": {}}]}"#,
+        r#"{"contexts": [{"name": 5, "context": {}}]}"#,
+    ] {
+        let (status, body) = call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances/batch",
+            Some(bad),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
+
 const WAITING_YAML: &str = "state_machines:\n- name: Approve\n  states:\n  - name: approval\n    initial: true\n    wait: true\n    transitions:\n    - event: approved\n      to: done\n  - name: done\n    final: true\n";
 
 /// Serve the waiting machine (`WAITING_YAML`) on a free port, with the store and
