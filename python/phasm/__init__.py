@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Optional
 
-from phasm._runtime import Logger, Step, check_json, coerce
+from phasm._runtime import Logger, NotJSONError, Step, check_json, coerce, json_problem
 
 __all__ = ["Context", "Halt", "TransientError", "PROTOCOL_VERSION", "__version__"]
 
@@ -203,7 +203,11 @@ class Context:
 
     def set_next_token(self, token: Any) -> None:
         """In a continuation state without ``continuation()``: the next page's token, known
-        only after this page ran (the next page is then queued after this one)."""
+        only after this page ran (the next page is then queued after this one). It must be
+        JSON."""
+        problem = json_problem(token, 1)
+        if problem is not None:
+            raise NotJSONError(f"the next token {problem}")
         self._step.next_token = token
         self._step.next_token_set = True
 
