@@ -97,8 +97,15 @@ pub fn reference(name: &str, namespace: Option<&str>) -> String {
 /// Write the embedded package to a folder of its own (named by its content, reused by later
 /// runs) and return that folder; `PHASM_PYTHON_PACKAGE` names a folder to use instead.
 ///
+/// The folder is under `$XDG_CACHE_HOME/phasm` (or `~/.cache/phasm`), else under
+/// `$TMPDIR/phasm-UID` — never a folder shared by users. Each time, before the package is
+/// used, its folders must belong to this user and be writable by nobody else, and every file
+/// must hold exactly what this phasm carries (a file that differs is written again): code
+/// another local user planted there never runs.
+///
 /// # Errors
-/// When no folder can be written.
+/// When no folder can be written, or a folder belongs to someone else or is writable by
+/// others.
 pub fn package_dir() -> Result<PathBuf, PythonError> {
     if let Some(dir) = std::env::var_os("PHASM_PYTHON_PACKAGE") {
         return Ok(PathBuf::from(dir));
@@ -115,14 +122,89 @@ pub fn package_dir() -> Result<PathBuf, PythonError> {
         .unwrap_or_else(std::env::temp_dir);
     match write_package(&base.join("phasm"), hash) {
         Ok(dir) => Ok(dir),
-        Err(_) => write_package(&std::env::temp_dir().join("phasm"), hash),
+        Err(first) => {
+            let uid = rustix::process::geteuid().as_raw();
+            write_package(&std::env::temp_dir().join(format!("phasm-{uid}")), hash).map_err(
+                |second| match (&first, &second) {
+                    (PythonError::Package { path, source }, PythonError::Package { .. }) => {
+                        PythonError::Package {
+                            path: path.clone(),
+                            source: std::io::Error::other(format!("{source}; and {second}")),
+                        }
+                    }
+                    _ => second,
+                },
+            )
+        }
     }
 }
 
+/// Make `dir` (and its missing parents) if needed, then check that it is a folder of this
+/// user's that nobody else may write to.
+fn private_dir(dir: &Path) -> Result<(), PythonError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let refuse = |why: String| PythonError::Package {
+        path: dir.to_path_buf(),
+        source: std::io::Error::other(why),
+    };
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| PythonError::Package {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|source| PythonError::Package {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(refuse("it is not a folder (a symbolic link?)".into()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "it belongs to user {}, not to this user ({me}): code there is not run",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "other users may write to it (mode {:o}): code there is not run",
+            meta.mode() & 0o777
+        )));
+    }
+    Ok(())
+}
+
+/// Whether every file of the package in `dir` holds what this phasm carries.
+fn package_intact(dir: &Path) -> bool {
+    dir.join(".complete").is_file()
+        && PACKAGE.iter().all(|(name, text)| {
+            std::fs::read(dir.join(name)).is_ok_and(|held| held == text.as_bytes())
+        })
+}
+
 fn write_package(base: &Path, hash: u64) -> Result<PathBuf, PythonError> {
+    private_dir(base)?;
     let dir = base.join(format!("python-{hash:016x}"));
-    if dir.join(".complete").is_file() {
-        return Ok(dir);
+    if dir.exists() {
+        private_dir(&dir)?;
+        if package_intact(&dir) {
+            return Ok(dir);
+        }
+        // Changed since it was written: move it aside, and write it again.
+        let stale = base.join(format!(
+            ".stale-{hash:016x}-{}-{:04x}",
+            std::process::id(),
+            fastrand::u16(..)
+        ));
+        if std::fs::rename(&dir, &stale).is_ok() {
+            let _ = std::fs::remove_dir_all(&stale);
+        }
     }
     let err = |path: &Path| {
         let path = path.to_path_buf();
@@ -143,12 +225,15 @@ fn write_package(base: &Path, hash: u64) -> Result<PathBuf, PythonError> {
     let marker = staging.join(".complete");
     std::fs::write(&marker, "").map_err(err(&marker))?;
     if std::fs::rename(&staging, &dir).is_err() {
-        // Another process got there first: use its copy.
+        // Another process got there first: use its copy, checked as any.
         let _ = std::fs::remove_dir_all(&staging);
-        if !dir.join(".complete").is_file() {
+        private_dir(&dir)?;
+        if !package_intact(&dir) {
             return Err(PythonError::Package {
                 path: dir,
-                source: std::io::Error::other("the folder exists but is incomplete"),
+                source: std::io::Error::other(
+                    "the folder exists but does not hold this phasm's package",
+                ),
             });
         }
     }
@@ -385,6 +470,40 @@ mod tests {
         assert_eq!(reference("Foo", Some("app.actions")), "app.actions.Foo");
         assert_eq!(reference("mod.Foo", Some("ignored")), "mod.Foo");
         assert_eq!(reference("Foo", None), "Foo");
+    }
+
+    #[test]
+    fn a_package_folder_that_was_changed_is_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_package(dir.path(), 7).unwrap();
+        let (name, text) = PACKAGE[0];
+        std::fs::write(a.join(name), "import os; os.system('planted')\n").unwrap();
+        let b = write_package(dir.path(), 7).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(std::fs::read_to_string(b.join(name)).unwrap(), text);
+    }
+
+    #[test]
+    fn a_package_folder_others_may_write_or_own_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let shared = dir.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = write_package(&shared, 7).unwrap_err().to_string();
+        assert!(e.contains("other users may write to it"), "{e}");
+        // Planted in advance by another user (only root can make one here).
+        if rustix::process::geteuid().is_root() {
+            let theirs = dir.path().join("theirs");
+            let planted = theirs.join(format!("python-{:016x}", 7));
+            std::fs::create_dir_all(&planted).unwrap();
+            std::fs::write(planted.join(".complete"), "").unwrap();
+            for path in [&theirs, &planted] {
+                std::os::unix::fs::chown(path, Some(65534), Some(65534)).unwrap();
+            }
+            let e = write_package(&theirs, 7).unwrap_err().to_string();
+            assert!(e.contains("belongs to user 65534"), "{e}");
+        }
     }
 
     #[test]

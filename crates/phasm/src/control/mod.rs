@@ -395,6 +395,7 @@ fn checked_name(name: &str) -> Result<String, StartError> {
 /// A starting context converted by the machine's `context_types` and within the size limit.
 fn checked_context(m: &Machine, context: Context, limits: &Limits) -> Result<Context, StartError> {
     let context = typed_context(m, context).map_err(StartError::BadValue)?;
+    check_depth(&context).map_err(StartError::BadValue)?;
     let bytes = serde_json::to_vec(&context).map_or(0, |v| v.len());
     if bytes > limits.max_context_bytes {
         return Err(StartError::ContextTooLarge {
@@ -403,6 +404,41 @@ fn checked_context(m: &Machine, context: Context, limits: &Limits) -> Result<Con
         });
     }
     Ok(context)
+}
+
+/// How deep a context's values may nest (a value's own level counts as 1): every action
+/// host must be able to write the context back inside a message, and serde_json reads at
+/// most 128 levels (the Python host writes at most 100, message included).
+pub const MAX_VALUE_DEPTH: usize = 90;
+
+/// Refuse a context with a value nested deeper than [`MAX_VALUE_DEPTH`], naming its key.
+///
+/// # Errors
+/// A message naming the key.
+pub fn check_depth(context: &Context) -> Result<(), String> {
+    fn depth(v: &Value) -> usize {
+        // Iterative: a value near serde_json's limit must not exhaust a small stack.
+        let mut deepest = 0;
+        let mut stack = vec![(v, 1)];
+        while let Some((v, d)) = stack.pop() {
+            deepest = deepest.max(d);
+            match v {
+                Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+                Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+                _ => {}
+            }
+        }
+        deepest
+    }
+    for (key, value) in context {
+        let d = depth(value);
+        if d > MAX_VALUE_DEPTH {
+            return Err(format!(
+                "`{key}` nests {d} levels deep; phasm keeps values at most {MAX_VALUE_DEPTH} levels deep (every action host must be able to send it back)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parse a `KEY=VALUE` pair, converting the value by the machine's `context_types`

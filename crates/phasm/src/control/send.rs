@@ -217,10 +217,18 @@ pub async fn send(
             });
         }
     }
+    // What enters a context is checked as a start's context is: typed by the machine's
+    // `context_types` (a float key given "nan" is refused here, naming the key, instead of
+    // failing a step later), and no deeper than every host can send back.
+    let data = match machine {
+        Some(m) => super::typed_context(m, request.data).map_err(SendError::Invalid)?,
+        None => request.data,
+    };
+    super::check_depth(&data).map_err(SendError::Invalid)?;
     let delivery = Delivery {
         instance: instance.clone(),
         event: request.event.clone(),
-        data: request.data,
+        data,
         id: request.id,
         wait,
         checks: DeliveryChecks {

@@ -13,17 +13,19 @@ use crate::action::ActionContext;
 use crate::engine::{Call, Step, TaskKind};
 use crate::machine::ActionRole;
 
-use super::{queue_next_page, StepEnv};
+use super::{queue_next_page, StepEnv, StepFailure};
 
 /// Run `calls` (each with its host reference) on a host; the main action's event when the
-/// calls include it.
+/// calls include it. When no host can take the step (none starts: a module that does not
+/// import, say), nothing ran: the step is postponed without counting an attempt, so fixing
+/// the module brings it back.
 pub(super) async fn run(
     env: &StepEnv<'_>,
     step: &mut Step<'_>,
     pool: &Arc<HostPool>,
     calls: &[(Call, String)],
     cx: &mut ActionContext,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, StepFailure> {
     let task = step.task();
     let mut wire = Vec::with_capacity(calls.len() + 1);
     for (call, reference) in calls {
@@ -54,20 +56,26 @@ pub(super) async fn run(
         wait_token: cx.wait_token.clone(),
         calls: wire,
     };
-    let mut running = pool.start_step(request.clone()).await?;
+    let mut running = pool
+        .start_step(request.clone())
+        .await
+        .map_err(|e| StepFailure::Unavailable(format!("no action host can take it: {e}")))?;
     loop {
-        match running.next().await? {
+        match running.next().await.map_err(StepFailure::Failed)? {
             FromHost::Token(token) => {
                 let outcome = match step.next_page(token, env.clock.now()) {
                     Some(page) => queue_next_page(env, page).await,
                     None => Ok(()),
                 };
-                running.answer(&outcome).await?;
-                outcome?;
+                running
+                    .answer(&outcome)
+                    .await
+                    .map_err(StepFailure::Failed)?;
+                outcome.map_err(StepFailure::Failed)?;
             }
             FromHost::Done(done) => {
                 let has_action = calls.iter().any(|(c, _)| c.role == ActionRole::Action);
-                let event = apply(cx, &request.calls, *done)?;
+                let event = apply(cx, &request.calls, *done).map_err(StepFailure::Failed)?;
                 return Ok(if has_action { event } else { None });
             }
         }

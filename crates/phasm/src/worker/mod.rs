@@ -1035,9 +1035,7 @@ async fn run_calls(
                 .iter()
                 .map_while(|c| env.registry.hosted(c).map(|(_, r)| (c.clone(), r)))
                 .collect();
-            let event = hosted::run(env, step, &pool, &group, cx)
-                .await
-                .map_err(StepFailure::Failed)?;
+            let event = hosted::run(env, step, &pool, &group, cx).await?;
             step.ran(group.len(), event, cx.halted.is_some());
             continue;
         }

@@ -2044,3 +2044,39 @@ async fn names_in_the_engines_own_shapes_are_refused_at_start() {
     .await;
     assert_eq!(code, 201, "{body}");
 }
+
+/// A value no action host could send back is refused where it enters, naming its key: a
+/// start's context or an event's data nested deeper than every host can write, or an event's
+/// typed value that does not convert (as a start's does not).
+#[tokio::test]
+async fn values_no_host_could_send_back_are_refused_where_they_enter() {
+    let (api, store, config) = waiting_api(None).await;
+    let deep = format!("{}1{}", "[".repeat(95), "]".repeat(95));
+    let body = format!(r#"{{"name": "d1", "context": {{"tree": {deep}}}}}"#);
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Approve/instances",
+        Some(&body),
+        None,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("`tree` nests 96 levels"), "{body}");
+    let (code, _) = call(
+        &api,
+        "POST",
+        "/api/machines/Approve/instances",
+        Some(r#"{"name": "w1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201);
+    begin_waiting(&store, &config, "w1").await;
+    let event = format!(r#"{{"event": "approved", "data": {{"tree": {deep}}}}}"#);
+    let (code, body) = call(&api, "POST", "/api/instances/w1/events", Some(&event), None).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("`tree` nests 96 levels"), "{body}");
+    let view = store.instance("w1").await.unwrap().unwrap();
+    assert_eq!(view.waiting.len(), 1, "the wait goes on");
+}

@@ -290,12 +290,13 @@ impl HostProcess {
     }
 }
 
-/// Read one `\n`-terminated line into `buf` (without the newline); `Ok(0)` at end of input.
+/// Read one `\n`-terminated line onto the end of `buf` (without the newline); `Ok(0)` at end
+/// of input. Cancel-safe: what was read of a line stays in `buf` for the next call, so the
+/// caller clears `buf` once it has used a whole line.
 async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<usize, String> {
-    buf.clear();
     loop {
         let available = reader
             .fill_buf()
@@ -337,41 +338,56 @@ struct Reader {
     died: watch::Sender<Option<String>>,
 }
 
-/// Route the host's messages to the steps waiting for them, until it goes away.
+/// Route the host's messages to the steps waiting for them, until it goes away: its stdout
+/// ends, or the process itself exits (a child it forked may hold its stdout open long after;
+/// what the host wrote before it exited is still read).
 async fn read_messages(mut r: Reader) {
-    let mut line = Vec::new();
+    let mut pending_line = Vec::new();
+    let mut exit = None;
     let broken = loop {
-        match read_line(&mut r.stdout, &mut line).await {
+        let read = if exit.is_some() {
+            // The host is gone: read what it left in the pipe, but wait on no child of it.
+            let more = read_line(&mut r.stdout, &mut pending_line);
+            match tokio::time::timeout(Duration::from_millis(200), more).await {
+                Ok(read) => read,
+                Err(_) => break None,
+            }
+        } else {
+            tokio::select! {
+                read = read_line(&mut r.stdout, &mut pending_line) => read,
+                status = r.child.wait() => {
+                    // At once: what it forked dies with it, and lets go of the pipe.
+                    kill_group(r.pid);
+                    exit = Some(status);
+                    continue;
+                }
+            }
+        };
+        // A whole line: the next one starts empty.
+        let line = std::mem::take(&mut pending_line);
+        match read {
             Ok(0) => break None,
             Ok(_) if line.iter().all(u8::is_ascii_whitespace) => {}
             Ok(_) => {
                 let text = String::from_utf8_lossy(&line);
                 match parse_line(&text) {
-                    Ok((id, message)) => {
-                        let done = matches!(message, FromHost::Done(_));
-                        let tx = {
-                            let mut pending = lock(&r.pending);
-                            if done {
-                                pending.remove(&id)
-                            } else {
-                                pending.get(&id).cloned()
-                            }
-                        };
-                        match tx {
-                            Some(tx) => {
-                                let _ = tx.send(message);
-                            }
-                            None => {
-                                tracing::debug!(host = %r.name, id, "a message for a step nobody waits for")
-                            }
+                    Ok((id, message)) => r.route(id, message),
+                    Err(e) => match request_id(&line) {
+                        // The line names its step: only that step fails, and the host,
+                        // which still writes whole lines, goes on.
+                        Some(id) => {
+                            tracing::warn!(host = %r.name, id, error = %e, "an answer that is not the host protocol");
+                            r.route(id, FromHost::Done(Box::new(unreadable(&e))));
                         }
-                    }
-                    Err(e) => {
-                        let shown: String = text.chars().take(200).collect();
-                        break Some(format!(
-                            "it wrote a line that is not the host protocol ({e}): {shown}"
-                        ));
-                    }
+                        None => {
+                            // Its words are not quoted: they may hold any step's data.
+                            let shown: String = text.chars().take(200).collect();
+                            tracing::debug!(host = %r.name, line = %shown, "the line that broke the protocol");
+                            break Some(format!(
+                                "it wrote a line that is not the host protocol ({e})"
+                            ));
+                        }
+                    },
                 }
             }
             Err(e) => break Some(e),
@@ -383,9 +399,13 @@ async fn read_messages(mut r: Reader) {
             *reason = Some(format!("the {} broke the protocol: {why}", r.name));
         }
         drop(reason);
-        kill_group(r.pid);
     }
-    let status = wait_briefly(&mut r.child).await;
+    // Whatever it started dies with it (a forked child holding the pipe included).
+    kill_group(r.pid);
+    let status = match exit {
+        Some(status) => describe_exit(status),
+        None => wait_briefly(&mut r.child).await,
+    };
     r.exited.store(true, Ordering::SeqCst);
     let _ = tokio::time::timeout(Duration::from_secs(1), &mut r.stderr_done).await;
     let reason = match lock(&r.kill_reason).clone() {
@@ -402,6 +422,52 @@ async fn read_messages(mut r: Reader) {
     lock(&r.pending).clear();
 }
 
+impl Reader {
+    /// Hand `message` to the step waiting for request `id`.
+    fn route(&self, id: u64, message: FromHost) {
+        let done = matches!(message, FromHost::Done(_));
+        let tx = {
+            let mut pending = lock(&self.pending);
+            if done {
+                pending.remove(&id)
+            } else {
+                pending.get(&id).cloned()
+            }
+        };
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(message);
+            }
+            None => tracing::debug!(host = %self.name, id, "a message for a step nobody waits for"),
+        }
+    }
+}
+
+/// The request id a line names near its start (`{"type": "done", "id": 12, …`), when the
+/// line as a whole cannot be read.
+fn request_id(line: &[u8]) -> Option<u64> {
+    let head = &line[..line.len().min(128)];
+    let at = head.windows(4).position(|w| w == b"\"id\"")?;
+    let rest = head[at + 4..].trim_ascii_start();
+    let rest = rest.strip_prefix(b":")?.trim_ascii_start();
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
+/// The answer standing for a step's answer that could not be read.
+fn unreadable(e: &str) -> super::protocol::Done {
+    super::protocol::Done {
+        error: Some(super::protocol::DoneError {
+            call: None,
+            kind: Some("ProtocolError".into()),
+            message: format!("the host's answer to this step cannot be read: {e}"),
+            traceback: None,
+            transient: false,
+        }),
+        ..Default::default()
+    }
+}
+
 /// Wait for the process to end (killing its group if it lingers); `" with status N"` or
 /// `" (killed by a signal)"`.
 async fn wait_briefly(child: &mut Child) -> String {
@@ -414,14 +480,50 @@ async fn wait_briefly(child: &mut Child) -> String {
             child.wait().await
         }
     };
+    describe_exit(status)
+}
+
+/// `" with status N"`, `" (killed by SIGKILL, perhaps out of memory)"` or `" (killed by
+/// SIGSEGV)"`: how a process ended.
+fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
     match status {
-        Ok(s) => match s.code() {
-            Some(code) => format!(" with status {code}"),
-            None => " (killed by a signal)".to_string(),
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!(" with status {code}"),
+            (None, Some(9)) => " (killed by SIGKILL, perhaps out of memory)".to_string(),
+            (None, Some(signal)) => format!(" (killed by {})", signal_name(signal)),
+            (None, None) => " (killed by a signal)".to_string(),
         },
         Err(e) => format!(" (cannot tell how: {e})"),
     }
 }
+
+/// A signal's name (`SIGSEGV`), or its number.
+pub(crate) fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        24 => "SIGXCPU",
+        25 => "SIGXFSZ",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_string()
+}
+
+/// Most of a host's stderr lines written to phasm's log each second; the rest are counted,
+/// and the count is logged once the next second begins. (What a step's own thread writes
+/// reaches that step's log through the host instead: see docs/host-protocol.md.)
+const STDERR_LINES_PER_SECOND: u32 = 100;
 
 async fn forward_stderr(
     stderr: tokio::process::ChildStderr,
@@ -429,13 +531,31 @@ async fn forward_stderr(
     tail: Arc<Mutex<VecDeque<String>>>,
 ) {
     let mut lines = BufReader::new(stderr).lines();
+    let mut second = tokio::time::Instant::now();
+    let (mut shown, mut hidden) = (0u32, 0u64);
     while let Ok(Some(line)) = lines.next_line().await {
-        tracing::warn!(host = %name, "stderr: {line}");
+        let line = crate::engine::text::storable(line);
+        if second.elapsed() >= Duration::from_secs(1) {
+            if hidden > 0 {
+                tracing::warn!(host = %name, "stderr: … {hidden} more lines not shown (over {STDERR_LINES_PER_SECOND} a second)");
+            }
+            second = tokio::time::Instant::now();
+            (shown, hidden) = (0, 0);
+        }
+        if shown < STDERR_LINES_PER_SECOND {
+            shown += 1;
+            tracing::warn!(host = %name, "stderr: {line}");
+        } else {
+            hidden += 1;
+        }
         let mut tail = lock(&tail);
         if tail.len() == STDERR_TAIL_LINES {
             tail.pop_front();
         }
         tail.push_back(line);
+    }
+    if hidden > 0 {
+        tracing::warn!(host = %name, "stderr: … {hidden} more lines not shown (over {STDERR_LINES_PER_SECOND} a second)");
     }
 }
 
