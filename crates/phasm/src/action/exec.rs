@@ -142,10 +142,17 @@ impl Action for ExecAction {
             );
         }
         if !status.success() {
-            let code = status.code().map_or_else(
-                || "was killed by a signal".to_string(),
-                |c| format!("exited with status {c}"),
-            );
+            let code = {
+                use std::os::unix::process::ExitStatusExt;
+                match (status.code(), status.signal()) {
+                    (Some(c), _) => format!("exited with status {c}"),
+                    (None, Some(9)) => "was killed by SIGKILL, perhaps out of memory".to_string(),
+                    (None, Some(s)) => {
+                        format!("was killed by {}", super::host::signal_name(s))
+                    }
+                    (None, None) => "was killed by a signal".to_string(),
+                }
+            };
             let tail = tail(&stderr_text);
             let tail = if tail.is_empty() {
                 String::new()

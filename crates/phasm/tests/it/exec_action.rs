@@ -287,3 +287,22 @@ state_machines:
         "{error}"
     );
 }
+
+/// A program killed by a signal is reported with the signal's name; SIGKILL, what the
+/// kernel's out-of-memory killer sends, says so.
+#[tokio::test]
+async fn a_program_killed_by_a_signal_names_it() {
+    let mut cx = cx();
+    let e = sh("cat >/dev/null; kill -KILL $$", None)
+        .run(&mut cx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("killed by SIGKILL, perhaps out of memory"), "{e}");
+    let e = sh("cat >/dev/null; kill -SEGV $$", None)
+        .run(&mut cx)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("killed by SIGSEGV"), "{e}");
+}

@@ -499,7 +499,7 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
 }
 
 /// A signal's name (`SIGSEGV`), or its number.
-pub(crate) fn signal_name(signal: i32) -> String {
+pub fn signal_name(signal: i32) -> String {
     let name = match signal {
         1 => "SIGHUP",
         2 => "SIGINT",
