@@ -31,6 +31,25 @@ pub fn count(n: u64, noun: &str) -> String {
     }
 }
 
+/// `text` safe to print to a terminal: control characters other than newline and tab (an
+/// escape sequence that recolours or clears the screen, a carriage return that overwrites a
+/// line) are shown escaped (`\u{1b}`), never sent raw.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let raw = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !text.chars().any(raw) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if raw(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// A timestamp for people.
 pub fn time(at: i64) -> String {
     phasm::clock::rfc3339(at)
@@ -74,4 +93,15 @@ pub fn exit_on_write_error(e: &std::io::Error) -> ! {
     }
     eprintln!("error: cannot write to stdout: {e}");
     std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_but_lines_and_tabs_kept() {
+        assert_eq!(printable("plain\ttext\nnext"), "plain\ttext\nnext");
+        assert_eq!(printable("\u{1b}[31mred\r\u{7}"), "\\u{1b}[31mred\\u{d}\\u{7}");
+    }
 }

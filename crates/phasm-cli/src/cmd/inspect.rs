@@ -6,7 +6,7 @@ use phasm::clock::{Clock, SystemClock};
 use phasm::store::{Control, InstanceStatus, InstanceView, ListFilter, Store};
 use serde_json::{json, Value};
 
-use crate::output::{count, duration, outln, time};
+use crate::output::{count, duration, outln, printable, time};
 use crate::{db, exit, DbArgs};
 
 /// Open the database an inspecting command names: read-only for `status`, `list` and `logs`,
@@ -64,7 +64,7 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
     outln!("machine   {}", view.machine);
     outln!("status    {}", view.status);
     if let Some(error) = &view.error {
-        outln!("error     {error}");
+        outln!("error     {}", printable(error));
     }
     outln!("created   {}", time(view.created_at));
     if let Some(ended) = view.ended_at {
@@ -416,7 +416,13 @@ pub async fn logs(name: &str, args: &DbArgs) -> ExitCode {
     match store.logs(name).await {
         Ok(lines) => {
             for l in lines {
-                outln!("{} {:<7} {} [{}]", time(l.at), l.level, l.message, l.task);
+                outln!(
+                    "{} {:<7} {} [{}]",
+                    time(l.at),
+                    printable(&l.level),
+                    printable(&l.message),
+                    l.task
+                );
             }
             ExitCode::SUCCESS
         }

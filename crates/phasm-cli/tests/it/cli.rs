@@ -447,3 +447,32 @@ fn reset_runs_an_ended_instance_again_from_a_step_of_its_history() {
     );
     assert_eq!(json["context"]["total"], 19.98, "{json}");
 }
+
+/// `phasm logs` and `phasm status` never send a log line's control characters to the
+/// terminal raw (an escape sequence could clear or recolour it): they are shown escaped.
+#[test]
+fn logs_show_control_characters_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let yaml = "actions:\n  Paint:\n    exec: [sh, paint.sh]\nstate_machines:\n- name: M\n  logging: persistent\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Paint\n";
+    std::fs::write(d.join("fsm.yaml"), yaml).unwrap();
+    std::fs::write(
+        d.join("paint.sh"),
+        "cat > /dev/null\nprintf '{\"log\": [\"\\\\u001b[2Jcleared\\\\rback\"]}'\n",
+    )
+    .unwrap();
+    let db = d.join("p.db").display().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["run", "fsm.yaml", "--name", "paint", "--db", &db])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let logs = Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["logs", "paint", "--db", &db])
+        .output()
+        .unwrap();
+    let shown = text(&logs.stdout);
+    assert!(!shown.contains('\u{1b}') && !shown.contains('\r'), "{shown:?}");
+    assert!(shown.contains("\\u{1b}[2Jcleared\\u{d}back"), "{shown:?}");
+}

@@ -278,6 +278,39 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .with_state(state)
 }
 
+/// A 405 the API left without a body gets its JSON error, naming the methods the path takes
+/// (from the `Allow` header the router adds last). The console's 405 is a page already.
+async fn methods_not_allowed(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let is_page_or_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html") || v.starts_with("application/json"));
+    if is_page_or_json {
+        return response;
+    }
+    let allowed = response
+        .headers()
+        .get(header::ALLOW)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .replace(',', ", ");
+    let mut answer = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method not allowed here; this path takes {allowed}"),
+    );
+    for (name, value) in response.headers() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            answer.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    answer
+}
+
 /// Answer 408 (and close the connection) when a request is not answered within `deadline`
 /// of its head: a body sent a byte at a time holds a connection no longer than that.
 async fn request_deadline(deadline: std::time::Duration, request: Request, next: Next) -> Response {
@@ -343,34 +376,29 @@ async fn json_errors(request: Request, next: Next) -> Response {
     if is_json {
         return response;
     }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        // `methods_not_allowed`, around the whole router, answers once the router has added
+        // the `Allow` header (inside a route it is not there yet).
+        return response;
+    }
     let (parts, body) = response.into_parts();
     let text = axum::body::to_bytes(body, 64 * 1024)
         .await
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_default();
     let message = if text.is_empty() {
-        match status {
-            StatusCode::METHOD_NOT_ALLOWED => {
-                let allowed = parts
-                    .headers
-                    .get(header::ALLOW)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
-                format!("method not allowed here; allowed: {allowed}")
-            }
-            other => other
-                .canonical_reason()
-                .unwrap_or("error")
-                .to_ascii_lowercase(),
-        }
+        status
+            .canonical_reason()
+            .unwrap_or("error")
+            .to_ascii_lowercase()
     } else {
         text
     };
     let mut answer = error(status, message);
-    for name in [header::ALLOW, header::RETRY_AFTER] {
-        if let Some(value) = parts.headers.get(&name) {
-            answer.headers_mut().insert(name, value.clone());
-        }
+    if let Some(value) = parts.headers.get(header::RETRY_AFTER) {
+        answer
+            .headers_mut()
+            .insert(header::RETRY_AFTER, value.clone());
     }
     answer
 }
@@ -402,6 +430,10 @@ pub async fn serve_with(
     let app = router(state).layer(middleware::from_fn(move |request: Request, next: Next| {
         request_deadline(deadline, request, next)
     }));
+    // Around the whole router (a route's layers run before its `Allow` header is added).
+    let app = Router::new()
+        .fallback_service(app)
+        .layer(middleware::from_fn(methods_not_allowed));
     listen::serve_app(listener, app, options, unlimited, shutdown).await
 }
 

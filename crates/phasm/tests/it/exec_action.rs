@@ -298,7 +298,10 @@ async fn a_program_killed_by_a_signal_names_it() {
         .await
         .unwrap_err()
         .to_string();
-    assert!(e.contains("killed by SIGKILL, perhaps out of memory"), "{e}");
+    assert!(
+        e.contains("killed by SIGKILL, perhaps out of memory"),
+        "{e}"
+    );
     let e = sh("cat >/dev/null; kill -SEGV $$", None)
         .run(&mut cx)
         .await

@@ -566,7 +566,13 @@ fn the_client_address_is_the_peers_unless_a_trusted_proxy_forwarded_it() {
 async fn every_api_error_is_a_json_object() {
     let api = api(None).await;
     let cases: [(&str, &str, Option<&str>, u16, &str); 5] = [
-        ("DELETE", "/api/machines", None, 405, "method not allowed"),
+        (
+            "DELETE",
+            "/api/machines",
+            None,
+            405,
+            "method not allowed here; this path takes GET, HEAD",
+        ),
         ("GET", "/api/instances?limit=-1", None, 400, "limit"),
         ("GET", "/api/instances/%FF%FE", None, 400, "UTF-8"),
         (
