@@ -35,8 +35,14 @@ pub async fn open_as(
     if is_postgres(&args.db) {
         // A PostgreSQL server allows about 100 connections in all (`max_connections`), shared
         // by every worker: steps wait for a pooled connection rather than open more.
+        // One-shot commands (`status`, `cancel`, `start`…: `connections` of 2) ride out a
+        // restart of the server and wait for no one's work; a worker or server retries its
+        // own calls and listens for other processes' work.
+        let one_shot = connections <= 2;
         let options = PostgresOptions {
             pool_size: (connections + 4).min(MAX_POOL),
+            transient_retries: if one_shot { 5 } else { 0 },
+            listen: !one_shot,
         };
         return PostgresStore::open(&args.db, &options)
             .await

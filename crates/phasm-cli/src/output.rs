@@ -4,10 +4,11 @@ use std::io::{IsTerminal, Write};
 
 use phasm::diagnostic::Diagnostics;
 
-/// Log to stderr, filtered by `RUST_LOG` (default: warnings, and info for phasm itself).
+/// Log to stderr, filtered by `RUST_LOG` (default: warnings; the connection pool's only as
+/// errors, since phasm reports each failure it meets once, in its own words).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,phasm=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,phasm=warn,deadpool=error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -102,6 +103,9 @@ mod tests {
     #[test]
     fn control_characters_are_escaped_but_lines_and_tabs_kept() {
         assert_eq!(printable("plain\ttext\nnext"), "plain\ttext\nnext");
-        assert_eq!(printable("\u{1b}[31mred\r\u{7}"), "\\u{1b}[31mred\\u{d}\\u{7}");
+        assert_eq!(
+            printable("\u{1b}[31mred\r\u{7}"),
+            "\\u{1b}[31mred\\u{d}\\u{7}"
+        );
     }
 }

@@ -473,6 +473,9 @@ fn logs_show_control_characters_escaped() {
         .output()
         .unwrap();
     let shown = text(&logs.stdout);
-    assert!(!shown.contains('\u{1b}') && !shown.contains('\r'), "{shown:?}");
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\r'),
+        "{shown:?}"
+    );
     assert!(shown.contains("\\u{1b}[2Jcleared\\u{d}back"), "{shown:?}");
 }

@@ -63,11 +63,26 @@ use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task, TaskK
 pub struct PostgresOptions {
     /// Most connections in the pool (size it a little above the worker's concurrency).
     pub pool_size: usize,
+    /// How many times a read or an administrative call (retry, reset, cancel, scrub) that
+    /// met a passing failure — a connection the server ended (`57P01` on a restart), a
+    /// deadlock — is tried again, after 100 ms, 200 ms, …. A one-shot command (`phasm
+    /// status`, `cancel`) wants a few; a worker, which retries its own calls and must notice
+    /// an outage at once, none (the default). Writing such a call again is safe: each is one
+    /// transaction, and one that did commit answers as done, or as not allowed any more.
+    pub transient_retries: u32,
+    /// Whether to listen for other processes' work (`LISTEN phasm` on a connection of its
+    /// own, waking [`WorkStore::changes`]): what workers and servers need, and a one-shot
+    /// command does not.
+    pub listen: bool,
 }
 
 impl Default for PostgresOptions {
     fn default() -> Self {
-        Self { pool_size: 16 }
+        Self {
+            pool_size: 16,
+            transient_retries: 0,
+            listen: true,
+        }
     }
 }
 
@@ -86,6 +101,8 @@ pub struct PostgresStore {
     _listener: Arc<StopOnDrop>,
     /// The wait-token key, once read (it never changes).
     wait_key: Arc<super::WaitKeyCache>,
+    /// See [`PostgresOptions::transient_retries`].
+    transient_retries: u32,
 }
 
 /// Aborts a task when dropped.
@@ -218,13 +235,37 @@ impl PostgresStore {
             settling: Arc::default(),
             _listener: Arc::default(),
             wait_key: Arc::default(),
+            transient_retries: options.transient_retries,
         };
-        store.migrate().await?;
+        store.again(|| store.migrate()).await?;
+        if !options.listen {
+            return Ok(store);
+        }
         let listener = tokio::spawn(listen(config, Arc::clone(&store.changes)));
         Ok(Self {
             _listener: Arc::new(StopOnDrop(Some(listener))),
             ..store
         })
+    }
+
+    /// Run `call`, again after a passing failure, up to [`PostgresOptions::transient_retries`]
+    /// times.
+    async fn again<T, F, Fut>(&self, call: F) -> StoreResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = StoreResult<T>>,
+    {
+        let mut tries = 0;
+        loop {
+            match call().await {
+                Err(e) if e.is_transient() && tries < self.transient_retries => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "trying again after a passing failure");
+                    tokio::time::sleep(std::time::Duration::from_millis(50 << tries)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn client(&self) -> StoreResult<Object> {
@@ -443,7 +484,11 @@ impl WorkStore for PostgresStore {
         now: Micros,
         instances: Vec<NewInstance>,
     ) -> StoreResult<Vec<Started>> {
-        apply::start_many(self, now, instances).await
+        if self.transient_retries == 0 {
+            return apply::start_many(self, now, instances).await;
+        }
+        self.again(|| apply::start_many(self, now, instances.clone()))
+            .await
     }
 
     async fn claim(&self, now: Micros, req: &ClaimRequest) -> StoreResult<Vec<Task>> {
@@ -512,15 +557,15 @@ impl WorkStore for PostgresStore {
 #[async_trait]
 impl ReadStore for PostgresStore {
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
-        read::instance(self, name).await
+        self.again(|| read::instance(self, name)).await
     }
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {
-        read::list(self, filter).await
+        self.again(|| read::list(self, filter)).await
     }
 
     async fn logs(&self, name: &str) -> StoreResult<Vec<LogLine>> {
-        read::logs(self, name).await
+        self.again(|| read::logs(self, name)).await
     }
 
     async fn history_page(
@@ -529,19 +574,20 @@ impl ReadStore for PostgresStore {
         page: PageRequest,
         branch: Option<&str>,
     ) -> StoreResult<Option<Page<super::HistoryRow>>> {
-        read::history_page(self, name, page, branch).await
+        self.again(|| read::history_page(self, name, page, branch))
+            .await
     }
 
     async fn step(&self, name: &str, id: i64) -> StoreResult<Option<super::StepDetail>> {
-        read::step(self, name, id).await
+        self.again(|| read::step(self, name, id)).await
     }
 
     async fn logs_page(&self, name: &str, page: PageRequest) -> StoreResult<Option<Page<LogLine>>> {
-        read::logs_page(self, name, page).await
+        self.again(|| read::logs_page(self, name, page)).await
     }
 
     async fn schedules(&self) -> StoreResult<Vec<super::ScheduleRecord>> {
-        schedule::schedules(self).await
+        self.again(|| schedule::schedules(self)).await
     }
 
     async fn machine_overview(
@@ -550,30 +596,31 @@ impl ReadStore for PostgresStore {
         hour: Micros,
         day: Micros,
     ) -> StoreResult<super::MachineOverview> {
-        read::machine_overview(self, machine, hour, day).await
+        self.again(|| read::machine_overview(self, machine, hour, day))
+            .await
     }
 
     async fn workers(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
-        read::workers(self, now).await
+        self.again(|| read::workers(self, now)).await
     }
 
     async fn workers_gone(&self, now: Micros) -> StoreResult<Vec<WorkerView>> {
-        read::workers_gone(self, now).await
+        self.again(|| read::workers_gone(self, now)).await
     }
 
     async fn stats(&self, now: Micros) -> StoreResult<super::StoreStats> {
-        read::stats(self, now).await
+        self.again(|| read::stats(self, now)).await
     }
 
     async fn recent_steps(&self, since: Micros) -> StoreResult<super::RecentSteps> {
-        read::recent_steps(self, since).await
+        self.again(|| read::recent_steps(self, since)).await
     }
 }
 
 #[async_trait]
 impl AdminStore for PostgresStore {
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
-        admin::retry(self, now, name).await
+        self.again(|| admin::retry(self, now, name)).await
     }
 
     async fn reset(
@@ -583,7 +630,8 @@ impl AdminStore for PostgresStore {
         task: &NewTask,
         note: &str,
     ) -> StoreResult<Control> {
-        admin::reset(self, now, name, task, note).await
+        self.again(|| admin::reset(self, now, name, task, note))
+            .await
     }
 
     async fn cancel_because(
@@ -593,7 +641,8 @@ impl AdminStore for PostgresStore {
         reason: Option<&str>,
     ) -> StoreResult<Control> {
         let reason = reason.map(|r| crate::engine::text::storable(r.to_string()));
-        admin::cancel(self, now, name, reason.as_deref()).await
+        self.again(|| admin::cancel(self, now, name, reason.as_deref()))
+            .await
     }
 
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64> {
@@ -601,6 +650,6 @@ impl AdminStore for PostgresStore {
     }
 
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64> {
-        admin::scrub(self, cutoff, batch).await
+        self.again(|| admin::scrub(self, cutoff, batch)).await
     }
 }
