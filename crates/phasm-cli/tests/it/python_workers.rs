@@ -213,3 +213,107 @@ fn misbehaving_hosts_fail_attempts_clearly_on_sqlite_and_postgres() {
     std::fs::remove_file(d.join("died")).unwrap();
     misbehaving_hosts_on(d, &schema.url);
 }
+
+const LINGERING: &str = r#"
+python:
+  processes: 1
+  timeout: 120s
+state_machines:
+- name: Forks
+  namespace: linger
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: forks
+- name: Sleeps
+  namespace: linger
+  states:
+  - name: a
+    initial: true
+    final: true
+    action: sleeps
+"#;
+
+const LINGERING_MODULE: &str = r#"
+import os
+import time
+
+
+def forks(ctx):
+    if os.fork() == 0:
+        os.execvp("sleep", ["sleep", "10"])
+    return None
+
+
+def sleeps(ctx):
+    time.sleep(100)
+"#;
+
+/// A worker's hosts die with it when it is SIGKILLed (instead of running their steps on,
+/// up to the timeout, while the steps run again elsewhere), and a child an action forked
+/// does not hold a SIGTERM'd worker's shutdown.
+#[test]
+fn hosts_die_with_their_worker_and_a_forked_child_does_not_delay_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("fsm.yaml"), LINGERING).unwrap();
+    std::fs::write(d.join("linger.py"), LINGERING_MODULE).unwrap();
+    let db = d.join("phasm.db").display().to_string();
+    for (machine, name) in [("Forks", "f1"), ("Sleeps", "s1")] {
+        let out = phasm(
+            d,
+            &db,
+            &["start", "fsm.yaml", "--machine", machine, "--name", name],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // SIGKILL while `sleeps` runs: the host goes at once with its worker.
+    let mut victim = worker(d, &db, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(d, &db, "completed") < 1 {
+        assert!(Instant::now() < deadline, "`forks` did not complete");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!hosts_of(d).is_empty(), "a host runs `sleeps`");
+    victim.kill().expect("SIGKILL");
+    victim.wait().unwrap();
+    let killed = Instant::now();
+    while !hosts_of(d).is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "hosts outlived their SIGKILLed worker: {:?}",
+            hosts_of(d)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A worker whose host forked a long-lived child stops promptly on SIGTERM.
+    assert!(phasm(d, &db, &["cancel", "s1"]).status.success());
+    let out = phasm(
+        d,
+        &db,
+        &["start", "fsm.yaml", "--machine", "Forks", "--name", "f2"],
+    );
+    assert!(out.status.success());
+    let mut steady = worker(d, &db, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while count(d, &db, "completed") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the second `forks` did not complete"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let asked = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &steady.id().to_string()])
+        .status();
+    let _ = steady.wait();
+    let took = asked.elapsed();
+    assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
+}
