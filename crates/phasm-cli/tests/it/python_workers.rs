@@ -317,3 +317,37 @@ fn hosts_die_with_their_worker_and_a_forked_child_does_not_delay_shutdown() {
     let took = asked.elapsed();
     assert!(took < Duration::from_secs(5), "shutdown took {took:?}");
 }
+
+/// A host flooding its stderr (here written past Python's `sys.stderr`, which a step's own
+/// thread would route to its log) costs phasm's log at most a hundred lines a second: the
+/// rest is counted in one line.
+#[test]
+fn a_host_flooding_stderr_is_throttled_in_phasms_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("fsm.yaml"),
+        "python:\n  processes: 1\nstate_machines:\n- name: Loud\n  namespace: loud\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: shout\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("loud.py"),
+        "import os\n\n\ndef shout(ctx):\n    os.write(2, b''.join(b'line %d\\n' % i for i in range(5000)))\n",
+    )
+    .unwrap();
+    let db = d.join("phasm.db").display().to_string();
+    let out = phasm(d, &db, &["run", "fsm.yaml"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    let shown = err.lines().filter(|l| l.contains("stderr: line ")).count();
+    assert!(shown <= 100, "{shown} stderr lines in phasm's log");
+    assert!(
+        err.contains("more lines not shown (over 100 a second)"),
+        "{}",
+        &err[err.len().saturating_sub(500)..]
+    );
+}
