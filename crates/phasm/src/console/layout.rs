@@ -31,7 +31,7 @@ img.graph{max-width:100%;border:1px solid var(--line);background:#fff}\
 
 /// The console's only script, served at [`SCRIPT_PATH`] (the Content-Security-Policy allows
 /// scripts from the server itself alone, never inline): it refreshes the element a page
-/// marked with [`refresh`].
+/// marked for refreshing (`data-refresh`: the element to replace, `data-every`, `data-from`, `data-hold`).
 pub const SCRIPT: &str = "\
 for(const m of document.querySelectorAll('[data-refresh]')){\
 const d=m.dataset;\
