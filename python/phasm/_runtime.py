@@ -125,7 +125,7 @@ def coerce(type_name: Optional[str], value: Any, key: str = "") -> Any:
             if not isinstance(value, str):
                 return value
             try:
-                parsed = json.loads(value, parse_constant=refuse_json_constant)
+                parsed = strict_loads(value)
             except RecursionError:
                 parsed = None
                 problem: Optional[str] = "is nested too deep to read"
@@ -165,6 +165,18 @@ def coerce(type_name: Optional[str], value: Any, key: str = "") -> Any:
 def refuse_json_constant(name: str) -> Any:
     """``json.loads``' hook for ``NaN``, ``Infinity`` and ``-Infinity``: refused."""
     raise ValueError(f"{name} is not JSON")
+
+
+#: A strict JSON reader, made once (``json.loads`` with a keyword makes a new decoder per
+#: call): ``NaN`` and the infinities are refused.
+STRICT_DECODER = json.JSONDecoder(parse_constant=refuse_json_constant)
+
+
+def strict_loads(data: "bytes | str") -> Any:
+    """``data`` read as strict JSON: UTF-8 (when bytes), no ``NaN`` or infinities. Raises
+    :class:`ValueError` (a :class:`UnicodeDecodeError` or :class:`json.JSONDecodeError`)."""
+    text = data.decode("utf-8") if isinstance(data, bytes) else data
+    return STRICT_DECODER.decode(text)
 
 
 def coerce_all(types: dict[str, str], data: dict[str, Any]) -> dict[str, Any]:

@@ -54,7 +54,7 @@ from phasm._runtime import (
     encode_json,
     json_problem,
     level_name,
-    refuse_json_constant,
+    strict_loads,
     set_current_step,
 )
 
@@ -362,9 +362,11 @@ class Host:
         event: Any = None
         obj: dict[str, Any] = _Obj({"__rc__": step.attempt, "__tn__": step.task})
         try:
+            # phasm checks what enters a context (no value nested past 90 levels; JSON as
+            # serde_json reads it holds no NaN and no lone surrogate), and `coerce_all`
+            # refuses a typed value JSON cannot hold: the context is checked once, on the way
+            # back.
             data = FSMContext(coerce_all(types, msg.get("context") or {}), step, obj)
-            # A value the answer could not carry fails the step before any call runs.
-            check_json("context", data, CONTEXT_LEVEL)
             raw_contexts = msg.get("contexts")
             joined: Optional[FanInContexts] = None
             if raw_contexts is not None:
@@ -425,12 +427,9 @@ class Host:
                 return _with_log(response, step)
             if step.halt is not None:
                 break
-        try:
-            check_json("context", data, CONTEXT_LEVEL)
-            response["context"] = dict(data)
-        except TypeError as e:
-            response["error"] = _error(None, None, e)
-            return _with_log(response, step)
+        # Checked as the answer is written (`send`): a value JSON cannot hold fails this step
+        # there, naming its key — one encoding of the context per step, not two.
+        response["context"] = dict(data)
         response["event"] = event
         if step.forks:
             response["forks"] = step.forks
@@ -453,7 +452,7 @@ class Host:
             if not line.strip():
                 continue
             try:
-                msg = json.loads(line, parse_constant=refuse_json_constant)
+                msg = strict_loads(line)
                 if not isinstance(msg, dict):
                     raise ValueError(f"a JSON {type(msg).__name__}, not an object")
                 kind = msg.get("type")

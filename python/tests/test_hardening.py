@@ -247,22 +247,21 @@ class StrictEncodingTests(HardeningTestCase):
                              context={"tree": '{"a": NaN}'})
         self.assertIn("context key `tree`", done["error"]["message"])
 
-    def test_a_deep_context_from_phasm_fails_before_any_call(self) -> None:
-        host, out = self.host(["hardmod.blocker"])
-        import hardmod  # type: ignore[import-not-found]
-
-        hardmod.STARTED.clear()
-        done = self.run_step(host, out, [("action", "hardmod.blocker")],
+    def test_a_deep_context_from_phasm_fails_that_step_naming_the_key(self) -> None:
+        # phasm refuses such a value where it enters; one stored before fails the step
+        # that carries it (its answer cannot be written), naming the key.
+        host, out = self.host(["hardmod.echo"])
+        done = self.run_step(host, out, [("action", "hardmod.echo")],
                              context={"deep": nested(120), "fine": nested(90)})
         self.assertIn("context key `deep` is nested more than 98 levels deep",
                       done["error"]["message"])
-        self.assertFalse(hardmod.STARTED.is_set(), "the action must not run")
+        self.assertNotIn("context", done)
 
     def test_nan_set_by_an_action_fails_that_step(self) -> None:
         host, out = self.host(["hardmod.SetNan"])
         done = self.run_step(host, out, [("action", "hardmod.SetNan")], context={"a": 1})
-        self.assertEqual(done["error"]["message"],
-                         "context key `amount` holds nan, which JSON cannot hold")
+        self.assertIn("context key `amount` holds nan, which JSON cannot hold",
+                      done["error"]["message"])
         self.assertNotIn("context", done)
 
     def test_an_integer_serde_json_cannot_read_fails_that_step(self) -> None:

@@ -344,53 +344,60 @@ struct Reader {
 async fn read_messages(mut r: Reader) {
     let mut pending_line = Vec::new();
     let mut exit = None;
-    let broken = loop {
-        let read = if exit.is_some() {
-            // The host is gone: read what it left in the pipe, but wait on no child of it.
-            let more = read_line(&mut r.stdout, &mut pending_line);
-            match tokio::time::timeout(Duration::from_millis(200), more).await {
-                Ok(read) => read,
-                Err(_) => break None,
-            }
-        } else {
-            tokio::select! {
-                read = read_line(&mut r.stdout, &mut pending_line) => read,
-                status = r.child.wait() => {
-                    // At once: what it forked dies with it, and lets go of the pipe.
-                    kill_group(r.pid);
-                    exit = Some(status);
-                    continue;
+    let broken = {
+        // One wait for the whole life of the host (not a new one per line).
+        let exited = r.child.wait();
+        tokio::pin!(exited);
+        loop {
+            let read = if exit.is_some() {
+                // The host is gone: read what it left in the pipe, but wait on no child of it.
+                let more = read_line(&mut r.stdout, &mut pending_line);
+                match tokio::time::timeout(Duration::from_millis(200), more).await {
+                    Ok(read) => read,
+                    Err(_) => break None,
                 }
-            }
-        };
-        // A whole line: the next one starts empty.
-        let line = std::mem::take(&mut pending_line);
-        match read {
-            Ok(0) => break None,
-            Ok(_) if line.iter().all(u8::is_ascii_whitespace) => {}
-            Ok(_) => {
-                let text = String::from_utf8_lossy(&line);
-                match parse_line(&text) {
-                    Ok((id, message)) => r.route(id, message),
-                    Err(e) => match request_id(&line) {
-                        // The line names its step: only that step fails, and the host,
-                        // which still writes whole lines, goes on.
-                        Some(id) => {
-                            tracing::warn!(host = %r.name, id, error = %e, "an answer that is not the host protocol");
-                            r.route(id, FromHost::Done(Box::new(unreadable(&e))));
-                        }
-                        None => {
-                            // Its words are not quoted: they may hold any step's data.
-                            let shown: String = text.chars().take(200).collect();
-                            tracing::debug!(host = %r.name, line = %shown, "the line that broke the protocol");
-                            break Some(format!(
-                                "it wrote a line that is not the host protocol ({e})"
-                            ));
-                        }
-                    },
+            } else {
+                tokio::select! {
+                    biased;
+                    read = read_line(&mut r.stdout, &mut pending_line) => read,
+                    status = &mut exited => {
+                        // At once: what it forked dies with it, and lets go of the pipe.
+                        kill_group(r.pid);
+                        exit = Some(status);
+                        continue;
+                    }
                 }
+            };
+            // A whole line: the next one starts empty.
+            let line = std::mem::take(&mut pending_line);
+            match read {
+                Ok(0) => break None,
+                Ok(_) if line.iter().all(u8::is_ascii_whitespace) => {}
+                Ok(_) => {
+                    let text = String::from_utf8_lossy(&line);
+                    match parse_line(&text) {
+                        Ok((id, message)) => route(&r.pending, &r.name, id, message),
+                        Err(e) => match request_id(&line) {
+                            // The line names its step: only that step fails, and the host,
+                            // which still writes whole lines, goes on.
+                            Some(id) => {
+                                tracing::warn!(host = %r.name, id, error = %e, "an answer that is not the host protocol");
+                                let answer = FromHost::Done(Box::new(unreadable(&e)));
+                                route(&r.pending, &r.name, id, answer);
+                            }
+                            None => {
+                                // Its words are not quoted: they may hold any step's data.
+                                let shown: String = text.chars().take(200).collect();
+                                tracing::debug!(host = %r.name, line = %shown, "the line that broke the protocol");
+                                break Some(format!(
+                                    "it wrote a line that is not the host protocol ({e})"
+                                ));
+                            }
+                        },
+                    }
+                }
+                Err(e) => break Some(e),
             }
-            Err(e) => break Some(e),
         }
     };
     if let Some(why) = &broken {
@@ -422,24 +429,22 @@ async fn read_messages(mut r: Reader) {
     lock(&r.pending).clear();
 }
 
-impl Reader {
-    /// Hand `message` to the step waiting for request `id`.
-    fn route(&self, id: u64, message: FromHost) {
-        let done = matches!(message, FromHost::Done(_));
-        let tx = {
-            let mut pending = lock(&self.pending);
-            if done {
-                pending.remove(&id)
-            } else {
-                pending.get(&id).cloned()
-            }
-        };
-        match tx {
-            Some(tx) => {
-                let _ = tx.send(message);
-            }
-            None => tracing::debug!(host = %self.name, id, "a message for a step nobody waits for"),
+/// Hand `message` to the step waiting for request `id`.
+fn route(pending: &Pending, host: &str, id: u64, message: FromHost) {
+    let done = matches!(message, FromHost::Done(_));
+    let tx = {
+        let mut pending = lock(pending);
+        if done {
+            pending.remove(&id)
+        } else {
+            pending.get(&id).cloned()
         }
+    };
+    match tx {
+        Some(tx) => {
+            let _ = tx.send(message);
+        }
+        None => tracing::debug!(host = %host, id, "a message for a step nobody waits for"),
     }
 }
 
