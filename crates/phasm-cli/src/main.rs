@@ -232,6 +232,26 @@ enum Command {
         #[command(flatten)]
         db: ReadDbArgs,
     },
+    /// Store each machine of the files whose definition changed as its next version (every
+    /// file is validated first; one that fails changes nothing). `worker`, `serve` and `run`
+    /// deploy their file themselves.
+    Deploy {
+        /// The machine files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// The deployed versions of a machine (of every machine without one), oldest first.
+    Versions {
+        /// The machine.
+        machine: Option<String>,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: ReadDbArgs,
+    },
     /// The steps waiting in each queue: due, scheduled, running, how long the oldest due one
     /// waited (with --file, also each queue's limits and the empty queues that have them).
     Queues {
@@ -446,6 +466,10 @@ async fn run_async(command: Command) -> ExitCode {
             db,
         } => cmd::inspect::scrub(older_than, batch, &db).await,
         Command::Workers { json, db } => cmd::inspect::workers(json, &db.to_db_args()).await,
+        Command::Deploy { files, db } => cmd::versions::run(&files, &db).await,
+        Command::Versions { machine, json, db } => {
+            cmd::versions::list(machine.as_deref(), json, &db.to_db_args()).await
+        }
         Command::Queues { file, json, db } => {
             cmd::inspect::queues(file.as_deref(), json, &db.to_db_args()).await
         }

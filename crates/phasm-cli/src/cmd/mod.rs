@@ -6,6 +6,7 @@ pub mod inspect;
 pub mod run;
 pub mod schedules;
 pub mod send;
+pub mod versions;
 
 use clap::ValueEnum;
 

@@ -31,11 +31,13 @@ struct Prepared {
     limits: Limits,
 }
 
-/// Check a start, and (with `hosts`) start the action hosts of a configuration's Python
-/// actions, which also resolves its events written as Python constants.
+/// Check a start, and (with `hosts`: `phasm run`, which works on the file) deploy the file
+/// and start the action hosts of a configuration's Python actions, which also resolves its
+/// events written as Python constants.
 async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Prepared, ExitCode> {
     let invalid = || exit::invalid_reported();
     let (mut config, sites) = load_with_sites(&args.file).ok_or_else(invalid)?;
+    let as_loaded = hosts.then(|| config.clone());
     let context = {
         let machine = choose(&config, &args.file, args.machine.as_deref()).ok_or_else(invalid)?;
         build_context(machine, args.context.as_deref(), &args.set).map_err(exit::invalid)?
@@ -64,6 +66,9 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
     let store = db::open(&args.db, connections)
         .await
         .map_err(exit::database)?;
+    if let Some(loaded) = &as_loaded {
+        super::versions::deploy_loaded(&*store, loaded, &args.file).await?;
+    }
     Ok(Prepared {
         machine: machine.name.clone(),
         registry: Arc::new(registry),
@@ -625,6 +630,9 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
             return exit::database(e);
         }
     };
+    if let Err(code) = super::versions::deploy_loaded(&*store, &config, file).await {
+        return code;
+    }
     let Some(registry) = bind(&mut config, &sites).await else {
         return exit::invalid_reported();
     };
@@ -817,6 +825,9 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
             return exit::database(e);
         }
     };
+    if let Err(code) = super::versions::deploy_loaded(&*store, &config, file).await {
+        return code;
+    }
     let Some(registry) = bind(&mut config, &sites).await else {
         return exit::invalid_reported();
     };

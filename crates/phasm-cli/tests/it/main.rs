@@ -1,6 +1,7 @@
 //! The `phasm` command's integration tests, gathered in one binary (each file a module) so the
-//! suite links once instead of once per file. Two stay apart, since they stop or restart the
-//! PostgreSQL server that other tests use: `postgres_restart.rs` and `postgres_stopped.rs`.
+//! suite links once instead of once per file. Two stay apart, since they stop or restart a
+//! PostgreSQL server (a throwaway cluster of their own): `postgres_restart.rs` and
+//! `postgres_stopped.rs`.
 
 #[macro_use]
 mod common;
@@ -16,3 +17,4 @@ mod python_workers;
 mod run;
 mod schedules;
 mod sqlite_files;
+mod versions;

@@ -7,6 +7,7 @@
 
 mod build;
 mod check;
+mod definition;
 mod duration;
 mod emit;
 mod load;
@@ -17,6 +18,7 @@ mod yaml;
 
 use std::path::Path;
 
+pub use definition::{definition, definitions, Definition};
 pub use emit::to_yaml;
 
 use crate::diagnostic::{Diagnostic, Diagnostics};

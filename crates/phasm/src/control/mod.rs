@@ -7,6 +7,7 @@ mod queues;
 mod reset;
 mod schedules;
 mod send;
+mod versions;
 
 pub use listing::{pending_state, steps_into, ListParams, MAX_PAGE};
 pub use overview::{where_instances_are, StateTally};
@@ -14,6 +15,7 @@ pub use queues::{queue_report, queue_statuses, QueueStatus, Throughput, RATE_WIN
 pub use reset::{is_whole_line, reset, ResetError};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
+pub use versions::{deploy, DeployError, DeployFile};
 
 use serde_json::Value;
 

@@ -233,6 +233,59 @@ impl Delivery {
     }
 }
 
+/// A machine's definition for [`AdminStore::deploy`] to store as a version (see
+/// [`crate::config::Definition`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewVersion {
+    /// The machine.
+    pub machine: String,
+    /// The definition's content hash: a machine whose latest version has it changed nothing.
+    pub hash: String,
+    /// The self-contained machine file.
+    pub definition: String,
+    /// The text of the file it was deployed from, as written.
+    pub source: String,
+    /// That file's path.
+    pub path: String,
+}
+
+/// What a deploy did with one machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployed {
+    /// The machine.
+    pub machine: String,
+    /// Its version now (from 1).
+    pub version: u32,
+    /// Whether this deploy stored it (`false`: its latest version held this definition).
+    pub new: bool,
+}
+
+/// A stored version of a machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRecord {
+    /// The machine.
+    pub machine: String,
+    /// Its number, from 1.
+    pub version: u32,
+    /// The definition's content hash.
+    pub hash: String,
+    /// The file it was deployed from.
+    pub path: String,
+    /// When.
+    pub deployed_at: Micros,
+}
+
+/// A stored version with its texts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredVersion {
+    /// Which.
+    pub record: VersionRecord,
+    /// The self-contained machine file.
+    pub definition: String,
+    /// The file it was deployed from, as written.
+    pub source: String,
+}
+
 /// What [`WorkStore::deliver`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivered {
@@ -1343,6 +1396,13 @@ pub trait WorkStore: Send + Sync + std::fmt::Debug {
 /// the live workers. Memory per call is bounded, except for [`ReadStore::logs`].
 #[async_trait]
 pub trait ReadStore: Send + Sync + std::fmt::Debug {
+    /// The stored versions of `machine` (every machine's with `None`), by machine, oldest
+    /// first.
+    async fn versions(&self, machine: Option<&str>) -> StoreResult<Vec<VersionRecord>>;
+
+    /// One version of a machine with its texts.
+    async fn version(&self, machine: &str, version: u32) -> StoreResult<Option<StoredVersion>>;
+
     /// One instance: its status, counts, latest transitions and first pending tasks (at most
     /// [`VIEW_ROWS`] of each; memory per call is bounded).
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>>;
@@ -1402,6 +1462,12 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
 /// Acting on instances (retry, cancel), housekeeping (scrub) and measuring the backend.
 #[async_trait]
 pub trait AdminStore: Send + Sync + std::fmt::Debug {
+    /// Store each machine's definition as its next version unless its latest version holds
+    /// the same content hash, all in one transaction: deploying the same file twice stores
+    /// nothing, and deploys at the same time (or one killed part way) leave whole versions
+    /// only, numbered 1, 2, … per machine without gaps. Answers in the order of `versions`.
+    async fn deploy(&self, now: Micros, versions: &[NewVersion]) -> StoreResult<Vec<Deployed>>;
+
     /// Resume a failed instance: its failed and held tasks run again from attempt 0.
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;
 

@@ -210,6 +210,21 @@ impl WorkStore for FaultyStore {
 
 #[async_trait]
 impl ReadStore for FaultyStore {
+    async fn versions(
+        &self,
+        machine: Option<&str>,
+    ) -> StoreResult<Vec<crate::store::VersionRecord>> {
+        self.inner.versions(machine).await
+    }
+
+    async fn version(
+        &self,
+        machine: &str,
+        version: u32,
+    ) -> StoreResult<Option<crate::store::StoredVersion>> {
+        self.inner.version(machine, version).await
+    }
+
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.inner.instance(name).await
     }
@@ -271,6 +286,14 @@ impl ReadStore for FaultyStore {
 
 #[async_trait]
 impl AdminStore for FaultyStore {
+    async fn deploy(
+        &self,
+        now: Micros,
+        versions: &[crate::store::NewVersion],
+    ) -> StoreResult<Vec<crate::store::Deployed>> {
+        self.inner.deploy(now, versions).await
+    }
+
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.inner.retry(now, name).await
     }

@@ -18,11 +18,13 @@ mod listing;
 mod overview;
 mod schedules;
 mod steps;
+mod versions;
 mod waits;
 pub use listing::*;
 pub use overview::*;
 pub use schedules::*;
 pub use steps::*;
+pub use versions::*;
 pub use waits::*;
 
 use crate::engine::{
@@ -106,6 +108,7 @@ checks!(
     each_step_keeps_its_input_and_says_what_it_passed_on,
     a_reset_drops_pending_work_and_queues_the_step_again,
     recent_steps_are_counted_by_transition_since_a_time,
+    deploying_stores_each_changed_machine_as_its_next_version,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

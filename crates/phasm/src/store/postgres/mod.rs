@@ -22,6 +22,7 @@ mod deliver;
 mod read;
 mod schedule;
 mod schema;
+mod versions;
 
 #[allow(unused_imports)]
 use admin::*;
@@ -556,6 +557,19 @@ impl WorkStore for PostgresStore {
 
 #[async_trait]
 impl ReadStore for PostgresStore {
+    async fn versions(&self, machine: Option<&str>) -> StoreResult<Vec<super::VersionRecord>> {
+        self.again(|| versions::versions(self, machine)).await
+    }
+
+    async fn version(
+        &self,
+        machine: &str,
+        version: u32,
+    ) -> StoreResult<Option<super::StoredVersion>> {
+        self.again(|| versions::version(self, machine, version))
+            .await
+    }
+
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.again(|| read::instance(self, name)).await
     }
@@ -619,6 +633,14 @@ impl ReadStore for PostgresStore {
 
 #[async_trait]
 impl AdminStore for PostgresStore {
+    async fn deploy(
+        &self,
+        now: Micros,
+        versions: &[super::NewVersion],
+    ) -> StoreResult<Vec<super::Deployed>> {
+        self.again(|| versions::deploy(self, now, versions)).await
+    }
+
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.again(|| admin::retry(self, now, name)).await
     }

@@ -197,6 +197,9 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::RecentSteps(_, r) => drop(r.send(Err(err()))),
         Request::WorkerAlive(_, _, r) | Request::WorkerStopped(_, r) => drop(r.send(Err(err()))),
         Request::Workers(_, r) | Request::WorkersGone(_, r) => drop(r.send(Err(err()))),
+        Request::Deploy(_, _, r) => drop(r.send(Err(err()))),
+        Request::Versions(_, r) => drop(r.send(Err(err()))),
+        Request::Version(_, _, r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -312,6 +315,12 @@ pub(super) fn handle(
             reply,
             scoped(tx, first_error, |tx| scrub(tx, cutoff, batch)),
         ),
+        Request::Deploy(now, versions, reply) => pending(
+            reply,
+            scoped(tx, first_error, |tx| deploy(tx, now, &versions)),
+        ),
+        Request::Versions(machine, reply) => pending(reply, versions(tx, machine.as_deref())),
+        Request::Version(machine, number, reply) => pending(reply, version(tx, &machine, number)),
         Request::Probe(_, reply) => {
             pending(reply, Err(StoreError::database("probe inside a batch")))
         }

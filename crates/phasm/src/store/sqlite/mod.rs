@@ -20,6 +20,7 @@ mod deliver;
 mod read;
 mod schedule;
 mod schema;
+mod versions;
 mod watch;
 
 #[allow(unused_imports)]
@@ -38,6 +39,8 @@ use read::*;
 use schedule::*;
 #[allow(unused_imports)]
 use schema::*;
+#[allow(unused_imports)]
+use versions::*;
 #[allow(unused_imports)]
 use watch::*;
 
@@ -173,6 +176,9 @@ enum Request {
     WorkerStopped(String, Reply<()>),
     Workers(Micros, Reply<Vec<WorkerView>>),
     WorkersGone(Micros, Reply<Vec<WorkerView>>),
+    Deploy(Micros, Vec<super::NewVersion>, Reply<Vec<super::Deployed>>),
+    Versions(Option<String>, Reply<Vec<super::VersionRecord>>),
+    Version(String, u32, Reply<Option<super::StoredVersion>>),
 }
 
 impl SqliteStore {
@@ -351,6 +357,20 @@ impl WorkStore for SqliteStore {
 
 #[async_trait]
 impl ReadStore for SqliteStore {
+    async fn versions(&self, machine: Option<&str>) -> StoreResult<Vec<super::VersionRecord>> {
+        let machine = machine.map(str::to_string);
+        self.read(|r| Request::Versions(machine, r)).await
+    }
+
+    async fn version(
+        &self,
+        machine: &str,
+        version: u32,
+    ) -> StoreResult<Option<super::StoredVersion>> {
+        let machine = machine.to_string();
+        self.read(|r| Request::Version(machine, version, r)).await
+    }
+
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         let name = name.to_string();
         self.read(|r| Request::Instance(name, r)).await
@@ -422,6 +442,15 @@ impl ReadStore for SqliteStore {
 
 #[async_trait]
 impl AdminStore for SqliteStore {
+    async fn deploy(
+        &self,
+        now: Micros,
+        versions: &[super::NewVersion],
+    ) -> StoreResult<Vec<super::Deployed>> {
+        let versions = versions.to_vec();
+        self.call(|r| Request::Deploy(now, versions, r)).await
+    }
+
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         let name = name.to_string();
         let done = self.call(|r| Request::Retry(now, name, r)).await?;

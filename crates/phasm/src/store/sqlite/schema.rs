@@ -3,7 +3,7 @@
 use super::*;
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 8;
+pub(super) const SCHEMA_VERSION: i64 = 9;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -189,6 +189,21 @@ ALTER TABLE instances ADD COLUMN reset_after INTEGER NOT NULL DEFAULT 0;
 -- The instance list with a created range: newest first through this index, however many
 -- instances were created since (one entry per instance started).
 CREATE INDEX instances_by_created ON instances (created_at, id);
+",
+    r"
+-- Machines live in the database: every deploy stores each machine whose definition changed
+-- as its next version (immutable, numbered from 1 per machine).
+CREATE TABLE machine_versions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    machine     TEXT NOT NULL,
+    version     INTEGER NOT NULL,
+    hash        TEXT NOT NULL,
+    definition  TEXT NOT NULL,
+    source      TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    deployed_at INTEGER NOT NULL,
+    UNIQUE (machine, version)
+);
 ",
 ];
 

@@ -1,0 +1,92 @@
+//! `phasm deploy` and `phasm versions`: each machine whose definition changed is stored as its
+//! next version, the same file again stores nothing, a file that fails validation changes
+//! nothing; `run`, `worker` and `serve` deploy their file first. On SQLite and PostgreSQL.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::postgres_schema;
+
+fn phasm(dir: &Path, db: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(args)
+        .current_dir(dir)
+        .env("PHASM_DB", db)
+        .output()
+        .expect("phasm runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+const ONE: &str = "actions:\n  Go:\n    exec: [sh, -c, \"cat > /dev/null\"]\nstate_machines:\n- name: Order\n  states:\n  - name: a\n    initial: true\n    final: true\n    action: Go\n- name: Refund\n  states:\n  - name: r\n    initial: true\n    final: true\n";
+
+fn deploys_on(d: &Path, db: &str) {
+    std::fs::write(d.join("fsm.yaml"), ONE).unwrap();
+    let out = phasm(d, db, &["deploy", "fsm.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "Order v1 (new)\nRefund v1 (new)\n");
+    let out = phasm(d, db, &["deploy", "fsm.yaml"]);
+    assert_eq!(
+        text(&out.stdout),
+        "Order v1 (unchanged)\nRefund v1 (unchanged)\n"
+    );
+    // Order changes (its binding's program); Refund does not.
+    std::fs::write(d.join("fsm.yaml"), ONE.replace("cat > /dev/null", "cat")).unwrap();
+    let out = phasm(d, db, &["deploy", "fsm.yaml"]);
+    assert_eq!(text(&out.stdout), "Order v2 (new)\nRefund v1 (unchanged)\n");
+    // A file that fails validation changes nothing.
+    std::fs::write(
+        d.join("bad.yaml"),
+        ONE.replace("final: true\n    action", "action"),
+    )
+    .unwrap();
+    let out = phasm(d, db, &["deploy", "fsm.yaml", "bad.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The same machine in two files is refused, naming both.
+    std::fs::write(d.join("copy.yaml"), ONE).unwrap();
+    let out = phasm(d, db, &["deploy", "fsm.yaml", "copy.yaml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("defined in both") && err.contains("copy.yaml"),
+        "{err}"
+    );
+    let out = phasm(d, db, &["versions", "Order", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let numbers: Vec<u64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(numbers, [1, 2]);
+    assert_eq!(list[1]["path"], "fsm.yaml");
+    // `run` deploys its file first: a change it brings is a new version.
+    std::fs::write(
+        d.join("fsm.yaml"),
+        ONE.replace("cat > /dev/null", "cat >&2"),
+    )
+    .unwrap();
+    let out = phasm(d, db, &["run", "fsm.yaml", "--machine", "Order"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = phasm(d, db, &["versions"]);
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("Order v3") && shown.contains("Refund v1"),
+        "{shown}"
+    );
+    assert!(!shown.contains("Refund v2"), "{shown}");
+}
+
+#[test]
+fn deploys_store_each_changed_machine_once_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    deploys_on(d, &d.join("phasm.db").display().to_string());
+    if let Some(schema) = postgres_schema("versions") {
+        deploys_on(d, &schema.url);
+    }
+}

@@ -1,0 +1,84 @@
+//! Checks of machine versions: a deploy stores each changed machine once, as its next
+//! version, and nothing for a machine whose latest version holds the same definition.
+
+use super::T0;
+use crate::store::{Deployed, NewVersion, Store};
+
+fn v(machine: &str, hash: &str) -> NewVersion {
+    NewVersion {
+        machine: machine.into(),
+        hash: hash.into(),
+        definition: format!("state_machines: # {machine} {hash}\n"),
+        source: format!("source of {machine} {hash}\n"),
+        path: "fsm.yaml".into(),
+    }
+}
+
+fn deployed(machine: &str, version: u32, new: bool) -> Deployed {
+    Deployed {
+        machine: machine.into(),
+        version,
+        new,
+    }
+}
+
+/// Check that deploying stores each changed machine as its next version, the same content
+/// again stores nothing, going back to earlier content is a new version, two deploys at once
+/// store one version between them, and versions read back with their texts.
+pub async fn deploying_stores_each_changed_machine_as_its_next_version(store: &dyn Store) {
+    let first = store
+        .deploy(T0, &[v("A", "a1"), v("B", "b1")])
+        .await
+        .unwrap();
+    assert_eq!(first, [deployed("A", 1, true), deployed("B", 1, true)]);
+    let again = store
+        .deploy(T0, &[v("A", "a1"), v("B", "b1")])
+        .await
+        .unwrap();
+    assert_eq!(again, [deployed("A", 1, false), deployed("B", 1, false)]);
+    let changed = store
+        .deploy(T0 + 1, &[v("A", "a2"), v("B", "b1")])
+        .await
+        .unwrap();
+    assert_eq!(changed, [deployed("A", 2, true), deployed("B", 1, false)]);
+    let back = store.deploy(T0 + 2, &[v("A", "a1")]).await.unwrap();
+    assert_eq!(
+        back,
+        [deployed("A", 3, true)],
+        "going back is a new version"
+    );
+    // Two deploys at once of the same new content: one stores it, the other finds it.
+    let (x, y) = futures_util::future::join(
+        store.deploy(T0 + 3, &[v("A", "a4")]),
+        store.deploy(T0 + 3, &[v("A", "a4")]),
+    )
+    .await;
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x[0].version, 4);
+    assert_eq!(y[0].version, 4);
+    assert!(x[0].new != y[0].new, "exactly one stored it: {x:?} {y:?}");
+    let a: Vec<(u32, String)> = store
+        .versions(Some("A"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.version, r.hash))
+        .collect();
+    assert_eq!(
+        a,
+        [
+            (1, "a1".to_string()),
+            (2, "a2".to_string()),
+            (3, "a1".to_string()),
+            (4, "a4".to_string())
+        ]
+    );
+    assert_eq!(store.versions(None).await.unwrap().len(), 5);
+    let two = store.version("A", 2).await.unwrap().unwrap();
+    assert_eq!(two.definition, "state_machines: # A a2\n");
+    assert_eq!(two.source, "source of A a2\n");
+    assert_eq!(two.record.deployed_at, T0 + 1);
+    assert_eq!(two.record.path, "fsm.yaml");
+    assert!(store.version("A", 9).await.unwrap().is_none());
+    assert!(store.version("Nope", 1).await.unwrap().is_none());
+}
