@@ -61,7 +61,10 @@ pub async fn status(name: &str, as_json: bool, all: bool, args: &DbArgs) -> Exit
         return ExitCode::SUCCESS;
     }
     outln!("instance  {}", view.name);
-    outln!("machine   {}", view.machine);
+    match view.version {
+        Some(v) => outln!("machine   {} v{v}", view.machine),
+        None => outln!("machine   {} (not deployed when it started)", view.machine),
+    }
     outln!("status    {}", view.status);
     if let Some(error) = &view.error {
         outln!("error     {}", printable(error));

@@ -287,6 +287,7 @@ pub(crate) async fn instance(
         h1 { (view.name) }
         p id="header" {
             "machine " a href={ "/machines/" (seg(&view.machine)) } { (view.machine) }
+            @if let Some(v) = view.version { " v" (v) }
             " · created " (time(view.created_at))
             @match view.ended_at {
                 Some(ended) => { " · ended " (time(ended)) " after " (human_duration(ended - view.created_at)) }

@@ -686,6 +686,7 @@ pub fn instance_json(view: &InstanceView, workers: &[WorkerView]) -> serde_json:
     serde_json::json!({
         "instance": view.name,
         "machine": view.machine,
+        "version": view.version,
         "status": view.status,
         "error": view.error,
         "created_at": rfc3339(view.created_at),

@@ -948,6 +948,9 @@ pub struct InstanceView {
     pub name: String,
     /// Machine.
     pub machine: String,
+    /// The version of its machine it started on (`None`: it started before its machine was
+    /// ever deployed; the first deploy adopts it as version 1).
+    pub version: Option<u32>,
     /// Status.
     pub status: InstanceStatus,
     /// The context it started with.

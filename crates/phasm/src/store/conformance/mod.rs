@@ -109,6 +109,7 @@ checks!(
     a_reset_drops_pending_work_and_queues_the_step_again,
     recent_steps_are_counted_by_transition_since_a_time,
     deploying_stores_each_changed_machine_as_its_next_version,
+    instances_record_the_version_they_started_on,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

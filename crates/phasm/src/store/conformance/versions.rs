@@ -82,3 +82,59 @@ pub async fn deploying_stores_each_changed_machine_as_its_next_version(store: &d
     assert!(store.version("A", 9).await.unwrap().is_none());
     assert!(store.version("Nope", 1).await.unwrap().is_none());
 }
+
+/// Check that an instance records the version of its machine it started on: the latest when
+/// it starts (a spawned child too); none before its machine was ever deployed, when the first
+/// deploy adopts it as version 1; and a later deploy leaves it where it is.
+pub async fn instances_record_the_version_they_started_on(store: &dyn Store) {
+    use super::{apply_one, commit, request, start};
+    start(store, "early", T0).await;
+    assert_eq!(
+        store.instance("early").await.unwrap().unwrap().version,
+        None
+    );
+    store.deploy(T0, &[v("M", "m1")]).await.unwrap();
+    assert_eq!(
+        store.instance("early").await.unwrap().unwrap().version,
+        Some(1),
+        "the first deploy adopts what started before it"
+    );
+    store.deploy(T0, &[v("M", "m2")]).await.unwrap();
+    start(store, "later", T0 + 1).await;
+    assert_eq!(
+        store.instance("later").await.unwrap().unwrap().version,
+        Some(2)
+    );
+    assert_eq!(
+        store.instance("early").await.unwrap().unwrap().version,
+        Some(1)
+    );
+    // A child spawned after v3 is deployed starts on v3, while its parent stays on v1.
+    store.deploy(T0, &[v("M", "m3")]).await.unwrap();
+    let task = store
+        .claim(T0, &request(10))
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.instance == "early")
+        .unwrap();
+    let child = crate::engine::Spawned {
+        name: "early.s1.0".into(),
+        machine: "M".into(),
+        context: crate::engine::Context::new(),
+        start: super::new_task("early.s1.0--start", None, T0),
+    };
+    let c = crate::engine::Commit {
+        spawns: vec![child],
+        ..commit(&task)
+    };
+    assert_eq!(apply_one(store, T0, c).await, crate::store::Applied::Yes);
+    assert_eq!(
+        store.instance("early.s1.0").await.unwrap().unwrap().version,
+        Some(3)
+    );
+    assert_eq!(
+        store.instance("early").await.unwrap().unwrap().version,
+        Some(1)
+    );
+}

@@ -449,8 +449,11 @@ pub(super) async fn apply_one(
     for child in plan.spawns {
         let inserted = tx
             .query_opt(
-                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at)
-                 VALUES ($1, $2, 'running', $3, $4, $5, $5)
+                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at,
+                                        version)
+                 VALUES ($1, $2, 'running', $3, $4, $5, $5,
+                         (SELECT id FROM machine_versions WHERE machine = $2
+                          ORDER BY version DESC LIMIT 1))
                  ON CONFLICT (name) DO NOTHING RETURNING id",
                 &[&child.name, &child.machine, &to_json(&child.context)?, &c.instance, &now],
             )
@@ -653,8 +656,10 @@ pub(super) async fn start_in(
     // A name given twice is inserted once (the first); ON CONFLICT skips the names that exist.
     let rows = tx
         .query(
-            "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
-             SELECT DISTINCT ON (n) n, m, 'running', c, $4, $4
+            "INSERT INTO instances (name, machine, status, context, created_at, updated_at, version)
+             SELECT DISTINCT ON (n) n, m, 'running', c, $4, $4,
+                    (SELECT v.id FROM machine_versions v WHERE v.machine = m
+                     ORDER BY v.version DESC LIMIT 1)
              FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) WITH ORDINALITY AS u (n, m, c, i)
              ORDER BY n, i
              ON CONFLICT (name) DO NOTHING

@@ -34,7 +34,8 @@ pub(super) async fn instance(
     let client = store.client().await?;
     let Some(row) = client
         .query_opt(
-            "SELECT id, machine, status, context, error, created_at, updated_at, ended_at, result, parent
+            "SELECT id, machine, status, context, error, created_at, updated_at, ended_at, result, parent,
+                    (SELECT v.version FROM machine_versions v WHERE v.id = instances.version)
              FROM instances WHERE name = $1",
             &[&name],
         )
@@ -134,6 +135,9 @@ pub(super) async fn instance(
     Ok(Some(InstanceView {
         name: name.to_string(),
         machine: row.get(1),
+        version: row
+            .get::<_, Option<i32>>(10)
+            .and_then(|v| u32::try_from(v).ok()),
         status: parse_status(row.get(2))?,
         context: from_json(row.get(3))?,
         error: row.get(4),

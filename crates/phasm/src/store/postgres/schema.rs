@@ -204,6 +204,10 @@ CREATE TABLE machine_versions (
     deployed_at BIGINT NOT NULL,
     UNIQUE (machine, version)
 );
+-- The version an instance started on (a machine_versions id): the latest of its machine when
+-- it started; NULL for one started before its machine was first deployed, which that first
+-- deploy adopts as version 1.
+ALTER TABLE instances ADD COLUMN version BIGINT;
 ",
 ];
 

@@ -39,22 +39,33 @@ pub(super) async fn deploy(
             Some((version, hash)) if hash == v.hash => (version, false),
             latest => {
                 let next = latest.map_or(1, |(version, _)| version + 1);
-                tx.execute(
-                    "INSERT INTO machine_versions
+                let id: i64 = tx
+                    .query_one(
+                        "INSERT INTO machine_versions
                        (machine, version, hash, definition, source, path, deployed_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                    &[
-                        &v.machine,
-                        &next,
-                        &v.hash,
-                        &v.definition,
-                        &v.source,
-                        &v.path,
-                        &now,
-                    ],
-                )
-                .await
-                .map_err(pg)?;
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                        &[
+                            &v.machine,
+                            &next,
+                            &v.hash,
+                            &v.definition,
+                            &v.source,
+                            &v.path,
+                            &now,
+                        ],
+                    )
+                    .await
+                    .map_err(pg)?
+                    .get(0);
+                if next == 1 {
+                    // Instances started before the machine was ever deployed take version 1.
+                    tx.execute(
+                        "UPDATE instances SET version = $2 WHERE machine = $1 AND version IS NULL",
+                        &[&v.machine, &id],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
                 (next, true)
             }
         };

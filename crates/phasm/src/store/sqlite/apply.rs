@@ -6,8 +6,10 @@ use super::*;
 pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<Started> {
     let inserted = tx
         .prepare_cached(
-            "INSERT INTO instances (name, machine, status, context, created_at, updated_at)
-             VALUES (?1, ?2, 'running', ?3, ?4, ?4)
+            "INSERT INTO instances (name, machine, status, context, created_at, updated_at, version)
+             VALUES (?1, ?2, 'running', ?3, ?4, ?4,
+                     (SELECT id FROM machine_versions WHERE machine = ?2
+                      ORDER BY version DESC LIMIT 1))
              ON CONFLICT (name) DO NOTHING",
         )
         .map_err(db)?
@@ -154,8 +156,11 @@ pub(super) fn apply(
     for child in plan.spawns {
         let inserted = tx
             .prepare_cached(
-                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at)
-                 VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?5)
+                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at,
+                                        version)
+                 VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?5,
+                         (SELECT id FROM machine_versions WHERE machine = ?2
+                          ORDER BY version DESC LIMIT 1))
                  ON CONFLICT (name) DO NOTHING",
             )
             .map_err(db)?

@@ -142,10 +142,13 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
         Some(c) => Some(from_json(c)?),
         None => None,
     };
-    let parent: Option<String> = tx
-        .query_row("SELECT parent FROM instances WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
+    let (parent, version): (Option<String>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT parent, (SELECT v.version FROM machine_versions v WHERE v.id = instances.version)
+             FROM instances WHERE id = ?1",
+        )
+        .map_err(db)?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(db)?;
     let children = tx
         .prepare_cached("SELECT name FROM instances WHERE parent = ?1 ORDER BY id")
@@ -191,6 +194,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
         .map_err(db)?;
     Ok(Some(InstanceView {
         parent,
+        version: version.and_then(|v| u32::try_from(v).ok()),
         children,
         branches,
         name: name.to_string(),

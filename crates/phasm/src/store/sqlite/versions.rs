@@ -42,6 +42,9 @@ pub(super) fn deploy(
                     now
                 ])
                 .map_err(db)?;
+                if next == 1 {
+                    adopt(tx, &v.machine, tx.last_insert_rowid())?;
+                }
                 (next, true)
             }
         };
@@ -52,6 +55,15 @@ pub(super) fn deploy(
         });
     }
     Ok(done)
+}
+
+/// Instances of `machine` started before it was ever deployed take its first version.
+fn adopt(tx: &Transaction<'_>, machine: &str, version_id: i64) -> StoreResult<()> {
+    tx.prepare_cached("UPDATE instances SET version = ?2 WHERE machine = ?1 AND version IS NULL")
+        .map_err(db)?
+        .execute(params![machine, version_id])
+        .map_err(db)?;
+    Ok(())
 }
 
 fn record(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRecord> {
