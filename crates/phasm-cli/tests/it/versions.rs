@@ -70,14 +70,22 @@ fn deploys_on(d: &Path, db: &str) {
         ONE.replace("cat > /dev/null", "cat >&2"),
     )
     .unwrap();
-    let out = phasm(d, db, &["run", "fsm.yaml", "--machine", "Order", "--name", "o1"]);
+    let out = phasm(
+        d,
+        db,
+        &["run", "fsm.yaml", "--machine", "Order", "--name", "o1"],
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
     // The instance records the version it started on.
     let out = phasm(d, db, &["status", "o1", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["version"], 3, "{status}");
     let out = phasm(d, db, &["status", "o1"]);
-    assert!(text(&out.stdout).contains("machine   Order v3"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("machine   Order v3"),
+        "{}",
+        text(&out.stdout)
+    );
     let out = phasm(d, db, &["versions"]);
     let shown = text(&out.stdout);
     assert!(
