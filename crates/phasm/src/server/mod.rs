@@ -17,6 +17,7 @@ mod guard;
 mod listen;
 mod openapi;
 mod steps;
+mod versions;
 
 use openapi::{BatchBody, ErrorBody, StartBody};
 
@@ -172,6 +173,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
     let mut api = OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .routes(routes!(machines))
         .routes(routes!(graph))
+        .routes(routes!(versions::list))
+        .routes(routes!(versions::one))
         .routes(routes!(start))
         .routes((
             batch_schemas,

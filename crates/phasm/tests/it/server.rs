@@ -1845,6 +1845,8 @@ async fn the_openapi_document_lists_every_route_the_api_answers() {
         ("GET", "/api/openapi.json"),
         ("GET", "/api/machines"),
         ("GET", "/api/machines/{machine}/graph.svg"),
+        ("GET", "/api/machines/{machine}/versions"),
+        ("GET", "/api/machines/{machine}/versions/{version}"),
         ("POST", "/api/machines/{machine}/instances"),
         ("POST", "/api/machines/{machine}/instances/batch"),
         ("GET", "/api/instances"),
@@ -2085,4 +2087,52 @@ async fn values_no_host_could_send_back_are_refused_where_they_enter() {
     assert!(body.contains("`tree` nests 96 levels"), "{body}");
     let view = store.instance("w1").await.unwrap().unwrap();
     assert_eq!(view.waiting.len(), 1, "the wait goes on");
+}
+
+/// The deployed versions of a machine over the API: listed oldest first, one read with its
+/// definition and source, and an unknown one refused naming those that exist.
+#[tokio::test]
+async fn a_machines_versions_are_listed_and_read_with_their_texts() {
+    use phasm::store::NewVersion;
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let config = load_str(YAML, dir.path().join("fsm.yaml"), &LoadOptions::default())
+        .unwrap()
+        .config;
+    let file = phasm::control::DeployFile {
+        config: &config,
+        path: std::path::Path::new("fsm.yaml"),
+        source: YAML,
+    };
+    phasm::control::deploy(&*store, &SystemClock, &[file])
+        .await
+        .unwrap();
+    let v2 = NewVersion {
+        machine: "Job".into(),
+        hash: "other".into(),
+        definition: "state_machines: []\n".into(),
+        source: "changed\n".into(),
+        path: "fsm.yaml".into(),
+    };
+    store.deploy(1, &[v2]).await.unwrap();
+    let api = api_with(dir, store, None, None, &[]).await;
+    let (code, body) = call(&api, "GET", "/api/machines/Job/versions", None, None).await;
+    assert_eq!(code, 200, "{body}");
+    let list = json(&body);
+    assert_eq!(list["versions"].as_array().unwrap().len(), 2);
+    assert_eq!(list["versions"][0]["version"], 1);
+    let (code, body) = call(&api, "GET", "/api/machines/Job/versions/1", None, None).await;
+    assert_eq!(code, 200, "{body}");
+    let one = json(&body);
+    assert_eq!(one["source"], YAML);
+    assert!(
+        one["definition"].as_str().unwrap().contains("name: Job"),
+        "{one}"
+    );
+    let (code, body) = call(&api, "GET", "/api/machines/Job/versions/7", None, None).await;
+    assert_eq!(code, 404);
+    assert!(body.contains("its versions: 1, 2"), "{body}");
+    let (code, _) = call(&api, "GET", "/api/machines/Job/versions/x", None, None).await;
+    assert_eq!(code, 400);
 }
