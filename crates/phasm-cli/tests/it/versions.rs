@@ -3,18 +3,8 @@
 //! nothing; `run`, `worker` and `serve` deploy their file first. On SQLite and PostgreSQL.
 
 use std::path::Path;
-use std::process::{Command, Output};
 
-use crate::common::postgres_schema;
-
-fn phasm(dir: &Path, db: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_phasm"))
-        .args(args)
-        .current_dir(dir)
-        .env("PHASM_DB", db)
-        .output()
-        .expect("phasm runs")
-}
+use crate::common::{phasm, postgres_schema};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
