@@ -241,20 +241,18 @@ async fn start_lines(
         return exit::failed(format!("cannot write {}: {e}", file.display()));
     }
     let began = Instant::now();
-    let contexts = match super::run::read_lines(&file) {
+    let items = match super::run::read_lines(&file) {
         Ok((items, _)) => items.into_iter().map(|(_, item)| item).collect(),
         Err(e) => return exit::failed(e),
     };
-    let started = phasm::control::start_instances(
-        &*store,
-        &config,
-        &SystemClock,
-        "Order",
-        contexts,
-        None,
-        &Limits::default(),
-    )
-    .await;
+    let batch = phasm::control::Batch {
+        machine: "Order",
+        items,
+        key: None,
+    };
+    let started =
+        phasm::control::start_instances(&*store, &config, &SystemClock, batch, &Limits::default())
+            .await;
     let elapsed = began.elapsed().as_secs_f64();
     let created = match started {
         Ok(outcomes) => outcomes

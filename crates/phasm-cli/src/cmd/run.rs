@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use phasm::action::Registry;
 use phasm::clock::{Clock, SystemClock};
-use phasm::control::{parse_set, start_instance, BatchItem, StartOutcome, MAX_BATCH_START};
+use phasm::control::{parse_set, start_instance, BatchItem, StartOutcome};
 use phasm::engine::{Context, Limits};
 use phasm::machine::{Config, Machine};
 use phasm::store::{InstanceStatus, Store, Targets};
@@ -163,7 +163,7 @@ pub async fn start(args: &StartArgs) -> ExitCode {
 }
 
 /// `phasm start --contexts FILE.jsonl`: one instance per line; the names, one per line,
-/// printed as each transaction of [`MAX_BATCH_START`] lines commits. A line without a name
+/// printed as each transaction of [`phasm::control::MAX_BATCH_START`] lines commits. A line without a name
 /// is named `MACHINE-KEY-LINE` (`KEY`: `--key`, else taken from the file's content), so the
 /// same file started again starts nothing twice. SIGINT or SIGTERM stop it between
 /// transactions, saying where.
@@ -187,19 +187,6 @@ pub async fn start_lines(args: &StartArgs, path: &Path, key: Option<&str>) -> Ex
         numbers.push(line);
         items.push(item);
     }
-    // Each line is checked before anything starts: a bad line anywhere starts nothing.
-    if let Err(e) = phasm::control::check_items(&p.config, &p.machine, &items, &p.limits) {
-        return match e {
-            phasm::control::BatchStartError::Context { index, error } => {
-                let line = numbers.get(index).copied().unwrap_or(index + 1);
-                exit::invalid(format!(
-                    "{}:{line}: {error}; nothing was started",
-                    path.display()
-                ))
-            }
-            other => exit::invalid(other),
-        };
-    }
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
         let stop = Arc::clone(&stop);
@@ -208,57 +195,48 @@ pub async fn start_lines(args: &StartArgs, path: &Path, key: Option<&str>) -> Ex
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
         });
     }
-    let mut done = 0;
-    let mut rest = items.into_iter();
-    loop {
-        let chunk: Vec<_> = rest.by_ref().take(MAX_BATCH_START).collect();
-        if chunk.is_empty() {
-            return ExitCode::SUCCESS;
-        }
-        if stop.load(std::sync::atomic::Ordering::SeqCst) {
-            let next = numbers.get(done).copied().unwrap_or_default();
-            return exit::failed(format!(
-                "stopped by a signal: lines before {next} of {} were started, none from line {next} on; run the same command again to start the rest (nothing is started twice)",
-                path.display()
-            ));
-        }
-        let count = chunk.len();
-        let started = phasm::control::start_instances(
-            &*p.store,
-            &p.config,
-            &SystemClock,
-            &p.machine,
-            chunk,
-            None,
-            &p.limits,
-        )
-        .await;
-        match started {
-            Ok(outcomes) => {
-                for o in &outcomes {
-                    outln!("{}", o.name());
-                }
-                done += count;
+    // Every line is checked before anything starts (a bad line anywhere starts nothing);
+    // each transaction's names are printed once it has committed.
+    let total = items.len();
+    let batch = phasm::control::Batch {
+        machine: &p.machine,
+        items,
+        key: None,
+    };
+    let started = phasm::control::start_instances_each(
+        &*p.store,
+        &p.config,
+        &SystemClock,
+        batch,
+        &p.limits,
+        |committed| {
+            for o in committed {
+                outln!("{}", o.name());
             }
-            Err(phasm::control::BatchStartError::Context { index, error }) => {
-                let line = numbers.get(done + index).copied().unwrap_or_default();
-                return exit::invalid(format!(
-                    "{}:{line}: {error}; the lines before {} were started",
-                    path.display(),
-                    numbers.get(done).copied().unwrap_or_default()
-                ));
-            }
-            Err(phasm::control::BatchStartError::Start(e)) if done == 0 => {
-                return exit::start_error(&e)
-            }
-            Err(e) => {
-                let next = numbers.get(done).copied().unwrap_or_default();
-                return exit::database(format!(
-                    "{e}; lines before {next} of {} were started, none from line {next} on; run the same command again to start the rest (nothing is started twice)",
-                    path.display()
-                ));
-            }
-        }
+            !stop.load(std::sync::atomic::Ordering::SeqCst)
+        },
+    )
+    .await;
+    // The first line from which nothing was started, after `done` lines were.
+    let next = |done: usize| numbers.get(done).copied().unwrap_or_default();
+    match started {
+        Ok(outcomes) if outcomes.len() == total => ExitCode::SUCCESS,
+        Ok(outcomes) => exit::failed(format!(
+            "stopped by a signal: lines before {next} of {} were started, none from line {next} on; run the same command again to start the rest (nothing is started twice)",
+            path.display(),
+            next = next(outcomes.len())
+        )),
+        Err(phasm::control::BatchStartError::Context { index, error }) => exit::invalid(format!(
+            "{}:{}: {error}; nothing was started",
+            path.display(),
+            next(index)
+        )),
+        Err(phasm::control::BatchStartError::Start(e)) => exit::start_error(&e),
+        Err(phasm::control::BatchStartError::Partial { started, error }) => exit::database(format!(
+            "{error}; lines before {next} of {} were started, none from line {next} on; run the same command again to start the rest (nothing is started twice)",
+            path.display(),
+            next = next(started.len())
+        )),
     }
 }
 

@@ -249,14 +249,25 @@ impl From<Context> for BatchItem {
 /// The longest idempotency key of a batch start.
 pub const MAX_BATCH_KEY_CHARS: usize = 100;
 
-/// Start one instance of `machine` per item. Every item is checked (its name, typed values,
-/// size) before anything is written; they are then written in transactions of
+/// A batch of instances to start: of one machine, one per item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch<'a> {
+    /// Their machine.
+    pub machine: &'a str,
+    /// One per instance.
+    pub items: Vec<BatchItem>,
+    /// The idempotency key that names the items without a name (`MACHINE-KEY-N`).
+    pub key: Option<&'a str>,
+}
+
+/// Start one instance of the batch's machine per item. Every item is checked (its name,
+/// typed values, size) before anything is written; they are then written in transactions of
 /// [`MAX_BATCH_START`], each all or nothing — so a batch of at most that many starts entirely
 /// or not at all. An item without a name is named `MACHINE-KEY-N` with an idempotency `key`
 /// (`N` its position), else `MACHINE-YYYYMMDDHHMMSS-XXXXXX-N` (one random part per call).
 /// A name that exists starts nothing, so a batch sent again — its answer lost, or its sender
 /// stopped part way — with its names or its key starts nothing twice, and answers with the
-/// same names. Outcomes are in the order of `items`.
+/// same names. Outcomes are in the order of the items.
 ///
 /// # Errors
 /// See [`BatchStartError`].
@@ -264,27 +275,42 @@ pub async fn start_instances(
     store: &dyn Store,
     config: &Config,
     clock: &dyn Clock,
-    machine: &str,
-    items: Vec<BatchItem>,
-    key: Option<&str>,
+    batch: Batch<'_>,
     limits: &Limits,
 ) -> Result<Vec<StartOutcome>, BatchStartError> {
-    let Some(m) = config.machine(machine) else {
+    start_instances_each(store, config, clock, batch, limits, |_| true).await
+}
+
+/// [`start_instances`], calling `committed` with each transaction's outcomes once it has
+/// committed. When `committed` answers `false`, no further transaction begins: the answer
+/// is then the outcomes so far, fewer than the items.
+///
+/// # Errors
+/// See [`BatchStartError`].
+pub async fn start_instances_each(
+    store: &dyn Store,
+    config: &Config,
+    clock: &dyn Clock,
+    batch: Batch<'_>,
+    limits: &Limits,
+    mut committed: impl FnMut(&[StartOutcome]) -> bool,
+) -> Result<Vec<StartOutcome>, BatchStartError> {
+    let Some(m) = config.machine(batch.machine) else {
         return Err(StartError::UnknownMachine {
-            name: machine.to_string(),
+            name: batch.machine.to_string(),
             known: config.machines.iter().map(|m| m.name.clone()).collect(),
         }
         .into());
     };
-    if let Some(key) = key {
+    if let Some(key) = batch.key {
         if key.chars().count() > MAX_BATCH_KEY_CHARS || !engine::is_valid_instance_name(key) {
             return Err(StartError::InvalidKey(key.to_string()).into());
         }
     }
     let now = clock.now();
-    let batch = prepared_batch(m, items, key, now, limits)?;
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut rest = batch.into_iter();
+    let instances = prepared_batch(m, batch.items, batch.key, now, limits)?;
+    let mut outcomes = Vec::with_capacity(instances.len());
+    let mut rest = instances.into_iter();
     loop {
         let chunk: Vec<NewInstance> = rest.by_ref().take(MAX_BATCH_START).collect();
         if chunk.is_empty() {
@@ -301,6 +327,7 @@ pub async fn start_instances(
                 })
             }
         };
+        let first = outcomes.len();
         outcomes.extend(
             names
                 .into_iter()
@@ -314,35 +341,10 @@ pub async fn start_instances(
                     },
                 }),
         );
-    }
-}
-
-/// Check every item of a batch of `machine` as [`start_instances`] would, writing nothing.
-///
-/// # Errors
-/// The first item that cannot start ([`BatchStartError::Context`]), or an unknown machine or
-/// a bad key ([`BatchStartError::Start`]).
-pub fn check_items(
-    config: &Config,
-    machine: &str,
-    items: &[BatchItem],
-    limits: &Limits,
-) -> Result<(), BatchStartError> {
-    let Some(m) = config.machine(machine) else {
-        return Err(StartError::UnknownMachine {
-            name: machine.to_string(),
-            known: config.machines.iter().map(|m| m.name.clone()).collect(),
-        }
-        .into());
-    };
-    for (index, item) in items.iter().enumerate() {
-        checked_context(m, item.context.clone(), limits)
-            .map_err(|error| BatchStartError::Context { index, error })?;
-        if let Some(name) = &item.name {
-            checked_name(name).map_err(|error| BatchStartError::Context { index, error })?;
+        if !committed(&outcomes[first..]) {
+            return Ok(outcomes);
         }
     }
-    Ok(())
 }
 
 /// The instances a batch starts, every item checked.

@@ -731,13 +731,16 @@ async fn start_batch(
         }
         Err(batch::BodyError::Bad(message)) => return error(StatusCode::BAD_REQUEST, message),
     };
+    let batch = crate::control::Batch {
+        machine: &machine,
+        items: request.items,
+        key: request.key.as_deref(),
+    };
     let outcome = start_instances(
         &*state.store,
         &state.config,
         &*state.clock,
-        &machine,
-        request.items,
-        request.key.as_deref(),
+        batch,
         &state.limits,
     )
     .await;
