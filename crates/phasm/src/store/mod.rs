@@ -222,14 +222,17 @@ pub struct Reachable {
 }
 
 impl Delivery {
-    /// This delivery with its sender's id as a store keeps it (a NUL written `\\0`; see
-    /// [`crate::engine::text`]): each store applies this before it writes.
-    pub fn storable(&self) -> Self {
-        let mut d = self.clone();
-        if let Some(id) = &d.id {
-            d.id = Some(crate::engine::text::without_nul(id).into_owned());
+    /// This delivery with its sender's id as a store keeps it (a NUL written `\0`; see
+    /// [`crate::engine::text`]), copied only when the id has a NUL: each store applies this
+    /// before it writes.
+    pub fn storable(&self) -> std::borrow::Cow<'_, Self> {
+        match self.id.as_deref().map(crate::engine::text::without_nul) {
+            Some(std::borrow::Cow::Owned(id)) => std::borrow::Cow::Owned(Self {
+                id: Some(id),
+                ..self.clone()
+            }),
+            _ => std::borrow::Cow::Borrowed(self),
         }
-        d
     }
 }
 
@@ -416,6 +419,31 @@ pub struct ClaimRequest {
     pub shared_limits: Vec<(String, crate::machine::QueueLimits)>,
 }
 
+impl ClaimRequest {
+    /// How many more tasks of each limited queue this claim may take: this worker's own
+    /// share ([`ClaimRequest::queue_limits`]) tightened by `shared`, the room every worker's
+    /// claims leave (each store reads it from its own counts).
+    pub(crate) fn room(&self, shared: Vec<(String, usize)>) -> Vec<(String, usize)> {
+        let mut room = self.queue_limits.clone();
+        for (queue, allowed) in shared {
+            match room.iter_mut().find(|(q, _)| *q == queue) {
+                Some((_, left)) => *left = (*left).min(allowed),
+                None => room.push((queue, allowed)),
+            }
+        }
+        room
+    }
+}
+
+/// The queues with no room left in `room` (see [`ClaimRequest::room`]): a claim reads none of
+/// their tasks, so a backlog it may not take never hides the work it may.
+pub(crate) fn full_queues(room: &[(String, usize)]) -> Vec<String> {
+    room.iter()
+        .filter(|(_, left)| *left == 0)
+        .map(|(q, _)| q.clone())
+        .collect()
+}
+
 /// Which tasks a worker takes by their `target` (Fantasm's App Engine target: a pool of
 /// workers for heavy steps).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -430,6 +458,15 @@ pub enum Targets {
 }
 
 impl Targets {
+    /// As a claim's filter: (any target, only untargeted, only these targets).
+    pub(crate) fn filter(&self) -> (bool, bool, &[String]) {
+        match self {
+            Targets::Any => (true, false, &[]),
+            Targets::Untargeted => (false, true, &[]),
+            Targets::Only(names) => (false, false, names),
+        }
+    }
+
     /// Whether a task with this target is taken.
     pub fn takes(&self, target: Option<&str>) -> bool {
         match (self, target) {

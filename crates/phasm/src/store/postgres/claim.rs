@@ -124,27 +124,12 @@ pub(super) async fn claim(
     let mut client = store.client().await?;
     let tx = begin(&mut client).await?;
     let window = bigint((req.limit * 2).max(16));
-    let (any_target, untargeted, only_targets) = match &req.targets {
-        crate::store::Targets::Any => (true, false, Vec::new()),
-        crate::store::Targets::Untargeted => (false, true, Vec::new()),
-        crate::store::Targets::Only(names) => (false, false, names.clone()),
-    };
+    let (any_target, untargeted, only_targets) = req.targets.filter();
     let until = now.saturating_add(micros(req.lease));
-    let mut per_queue = req.queue_limits.clone();
-    let shared = shared_allowance(&tx, now, &req.shared_limits).await?;
-    for (queue, allowed) in &shared {
-        match per_queue.iter_mut().find(|(q, _)| q == queue) {
-            Some((_, left)) => *left = (*left).min(*allowed),
-            None => per_queue.push((queue.clone(), *allowed)),
-        }
-    }
+    let mut per_queue = req.room(shared_allowance(&tx, now, &req.shared_limits).await?);
     // Only tasks this worker may take are read (its queues and targets, and none of a queue
     // with no room left), so a backlog it may not take never hides the work it may.
-    let full_queues: Vec<String> = per_queue
-        .iter()
-        .filter(|(_, left)| *left == 0)
-        .map(|(q, _)| q.clone())
-        .collect();
+    let full_queues = crate::store::full_queues(&per_queue);
     let rows = tx
         .query(
             "SELECT t.id, t.claim, t.instance_id, i.name AS instance, i.machine, t.name, t.from_state,

@@ -80,24 +80,15 @@ struct ClaimFilter {
 }
 
 impl ClaimFilter {
-    fn of(req: &ClaimRequest, per_queue: &[(String, usize)]) -> Self {
+    fn of(req: &ClaimRequest, room: &[(String, usize)]) -> Self {
         let json = |names: &[String]| serde_json::Value::from(names.to_vec()).to_string();
-        let (any_target, untargeted, targets) = match &req.targets {
-            crate::store::Targets::Any => (true, false, Vec::new()),
-            crate::store::Targets::Untargeted => (false, true, Vec::new()),
-            crate::store::Targets::Only(names) => (false, false, names.clone()),
-        };
-        let full: Vec<String> = per_queue
-            .iter()
-            .filter(|(_, left)| *left == 0)
-            .map(|(q, _)| q.clone())
-            .collect();
+        let (any_target, untargeted, targets) = req.targets.filter();
         Self {
             any_target,
             untargeted,
-            targets: json(&targets),
+            targets: json(targets),
             queues: req.queues.as_deref().map(json),
-            full_queues: json(&full),
+            full_queues: json(&crate::store::full_queues(room)),
         }
     }
 }
@@ -111,14 +102,8 @@ pub(super) fn claim(
         return Ok(Vec::new());
     }
     let until = now.saturating_add(micros(req.lease));
-    let mut per_queue: Vec<(String, usize)> = req.queue_limits.clone();
     // The configured limits hold across every worker process on the file too.
-    for (queue, allowed) in shared_allowance(tx, now, &req.shared_limits)? {
-        match per_queue.iter_mut().find(|(q, _)| *q == queue) {
-            Some((_, left)) => *left = (*left).min(allowed),
-            None => per_queue.push((queue, allowed)),
-        }
-    }
+    let mut per_queue = req.room(shared_allowance(tx, now, &req.shared_limits)?);
     // Only tasks this worker may take are read (its queues and targets, and none of a queue
     // with no room left), so a backlog it may not take never hides the work it may.
     let filter = ClaimFilter::of(req, &per_queue);

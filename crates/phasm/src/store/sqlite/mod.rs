@@ -307,7 +307,7 @@ impl WorkStore for SqliteStore {
     }
 
     async fn deliver(&self, now: Micros, delivery: &Delivery) -> StoreResult<Delivered> {
-        let delivery = Box::new(delivery.storable());
+        let delivery = Box::new(delivery.storable().into_owned());
         let delivered = self.call(|r| Request::Deliver(now, delivery, r)).await?;
         if matches!(delivered, Delivered::Dispatched(_)) {
             self.changes.notify_waiters();
