@@ -34,8 +34,15 @@ pub(crate) async fn deploy_loaded(
             }
             Ok(())
         }
-        Err(DeployError::Store(e)) => Err(exit::database(e)),
-        Err(e) => Err(exit::invalid(e)),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// The exit for a deploy that failed: the database's fault, or the files'.
+fn failed(e: DeployError) -> ExitCode {
+    match e {
+        DeployError::Store(e) => exit::database(e),
+        e => exit::invalid(e),
     }
 }
 
@@ -74,8 +81,7 @@ pub async fn run(files: &[PathBuf], db_args: &DbArgs) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(DeployError::Store(e)) => exit::database(e),
-        Err(e) => exit::invalid(e),
+        Err(e) => failed(e),
     }
 }
 

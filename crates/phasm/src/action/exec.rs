@@ -146,10 +146,7 @@ impl Action for ExecAction {
                 use std::os::unix::process::ExitStatusExt;
                 match (status.code(), status.signal()) {
                     (Some(c), _) => format!("exited with status {c}"),
-                    (None, Some(9)) => "was killed by SIGKILL, perhaps out of memory".to_string(),
-                    (None, Some(s)) => {
-                        format!("was killed by {}", super::host::signal_name(s))
-                    }
+                    (None, Some(s)) => format!("was {}", super::host::killed_by(s)),
                     (None, None) => "was killed by a signal".to_string(),
                 }
             };

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
-pub use process::{kill_group, signal_name, HostCommand, HostProcess, MAX_LINE_BYTES};
+pub use process::{kill_group, killed_by, HostCommand, HostProcess, MAX_LINE_BYTES};
 use protocol::{answer_line, FromHost, Hello, Ready, StepRequest};
 
 /// The longest wait before restarting a host that keeps dying.

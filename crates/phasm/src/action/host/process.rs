@@ -407,11 +407,14 @@ async fn read_messages(mut r: Reader) {
         }
         drop(reason);
     }
-    // Whatever it started dies with it (a forked child holding the pipe included).
-    kill_group(r.pid);
     let status = match exit {
+        // Its group was killed when its exit was seen, before anything could reuse the id.
         Some(status) => describe_exit(status),
-        None => wait_briefly(&mut r.child).await,
+        None => {
+            // Whatever it started dies with it (a forked child holding the pipe included).
+            kill_group(r.pid);
+            wait_briefly(&mut r.child).await
+        }
     };
     r.exited.store(true, Ordering::SeqCst);
     let _ = tokio::time::timeout(Duration::from_secs(1), &mut r.stderr_done).await;
@@ -495,16 +498,24 @@ fn describe_exit(status: std::io::Result<std::process::ExitStatus>) -> String {
     match status {
         Ok(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!(" with status {code}"),
-            (None, Some(9)) => " (killed by SIGKILL, perhaps out of memory)".to_string(),
-            (None, Some(signal)) => format!(" (killed by {})", signal_name(signal)),
+            (None, Some(signal)) => format!(" ({})", killed_by(signal)),
             (None, None) => " (killed by a signal)".to_string(),
         },
         Err(e) => format!(" (cannot tell how: {e})"),
     }
 }
 
+/// `killed by SIGSEGV`, or `killed by SIGKILL, perhaps out of memory` (what the kernel's
+/// out-of-memory killer sends): how a process ended by `signal` is described.
+pub fn killed_by(signal: i32) -> String {
+    match signal {
+        9 => "killed by SIGKILL, perhaps out of memory".to_string(),
+        other => format!("killed by {}", signal_name(other)),
+    }
+}
+
 /// A signal's name (`SIGSEGV`), or its number.
-pub fn signal_name(signal: i32) -> String {
+fn signal_name(signal: i32) -> String {
     let name = match signal {
         1 => "SIGHUP",
         2 => "SIGINT",
@@ -538,12 +549,15 @@ async fn forward_stderr(
     let mut lines = BufReader::new(stderr).lines();
     let mut second = tokio::time::Instant::now();
     let (mut shown, mut hidden) = (0u32, 0u64);
+    let summarise = |hidden: u64| {
+        if hidden > 0 {
+            tracing::warn!(host = %name, "stderr: … {hidden} more lines not shown (over {STDERR_LINES_PER_SECOND} a second)");
+        }
+    };
     while let Ok(Some(line)) = lines.next_line().await {
         let line = crate::engine::text::storable(line);
         if second.elapsed() >= Duration::from_secs(1) {
-            if hidden > 0 {
-                tracing::warn!(host = %name, "stderr: … {hidden} more lines not shown (over {STDERR_LINES_PER_SECOND} a second)");
-            }
+            summarise(hidden);
             second = tokio::time::Instant::now();
             (shown, hidden) = (0, 0);
         }
@@ -559,9 +573,7 @@ async fn forward_stderr(
         }
         tail.push_back(line);
     }
-    if hidden > 0 {
-        tracing::warn!(host = %name, "stderr: … {hidden} more lines not shown (over {STDERR_LINES_PER_SECOND} a second)");
-    }
+    summarise(hidden);
 }
 
 fn tail_text(tail: &Mutex<VecDeque<String>>) -> String {
