@@ -32,6 +32,7 @@ PACKAGE_ROOT = os.path.dirname(HERE)
 sys.path.insert(0, PACKAGE_ROOT)
 
 from phasm import Context  # noqa: E402
+from tests.support import WithModule  # noqa: E402
 from phasm._runtime import (  # noqa: E402
     MAX_DEPTH,
     ContextTypeError,
@@ -177,18 +178,9 @@ def nested(depth: int) -> Any:
     return value
 
 
-class HardeningTestCase(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.tmp = tempfile.TemporaryDirectory()
-        with open(os.path.join(cls.tmp.name, "hardmod.py"), "w") as f:
-            f.write(MODULE)
-        sys.path.insert(0, cls.tmp.name)
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        sys.path.remove(cls.tmp.name)
-        cls.tmp.cleanup()
+class HardeningTestCase(WithModule):
+    MODULE_NAME = "hardmod"
+    MODULE_SOURCE = MODULE
 
     def host(self, refs: list[str], types: Optional[dict[str, str]] = None,
              threads: int = 2, **hello: Any) -> tuple[Host, Collect]:

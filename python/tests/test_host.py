@@ -22,6 +22,7 @@ sys.path.insert(0, PACKAGE_ROOT)
 from fantasm.action import ListContinuationFSMAction  # noqa: E402
 from fantasm.fsm import FSMContext, instance_start_time  # noqa: E402
 from phasm import Context  # noqa: E402
+from tests.support import WithModule  # noqa: E402
 from phasm._runtime import ContextTypeError, Step, coerce, level_name  # noqa: E402
 from phasm.host import Host, ResolveError, Target, _PrintRouter, resolve  # noqa: E402
 
@@ -80,18 +81,9 @@ class Collect(io.BytesIO):
         return [json.loads(line) for line in self.getvalue().decode().splitlines()]
 
 
-class HostTestCase(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.tmp = tempfile.TemporaryDirectory()
-        with open(os.path.join(cls.tmp.name, "hostmod.py"), "w") as f:
-            f.write(MODULE)
-        sys.path.insert(0, cls.tmp.name)
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        sys.path.remove(cls.tmp.name)
-        cls.tmp.cleanup()
+class HostTestCase(WithModule):
+    MODULE_NAME = "hostmod"
+    MODULE_SOURCE = MODULE
 
     def host(self, refs: list[str], types: dict[str, str] | None = None) -> tuple[Host, Collect, dict[str, Any]]:
         out = Collect()
