@@ -285,6 +285,9 @@ pub async fn workers(as_json: bool, args: &DbArgs) -> ExitCode {
             time(w.started_at),
             time(w.seen_at)
         );
+        for reason in &w.about.cannot_run {
+            outln!("  cannot run: {reason}");
+        }
     }
     ExitCode::SUCCESS
 }

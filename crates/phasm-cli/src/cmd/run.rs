@@ -1,5 +1,6 @@
 //! `run`, `start` and `worker`: queueing instances and working on them.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ struct Prepared {
     context: Context,
     store: Arc<dyn Store>,
     limits: Limits,
+    /// The definition hash of each machine of the file, as deployed (`run` only).
+    own_hashes: HashMap<String, String>,
 }
 
 /// Check a start, and (with `hosts`: `phasm run`, which works on the file) deploy the file
@@ -66,15 +69,17 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
     let store = db::open(&args.db, connections)
         .await
         .map_err(exit::database)?;
-    if let Some(loaded) = &as_loaded {
-        super::versions::deploy_loaded(&*store, loaded, &args.file).await?;
-    }
+    let own_hashes = match &as_loaded {
+        Some(loaded) => super::versions::deploy_loaded(&*store, loaded, &args.file).await?,
+        None => HashMap::new(),
+    };
     Ok(Prepared {
         machine: machine.name.clone(),
         registry: Arc::new(registry),
         config: Arc::new(config),
         context,
         store,
+        own_hashes,
         limits: Limits {
             max_context_bytes: args.max_context_bytes,
             ..Limits::default()
@@ -346,6 +351,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         poll_interval: Duration::from_millis(200),
         // `run` follows one instance; schedules are fired by `worker` and `serve`.
         schedules: false,
+        own_hashes: p.own_hashes.clone(),
         ..WorkerOptions::default()
     };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -608,9 +614,10 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
             return exit::database(e);
         }
     };
-    if let Err(code) = super::versions::deploy_loaded(&*store, &config, file).await {
-        return code;
-    }
+    let own_hashes = match super::versions::deploy_loaded(&*store, &config, file).await {
+        Ok(hashes) => hashes,
+        Err(code) => return code,
+    };
     let Some(registry) = bind(&mut config, &sites).await else {
         return exit::invalid_reported();
     };
@@ -637,6 +644,7 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
             tokio::spawn(print_steps(rx));
             tx
         }),
+        own_hashes,
         ..WorkerOptions::default()
     };
     let owner = options.owner.clone();
@@ -803,9 +811,10 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
             return exit::database(e);
         }
     };
-    if let Err(code) = super::versions::deploy_loaded(&*store, &config, file).await {
-        return code;
-    }
+    let own_hashes = match super::versions::deploy_loaded(&*store, &config, file).await {
+        Ok(hashes) => hashes,
+        Err(code) => return code,
+    };
     let Some(registry) = bind(&mut config, &sites).await else {
         return exit::invalid_reported();
     };
@@ -814,6 +823,7 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let options = WorkerOptions {
         concurrency,
+        own_hashes,
         ..WorkerOptions::default()
     };
     let worker = match Worker::new(

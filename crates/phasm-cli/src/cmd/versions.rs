@@ -1,10 +1,12 @@
 //! `phasm deploy` (store each changed machine of the files as its next version) and `phasm
 //! versions` (list them); `worker`, `serve` and `run` deploy their file first.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use phasm::clock::SystemClock;
+use phasm::config::definitions;
 use phasm::control::{deploy, DeployError, DeployFile};
 use phasm::machine::Config;
 use phasm::store::Store;
@@ -14,12 +16,14 @@ use super::files::load_with_sites;
 use crate::output::{outln, time};
 use crate::{db, exit, DbArgs};
 
-/// Deploy `config`, loaded from `path`, before working on it; new versions are logged.
+/// Deploy `config`, loaded from `path`, before working on it; new versions are logged. The
+/// definition hash of each machine deployed, for the worker's
+/// [`phasm::worker::WorkerOptions::own_hashes`].
 pub(crate) async fn deploy_loaded(
     store: &dyn Store,
     config: &Config,
     path: &Path,
-) -> Result<(), ExitCode> {
+) -> Result<HashMap<String, String>, ExitCode> {
     let source = std::fs::read_to_string(path)
         .map_err(|e| exit::invalid(format!("cannot read `{}`: {e}", path.display())))?;
     let file = DeployFile {
@@ -32,7 +36,10 @@ pub(crate) async fn deploy_loaded(
             for d in deployed.iter().filter(|d| d.new) {
                 tracing::info!(machine = %d.machine, version = d.version, "deployed a new version");
             }
-            Ok(())
+            Ok(definitions(config)
+                .into_iter()
+                .map(|d| (d.machine, d.hash))
+                .collect())
         }
         Err(e) => Err(failed(e)),
     }

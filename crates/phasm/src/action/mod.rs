@@ -526,6 +526,15 @@ impl Registry {
         self
     }
 
+    /// A registry with this one's Rust handlers only: where another version of a machine
+    /// starts, its `actions:` bindings and Python hosts being its own.
+    pub fn handlers_only(&self) -> Registry {
+        Registry {
+            rust: self.rust.clone(),
+            ..Registry::default()
+        }
+    }
+
     /// Names registered in Rust.
     pub fn rust_names(&self) -> Vec<String> {
         self.rust.keys().cloned().collect()

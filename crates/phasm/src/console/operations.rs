@@ -56,7 +56,12 @@ fn worker_table(id: &str, workers: &[WorkerView], now: i64) -> Markup {
                     td { (w.about.pid) }
                     td { (w.about.version) }
                     td { (w.about.running) " of " (w.about.concurrency) }
-                    td { (w.machines.join(", ")) }
+                    td {
+                        (w.machines.join(", "))
+                        @for reason in &w.about.cannot_run {
+                            div class="err cannot-run" { "cannot run: " (reason) }
+                        }
+                    }
                     td { @match &w.targets {
                         Targets::Any => { "every target" }
                         Targets::Untargeted => { "untargeted steps" }

@@ -609,6 +609,7 @@ pub fn worker_json(w: &WorkerView) -> serde_json::Value {
         "version": w.about.version,
         "concurrency": w.about.concurrency,
         "running": w.about.running,
+        "cannot_run": w.about.cannot_run,
     })
 }
 

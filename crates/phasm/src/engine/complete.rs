@@ -12,9 +12,12 @@ use super::{
 use crate::clock::micros;
 use crate::machine::{Config, Machine, State};
 
-/// Turn a successful run of a task's actions into its commit.
+/// Turn a successful run of a task's actions on `machine` into its commit; the machines it
+/// spawns are looked up in `spawnable`.
+#[allow(clippy::too_many_arguments)]
 pub fn complete(
-    config: &Config,
+    machine: &Machine,
+    spawnable: &Config,
     task: &Task,
     plan: &Plan,
     mut outcome: Outcome,
@@ -26,9 +29,6 @@ pub fn complete(
     let mut commit = Commit {
         logs: std::mem::take(&mut outcome.logs),
         ..Commit::finishing(task)
-    };
-    let Some(machine) = config.machine(&task.machine) else {
-        return step.fail(commit, format!("unknown machine `{}`", task.machine));
     };
     if let Some(reason) = outcome.halted {
         commit.instance_change = InstanceChange::Halt(reason);
@@ -46,7 +46,7 @@ pub fn complete(
     let commit = if task.kind.dispatches() && to.fan_in.is_some() {
         arrive_at_fan_in(commit, &step, machine, to, outcome.context)
     } else {
-        state_ran(commit, &step, config, machine, to, outcome, rng)
+        state_ran(commit, &step, spawnable, machine, to, outcome, rng)
     };
     debug_assert_invariants(&commit, task);
     commit

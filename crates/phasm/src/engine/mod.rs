@@ -121,6 +121,10 @@ pub struct Task {
     pub contexts: Vec<Context>,
     /// For a continuation page: an earlier attempt already queued the next page.
     pub next_page_queued: bool,
+    /// The stored version of the machine the instance is pinned to (a `machine_versions` id;
+    /// `None` for an instance started before its machine was ever deployed): the step runs on
+    /// that version's definition.
+    pub version: Option<i64>,
 }
 
 /// A task to create.
@@ -153,12 +157,12 @@ pub struct NewTask {
 impl NewTask {
     /// This task as claimed at its creation (first claim, attempt 0) by the worker whose
     /// commit created it: the task a store hands back as a successor.
-    pub fn claimed(&self, id: i64, instance: &str, machine: &str, now: Micros) -> Task {
+    pub fn claimed(&self, id: i64, commit: &Commit, now: Micros) -> Task {
         Task {
             id,
             claim: 1,
-            instance: instance.to_string(),
-            machine: machine.to_string(),
+            instance: commit.instance.clone(),
+            machine: commit.machine.clone(),
             name: self.name.clone(),
             from_state: self.from_state.clone(),
             event: self.event.clone(),
@@ -172,6 +176,7 @@ impl NewTask {
             token: self.token.clone(),
             contexts: Vec::new(),
             next_page_queued: false,
+            version: commit.version,
         }
     }
 }
@@ -426,6 +431,8 @@ pub struct Commit {
     pub instance: String,
     /// The instance's machine.
     pub machine: String,
+    /// The instance's version (see [`Task::version`]), which the tasks it creates run on.
+    pub version: Option<i64>,
     /// What becomes of the task.
     pub disposition: Disposition,
     /// Tasks to create.
@@ -483,6 +490,7 @@ impl Commit {
             claim: task.claim,
             instance: task.instance.clone(),
             machine: task.machine.clone(),
+            version: task.version,
             disposition: Disposition::Finished,
             new_tasks: Vec::new(),
             history: Vec::new(),

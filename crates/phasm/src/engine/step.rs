@@ -150,10 +150,11 @@ impl<'a> Step<'a> {
     }
 
     /// The step's commit, once the calls are over (every call ran, or one halted the machine),
-    /// from what the actions produced.
+    /// from what the actions produced; the machines it spawns are looked up in `spawnable`
+    /// (each child starts on the latest version of its machine).
     pub fn finish(
         self,
-        config: &Config,
+        spawnable: &Config,
         mut outcome: Outcome,
         times: StepTimes,
         rng: &mut fastrand::Rng,
@@ -174,7 +175,16 @@ impl<'a> Step<'a> {
             // the end is the same page.
             outcome.next_token = None;
         }
-        complete(config, self.task, &self.plan, outcome, times, rng, limits)
+        complete(
+            self.machine,
+            spawnable,
+            self.task,
+            &self.plan,
+            outcome,
+            times,
+            rng,
+            limits,
+        )
     }
 
     /// The commit of a failed attempt (`error` says which call failed and how): a retry after
@@ -250,6 +260,7 @@ state_machines:
             token: None,
             contexts: Vec::new(),
             next_page_queued: false,
+            version: None,
         }
     }
 

@@ -64,6 +64,7 @@ fn task(from: Option<&str>, event: &str) -> Task {
         token: None,
         contexts: Vec::new(),
         next_page_queued: false,
+        version: None,
     }
 }
 
@@ -87,6 +88,7 @@ fn run(t: &Task, event: Option<&str>) -> Commit {
     let p = plan(m, t).unwrap();
     let mut rng = fastrand::Rng::with_seed(1);
     complete(
+        machine_of(&c, t),
         &c,
         t,
         &p,
@@ -174,6 +176,7 @@ fn random_countdowns_stay_in_range() {
         let p = plan(m, &t).unwrap();
         let mut rng = fastrand::Rng::with_seed(seed);
         let commit = complete(
+            machine_of(&c, &t),
             &c,
             &t,
             &p,
@@ -251,6 +254,7 @@ fn halting_ends_the_instance_without_history() {
         ..Outcome::default()
     };
     let commit = complete(
+        machine_of(&c, &t),
         &c,
         &t,
         &p,
@@ -284,6 +288,7 @@ fn an_oversized_context_is_refused_and_fails_the_branch() {
         ..Limits::default()
     };
     let commit = complete(
+        machine_of(&c, &t),
         &c,
         &t,
         &p,
@@ -437,6 +442,7 @@ fn entering_a_waiting_state_runs_its_entry_and_queues_a_wait_not_an_action() {
         now: 1_000_000,
     };
     let commit = complete(
+        machine_of(&c, &t),
         &c,
         &t,
         &p,
@@ -488,6 +494,7 @@ fn a_claimed_wait_runs_as_the_dispatch_of_its_timeout_event() {
         now: 1_000_000,
     };
     let commit = complete(
+        machine_of(&c, &t),
         &c,
         &t,
         &p,
@@ -519,6 +526,7 @@ fn a_wait_without_timeout_is_never_due() {
         now: 1_000_000,
     };
     let commit = complete(
+        machine_of(&c, &t),
         &c,
         &t,
         &p,
@@ -529,4 +537,10 @@ fn a_wait_without_timeout_is_never_due() {
     );
     assert_eq!(commit.waits[0].task.due_at, NEVER);
     assert_eq!(commit.waits[0].task.event, "");
+}
+
+/// The machine of `c` that `t` runs on.
+fn machine_of<'a>(c: &'a Config, t: &Task) -> &'a crate::machine::Machine {
+    c.machine(&t.machine)
+        .expect("the task's machine is in the test configuration")
 }

@@ -551,6 +551,9 @@ pub struct WorkerAbout {
     pub concurrency: u32,
     /// Steps it was running at its last heartbeat.
     pub running: u32,
+    /// The machine versions it met and cannot run (an action bound to nothing in it, say),
+    /// each with why: their steps wait for a worker that can.
+    pub cannot_run: Vec<String>,
 }
 
 impl WorkerView {
@@ -1442,6 +1445,9 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
 
     /// One version of a machine with its texts.
     async fn version(&self, machine: &str, version: u32) -> StoreResult<Option<StoredVersion>>;
+
+    /// One version with its texts, by its store id (an instance's [`crate::engine::Task::version`]).
+    async fn version_by_id(&self, id: i64) -> StoreResult<Option<StoredVersion>>;
 
     /// One instance: its status, counts, latest transitions and first pending tasks (at most
     /// [`VIEW_ROWS`] of each; memory per call is bounded).

@@ -460,6 +460,7 @@ mod tests {
             contexts: Vec::new(),
             token: None,
             next_page_queued: false,
+            version: None,
         }
     }
 

@@ -225,6 +225,10 @@ impl ReadStore for FaultyStore {
         self.inner.version(machine, version).await
     }
 
+    async fn version_by_id(&self, id: i64) -> StoreResult<Option<crate::store::StoredVersion>> {
+        self.inner.version_by_id(id).await
+    }
+
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.inner.instance(name).await
     }

@@ -208,6 +208,7 @@ impl Immediate {
             adopt: None,
             action_timeout: Duration::from_secs(300),
             config: &self.config,
+            spawnable: &self.config,
             registry: &self.registry,
             clock: &clock,
             limits: &self.limits,

@@ -10,6 +10,7 @@
 mod hosted;
 mod limits;
 mod schedules;
+mod versions;
 
 // Ordered maps and sets: what the worker asks the store must not depend on a hash seed, so
 // a simulation on a paused clock replays exactly.
@@ -63,6 +64,12 @@ pub struct WorkerOptions {
     /// Fire the configuration's schedules (`schedules:`) at their ticks. Each tick starts one
     /// instance however many workers fire it; `phasm run` turns this off.
     pub schedules: bool,
+    /// The deployed definition hash ([`crate::config::Definition::hash`]) of each machine of
+    /// the worker's configuration, by machine, as the file loaded (before Python hosts
+    /// resolve its event constants). Steps of instances pinned to a version with that hash
+    /// run on the worker's own configuration; other versions are read from the store. Empty:
+    /// computed from the configuration, which is right unless it has a `python:` section.
+    pub own_hashes: HashMap<String, String>,
 }
 
 impl Default for WorkerOptions {
@@ -80,6 +87,7 @@ impl Default for WorkerOptions {
             stop: StopWhen::Never,
             events: None,
             schedules: true,
+            own_hashes: HashMap::new(),
         }
     }
 }
@@ -203,7 +211,6 @@ pub struct Worker {
 struct Inner {
     store: Arc<dyn Store>,
     config: Arc<Config>,
-    registry: Arc<Registry>,
     clock: Arc<dyn Clock>,
     options: WorkerOptions,
     rng: Mutex<fastrand::Rng>,
@@ -216,6 +223,8 @@ struct Inner {
     successors: SuccessorClaim,
     /// Tasks handed back by intermediate commits (a continuation's next page), to be run.
     adopt: UnboundedSender<Task>,
+    /// The machine versions steps run on.
+    versions: versions::Versions,
     /// Shutdown was asked for: a commit that fails is given up at once (the step runs again
     /// elsewhere) instead of being retried, so a worker stops promptly even while its
     /// database is failing.
@@ -283,12 +292,21 @@ impl Worker {
             version: env!("CARGO_PKG_VERSION").to_string(),
             concurrency: u32::try_from(options.concurrency).unwrap_or(u32::MAX),
             running: 0,
+            cannot_run: Vec::new(),
         };
+        let own_hashes = if options.own_hashes.is_empty() && config.python.is_none() {
+            crate::config::definitions(&config)
+                .into_iter()
+                .map(|d| (d.machine, d.hash))
+                .collect()
+        } else {
+            options.own_hashes.clone()
+        };
+        let versions = versions::Versions::new(Arc::clone(&config), registry, own_hashes);
         Ok(Self {
             inner: Arc::new(Inner {
                 store,
                 config,
-                registry,
                 clock,
                 options,
                 rng: Mutex::new(rng),
@@ -297,6 +315,7 @@ impl Worker {
                 about,
                 successors,
                 adopt,
+                versions,
                 shutting_down: std::sync::atomic::AtomicBool::new(false),
             }),
             adopted,
@@ -478,6 +497,7 @@ impl Worker {
         if let Err(e) = inner.store.worker_stopped(&opts.owner).await {
             tracing::debug!(error = %e, "could not say that this worker stopped");
         }
+        inner.versions.close(Duration::from_secs(10)).await;
         Ok(report)
     }
 }
@@ -497,6 +517,7 @@ async fn announce(inner: &Inner, started_at: Micros, running: usize) {
         expires_at: now + micros(opts.lease),
         about: crate::store::WorkerAbout {
             running: u32::try_from(running).unwrap_or(u32::MAX),
+            cannot_run: inner.versions.unavailable(),
             ..inner.about.clone()
         },
     };
@@ -854,19 +875,42 @@ fn progress_event(commit: &Commit) -> Option<WorkerEvent> {
 }
 
 async fn step(inner: &Inner, task: &Task, started: Micros) -> Commit {
+    let pinned = match inner.versions.of(&*inner.store, task).await {
+        Ok(pinned) => pinned,
+        Err(e) => {
+            let reason = format!("reading the instance's machine version failed: {e}");
+            return engine::postponed(task, reason, started, engine::POSTPONE_DELAY, Vec::new());
+        }
+    };
+    let (config, registry) = match &*pinned {
+        versions::Pinned::Run { config, registry } => (config, registry),
+        versions::Pinned::Unavailable(reason) => {
+            // Recorded as the task's last error, not logged: the step comes back here every
+            // few seconds until a worker that can run it takes it.
+            let mut commit =
+                engine::postponed(task, reason.clone(), started, UNAVAILABLE_DELAY, Vec::new());
+            commit.logs.clear();
+            return commit;
+        }
+    };
     let env = StepEnv {
         store: &*inner.store,
         successors: Some(&inner.successors),
         adopt: Some(&inner.adopt),
         action_timeout: inner.options.action_timeout,
-        config: &inner.config,
-        registry: &inner.registry,
+        config,
+        spawnable: &inner.config,
+        registry,
         clock: &inner.clock,
         limits: &inner.options.limits,
         rng: &inner.rng,
     };
     run_task(&env, task, started).await
 }
+
+/// How long a step of a machine version this worker cannot run waits before it is claimed
+/// again (by any worker).
+const UNAVAILABLE_DELAY: Duration = Duration::from_secs(5);
 
 /// What running one task needs.
 pub(crate) struct StepEnv<'a> {
@@ -877,7 +921,10 @@ pub(crate) struct StepEnv<'a> {
     /// ...to be run concurrently by the worker.
     pub adopt: Option<&'a UnboundedSender<Task>>,
     pub action_timeout: Duration,
+    /// The configuration of the task's machine version.
     pub config: &'a Config,
+    /// Where the machines a step spawns are found (the worker's own configuration).
+    pub spawnable: &'a Config,
     pub registry: &'a Registry,
     pub clock: &'a Arc<dyn Clock>,
     pub limits: &'a Limits,
@@ -1002,7 +1049,7 @@ pub(crate) async fn run_task(env: &StepEnv<'_>, task: &Task, started: Micros) ->
                 now,
             };
             let mut rng = lock(env.rng);
-            step.finish(env.config, outcome, times, &mut rng, env.limits)
+            step.finish(env.spawnable, outcome, times, &mut rng, env.limits)
         }
         Ok(Err(StepFailure::Unavailable(reason))) => {
             tracing::warn!(task = %task.name, "{reason}; postponed (not counted as an attempt)");

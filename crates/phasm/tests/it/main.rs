@@ -16,6 +16,7 @@ mod invalid_files;
 mod lost_lease;
 mod pages_overlap;
 mod parallel;
+mod pinned_versions;
 mod postgres_store;
 mod python_actions;
 mod python_hosts;

@@ -1039,6 +1039,7 @@ async fn run_step(
     let machine = config.machine("Approve").unwrap();
     let plan = phasm::engine::plan(machine, &task).unwrap();
     let commit = phasm::engine::complete(
+        machine,
         config,
         &task,
         &plan,

@@ -977,6 +977,7 @@ pub async fn workers_are_listed_until_they_stop_or_expire(store: &dyn Store) {
             version: "0.1.0".into(),
             concurrency: 64,
             running: 3,
+            cannot_run: vec!["this worker cannot run `M` v1".into()],
         },
     };
     assert!(store.workers(T0).await.unwrap().is_empty());

@@ -87,7 +87,7 @@ pub async fn deploying_stores_each_changed_machine_as_its_next_version(store: &d
 /// it starts (a spawned child too); none before its machine was ever deployed, when the first
 /// deploy adopts it as version 1; and a later deploy leaves it where it is.
 pub async fn instances_record_the_version_they_started_on(store: &dyn Store) {
-    use super::{apply_one, commit, request, start};
+    use super::{commit, request, start};
     start(store, "early", T0).await;
     assert_eq!(
         store.instance("early").await.unwrap().unwrap().version,
@@ -111,24 +111,52 @@ pub async fn instances_record_the_version_they_started_on(store: &dyn Store) {
     );
     // A child spawned after v3 is deployed starts on v3, while its parent stays on v1.
     store.deploy(T0, &[v("M", "m3")]).await.unwrap();
-    let task = store
-        .claim(T0, &request(10))
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|t| t.instance == "early")
-        .unwrap();
+    let claimed = store.claim(T0 + 1, &request(10)).await.unwrap();
+    // A claimed task carries its instance's version, for the worker to run it on.
+    for (name, number) in [("early", 1), ("later", 2)] {
+        let id = claimed
+            .iter()
+            .find(|t| t.instance == name)
+            .and_then(|t| t.version)
+            .unwrap_or_else(|| panic!("{name}'s task carries its version"));
+        let stored = store.version_by_id(id).await.unwrap().unwrap();
+        assert_eq!(
+            (stored.record.machine.as_str(), stored.record.version),
+            ("M", number)
+        );
+        assert_eq!(
+            stored.definition,
+            format!("state_machines: # M m{number}\n")
+        );
+    }
+    assert!(store.version_by_id(-1).await.unwrap().is_none());
+    let task = claimed.into_iter().find(|t| t.instance == "early").unwrap();
     let child = crate::engine::Spawned {
         name: "early.s1.0".into(),
         machine: "M".into(),
         context: crate::engine::Context::new(),
         start: super::new_task("early.s1.0--start", None, T0),
     };
-    let c = crate::engine::Commit {
+    let mut c = crate::engine::Commit {
         spawns: vec![child],
         ..commit(&task)
     };
-    assert_eq!(apply_one(store, T0, c).await, crate::store::Applied::Yes);
+    c.new_tasks
+        .push(super::new_task("early--next", Some("a"), T0));
+    // The successor handed back leased runs on the instance's version too.
+    let successors = crate::store::SuccessorClaim {
+        owner: "w1".into(),
+        lease: std::time::Duration::from_secs(10),
+        queues: None,
+        exclude: Vec::new(),
+        machines: vec!["M".into()],
+        targets: crate::store::Targets::Any,
+        max: 5,
+    };
+    let applied = store.apply(T0, c, Some(&successors)).await.unwrap();
+    assert_eq!(applied.applied, crate::store::Applied::Yes);
+    assert_eq!(applied.claimed.len(), 1);
+    assert_eq!(applied.claimed[0].version, task.version);
     assert_eq!(
         store.instance("early.s1.0").await.unwrap().unwrap().version,
         Some(3)

@@ -315,7 +315,7 @@ pub(super) async fn apply_chain(
     let inserted: Option<i64> = row.get(1);
     let mut claimed = Vec::new();
     if let (Some(id), Some(t), Some(_)) = (inserted, t, lease) {
-        claimed.push(t.claimed(id, &c.instance, &c.machine, now));
+        claimed.push(t.claimed(id, c, now));
     }
     Ok(Outcome {
         result: AppliedCommit {
@@ -411,7 +411,7 @@ pub(super) async fn apply_one(
             continue;
         };
         if let Some(id) = insert_task(&tx, instance_id, s.task, now, Some(lease)).await? {
-            claimed.push(s.task.claimed(id, &c.instance, &c.machine, now));
+            claimed.push(s.task.claimed(id, c, now));
         }
     }
     if !bulk.is_empty() {

@@ -28,6 +28,7 @@ pub(super) fn task_row(row: &Row, now: Micros) -> StoreResult<(Task, i64, Option
             .map_err(|e| StoreError::Corrupt(format!("bad token: {e}")))?,
         contexts: Vec::new(),
         next_page_queued: row.get("page_queued"),
+        version: row.get("version"),
     };
     Ok((task, row.get("instance_id"), row.get("grp")))
 }
@@ -134,7 +135,7 @@ pub(super) async fn claim(
         .query(
             "SELECT t.id, t.claim, t.instance_id, i.name AS instance, i.machine, t.name, t.from_state,
                     t.event, t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at,
-                    t.queue, t.token, t.grp, t.page_queued, t.target
+                    t.queue, t.token, t.grp, t.page_queued, t.target, i.version
              FROM tasks t JOIN instances i ON i.id = t.instance_id
              WHERE t.status = 'ready' AND t.due_at <= $1
                AND ($3 OR ($4 AND t.target IS NULL) OR t.target = ANY($5))

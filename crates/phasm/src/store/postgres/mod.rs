@@ -570,6 +570,10 @@ impl ReadStore for PostgresStore {
             .await
     }
 
+    async fn version_by_id(&self, id: i64) -> StoreResult<Option<super::StoredVersion>> {
+        self.again(|| versions::version_by_id(self, id)).await
+    }
+
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.again(|| read::instance(self, name)).await
     }

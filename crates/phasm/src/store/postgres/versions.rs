@@ -112,13 +112,32 @@ pub(super) async fn version(
     machine: &str,
     version: u32,
 ) -> StoreResult<Option<StoredVersion>> {
-    let client = store.client().await?;
     let number = i32::try_from(version).unwrap_or(i32::MAX);
+    stored(store, "machine = $1 AND version = $2", &[&machine, &number]).await
+}
+
+/// One version with its texts, by id.
+pub(super) async fn version_by_id(
+    store: &PostgresStore,
+    id: i64,
+) -> StoreResult<Option<StoredVersion>> {
+    stored(store, "id = $1", &[&id]).await
+}
+
+/// The version `filter` selects, with its texts.
+async fn stored(
+    store: &PostgresStore,
+    filter: &str,
+    args: &[&(dyn ToSql + Sync)],
+) -> StoreResult<Option<StoredVersion>> {
+    let client = store.client().await?;
     let row = client
         .query_opt(
-            "SELECT machine, version, hash, path, deployed_at, definition, source
-             FROM machine_versions WHERE machine = $1 AND version = $2",
-            &[&machine, &number],
+            &format!(
+                "SELECT machine, version, hash, path, deployed_at, definition, source
+                 FROM machine_versions WHERE {filter}"
+            ),
+            args,
         )
         .await
         .map_err(pg)?;

@@ -121,7 +121,7 @@ pub(super) fn apply(
     for s in &plan.successors {
         let inserted = insert_task(tx, instance_id, s.task, now, s.lease.as_ref())?;
         if let (Some(id), Some(_)) = (inserted, s.lease) {
-            claimed.push(s.task.claimed(id, &c.instance, &c.machine, now));
+            claimed.push(s.task.claimed(id, c, now));
         }
     }
     for w in &plan.waits {

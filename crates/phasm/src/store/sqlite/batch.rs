@@ -199,7 +199,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Workers(_, r) | Request::WorkersGone(_, r) => drop(r.send(Err(err()))),
         Request::Deploy(_, _, r) => drop(r.send(Err(err()))),
         Request::Versions(_, r) => drop(r.send(Err(err()))),
-        Request::Version(_, _, r) => drop(r.send(Err(err()))),
+        Request::Version(_, _, r) | Request::VersionById(_, r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -321,6 +321,7 @@ pub(super) fn handle(
         ),
         Request::Versions(machine, reply) => pending(reply, versions(tx, machine.as_deref())),
         Request::Version(machine, number, reply) => pending(reply, version(tx, &machine, number)),
+        Request::VersionById(id, reply) => pending(reply, version_by_id(tx, id)),
         Request::Probe(_, reply) => {
             pending(reply, Err(StoreError::database("probe inside a batch")))
         }

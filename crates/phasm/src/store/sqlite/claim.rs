@@ -22,6 +22,7 @@ pub(super) struct ClaimRow {
     token: Option<String>,
     grp: Option<String>,
     page_queued: bool,
+    version: Option<i64>,
 }
 
 /// How many more tasks of each limited queue may start now, whoever claims them: its
@@ -113,7 +114,7 @@ pub(super) fn claim(
         .prepare_cached(
             "SELECT t.id, t.claim, t.instance_id, i.name, i.machine, t.name, t.from_state, t.event,
                     t.kind, t.context, t.step, t.branch, t.attempts, t.first_attempt_at, t.queue,
-                    t.token, t.grp, t.page_queued
+                    t.token, t.grp, t.page_queued, i.version
              FROM tasks t JOIN instances i ON i.id = t.instance_id
              WHERE t.status = 'ready' AND t.due_at <= ?1
                AND (?3 OR (?4 AND t.target IS NULL) OR t.target IN (SELECT value FROM json_each(?5)))
@@ -152,6 +153,7 @@ pub(super) fn claim(
                     token: r.get(15)?,
                     grp: r.get(16)?,
                     page_queued: r.get(17)?,
+                    version: r.get(18)?,
                 })
             },
         )
@@ -206,6 +208,7 @@ pub(super) fn claim(
                 .map_err(|e| StoreError::Corrupt(format!("bad token: {e}")))?,
             contexts,
             next_page_queued: row.page_queued,
+            version: row.version,
         });
     }
     // Each start draws a token from its queue's bucket.

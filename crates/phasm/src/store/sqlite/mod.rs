@@ -179,6 +179,7 @@ enum Request {
     Deploy(Micros, Vec<super::NewVersion>, Reply<Vec<super::Deployed>>),
     Versions(Option<String>, Reply<Vec<super::VersionRecord>>),
     Version(String, u32, Reply<Option<super::StoredVersion>>),
+    VersionById(i64, Reply<Option<super::StoredVersion>>),
 }
 
 impl SqliteStore {
@@ -369,6 +370,10 @@ impl ReadStore for SqliteStore {
     ) -> StoreResult<Option<super::StoredVersion>> {
         let machine = machine.to_string();
         self.read(|r| Request::Version(machine, version, r)).await
+    }
+
+    async fn version_by_id(&self, id: i64) -> StoreResult<Option<super::StoredVersion>> {
+        self.read(|r| Request::VersionById(id, r)).await
     }
 
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {

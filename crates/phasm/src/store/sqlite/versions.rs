@@ -98,12 +98,30 @@ pub(super) fn version(
     machine: &str,
     version: u32,
 ) -> StoreResult<Option<StoredVersion>> {
-    tx.prepare_cached(
-        "SELECT machine, version, hash, path, deployed_at, definition, source
-         FROM machine_versions WHERE machine = ?1 AND version = ?2",
+    stored(
+        tx,
+        "machine = ?1 AND version = ?2",
+        params![machine, i64::from(version)],
     )
+}
+
+/// One version with its texts, by id.
+pub(super) fn version_by_id(tx: &Transaction<'_>, id: i64) -> StoreResult<Option<StoredVersion>> {
+    stored(tx, "id = ?1", params![id])
+}
+
+/// The version `filter` selects, with its texts.
+fn stored(
+    tx: &Transaction<'_>,
+    filter: &str,
+    args: impl rusqlite::Params,
+) -> StoreResult<Option<StoredVersion>> {
+    tx.prepare_cached(&format!(
+        "SELECT machine, version, hash, path, deployed_at, definition, source
+         FROM machine_versions WHERE {filter}"
+    ))
     .map_err(db)?
-    .query_row(params![machine, i64::from(version)], |r| {
+    .query_row(args, |r| {
         Ok(StoredVersion {
             record: record(r)?,
             definition: r.get(5)?,
