@@ -47,6 +47,7 @@ pub fn database(message: impl Display) -> ExitCode {
 pub fn start_error(e: &phasm::control::StartError) -> ExitCode {
     match e {
         phasm::control::StartError::Store(_) => database(e),
+        phasm::control::StartError::UnknownVersion { .. } => failed(e),
         _ => invalid(e),
     }
 }

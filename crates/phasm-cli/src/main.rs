@@ -71,6 +71,10 @@ struct StartArgs {
     /// Name the instance (starting an existing name again changes nothing).
     #[arg(long)]
     name: Option<String>,
+    /// Start on this deployed version of the machine (default: the latest; `phasm versions`
+    /// lists them).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    version: Option<u32>,
     /// Largest context allowed, in bytes of JSON.
     #[arg(long, default_value_t = phasm::engine::DEFAULT_MAX_CONTEXT_BYTES)]
     max_context_bytes: usize,

@@ -249,6 +249,7 @@ async fn start_lines(
         machine: "Order",
         items,
         key: None,
+        version: None,
     };
     let started =
         phasm::control::start_instances(&*store, &config, &SystemClock, batch, &Limits::default())

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use phasm::action::Registry;
 use phasm::clock::{Clock, SystemClock};
-use phasm::control::{parse_set, start_instance, BatchItem, StartOutcome};
+use phasm::control::{parse_set, start_on, BatchItem, StartOutcome, StartRequest};
 use phasm::engine::{Context, Limits};
 use phasm::machine::{Config, Machine};
 use phasm::store::{InstanceStatus, Store, Targets};
@@ -133,18 +133,20 @@ fn build_context(
     Ok(context)
 }
 
-async fn start_prepared(p: &Prepared, name: Option<&str>) -> Result<StartOutcome, ExitCode> {
-    start_instance(
-        &*p.store,
-        &p.config,
-        &SystemClock,
-        &p.machine,
-        p.context.clone(),
+async fn start_prepared(
+    p: &Prepared,
+    name: Option<&str>,
+    version: Option<u32>,
+) -> Result<StartOutcome, ExitCode> {
+    let request = StartRequest {
+        machine: &p.machine,
+        version,
+        context: p.context.clone(),
         name,
-        &p.limits,
-    )
-    .await
-    .map_err(|e| exit::start_error(&e))
+    };
+    start_on(&*p.store, &p.config, &SystemClock, request, &p.limits)
+        .await
+        .map_err(|e| exit::start_error(&e))
 }
 
 /// `phasm start`: queue an instance; its name is the last line of output.
@@ -153,7 +155,7 @@ pub async fn start(args: &StartArgs) -> ExitCode {
         Ok(p) => p,
         Err(code) => return code,
     };
-    match start_prepared(&p, args.name.as_deref()).await {
+    match start_prepared(&p, args.name.as_deref(), args.version).await {
         Ok(StartOutcome::Started(name)) => {
             outln!("{name}");
             ExitCode::SUCCESS
@@ -207,6 +209,7 @@ pub async fn start_lines(args: &StartArgs, path: &Path, key: Option<&str>) -> Ex
         machine: &p.machine,
         items,
         key: None,
+        version: args.version,
     };
     let started = phasm::control::start_instances_each(
         &*p.store,
@@ -338,7 +341,7 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         Err(code) => return code,
     };
     let started_at = Instant::now();
-    let name = match start_prepared(&p, args.name.as_deref()).await {
+    let name = match start_prepared(&p, args.name.as_deref(), args.version).await {
         Ok(outcome) => outcome.name().to_string(),
         Err(code) => return code,
     };

@@ -94,3 +94,67 @@ fn deploys_store_each_changed_machine_once_on_sqlite_and_postgres() {
         deploys_on(d, &schema.url);
     }
 }
+
+/// Order waits in `approval` for `approve` (v1) or `approved` (v2).
+const WAITING: &str = "state_machines:\n- name: Order\n  states:\n  - name: approval\n    initial: true\n    wait: {timeout: 1h, timeout_event: expired}\n    transitions:\n    - event: approve\n      to: done\n    - event: expired\n      to: done\n  - name: done\n    final: true\n";
+
+fn sends_and_starts_on(d: &Path, db: &str) {
+    std::fs::write(d.join("fsm.yaml"), WAITING).unwrap();
+    assert!(phasm(d, db, &["deploy", "fsm.yaml"]).status.success());
+    let out = phasm(d, db, &["start", "fsm.yaml", "--name", "old"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::fs::write(
+        d.join("fsm.yaml"),
+        WAITING.replace("event: approve\n", "event: approved\n"),
+    )
+    .unwrap();
+    assert!(phasm(d, db, &["deploy", "fsm.yaml"]).status.success());
+    let out = phasm(d, db, &["start", "fsm.yaml", "--name", "new"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // Without --file, an event is checked against the version the instance runs on.
+    let out = phasm(d, db, &["send", "old", "approvd"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(err.contains("accept: approve, expired"), "{err}");
+    let out = phasm(d, db, &["send", "old", "approved"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "v2's event is not v1's: {}",
+        text(&out.stderr)
+    );
+    let out = phasm(d, db, &["send", "new", "approved"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = phasm(d, db, &["send", "old", "approve"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // --version starts on an older version; one that is not stored is refused, naming those
+    // that are.
+    let out = phasm(
+        d,
+        db,
+        &["start", "fsm.yaml", "--name", "pinned", "--version", "1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = phasm(d, db, &["status", "pinned", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["version"], 1, "{status}");
+    let out = phasm(d, db, &["send", "pinned", "approve"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = phasm(d, db, &["start", "fsm.yaml", "--version", "9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("no version 9") && err.contains("v1, v2"),
+        "{err}"
+    );
+}
+
+#[test]
+fn events_and_starts_follow_the_instance_version_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    sends_and_starts_on(d, &d.join("phasm.db").display().to_string());
+    if let Some(schema) = postgres_schema("versions_send") {
+        sends_and_starts_on(d, &schema.url);
+    }
+}

@@ -81,6 +81,47 @@ pub fn definition(config: &Config, m: &Machine) -> Definition {
     }
 }
 
+/// A stored definition that this phasm cannot load (written by another phasm, say).
+#[derive(Debug, thiserror::Error)]
+#[error("this phasm ({}) cannot read the stored definition of `{machine}` v{version} (deployed by another phasm?): {source}", env!("CARGO_PKG_VERSION"))]
+pub struct UnreadableDefinition {
+    /// The machine.
+    pub machine: String,
+    /// Its version.
+    pub version: u32,
+    /// What loading it said.
+    #[source]
+    pub source: crate::diagnostic::Diagnostics,
+}
+
+/// Load version `version` of `machine` from its stored definition text, deployed from `path`
+/// (relative paths of its bindings and `python:` section are relative to that file, as they
+/// were when it was deployed). The machine is in the answer's configuration, alone.
+///
+/// # Errors
+/// [`UnreadableDefinition`]: the text does not load (it is never guessed at).
+pub fn load_definition(
+    machine: &str,
+    version: u32,
+    text: &str,
+    path: &str,
+) -> Result<super::Loaded, UnreadableDefinition> {
+    let unreadable = |source| UnreadableDefinition {
+        machine: machine.to_string(),
+        version,
+        source,
+    };
+    let loaded = super::load_str(text, path, &super::LoadOptions::default()).map_err(unreadable)?;
+    if loaded.config.machine(machine).is_none() {
+        return Err(unreadable(crate::diagnostic::Diagnostics(vec![
+            crate::diagnostic::Diagnostic::error(format!(
+                "the definition does not define machine `{machine}`"
+            )),
+        ])));
+    }
+    Ok(loaded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ mod yaml;
 
 use std::path::Path;
 
-pub use definition::{definition, definitions, Definition};
+pub use definition::{definition, definitions, load_definition, Definition, UnreadableDefinition};
 pub use emit::to_yaml;
 
 use crate::diagnostic::{Diagnostic, Diagnostics};

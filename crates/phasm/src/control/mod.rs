@@ -97,9 +97,78 @@ pub enum StartError {
         /// The limit.
         limit: usize,
     },
+    /// The machine has no stored version of that number.
+    #[error(
+        "machine `{machine}` has no version {version}; {}",
+        known_versions(known)
+    )]
+    UnknownVersion {
+        /// The machine.
+        machine: String,
+        /// Asked for.
+        version: u32,
+        /// Its stored versions.
+        known: Vec<u32>,
+    },
+    /// The version asked for is stored, but this phasm cannot read it.
+    #[error(transparent)]
+    Unreadable(#[from] crate::config::UnreadableDefinition),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Which versions a machine has, for an error message.
+fn known_versions(known: &[u32]) -> String {
+    if known.is_empty() {
+        return "it was never deployed (`phasm deploy FILE` stores its versions)".into();
+    }
+    let list: Vec<String> = known.iter().map(|v| format!("v{v}")).collect();
+    format!("its versions are {}", list.join(", "))
+}
+
+/// The machine a start uses: version `version` of `machine` as stored, else the
+/// configuration's (which the store pins to the latest deployed version).
+///
+/// # Errors
+/// [`StartError::UnknownMachine`], [`StartError::UnknownVersion`],
+/// [`StartError::Unreadable`], or the store's.
+pub async fn machine_to_start<'a>(
+    store: &dyn Store,
+    config: &'a Config,
+    machine: &str,
+    version: Option<u32>,
+) -> Result<std::borrow::Cow<'a, Machine>, StartError> {
+    let Some(n) = version else {
+        return config
+            .machine(machine)
+            .map(std::borrow::Cow::Borrowed)
+            .ok_or_else(|| StartError::UnknownMachine {
+                name: machine.to_string(),
+                known: config.machines.iter().map(|m| m.name.clone()).collect(),
+            });
+    };
+    let Some(stored) = store.version(machine, n).await? else {
+        let known = store.versions(Some(machine)).await?;
+        return Err(StartError::UnknownVersion {
+            machine: machine.to_string(),
+            version: n,
+            known: known.iter().map(|r| r.version).collect(),
+        });
+    };
+    let loaded =
+        crate::config::load_definition(machine, n, &stored.definition, &stored.record.path)?;
+    let found = loaded
+        .config
+        .machines
+        .into_iter()
+        .find(|m| m.name == machine);
+    found
+        .map(std::borrow::Cow::Owned)
+        .ok_or_else(|| StartError::UnknownMachine {
+            name: machine.to_string(),
+            known: Vec::new(),
+        })
 }
 
 /// Start an instance of `machine` with `context`, named `name` or a generated
@@ -116,12 +185,49 @@ pub async fn start_instance(
     name: Option<&str>,
     limits: &Limits,
 ) -> Result<StartOutcome, StartError> {
-    let Some(m) = config.machine(machine) else {
-        return Err(StartError::UnknownMachine {
-            name: machine.to_string(),
-            known: config.machines.iter().map(|m| m.name.clone()).collect(),
-        });
+    let request = StartRequest {
+        machine,
+        version: None,
+        context,
+        name,
     };
+    start_on(store, config, clock, request, limits).await
+}
+
+/// What [`start_on`] starts.
+#[derive(Debug, Clone)]
+pub struct StartRequest<'a> {
+    /// The machine.
+    pub machine: &'a str,
+    /// The version of it (`None`: the latest deployed).
+    pub version: Option<u32>,
+    /// The context.
+    pub context: Context,
+    /// The instance's name (`None`: `MACHINE-YYYYMMDDHHMMSS-XXXXXX`).
+    pub name: Option<&'a str>,
+}
+
+/// [`start_instance`] on a chosen version: an instance of `request.machine`, pinned to
+/// version `request.version` as stored (its context typed and its start task made by that
+/// version), or to the latest. Starting an existing name again changes nothing.
+///
+/// # Errors
+/// See [`StartError`]; a version that is not stored is refused, naming those that are.
+pub async fn start_on(
+    store: &dyn Store,
+    config: &Config,
+    clock: &dyn Clock,
+    request: StartRequest<'_>,
+    limits: &Limits,
+) -> Result<StartOutcome, StartError> {
+    let StartRequest {
+        machine,
+        version,
+        context,
+        name,
+    } = request;
+    let m = machine_to_start(store, config, machine, version).await?;
+    let m = &*m;
     let context = checked_context(m, context, limits)?;
     let now = clock.now();
     let name = match name {
@@ -137,6 +243,7 @@ pub async fn start_instance(
                 machine: m.name.clone(),
                 context,
                 start,
+                version,
             },
         )
         .await?;
@@ -258,6 +365,8 @@ pub struct Batch<'a> {
     pub items: Vec<BatchItem>,
     /// The idempotency key that names the items without a name (`MACHINE-KEY-N`).
     pub key: Option<&'a str>,
+    /// The version of the machine they start on (`None`: the latest deployed).
+    pub version: Option<u32>,
 }
 
 /// Start one instance of the batch's machine per item. Every item is checked (its name,
@@ -295,20 +404,18 @@ pub async fn start_instances_each(
     limits: &Limits,
     mut committed: impl FnMut(&[StartOutcome]) -> bool,
 ) -> Result<Vec<StartOutcome>, BatchStartError> {
-    let Some(m) = config.machine(batch.machine) else {
-        return Err(StartError::UnknownMachine {
-            name: batch.machine.to_string(),
-            known: config.machines.iter().map(|m| m.name.clone()).collect(),
-        }
-        .into());
-    };
+    let m = machine_to_start(store, config, batch.machine, batch.version).await?;
+    let m = &*m;
     if let Some(key) = batch.key {
         if key.chars().count() > MAX_BATCH_KEY_CHARS || !engine::is_valid_instance_name(key) {
             return Err(StartError::InvalidKey(key.to_string()).into());
         }
     }
     let now = clock.now();
-    let instances = prepared_batch(m, batch.items, batch.key, now, limits)?;
+    let mut instances = prepared_batch(m, batch.items, batch.key, now, limits)?;
+    for instance in &mut instances {
+        instance.version = batch.version;
+    }
     let mut outcomes = Vec::with_capacity(instances.len());
     let mut rest = instances.into_iter();
     loop {
@@ -376,6 +483,7 @@ fn prepared_batch(
             machine: m.name.clone(),
             context,
             start,
+            version: None,
         });
     }
     Ok(batch)

@@ -122,6 +122,10 @@ pub enum SendError {
         /// The event.
         event: String,
     },
+    /// The version the instance runs on is stored, but this phasm cannot read it: the event
+    /// cannot be checked, so it is not sent.
+    #[error(transparent)]
+    Unreadable(#[from] crate::config::UnreadableDefinition),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -144,9 +148,10 @@ impl SendError {
 }
 
 /// Send an event: deliver it to the waiting branches that accept it, or buffer it for the next
-/// wait when the instance is running but not waiting for it yet. With `config`, the instance's
-/// machine must have a waiting state that accepts the event (else nothing could ever take
-/// it); without (a command given no machine file), that is not checked.
+/// wait when the instance is running but not waiting for it yet. The instance's machine must
+/// have a waiting state that accepts the event (else nothing could ever take it): the machine
+/// of the version the instance runs on, as stored; for an instance started before its machine
+/// was ever deployed, the machine of `config` (without one, that is not checked).
 ///
 /// # Errors
 /// See [`SendError`].
@@ -185,15 +190,15 @@ pub async fn send(
             (instance, Some(wait))
         }
     };
-    // The instance's machine is read only to check the event against it; without the
-    // configuration the delivery itself answers for an unknown instance.
-    let machine = match config {
-        Some(config) => match store.instance(&instance).await? {
-            Some(view) => config.machine(&view.machine),
-            None => return Err(SendError::NotFound(instance)),
-        },
-        None => None,
+    // The instance's machine is read only to check the event against it.
+    let Some(view) = store.instance(&instance).await? else {
+        return Err(SendError::NotFound(instance));
     };
+    let pinned = pinned_config(store, &view.machine, view.version).await?;
+    let machine = pinned
+        .as_ref()
+        .or(config)
+        .and_then(|c| c.machine(&view.machine));
     if let Some(machine) = machine {
         let waiting: Vec<&str> = machine
             .states
@@ -267,6 +272,27 @@ pub async fn send(
             event: request.event,
         }),
     }
+}
+
+/// The configuration of version `version` of `machine`, as stored (`None` without a version,
+/// or when it is no longer stored).
+///
+/// # Errors
+/// The store's, or [`SendError::Unreadable`].
+async fn pinned_config(
+    store: &dyn Store,
+    machine: &str,
+    version: Option<u32>,
+) -> Result<Option<Config>, SendError> {
+    let Some(n) = version else {
+        return Ok(None);
+    };
+    let Some(stored) = store.version(machine, n).await? else {
+        return Ok(None);
+    };
+    let loaded =
+        crate::config::load_definition(machine, n, &stored.definition, &stored.record.path)?;
+    Ok(Some(loaded.config))
 }
 
 /// Where in `machine` an `event` could still be taken: the states from which a waiting state

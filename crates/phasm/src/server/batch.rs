@@ -18,6 +18,8 @@ pub(super) struct BatchRequest {
     pub items: Vec<BatchItem>,
     /// The batch's idempotency key, if it gave one.
     pub key: Option<String>,
+    /// The version of the machine to start on, if it gave one.
+    pub version: Option<u32>,
 }
 
 /// Why a body was refused.
@@ -29,7 +31,7 @@ pub(super) enum BodyError {
     Bad(String),
 }
 
-const USAGE: &str = "the body must be a JSON object: {\"contexts\": [{...} or {\"name\": NAME, \"context\": {...}}, ...], \"key\": KEY (optional)}";
+const USAGE: &str = "the body must be a JSON object: {\"contexts\": [{...} or {\"name\": NAME, \"context\": {...}}, ...], \"key\": KEY (optional), \"version\": N (optional)}";
 
 /// Read `body`; each item may take at most `max_item_bytes` (and a little for its name).
 pub(super) fn read(body: &[u8], max_item_bytes: usize) -> Result<BatchRequest, BodyError> {
@@ -69,6 +71,7 @@ pub(super) fn read(body: &[u8], max_item_bytes: usize) -> Result<BatchRequest, B
     Ok(BatchRequest {
         items,
         key: raw.key,
+        version: raw.version,
     })
 }
 
@@ -77,6 +80,7 @@ const TOO_MANY: &str = "too many contexts";
 struct RawBody<'a> {
     contexts: Option<Vec<&'a RawValue>>,
     key: Option<String>,
+    version: Option<u32>,
 }
 
 struct BodyVisitor;
@@ -92,14 +96,16 @@ impl<'de> Visitor<'de> for BodyVisitor {
         let mut body = RawBody {
             contexts: None,
             key: None,
+            version: None,
         };
         while let Some(field) = map.next_key::<std::borrow::Cow<'de, str>>()? {
             match field.as_ref() {
                 "contexts" => body.contexts = Some(map.next_value_seed(Items)?),
                 "key" => body.key = Some(map.next_value()?),
+                "version" => body.version = map.next_value()?,
                 other => {
                     return Err(de::Error::custom(format!(
-                        "unknown field `{other}`; expected `contexts` or `key`"
+                        "unknown field `{other}`; expected `contexts`, `key` or `version`"
                     )))
                 }
             }

@@ -42,8 +42,7 @@ use serde_json::{json, Value};
 
 use crate::clock::Clock;
 use crate::control::{
-    instance_json, start_instance, start_instances, BatchStartError, StartError, StartOutcome,
-    MAX_BATCH_START,
+    instance_json, start_instances, BatchStartError, StartError, StartOutcome, MAX_BATCH_START,
 };
 use crate::engine::{is_valid_instance_name, Context, Limits};
 use crate::machine::Config;
@@ -618,9 +617,10 @@ async fn graph(State(state): State<Arc<ServerState>>, Path(machine): Path<String
     responses(
         (status = 201, description = "Started: `{\"instance\": NAME, \"created\": true}`", body = serde_json::Value),
         (status = 200, description = "An instance of that name existed: nothing changed (`created: false`, its `status`)", body = serde_json::Value),
-        (status = 400, description = "A bad name, parameter or body (the message says which)", body = ErrorBody),
+        (status = 400, description = "A bad name, parameter or body, or a version that is not stored (the message says which)", body = ErrorBody),
         (status = 404, description = "No machine of that name", body = ErrorBody),
         (status = 409, description = "The name is taken by an instance of another machine", body = ErrorBody),
+        (status = 500, description = "The version asked for is stored, but this phasm cannot read it", body = ErrorBody),
         (status = 413, description = "The body is too large", body = ErrorBody),
         (status = 415, description = "The body is not `application/json`", body = ErrorBody),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
@@ -660,19 +660,35 @@ async fn start(
         Some(Value::String(n)) => Some(n),
         Some(_) => return error(StatusCode::BAD_REQUEST, "`name` must be a string"),
     };
+    let version = match request.remove("version") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "`version` must be a version number (1, 2, ...)",
+                )
+            }
+        },
+    };
     if let Some(key) = request.keys().next() {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("unknown field `{key}`; expected `context` and `name`"),
+            format!("unknown field `{key}`; expected `context`, `name` and `version`"),
         );
     }
-    let outcome = start_instance(
+    let request = crate::control::StartRequest {
+        machine: &machine,
+        version,
+        context,
+        name: name.as_deref(),
+    };
+    let outcome = crate::control::start_on(
         &*state.store,
         &state.config,
         &*state.clock,
-        &machine,
-        context,
-        name.as_deref(),
+        request,
         &state.limits,
     )
     .await;
@@ -685,16 +701,23 @@ async fn start(
         Ok(StartOutcome::AlreadyExists { name, status, .. }) => {
             Json(json!({ "instance": name, "created": false, "status": status })).into_response()
         }
-        Err(e @ StartError::UnknownMachine { .. }) => error(StatusCode::NOT_FOUND, e.to_string()),
-        Err(
-            e @ (StartError::InvalidName(_)
-            | StartError::InvalidKey(_)
-            | StartError::ReservedName { .. }
-            | StartError::ContextTooLarge { .. }
-            | StartError::BadValue(_)),
-        ) => error(StatusCode::BAD_REQUEST, e.to_string()),
-        Err(e @ StartError::NameTaken { .. }) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(StartError::Store(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(start_error_status(&e), e.to_string()),
+    }
+}
+
+/// The status of a start refused for `e`.
+fn start_error_status(e: &StartError) -> StatusCode {
+    match e {
+        StartError::UnknownMachine { .. } => StatusCode::NOT_FOUND,
+        StartError::InvalidName(_)
+        | StartError::InvalidKey(_)
+        | StartError::ReservedName { .. }
+        | StartError::ContextTooLarge { .. }
+        | StartError::BadValue(_)
+        | StartError::UnknownVersion { .. } => StatusCode::BAD_REQUEST,
+        StartError::NameTaken { .. } => StatusCode::CONFLICT,
+        StartError::Unreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        StartError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
@@ -735,6 +758,7 @@ async fn start_batch(
         machine: &machine,
         items: request.items,
         key: request.key.as_deref(),
+        version: request.version,
     };
     let outcome = start_instances(
         &*state.store,
@@ -761,13 +785,7 @@ async fn start_batch(
             StatusCode::BAD_REQUEST,
             format!("contexts[{index}]: {e}; nothing was started"),
         ),
-        Err(BatchStartError::Start(e @ StartError::UnknownMachine { .. })) => {
-            error(StatusCode::NOT_FOUND, e.to_string())
-        }
-        Err(BatchStartError::Start(e @ StartError::InvalidKey(_))) => {
-            error(StatusCode::BAD_REQUEST, e.to_string())
-        }
-        Err(BatchStartError::Start(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(BatchStartError::Start(e)) => error(start_error_status(&e), e.to_string()),
         Err(e @ BatchStartError::Partial { .. }) => {
             error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
         }

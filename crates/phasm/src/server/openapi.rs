@@ -64,6 +64,9 @@ pub(super) struct StartBody {
     name: Option<String>,
     /// The input context: values of the machine's `context_types` are checked and converted.
     context: Option<serde_json::Map<String, serde_json::Value>>,
+    /// The version of the machine to start on (default: the latest deployed); one that is not
+    /// stored is refused (400), naming those that are.
+    version: Option<u32>,
 }
 
 /// The body of `POST /api/machines/{machine}/instances/batch`.
@@ -77,6 +80,8 @@ pub(super) struct BatchBody {
     /// An idempotency key: unnamed items are named `MACHINE-KEY-N`, so the same batch sent
     /// again (its answer lost) starts nothing twice and answers with the same names.
     key: Option<String>,
+    /// The version of the machine to start on (default: the latest deployed).
+    version: Option<u32>,
 }
 
 /// The body of the event endpoints.

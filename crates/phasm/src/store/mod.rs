@@ -158,6 +158,10 @@ pub struct NewInstance {
     pub context: Context,
     /// The start task (from [`crate::engine::start_task`]).
     pub start: NewTask,
+    /// The version of its machine it starts on (`None`: the latest deployed, if any). A
+    /// number that is not stored pins it to none: callers check it first
+    /// ([`crate::control::start_instance`] does).
+    pub version: Option<u32>,
 }
 
 /// What [`WorkStore::start`] did.

@@ -84,6 +84,7 @@ async fn fire(inner: &Inner, i: usize, tick: Micros, now: Micros) -> bool {
             machine: machine.name.clone(),
             context: schedule.context.clone(),
             start: engine::start_task(machine, &name, schedule.context.clone(), now),
+            version: None,
         },
     };
     let outcome = match inner.store.fire_schedule(now, &request).await {

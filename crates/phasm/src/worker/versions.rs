@@ -22,7 +22,7 @@ use tokio::sync::OnceCell;
 
 use crate::action::host::HostPool;
 use crate::action::Registry;
-use crate::config::{load_str, LoadOptions};
+use crate::config::load_definition;
 use crate::engine::Task;
 use crate::machine::Config;
 use crate::store::{Store, StoreError, StoredVersion};
@@ -120,16 +120,14 @@ impl Versions {
     async fn bind(&self, stored: &StoredVersion) -> Pinned {
         let record = &stored.record;
         let which = format!("`{}` v{}", record.machine, record.version);
-        let loaded = match load_str(&stored.definition, &record.path, &LoadOptions::default()) {
+        let loaded = match load_definition(
+            &record.machine,
+            record.version,
+            &stored.definition,
+            &record.path,
+        ) {
             Ok(loaded) => loaded,
-            Err(diagnostics) => {
-                return Pinned::Unavailable(format!(
-                    "this phasm ({}) cannot read the stored definition of {which} (written by \
-                     another phasm?): {}",
-                    env!("CARGO_PKG_VERSION"),
-                    diagnostics
-                ))
-            }
+            Err(e) => return Pinned::Unavailable(e.to_string()),
         };
         let mut config = loaded.config;
         let Pinned::Run { registry: own, .. } = &*self.own else {
@@ -147,9 +145,7 @@ impl Versions {
             }
         }
         let Some(machine) = config.machine(&record.machine) else {
-            return Pinned::Unavailable(format!(
-                "the stored definition of {which} does not define the machine"
-            ));
+            return Pinned::Unavailable(format!("{which} is not in its stored definition"));
         };
         let missing = registry.unbound(machine);
         if !missing.is_empty() {

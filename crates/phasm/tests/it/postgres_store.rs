@@ -194,6 +194,7 @@ async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
             due_at: now,
             token: None,
         },
+        version: None,
     };
     store.start(now, start("done")).await.unwrap();
     let request = ClaimRequest {

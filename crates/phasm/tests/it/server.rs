@@ -730,6 +730,7 @@ async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
                 machine: "Job".into(),
                 context: Context::new(),
                 start,
+                version: None,
             },
         )
         .await
@@ -2136,4 +2137,42 @@ async fn a_machines_versions_are_listed_and_read_with_their_texts() {
     assert!(body.contains("its versions: 1, 2"), "{body}");
     let (code, _) = call(&api, "GET", "/api/machines/Job/versions/x", None, None).await;
     assert_eq!(code, 400);
+    // A start may choose its version; one that is not stored is refused, naming those that
+    // are, and one this phasm cannot read is reported, not guessed at.
+    let start = |body: &'static str| {
+        call(
+            &api,
+            "POST",
+            "/api/machines/Job/instances",
+            Some(body),
+            None,
+        )
+    };
+    let (code, body) = start(r#"{"name": "on-1", "version": 1}"#).await;
+    assert_eq!(code, 201, "{body}");
+    let (_, body) = call(&api, "GET", "/api/instances/on-1", None, None).await;
+    assert_eq!(json(&body)["version"], 1, "{body}");
+    let (code, body) = start(r#"{"version": 7}"#).await;
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.contains("no version 7; its versions are v1, v2"),
+        "{body}"
+    );
+    let (code, body) = start(r#"{"version": "one"}"#).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = start(r#"{"version": 2}"#).await;
+    assert_eq!(code, 500, "{body}");
+    assert!(
+        body.contains("cannot read the stored definition of `Job` v2"),
+        "{body}"
+    );
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances/batch",
+        Some(r#"{"contexts": [{}], "version": 7}"#),
+        None,
+    )
+    .await;
+    assert_eq!(code, 400, "{body}");
 }

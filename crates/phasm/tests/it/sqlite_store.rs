@@ -98,6 +98,7 @@ fn new_instance(name: String) -> phasm::store::NewInstance {
         name,
         machine: "M".into(),
         context: Default::default(),
+        version: None,
     }
 }
 

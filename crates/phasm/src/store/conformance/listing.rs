@@ -13,6 +13,7 @@ async fn start_at(store: &dyn Store, name: &str, now: i64, due_at: i64) {
                 machine: "M".into(),
                 context: ctx(0),
                 start: new_task(&format!("{name}--start"), None, due_at),
+                version: None,
             },
         )
         .await

@@ -162,6 +162,7 @@ async fn start(store: &dyn Store, name: &str, due_at: i64) {
                 machine: "M".into(),
                 context: ctx(0),
                 start: new_task(&format!("{name}--start"), None, due_at),
+                version: None,
             },
         )
         .await
@@ -213,6 +214,7 @@ pub async fn starting_is_idempotent(store: &dyn Store) {
                 machine: "M".into(),
                 context: ctx(5),
                 start: new_task("other", None, T0),
+                version: None,
             },
         )
         .await
@@ -285,6 +287,7 @@ pub async fn a_backlog_a_worker_may_not_take_hides_nothing(store: &dyn Store) {
             machine: "M".into(),
             context: ctx(0),
             start: task,
+            version: None,
         }
     };
     let mut old = Vec::new();
@@ -723,6 +726,7 @@ pub async fn list_filters_newest_first(store: &dyn Store) {
                 machine: "Other".into(),
                 context: ctx(0),
                 start: new_task("c--start", None, T0),
+                version: None,
             },
         )
         .await
@@ -771,6 +775,7 @@ pub async fn targets_route_tasks_to_their_pools(store: &dyn Store) {
                 machine: "M".into(),
                 context: ctx(0),
                 start: heavy,
+                version: None,
             },
         )
         .await
@@ -1180,6 +1185,7 @@ pub async fn starting_many_answers_each_and_skips_existing_names(store: &dyn Sto
         machine: "M".into(),
         context: ctx(n),
         start: new_task(&format!("{name}--start"), None, T0),
+        version: None,
     };
     let started = store
         .start_many(
@@ -1416,6 +1422,7 @@ pub async fn queue_limits_hold_across_claimers(store: &dyn Store) {
                         queue: if i < 5 { "few" } else { "slow" }.into(),
                         ..new_task(&format!("{name}--start"), None, T0)
                     },
+                    version: None,
                 },
             )
             .await

@@ -18,6 +18,7 @@ fn tick(s: &str, n: i64, skip_if_running: bool) -> ScheduleTick {
             machine: "M".into(),
             context: ctx(n),
             start: new_task(&format!("{name}--start"), None, T0 + n * MINUTE),
+            version: None,
         },
     }
 }

@@ -649,6 +649,10 @@ pub(super) async fn start_in(
 ) -> StoreResult<Vec<Started>> {
     let names: Vec<&str> = instances.iter().map(|n| n.name.as_str()).collect();
     let machines: Vec<&str> = instances.iter().map(|n| n.machine.as_str()).collect();
+    let versions: Vec<Option<i32>> = instances
+        .iter()
+        .map(|n| n.version.map(|v| i32::try_from(v).unwrap_or(i32::MAX)))
+        .collect();
     let contexts = instances
         .iter()
         .map(|n| to_json(&n.context))
@@ -659,12 +663,14 @@ pub(super) async fn start_in(
             "INSERT INTO instances (name, machine, status, context, created_at, updated_at, version)
              SELECT DISTINCT ON (n) n, m, 'running', c, $4, $4,
                     (SELECT v.id FROM machine_versions v WHERE v.machine = m
+                       AND (u.w IS NULL OR v.version = u.w)
                      ORDER BY v.version DESC LIMIT 1)
-             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[]) WITH ORDINALITY AS u (n, m, c, i)
+             FROM UNNEST($1::TEXT[], $2::TEXT[], $3::TEXT[], $5::INTEGER[])
+                  WITH ORDINALITY AS u (n, m, c, w, i)
              ORDER BY n, i
              ON CONFLICT (name) DO NOTHING
              RETURNING id, name",
-            &[&names, &machines, &contexts, &now],
+            &[&names, &machines, &contexts, &now, &versions],
         )
         .await
         .map_err(pg)?;

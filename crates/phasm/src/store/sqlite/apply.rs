@@ -9,11 +9,18 @@ pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> Sto
             "INSERT INTO instances (name, machine, status, context, created_at, updated_at, version)
              VALUES (?1, ?2, 'running', ?3, ?4, ?4,
                      (SELECT id FROM machine_versions WHERE machine = ?2
+                        AND (?5 IS NULL OR version = ?5)
                       ORDER BY version DESC LIMIT 1))
              ON CONFLICT (name) DO NOTHING",
         )
         .map_err(db)?
-        .execute(params![new.name, new.machine, to_json(&new.context)?, now])
+        .execute(params![
+            new.name,
+            new.machine,
+            to_json(&new.context)?,
+            now,
+            new.version.map(i64::from)
+        ])
         .map_err(db)?;
     if inserted == 0 {
         let (machine, status) = tx
