@@ -11,12 +11,14 @@ mod complete;
 mod naming;
 mod step;
 pub mod text;
+mod upgrade;
 
 pub use complete::complete;
 pub use naming::{
     instance_name, is_valid_instance_name, reserved_shape, task_name, wait_task_name,
 };
 pub use step::{Begin, Step};
+pub use upgrade::{plan_upgrade, Position, Rewrite, UpgradePlan};
 
 use serde::{Deserialize, Serialize};
 

@@ -293,6 +293,48 @@ pub struct StoredVersion {
     pub source: String,
 }
 
+/// Moving one instance to a later version of its machine ([`AdminStore::upgrade`]).
+#[derive(Debug, Clone)]
+pub struct UpgradeRequest {
+    /// The instance.
+    pub instance: String,
+    /// The version it is on now; an instance found on another (moved meanwhile) is not
+    /// touched.
+    pub from: u32,
+    /// The version it moves to.
+    pub to: u32,
+    /// That version's machine.
+    pub target: crate::machine::Machine,
+    /// States renamed on the way (`OLD → NEW`).
+    pub map: std::collections::BTreeMap<String, String>,
+    /// Check only: answer as if it moved, and write nothing.
+    pub dry_run: bool,
+}
+
+/// What [`AdminStore::upgrade`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upgraded {
+    /// It moved (or, on a dry run, would move): its pending tasks and parked branches now
+    /// belong to the target version.
+    Moved {
+        /// Pending tasks rewritten.
+        tasks: usize,
+        /// Parked branches whose state was renamed.
+        parked: usize,
+    },
+    /// No instance has that name.
+    NotFound,
+    /// It has ended (completed, halted or cancelled): there is nothing to move.
+    Ended(InstanceStatus),
+    /// It is not on the version the request moves it from (its version now).
+    OnVersion(Option<u32>),
+    /// A step of it is running: it is not moved under the step (try again once it commits).
+    StepRunning,
+    /// A place its branches are in is not in the target (each reason names it, and the map
+    /// that would fix it).
+    Refused(Vec<String>),
+}
+
 /// What [`WorkStore::deliver`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivered {
@@ -1518,6 +1560,15 @@ pub trait AdminStore: Send + Sync + std::fmt::Debug {
     /// only, numbered 1, 2, … per machine without gaps. Answers in the order of `versions`.
     async fn deploy(&self, now: Micros, versions: &[NewVersion]) -> StoreResult<Vec<Deployed>>;
 
+    /// Move an instance to a later version of its machine, in one transaction: it must be
+    /// running or failed, on `request.from`, with no step running (a leased task), and every
+    /// place its branches are in must exist in the target ([`crate::engine::plan_upgrade`]
+    /// says what that means). Its pending tasks and parked branches are then renamed into the
+    /// target (waits keep their deadlines and tokens; their accepted events become the
+    /// target's), it records the target version, and the move is logged. A worker that
+    /// claims one of its tasks afterwards runs it on the target.
+    async fn upgrade(&self, now: Micros, request: &UpgradeRequest) -> StoreResult<Upgraded>;
+
     /// Resume a failed instance: its failed and held tasks run again from attempt 0.
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control>;
 
@@ -1572,6 +1623,34 @@ impl<T: WorkStore + ReadStore + AdminStore + ?Sized> Store for T {}
 /// The store traits, to call their methods on a `dyn Store`.
 pub mod prelude {
     pub use super::{AdminStore, ReadStore, Store, WorkStore};
+}
+
+/// The stored `accepts` of a wait an upgrade rewrote.
+pub(crate) fn upgrade_accepts(accepts: &[crate::engine::Accept]) -> String {
+    serde_json::to_string(accepts).unwrap_or_else(|_| "[]".into())
+}
+
+/// The log line an upgrade leaves in the instance's log.
+pub(crate) fn upgrade_log(request: &UpgradeRequest, now: Micros) -> LogLine {
+    let renames: Vec<String> = request
+        .map
+        .iter()
+        .map(|(old, new)| format!("{old} → {new}"))
+        .collect();
+    let renamed = if renames.is_empty() {
+        String::new()
+    } else {
+        format!(" (states renamed: {})", renames.join(", "))
+    };
+    LogLine {
+        at: now,
+        level: "info".into(),
+        message: format!(
+            "upgraded from v{} to v{} of `{}`{renamed}",
+            request.from, request.to, request.target.name
+        ),
+        task: String::new(),
+    }
 }
 
 #[cfg(test)]

@@ -298,6 +298,14 @@ impl AdminStore for FaultyStore {
         self.inner.deploy(now, versions).await
     }
 
+    async fn upgrade(
+        &self,
+        now: Micros,
+        request: &crate::store::UpgradeRequest,
+    ) -> StoreResult<crate::store::Upgraded> {
+        self.inner.upgrade(now, request).await
+    }
+
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.inner.retry(now, name).await
     }

@@ -110,6 +110,7 @@ checks!(
     recent_steps_are_counted_by_transition_since_a_time,
     deploying_stores_each_changed_machine_as_its_next_version,
     instances_record_the_version_they_started_on,
+    an_upgrade_moves_an_instance_only_when_its_places_exist,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

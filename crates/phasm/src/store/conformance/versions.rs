@@ -166,3 +166,131 @@ pub async fn instances_record_the_version_they_started_on(store: &dyn Store) {
         Some(1)
     );
 }
+
+/// Version 2 of `M` for the upgrade check: the wait is in `review` and accepts `approved`.
+const M_V2: &str = "state_machines:\n- name: M\n  states:\n  - name: a\n    initial: true\n    action: A\n    transitions:\n    - event: next\n      to: review\n  - name: review\n    wait: {timeout: 1h, timeout_event: late}\n    transitions:\n    - event: approved\n      to: done\n    - event: late\n      to: done\n  - name: done\n    final: true\n";
+
+/// Check that an upgrade moves an instance only when every place of it exists in the target:
+/// refused while a step runs, refused (naming the state) without a map, a dry run writes
+/// nothing; with the map its wait keeps its deadline and takes the target's events (an event
+/// then dispatches from the renamed state), the instance records the target and the move is
+/// logged; an instance on another version, or unknown, is not touched.
+pub async fn an_upgrade_moves_an_instance_only_when_its_places_exist(store: &dyn Store) {
+    use super::{apply_one, commit, request, start, SEC};
+    use crate::engine::{Accept, NewTask, NewWait, TaskKind};
+    use crate::store::{Applied, Delivered, Delivery, UpgradeRequest, Upgraded};
+    store.deploy(T0, &[v("M", "m1")]).await.unwrap();
+    start(store, "u", T0).await;
+    store.deploy(T0, &[v("M", "m2")]).await.unwrap();
+    let target = crate::config::load_str(M_V2, "m.yaml", &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .config
+        .machines
+        .remove(0);
+    let upgrade = |map: &[(&str, &str)], dry_run: bool| UpgradeRequest {
+        instance: "u".into(),
+        from: 1,
+        to: 2,
+        target: target.clone(),
+        map: map
+            .iter()
+            .map(|(a, b)| ((*a).to_string(), (*b).to_string()))
+            .collect(),
+        dry_run,
+    };
+    let t = store.claim(T0, &request(1)).await.unwrap().remove(0);
+    assert_eq!(
+        store.upgrade(T0, &upgrade(&[], false)).await.unwrap(),
+        Upgraded::StepRunning
+    );
+    // The step begins a wait in `approval`, due in 100 s.
+    let wait = NewWait {
+        task: NewTask {
+            name: crate::engine::wait_task_name("u", "", "approval", 1, t.id),
+            from_state: Some("approval".into()),
+            event: "expired".into(),
+            kind: TaskKind::Wait,
+            context: crate::engine::Context::new(),
+            step: 1,
+            branch: String::new(),
+            queue: "default".into(),
+            target: None,
+            due_at: T0 + 100 * SEC,
+            token: None,
+        },
+        accepts: vec![Accept {
+            event: "approve".into(),
+            name: crate::engine::task_name("u", "", "approval", "approve", "done", 1),
+            queue: "default".into(),
+            target: None,
+            delay: 0,
+        }],
+    };
+    let c = crate::engine::Commit {
+        waits: vec![wait],
+        ..commit(&t)
+    };
+    assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    let Upgraded::Refused(reasons) = store.upgrade(T0, &upgrade(&[], false)).await.unwrap() else {
+        panic!("`approval` is not in v2")
+    };
+    assert_eq!(
+        reasons,
+        ["state `approval` is not in v2: map it with `--map approval=NEW`"]
+    );
+    let moved = Upgraded::Moved {
+        tasks: 1,
+        parked: 0,
+    };
+    let map = [("approval", "review")];
+    assert_eq!(
+        store.upgrade(T0, &upgrade(&map, true)).await.unwrap(),
+        moved
+    );
+    assert_eq!(store.instance("u").await.unwrap().unwrap().version, Some(1));
+    assert_eq!(
+        store.upgrade(T0, &upgrade(&map, false)).await.unwrap(),
+        moved
+    );
+    let view = store.instance("u").await.unwrap().unwrap();
+    assert_eq!(view.version, Some(2));
+    assert_eq!(view.tasks.len(), 1);
+    assert_eq!(view.tasks[0].from.as_deref(), Some("review"));
+    assert_eq!(view.tasks[0].event, "late", "v2's timeout event");
+    assert_eq!(view.tasks[0].due_at, T0 + 100 * SEC, "the deadline is kept");
+    let logs = store.logs("u").await.unwrap();
+    assert!(
+        logs.iter()
+            .any(|l| l.message
+                == "upgraded from v1 to v2 of `M` (states renamed: approval → review)"),
+        "{logs:?}"
+    );
+    assert_eq!(
+        store.upgrade(T0, &upgrade(&map, false)).await.unwrap(),
+        Upgraded::OnVersion(Some(2))
+    );
+    let nope = UpgradeRequest {
+        instance: "nope".into(),
+        ..upgrade(&map, false)
+    };
+    assert_eq!(store.upgrade(T0, &nope).await.unwrap(), Upgraded::NotFound);
+    // v2's event is taken by the moved wait, and dispatched from `review`.
+    let delivery = Delivery {
+        instance: "u".into(),
+        event: "approved".into(),
+        data: crate::engine::Context::new(),
+        id: None,
+        wait: None,
+        checks: Default::default(),
+    };
+    assert_eq!(
+        store.deliver(T0 + SEC, &delivery).await.unwrap(),
+        Delivered::Dispatched(1)
+    );
+    let next = store.claim(T0 + SEC, &request(1)).await.unwrap().remove(0);
+    assert_eq!(
+        (next.from_state.as_deref(), next.event.as_str()),
+        (Some("review"), "approved")
+    );
+    assert_eq!(next.name, "u--review--approved--done--step-1");
+}

@@ -645,6 +645,14 @@ impl AdminStore for PostgresStore {
         self.again(|| versions::deploy(self, now, versions)).await
     }
 
+    async fn upgrade(
+        &self,
+        now: Micros,
+        request: &super::UpgradeRequest,
+    ) -> StoreResult<super::Upgraded> {
+        self.again(|| versions::upgrade(self, now, request)).await
+    }
+
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {
         self.again(|| admin::retry(self, now, name)).await
     }

@@ -1,7 +1,11 @@
 //! Machine versions: a deploy stores each changed machine as its next version; reading them.
 
 use super::*;
-use crate::store::{Deployed, NewVersion, StoredVersion, VersionRecord};
+use crate::engine::Position;
+use crate::store::{
+    upgrade_accepts, upgrade_log, Deployed, NewVersion, StoredVersion, UpgradeRequest, Upgraded,
+    VersionRecord,
+};
 
 /// Store each definition as its machine's next version unless the latest has its hash (see
 /// [`AdminStore::deploy`]). Deploys of one machine take turns (an advisory lock per machine),
@@ -146,4 +150,144 @@ async fn stored(
         definition: r.get(5),
         source: r.get(6),
     }))
+}
+
+/// Move an instance to a later version (see [`AdminStore::upgrade`]). The instance's row is
+/// locked first, so a delivery, a reset or another upgrade of it waits; a running step holds
+/// a lease, which refuses the move.
+pub(super) async fn upgrade(
+    store: &PostgresStore,
+    now: Micros,
+    request: &UpgradeRequest,
+) -> StoreResult<Upgraded> {
+    let mut client = store.client().await?;
+    let tx = begin(&mut client).await?;
+    let Some(row) = tx
+        .query_opt(
+            "SELECT i.id, i.status, v.version FROM instances i
+             LEFT JOIN machine_versions v ON v.id = i.version
+             WHERE i.name = $1 FOR UPDATE OF i",
+            &[&request.instance],
+        )
+        .await
+        .map_err(pg)?
+    else {
+        return Ok(Upgraded::NotFound);
+    };
+    let instance_id: i64 = row.get(0);
+    let status = parse_status(row.get(1))?;
+    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+        return Ok(Upgraded::Ended(status));
+    }
+    let version = row
+        .get::<_, Option<i32>>(2)
+        .map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+    if version != Some(request.from) {
+        return Ok(Upgraded::OnVersion(version));
+    }
+    let to = i32::try_from(request.to).unwrap_or(i32::MAX);
+    let Some(target) = tx
+        .query_opt(
+            "SELECT id FROM machine_versions WHERE machine = $1 AND version = $2",
+            &[&request.target.name, &to],
+        )
+        .await
+        .map_err(pg)?
+    else {
+        return Ok(Upgraded::Refused(vec![format!(
+            "v{} of `{}` is not stored",
+            request.to, request.target.name
+        )]));
+    };
+    let target_id: i64 = target.get(0);
+    // Rows of its tasks are locked too: a claim skips them until this commits.
+    let rows = tx
+        .query(
+            "SELECT id, kind, from_state, event, branch, step,
+                    (status = 'ready' AND lease_owner IS NOT NULL AND due_at > $2) AS running
+             FROM tasks WHERE instance_id = $1 ORDER BY id FOR UPDATE",
+            &[&instance_id, &now],
+        )
+        .await
+        .map_err(pg)?;
+    if rows.iter().any(|r| r.get::<_, bool>(6)) {
+        return Ok(Upgraded::StepRunning);
+    }
+    let positions = rows
+        .iter()
+        .map(|r| {
+            let kind: String = r.get(1);
+            Ok(Position {
+                task_id: r.get(0),
+                kind: TaskKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("task kind `{kind}`")))?,
+                from_state: r.get(2),
+                event: r.get(3),
+                branch: r.get(4),
+                step: count(r.get::<_, i64>(5)),
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let parked: Vec<String> = tx
+        .query(
+            "SELECT DISTINCT state FROM items WHERE instance_id = $1 ORDER BY state",
+            &[&instance_id],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let plan = match crate::engine::plan_upgrade(
+        &request.instance,
+        &request.target,
+        request.to,
+        &request.map,
+        &positions,
+        &parked,
+        &mut fastrand::Rng::new(),
+    ) {
+        Ok(plan) => plan,
+        Err(reasons) => return Ok(Upgraded::Refused(reasons)),
+    };
+    let moved = Upgraded::Moved {
+        tasks: plan.tasks.len(),
+        parked: plan.parked.len(),
+    };
+    if request.dry_run {
+        return Ok(moved);
+    }
+    for t in &plan.tasks {
+        let accepts = t.accepts.as_deref().map(upgrade_accepts);
+        tx.execute(
+            "UPDATE tasks SET from_state = $2, event = $3, accepts = COALESCE($4, accepts)
+             WHERE id = $1",
+            &[&t.task_id, &t.from_state, &t.event, &accepts],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    for (old, new) in &plan.parked {
+        tx.execute(
+            "UPDATE items SET state = $3 WHERE instance_id = $1 AND state = $2",
+            &[&instance_id, old, new],
+        )
+        .await
+        .map_err(pg)?;
+    }
+    tx.execute(
+        "UPDATE instances SET version = $2, updated_at = $3 WHERE id = $1",
+        &[&instance_id, &target_id, &now],
+    )
+    .await
+    .map_err(pg)?;
+    let log = upgrade_log(request, now);
+    tx.execute(
+        "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, $3, $4, $5)",
+        &[&instance_id, &log.at, &log.level, &log.message, &log.task],
+    )
+    .await
+    .map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
+    Ok(moved)
 }

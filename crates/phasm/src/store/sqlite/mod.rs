@@ -180,6 +180,7 @@ enum Request {
     Versions(Option<String>, Reply<Vec<super::VersionRecord>>),
     Version(String, u32, Reply<Option<super::StoredVersion>>),
     VersionById(i64, Reply<Option<super::StoredVersion>>),
+    Upgrade(Micros, Box<super::UpgradeRequest>, Reply<super::Upgraded>),
 }
 
 impl SqliteStore {
@@ -454,6 +455,15 @@ impl AdminStore for SqliteStore {
     ) -> StoreResult<Vec<super::Deployed>> {
         let versions = versions.to_vec();
         self.call(|r| Request::Deploy(now, versions, r)).await
+    }
+
+    async fn upgrade(
+        &self,
+        now: Micros,
+        request: &super::UpgradeRequest,
+    ) -> StoreResult<super::Upgraded> {
+        let request = Box::new(request.clone());
+        self.call(|r| Request::Upgrade(now, request, r)).await
     }
 
     async fn retry(&self, now: Micros, name: &str) -> StoreResult<Control> {

@@ -1,7 +1,11 @@
 //! Machine versions: a deploy stores each changed machine as its next version; reading them.
 
 use super::*;
-use crate::store::{Deployed, NewVersion, StoredVersion, VersionRecord};
+use crate::engine::Position;
+use crate::store::{
+    upgrade_accepts, upgrade_log, Deployed, NewVersion, StoredVersion, UpgradeRequest, Upgraded,
+    VersionRecord,
+};
 
 /// Store each definition as its machine's next version unless the latest has its hash (see
 /// [`AdminStore::deploy`]); the writer's transaction holds the database's write lock, so no
@@ -130,4 +134,140 @@ fn stored(
     })
     .optional()
     .map_err(db)
+}
+
+/// Move an instance to a later version (see [`AdminStore::upgrade`]), in the writer's
+/// transaction: nothing else writes between reading its positions and rewriting them.
+pub(super) fn upgrade(
+    tx: &Transaction<'_>,
+    now: Micros,
+    request: &UpgradeRequest,
+) -> StoreResult<Upgraded> {
+    let found: Option<(i64, String, Option<i64>)> = tx
+        .prepare_cached(
+            "SELECT i.id, i.status, v.version FROM instances i
+             LEFT JOIN machine_versions v ON v.id = i.version WHERE i.name = ?1",
+        )
+        .map_err(db)?
+        .query_row([&request.instance], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(db)?;
+    let Some((instance_id, status, version)) = found else {
+        return Ok(Upgraded::NotFound);
+    };
+    let status = parse_status(&status)?;
+    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+        return Ok(Upgraded::Ended(status));
+    }
+    let version = version.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
+    if version != Some(request.from) {
+        return Ok(Upgraded::OnVersion(version));
+    }
+    let target_id: Option<i64> = tx
+        .prepare_cached("SELECT id FROM machine_versions WHERE machine = ?1 AND version = ?2")
+        .map_err(db)?
+        .query_row(params![request.target.name, i64::from(request.to)], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(db)?;
+    let Some(target_id) = target_id else {
+        return Ok(Upgraded::Refused(vec![format!(
+            "v{} of `{}` is not stored",
+            request.to, request.target.name
+        )]));
+    };
+    let running: i64 = tx
+        .prepare_cached(
+            "SELECT COUNT(*) FROM tasks WHERE instance_id = ?1 AND status = 'ready'
+               AND lease_owner IS NOT NULL AND due_at > ?2",
+        )
+        .map_err(db)?
+        .query_row(params![instance_id, now], |r| r.get(0))
+        .map_err(db)?;
+    if running > 0 {
+        return Ok(Upgraded::StepRunning);
+    }
+    let positions = tx
+        .prepare_cached(
+            "SELECT id, kind, from_state, event, branch, step FROM tasks
+             WHERE instance_id = ?1 ORDER BY id",
+        )
+        .map_err(db)?
+        .query_map([instance_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?
+        .into_iter()
+        .map(|(task_id, kind, from_state, event, branch, step)| {
+            Ok(Position {
+                task_id,
+                kind: TaskKind::parse(&kind)
+                    .ok_or_else(|| StoreError::Corrupt(format!("task kind `{kind}`")))?,
+                from_state,
+                event,
+                branch,
+                step: count(step),
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    let parked: Vec<String> = tx
+        .prepare_cached("SELECT DISTINCT state FROM items WHERE instance_id = ?1 ORDER BY state")
+        .map_err(db)?
+        .query_map([instance_id], |r| r.get(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let plan = match crate::engine::plan_upgrade(
+        &request.instance,
+        &request.target,
+        request.to,
+        &request.map,
+        &positions,
+        &parked,
+        &mut fastrand::Rng::new(),
+    ) {
+        Ok(plan) => plan,
+        Err(reasons) => return Ok(Upgraded::Refused(reasons)),
+    };
+    let moved = Upgraded::Moved {
+        tasks: plan.tasks.len(),
+        parked: plan.parked.len(),
+    };
+    if request.dry_run {
+        return Ok(moved);
+    }
+    for t in &plan.tasks {
+        let accepts = t.accepts.as_deref().map(upgrade_accepts);
+        tx.prepare_cached(
+            "UPDATE tasks SET from_state = ?2, event = ?3, accepts = COALESCE(?4, accepts)
+             WHERE id = ?1",
+        )
+        .map_err(db)?
+        .execute(params![t.task_id, t.from_state, t.event, accepts])
+        .map_err(db)?;
+    }
+    for (old, new) in &plan.parked {
+        tx.prepare_cached("UPDATE items SET state = ?3 WHERE instance_id = ?1 AND state = ?2")
+            .map_err(db)?
+            .execute(params![instance_id, old, new])
+            .map_err(db)?;
+    }
+    tx.prepare_cached("UPDATE instances SET version = ?2, updated_at = ?3 WHERE id = ?1")
+        .map_err(db)?
+        .execute(params![instance_id, target_id, now])
+        .map_err(db)?;
+    super::apply::insert_log(tx, instance_id, &upgrade_log(request, now))?;
+    Ok(moved)
 }
