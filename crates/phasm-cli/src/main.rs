@@ -256,6 +256,34 @@ enum Command {
         #[command(flatten)]
         db: ReadDbArgs,
     },
+    /// Move instances to a later version of their machine: each only if every state its
+    /// branches are in, and every pending step's transition, exists in the target (directly
+    /// or renamed with --map), and no step of it is running. Exit 1 if one did not move.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["instances", "machine"])))]
+    Upgrade {
+        /// The instances.
+        instances: Vec<String>,
+        /// Every running or failed instance of this machine on the --from version.
+        #[arg(long, requires = "from", conflicts_with = "instances")]
+        machine: Option<String>,
+        /// The version they are on (with --machine).
+        #[arg(long, value_name = "N", requires = "machine")]
+        from: Option<u32>,
+        /// The version to move to (default: the latest).
+        #[arg(long, value_name = "V")]
+        to: Option<u32>,
+        /// Rename a state on the way (repeatable): `--map approval=review`.
+        #[arg(long = "map", value_name = "OLD=NEW")]
+        map: Vec<String>,
+        /// Say what would move, and move nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// The steps waiting in each queue: due, scheduled, running, how long the oldest due one
     /// waited (with --file, also each queue's limits and the empty queues that have them).
     Queues {
@@ -473,6 +501,24 @@ async fn run_async(command: Command) -> ExitCode {
         Command::Deploy { files, db } => cmd::versions::run(&files, &db).await,
         Command::Versions { machine, json, db } => {
             cmd::versions::list(machine.as_deref(), json, &db.to_db_args()).await
+        }
+        Command::Upgrade {
+            instances,
+            machine,
+            from,
+            to,
+            map,
+            dry_run,
+            json,
+            db,
+        } => {
+            let which = match (machine, from) {
+                (Some(machine), Some(from)) => {
+                    phasm::control::UpgradeWhich::Machine { machine, from }
+                }
+                _ => phasm::control::UpgradeWhich::Instances(instances),
+            };
+            cmd::versions::upgrade(which, to, &map, dry_run, json, &db).await
         }
         Command::Queues { file, json, db } => {
             cmd::inspect::queues(file.as_deref(), json, &db.to_db_args()).await

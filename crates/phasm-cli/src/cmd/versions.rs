@@ -134,3 +134,72 @@ pub async fn list(machine: Option<&str>, json_out: bool, db_args: &DbArgs) -> Ex
     }
     ExitCode::SUCCESS
 }
+
+/// `phasm upgrade`: one line per instance (moved, or why not); exit 1 when one did not move.
+pub async fn upgrade(
+    which: phasm::control::UpgradeWhich,
+    to: Option<u32>,
+    map: &[String],
+    dry_run: bool,
+    as_json: bool,
+    db_args: &DbArgs,
+) -> ExitCode {
+    let mut renames = std::collections::BTreeMap::new();
+    for pair in map {
+        match pair.split_once('=') {
+            Some((old, new)) if !old.is_empty() && !new.is_empty() => {
+                if renames.insert(old.to_string(), new.to_string()).is_some() {
+                    return exit::invalid(format!("--map renames `{old}` twice"));
+                }
+            }
+            _ => {
+                return exit::invalid(format!(
+                    "--map takes OLD=NEW (a state of the instance's version, and its name in the target), not `{pair}`"
+                ))
+            }
+        }
+    }
+    let store = match db::open(db_args, 2).await {
+        Ok(s) => s,
+        Err(e) => return exit::database(e),
+    };
+    let options = phasm::control::UpgradeOptions {
+        to,
+        map: renames,
+        dry_run,
+    };
+    let reports = match phasm::control::upgrade(&*store, &SystemClock, &which, &options).await {
+        Ok(reports) => reports,
+        Err(phasm::control::UpgradeError::Store(e)) => return exit::database(e),
+        Err(e) => return exit::failed(e),
+    };
+    let all_moved = reports.iter().all(phasm::control::UpgradeReport::moved);
+    if as_json {
+        let list: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|r| {
+                json!({
+                    "instance": r.instance,
+                    "from": r.from,
+                    "to": r.to,
+                    "moved": r.moved(),
+                    "dry_run": dry_run,
+                    "message": r.describe(dry_run),
+                })
+            })
+            .collect();
+        outln!("{}", serde_json::Value::Array(list));
+    } else {
+        if reports.is_empty() {
+            outln!("no instance to move");
+        }
+        for r in &reports {
+            outln!("{}", r.describe(dry_run));
+        }
+    }
+    if all_moved {
+        ExitCode::SUCCESS
+    } else {
+        exit::failed_reported()
+    }
+}

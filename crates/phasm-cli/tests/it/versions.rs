@@ -4,7 +4,23 @@
 
 use std::path::Path;
 
-use crate::common::{phasm, postgres_schema};
+use crate::common::{phasm, postgres_schema, status, worker};
+
+fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn kill(mut child: std::process::Child) {
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -156,5 +172,98 @@ fn events_and_starts_follow_the_instance_version_on_sqlite_and_postgres() {
     sends_and_starts_on(d, &d.join("phasm.db").display().to_string());
     if let Some(schema) = postgres_schema("versions_send") {
         sends_and_starts_on(d, &schema.url);
+    }
+}
+
+fn upgrades_on(d: &Path, db: &str) {
+    let v1 = WAITING.replace("name: Order", "name: Shop");
+    std::fs::write(d.join("fsm.yaml"), &v1).unwrap();
+    assert!(phasm(d, db, &["deploy", "fsm.yaml"]).status.success());
+    for name in ["s0", "s1", "s2", "s3"] {
+        let out = phasm(d, db, &["start", "fsm.yaml", "--name", name]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    // The instances wait in `approval` once a worker ran their first step.
+    let w = worker(d, db, &[]);
+    until("the waits", || {
+        ["s0", "s1", "s2", "s3"].iter().all(|n| {
+            status(d, db, n)["history"]
+                .as_array()
+                .is_some_and(|h| h.len() == 1)
+        })
+    });
+    kill(w);
+    // v2 renames `approval` to `review`.
+    let v2 = v1.replace("approval", "review");
+    std::fs::write(d.join("fsm.yaml"), &v2).unwrap();
+    assert!(phasm(d, db, &["deploy", "fsm.yaml"]).status.success());
+    let out = phasm(d, db, &["upgrade", "s0"]);
+    assert_eq!(out.status.code(), Some(1));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains(
+            "s0: not moved: state `approval` is not in v2: map it with `--map approval=NEW`"
+        ),
+        "{said}"
+    );
+    let out = phasm(
+        d,
+        db,
+        &["upgrade", "s0", "--map", "approval=review", "--dry-run"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert_eq!(text(&out.stdout), "s0: would move v1 → v2\n");
+    assert_eq!(status(d, db, "s0")["version"], 1, "a dry run moves nothing");
+    let out = phasm(
+        d,
+        db,
+        &[
+            "upgrade",
+            "--machine",
+            "Shop",
+            "--from",
+            "1",
+            "--map",
+            "approval=review",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    let said = text(&out.stdout);
+    assert_eq!(said.lines().count(), 4, "{said}");
+    assert!(said.contains("s0: moved v1 → v2"), "{said}");
+    let out = phasm(d, db, &["upgrade", "s0", "--to", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains("v1 is older than v2"),
+        "{}",
+        text(&out.stdout)
+    );
+    // The moved instance takes its event and ends through v2's states.
+    let out = phasm(d, db, &["send", "s0", "approve"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let w = worker(d, db, &[]);
+    until("s0 to complete", || {
+        status(d, db, "s0")["status"] == "completed"
+    });
+    kill(w);
+    let s0 = status(d, db, "s0");
+    assert_eq!(s0["version"], 2, "{s0}");
+    assert_eq!(s0["history"][1]["from"], "review", "{s0}");
+    let out = phasm(d, db, &["logs", "s0"]);
+    assert!(
+        text(&out.stdout)
+            .contains("upgraded from v1 to v2 of `Shop` (states renamed: approval → review)"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn instances_move_forward_only_where_their_states_exist_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    upgrades_on(d, &d.join("phasm.db").display().to_string());
+    if let Some(schema) = postgres_schema("versions_upgrade") {
+        upgrades_on(d, &schema.url);
     }
 }

@@ -151,6 +151,7 @@ impl ListParams {
         }
         Ok(ListFilter {
             machine,
+            version: None,
             status,
             limit: self.limit.unwrap_or(50).clamp(1, MAX_PAGE),
             before: cursor,

@@ -15,7 +15,10 @@ pub use queues::{queue_report, queue_statuses, QueueStatus, Throughput, RATE_WIN
 pub use reset::{is_whole_line, reset, ResetError};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
-pub use versions::{deploy, DeployError, DeployFile};
+pub use versions::{
+    deploy, upgrade, DeployError, DeployFile, UpgradeError, UpgradeOptions, UpgradeReport,
+    UpgradeWhich,
+};
 
 use serde_json::Value;
 

@@ -1,12 +1,15 @@
 //! Deploying machine files: each machine whose definition changed becomes its next stored
 //! version (`phasm deploy`, and `worker`, `serve` and `run` before they work).
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::clock::Clock;
-use crate::config::definitions;
-use crate::machine::Config;
-use crate::store::{Deployed, NewVersion, Store, StoreError};
+use crate::config::{definitions, load_definition};
+use crate::machine::{Config, Machine};
+use crate::store::{
+    Deployed, InstanceStatus, ListFilter, NewVersion, Store, StoreError, UpgradeRequest, Upgraded,
+};
 
 /// One loaded machine file to deploy.
 #[derive(Debug, Clone, Copy)]
@@ -70,4 +73,228 @@ pub async fn deploy(
         }
     }
     Ok(store.deploy(clock.now(), &versions).await?)
+}
+
+/// Which instances an upgrade moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpgradeWhich {
+    /// These, by name.
+    Instances(Vec<String>),
+    /// Every running or failed instance of `machine` on version `from`.
+    Machine {
+        /// The machine.
+        machine: String,
+        /// The version they are on.
+        from: u32,
+    },
+}
+
+/// How an upgrade moves them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpgradeOptions {
+    /// The version they move to (`None`: the latest of their machine).
+    pub to: Option<u32>,
+    /// States renamed on the way (`OLD → NEW`).
+    pub map: BTreeMap<String, String>,
+    /// Check only: say what would move, and move nothing.
+    pub dry_run: bool,
+}
+
+/// What became of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeReport {
+    /// The instance.
+    pub instance: String,
+    /// Its version before (`None`: unknown instance, or never pinned).
+    pub from: Option<u32>,
+    /// The version it was to move to.
+    pub to: Option<u32>,
+    /// Moved (or would move, on a dry run), or why not.
+    pub outcome: Result<Upgraded, String>,
+}
+
+impl UpgradeReport {
+    /// Whether it moved (or would).
+    pub fn moved(&self) -> bool {
+        matches!(self.outcome, Ok(Upgraded::Moved { .. }))
+    }
+
+    /// One line saying what became of it: `NAME: v1 → v2` or `NAME: not moved: WHY`.
+    pub fn describe(&self, dry_run: bool) -> String {
+        let arrow = match (self.from, self.to) {
+            (Some(f), Some(t)) => format!("v{f} → v{t}"),
+            _ => String::new(),
+        };
+        let why = match &self.outcome {
+            Ok(Upgraded::Moved { .. }) if dry_run => {
+                return format!("{}: would move {arrow}", self.instance)
+            }
+            Ok(Upgraded::Moved { .. }) => return format!("{}: moved {arrow}", self.instance),
+            Ok(Upgraded::NotFound) => "no instance has this name".to_string(),
+            Ok(Upgraded::Ended(status)) => format!("it is {status}"),
+            Ok(Upgraded::OnVersion(v)) => format!(
+                "it is on {} now",
+                v.map_or("no version".to_string(), |v| format!("v{v}"))
+            ),
+            Ok(Upgraded::StepRunning) => {
+                "a step of it is running: try again once it has committed".to_string()
+            }
+            Ok(Upgraded::Refused(reasons)) => reasons.join("; "),
+            Err(why) => why.clone(),
+        };
+        format!("{}: not moved: {why}", self.instance)
+    }
+}
+
+/// Why an upgrade could not be tried at all.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The version to move to is not stored, or is not later.
+    #[error("{0}")]
+    Invalid(String),
+    /// The target's stored definition cannot be read by this phasm.
+    #[error(transparent)]
+    Unreadable(#[from] crate::config::UnreadableDefinition),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Move instances to a later version of their machine, one transaction each
+/// ([`AdminStore::upgrade`](crate::store::AdminStore::upgrade)): each is moved only if every
+/// place its branches are in exists in the target, directly or renamed by `options.map`,
+/// and no step of it is running; the answer says, per instance, what became of it. Moving to
+/// an earlier version, or to the one an instance is on, is refused.
+///
+/// # Errors
+/// See [`UpgradeError`]; a store failure part way leaves the instances already moved moved.
+pub async fn upgrade(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    which: &UpgradeWhich,
+    options: &UpgradeOptions,
+) -> Result<Vec<UpgradeReport>, UpgradeError> {
+    let names = match which {
+        UpgradeWhich::Instances(names) => names.clone(),
+        UpgradeWhich::Machine { machine, from } => instances_on(store, machine, *from).await?,
+    };
+    let mut targets: BTreeMap<(String, u32), Machine> = BTreeMap::new();
+    let mut reports = Vec::with_capacity(names.len());
+    for name in names {
+        let Some(view) = store.instance(&name).await? else {
+            reports.push(UpgradeReport {
+                instance: name,
+                from: None,
+                to: options.to,
+                outcome: Ok(Upgraded::NotFound),
+            });
+            continue;
+        };
+        let report = |to, outcome| UpgradeReport {
+            instance: name.clone(),
+            from: view.version,
+            to,
+            outcome,
+        };
+        let Some(from) = view.version else {
+            let why = format!(
+                "it records no version: `{}` was never deployed (`phasm deploy FILE`)",
+                view.machine
+            );
+            reports.push(report(options.to, Err(why)));
+            continue;
+        };
+        let to = match options.to {
+            Some(to) => to,
+            None => latest(store, &view.machine).await?.unwrap_or(from),
+        };
+        if to <= from {
+            let why = if to == from {
+                format!("it is on v{to} already")
+            } else {
+                format!("v{to} is older than v{from}: an instance only moves forward")
+            };
+            reports.push(report(Some(to), Err(why)));
+            continue;
+        }
+        let key = (view.machine.clone(), to);
+        if !targets.contains_key(&key) {
+            let Some(stored) = store.version(&view.machine, to).await? else {
+                let known: Vec<String> = store
+                    .versions(Some(&view.machine))
+                    .await?
+                    .iter()
+                    .map(|r| format!("v{}", r.version))
+                    .collect();
+                return Err(UpgradeError::Invalid(format!(
+                    "machine `{}` has no version {to}; its versions are {}",
+                    view.machine,
+                    known.join(", ")
+                )));
+            };
+            let loaded =
+                load_definition(&view.machine, to, &stored.definition, &stored.record.path)?;
+            let machine = loaded
+                .config
+                .machines
+                .into_iter()
+                .find(|m| m.name == view.machine);
+            if let Some(machine) = machine {
+                targets.insert(key.clone(), machine);
+            }
+        }
+        let Some(target) = targets.get(&key) else {
+            continue;
+        };
+        let request = UpgradeRequest {
+            instance: name.clone(),
+            from,
+            to,
+            target: target.clone(),
+            map: options.map.clone(),
+            dry_run: options.dry_run,
+        };
+        let outcome = store.upgrade(clock.now(), &request).await?;
+        reports.push(report(Some(to), Ok(outcome)));
+    }
+    Ok(reports)
+}
+
+/// The latest version of `machine`, if it was ever deployed.
+async fn latest(store: &dyn Store, machine: &str) -> Result<Option<u32>, StoreError> {
+    Ok(store
+        .versions(Some(machine))
+        .await?
+        .last()
+        .map(|r| r.version))
+}
+
+/// The running and failed instances of `machine` on version `version`, by name.
+async fn instances_on(
+    store: &dyn Store,
+    machine: &str,
+    version: u32,
+) -> Result<Vec<String>, StoreError> {
+    let mut names = Vec::new();
+    for status in [InstanceStatus::Running, InstanceStatus::Failed] {
+        let mut before = None;
+        loop {
+            let filter = ListFilter {
+                machine: Some(machine.to_string()),
+                version: Some(version),
+                status: Some(status),
+                limit: super::MAX_PAGE,
+                before: before.take(),
+                ..ListFilter::default()
+            };
+            let page = store.list(&filter).await?;
+            let full = page.len() >= super::MAX_PAGE;
+            before = page.last().map(|s| s.instance.clone());
+            names.extend(page.into_iter().map(|s| s.instance));
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok(names)
 }

@@ -73,6 +73,12 @@ pub(crate) fn query(filter: &ListFilter, dialect: Dialect) -> Query {
     if let Some(m) = &filter.machine {
         conditions.push(format!("i.machine = {}", b.text(m)));
     }
+    if let Some(v) = filter.version {
+        conditions.push(format!(
+            "i.version IN (SELECT v.id FROM machine_versions v WHERE v.machine = i.machine AND v.version = {})",
+            b.int(i64::from(v))
+        ));
+    }
     if let Some(s) = filter.status {
         conditions.push(format!("i.status = {}", b.text(InstanceStatus::as_str(s))));
     }

@@ -1226,6 +1226,9 @@ pub struct InstanceSummary {
 pub struct ListFilter {
     /// Only this machine.
     pub machine: Option<String>,
+    /// Only instances on this version of their machine (with `machine`, its version; else
+    /// that version of each machine).
+    pub version: Option<u32>,
     /// Only this status.
     pub status: Option<InstanceStatus>,
     /// At most this many; 0 means 100.
