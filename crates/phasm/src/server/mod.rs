@@ -174,6 +174,8 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .routes(routes!(graph))
         .routes(routes!(versions::list))
         .routes(routes!(versions::one))
+        .routes(routes!(versions::upgrade_machine))
+        .routes(routes!(versions::upgrade_one))
         .routes(routes!(start))
         .routes((
             batch_schemas,

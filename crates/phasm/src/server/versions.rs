@@ -1,5 +1,6 @@
 //! The deployed versions of a machine: `GET /api/machines/{machine}/versions` and
-//! `GET /api/machines/{machine}/versions/{version}` (with its texts).
+//! `GET /api/machines/{machine}/versions/{version}` (with its texts); moving instances to a
+//! later one: `POST /api/instances/{name}/upgrade` and `POST /api/machines/{machine}/upgrade`.
 
 use std::sync::Arc;
 
@@ -12,7 +13,8 @@ use serde_json::json;
 use super::openapi::ErrorBody;
 use super::{error, ServerState};
 use crate::clock::rfc3339;
-use crate::store::VersionRecord;
+use crate::control::{UpgradeError, UpgradeOptions, UpgradeReport, UpgradeWhich};
+use crate::store::{Upgraded, VersionRecord};
 
 fn record_json(v: &VersionRecord) -> serde_json::Value {
     json!({
@@ -100,4 +102,157 @@ pub(super) async fn one(
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+}
+
+/// The body of the upgrade endpoints.
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct UpgradeBody {
+    /// The version to move to (default: the latest).
+    to: Option<u32>,
+    /// With `POST /api/machines/{machine}/upgrade`: the version the instances are on.
+    from: Option<u32>,
+    /// States renamed on the way: `{"approval": "review"}`.
+    #[serde(default)]
+    map: std::collections::BTreeMap<String, String>,
+    /// Say what would move, and move nothing.
+    #[serde(default)]
+    dry_run: bool,
+}
+
+fn read_body(body: &[u8]) -> Result<UpgradeBody, Response> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(UpgradeBody::default());
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body must be {{\"to\": N, \"map\": {{\"OLD\": \"NEW\"}}, \"dry_run\": false}} (each optional): {e}"
+            ),
+        )
+    })
+}
+
+fn report_json(r: &UpgradeReport, dry_run: bool) -> serde_json::Value {
+    json!({
+        "instance": r.instance,
+        "from": r.from,
+        "to": r.to,
+        "moved": r.moved(),
+        "dry_run": dry_run,
+        "message": r.describe(dry_run),
+    })
+}
+
+/// Run an upgrade; its reports, or the error's response.
+async fn run(
+    state: &ServerState,
+    which: UpgradeWhich,
+    body: UpgradeBody,
+) -> Result<(Vec<UpgradeReport>, bool), Response> {
+    let options = UpgradeOptions {
+        to: body.to,
+        map: body.map,
+        dry_run: body.dry_run,
+    };
+    match crate::control::upgrade(&*state.store, &*state.clock, &which, &options).await {
+        Ok(reports) => Ok((reports, options.dry_run)),
+        Err(UpgradeError::Store(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e @ UpgradeError::Invalid(_)) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e @ UpgradeError::Unreadable(_)) => {
+            Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+        }
+    }
+}
+
+/// Move an instance to a later version of its machine, if every state its branches are in,
+/// and every pending step's transition, exists in the target (directly or renamed by
+/// `map`), and no step of it is running. Logged in the instance's log.
+#[utoipa::path(
+    post,
+    path = "/api/instances/{name}/upgrade",
+    tag = "instances",
+    params(("name" = String, Path, description = "The instance's name")),
+    request_body = Option<UpgradeBody>,
+    responses(
+        (status = 200, description = "Moved (or would move, with `dry_run`): `{instance, from, to, moved: true, message}`", body = serde_json::Value),
+        (status = 400, description = "A bad body, or a version that is not stored", body = ErrorBody),
+        (status = 404, description = "No instance of that name", body = ErrorBody),
+        (status = 409, description = "Not moved: the message says why (the state missing from the target and the map that fixes it, a running step, an older target)", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
+pub(super) async fn upgrade_one(
+    State(state): State<Arc<ServerState>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body = match read_body(&body) {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
+    if body.from.is_some() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "`from` is for moving a machine's instances (POST /api/machines/{machine}/upgrade)",
+        );
+    }
+    let (reports, dry_run) = match run(&state, UpgradeWhich::Instances(vec![name]), body).await {
+        Ok(done) => done,
+        Err(response) => return response,
+    };
+    let Some(r) = reports.first() else {
+        return error(StatusCode::NOT_FOUND, "no instance to move");
+    };
+    match &r.outcome {
+        Ok(Upgraded::Moved { .. }) => Json(report_json(r, dry_run)).into_response(),
+        Ok(Upgraded::NotFound) => error(StatusCode::NOT_FOUND, r.describe(dry_run)),
+        _ => error(StatusCode::CONFLICT, r.describe(dry_run)),
+    }
+}
+
+/// Move every running or failed instance of a machine on version `from` to a later version,
+/// each as `POST /api/instances/{name}/upgrade` would (each in its own transaction).
+#[utoipa::path(
+    post,
+    path = "/api/machines/{machine}/upgrade",
+    tag = "machines",
+    params(("machine" = String, Path, description = "The machine's name")),
+    request_body = UpgradeBody,
+    responses(
+        (status = 200, description = "`{\"moved\": N, \"not_moved\": N, \"instances\": [{instance, from, to, moved, message}]}`", body = serde_json::Value),
+        (status = 400, description = "A bad body (`from` is required), or a version that is not stored", body = ErrorBody),
+        (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
+    )
+)]
+pub(super) async fn upgrade_machine(
+    State(state): State<Arc<ServerState>>,
+    Path(machine): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body = match read_body(&body) {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
+    let Some(from) = body.from else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "give `from`: the version whose instances move",
+        );
+    };
+    let (reports, dry_run) = match run(&state, UpgradeWhich::Machine { machine, from }, body).await
+    {
+        Ok(done) => done,
+        Err(response) => return response,
+    };
+    let moved = reports.iter().filter(|r| r.moved()).count();
+    let list: Vec<_> = reports.iter().map(|r| report_json(r, dry_run)).collect();
+    Json(json!({
+        "moved": moved,
+        "not_moved": reports.len() - moved,
+        "dry_run": dry_run,
+        "instances": list,
+    }))
+    .into_response()
 }

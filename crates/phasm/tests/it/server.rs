@@ -1849,6 +1849,8 @@ async fn the_openapi_document_lists_every_route_the_api_answers() {
         ("GET", "/api/machines/{machine}/graph.svg"),
         ("GET", "/api/machines/{machine}/versions"),
         ("GET", "/api/machines/{machine}/versions/{version}"),
+        ("POST", "/api/machines/{machine}/upgrade"),
+        ("POST", "/api/instances/{name}/upgrade"),
         ("POST", "/api/machines/{machine}/instances"),
         ("POST", "/api/machines/{machine}/instances/batch"),
         ("GET", "/api/instances"),
@@ -2175,4 +2177,30 @@ async fn a_machines_versions_are_listed_and_read_with_their_texts() {
     )
     .await;
     assert_eq!(code, 400, "{body}");
+    // Upgrades: `on-1` moves nowhere older, and to v2 only if v2 can be read.
+    let upgrade =
+        |path: &'static str, body: &'static str| call(&api, "POST", path, Some(body), None);
+    let (code, body) = upgrade("/api/instances/on-1/upgrade", r#"{"to": 1}"#).await;
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("it is on v1 already"), "{body}");
+    let (code, body) = upgrade("/api/instances/on-1/upgrade", r#"{"to": 2}"#).await;
+    assert_eq!(code, 500, "{body}");
+    let (code, body) = upgrade("/api/instances/nobody/upgrade", "{}").await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = upgrade("/api/instances/on-1/upgrade", r#"{"too": 2}"#).await;
+    assert_eq!(code, 400, "{body}");
+    let (code, body) = upgrade("/api/machines/Job/upgrade", r#"{"to": 2}"#).await;
+    assert_eq!(code, 400, "`from` is required: {body}");
+    let (code, body) = upgrade(
+        "/api/machines/Job/upgrade",
+        r#"{"from": 1, "to": 1, "dry_run": true}"#,
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let moved = json(&body);
+    assert_eq!(
+        (moved["moved"].as_u64(), moved["not_moved"].as_u64()),
+        (Some(0), Some(1)),
+        "{moved}"
+    );
 }
