@@ -120,16 +120,14 @@ pub(super) struct UpgradeBody {
     dry_run: bool,
 }
 
-fn read_body(body: &[u8]) -> Result<UpgradeBody, Response> {
+/// The body, or why it is refused (400).
+fn read_body(body: &[u8]) -> Result<UpgradeBody, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(UpgradeBody::default());
     }
     serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "the body must be {{\"to\": N, \"map\": {{\"OLD\": \"NEW\"}}, \"dry_run\": false}} (each optional): {e}"
-            ),
+        format!(
+            "the body must be {{\"to\": N, \"map\": {{\"OLD\": \"NEW\"}}, \"dry_run\": false}} (each optional): {e}"
         )
     })
 }
@@ -145,12 +143,12 @@ fn report_json(r: &UpgradeReport, dry_run: bool) -> serde_json::Value {
     })
 }
 
-/// Run an upgrade; its reports, or the error's response.
+/// Run an upgrade; its reports, or the error's status and message.
 async fn run(
     state: &ServerState,
     which: UpgradeWhich,
     body: UpgradeBody,
-) -> Result<(Vec<UpgradeReport>, bool), Response> {
+) -> Result<(Vec<UpgradeReport>, bool), (StatusCode, String)> {
     let options = UpgradeOptions {
         to: body.to,
         map: body.map,
@@ -158,10 +156,10 @@ async fn run(
     };
     match crate::control::upgrade(&*state.store, &*state.clock, &which, &options).await {
         Ok(reports) => Ok((reports, options.dry_run)),
-        Err(UpgradeError::Store(e)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
-        Err(e @ UpgradeError::Invalid(_)) => Err(error(StatusCode::BAD_REQUEST, e.to_string())),
+        Err(e @ UpgradeError::Store(_)) => Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e @ UpgradeError::Invalid(_)) => Err((StatusCode::BAD_REQUEST, e.to_string())),
         Err(e @ UpgradeError::Unreadable(_)) => {
-            Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+            Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
         }
     }
 }
@@ -190,7 +188,7 @@ pub(super) async fn upgrade_one(
 ) -> Response {
     let body = match read_body(&body) {
         Ok(b) => b,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     if body.from.is_some() {
         return error(
@@ -200,7 +198,7 @@ pub(super) async fn upgrade_one(
     }
     let (reports, dry_run) = match run(&state, UpgradeWhich::Instances(vec![name]), body).await {
         Ok(done) => done,
-        Err(response) => return response,
+        Err((status, message)) => return error(status, message),
     };
     let Some(r) = reports.first() else {
         return error(StatusCode::NOT_FOUND, "no instance to move");
@@ -233,7 +231,7 @@ pub(super) async fn upgrade_machine(
 ) -> Response {
     let body = match read_body(&body) {
         Ok(b) => b,
-        Err(response) => return response,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let Some(from) = body.from else {
         return error(
@@ -244,7 +242,7 @@ pub(super) async fn upgrade_machine(
     let (reports, dry_run) = match run(&state, UpgradeWhich::Machine { machine, from }, body).await
     {
         Ok(done) => done,
-        Err(response) => return response,
+        Err((status, message)) => return error(status, message),
     };
     let moved = reports.iter().filter(|r| r.moved()).count();
     let list: Vec<_> = reports.iter().map(|r| report_json(r, dry_run)).collect();
