@@ -108,6 +108,28 @@ pub enum Bench {
         #[arg(long, value_enum, default_value_t = super::SyncMode::Full)]
         sync: super::SyncMode,
     },
+    /// `phasm versions` on a big database: V versions of a machine, N running instances
+    /// spread over them, listed with the live instances on each.
+    Versions {
+        /// Versions.
+        #[arg(long, default_value_t = 1000)]
+        versions: u32,
+        /// Running instances.
+        #[arg(long, default_value_t = 1_000_000)]
+        instances: usize,
+        /// Timed listings (the median is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Database (default: a temporary file in the current folder, removed afterwards).
+        #[arg(long, env = "PHASM_DB")]
+        db: Option<String>,
+        /// SQLite durability.
+        #[arg(long, value_enum, default_value_t = super::SyncMode::Normal)]
+        sync: super::SyncMode,
+    },
 }
 
 /// A one-state machine for `bench start` (its instances are only started, never run).
@@ -184,7 +206,9 @@ fn peak_rss_of(process: &str) -> Option<u64> {
 }
 
 /// A temporary database in the current folder, unless one was named.
-fn bench_db(db: Option<String>) -> Result<(Option<tempfile::NamedTempFile>, String), ExitCode> {
+pub(super) fn bench_db(
+    db: Option<String>,
+) -> Result<(Option<tempfile::NamedTempFile>, String), ExitCode> {
     match db {
         Some(path) => Ok((None, path)),
         None => match tempfile::Builder::new()
@@ -626,6 +650,14 @@ pub async fn run(bench: Bench) -> ExitCode {
             db,
             sync,
         } => fanout(branches, json, db, sync).await,
+        Bench::Versions {
+            versions,
+            instances,
+            runs,
+            json,
+            db,
+            sync,
+        } => super::bench_versions::versions(versions, instances, runs, json, db, sync).await,
     }
 }
 

@@ -1,6 +1,7 @@
 //! One module per group of commands.
 
 pub mod bench;
+pub mod bench_versions;
 pub mod files;
 pub mod inspect;
 pub mod run;

@@ -102,18 +102,14 @@ pub async fn list(machine: Option<&str>, json_out: bool, db_args: &DbArgs) -> Ex
         Ok(v) => v,
         Err(e) => return exit::database(e),
     };
+    let counts = match store.version_counts(machine).await {
+        Ok(c) => c,
+        Err(e) => return exit::database(e),
+    };
     if json_out {
         let rows: Vec<_> = versions
             .iter()
-            .map(|v| {
-                json!({
-                    "machine": v.machine,
-                    "version": v.version,
-                    "hash": v.hash,
-                    "path": v.path,
-                    "deployed_at": phasm::clock::rfc3339(v.deployed_at),
-                })
-            })
+            .map(|v| phasm::control::version_json(v, &counts))
             .collect();
         outln!("{}", serde_json::Value::from(rows));
         return ExitCode::SUCCESS;
@@ -123,8 +119,17 @@ pub async fn list(machine: Option<&str>, json_out: bool, db_args: &DbArgs) -> Ex
         return ExitCode::SUCCESS;
     }
     for v in &versions {
+        let live = counts
+            .iter()
+            .find(|c| c.machine == v.machine && c.version == v.version)
+            .map_or("no instances".to_string(), |c| {
+                format!(
+                    "{} running ({} waiting), {} failed",
+                    c.running, c.waiting, c.failed
+                )
+            });
         outln!(
-            "{} v{}  {}  {}  {}",
+            "{} v{}  {}  {}  {}  {live}",
             v.machine,
             v.version,
             time(v.deployed_at),

@@ -241,6 +241,24 @@ fn upgrades_on(d: &Path, db: &str) {
     // The moved instance takes its event and ends through v2's states.
     let out = phasm(d, db, &["send", "s0", "approve"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // `phasm versions` counts the live instances on each version.
+    let out = phasm(d, db, &["versions", "Shop"]);
+    let listed = text(&out.stdout);
+    assert!(
+        listed.contains("Shop v1 ") && listed.contains("no instances"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("4 running (3 waiting), 0 failed"),
+        "{listed}"
+    );
+    let out = phasm(d, db, &["versions", "Shop", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (list[1]["running"].as_u64(), list[1]["waiting"].as_u64()),
+        (Some(4), Some(3)),
+        "{list}"
+    );
     let w = worker(d, db, &[]);
     until("s0 to complete", || {
         status(d, db, "s0")["status"] == "completed"

@@ -9,6 +9,7 @@ use crate::config::{definitions, load_definition};
 use crate::machine::{Config, Machine};
 use crate::store::{
     Deployed, InstanceStatus, ListFilter, NewVersion, Store, StoreError, UpgradeRequest, Upgraded,
+    VersionCounts, VersionRecord,
 };
 
 /// One loaded machine file to deploy.
@@ -297,4 +298,24 @@ async fn instances_on(
         }
     }
     Ok(names)
+}
+
+/// The JSON form of a version with its live instances (`counts` among those of
+/// [`crate::store::ReadStore::version_counts`]; a version not among them has none).
+pub fn version_json(v: &VersionRecord, counts: &[VersionCounts]) -> serde_json::Value {
+    let c = counts
+        .iter()
+        .find(|c| c.machine == v.machine && c.version == v.version)
+        .cloned()
+        .unwrap_or_default();
+    serde_json::json!({
+        "machine": v.machine,
+        "version": v.version,
+        "hash": v.hash,
+        "path": v.path,
+        "deployed_at": crate::clock::rfc3339(v.deployed_at),
+        "running": c.running,
+        "waiting": c.waiting,
+        "failed": c.failed,
+    })
 }

@@ -33,7 +33,7 @@ fn record_json(v: &VersionRecord) -> serde_json::Value {
     tag = "machines",
     params(("machine" = String, Path, description = "The machine's name")),
     responses(
-        (status = 200, description = "`{\"versions\": [{machine, version, hash, path, deployed_at}]}`, oldest first (empty when the machine was never deployed)", body = serde_json::Value),
+        (status = 200, description = "`{\"versions\": [{machine, version, hash, path, deployed_at, running, waiting, failed}]}`, oldest first (empty when the machine was never deployed); the counts are its live instances on each", body = serde_json::Value),
         (status = 503, description = "The database cannot be reached or failed", body = ErrorBody),
     )
 )]
@@ -41,9 +41,17 @@ pub(super) async fn list(
     State(state): State<Arc<ServerState>>,
     Path(machine): Path<String>,
 ) -> Response {
-    match state.store.versions(Some(&machine)).await {
-        Ok(versions) => {
-            let rows: Vec<_> = versions.iter().map(record_json).collect();
+    let read = async {
+        let versions = state.store.versions(Some(&machine)).await?;
+        let counts = state.store.version_counts(Some(&machine)).await?;
+        Ok::<_, crate::store::StoreError>((versions, counts))
+    };
+    match read.await {
+        Ok((versions, counts)) => {
+            let rows: Vec<_> = versions
+                .iter()
+                .map(|v| crate::control::version_json(v, &counts))
+                .collect();
             Json(json!({ "versions": rows })).into_response()
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),

@@ -282,6 +282,21 @@ pub struct VersionRecord {
     pub deployed_at: Micros,
 }
 
+/// The live instances of one version of a machine.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct VersionCounts {
+    /// The machine.
+    pub machine: String,
+    /// The version.
+    pub version: u32,
+    /// Instances running on it (those waiting for an event included).
+    pub running: u64,
+    /// Of those, the ones with a branch waiting for an event.
+    pub waiting: u64,
+    /// Failed instances on it (they may be retried, so they still need it).
+    pub failed: u64,
+}
+
 /// A stored version with its texts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredVersion {
@@ -1491,6 +1506,11 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
     /// The stored versions of `machine` (every machine's with `None`), by machine, oldest
     /// first.
     async fn versions(&self, machine: Option<&str>) -> StoreResult<Vec<VersionRecord>>;
+
+    /// The live instances on each version of `machine` (of every machine with `None`), by
+    /// machine and version; versions without any are left out. Read through the
+    /// `(version, status)` index of live instances and the index of waits.
+    async fn version_counts(&self, machine: Option<&str>) -> StoreResult<Vec<VersionCounts>>;
 
     /// One version of a machine with its texts.
     async fn version(&self, machine: &str, version: u32) -> StoreResult<Option<StoredVersion>>;

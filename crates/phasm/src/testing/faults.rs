@@ -225,6 +225,13 @@ impl ReadStore for FaultyStore {
         self.inner.version(machine, version).await
     }
 
+    async fn version_counts(
+        &self,
+        machine: Option<&str>,
+    ) -> StoreResult<Vec<crate::store::VersionCounts>> {
+        self.inner.version_counts(machine).await
+    }
+
     async fn version_by_id(&self, id: i64) -> StoreResult<Option<crate::store::StoredVersion>> {
         self.inner.version_by_id(id).await
     }

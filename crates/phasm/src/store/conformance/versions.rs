@@ -231,6 +231,22 @@ pub async fn an_upgrade_moves_an_instance_only_when_its_places_exist(store: &dyn
         ..commit(&t)
     };
     assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    let counts = |version, running, waiting| crate::store::VersionCounts {
+        machine: "M".into(),
+        version,
+        running,
+        waiting,
+        failed: 0,
+    };
+    assert_eq!(
+        store.version_counts(Some("M")).await.unwrap(),
+        [counts(1, 1, 1)]
+    );
+    assert!(store
+        .version_counts(Some("Other"))
+        .await
+        .unwrap()
+        .is_empty());
     let Upgraded::Refused(reasons) = store.upgrade(T0, &upgrade(&[], false)).await.unwrap() else {
         panic!("`approval` is not in v2")
     };
@@ -258,6 +274,7 @@ pub async fn an_upgrade_moves_an_instance_only_when_its_places_exist(store: &dyn
     assert_eq!(view.tasks[0].from.as_deref(), Some("review"));
     assert_eq!(view.tasks[0].event, "late", "v2's timeout event");
     assert_eq!(view.tasks[0].due_at, T0 + 100 * SEC, "the deadline is kept");
+    assert_eq!(store.version_counts(None).await.unwrap(), [counts(2, 1, 1)]);
     let logs = store.logs("u").await.unwrap();
     assert!(
         logs.iter()

@@ -574,6 +574,13 @@ impl ReadStore for PostgresStore {
         self.again(|| versions::version_by_id(self, id)).await
     }
 
+    async fn version_counts(
+        &self,
+        machine: Option<&str>,
+    ) -> StoreResult<Vec<super::VersionCounts>> {
+        self.again(|| versions::version_counts(self, machine)).await
+    }
+
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.again(|| read::instance(self, name)).await
     }

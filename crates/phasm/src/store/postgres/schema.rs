@@ -1,7 +1,7 @@
 //! The schema and its migrations.
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 8;
+pub(super) const SCHEMA_VERSION: i64 = 9;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -208,6 +208,12 @@ CREATE TABLE machine_versions (
 -- it started; NULL for one started before its machine was first deployed, which that first
 -- deploy adopts as version 1.
 ALTER TABLE instances ADD COLUMN version BIGINT;
+",
+    r"
+-- The live instances of each version (running or failed; ended ones are not counted), for
+-- the counts `phasm versions` shows.
+CREATE INDEX instances_live_by_version ON instances (version, status)
+    WHERE status IN ('running', 'failed');
 ",
 ];
 

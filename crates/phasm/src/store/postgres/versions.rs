@@ -4,7 +4,7 @@ use super::*;
 use crate::engine::Position;
 use crate::store::{
     upgrade_accepts, upgrade_log, Deployed, NewVersion, StoredVersion, UpgradeRequest, Upgraded,
-    VersionRecord,
+    VersionCounts, VersionRecord,
 };
 
 /// Store each definition as its machine's next version unless the latest has its hash (see
@@ -290,4 +290,39 @@ pub(super) async fn upgrade(
     .map_err(pg)?;
     tx.commit().await.map_err(pg)?;
     Ok(moved)
+}
+
+/// The live instances of each version (see [`ReadStore::version_counts`]).
+pub(super) async fn version_counts(
+    store: &PostgresStore,
+    machine: Option<&str>,
+) -> StoreResult<Vec<VersionCounts>> {
+    let client = store.client().await?;
+    let rows = client
+        .query(
+            "SELECT v.machine, v.version,
+                    COUNT(*) FILTER (WHERE i.status = 'running'),
+                    COUNT(*) FILTER (WHERE i.status = 'failed'),
+                    (SELECT COUNT(DISTINCT t.instance_id) FROM tasks t
+                     JOIN instances w ON w.id = t.instance_id
+                     WHERE t.kind = 'wait' AND w.version = v.id AND w.status = 'running')
+             FROM instances i JOIN machine_versions v ON v.id = i.version
+             WHERE i.status IN ('running', 'failed')
+               AND i.version IN (SELECT id FROM machine_versions
+                                 WHERE $1::TEXT IS NULL OR machine = $1)
+             GROUP BY v.id, v.machine, v.version ORDER BY v.machine, v.version",
+            &[&machine],
+        )
+        .await
+        .map_err(pg)?;
+    Ok(rows
+        .iter()
+        .map(|r| VersionCounts {
+            machine: r.get(0),
+            version: u32::try_from(r.get::<_, i32>(1)).unwrap_or(u32::MAX),
+            running: u64::try_from(r.get::<_, i64>(2)).unwrap_or(0),
+            waiting: u64::try_from(r.get::<_, i64>(4)).unwrap_or(0),
+            failed: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+        })
+        .collect())
 }

@@ -200,6 +200,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Deploy(_, _, r) => drop(r.send(Err(err()))),
         Request::Versions(_, r) => drop(r.send(Err(err()))),
         Request::Version(_, _, r) | Request::VersionById(_, r) => drop(r.send(Err(err()))),
+        Request::VersionCounts(_, r) => drop(r.send(Err(err()))),
         Request::Upgrade(_, _, r) => drop(r.send(Err(err()))),
     }
 }
@@ -323,6 +324,9 @@ pub(super) fn handle(
         Request::Versions(machine, reply) => pending(reply, versions(tx, machine.as_deref())),
         Request::Version(machine, number, reply) => pending(reply, version(tx, &machine, number)),
         Request::VersionById(id, reply) => pending(reply, version_by_id(tx, id)),
+        Request::VersionCounts(machine, reply) => {
+            pending(reply, version_counts(tx, machine.as_deref()))
+        }
         Request::Upgrade(now, request, reply) => pending(
             reply,
             scoped(tx, first_error, |tx| upgrade(tx, now, &request)),

@@ -180,6 +180,7 @@ enum Request {
     Versions(Option<String>, Reply<Vec<super::VersionRecord>>),
     Version(String, u32, Reply<Option<super::StoredVersion>>),
     VersionById(i64, Reply<Option<super::StoredVersion>>),
+    VersionCounts(Option<String>, Reply<Vec<super::VersionCounts>>),
     Upgrade(Micros, Box<super::UpgradeRequest>, Reply<super::Upgraded>),
 }
 
@@ -375,6 +376,14 @@ impl ReadStore for SqliteStore {
 
     async fn version_by_id(&self, id: i64) -> StoreResult<Option<super::StoredVersion>> {
         self.read(|r| Request::VersionById(id, r)).await
+    }
+
+    async fn version_counts(
+        &self,
+        machine: Option<&str>,
+    ) -> StoreResult<Vec<super::VersionCounts>> {
+        let machine = machine.map(str::to_string);
+        self.read(|r| Request::VersionCounts(machine, r)).await
     }
 
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {

@@ -4,7 +4,7 @@ use super::*;
 use crate::engine::Position;
 use crate::store::{
     upgrade_accepts, upgrade_log, Deployed, NewVersion, StoredVersion, UpgradeRequest, Upgraded,
-    VersionRecord,
+    VersionCounts, VersionRecord,
 };
 
 /// Store each definition as its machine's next version unless the latest has its hash (see
@@ -270,4 +270,87 @@ pub(super) fn upgrade(
         .map_err(db)?;
     super::apply::insert_log(tx, instance_id, &upgrade_log(request, now))?;
     Ok(moved)
+}
+
+/// The live instances of each version (see [`ReadStore::version_counts`]): one pass over
+/// the index of live instances by version and status, and one over the index of waits.
+pub(super) fn version_counts(
+    tx: &Transaction<'_>,
+    machine: Option<&str>,
+) -> StoreResult<Vec<VersionCounts>> {
+    let number = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut counts: std::collections::BTreeMap<i64, VersionCounts> =
+        std::collections::BTreeMap::new();
+    let rows = tx
+        .prepare_cached(
+            "SELECT version, status, COUNT(*) FROM instances
+             WHERE status IN ('running', 'failed')
+               AND version IN (SELECT id FROM machine_versions WHERE ?1 IS NULL OR machine = ?1)
+             GROUP BY version, status",
+        )
+        .map_err(db)?
+        .query_map([machine], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    for (id, status, n) in rows {
+        let c = counts.entry(id).or_default();
+        if status == "running" {
+            c.running = number(n);
+        } else {
+            c.failed = number(n);
+        }
+    }
+    // The waits first (CROSS JOIN keeps that order): there are few of them, while walking
+    // the running instances to find theirs reads them all.
+    let waits = tx
+        .prepare_cached(
+            "SELECT i.version, COUNT(DISTINCT t.instance_id)
+             FROM tasks t CROSS JOIN instances i ON i.id = t.instance_id
+             WHERE t.kind = 'wait' AND i.status = 'running'
+             GROUP BY i.version",
+        )
+        .map_err(db)?
+        .query_map([], |r| {
+            Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, i64>(1)?))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    for (id, n) in waits {
+        if let Some(c) = id.and_then(|id| counts.get_mut(&id)) {
+            c.waiting = number(n);
+        }
+    }
+    let names = tx
+        .prepare_cached(
+            "SELECT id, machine, version FROM machine_versions WHERE ?1 IS NULL OR machine = ?1",
+        )
+        .map_err(db)?
+        .query_map([machine], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)?;
+    let mut out = Vec::with_capacity(counts.len());
+    for (id, machine, version) in names {
+        if let Some(mut c) = counts.remove(&id) {
+            c.machine = machine;
+            c.version = u32::try_from(version).unwrap_or(u32::MAX);
+            out.push(c);
+        }
+    }
+    out.sort_by(|a, b| (&a.machine, a.version).cmp(&(&b.machine, b.version)));
+    Ok(out)
 }
