@@ -40,6 +40,7 @@ pub async fn versions(
             definition: format!("# version {n}\n"),
             source: format!("# version {n}\n"),
             path: "fsm.yaml".into(),
+            if_unknown: false,
         };
         if let Err(e) = store.deploy(n.into(), &[version]).await {
             return exit::database(e);

@@ -31,7 +31,7 @@ pub(crate) async fn deploy_loaded(
         path,
         source: &source,
     };
-    match deploy(store, &SystemClock, &[file]).await {
+    match phasm::control::deploy_for_work(store, &SystemClock, &[file]).await {
         Ok(deployed) => {
             for d in deployed.iter().filter(|d| d.new) {
                 tracing::info!(machine = %d.machine, version = d.version, "deployed a new version");

@@ -51,6 +51,29 @@ pub async fn deploy(
     clock: &dyn Clock,
     files: &[DeployFile<'_>],
 ) -> Result<Vec<Deployed>, DeployError> {
+    deploy_as(store, clock, files, false).await
+}
+
+/// [`deploy`] for a process about to work on `files` (`worker`, `serve`, `run`): a machine
+/// whose definition is stored already, as any version, keeps its versions as they are (see
+/// [`NewVersion::if_unknown`]); only new content becomes the latest version.
+///
+/// # Errors
+/// See [`DeployError`].
+pub async fn deploy_for_work(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    files: &[DeployFile<'_>],
+) -> Result<Vec<Deployed>, DeployError> {
+    deploy_as(store, clock, files, true).await
+}
+
+async fn deploy_as(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    files: &[DeployFile<'_>],
+    if_unknown: bool,
+) -> Result<Vec<Deployed>, DeployError> {
     let mut versions: Vec<NewVersion> = Vec::new();
     let mut seen: Vec<(String, String)> = Vec::new();
     for file in files {
@@ -70,6 +93,7 @@ pub async fn deploy(
                 definition: d.yaml,
                 source: file.source.to_string(),
                 path: path.clone(),
+                if_unknown,
             });
         }
     }

@@ -254,6 +254,12 @@ pub struct NewVersion {
     pub source: String,
     /// That file's path.
     pub path: String,
+    /// Store it only if no version of the machine holds this definition yet; a version that
+    /// does is answered as the machine's version (not new). A worker deploying its file uses
+    /// this, so a worker started with an older file (one left running during a rolling
+    /// deploy, restarted) does not make old content the latest again; `phasm deploy` does
+    /// not, so deploying earlier content is how it is made live again.
+    pub if_unknown: bool,
 }
 
 /// What a deploy did with one machine.

@@ -2118,6 +2118,7 @@ async fn a_machines_versions_are_listed_and_read_with_their_texts() {
         definition: "state_machines: []\n".into(),
         source: "changed\n".into(),
         path: "fsm.yaml".into(),
+        if_unknown: false,
     };
     store.deploy(1, &[v2]).await.unwrap();
     let api = api_with(dir, store, None, None, &[]).await;

@@ -11,6 +11,7 @@ fn v(machine: &str, hash: &str) -> NewVersion {
         definition: format!("state_machines: # {machine} {hash}\n"),
         source: format!("source of {machine} {hash}\n"),
         path: "fsm.yaml".into(),
+        if_unknown: false,
     }
 }
 
@@ -81,6 +82,21 @@ pub async fn deploying_stores_each_changed_machine_as_its_next_version(store: &d
     assert_eq!(two.record.path, "fsm.yaml");
     assert!(store.version("A", 9).await.unwrap().is_none());
     assert!(store.version("Nope", 1).await.unwrap().is_none());
+    // A worker deploying its file stores only content no version holds: an older file
+    // answers with its version and leaves the latest where it is.
+    let known = |hash: &str| NewVersion {
+        if_unknown: true,
+        ..v("A", hash)
+    };
+    assert_eq!(
+        store.deploy(T0 + 2, &[known("a2")]).await.unwrap(),
+        [deployed("A", 2, false)]
+    );
+    assert_eq!(
+        store.deploy(T0 + 2, &[known("a5")]).await.unwrap(),
+        [deployed("A", 5, true)]
+    );
+    assert_eq!(store.versions(Some("A")).await.unwrap().len(), 5);
 }
 
 /// Check that an instance records the version of its machine it started on: the latest when

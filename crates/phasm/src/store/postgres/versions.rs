@@ -30,6 +30,24 @@ pub(super) async fn deploy(
         .map_err(pg)?;
     }
     for v in versions {
+        if v.if_unknown {
+            let known = tx
+                .query_opt(
+                    "SELECT version FROM machine_versions WHERE machine = $1 AND hash = $2
+                     ORDER BY version DESC LIMIT 1",
+                    &[&v.machine, &v.hash],
+                )
+                .await
+                .map_err(pg)?;
+            if let Some(row) = known {
+                done.push(Deployed {
+                    machine: v.machine.clone(),
+                    version: u32::try_from(row.get::<_, i32>(0)).unwrap_or(u32::MAX),
+                    new: false,
+                });
+                continue;
+            }
+        }
         let latest = tx
             .query_opt(
                 "SELECT version, hash FROM machine_versions WHERE machine = $1

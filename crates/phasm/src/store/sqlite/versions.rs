@@ -17,6 +17,25 @@ pub(super) fn deploy(
 ) -> StoreResult<Vec<Deployed>> {
     let mut done = Vec::with_capacity(versions.len());
     for v in versions {
+        if v.if_unknown {
+            let known: Option<i64> = tx
+                .prepare_cached(
+                    "SELECT version FROM machine_versions WHERE machine = ?1 AND hash = ?2
+                     ORDER BY version DESC LIMIT 1",
+                )
+                .map_err(db)?
+                .query_row(params![v.machine, v.hash], |r| r.get(0))
+                .optional()
+                .map_err(db)?;
+            if let Some(version) = known {
+                done.push(Deployed {
+                    machine: v.machine.clone(),
+                    version: u32::try_from(version).unwrap_or(u32::MAX),
+                    new: false,
+                });
+                continue;
+            }
+        }
         let latest: Option<(i64, String)> = tx
             .prepare_cached(
                 "SELECT version, hash FROM machine_versions WHERE machine = ?1
