@@ -14,6 +14,7 @@ mod failed_siblings;
 mod fantasm_example;
 mod postgres_workers;
 mod python_workers;
+mod rolling_deploy;
 mod run;
 mod schedules;
 mod sqlite_files;
