@@ -165,11 +165,15 @@ fn rolling_deploy_on(root: &Path, db: &str) {
         }
         workers = vec![worker(&one, db, &[]), worker(&two, db, &[])];
     }
-    until("every instance to complete", Duration::from_secs(120), || {
-        old.iter()
-            .chain(&new)
-            .all(|n| status(&one, db, n)["status"] == "completed")
-    });
+    until(
+        "every instance to complete",
+        Duration::from_secs(120),
+        || {
+            old.iter()
+                .chain(&new)
+                .all(|n| status(&one, db, n)["status"] == "completed")
+        },
+    );
     for w in workers {
         kill(w);
     }

@@ -196,3 +196,47 @@ fn the_schedules_example_is_valid() {
     );
     assert!(text.contains("never"), "{text}");
 }
+
+/// The live schedules are the latest deployed version's: a worker started with a file that
+/// has `tick` stops firing it once a deploy (from another file) removes it.
+fn a_removed_schedule_stops(db: Option<&str>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (d, next) = (dir.path(), dir.path().join("next"));
+    let file = d.join("phasm.db").display().to_string();
+    let db = db.unwrap_or(&file);
+    std::fs::write(d.join("fsm.yaml"), MACHINE).expect("write");
+    std::fs::create_dir(&next).expect("mkdir");
+    let without = MACHINE.replace(
+        "- name: tick\n  machine: Job\n  every: 1s\n  context: {kind: scheduled}\n  overlap: allow\n",
+        "",
+    );
+    assert_ne!(without, MACHINE);
+    std::fs::write(next.join("fsm.yaml"), without).expect("write");
+    let w = worker(d, db, &[]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        !instances(d, db).is_empty(),
+        "`tick` fired before the deploy"
+    );
+    let out = phasm(&next, db, &["deploy", "fsm.yaml"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "Job v2 (new)\n");
+    // Within one look at the versions (5 s) the worker stops firing it.
+    std::thread::sleep(Duration::from_millis(6500));
+    let settled = instances(d, db).len();
+    std::thread::sleep(Duration::from_secs(3));
+    let later = instances(d, db).len();
+    kill(w);
+    assert_eq!(
+        later, settled,
+        "a schedule the latest version removed still fires"
+    );
+}
+
+#[test]
+fn a_deploy_that_removes_a_schedule_stops_it_on_sqlite_and_postgres() {
+    a_removed_schedule_stops(None);
+    if let Some(schema) = postgres_schema("removed_schedule") {
+        a_removed_schedule_stops(Some(&schema.url));
+    }
+}

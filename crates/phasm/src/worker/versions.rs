@@ -161,6 +161,11 @@ impl Versions {
         }
     }
 
+    /// Whether `hash` is the definition of `machine` in the worker's own configuration.
+    pub(crate) fn is_own(&self, machine: &str, hash: &str) -> bool {
+        self.own_hashes.get(machine).is_some_and(|h| h == hash)
+    }
+
     /// The versions this worker met and cannot run, described.
     pub(crate) fn unavailable(&self) -> Vec<String> {
         lock(&self.met)
