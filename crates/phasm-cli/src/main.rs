@@ -141,8 +141,9 @@ enum Command {
     /// Work on every instance of the file's machines until stopped (SIGINT/SIGTERM finish the
     /// running steps, then exit).
     Worker {
-        /// The machine file.
-        file: PathBuf,
+        /// The machine file (deployed first). Without it, the worker works on what the
+        /// database has deployed: the latest version of every machine.
+        file: Option<PathBuf>,
         /// Only tasks of these queues (comma-separated).
         #[arg(long, value_delimiter = ',')]
         queues: Option<Vec<String>>,
@@ -169,8 +170,9 @@ enum Command {
     },
     /// Run a worker and the HTTP API in one process.
     Serve {
-        /// The machine file.
-        file: PathBuf,
+        /// The machine file (deployed first). Without it, the server works on what the
+        /// database has deployed: the latest version of every machine.
+        file: Option<PathBuf>,
         /// Address to listen on. Any address other than loopback needs --token.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
@@ -466,7 +468,7 @@ async fn run_async(command: Command) -> ExitCode {
                 max_context_bytes,
                 quiet,
             };
-            cmd::run::worker(&file, options, &db).await
+            cmd::run::worker(file.as_deref(), options, &db).await
         }
         Command::Serve {
             file,
@@ -490,7 +492,7 @@ async fn run_async(command: Command) -> ExitCode {
                 concurrency,
                 scrub_older_than,
             };
-            cmd::run::serve(&file, settings, &db).await
+            cmd::run::serve(file.as_deref(), settings, &db).await
         }
         Command::Scrub {
             older_than,

@@ -597,8 +597,66 @@ pub struct WorkerArgs {
     pub quiet: bool,
 }
 
+/// What a worker or a server works on.
+struct WorkOn {
+    store: Arc<dyn Store>,
+    config: Config,
+    registry: Registry,
+    own_hashes: HashMap<String, String>,
+    /// The file, or what the database has deployed, for messages.
+    label: String,
+}
+
+/// Open the store and take what to work on: `file` (validated, deployed, its Python hosts
+/// started), or without one the latest deployed version of every machine (each step bound by
+/// its own version; see [`phasm::control::deployed_config`]).
+async fn work_on(
+    file: Option<&Path>,
+    db_args: &DbArgs,
+    connections: usize,
+) -> Result<WorkOn, ExitCode> {
+    let Some(file) = file else {
+        let store = db::open(db_args, connections)
+            .await
+            .map_err(exit::database)?;
+        let deployed = match phasm::control::deployed_config(&*store).await {
+            Ok(d) => d,
+            Err(phasm::control::DeployedError::Store(e)) => return Err(exit::database(e)),
+            Err(e) => return Err(exit::invalid(e)),
+        };
+        let label = deployed
+            .versions
+            .iter()
+            .map(|(m, v)| format!("{m} v{v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Ok(WorkOn {
+            store,
+            registry: registry(&deployed.config),
+            config: deployed.config,
+            own_hashes: HashMap::new(),
+            label: format!("the deployed versions ({label})"),
+        });
+    };
+    let (mut config, sites) = load_with_sites(file).ok_or_else(exit::invalid_reported)?;
+    let store = db::open(db_args, connections)
+        .await
+        .map_err(exit::database)?;
+    let own_hashes = super::versions::deploy_loaded(&*store, &config, file).await?;
+    let registry = bind(&mut config, &sites)
+        .await
+        .ok_or_else(exit::invalid_reported)?;
+    Ok(WorkOn {
+        store,
+        config,
+        registry,
+        own_hashes,
+        label: file.display().to_string(),
+    })
+}
+
 /// `phasm worker`: work until stopped.
-pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode {
+pub async fn worker(file: Option<&Path>, args: WorkerArgs, db_args: &DbArgs) -> ExitCode {
     let WorkerArgs {
         queues,
         targets,
@@ -608,21 +666,15 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         quiet,
     } = args;
     let shutdown = Shutdown::install();
-    let Some((mut config, sites)) = load_with_sites(file) else {
-        return exit::invalid_reported();
-    };
-    let store = match db::open(db_args, concurrency).await {
-        Ok(s) => s,
-        Err(e) => {
-            return exit::database(e);
-        }
-    };
-    let own_hashes = match super::versions::deploy_loaded(&*store, &config, file).await {
-        Ok(hashes) => hashes,
+    let WorkOn {
+        store,
+        config,
+        registry,
+        own_hashes,
+        label,
+    } = match work_on(file, db_args, concurrency).await {
+        Ok(w) => w,
         Err(code) => return code,
-    };
-    let Some(registry) = bind(&mut config, &sites).await else {
-        return exit::invalid_reported();
     };
     let pools = if targets.is_empty() {
         "untargeted tasks".to_string()
@@ -668,20 +720,20 @@ pub async fn worker(file: &Path, args: WorkerArgs, db_args: &DbArgs) -> ExitCode
         }
     };
     eprintln!(
-        "worker {owner} started on {} ({pools})",
+        "worker {owner} started on {} ({pools}), working on {label}",
         db::redact(&db_args.db)
     );
     let unserved = unserved_targets(&worker_config, &served);
     if !unserved.is_empty() {
         eprintln!(
-            "warning: this worker does not take steps with target {} (used in {}): they wait for `phasm worker {} --target NAME`",
+            "warning: this worker does not take steps with target {} (used in {}): they wait for `phasm worker {}--target NAME`",
             unserved
                 .iter()
                 .map(|t| format!("`{t}`"))
                 .collect::<Vec<_>>()
                 .join(", "),
-            file.display(),
-            file.display()
+            label,
+            file.map_or_else(String::new, |f| format!("{} ", f.display()))
         );
     }
     let result = worker.run(shutdown.wait()).await;
@@ -767,7 +819,7 @@ fn serve_token(settings: &ServeSettings) -> Result<Option<String>, String> {
 }
 
 /// `phasm serve`: a worker and the HTTP API, until SIGINT or SIGTERM.
-pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> ExitCode {
+pub async fn serve(file: Option<&Path>, settings: ServeSettings, db_args: &DbArgs) -> ExitCode {
     let token = match serve_token(&settings) {
         Ok(t) => t,
         Err(e) => return exit::invalid(e),
@@ -805,21 +857,15 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
     if !listen.ip().is_loopback() && token.as_deref().is_none_or(str::is_empty) {
         return exit::invalid(format!("listening on {listen} would expose the API beyond this host; set a token with --token or PHASM_TOKEN"));
     }
-    let Some((mut config, sites)) = load_with_sites(file) else {
-        return exit::invalid_reported();
-    };
-    let store = match db::open(db_args, concurrency).await {
-        Ok(s) => s,
-        Err(e) => {
-            return exit::database(e);
-        }
-    };
-    let own_hashes = match super::versions::deploy_loaded(&*store, &config, file).await {
-        Ok(hashes) => hashes,
+    let WorkOn {
+        store,
+        config,
+        registry,
+        own_hashes,
+        label,
+    } = match work_on(file, db_args, concurrency).await {
+        Ok(w) => w,
         Err(code) => return code,
-    };
-    let Some(registry) = bind(&mut config, &sites).await else {
-        return exit::invalid_reported();
     };
     let config = Arc::new(config);
     let registry = Arc::new(registry);
@@ -888,7 +934,7 @@ pub async fn serve(file: &Path, settings: ServeSettings, db_args: &DbArgs) -> Ex
         let _ = api_stop.changed().await;
     }));
     eprintln!(
-        "phasm serving http://{listen} (API under /api, health at /healthz) on {}",
+        "phasm serving http://{listen} (API under /api, health at /healthz) on {}, working on {label}",
         db::redact(&db_args.db)
     );
     let mut worker_stop = stop_rx;

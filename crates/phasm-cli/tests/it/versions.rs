@@ -285,3 +285,55 @@ fn instances_move_forward_only_where_their_states_exist_on_sqlite_and_postgres()
         upgrades_on(d, &schema.url);
     }
 }
+
+/// `phasm worker` without a file works on what the database has deployed, each step bound by
+/// its own version (an exec binding here); with nothing deployed it says what to do.
+fn works_on_what_is_deployed(d: &Path, db: &str) {
+    let elsewhere = d.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = phasm(&elsewhere, db, &["worker"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("no machine is deployed in this database"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(d.join("fsm.yaml"), ONE).unwrap();
+    assert!(phasm(d, db, &["deploy", "fsm.yaml"]).status.success());
+    let out = phasm(
+        d,
+        db,
+        &["start", "fsm.yaml", "--machine", "Order", "--name", "w1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The file is gone: the worker reads the machines from the database.
+    std::fs::remove_file(d.join("fsm.yaml")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["worker", "--lease", "2s"])
+        .current_dir(&elsewhere)
+        .env("PHASM_DB", db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("w1 to complete", || {
+        status(d, db, "w1")["status"] == "completed"
+    });
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = text(&out.stderr);
+    assert!(
+        said.contains("working on the deployed versions (Order v1, Refund v1)"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_worker_without_a_file_works_on_what_is_deployed_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    works_on_what_is_deployed(d, &d.join("phasm.db").display().to_string());
+    if let Some(schema) = postgres_schema("versions_deployed") {
+        works_on_what_is_deployed(d, &schema.url);
+    }
+}

@@ -343,3 +343,67 @@ pub fn version_json(v: &VersionRecord, counts: &[VersionCounts]) -> serde_json::
         "failed": c.failed,
     })
 }
+
+/// What a database has deployed: the latest version of every machine, gathered into one
+/// configuration (`phasm worker` and `phasm serve` without a file work on it).
+#[derive(Debug, Clone)]
+pub struct DeployedConfig {
+    /// The machines of the latest versions, with the bindings, queue limits and schedules
+    /// they use. Where two machines bind the same action name differently, this holds one of
+    /// them; each step still runs on its own version's bindings.
+    pub config: Config,
+    /// Each machine and its latest version, by machine.
+    pub versions: Vec<(String, u32)>,
+}
+
+/// Why what is deployed cannot be worked on.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployedError {
+    /// The database holds no version at all.
+    #[error("no machine is deployed in this database: give the machine FILE, or store it first with `phasm deploy FILE`")]
+    Nothing,
+    /// A latest version cannot be read by this phasm.
+    #[error(transparent)]
+    Unreadable(#[from] crate::config::UnreadableDefinition),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The latest version of every deployed machine, loaded and gathered (see
+/// [`DeployedConfig`]).
+///
+/// # Errors
+/// See [`DeployedError`].
+pub async fn deployed_config(store: &dyn Store) -> Result<DeployedConfig, DeployedError> {
+    let records = store.versions(None).await?;
+    let mut latest: BTreeMap<&str, u32> = BTreeMap::new();
+    for r in &records {
+        latest.insert(&r.machine, r.version);
+    }
+    if latest.is_empty() {
+        return Err(DeployedError::Nothing);
+    }
+    let mut config = Config::default();
+    let mut versions = Vec::with_capacity(latest.len());
+    for (machine, version) in latest {
+        let Some(stored) = store.version(machine, version).await? else {
+            continue;
+        };
+        let loaded = load_definition(machine, version, &stored.definition, &stored.record.path)?;
+        let one = loaded.config;
+        config.machines.extend(one.machines);
+        for (name, binding) in one.actions {
+            config.actions.entry(name).or_insert(binding);
+        }
+        for (name, limits) in one.queues {
+            config.queues.entry(name).or_insert(limits);
+        }
+        if config.python.is_none() {
+            config.python = one.python;
+        }
+        config.schedules.extend(one.schedules);
+        versions.push((machine.to_string(), version));
+    }
+    Ok(DeployedConfig { config, versions })
+}
