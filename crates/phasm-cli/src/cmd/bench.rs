@@ -661,13 +661,17 @@ pub async fn run(bench: Bench) -> ExitCode {
     }
 }
 
-/// The chain machine and its actions; for Python and exec, the module lives in `dir`.
+/// The chain machine and its actions; for Python and exec, the module lives in `dir`. The
+/// machine is deployed to `store` first, as `phasm worker` does, so its instances are pinned
+/// to a version and every step looks its version up (the definition hashes of the worker's
+/// own configuration are the third part of the answer).
 async fn chain_setup(
+    store: &dyn Store,
     steps: usize,
     actions: Actions,
     processes: Option<u32>,
     dir: &std::path::Path,
-) -> Result<(Arc<phasm::machine::Config>, Registry), ExitCode> {
+) -> Result<ChainSetup, ExitCode> {
     let mut yaml = chain_yaml(steps, actions != Actions::Rust);
     match actions {
         Actions::Rust => {}
@@ -689,6 +693,18 @@ async fn chain_setup(
     let loaded = load_str(&yaml, dir.join("bench-chain.yaml"), &LoadOptions::default())
         .map_err(exit::failed)?;
     let mut config = loaded.config;
+    let file = phasm::control::DeployFile {
+        config: &config,
+        path: std::path::Path::new("bench-chain.yaml"),
+        source: &yaml,
+    };
+    phasm::control::deploy_for_work(store, &SystemClock, &[file])
+        .await
+        .map_err(exit::failed)?;
+    let own_hashes = phasm::config::definitions(&config)
+        .into_iter()
+        .map(|d| (d.machine, d.hash))
+        .collect();
     let mut registry = Registry::new();
     registry.bind_config(&config);
     if actions == Actions::Rust {
@@ -698,8 +714,15 @@ async fn chain_setup(
     phasm::action::python::start(&mut config, &loaded.sites, &mut registry)
         .await
         .map_err(exit::failed)?;
-    Ok((Arc::new(config), registry))
+    Ok((Arc::new(config), registry, own_hashes))
 }
+
+/// The chain's configuration, its registry and its definitions' hashes.
+type ChainSetup = (
+    Arc<phasm::machine::Config>,
+    Registry,
+    std::collections::HashMap<String, String>,
+);
 
 /// A folder for the benchmark's action module (removed afterwards).
 fn bench_dir() -> Result<tempfile::TempDir, ExitCode> {
@@ -740,15 +763,17 @@ async fn chain_worker(
         Ok(d) => d,
         Err(code) => return code,
     };
-    let (config, registry) = match chain_setup(steps, actions, processes, dir.path()).await {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
+    let (config, registry, own_hashes) =
+        match chain_setup(&*store, steps, actions, processes, dir.path()).await {
+            Ok(x) => x,
+            Err(code) => return code,
+        };
     let registry = Arc::new(registry);
     let options = WorkerOptions {
         concurrency,
         stop: StopWhen::Idle,
         schedules: false,
+        own_hashes,
         ..WorkerOptions::default()
     };
     let worker = match Worker::new(
@@ -840,10 +865,11 @@ async fn chain(args: ChainArgs) -> ExitCode {
     };
     // The Python hosts of the measuring process work only when it runs the worker itself.
     let own_actions = if workers == 1 { actions } else { Actions::Rust };
-    let (config, registry) = match chain_setup(steps, own_actions, processes, dir.path()).await {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
+    let (config, registry, own_hashes) =
+        match chain_setup(&*store, steps, own_actions, processes, dir.path()).await {
+            Ok(x) => x,
+            Err(code) => return code,
+        };
     let registry = Arc::new(registry);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
@@ -877,6 +903,7 @@ async fn chain(args: ChainArgs) -> ExitCode {
             stop: StopWhen::Idle,
             seed: Some(1),
             schedules: false,
+            own_hashes,
             ..WorkerOptions::default()
         };
         let worker = match Worker::new(
