@@ -80,16 +80,36 @@ pub async fn run(files: &[PathBuf], db_args: &DbArgs) -> ExitCode {
             source,
         })
         .collect();
-    match deploy(&*store, &SystemClock, &deploys).await {
-        Ok(deployed) => {
-            for d in deployed {
-                let what = if d.new { "new" } else { "unchanged" };
-                outln!("{} v{} ({what})", d.machine, d.version);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => failed(e),
+    let deployed = match deploy(&*store, &SystemClock, &deploys).await {
+        Ok(deployed) => deployed,
+        Err(e) => return failed(e),
+    };
+    for d in &deployed {
+        let what = if d.new { "new" } else { "unchanged" };
+        outln!("{} v{} ({what})", d.machine, d.version);
     }
+    // Machines deployed before but not in these files keep their versions; say which still
+    // have instances on them.
+    match store.version_counts(None).await {
+        Ok(counts) => {
+            let mut absent: std::collections::BTreeMap<&str, u64> = Default::default();
+            for c in counts
+                .iter()
+                .filter(|c| !deployed.iter().any(|d| d.machine == c.machine))
+            {
+                *absent.entry(&c.machine).or_default() += c.running + c.failed;
+            }
+            for (machine, live) in absent {
+                let verb = if live == 1 { "runs" } else { "run" };
+                outln!(
+                    "{machine}: not in these files; its versions stay, and {} still {verb} on them",
+                    crate::output::count(live, "instance")
+                );
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "counting the instances of other machines failed"),
+    }
+    ExitCode::SUCCESS
 }
 
 /// `phasm versions [MACHINE]`: each stored version, oldest first.

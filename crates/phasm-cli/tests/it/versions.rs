@@ -99,6 +99,21 @@ fn deploys_on(d: &Path, db: &str) {
         "{shown}"
     );
     assert!(!shown.contains("Refund v2"), "{shown}");
+    // A file without Refund, whose instance still runs, leaves its versions and says so.
+    let out = phasm(
+        d,
+        db,
+        &["start", "fsm.yaml", "--machine", "Refund", "--name", "r1"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let only_order = ONE.split("- name: Refund").next().unwrap().to_string();
+    std::fs::write(d.join("order.yaml"), only_order).unwrap();
+    let out = phasm(d, db, &["deploy", "order.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "Order v4 (new)\nRefund: not in these files; its versions stay, and 1 instance still runs on them\n"
+    );
 }
 
 #[test]
