@@ -258,6 +258,22 @@ enum Command {
         #[command(flatten)]
         db: ReadDbArgs,
     },
+    /// What changed between two deployed versions of a machine: its states, transitions,
+    /// action bindings, queue limits, python section, schedules and settings, each added
+    /// (+), removed (-) or changed (~).
+    Diff {
+        /// The machine.
+        machine: String,
+        /// The older version.
+        from: u32,
+        /// The newer version.
+        to: u32,
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: ReadDbArgs,
+    },
     /// Move instances to a later version of their machine: each only if every state its
     /// branches are in, and every pending step's transition, exists in the target (directly
     /// or renamed with --map), and no step of it is running. Exit 1 if one did not move.
@@ -504,6 +520,13 @@ async fn run_async(command: Command) -> ExitCode {
         Command::Versions { machine, json, db } => {
             cmd::versions::list(machine.as_deref(), json, &db.to_db_args()).await
         }
+        Command::Diff {
+            machine,
+            from,
+            to,
+            json,
+            db,
+        } => cmd::versions::diff(&machine, from, to, json, &db.to_db_args()).await,
         Command::Upgrade {
             instances,
             machine,

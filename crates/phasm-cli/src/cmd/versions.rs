@@ -228,3 +228,53 @@ pub async fn upgrade(
         exit::failed_reported()
     }
 }
+
+/// `phasm diff MACHINE FROM TO`: one line per difference (`+`, `-`, `~`), or that there is
+/// none.
+pub async fn diff(machine: &str, from: u32, to: u32, as_json: bool, db_args: &DbArgs) -> ExitCode {
+    let store = match super::inspect::open_db(db_args, phasm::store::Access::ReadOnly).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut configs = Vec::with_capacity(2);
+    for n in [from, to] {
+        let stored = match store.version(machine, n).await {
+            Ok(Some(stored)) => stored,
+            Ok(None) => {
+                let known = match store.versions(Some(machine)).await {
+                    Ok(v) => v,
+                    Err(e) => return exit::database(e),
+                };
+                let list: Vec<String> = known.iter().map(|r| format!("v{}", r.version)).collect();
+                return exit::invalid(if list.is_empty() {
+                    format!("machine `{machine}` was never deployed")
+                } else {
+                    format!(
+                        "machine `{machine}` has no version {n}; its versions are {}",
+                        list.join(", ")
+                    )
+                });
+            }
+            Err(e) => return exit::database(e),
+        };
+        match phasm::config::load_definition(machine, n, &stored.definition, &stored.record.path) {
+            Ok(loaded) => configs.push(loaded.config),
+            Err(e) => return exit::failed(e),
+        }
+    }
+    let changes = phasm::config::diff(&configs[0], &configs[1], machine);
+    if as_json {
+        let list: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|c| json!({ "change": c.kind.as_str(), "what": c.what, "how": c.how }))
+            .collect();
+        outln!("{}", serde_json::Value::Array(list));
+    } else if changes.is_empty() {
+        outln!("{machine} v{from} and v{to} do not differ");
+    } else {
+        for c in &changes {
+            outln!("{c}");
+        }
+    }
+    ExitCode::SUCCESS
+}

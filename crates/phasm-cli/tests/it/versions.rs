@@ -253,6 +253,24 @@ fn upgrades_on(d: &Path, db: &str) {
         "{}",
         text(&out.stdout)
     );
+    // `phasm diff` says what changed.
+    let out = phasm(d, db, &["diff", "Shop", "1", "2"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let said = text(&out.stdout);
+    assert!(
+        said.contains("- state `approval`") && said.contains("+ state `review`"),
+        "{said}"
+    );
+    assert!(said.contains("+ transition `review --approve`"), "{said}");
+    let out = phasm(d, db, &["diff", "Shop", "1", "1"]);
+    assert_eq!(text(&out.stdout), "Shop v1 and v1 do not differ\n");
+    let out = phasm(d, db, &["diff", "Shop", "1", "7"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("its versions are v1, v2"),
+        "{}",
+        text(&out.stderr)
+    );
     // The moved instance takes its event and ends through v2's states.
     let out = phasm(d, db, &["send", "s0", "approve"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -8,6 +8,7 @@
 mod build;
 mod check;
 mod definition;
+mod diff;
 mod duration;
 mod emit;
 mod load;
@@ -19,6 +20,7 @@ mod yaml;
 use std::path::Path;
 
 pub use definition::{definition, definitions, load_definition, Definition, UnreadableDefinition};
+pub use diff::{diff, Change, ChangeKind};
 pub use emit::to_yaml;
 
 use crate::diagnostic::{Diagnostic, Diagnostics};
