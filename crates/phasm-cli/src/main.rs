@@ -203,7 +203,8 @@ enum Command {
         #[command(flatten)]
         db: DbArgs,
     },
-    /// Delete ended instances (with their history and logs) older than a cutoff.
+    /// Delete ended instances (with their history and logs) older than a cutoff, then the
+    /// deployed versions no instance is left on (never the latest of a machine).
     Scrub {
         /// Age of the instances to delete, counted from when they ended (`30d`, `12h`).
         #[arg(long, value_parser = cmd::parse_duration)]

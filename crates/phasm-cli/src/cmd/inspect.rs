@@ -535,6 +535,19 @@ pub async fn scrub(older_than: std::time::Duration, batch: usize, args: &DbArgs)
                 if n == 1 { "" } else { "s" },
                 age(older_than)
             );
+        }
+        Err(e) => return exit::database(e),
+    }
+    // Then the versions no instance is left on (the latest of each machine stays).
+    match store.scrub_versions().await {
+        Ok(gone) if gone.is_empty() => ExitCode::SUCCESS,
+        Ok(gone) => {
+            let list: Vec<String> = gone.iter().map(|(m, v)| format!("{m} v{v}")).collect();
+            outln!(
+                "removed {} no instance is on: {}",
+                crate::output::count(gone.len() as u64, "version"),
+                list.join(", ")
+            );
             ExitCode::SUCCESS
         }
         Err(e) => exit::database(e),

@@ -114,6 +114,23 @@ fn deploys_on(d: &Path, db: &str) {
         text(&out.stdout),
         "Order v4 (new)\nRefund: not in these files; its versions stay, and 1 instance still runs on them\n"
     );
+    // Scrubbing removes the versions no instance is on, never the latest.
+    let out = phasm(d, db, &["scrub", "--older-than", "30d"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).ends_with("removed 2 versions no instance is on: Order v1, Order v2\n"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = phasm(d, db, &["versions", "--json"]);
+    let left: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let left: Vec<String> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| format!("{} v{}", v["machine"].as_str().unwrap(), v["version"]))
+        .collect();
+    assert_eq!(left, ["Order v3", "Order v4", "Refund v1"]);
 }
 
 #[test]
@@ -291,6 +308,14 @@ fn upgrades_on(d: &Path, db: &str) {
         (list[1]["running"].as_u64(), list[1]["waiting"].as_u64()),
         (Some(4), Some(3)),
         "{list}"
+    );
+    // Every instance left v1: scrubbing removes it (v2, the latest, stays).
+    let out = phasm(d, db, &["scrub", "--older-than", "1d"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).ends_with("removed 1 version no instance is on: Shop v1\n"),
+        "{}",
+        text(&out.stdout)
     );
     let w = worker(d, db, &[]);
     until("s0 to complete", || {

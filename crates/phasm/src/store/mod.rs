@@ -1637,6 +1637,11 @@ pub trait AdminStore: Send + Sync + std::fmt::Debug {
     /// transaction, so workers are not held up).
     async fn scrub(&self, cutoff: Micros, batch: usize) -> StoreResult<u64>;
 
+    /// Delete every version no instance records, except the latest of each machine (which
+    /// new instances start on); the versions deleted, by machine and number. One transaction
+    /// that reads which versions instances use in one pass.
+    async fn scrub_versions(&self) -> StoreResult<Vec<(String, u32)>>;
+
     /// Measure the backend's durable single-row commit rate (commits per second), the
     /// physical limit `phasm bench` compares against.
     async fn probe_commit_rate(&self, commits: usize) -> StoreResult<f64>;

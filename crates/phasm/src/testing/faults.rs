@@ -305,6 +305,10 @@ impl AdminStore for FaultyStore {
         self.inner.deploy(now, versions).await
     }
 
+    async fn scrub_versions(&self) -> StoreResult<Vec<(String, u32)>> {
+        self.inner.scrub_versions().await
+    }
+
     async fn upgrade(
         &self,
         now: Micros,

@@ -111,6 +111,7 @@ checks!(
     deploying_stores_each_changed_machine_as_its_next_version,
     instances_record_the_version_they_started_on,
     an_upgrade_moves_an_instance_only_when_its_places_exist,
+    scrubbing_versions_keeps_the_latest_and_those_in_use,
 );
 
 /// Run every check in [`CHECKS`], each on a fresh store from `fresh` (given the check's name,

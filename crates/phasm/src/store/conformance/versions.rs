@@ -327,3 +327,35 @@ pub async fn an_upgrade_moves_an_instance_only_when_its_places_exist(store: &dyn
     );
     assert_eq!(next.name, "u--review--approved--done--step-1");
 }
+
+/// Check that scrubbing versions deletes those no instance records, but never the latest of a
+/// machine nor one an instance (running or ended) records.
+pub async fn scrubbing_versions_keeps_the_latest_and_those_in_use(store: &dyn Store) {
+    use super::start;
+    store
+        .deploy(T0, &[v("M", "m1"), v("N", "n1")])
+        .await
+        .unwrap();
+    start(store, "x", T0).await;
+    store.deploy(T0, &[v("M", "m2")]).await.unwrap();
+    store.deploy(T0, &[v("M", "m3")]).await.unwrap();
+    assert_eq!(
+        store.scrub_versions().await.unwrap(),
+        [("M".to_string(), 2)],
+        "v1 has an instance, v3 is the latest, N v1 is N's latest"
+    );
+    let left: Vec<u32> = store
+        .versions(Some("M"))
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(left, [1, 3]);
+    assert!(store.scrub_versions().await.unwrap().is_empty());
+    // The next deploy still numbers after the latest.
+    assert_eq!(
+        store.deploy(T0, &[v("M", "m4")]).await.unwrap(),
+        [deployed("M", 4, true)]
+    );
+}

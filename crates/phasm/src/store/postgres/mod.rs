@@ -652,6 +652,10 @@ impl AdminStore for PostgresStore {
         self.again(|| versions::deploy(self, now, versions)).await
     }
 
+    async fn scrub_versions(&self) -> StoreResult<Vec<(String, u32)>> {
+        self.again(|| versions::scrub_versions(self)).await
+    }
+
     async fn upgrade(
         &self,
         now: Micros,

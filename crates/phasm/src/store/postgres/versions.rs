@@ -344,3 +344,42 @@ pub(super) async fn version_counts(
         })
         .collect())
 }
+
+/// Delete the versions no instance records, but the latest of each machine (see
+/// [`AdminStore::scrub_versions`]). Deploys of the machines take turns with it (the deploy
+/// lock of every machine whose versions it looks at), so a version being stored is not
+/// judged meanwhile.
+pub(super) async fn scrub_versions(store: &PostgresStore) -> StoreResult<Vec<(String, u32)>> {
+    let mut client = store.client().await?;
+    let tx = begin(&mut client).await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('phasm-deploy:' || m))
+         FROM (SELECT DISTINCT machine AS m FROM machine_versions ORDER BY 1) AS machines",
+        &[],
+    )
+    .await
+    .map_err(pg)?;
+    let rows = tx
+        .query(
+            "DELETE FROM machine_versions v
+             WHERE NOT EXISTS (SELECT 1 FROM instances i WHERE i.version = v.id)
+               AND v.version < (SELECT MAX(l.version) FROM machine_versions l
+                                WHERE l.machine = v.machine)
+             RETURNING v.machine, v.version",
+            &[],
+        )
+        .await
+        .map_err(pg)?;
+    tx.commit().await.map_err(pg)?;
+    let mut gone: Vec<(String, u32)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                u32::try_from(r.get::<_, i32>(1)).unwrap_or(u32::MAX),
+            )
+        })
+        .collect();
+    gone.sort();
+    Ok(gone)
+}

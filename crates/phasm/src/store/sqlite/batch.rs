@@ -202,6 +202,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Version(_, _, r) | Request::VersionById(_, r) => drop(r.send(Err(err()))),
         Request::VersionCounts(_, r) => drop(r.send(Err(err()))),
         Request::Upgrade(_, _, r) => drop(r.send(Err(err()))),
+        Request::ScrubVersions(r) => drop(r.send(Err(err()))),
     }
 }
 
@@ -327,6 +328,7 @@ pub(super) fn handle(
         Request::VersionCounts(machine, reply) => {
             pending(reply, version_counts(tx, machine.as_deref()))
         }
+        Request::ScrubVersions(reply) => pending(reply, scoped(tx, first_error, scrub_versions)),
         Request::Upgrade(now, request, reply) => pending(
             reply,
             scoped(tx, first_error, |tx| upgrade(tx, now, &request)),

@@ -182,6 +182,7 @@ enum Request {
     VersionById(i64, Reply<Option<super::StoredVersion>>),
     VersionCounts(Option<String>, Reply<Vec<super::VersionCounts>>),
     Upgrade(Micros, Box<super::UpgradeRequest>, Reply<super::Upgraded>),
+    ScrubVersions(Reply<Vec<(String, u32)>>),
 }
 
 impl SqliteStore {
@@ -464,6 +465,10 @@ impl AdminStore for SqliteStore {
     ) -> StoreResult<Vec<super::Deployed>> {
         let versions = versions.to_vec();
         self.call(|r| Request::Deploy(now, versions, r)).await
+    }
+
+    async fn scrub_versions(&self) -> StoreResult<Vec<(String, u32)>> {
+        self.call(Request::ScrubVersions).await
     }
 
     async fn upgrade(

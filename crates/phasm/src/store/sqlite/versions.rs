@@ -373,3 +373,29 @@ pub(super) fn version_counts(
     out.sort_by(|a, b| (&a.machine, a.version).cmp(&(&b.machine, b.version)));
     Ok(out)
 }
+
+/// Delete the versions no instance records, but the latest of each machine (see
+/// [`AdminStore::scrub_versions`]).
+pub(super) fn scrub_versions(tx: &Transaction<'_>) -> StoreResult<Vec<(String, u32)>> {
+    tx.prepare_cached(
+        "DELETE FROM machine_versions
+         WHERE id NOT IN (SELECT DISTINCT version FROM instances WHERE version IS NOT NULL)
+           AND version < (SELECT MAX(l.version) FROM machine_versions l
+                          WHERE l.machine = machine_versions.machine)
+         RETURNING machine, version",
+    )
+    .map_err(db)?
+    .query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            u32::try_from(r.get::<_, i64>(1)?).unwrap_or(u32::MAX),
+        ))
+    })
+    .map_err(db)?
+    .collect::<Result<Vec<_>, _>>()
+    .map_err(db)
+    .map(|mut gone| {
+        gone.sort();
+        gone
+    })
+}
