@@ -287,7 +287,9 @@ pub(crate) async fn instance(
         h1 { (view.name) }
         p id="header" {
             "machine " a href={ "/machines/" (seg(&view.machine)) } { (view.machine) }
-            @if let Some(v) = view.version { " v" (v) }
+            @if let Some(v) = view.version {
+                " " a href={ "/machines/" (seg(&view.machine)) "/versions/" (v) } id="version" { "v" (v) }
+            }
             " · created " (time(view.created_at))
             @match view.ended_at {
                 Some(ended) => { " · ended " (time(ended)) " after " (human_duration(ended - view.created_at)) }

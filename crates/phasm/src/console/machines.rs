@@ -171,6 +171,7 @@ async fn machine_page(
         }
         @if let Some(p) = &schedule_problem { p class="err" { (p) } }
         @if !mine.is_empty() { (schedule_table(&mine)) }
+        (super::versions::section(state, &m.name).await)
         h2 { "Actions" }
         (bindings(&state.config, m))
         h2 { "Definition" }

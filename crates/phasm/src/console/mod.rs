@@ -5,7 +5,8 @@
 //! `login` (the token form and the check every page goes through), `machines` (the machine
 //! list, a machine's page, the start form), `instances` (the list), `instance` (one
 //! instance, its graph, timeline, cancel and retry), `history` (its steps in full, and a
-//! reset to one of them), `operations` (workers and queues). Every page
+//! reset to one of them), `operations` (workers and queues), `versions` (a machine's
+//! deployed versions, their diffs, and moving instances to the latest). Every page
 //! works without JavaScript; an instance page refreshes its live part every two seconds with
 //! a few lines of inline script.
 
@@ -17,6 +18,7 @@ mod login;
 mod machines;
 mod operations;
 mod timeline;
+mod versions;
 
 /// The cookie that carries the token for the console's pages.
 pub use crate::server::auth::TOKEN_COOKIE;
@@ -29,3 +31,4 @@ pub(crate) use layout::{html_errors, script};
 pub(crate) use login::{authorize_pages, login, login_form};
 pub(crate) use machines::{machine, machine_graph, machines, start};
 pub(crate) use operations::{queues, workers};
+pub(crate) use versions::{diff_page, upgrade, version, version_graph};

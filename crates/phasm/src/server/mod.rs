@@ -229,6 +229,16 @@ pub fn router(state: Arc<ServerState>) -> Router {
         .route("/machines/{name}", get(crate::console::machine))
         .route("/machines/{name}/start", post(crate::console::start))
         .route(
+            "/machines/{name}/versions/{n}",
+            get(crate::console::version),
+        )
+        .route(
+            "/machines/{name}/versions/{n}/graph.svg",
+            get(crate::console::version_graph),
+        )
+        .route("/machines/{name}/diff", get(crate::console::diff_page))
+        .route("/machines/{name}/upgrade", post(crate::console::upgrade))
+        .route(
             "/machines/{name}/graph.svg",
             get(crate::console::machine_graph),
         )

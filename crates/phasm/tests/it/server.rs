@@ -2205,3 +2205,96 @@ async fn a_machines_versions_are_listed_and_read_with_their_texts() {
         "{moved}"
     );
 }
+
+/// The console lists a machine's versions with their instances, shows one version and the
+/// changes between two, and moves an older version's instances to the latest after a dry run
+/// and a confirmation.
+#[tokio::test]
+async fn the_console_shows_versions_and_moves_instances_after_a_confirmation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store =
+        Arc::new(SqliteStore::open(dir.path().join("p.db"), &SqliteOptions::default()).unwrap());
+    let deploy = |yaml: String| {
+        let store = Arc::clone(&store);
+        async move {
+            let config = load_str(&yaml, "fsm.yaml", &LoadOptions::default())
+                .unwrap()
+                .config;
+            let file = phasm::control::DeployFile {
+                config: &config,
+                path: std::path::Path::new("fsm.yaml"),
+                source: &yaml,
+            };
+            phasm::control::deploy(&*store, &SystemClock, &[file])
+                .await
+                .unwrap();
+        }
+    };
+    deploy(YAML.to_string()).await;
+    let api = api_with(dir, Arc::clone(&store), None, None, &[]).await;
+    let (code, body) = call(
+        &api,
+        "POST",
+        "/api/machines/Job/instances",
+        Some(r#"{"name": "old-1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    deploy(YAML.replace("to: b", "to: c").replace("name: b", "name: c")).await;
+    let (_, page) = call(&api, "GET", "/machines/Job", None, None).await;
+    assert!(page.contains("id=\"versions\""), "{page}");
+    assert!(page.contains("Upgrade 1 to v2…"), "{page}");
+    assert!(
+        page.contains("/machines/Job/diff?from=1&amp;to=2"),
+        "{page}"
+    );
+    let (code, page) = call(&api, "GET", "/machines/Job/versions/1", None, None).await;
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("<pre id=\"definition\">") && page.contains("name: Job"),
+        "{page}"
+    );
+    let (code, svg) = call(
+        &api,
+        "GET",
+        "/machines/Job/versions/1/graph.svg",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    assert!(svg.contains("<svg"), "{svg}");
+    let (code, _) = call(&api, "GET", "/machines/Job/versions/9", None, None).await;
+    assert_eq!(code, 404);
+    let (_, page) = call(&api, "GET", "/machines/Job/diff?from=1&to=2", None, None).await;
+    assert!(
+        page.contains("state `b`") && page.contains("state `c`"),
+        "{page}"
+    );
+    let dry = form_post(&api, "/machines/Job/upgrade", SAME_ORIGIN, "from=1&map=").await;
+    assert!(dry.contains("1 of 1 instances would move"), "{dry}");
+    assert!(dry.contains("id=\"confirm-upgrade\""), "{dry}");
+    let (_, body) = call(&api, "GET", "/api/instances/old-1", None, None).await;
+    assert_eq!(json(&body)["version"], 1, "a dry run moves nothing: {body}");
+    let done = form_post(
+        &api,
+        "/machines/Job/upgrade",
+        SAME_ORIGIN,
+        "from=1&map=&confirm=1",
+    )
+    .await;
+    assert!(done.contains("1 of 1 instances moved"), "{done}");
+    let (_, body) = call(&api, "GET", "/api/instances/old-1", None, None).await;
+    assert_eq!(json(&body)["version"], 2, "{body}");
+    let (_, page) = call(&api, "GET", "/instances/old-1", None, None).await;
+    assert!(page.contains("href=\"/machines/Job/versions/2\""), "{page}");
+    let refused = form_post(
+        &api,
+        "/machines/Job/upgrade",
+        SAME_ORIGIN,
+        "from=1&map=oops",
+    )
+    .await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+}
