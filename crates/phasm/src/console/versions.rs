@@ -76,25 +76,34 @@ fn live(counts: &[VersionCounts], v: &VersionRecord) -> VersionCounts {
 }
 
 /// Version `n` of `machine`, or the response that says why not.
-async fn stored(state: &ServerState, machine: &str, n: u32) -> Result<StoredVersion, Response> {
+async fn stored(
+    state: &ServerState,
+    machine: &str,
+    n: u32,
+) -> Result<StoredVersion, Box<Response>> {
     match state.store.version(machine, n).await {
         Ok(Some(v)) => Ok(v),
-        Ok(None) => Err(problem(
+        Ok(None) => Err(Box::new(problem(
             StatusCode::NOT_FOUND,
             "Not found",
             &format!("Machine `{machine}` has no version {n}."),
-        )),
-        Err(e) => Err(problem(
+        ))),
+        Err(e) => Err(Box::new(problem(
             StatusCode::SERVICE_UNAVAILABLE,
             machine,
             &e.to_string(),
-        )),
+        ))),
     }
 }
 
-fn loaded(machine: &str, v: &StoredVersion) -> Result<Loaded, Response> {
-    load_definition(machine, v.record.version, &v.definition, &v.record.path)
-        .map_err(|e| problem(StatusCode::INTERNAL_SERVER_ERROR, machine, &e.to_string()))
+fn loaded(machine: &str, v: &StoredVersion) -> Result<Loaded, Box<Response>> {
+    load_definition(machine, v.record.version, &v.definition, &v.record.path).map_err(|e| {
+        Box::new(problem(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            machine,
+            &e.to_string(),
+        ))
+    })
 }
 
 /// `GET /machines/{name}/versions/{n}`: the version's definition, source and drawing.
@@ -104,7 +113,7 @@ pub(crate) async fn version(
 ) -> Response {
     let v = match stored(&state, &name, n).await {
         Ok(v) => v,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let q = seg(&name);
     let body = html! {
@@ -132,11 +141,11 @@ pub(crate) async fn version_graph(
 ) -> Response {
     let v = match stored(&state, &name, n).await {
         Ok(v) => v,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let loaded = match loaded(&name, &v) {
         Ok(l) => l,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let Some(m) = loaded.config.machine(&name) else {
         return StatusCode::NOT_FOUND.into_response();
@@ -165,11 +174,11 @@ pub(crate) async fn diff_page(
     for n in [q.from, q.to] {
         let v = match stored(&state, &name, n).await {
             Ok(v) => v,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         match loaded(&name, &v) {
             Ok(l) => configs.push(l.config),
-            Err(response) => return response,
+            Err(response) => return *response,
         }
     }
     let changes = diff(&configs[0], &configs[1], &name);
