@@ -394,9 +394,10 @@ enum Command {
         /// The step to run again: its id in the history.
         #[arg(long)]
         step: i64,
-        /// The machine file (the step is built again from the machine's transition).
+        /// The machine file, for an instance started before its machine was ever deployed
+        /// (the step is built again from the version the instance runs on, as stored).
         #[arg(long)]
-        file: PathBuf,
+        file: Option<PathBuf>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -583,7 +584,7 @@ async fn run_async(command: Command) -> ExitCode {
             step,
             file,
             db,
-        } => cmd::inspect::reset(&instance, step, &file, &db).await,
+        } => cmd::inspect::reset(&instance, step, file.as_deref(), &db).await,
         Command::Send {
             args,
             data,

@@ -468,9 +468,20 @@ pub async fn retry(name: &str, args: &DbArgs) -> ExitCode {
 }
 
 /// `phasm reset`.
-pub async fn reset(name: &str, step: i64, file: &std::path::Path, args: &DbArgs) -> ExitCode {
-    let Some(config) = super::files::load(file) else {
-        return exit::invalid_reported();
+pub async fn reset(
+    name: &str,
+    step: i64,
+    file: Option<&std::path::Path>,
+    args: &DbArgs,
+) -> ExitCode {
+    // The instance's version, as stored, is what the step is built from; a file is needed
+    // only for an instance started before its machine was ever deployed.
+    let config = match file {
+        Some(file) => match super::files::load(file) {
+            Some(config) => config,
+            None => return exit::invalid_reported(),
+        },
+        None => phasm::machine::Config::default(),
     };
     let store = match open_db(args, phasm::store::Access::Existing).await {
         Ok(s) => s,

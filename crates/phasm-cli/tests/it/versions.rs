@@ -325,6 +325,14 @@ fn upgrades_on(d: &Path, db: &str) {
     let s0 = status(d, db, "s0");
     assert_eq!(s0["version"], 2, "{s0}");
     assert_eq!(s0["history"][1]["from"], "review", "{s0}");
+    // A reset needs no file: the step is built again from the instance's version.
+    let step = s0["history"][1]["id"]
+        .as_i64()
+        .expect("a step id")
+        .to_string();
+    let out = phasm(d, db, &["reset", "s0", "--step", &step]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(status(d, db, "s0")["status"], "running");
     let out = phasm(d, db, &["logs", "s0"]);
     assert!(
         text(&out.stdout)

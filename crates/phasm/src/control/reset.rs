@@ -68,6 +68,9 @@ pub enum ResetError {
         /// What to do.
         hint: &'static str,
     },
+    /// The version the instance runs on is stored, but this phasm cannot read it.
+    #[error(transparent)]
+    Unreadable(#[from] crate::config::UnreadableDefinition),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -139,7 +142,28 @@ pub async fn reset(
         event: row.event.clone(),
         hint,
     };
-    let Some(machine) = config.machine(&view.machine) else {
+    // The step is built again from the version the instance runs on, as stored; `config`
+    // answers for an instance started before its machine was ever deployed.
+    let pinned = match view.version {
+        Some(n) => match store.version(&view.machine, n).await? {
+            Some(stored) => Some(
+                crate::config::load_definition(
+                    &view.machine,
+                    n,
+                    &stored.definition,
+                    &stored.record.path,
+                )?
+                .config,
+            ),
+            None => None,
+        },
+        None => None,
+    };
+    let Some(machine) = pinned
+        .as_ref()
+        .or(Some(config))
+        .and_then(|c| c.machine(&view.machine))
+    else {
         return Err(not_in_machine(
             "the machine is not in the files this server was started with",
         ));

@@ -118,6 +118,7 @@ pub(crate) fn reset_status(e: &ResetError) -> StatusCode {
     match e {
         ResetError::NotFound(_) | ResetError::NoStep { .. } => StatusCode::NOT_FOUND,
         ResetError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        ResetError::Unreadable(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ResetError::OnBranch { .. }
         | ResetError::Alongside { .. }
         | ResetError::NoInput { .. }
