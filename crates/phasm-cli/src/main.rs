@@ -98,7 +98,9 @@ enum Command {
     },
     /// Draw a machine as Graphviz DOT, Mermaid or SVG.
     Graph {
-        /// The machine file.
+        /// A machine file; or, read from the database, `MACHINE` (its latest version),
+        /// `MACHINE@N` (version N), or an instance (the version it runs on, with the states
+        /// its branches are in highlighted).
         file: PathBuf,
         /// The machine to draw (needed when the file has more than one).
         #[arg(long, short)]
@@ -109,6 +111,8 @@ enum Command {
         /// Write to this file instead of standard output.
         #[arg(long, short)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        db: ReadDbArgs,
     },
     /// Start an instance and work it to the end with an embedded worker.
     Run {
@@ -231,8 +235,9 @@ enum Command {
     /// The schedules of a machine file: when each last fired, what it started, when it
     /// fires next.
     Schedules {
-        /// The machine file.
-        file: PathBuf,
+        /// The machine file. Without it, the schedules of the latest deployed versions (the
+        /// ones workers fire).
+        file: Option<PathBuf>,
         /// As JSON.
         #[arg(long)]
         json: bool,
@@ -306,7 +311,8 @@ enum Command {
     /// The steps waiting in each queue: due, scheduled, running, how long the oldest due one
     /// waited (with --file, also each queue's limits and the empty queues that have them).
     Queues {
-        /// The machine file whose `queues:` limits to show.
+        /// The machine file whose `queues:` limits to show (without it, the limits of the
+        /// latest deployed versions, if any).
         #[arg(long)]
         file: Option<PathBuf>,
         /// As JSON.
@@ -439,12 +445,25 @@ fn main() -> ExitCode {
             machine,
             format,
             output,
-        } => cmd::files::draw(&file, machine.as_deref(), format, output.as_deref()),
+            ..
+        } if names_a_file(&file) => {
+            cmd::files::draw(&file, machine.as_deref(), format, output.as_deref())
+        }
         other => runtime().map_or_else(
             |e| exit::failed(format!("cannot start the async runtime: {e}")),
             |rt| rt.block_on(run_async(other)),
         ),
     }
+}
+
+/// Whether `phasm graph`'s argument is a machine file (it exists, or it is written as a path
+/// or a YAML file name) rather than a machine or an instance in the database.
+fn names_a_file(target: &std::path::Path) -> bool {
+    target.exists()
+        || target.components().count() > 1
+        || target
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml")
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
@@ -551,7 +570,7 @@ async fn run_async(command: Command) -> ExitCode {
             cmd::inspect::queues(file.as_deref(), json, &db.to_db_args()).await
         }
         Command::Schedules { file, json, db } => {
-            cmd::schedules::schedules(&file, json, &db.to_db_args()).await
+            cmd::schedules::schedules(file.as_deref(), json, &db.to_db_args()).await
         }
         Command::Status {
             instance,
@@ -610,6 +629,21 @@ async fn run_async(command: Command) -> ExitCode {
             db,
         } => cmd::inspect::cancel(&instance, reason.as_deref(), &db).await,
         Command::Bench { bench } => cmd::bench::run(bench).await,
-        Command::Validate { .. } | Command::Graph { .. } => exit::invalid_reported(),
+        Command::Graph {
+            file,
+            format,
+            output,
+            db,
+            ..
+        } => {
+            cmd::versions::draw(
+                &file.to_string_lossy(),
+                format,
+                output.as_deref(),
+                &db.to_db_args(),
+            )
+            .await
+        }
+        Command::Validate { .. } => exit::invalid_reported(),
     }
 }

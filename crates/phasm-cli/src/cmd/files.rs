@@ -158,6 +158,11 @@ pub fn draw(
         Format::Mermaid => graph::to_mermaid(chosen),
         Format::Svg => graph::to_svg(chosen),
     };
+    write_out(&text, output)
+}
+
+/// Write a drawing to `output`, or to standard output.
+pub(crate) fn write_out(text: &str, output: Option<&std::path::Path>) -> ExitCode {
     let written = match output {
         Some(path) => std::fs::write(path, text.as_bytes()),
         None => std::io::stdout().write_all(text.as_bytes()),

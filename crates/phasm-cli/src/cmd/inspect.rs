@@ -305,6 +305,16 @@ pub async fn queues(file: Option<&std::path::Path>, as_json: bool, args: &DbArgs
         Ok(s) => s,
         Err(code) => return code,
     };
+    // Without a file, the limits of the latest deployed versions, when something is deployed.
+    let config = match config {
+        Some(c) => Some(c),
+        None => match phasm::control::deployed_config(&*store).await {
+            Ok(d) => Some(d.config),
+            Err(phasm::control::DeployedError::Nothing) => None,
+            Err(phasm::control::DeployedError::Store(e)) => return exit::database(e),
+            Err(e) => return exit::failed(e),
+        },
+    };
     let (queues, stats) =
         match phasm::control::queue_report(&*store, config.as_ref(), SystemClock.now()).await {
             Ok(report) => report,

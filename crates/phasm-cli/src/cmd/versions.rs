@@ -278,3 +278,83 @@ pub async fn diff(machine: &str, from: u32, to: u32, as_json: bool, db_args: &Db
     }
     ExitCode::SUCCESS
 }
+
+/// `phasm graph TARGET` when TARGET is not a file: `MACHINE`, `MACHINE@N` or an instance,
+/// drawn from the version stored in the database.
+pub async fn draw(
+    target: &str,
+    format: crate::Format,
+    output: Option<&Path>,
+    db_args: &DbArgs,
+) -> ExitCode {
+    let store = match super::inspect::open_db(db_args, phasm::store::Access::ReadOnly).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // An instance first (its version, and where its branches are), then a machine.
+    let (machine, version, here) = match target.split_once('@') {
+        Some((machine, n)) => match n.trim_start_matches('v').parse::<u32>() {
+            Ok(n) => (machine.to_string(), Some(n), Vec::new()),
+            Err(_) => return exit::invalid(format!("`{n}` is not a version number (1, 2, …)")),
+        },
+        None => match store.instance(target).await {
+            Ok(Some(view)) => {
+                let Some(n) = view.version else {
+                    return exit::invalid(format!(
+                        "instance `{target}` records no version (its machine `{}` was never deployed): draw the machine file with `phasm graph FILE`",
+                        view.machine
+                    ));
+                };
+                let mut here: Vec<String> =
+                    view.tasks.iter().filter_map(|t| t.from.clone()).collect();
+                here.sort();
+                here.dedup();
+                (view.machine, Some(n), here)
+            }
+            Ok(None) => (target.to_string(), None, Vec::new()),
+            Err(e) => return exit::database(e),
+        },
+    };
+    let versions = match store.versions(Some(&machine)).await {
+        Ok(v) => v,
+        Err(e) => return exit::database(e),
+    };
+    let Some(n) = version.or_else(|| versions.last().map(|v| v.version)) else {
+        return exit::invalid(format!(
+            "`{target}` is not a file, an instance, or a deployed machine (`phasm versions` lists the deployed machines)"
+        ));
+    };
+    let stored = match store.version(&machine, n).await {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            let list: Vec<String> = versions.iter().map(|r| format!("v{}", r.version)).collect();
+            return exit::invalid(format!(
+                "machine `{machine}` has no version {n}; its versions are {}",
+                list.join(", ")
+            ));
+        }
+        Err(e) => return exit::database(e),
+    };
+    let loaded = match phasm::config::load_definition(
+        &machine,
+        n,
+        &stored.definition,
+        &stored.record.path,
+    ) {
+        Ok(l) => l,
+        Err(e) => return exit::failed(e),
+    };
+    let Some(m) = loaded.config.machine(&machine) else {
+        return exit::failed(format!("`{machine}` v{n} is not in its stored definition"));
+    };
+    let text = match format {
+        crate::Format::Dot => phasm::graph::to_dot(m),
+        crate::Format::Mermaid => phasm::graph::to_mermaid(m),
+        crate::Format::Svg if here.is_empty() => phasm::graph::to_svg(m),
+        crate::Format::Svg => {
+            let here: Vec<&str> = here.iter().map(String::as_str).collect();
+            phasm::graph::to_svg_annotated(m, &here, &[])
+        }
+    };
+    super::files::write_out(&text, output)
+}

@@ -309,6 +309,32 @@ fn upgrades_on(d: &Path, db: &str) {
         (Some(4), Some(3)),
         "{list}"
     );
+    // `phasm graph` draws a stored version: MACHINE@N, MACHINE (the latest), an instance's.
+    let drawn = |target: &str| {
+        let out = phasm(d, db, &["graph", target, "--format", "dot"]);
+        assert!(out.status.success(), "{target}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert!(drawn("Shop@1").contains("approval") && !drawn("Shop@1").contains("review"));
+    assert!(drawn("Shop").contains("review") && !drawn("Shop").contains("approval"));
+    assert!(drawn("s1").contains("review"), "s1 runs on v2");
+    let out = phasm(d, db, &["graph", "Nothing"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let out = phasm(d, db, &["graph", "Shop@9"]);
+    assert!(
+        text(&out.stderr).contains("its versions are v1, v2"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Schedules and queues without a file read the deployed versions.
+    let out = phasm(d, db, &["schedules"]);
+    assert_eq!(
+        text(&out.stdout),
+        "no schedules in the deployed versions\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(phasm(d, db, &["queues"]).status.success());
     // Every instance left v1: scrubbing removes it (v2, the latest, stays).
     let out = phasm(d, db, &["scrub", "--older-than", "1d"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
