@@ -145,9 +145,10 @@ enum Command {
     /// Work on every instance of the file's machines until stopped (SIGINT/SIGTERM finish the
     /// running steps, then exit).
     Worker {
-        /// The machine file (deployed first). Without it, the worker works on what the
-        /// database has deployed: the latest version of every machine.
-        file: Option<PathBuf>,
+        /// The machine files (deployed first; each keeps its own action bindings). Without
+        /// one, the worker works on what the database has deployed: the latest version of
+        /// every machine.
+        files: Vec<PathBuf>,
         /// Only tasks of these queues (comma-separated).
         #[arg(long, value_delimiter = ',')]
         queues: Option<Vec<String>>,
@@ -174,9 +175,10 @@ enum Command {
     },
     /// Run a worker and the HTTP API in one process.
     Serve {
-        /// The machine file (deployed first). Without it, the server works on what the
-        /// database has deployed: the latest version of every machine.
-        file: Option<PathBuf>,
+        /// The machine files (deployed first; each keeps its own action bindings). Without
+        /// one, the server works on what the database has deployed: the latest version of
+        /// every machine.
+        files: Vec<PathBuf>,
         /// Address to listen on. Any address other than loopback needs --token.
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: std::net::SocketAddr,
@@ -488,7 +490,7 @@ async fn run_async(command: Command) -> ExitCode {
             None => cmd::run::start(&start).await,
         },
         Command::Worker {
-            file,
+            files,
             queues,
             targets,
             concurrency,
@@ -505,10 +507,10 @@ async fn run_async(command: Command) -> ExitCode {
                 max_context_bytes,
                 quiet,
             };
-            cmd::run::worker(file.as_deref(), options, &db).await
+            cmd::run::worker(&files, options, &db).await
         }
         Command::Serve {
-            file,
+            files,
             listen,
             token,
             token_file,
@@ -529,7 +531,7 @@ async fn run_async(command: Command) -> ExitCode {
                 concurrency,
                 scrub_older_than,
             };
-            cmd::run::serve(file.as_deref(), settings, &db).await
+            cmd::run::serve(&files, settings, &db).await
         }
         Command::Scrub {
             older_than,

@@ -607,15 +607,20 @@ struct WorkOn {
     label: String,
 }
 
-/// Open the store and take what to work on: `file` (validated, deployed, its Python hosts
-/// started), or without one the latest deployed version of every machine (each step bound by
-/// its own version; see [`phasm::control::deployed_config`]).
+/// Open the store and take what to work on: one file (validated, deployed, its Python hosts
+/// started); several (each validated, all deployed, gathered: every machine runs on its own
+/// deployed version with its own file's bindings, Python hosts started per version); or
+/// without one the latest deployed version of every machine (each step bound by its own
+/// version; see [`phasm::control::deployed_config`]).
 async fn work_on(
-    file: Option<&Path>,
+    files: &[std::path::PathBuf],
     db_args: &DbArgs,
     connections: usize,
 ) -> Result<WorkOn, ExitCode> {
-    let Some(file) = file else {
+    if files.len() > 1 {
+        return work_on_files(files, db_args, connections).await;
+    }
+    let Some(file) = files.first() else {
         let store = db::open(db_args, connections)
             .await
             .map_err(exit::database)?;
@@ -655,8 +660,60 @@ async fn work_on(
     })
 }
 
+/// [`work_on`] several files: all validated, then deployed in one transaction (a machine in
+/// two of them is refused), then gathered. No own hashes are given: a worker recognises a
+/// machine as its own only where the gathered configuration holds its file's definition
+/// unchanged (no Python, no binding name another file binds differently); every other
+/// machine runs on its stored version with its own bindings.
+async fn work_on_files(
+    files: &[std::path::PathBuf],
+    db_args: &DbArgs,
+    connections: usize,
+) -> Result<WorkOn, ExitCode> {
+    let mut loaded = Vec::with_capacity(files.len());
+    for path in files {
+        let (config, _) = load_with_sites(path).ok_or_else(exit::invalid_reported)?;
+        let source = std::fs::read_to_string(path)
+            .map_err(|e| exit::invalid(format!("cannot read `{}`: {e}", path.display())))?;
+        loaded.push((config, path, source));
+    }
+    let store = db::open(db_args, connections)
+        .await
+        .map_err(exit::database)?;
+    let deploys: Vec<phasm::control::DeployFile<'_>> = loaded
+        .iter()
+        .map(|(config, path, source)| phasm::control::DeployFile {
+            config,
+            path,
+            source,
+        })
+        .collect();
+    match phasm::control::deploy_for_work(&*store, &SystemClock, &deploys).await {
+        Ok(deployed) => {
+            for d in deployed.iter().filter(|d| d.new) {
+                tracing::info!(machine = %d.machine, version = d.version, "deployed a new version");
+            }
+        }
+        Err(phasm::control::DeployError::Store(e)) => return Err(exit::database(e)),
+        Err(e) => return Err(exit::invalid(e)),
+    }
+    let label = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = phasm::control::gather(loaded.into_iter().map(|(c, _, _)| c).collect());
+    Ok(WorkOn {
+        store,
+        registry: registry(&config),
+        config,
+        own_hashes: HashMap::new(),
+        label,
+    })
+}
+
 /// `phasm worker`: work until stopped.
-pub async fn worker(file: Option<&Path>, args: WorkerArgs, db_args: &DbArgs) -> ExitCode {
+pub async fn worker(files: &[std::path::PathBuf], args: WorkerArgs, db_args: &DbArgs) -> ExitCode {
     let WorkerArgs {
         queues,
         targets,
@@ -672,7 +729,7 @@ pub async fn worker(file: Option<&Path>, args: WorkerArgs, db_args: &DbArgs) -> 
         registry,
         own_hashes,
         label,
-    } = match work_on(file, db_args, concurrency).await {
+    } = match work_on(files, db_args, concurrency).await {
         Ok(w) => w,
         Err(code) => return code,
     };
@@ -733,7 +790,10 @@ pub async fn worker(file: Option<&Path>, args: WorkerArgs, db_args: &DbArgs) -> 
                 .collect::<Vec<_>>()
                 .join(", "),
             label,
-            file.map_or_else(String::new, |f| format!("{} ", f.display()))
+            files
+                .iter()
+                .map(|f| format!("{} ", f.display()))
+                .collect::<String>()
         );
     }
     let result = worker.run(shutdown.wait()).await;
@@ -819,7 +879,11 @@ fn serve_token(settings: &ServeSettings) -> Result<Option<String>, String> {
 }
 
 /// `phasm serve`: a worker and the HTTP API, until SIGINT or SIGTERM.
-pub async fn serve(file: Option<&Path>, settings: ServeSettings, db_args: &DbArgs) -> ExitCode {
+pub async fn serve(
+    files: &[std::path::PathBuf],
+    settings: ServeSettings,
+    db_args: &DbArgs,
+) -> ExitCode {
     let token = match serve_token(&settings) {
         Ok(t) => t,
         Err(e) => return exit::invalid(e),
@@ -863,7 +927,7 @@ pub async fn serve(file: Option<&Path>, settings: ServeSettings, db_args: &DbArg
         registry,
         own_hashes,
         label,
-    } = match work_on(file, db_args, concurrency).await {
+    } = match work_on(files, db_args, concurrency).await {
         Ok(w) => w,
         Err(code) => return code,
     };

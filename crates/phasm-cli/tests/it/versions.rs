@@ -429,3 +429,51 @@ fn a_worker_without_a_file_works_on_what_is_deployed_on_sqlite_and_postgres() {
         works_on_what_is_deployed(d, &schema.url);
     }
 }
+
+/// A machine of `file` binding `CheckOrder` to a program that tags the context with `tag`.
+fn tagged(machine: &str, tag: &str) -> String {
+    format!(
+        "actions:\n  CheckOrder:\n    exec: [sh, -c, 'cat > /dev/null; echo \"{{\\\"context\\\": {{\\\"tag\\\": \\\"{tag}\\\"}}}}\"']\nstate_machines:\n- name: {machine}\n  states:\n  - name: check\n    initial: true\n    final: true\n    action: CheckOrder\n"
+    )
+}
+
+/// Two files that both bind `CheckOrder`, differently, deploy into one database and are
+/// worked on by one worker: each machine runs its own file's binding.
+fn two_files_keep_their_bindings(d: &Path, db: &str) {
+    std::fs::write(d.join("a.yaml"), tagged("Alpha", "a")).unwrap();
+    std::fs::write(d.join("b.yaml"), tagged("Beta", "b")).unwrap();
+    let out = phasm(d, db, &["deploy", "a.yaml", "b.yaml"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for (file, name) in [("a.yaml", "alpha-1"), ("b.yaml", "beta-1")] {
+        let out = phasm(d, db, &["start", file, "--name", name]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_phasm"))
+        .args(["worker", "a.yaml", "b.yaml", "--lease", "2s"])
+        .current_dir(d)
+        .env("PHASM_DB", db)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    until("both to complete", || {
+        ["alpha-1", "beta-1"]
+            .iter()
+            .all(|n| status(d, db, n)["status"] == "completed")
+    });
+    kill(child);
+    for (name, tag) in [("alpha-1", "a"), ("beta-1", "b")] {
+        let s = status(d, db, name);
+        assert_eq!(s["context"]["tag"], tag, "{name}: {s}");
+    }
+}
+
+#[test]
+fn files_binding_the_same_name_keep_their_own_bindings_on_sqlite_and_postgres() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    two_files_keep_their_bindings(d, &d.join("phasm.db").display().to_string());
+    if let Some(schema) = postgres_schema("versions_two_files") {
+        two_files_keep_their_bindings(d, &schema.url);
+    }
+}

@@ -16,8 +16,9 @@ pub use reset::{is_whole_line, reset, ResetError};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
 pub use versions::{
-    deploy, deploy_for_work, deployed_config, upgrade, version_json, DeployError, DeployFile,
-    DeployedConfig, DeployedError, UpgradeError, UpgradeOptions, UpgradeReport, UpgradeWhich,
+    deploy, deploy_for_work, deployed_config, gather, upgrade, version_json, DeployError,
+    DeployFile, DeployedConfig, DeployedError, UpgradeError, UpgradeOptions, UpgradeReport,
+    UpgradeWhich,
 };
 
 use serde_json::Value;

@@ -370,6 +370,33 @@ pub enum DeployedError {
     Store(#[from] StoreError),
 }
 
+/// Configurations of separate files (or versions) gathered into one: every machine; where
+/// two bind the same action name, queue or `python:` section differently, the first one's.
+/// Binding names are scoped to their file: a worker working on the gathered configuration
+/// runs each machine on its own deployed version, with that file's bindings (see
+/// [`crate::worker::WorkerOptions::own_hashes`]).
+pub fn gather(configs: Vec<Config>) -> Config {
+    let mut all = Config::default();
+    for one in configs {
+        gather_into(&mut all, one);
+    }
+    all
+}
+
+fn gather_into(all: &mut Config, one: Config) {
+    all.machines.extend(one.machines);
+    for (name, binding) in one.actions {
+        all.actions.entry(name).or_insert(binding);
+    }
+    for (name, limits) in one.queues {
+        all.queues.entry(name).or_insert(limits);
+    }
+    if all.python.is_none() {
+        all.python = one.python;
+    }
+    all.schedules.extend(one.schedules);
+}
+
 /// The latest version of every deployed machine, loaded and gathered (see
 /// [`DeployedConfig`]).
 ///
@@ -391,18 +418,7 @@ pub async fn deployed_config(store: &dyn Store) -> Result<DeployedConfig, Deploy
             continue;
         };
         let loaded = load_definition(machine, version, &stored.definition, &stored.record.path)?;
-        let one = loaded.config;
-        config.machines.extend(one.machines);
-        for (name, binding) in one.actions {
-            config.actions.entry(name).or_insert(binding);
-        }
-        for (name, limits) in one.queues {
-            config.queues.entry(name).or_insert(limits);
-        }
-        if config.python.is_none() {
-            config.python = one.python;
-        }
-        config.schedules.extend(one.schedules);
+        gather_into(&mut config, loaded.config);
         versions.push((machine.to_string(), version));
     }
     Ok(DeployedConfig { config, versions })
