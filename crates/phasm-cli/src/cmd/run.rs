@@ -32,6 +32,8 @@ struct Prepared {
     limits: Limits,
     /// The definition hash of each machine of the file, as deployed (`run` only).
     own_hashes: HashMap<String, String>,
+    /// The version the file's machine is (`run` only): what its instance starts on.
+    file_version: Option<u32>,
 }
 
 /// Check a start, and (with `hosts`: `phasm run`, which works on the file) deploy the file
@@ -69,9 +71,14 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
     let store = db::open(&args.db, connections)
         .await
         .map_err(exit::database)?;
-    let own_hashes = match &as_loaded {
-        Some(loaded) => super::versions::deploy_loaded(&*store, loaded, &args.file).await?,
-        None => HashMap::new(),
+    // `run` starts its instance on the version its file is (which the latest may not be).
+    let (own_hashes, file_version) = match &as_loaded {
+        Some(loaded) => {
+            let own = super::versions::deploy_loaded(&*store, loaded, &args.file).await?;
+            let version = own.versions.get(&machine.name).copied();
+            (own.hashes, version)
+        }
+        None => (HashMap::new(), None),
     };
     Ok(Prepared {
         machine: machine.name.clone(),
@@ -80,6 +87,7 @@ async fn prepare(args: &StartArgs, connections: usize, hosts: bool) -> Result<Pr
         context,
         store,
         own_hashes,
+        file_version,
         limits: Limits {
             max_context_bytes: args.max_context_bytes,
             ..Limits::default()
@@ -341,7 +349,8 @@ pub async fn run(args: &StartArgs, json_out: bool, concurrency: usize) -> ExitCo
         Err(code) => return code,
     };
     let started_at = Instant::now();
-    let name = match start_prepared(&p, args.name.as_deref(), args.version).await {
+    let version = args.version.or(p.file_version);
+    let name = match start_prepared(&p, args.name.as_deref(), version).await {
         Ok(outcome) => outcome.name().to_string(),
         Err(code) => return code,
     };
@@ -647,7 +656,9 @@ async fn work_on(
     let store = db::open(db_args, connections)
         .await
         .map_err(exit::database)?;
-    let own_hashes = super::versions::deploy_loaded(&*store, &config, file).await?;
+    let own_hashes = super::versions::deploy_loaded(&*store, &config, file)
+        .await?
+        .hashes;
     let registry = bind(&mut config, &sites)
         .await
         .ok_or_else(exit::invalid_reported)?;

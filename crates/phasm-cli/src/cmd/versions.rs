@@ -16,14 +16,21 @@ use super::files::load_with_sites;
 use crate::output::{outln, time};
 use crate::{db, exit, DbArgs};
 
-/// Deploy `config`, loaded from `path`, before working on it; new versions are logged. The
-/// definition hash of each machine deployed, for the worker's
-/// [`phasm::worker::WorkerOptions::own_hashes`].
+/// What deploying a worker's file said: each machine's definition hash (for the worker's
+/// [`phasm::worker::WorkerOptions::own_hashes`]) and the version its content is.
+pub(crate) struct OwnVersions {
+    pub hashes: HashMap<String, String>,
+    pub versions: HashMap<String, u32>,
+}
+
+/// Deploy `config`, loaded from `path`, before working on it; new versions are logged, and a
+/// file whose content is an older version than the latest is warned about (new instances
+/// start on the latest).
 pub(crate) async fn deploy_loaded(
     store: &dyn Store,
     config: &Config,
     path: &Path,
-) -> Result<HashMap<String, String>, ExitCode> {
+) -> Result<OwnVersions, ExitCode> {
     let source = std::fs::read_to_string(path)
         .map_err(|e| exit::invalid(format!("cannot read `{}`: {e}", path.display())))?;
     let file = DeployFile {
@@ -31,18 +38,40 @@ pub(crate) async fn deploy_loaded(
         path,
         source: &source,
     };
-    match phasm::control::deploy_for_work(store, &SystemClock, &[file]).await {
-        Ok(deployed) => {
-            for d in deployed.iter().filter(|d| d.new) {
-                tracing::info!(machine = %d.machine, version = d.version, "deployed a new version");
-            }
-            Ok(definitions(config)
-                .into_iter()
-                .map(|d| (d.machine, d.hash))
-                .collect())
+    let deployed = match phasm::control::deploy_for_work(store, &SystemClock, &[file]).await {
+        Ok(deployed) => deployed,
+        Err(e) => return Err(failed(e)),
+    };
+    for d in &deployed {
+        if d.new {
+            tracing::info!(machine = %d.machine, version = d.version, "deployed a new version");
+            continue;
         }
-        Err(e) => Err(failed(e)),
+        let latest = store
+            .versions(Some(&d.machine))
+            .await
+            .ok()
+            .and_then(|v| v.last().map(|r| r.version));
+        if let Some(latest) = latest.filter(|l| *l > d.version) {
+            eprintln!(
+                "warning: `{}` holds {} v{}, but v{latest} is the latest deployed: new instances start on v{latest}, and this process runs steps of both (`phasm deploy {}` makes this file's content the latest again)",
+                path.display(),
+                d.machine,
+                d.version,
+                path.display()
+            );
+        }
     }
+    Ok(OwnVersions {
+        hashes: definitions(config)
+            .into_iter()
+            .map(|d| (d.machine, d.hash))
+            .collect(),
+        versions: deployed
+            .into_iter()
+            .map(|d| (d.machine, d.version))
+            .collect(),
+    })
 }
 
 /// The exit for a deploy that failed: the database's fault, or the files'.

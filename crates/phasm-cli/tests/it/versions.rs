@@ -114,6 +114,25 @@ fn deploys_on(d: &Path, db: &str) {
         text(&out.stdout),
         "Order v4 (new)\nRefund: not in these files; its versions stay, and 1 instance still runs on them\n"
     );
+    // `run` of a file whose content is an older version starts on that version, and says
+    // that it is not the latest.
+    std::fs::write(
+        d.join("fsm.yaml"),
+        ONE.replace("cat > /dev/null", "cat >&2"),
+    )
+    .unwrap();
+    let out = phasm(
+        d,
+        db,
+        &["run", "fsm.yaml", "--machine", "Order", "--name", "o2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("holds Order v3, but v4 is the latest deployed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(crate::common::status(d, db, "o2")["version"], 3);
     // Scrubbing removes the versions no instance is on, never the latest.
     let out = phasm(d, db, &["scrub", "--older-than", "30d"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

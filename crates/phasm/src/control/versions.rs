@@ -251,11 +251,17 @@ pub async fn upgrade(
                     .iter()
                     .map(|r| format!("v{}", r.version))
                     .collect();
-                return Err(UpgradeError::Invalid(format!(
+                let why = format!(
                     "machine `{}` has no version {to}; its versions are {}",
                     view.machine,
                     known.join(", ")
-                )));
+                );
+                // Refused before anything moved: the whole request is bad.
+                if reports.is_empty() {
+                    return Err(UpgradeError::Invalid(why));
+                }
+                reports.push(report(Some(to), Err(why)));
+                continue;
             };
             let loaded =
                 load_definition(&view.machine, to, &stored.definition, &stored.record.path)?;
@@ -269,6 +275,8 @@ pub async fn upgrade(
             }
         }
         let Some(target) = targets.get(&key) else {
+            let why = format!("v{to} of `{}` does not define the machine", view.machine);
+            reports.push(report(Some(to), Err(why)));
             continue;
         };
         let request = UpgradeRequest {

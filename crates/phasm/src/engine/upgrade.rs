@@ -45,6 +45,10 @@ pub struct Rewrite {
     pub event: String,
     /// For a wait: the events the target state accepts (the stored `accepts` column).
     pub accepts: Option<Vec<Accept>>,
+    /// For a wait whose target state has no timeout: [`super::NEVER`], so the old deadline
+    /// does not dispatch an event the target has no transition for (else the deadline is
+    /// kept).
+    pub due_at: Option<crate::clock::Micros>,
 }
 
 /// What an upgrade writes.
@@ -91,6 +95,7 @@ pub fn plan_upgrade(
                 from_state: None,
                 event: p.event.clone(),
                 accepts: None,
+                due_at: None,
             });
             continue;
         };
@@ -104,6 +109,7 @@ pub fn plan_upgrade(
             from_state: Some(new.clone()),
             event: p.event.clone(),
             accepts: None,
+            due_at: None,
         };
         match p.kind {
             TaskKind::Dispatch => {
@@ -123,11 +129,12 @@ pub fn plan_upgrade(
                 };
                 let timeout =
                     wait.timeout.is_some() && state.transition(&wait.timeout_event).is_some();
-                rewrite.event = if timeout {
-                    wait.timeout_event.clone()
+                if timeout {
+                    rewrite.event = wait.timeout_event.clone();
                 } else {
-                    String::new()
-                };
+                    rewrite.event = String::new();
+                    rewrite.due_at = Some(super::NEVER);
+                }
                 rewrite.accepts = Some(
                     state
                         .transitions
@@ -149,7 +156,13 @@ pub fn plan_upgrade(
                     ));
                 }
             }
-            TaskKind::FinalExit => {}
+            TaskKind::FinalExit => {
+                if !state.is_final {
+                    problems.push(format!(
+                        "a branch ended in state `{old}`, and state `{new}` of v{version} is not final"
+                    ));
+                }
+            }
         }
         plan.tasks.push(rewrite);
     }
@@ -245,6 +258,34 @@ mod tests {
         let events: Vec<&str> = accepts.iter().map(|a| a.event.as_str()).collect();
         assert_eq!(events, ["approved", "late"]);
         assert_eq!(accepts[0].name, "o1--review--approved--done--step-2");
+    }
+
+    #[test]
+    fn a_wait_moved_to_a_state_without_a_timeout_never_times_out() {
+        let no_timeout = V2.replace("wait: {timeout: 1h, timeout_event: late}", "wait: {}");
+        let target = load_str(&no_timeout, "m.yaml", &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{e}"))
+            .config
+            .machines
+            .remove(0);
+        let map = [("approval".to_string(), "review".to_string())].into();
+        let planned = plan_upgrade(
+            "o1",
+            &target,
+            3,
+            &map,
+            &[wait_in("approval")],
+            &[],
+            &mut fastrand::Rng::with_seed(1),
+        )
+        .unwrap();
+        assert_eq!(planned.tasks[0].event, "");
+        assert_eq!(planned.tasks[0].due_at, Some(crate::engine::NEVER));
+        let kept = plan(&[("approval", "review")], &[wait_in("approval")], &[]).unwrap();
+        assert_eq!(
+            kept.tasks[0].due_at, None,
+            "a timeout in the target keeps the deadline"
+        );
     }
 
     #[test]

@@ -135,25 +135,36 @@ impl Versions {
         };
         let mut registry = own.handlers_only();
         registry.bind_config(&config);
-        match crate::action::python::start(&mut config, &loaded.sites, &mut registry).await {
-            Ok(Some(pool)) => lock(&self.pools).push(pool),
-            Ok(None) => {}
-            Err(e) => {
-                return Pinned::Unavailable(format!(
-                    "this worker cannot run the Python actions of {which}: {e}"
-                ))
+        let pool =
+            match crate::action::python::start(&mut config, &loaded.sites, &mut registry).await {
+                Ok(pool) => pool,
+                Err(e) => {
+                    return Pinned::Unavailable(format!(
+                        "this worker cannot run the Python actions of {which}: {e}"
+                    ))
+                }
+            };
+        let unavailable = match config.machine(&record.machine) {
+            None => Some(format!("{which} is not in its stored definition")),
+            Some(machine) => {
+                let missing = registry.unbound(machine);
+                (!missing.is_empty()).then(|| {
+                    format!(
+                        "this worker cannot run {which}: {} bound to nothing here (a worker \
+                         that registers them runs these steps)",
+                        missing.join("; ")
+                    )
+                })
             }
-        }
-        let Some(machine) = config.machine(&record.machine) else {
-            return Pinned::Unavailable(format!("{which} is not in its stored definition"));
         };
-        let missing = registry.unbound(machine);
-        if !missing.is_empty() {
-            return Pinned::Unavailable(format!(
-                "this worker cannot run {which}: {} bound to nothing here (a worker that \
-                 registers them runs these steps)",
-                missing.join("; ")
-            ));
+        if let Some(reason) = unavailable {
+            if let Some(pool) = pool {
+                pool.close(std::time::Duration::from_secs(5)).await;
+            }
+            return Pinned::Unavailable(reason);
+        }
+        if let Some(pool) = pool {
+            lock(&self.pools).push(pool);
         }
         Pinned::Run {
             config: Arc::new(config),

@@ -88,8 +88,16 @@ pub fn worker(dir: &Path, db: &str, extra: &[&str]) -> Child {
         .spawn()
         .expect("worker starts");
     let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    // Warnings may come first (a file older than the latest deployed version, say).
     let mut first = String::new();
-    stderr.read_line(&mut first).expect("first line");
+    loop {
+        first.clear();
+        let n = stderr.read_line(&mut first).expect("a line");
+        assert!(n > 0, "the worker exited before it started");
+        if !first.starts_with("warning: ") {
+            break;
+        }
+    }
     assert!(first.contains("started"), "unexpected: {first}");
     std::thread::spawn(move || {
         let mut line = String::new();

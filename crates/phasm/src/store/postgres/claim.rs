@@ -169,17 +169,30 @@ pub(super) async fn claim(
         }
         chosen.push((task, instance_id, grp));
     }
-    // One statement leases them all.
+    // One statement leases them all. It reads each instance's version again: the select
+    // above re-reads a task row an upgrade changed meanwhile, but not its instance row, while
+    // this statement sees every commit before it (and no upgrade moves a leased task).
     let ids: Vec<i64> = chosen.iter().map(|(t, _, _)| t.id).collect();
     if !ids.is_empty() {
-        tx.execute(
-            "UPDATE tasks SET claim = claim + 1, lease_owner = $2, due_at = $3, attempts = attempts + 1,
-                              first_attempt_at = COALESCE(first_attempt_at, $4)
-             WHERE id = ANY($1)",
-            &[&ids, &req.owner, &until, &now],
-        )
-        .await
-        .map_err(pg)?;
+        let versions: std::collections::HashMap<i64, Option<i64>> = tx
+            .query(
+                "UPDATE tasks t SET claim = claim + 1, lease_owner = $2, due_at = $3,
+                                    attempts = attempts + 1,
+                                    first_attempt_at = COALESCE(first_attempt_at, $4)
+                 WHERE id = ANY($1)
+                 RETURNING t.id, (SELECT i.version FROM instances i WHERE i.id = t.instance_id)",
+                &[&ids, &req.owner, &until, &now],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        for (task, _, _) in &mut chosen {
+            if let Some(version) = versions.get(&task.id) {
+                task.version = *version;
+            }
+        }
     }
     for (queue, limits) in &req.shared_limits {
         if limits.rate.is_some() {

@@ -218,16 +218,15 @@ pub(super) async fn upgrade(
         )]));
     };
     let target_id: i64 = target.get(0);
-    // Rows of its tasks are locked too: a claim skips them until this commits.
-    let rows = tx
-        .query(
-            "SELECT id, kind, from_state, event, branch, step,
-                    (status = 'ready' AND lease_owner IS NOT NULL AND due_at > $2) AS running
-             FROM tasks WHERE instance_id = $1 ORDER BY id FOR UPDATE",
-            &[&instance_id, &now],
-        )
-        .await
-        .map_err(pg)?;
+    // Rows of its tasks are locked too: a claim skips them until this commits. The first
+    // read waits out a commit of one of its steps that was in flight (which does not lock the
+    // instance); the second, a new statement, sees what that commit wrote and locks it too
+    // (a task claimed meanwhile shows its lease, and refuses the move).
+    let tasks = "SELECT id, kind, from_state, event, branch, step,
+                        (status = 'ready' AND lease_owner IS NOT NULL AND due_at > $2) AS running
+                 FROM tasks WHERE instance_id = $1 ORDER BY id FOR UPDATE";
+    tx.query(tasks, &[&instance_id, &now]).await.map_err(pg)?;
+    let rows = tx.query(tasks, &[&instance_id, &now]).await.map_err(pg)?;
     if rows.iter().any(|r| r.get::<_, bool>(6)) {
         return Ok(Upgraded::StepRunning);
     }
@@ -278,9 +277,10 @@ pub(super) async fn upgrade(
     for t in &plan.tasks {
         let accepts = t.accepts.as_deref().map(upgrade_accepts);
         tx.execute(
-            "UPDATE tasks SET from_state = $2, event = $3, accepts = COALESCE($4, accepts)
+            "UPDATE tasks SET from_state = $2, event = $3, accepts = COALESCE($4, accepts),
+                              due_at = COALESCE($5, due_at)
              WHERE id = $1",
-            &[&t.task_id, &t.from_state, &t.event, &accepts],
+            &[&t.task_id, &t.from_state, &t.event, &accepts, &t.due_at],
         )
         .await
         .map_err(pg)?;

@@ -270,11 +270,12 @@ pub(super) fn upgrade(
     for t in &plan.tasks {
         let accepts = t.accepts.as_deref().map(upgrade_accepts);
         tx.prepare_cached(
-            "UPDATE tasks SET from_state = ?2, event = ?3, accepts = COALESCE(?4, accepts)
+            "UPDATE tasks SET from_state = ?2, event = ?3, accepts = COALESCE(?4, accepts),
+                              due_at = COALESCE(?5, due_at)
              WHERE id = ?1",
         )
         .map_err(db)?
-        .execute(params![t.task_id, t.from_state, t.event, accepts])
+        .execute(params![t.task_id, t.from_state, t.event, accepts, t.due_at])
         .map_err(db)?;
     }
     for (old, new) in &plan.parked {
