@@ -4,15 +4,25 @@ use phasm::store::conformance;
 use phasm::store::prelude::*;
 use phasm::store::{SqliteOptions, SqliteStore};
 
-#[tokio::test]
-async fn sqlite_passes_the_conformance_suite() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    conformance::run_all(|check| {
-        let path = dir.path().join(format!("{check}.db"));
-        async move { SqliteStore::open(path, &SqliteOptions::default()).expect("opens") }
-    })
-    .await;
+/// One test per conformance check (`conformance::NAME`), each on a fresh database file: a
+/// failure names its check, and the other checks still run.
+macro_rules! on_sqlite {
+    ($($check:ident),*) => {
+        mod conformance_checks {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $check() {
+                    let dir = tempfile::tempdir().expect("temp dir");
+                    let path = dir.path().join("conformance.db");
+                    let store = SqliteStore::open(path, &SqliteOptions::default()).expect("opens");
+                    conformance::$check(&store).await;
+                }
+            )*
+        }
+    };
 }
+phasm::for_each_conformance_check!(on_sqlite);
 
 #[tokio::test]
 async fn reopening_keeps_data_and_schema_version() {

@@ -1,7 +1,9 @@
 //! The conformance suite every [`Store`] implementation must pass, shipped with the library
 //! (behind the `conformance` feature) so that a backend written outside phasm is held to the
 //! same contract. Each check takes a fresh, empty store and panics, naming what broke, when
-//! the store does not behave; [`run_all`] runs every check, each on a store of its own.
+//! the store does not behave. [`for_each_conformance_check!`](crate::for_each_conformance_check)
+//! makes one test per check (a failure names its check, and the others still run; phasm's own
+//! backends are tested so); [`run_all`] runs every check in one go, each on a store of its own.
 //!
 //! ```ignore
 //! phasm::store::conformance::run_all(|_check| async { MyStore::fresh().await }).await;
@@ -40,8 +42,33 @@ pub type Check = for<'a> fn(&'a dyn Store) -> LocalBoxFuture<'a, ()>;
 
 macro_rules! checks {
     ($($name:ident),* $(,)?) => {
+        checks!(@with ($) $($name),*);
+    };
+    (@with ($d:tt) $($name:ident),*) => {
         /// Every check, by name, in the order [`run_all`] runs them.
         pub const CHECKS: &[(&str, Check)] = &[$((stringify!($name), boxed::$name as Check)),*];
+
+        /// Call macro `m` with the name of every conformance check, so that a backend's test
+        /// suite makes one test per check (a failure names its check, and the others still
+        /// run):
+        ///
+        /// ```ignore
+        /// macro_rules! on_my_store {
+        ///     ($($check:ident),*) => {$(
+        ///         #[tokio::test]
+        ///         async fn $check() {
+        ///             phasm::store::conformance::$check(&my_fresh_store().await).await;
+        ///         }
+        ///     )*};
+        /// }
+        /// phasm::for_each_conformance_check!(on_my_store);
+        /// ```
+        #[macro_export]
+        macro_rules! for_each_conformance_check {
+            ($d m:ident) => {
+                $d m!($($name),*);
+            };
+        }
 
         mod boxed {
             use futures_util::future::LocalBoxFuture;
