@@ -2,6 +2,10 @@
 //! once the server is back another worker finishes every instance, nothing lost or committed
 //! twice. The server is a throwaway cluster of this test's own, never the machine's.
 
+// Tests panic on purpose when what they check does not hold: unwrap and expect are the
+// assertions of setup steps here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "it/common/mod.rs"]
 mod common;
 

@@ -5,6 +5,10 @@
 //! This file holds one test on purpose: it lowers the whole test process's descriptor limit
 //! and fills it.
 
+// Tests panic on purpose when what they check does not hold: unwrap and expect are the
+// assertions of setup steps here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "it/common/mod.rs"]
 mod common;
 

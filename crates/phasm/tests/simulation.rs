@@ -17,6 +17,10 @@
 //! PostgreSQL), `PHASM_SIM_FIRST=F` starts at seed F, `PHASM_SIM_SEED=K` replays seed K
 //! alone; a failure names its seed.
 
+// Tests panic on purpose when what they check does not hold: unwrap and expect are the
+// assertions of setup steps here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[path = "it/common/mod.rs"]
 mod common;
 

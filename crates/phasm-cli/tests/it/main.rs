@@ -3,6 +3,10 @@
 //! PostgreSQL server (a throwaway cluster of their own): `postgres_restart.rs` and
 //! `postgres_stopped.rs`.
 
+// Tests panic on purpose when what they check does not hold: unwrap and expect are the
+// assertions of setup steps here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[macro_use]
 mod common;
 

@@ -2,6 +2,10 @@
 //! once instead of once per file. Two stay apart: `out_of_descriptors.rs` lowers the
 //! process's file descriptor limit, and `simulation.rs` is run alone with many seeds.
 
+// Tests panic on purpose when what they check does not hold: unwrap and expect are the
+// assertions of setup steps here.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[macro_use]
 mod common;
 

@@ -9,7 +9,8 @@
 //! phasm::store::conformance::run_all(|_check| async { MyStore::fresh().await }).await;
 //! ```
 
-#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+// Checks panic to report what a store got wrong: unwrap and expect are their assertions.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
 use std::future::Future;
 use std::time::Duration;
