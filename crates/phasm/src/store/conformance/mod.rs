@@ -524,10 +524,36 @@ pub async fn a_branch_ending_while_others_are_pending_does_not_complete(store: &
     let mut c = commit(&t);
     c.new_tasks.push(new_task("i--other-branch", Some("a"), T0));
     c.instance_change = InstanceChange::BranchEnded(ctx(1));
-    apply_one(store, T0, c).await;
+    apply_one(store, T0 + SEC, c).await;
+    let view = store.instance("i").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Running);
     assert_eq!(
-        store.instance("i").await.unwrap().unwrap().status,
-        InstanceStatus::Running
+        view.updated_at,
+        T0 + SEC,
+        "a branch's end changes the instance"
+    );
+    // A branch ending with no successor while another branch is pending (a one-statement
+    // commit on some backends) records the change too.
+    start(store, "j", T0).await;
+    let of_j = |tasks: Vec<Task>| tasks.into_iter().find(|t| t.instance == "j").unwrap();
+    let t = of_j(store.claim(T0, &request(10)).await.unwrap());
+    let mut c = commit(&t);
+    for (name, due) in [("j--b1", T0), ("j--b2", T0 + 60 * SEC)] {
+        let mut branch = new_task(name, Some("a"), due);
+        branch.branch = name.trim_start_matches("j--").into();
+        c.new_tasks.push(branch);
+    }
+    assert_eq!(apply_one(store, T0, c).await, Applied::Yes);
+    let b1 = of_j(store.claim(T0, &request(10)).await.unwrap());
+    let mut c = commit(&b1);
+    c.instance_change = InstanceChange::BranchEnded(ctx(2));
+    assert_eq!(apply_one(store, T0 + 2 * SEC, c).await, Applied::Yes);
+    let view = store.instance("j").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Running);
+    assert_eq!(
+        view.updated_at,
+        T0 + 2 * SEC,
+        "a branch's end changes the instance"
     );
 }
 

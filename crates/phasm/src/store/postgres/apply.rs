@@ -232,7 +232,7 @@ WITH fenced AS (
     ON CONFLICT (instance_id, name) DO NOTHING
     RETURNING id
 ), ended AS (
-    UPDATE instances SET result = $30
+    UPDATE instances SET result = $30, updated_at = $3
     WHERE $31 AND id = (SELECT instance_id FROM fenced) AND status = 'running'
 ), queued AS (
     INSERT INTO settle_queue (instance_id, queued_at)
@@ -475,8 +475,9 @@ pub(super) async fn apply_one(
         InstanceWrite::None => {}
         InstanceWrite::BranchResult(context) => {
             tx.execute(
-                "UPDATE instances SET result = $2 WHERE id = $1 AND status = 'running'",
-                &[&instance_id, &to_json(context)?],
+                "UPDATE instances SET result = $2, updated_at = $3
+                 WHERE id = $1 AND status = 'running'",
+                &[&instance_id, &to_json(context)?, &now],
             )
             .await
             .map_err(pg)?;
