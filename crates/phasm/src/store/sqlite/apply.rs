@@ -360,7 +360,8 @@ pub(super) fn park(
     tx.prepare_cached(
         "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                             queue, target, status, due_at, created_at, grp)
-         VALUES (?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10)",
+         VALUES (?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10)
+         ON CONFLICT (instance_id, name) DO NOTHING",
     )
     .map_err(db)?
     .execute(params![
