@@ -54,6 +54,17 @@ pub enum InstanceStatus {
 }
 
 impl InstanceStatus {
+    /// Whether `retry` may resume an instance in this status: only a failed one.
+    pub fn may_retry(self) -> bool {
+        self == InstanceStatus::Failed
+    }
+
+    /// Whether `cancel` may end an instance in this status, and `upgrade` may move it: a
+    /// running or a failed one (an ended instance has nothing left to stop or move).
+    pub fn may_cancel(self) -> bool {
+        matches!(self, InstanceStatus::Running | InstanceStatus::Failed)
+    }
+
     /// The stored spelling.
     pub fn as_str(self) -> &'static str {
         match self {

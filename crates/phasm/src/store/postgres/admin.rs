@@ -28,7 +28,7 @@ pub(super) async fn retry(store: &PostgresStore, now: Micros, name: &str) -> Sto
     let Some((id, status)) = lock_instance_by_name(&tx, name).await? else {
         return Ok(Control::NotFound);
     };
-    if status != InstanceStatus::Failed {
+    if !status.may_retry() {
         return Ok(Control::NotAllowed(status));
     }
     tx.execute(
@@ -110,7 +110,7 @@ pub(super) async fn cancel(
     let Some((id, status)) = lock_instance_by_name(&tx, name).await? else {
         return Ok(Control::NotFound);
     };
-    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+    if !status.may_cancel() {
         return Ok(Control::NotAllowed(status));
     }
     drop_pending(&tx, id).await?;

@@ -194,7 +194,7 @@ pub(super) async fn upgrade(
     };
     let instance_id: i64 = row.get(0);
     let status = parse_status(row.get(1))?;
-    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+    if !status.may_cancel() {
         return Ok(Upgraded::Ended(status));
     }
     let version = row

@@ -51,7 +51,7 @@ pub(super) fn retry(tx: &Transaction<'_>, now: Micros, name: &str) -> StoreResul
     let Some((id, status)) = lookup(tx, name)? else {
         return Ok(Control::NotFound);
     };
-    if status != InstanceStatus::Failed {
+    if !status.may_retry() {
         return Ok(Control::NotAllowed(status));
     }
     tx.execute(
@@ -135,7 +135,7 @@ pub(super) fn cancel(
     let Some((id, status)) = lookup(tx, name)? else {
         return Ok(Control::NotFound);
     };
-    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+    if !status.may_cancel() {
         return Ok(Control::NotAllowed(status));
     }
     drop_pending(tx, id).map_err(db)?;

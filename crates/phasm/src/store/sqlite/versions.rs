@@ -177,7 +177,7 @@ pub(super) fn upgrade(
         return Ok(Upgraded::NotFound);
     };
     let status = parse_status(&status)?;
-    if !matches!(status, InstanceStatus::Running | InstanceStatus::Failed) {
+    if !status.may_cancel() {
         return Ok(Upgraded::Ended(status));
     }
     let version = version.map(|v| u32::try_from(v).unwrap_or(u32::MAX));
