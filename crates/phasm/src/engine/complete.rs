@@ -25,7 +25,7 @@ pub fn complete(
     rng: &mut fastrand::Rng,
     limits: &Limits,
 ) -> Commit {
-    let step = Step { task, times };
+    let step = Completing { task, times };
     let mut commit = Commit {
         logs: std::mem::take(&mut outcome.logs),
         ..Commit::finishing(task)
@@ -53,12 +53,12 @@ pub fn complete(
 }
 
 /// The step being completed: its task and when it ran.
-struct Step<'a> {
+struct Completing<'a> {
     task: &'a Task,
     times: StepTimes,
 }
 
-impl Step<'_> {
+impl Completing<'_> {
     /// A history entry of this step.
     fn entry(&self, from: Option<String>, event: &str, to: &str, branch: &str) -> HistoryEntry {
         HistoryEntry {
@@ -106,7 +106,7 @@ fn check_context_sizes(
 }
 
 /// A final state's exit action ran: the branch is over.
-fn final_exit_ran(mut commit: Commit, step: &Step<'_>, context: Context) -> Commit {
+fn final_exit_ran(mut commit: Commit, step: &Completing<'_>, context: Context) -> Commit {
     let task = step.task;
     let mut h = step.entry(
         task.from_state.clone(),
@@ -123,7 +123,7 @@ fn final_exit_ran(mut commit: Commit, step: &Step<'_>, context: Context) -> Comm
 /// A branch arrived at a fan-in state: it parks until the join (no action runs for it).
 fn arrive_at_fan_in(
     mut commit: Commit,
-    step: &Step<'_>,
+    step: &Completing<'_>,
     machine: &Machine,
     to: &State,
     context: Context,
@@ -148,7 +148,7 @@ fn arrive_at_fan_in(
 /// continuation's next page and the spawned instances, then follow the returned event.
 fn state_ran(
     mut commit: Commit,
-    step: &Step<'_>,
+    step: &Completing<'_>,
     config: &Config,
     machine: &Machine,
     to: &State,
@@ -217,7 +217,7 @@ impl Here<'_> {
 /// if it has one); anywhere else that is a mistake.
 fn no_event(
     mut commit: Commit,
-    step: &Step<'_>,
+    step: &Completing<'_>,
     here: &Here<'_>,
     mut ran: HistoryEntry,
     outcome: Outcome,
@@ -281,7 +281,7 @@ fn no_event(
 /// how each event the state accepts will be dispatched.
 fn begin_wait(
     mut commit: Commit,
-    step: &Step<'_>,
+    step: &Completing<'_>,
     here: &Here<'_>,
     ran: HistoryEntry,
     outcome: Outcome,
@@ -350,7 +350,7 @@ fn begin_wait(
 /// queued as the next step, or parked at once when the transition leads into a fan-in.
 fn take_transition(
     mut commit: Commit,
-    step: &Step<'_>,
+    step: &Completing<'_>,
     here: &Here<'_>,
     ran: HistoryEntry,
     event: &str,

@@ -2,30 +2,30 @@
 //! the stored rows.
 //!
 //! [`plan`] is pure. It turns a commit (and the successor claim the committing worker offers)
-//! into a [`Plan`]: every row operation and every decision — which successors come back
+//! into a [`WritePlan`]: every row operation and every decision — which successors come back
 //! leased, what join task a parked branch needs, whether barrier joins may be released,
 //! whether the instance may be complete, whether other processes must be woken. A backend
 //! only runs the plan's operations as SQL, in this order, in one transaction per commit:
 //!
-//! 1. **Fence** ([`Plan::fence`]): change the claimed task *only if* its claim number still
+//! 1. **Fence** ([`WritePlan::fence`]): change the claimed task *only if* its claim number still
 //!    matches and its lease is unexpired, in the same statement that finishes or reschedules
 //!    it. If no row matches, stop: nothing of the commit happens ([`Applied::Fenced`]).
 //! 2. **Joined items**: if the fenced task was a join and is deleted, delete the parked
 //!    contexts it joined ([`Fence::clears_join_items`]; the task's kind comes back from the
 //!    fence, since a commit does not carry it).
-//! 3. **Successors** ([`Plan::successors`]): insert each (a task of that name already pending
+//! 3. **Successors** ([`WritePlan::successors`]): insert each (a task of that name already pending
 //!    is left alone), leased to the committing worker where [`Successor::lease`] says so.
-//! 4. **Waits** ([`Plan::waits`]): for each branch starting to wait, take the oldest
+//! 4. **Waits** ([`WritePlan::waits`]): for each branch starting to wait, take the oldest
 //!    buffered event of the instance it accepts, if any — delete it and insert its dispatch
 //!    ([`WaitStart::take`]) — else insert the wait task with its `accepts`. PostgreSQL first
 //!    locks the instance row, as delivering an event does, so that an event sent at the same
 //!    time is either seen here or sees the wait task.
-//! 5. **History**, 6. **parks** ([`Plan::parks`]: the item, then its join task unless one not
+//! 5. **History**, 6. **parks** ([`WritePlan::parks`]: the item, then its join task unless one not
 //!    yet started is pending), 7. **spawns** (an instance of that name already existing is
 //!    left alone), 8. **logs**.
-//! 9. **Instance** ([`Plan::instance`]): record a branch's result, halt (drop every pending
+//! 9. **Instance** ([`WritePlan::instance`]): record a branch's result, halt (drop every pending
 //!    task and parked branch), or fail (hold every other ready task).
-//! 10. **Settle** ([`Plan::settle`]): release the instance's barrier joins if no branch is
+//! 10. **Settle** ([`WritePlan::settle`]): release the instance's barrier joins if no branch is
 //!     live, and complete the instance if nothing of it is pending.
 //!
 //! ## Where PostgreSQL differs, and why
@@ -51,7 +51,7 @@ use super::{SuccessorClaim, TaskStatus};
 /// Every row operation and decision of one commit, in the order a backend runs them (see the
 /// module doc).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Plan<'c> {
+pub struct WritePlan<'c> {
     /// The commit planned.
     pub commit: &'c Commit,
     /// What becomes of the claimed task, if its claim still holds.
@@ -248,7 +248,7 @@ pub fn plan<'c>(
     commit: &'c Commit,
     successors: Option<&'c SuccessorClaim>,
     now: Micros,
-) -> Plan<'c> {
+) -> WritePlan<'c> {
     let fence = match &commit.disposition {
         Disposition::Finished => Fence::Delete,
         Disposition::Keep => Fence::MarkPageQueued,
@@ -310,7 +310,7 @@ pub fn plan<'c>(
         || !waits.is_empty()
         || !commit.spawns.is_empty();
     let shape = shape(commit);
-    let plan = Plan {
+    let plan = WritePlan {
         commit,
         fence,
         successors,
@@ -398,7 +398,7 @@ fn shape(c: &Commit) -> Shape {
     }
 }
 
-impl Plan<'_> {
+impl WritePlan<'_> {
     /// The plan's invariants (checked in debug builds).
     fn check(&self) {
         let c = self.commit;

@@ -171,10 +171,10 @@ pub(super) async fn park(
     Ok(())
 }
 
-impl Outcome {
+impl Written {
     /// A commit refused by its fence: nothing happened.
     fn fenced() -> Self {
-        Outcome {
+        Written {
             result: AppliedCommit {
                 applied: Applied::Fenced,
                 claimed: Vec::new(),
@@ -202,7 +202,7 @@ impl Drop for SettlingGuard<'_> {
 }
 
 /// What one commit did, for the follow-ups outside its transaction.
-pub(super) struct Outcome {
+pub(super) struct Written {
     result: AppliedCommit,
     instance_id: Option<i64>,
     /// The checks to run after the transaction (see `store::plan`).
@@ -247,8 +247,8 @@ SELECT (SELECT instance_id FROM fenced), (SELECT id FROM next), (SELECT COUNT(*)
 pub(super) async fn apply_chain(
     client: &Object,
     now: Micros,
-    plan: &Plan<'_>,
-) -> StoreResult<Outcome> {
+    plan: &WritePlan<'_>,
+) -> StoreResult<Written> {
     let c = plan.commit;
     let h = plan.history.first();
     let successor = plan.successors.first();
@@ -310,14 +310,14 @@ pub(super) async fn apply_chain(
         .map_err(pg)?;
     let instance_id: Option<i64> = row.get(0);
     let Some(instance_id) = instance_id else {
-        return Ok(Outcome::fenced());
+        return Ok(Written::fenced());
     };
     let inserted: Option<i64> = row.get(1);
     let mut claimed = Vec::new();
     if let (Some(id), Some(t), Some(_)) = (inserted, t, lease) {
         claimed.push(t.claimed(id, c, now));
     }
-    Ok(Outcome {
+    Ok(Written {
         result: AppliedCommit {
             applied: Applied::Yes,
             claimed,
@@ -379,7 +379,7 @@ pub(super) async fn apply_one(
     now: Micros,
     c: &Commit,
     successors: Option<&SuccessorClaim>,
-) -> StoreResult<Outcome> {
+) -> StoreResult<Written> {
     let plan = plan::plan(c, successors, now);
     match plan.shape {
         Shape::Chain => return apply_chain(client, now, &plan).await,
@@ -394,7 +394,7 @@ pub(super) async fn apply_one(
         step,
     }) = fence(&tx, now, c, plan.fence).await?
     else {
-        return Ok(Outcome::fenced());
+        return Ok(Written::fenced());
     };
     if kind == TaskKind::Join.as_str() && plan.fence.clears_join_items() {
         tx.execute("DELETE FROM items WHERE join_task = $1", &[&c.task_id])
@@ -505,7 +505,7 @@ pub(super) async fn apply_one(
             .map_err(pg)?;
     }
     tx.commit().await.map_err(pg)?;
-    Ok(Outcome {
+    Ok(Written {
         result: AppliedCommit {
             applied: Applied::Yes,
             claimed,
@@ -823,8 +823,8 @@ pub(super) async fn apply(
 pub(super) async fn apply_park(
     client: &Object,
     now: Micros,
-    plan: &Plan<'_>,
-) -> StoreResult<Outcome> {
+    plan: &WritePlan<'_>,
+) -> StoreResult<Written> {
     let c = plan.commit;
     let (Some(h), Some(park)) = (plan.history.first(), plan.parks.first()) else {
         return Err(StoreError::database("not a parking commit"));
@@ -869,9 +869,9 @@ pub(super) async fn apply_park(
     let instance_id: Option<i64> = row.get(0);
     let notified: i64 = row.get(1);
     let Some(instance_id) = instance_id else {
-        return Ok(Outcome::fenced());
+        return Ok(Written::fenced());
     };
-    Ok(Outcome {
+    Ok(Written {
         result: AppliedCommit {
             applied: Applied::Yes,
             claimed: Vec::new(),

@@ -48,7 +48,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::convert::{attempt, bigint, count, size, whole};
-use super::plan::{self, Fence, InstanceWrite, Lease, Park, Plan, Settle, Shape, WaitStart};
+use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle, Shape, WaitStart, WritePlan};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
     Delivered, Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance,
