@@ -5,7 +5,7 @@
 //! lists what the router serves. Modules: `auth` (the token), `guard` (hosts, forms, JSON
 //! writes), `listen` (the accept loop), `events` and `steps` (their endpoints), `openapi`.
 //!
-//! The router only calls the library ([`crate::control`], the [`Store`]); errors are JSON
+//! The router only calls the library ([`crate::control`], the [`Store`](crate::store::Store)); errors are JSON
 //! objects `{"error": MESSAGE}` with a 4xx status for bad requests, never a 500 for bad
 //! input. The entry point takes its listener and shutdown signal as arguments, so tests and
 //! embedders choose the address and the lifetime.
@@ -16,6 +16,7 @@ mod events;
 mod guard;
 mod listen;
 mod openapi;
+mod state;
 mod steps;
 mod versions;
 
@@ -25,13 +26,13 @@ pub use guard::LOOPBACK_HOSTS;
 pub(crate) use steps::reset_status;
 
 pub use listen::ServeOptions;
+pub use state::{client_address, Client, ServerState};
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -40,13 +41,11 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::clock::Clock;
 use crate::control::{
     instance_json, start_instances, BatchStartError, StartError, StartOutcome, MAX_BATCH_START,
 };
-use crate::engine::{is_valid_instance_name, Context, Limits};
-use crate::machine::Config;
-use crate::store::{Control, Store};
+use crate::engine::{is_valid_instance_name, Context};
+use crate::store::Control;
 
 /// Largest request body accepted (a context is at most `Limits::max_context_bytes` anyway).
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -67,92 +66,6 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 
 /// Most header bytes a request may carry; more get a JSON 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-
-/// What the API serves.
-pub struct ServerState {
-    /// Where instances live.
-    pub store: Arc<dyn Store>,
-    /// The machines.
-    pub config: Arc<Config>,
-    /// The time.
-    pub clock: Arc<dyn Clock>,
-    /// Limits on contexts.
-    pub limits: Limits,
-    /// When set, every request must carry `Authorization: Bearer TOKEN`.
-    pub token: Option<String>,
-    /// The installed Prometheus recorder, when `GET /metrics` is enabled.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Wrong tokens by client address (a burst is refused for a while).
-    pub throttle: auth::Throttle,
-    /// The `Host` names served (any port); others get 421. `None`: any (a listener reachable
-    /// only through names the operator controls, behind a token).
-    pub allowed_hosts: Option<Vec<String>>,
-    /// Proxies whose `X-Forwarded-For` names the client (the throttle of wrong tokens is
-    /// then kept per forwarded address). Empty: the connection's address is the client's,
-    /// and `X-Forwarded-For` is ignored.
-    pub trusted_proxies: Vec<IpAddr>,
-}
-
-/// The address a request came from: the connection's, or — when that is one of
-/// [`ServerState::trusted_proxies`] — the address the proxies forwarded (the last one in
-/// `X-Forwarded-For` that is not itself a trusted proxy). Unspecified when the server was
-/// not started by [`serve`], e.g. a router used directly in a test.
-#[derive(Debug, Clone, Copy)]
-pub struct Client(pub IpAddr);
-
-impl FromRequestParts<Arc<ServerState>> for Client {
-    type Rejection = std::convert::Infallible;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &Arc<ServerState>,
-    ) -> Result<Self, Self::Rejection> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        Ok(Client(client_address(
-            peer,
-            &parts.headers,
-            &state.trusted_proxies,
-        )))
-    }
-}
-
-/// The client's address: `peer`, or, when `peer` is a trusted proxy, the nearest address in
-/// `X-Forwarded-For` (read from the right, each proxy appending) that is not a trusted proxy.
-/// A header that does not parse leaves the last trusted address as the client.
-pub fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
-    if !trusted.contains(&peer) {
-        return peer;
-    }
-    let hops: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    let mut client = peer;
-    for hop in hops.into_iter().rev() {
-        match hop.parse::<IpAddr>() {
-            Ok(ip) => {
-                client = ip;
-                if !trusted.contains(&ip) {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    client
-}
-
-impl std::fmt::Debug for ServerState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerState").finish_non_exhaustive()
-    }
-}
 
 /// A JSON error response.
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
