@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::instance::level_class;
 use super::layout::{instance_link, millis, page, problem, seg, time};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 use crate::store::{HistoryRow, PassedOn};
 
 /// Steps a history page shows at once.

@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::history::history_table;
 use super::layout::{human_duration, instance_link, legend, page, problem, seg, status, time};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 
 /// Lines of log an instance page shows at once.

@@ -13,7 +13,7 @@ use maud::{html, Markup};
 
 use super::layout::{human_duration, instance_link, page, problem, seg, status, time};
 use crate::control::{self, ListParams};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 use crate::store::{Control, InstanceSummary, ListFilter};
 
 const STATUSES: [&str; 5] = ["running", "completed", "failed", "halted", "cancelled"];

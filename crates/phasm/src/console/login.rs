@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::layout::page;
 use crate::server::auth::{cookie_value, token_given, Verdict, TOKEN_COOKIE};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 
 /// Pages need the token too: a bearer header, or the cookie set by the login form.
 /// Let a page through, or send the browser to the login form.

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use super::layout::{ago, instance_link, legend, millis, page, problem, seg, time};
 use crate::control::{self, ScheduleStatus, StartError, StartOutcome};
 use crate::machine::{ActionBinding, Config, Machine};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 use crate::store::{InstanceStatus, MachineOverview};
 
 const HOUR: i64 = 3600 * 1_000_000;

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use maud::{html, Markup};
 
 use super::layout::{ago, page, problem, time};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 use crate::store::{Targets, WorkerView};
 
 /// `GET /workers`: the workers alive now, and those gone without saying so (killed, or cut

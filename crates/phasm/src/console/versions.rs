@@ -17,7 +17,7 @@ use serde::Deserialize;
 use super::layout::{page, problem, seg, time};
 use crate::config::{diff, load_definition, Loaded};
 use crate::control::{UpgradeOptions, UpgradeWhich};
-use crate::server::ServerState;
+use crate::server::state::ServerState;
 use crate::store::{StoredVersion, VersionCounts, VersionRecord};
 
 /// The versions section of a machine's page (empty when the machine was never deployed).

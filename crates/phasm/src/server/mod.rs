@@ -16,7 +16,7 @@ mod events;
 mod guard;
 mod listen;
 mod openapi;
-mod state;
+pub(crate) mod state;
 mod steps;
 mod versions;
 
