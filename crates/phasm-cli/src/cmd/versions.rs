@@ -274,15 +274,8 @@ pub async fn diff(machine: &str, from: u32, to: u32, as_json: bool, db_args: &Db
                     Ok(v) => v,
                     Err(e) => return exit::database(e),
                 };
-                let list: Vec<String> = known.iter().map(|r| format!("v{}", r.version)).collect();
-                return exit::invalid(if list.is_empty() {
-                    format!("machine `{machine}` was never deployed")
-                } else {
-                    format!(
-                        "machine `{machine}` has no version {n}; its versions are {}",
-                        list.join(", ")
-                    )
-                });
+                let known: Vec<u32> = known.iter().map(|r| r.version).collect();
+                return exit::invalid(phasm::control::no_such_version(machine, n, &known));
             }
             Err(e) => return exit::database(e),
         };
@@ -356,11 +349,8 @@ pub async fn draw(
     let stored = match store.version(&machine, n).await {
         Ok(Some(v)) => v,
         Ok(None) => {
-            let list: Vec<String> = versions.iter().map(|r| format!("v{}", r.version)).collect();
-            return exit::invalid(format!(
-                "machine `{machine}` has no version {n}; its versions are {}",
-                list.join(", ")
-            ));
+            let known: Vec<u32> = versions.iter().map(|r| r.version).collect();
+            return exit::invalid(phasm::control::no_such_version(&machine, n, &known));
         }
         Err(e) => return exit::database(e),
     };

@@ -16,9 +16,9 @@ pub use reset::{is_whole_line, reset, ResetError};
 pub use schedules::{schedule_json, schedule_statuses, statuses, ScheduleStatus};
 pub use send::{send, SendError, SendOutcome, SendRequest, SendTo, MAX_EVENT_ID_CHARS};
 pub use versions::{
-    deploy, deploy_for_work, deployed_config, gather, upgrade, version_json, DeployError,
-    DeployFile, DeployedConfig, DeployedError, UpgradeError, UpgradeOptions, UpgradeReport,
-    UpgradeWhich,
+    deploy, deploy_for_work, deployed_config, gather, no_such_version, upgrade, version_json,
+    DeployError, DeployFile, DeployedConfig, DeployedError, UpgradeError, UpgradeOptions,
+    UpgradeReport, UpgradeWhich,
 };
 
 use serde_json::Value;
@@ -102,10 +102,7 @@ pub enum StartError {
         limit: usize,
     },
     /// The machine has no stored version of that number.
-    #[error(
-        "machine `{machine}` has no version {version}; {}",
-        known_versions(known)
-    )]
+    #[error("{}", no_such_version(machine, *version, known))]
     UnknownVersion {
         /// The machine.
         machine: String,
@@ -120,15 +117,6 @@ pub enum StartError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-}
-
-/// Which versions a machine has, for an error message.
-fn known_versions(known: &[u32]) -> String {
-    if known.is_empty() {
-        return "it was never deployed (`phasm deploy FILE` stores its versions)".into();
-    }
-    let list: Vec<String> = known.iter().map(|v| format!("v{v}")).collect();
-    format!("its versions are {}", list.join(", "))
 }
 
 /// The machine a start uses: version `version` of `machine` as stored, else the

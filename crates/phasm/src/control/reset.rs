@@ -144,21 +144,8 @@ pub async fn reset(
     };
     // The step is built again from the version the instance runs on, as stored; `config`
     // answers for an instance started before its machine was ever deployed.
-    let pinned = match view.version {
-        Some(n) => match store.version(&view.machine, n).await? {
-            Some(stored) => Some(
-                crate::config::load_definition(
-                    &view.machine,
-                    n,
-                    &stored.definition,
-                    &stored.record.path,
-                )?
-                .config,
-            ),
-            None => None,
-        },
-        None => None,
-    };
+    let pinned: Option<Config> =
+        super::versions::version_config::<ResetError>(store, &view.machine, view.version).await?;
     let Some(machine) = pinned
         .as_ref()
         .or(Some(config))

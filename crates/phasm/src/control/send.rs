@@ -194,7 +194,8 @@ pub async fn send(
     let Some(view) = store.instance(&instance).await? else {
         return Err(SendError::NotFound(instance));
     };
-    let pinned = pinned_config(store, &view.machine, view.version).await?;
+    let pinned: Option<Config> =
+        super::versions::version_config::<SendError>(store, &view.machine, view.version).await?;
     let machine = pinned
         .as_ref()
         .or(config)
@@ -272,27 +273,6 @@ pub async fn send(
             event: request.event,
         }),
     }
-}
-
-/// The configuration of version `version` of `machine`, as stored (`None` without a version,
-/// or when it is no longer stored).
-///
-/// # Errors
-/// The store's, or [`SendError::Unreadable`].
-async fn pinned_config(
-    store: &dyn Store,
-    machine: &str,
-    version: Option<u32>,
-) -> Result<Option<Config>, SendError> {
-    let Some(n) = version else {
-        return Ok(None);
-    };
-    let Some(stored) = store.version(machine, n).await? else {
-        return Ok(None);
-    };
-    let loaded =
-        crate::config::load_definition(machine, n, &stored.definition, &stored.record.path)?;
-    Ok(Some(loaded.config))
 }
 
 /// Where in `machine` an `event` could still be taken: the states from which a waiting state

@@ -245,17 +245,13 @@ pub async fn upgrade(
         let key = (view.machine.clone(), to);
         if !targets.contains_key(&key) {
             let Some(stored) = store.version(&view.machine, to).await? else {
-                let known: Vec<String> = store
+                let known: Vec<u32> = store
                     .versions(Some(&view.machine))
                     .await?
                     .iter()
-                    .map(|r| format!("v{}", r.version))
+                    .map(|r| r.version)
                     .collect();
-                let why = format!(
-                    "machine `{}` has no version {to}; its versions are {}",
-                    view.machine,
-                    known.join(", ")
-                );
+                let why = no_such_version(&view.machine, to, &known);
                 // Refused before anything moved: the whole request is bad.
                 if reports.is_empty() {
                     return Err(UpgradeError::Invalid(why));
@@ -430,4 +426,42 @@ pub async fn deployed_config(store: &dyn Store) -> Result<DeployedConfig, Deploy
         versions.push((machine.to_string(), version));
     }
     Ok(DeployedConfig { config, versions })
+}
+
+/// The message for a version of `machine` that is not stored, naming those that are (`known`,
+/// oldest first): ``machine `Order` has no version 9; its versions are v1, v2``.
+pub fn no_such_version(machine: &str, version: u32, known: &[u32]) -> String {
+    if known.is_empty() {
+        return format!(
+            "machine `{machine}` has no version {version}; it was never deployed (`phasm deploy FILE` stores its versions)"
+        );
+    }
+    let list: Vec<String> = known.iter().map(|v| format!("v{v}")).collect();
+    format!(
+        "machine `{machine}` has no version {version}; its versions are {}",
+        list.join(", ")
+    )
+}
+
+/// The configuration of version `version` of `machine`, as stored: what an instance pinned to
+/// it runs on (`None` without a version, or when it is no longer stored).
+///
+/// # Errors
+/// The store's, or a definition this phasm cannot read (never guessed at).
+pub(crate) async fn version_config<E>(
+    store: &dyn Store,
+    machine: &str,
+    version: Option<u32>,
+) -> Result<Option<Config>, E>
+where
+    E: From<StoreError> + From<crate::config::UnreadableDefinition>,
+{
+    let Some(n) = version else {
+        return Ok(None);
+    };
+    let Some(stored) = store.version(machine, n).await? else {
+        return Ok(None);
+    };
+    let loaded = load_definition(machine, n, &stored.definition, &stored.record.path)?;
+    Ok(Some(loaded.config))
 }

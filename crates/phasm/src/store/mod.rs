@@ -1670,6 +1670,34 @@ pub mod prelude {
     pub use super::{AdminStore, ReadStore, Store, WorkStore};
 }
 
+/// What an upgrade of `request.instance`, whose pending tasks are `positions` and whose parked
+/// branches are in `parked` states, writes, and its answer; `Err` is the answer when nothing
+/// is to be written (refused, or a dry run). The same for every backend.
+pub(crate) fn upgrade_plan(
+    request: &UpgradeRequest,
+    positions: &[crate::engine::Position],
+    parked: &[String],
+) -> Result<(crate::engine::UpgradePlan, Upgraded), Upgraded> {
+    let plan = crate::engine::plan_upgrade(
+        &request.instance,
+        &request.target,
+        request.to,
+        &request.map,
+        positions,
+        parked,
+        &mut fastrand::Rng::new(),
+    )
+    .map_err(Upgraded::Refused)?;
+    let moved = Upgraded::Moved {
+        tasks: plan.tasks.len(),
+        parked: plan.parked.len(),
+    };
+    if request.dry_run {
+        return Err(moved);
+    }
+    Ok((plan, moved))
+}
+
 /// The stored `accepts` of a wait an upgrade rewrote.
 pub(crate) fn upgrade_accepts(accepts: &[crate::engine::Accept]) -> String {
     serde_json::to_string(accepts).unwrap_or_else(|_| "[]".into())

@@ -3,8 +3,8 @@
 use super::*;
 use crate::engine::Position;
 use crate::store::{
-    upgrade_accepts, upgrade_log, Deployed, NewVersion, StoredVersion, UpgradeRequest, Upgraded,
-    VersionCounts, VersionRecord,
+    upgrade_accepts, upgrade_log, upgrade_plan, Deployed, NewVersion, StoredVersion,
+    UpgradeRequest, Upgraded, VersionCounts, VersionRecord,
 };
 
 /// Store each definition as its machine's next version unless the latest has its hash (see
@@ -255,25 +255,10 @@ pub(super) async fn upgrade(
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let plan = match crate::engine::plan_upgrade(
-        &request.instance,
-        &request.target,
-        request.to,
-        &request.map,
-        &positions,
-        &parked,
-        &mut fastrand::Rng::new(),
-    ) {
-        Ok(plan) => plan,
-        Err(reasons) => return Ok(Upgraded::Refused(reasons)),
+    let (plan, moved) = match upgrade_plan(request, &positions, &parked) {
+        Ok(planned) => planned,
+        Err(answer) => return Ok(answer),
     };
-    let moved = Upgraded::Moved {
-        tasks: plan.tasks.len(),
-        parked: plan.parked.len(),
-    };
-    if request.dry_run {
-        return Ok(moved);
-    }
     for t in &plan.tasks {
         let accepts = t.accepts.as_deref().map(upgrade_accepts);
         tx.execute(
