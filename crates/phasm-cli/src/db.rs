@@ -43,6 +43,7 @@ pub async fn open_as(
             pool_size: (connections + 4).min(MAX_POOL),
             transient_retries: if one_shot { 5 } else { 0 },
             listen: !one_shot,
+            ..PostgresOptions::default()
         };
         return PostgresStore::open(&args.db, &options)
             .await

@@ -16,6 +16,7 @@
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod convert;
+pub(crate) mod execute;
 pub(crate) mod listing;
 pub mod plan;
 #[cfg(feature = "postgres")]

@@ -27,6 +27,56 @@ macro_rules! on_postgres {
 }
 phasm::for_each_conformance_check!(on_postgres);
 
+/// PostgreSQL commits a chain step and a branch parking at a fan-in as one statement each;
+/// every other commit takes the general transaction that carries out the plan step by step.
+/// Both must leave the same rows: the same workload, with the same clock, is run once each
+/// way and every table compared.
+#[tokio::test]
+async fn single_statement_commits_leave_the_rows_the_general_path_leaves() {
+    use phasm::store::PostgresOptions;
+    for seed in 1..=4 {
+        let (Some(fused), Some(general)) = (
+            Schema::fresh(&format!("fused_{seed}")).await,
+            Schema::fresh(&format!("general_{seed}")).await,
+        ) else {
+            return;
+        };
+        let options = |fused_commits| PostgresOptions {
+            fused_commits,
+            ..PostgresOptions::default()
+        };
+        conformance::mixed_workload(&fused.store_with(&options(true)).await, seed).await;
+        conformance::mixed_workload(&general.store_with(&options(false)).await, seed).await;
+        for (table, order) in [
+            ("instances", "id"),
+            ("tasks", "id"),
+            ("history", "id"),
+            ("items", "id"),
+            ("logs", "id"),
+            ("events", "id"),
+            ("settle_queue", "instance_id"),
+        ] {
+            let (a, b) = (
+                fused.rows(table, order).await,
+                general.rows(table, order).await,
+            );
+            assert!(!a.is_empty() || !["instances", "history"].contains(&table));
+            let differs = a.iter().zip(&b).position(|(x, y)| x != y);
+            assert!(
+                differs.is_none() && a.len() == b.len(),
+                "table {table}, seed {seed}: {} rows single-statement, {} general; first \
+                 difference:\n  {:?}\n  {:?}",
+                a.len(),
+                b.len(),
+                differs.map(|i| &a[i]),
+                differs.map(|i| &b[i]),
+            );
+        }
+        fused.drop_schema().await;
+        general.drop_schema().await;
+    }
+}
+
 #[tokio::test]
 async fn postgres_errors_say_whether_they_pass() {
     use phasm::store::{PostgresOptions, PostgresStore};

@@ -24,6 +24,18 @@ macro_rules! on_sqlite {
 }
 phasm::for_each_conformance_check!(on_sqlite);
 
+/// The mixed workload (every common commit shape, leased successors, forks, fan-ins,
+/// spawns) ends every instance, for several seeds.
+#[tokio::test]
+async fn the_mixed_workload_completes_every_instance() {
+    for seed in 1..=8 {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store =
+            SqliteStore::open(dir.path().join("w.db"), &SqliteOptions::default()).expect("opens");
+        conformance::mixed_workload(&store, seed).await;
+    }
+}
+
 #[tokio::test]
 async fn reopening_keeps_data_and_schema_version() {
     let dir = tempfile::tempdir().unwrap();

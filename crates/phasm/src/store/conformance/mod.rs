@@ -23,12 +23,14 @@ mod schedules;
 mod steps;
 mod versions;
 mod waits;
+mod workload;
 pub use listing::*;
 pub use overview::*;
 pub use schedules::*;
 pub use steps::*;
 pub use versions::*;
 pub use waits::*;
+pub use workload::*;
 
 use crate::engine::{
     Commit, Context, Disposition, HistoryEntry, InstanceChange, LogLine, NewTask, Task, TaskKind,

@@ -2,6 +2,9 @@
 //! single-statement chain step and park, and the general path — parking branches.
 
 use super::*;
+use crate::engine::{Parked, Spawned};
+use crate::store::execute::{self, Fenced, PlanTx};
+use crate::store::plan::JoinTask;
 
 pub(super) async fn insert_task(
     tx: &Transaction<'_>,
@@ -56,119 +59,6 @@ async fn insert_row(
         .await
         .map_err(pg)?;
     Ok(row.map(|r| r.get(0)))
-}
-
-/// A branch begins to wait: it takes the oldest buffered event of its instance it accepts,
-/// if any (the event's dispatch is queued instead of the wait), else its wait task is queued.
-/// The instance's row is locked first, as a delivery locks it, so that an event sent at the
-/// same time is either seen here or sees the wait task.
-pub(super) async fn begin_wait(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    w: &WaitStart<'_>,
-    now: Micros,
-) -> StoreResult<()> {
-    tx.execute(
-        "SELECT 1 FROM instances WHERE id = $1 FOR UPDATE",
-        &[&instance_id],
-    )
-    .await
-    .map_err(pg)?;
-    let buffered = tx
-        .query_opt(
-            "DELETE FROM events WHERE id = (
-                 SELECT id FROM events WHERE instance_id = $1 AND event = ANY($2)
-                 ORDER BY id LIMIT 1)
-             RETURNING event, data",
-            &[&instance_id, &w.events],
-        )
-        .await
-        .map_err(pg)?;
-    if let Some(row) = buffered {
-        let event: String = row.get(0);
-        let data = from_json(row.get(1))?;
-        if let Some(dispatch) = w.take(&event, &data, now) {
-            insert_task(tx, instance_id, &dispatch, now, None).await?;
-            return Ok(());
-        }
-    }
-    insert_row(
-        tx,
-        instance_id,
-        &w.wait.task,
-        now,
-        None,
-        Some(&w.accepts_column),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Park a branch, and make sure a join will take it: the plan's join task, unless one not
-/// yet started is pending (looked for under a lock for a window: see [`plan::JoinTask::lock_pending`]).
-pub(super) async fn park(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    park: &Park<'_>,
-    now: Micros,
-) -> StoreResult<()> {
-    let p = park.parked;
-    let join = &park.join;
-    let item: i64 = tx
-        .query_one(
-            "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-            &[
-                &instance_id,
-                &p.state,
-                &p.group,
-                &to_json(&p.context)?,
-                &p.branch,
-                &bigint(p.step),
-                &now,
-            ],
-        )
-        .await
-        .map_err(pg)?
-        .get(0);
-    let lock = if join.lock_pending { "FOR UPDATE" } else { "" };
-    let pending = !tx
-        .query(
-            &format!(
-                "SELECT id FROM tasks
-                 WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
-                   AND status IN ('ready', 'waiting') AND lease_owner IS NULL
-                 {lock}"
-            ),
-            &[&instance_id, &p.state, &p.group],
-        )
-        .await
-        .map_err(pg)?
-        .is_empty();
-    if pending {
-        return Ok(());
-    }
-    tx.execute(
-        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
-                            queue, target, status, due_at, created_at, grp)
-         VALUES ($1, $2, 'join', $3, 'fan-in', '{}', $4, '', $5, $6, $7, $8, $9, $10)
-         ON CONFLICT (instance_id, name) DO NOTHING",
-        &[
-            &instance_id,
-            &format!("{}{item}", join.name_prefix),
-            &p.state,
-            &bigint(p.step),
-            &p.queue,
-            &p.target,
-            &join.status.as_str(),
-            &join.due_at,
-            &now,
-            &p.group,
-        ],
-    )
-    .await
-    .map_err(pg)?;
-    Ok(())
 }
 
 impl Written {
@@ -379,75 +269,263 @@ pub(super) async fn apply_one(
     now: Micros,
     c: &Commit,
     successors: Option<&SuccessorClaim>,
+    fused: bool,
 ) -> StoreResult<Written> {
     let plan = plan::plan(c, successors, now);
     match plan.shape {
-        Shape::Chain => return apply_chain(client, now, &plan).await,
-        Shape::Park => return apply_park(client, now, &plan).await,
-        Shape::General => {}
+        Shape::Chain if fused => return apply_chain(client, now, &plan).await,
+        Shape::Park if fused => return apply_park(client, now, &plan).await,
+        _ => {}
     }
-    let tx = begin(client).await?;
-    let Some(Fenced {
-        instance_id,
-        kind,
-        given,
-        step,
-    }) = fence(&tx, now, c, plan.fence).await?
-    else {
-        return Ok(Written::fenced());
-    };
-    if kind == TaskKind::Join.as_str() && plan.fence.clears_join_items() {
-        tx.execute("DELETE FROM items WHERE join_task = $1", &[&c.task_id])
+    let mut tx = PgTx(begin(client).await?);
+    let executed = execute::execute(&mut tx, &plan, now).await?;
+    if executed.instance_id.is_some() {
+        tx.0.commit().await.map_err(pg)?;
+    }
+    Ok(Written {
+        result: executed.result,
+        instance_id: executed.instance_id,
+        settle: executed.settle,
+        notify: executed.wakes,
+    })
+}
+
+/// The plan's operations as PostgreSQL statements in one commit's transaction.
+struct PgTx<'c>(Transaction<'c>);
+
+impl PlanTx for PgTx<'_> {
+    async fn fence(
+        &mut self,
+        task_id: i64,
+        claim: i64,
+        fence: Fence<'_>,
+        now: Micros,
+    ) -> StoreResult<Option<Fenced>> {
+        let guard = "AND claim = $2 AND status = 'ready' AND due_at > $3
+                     RETURNING instance_id, kind = 'join',
+                               CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
+        let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
+            Fence::Delete => (format!("DELETE FROM tasks WHERE id = $1 {guard}"), None),
+            Fence::MarkPageQueued => (
+                format!("UPDATE tasks SET page_queued = TRUE WHERE id = $1 {guard}"),
+                None,
+            ),
+            Fence::Reschedule { due_at, error } => (
+                format!("UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5 WHERE id = $1 {guard}"),
+                Some((due_at, error)),
+            ),
+            Fence::Fail { error } => (
+                format!(
+                    "UPDATE tasks SET status = 'failed', due_at = $4, lease_owner = NULL, last_error = $5
+                     WHERE id = $1 {guard}"
+                ),
+                Some((now, error)),
+            ),
+            Fence::GiveBack { due_at, reason } => (
+                format!(
+                    "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
+                            attempts = GREATEST(attempts - 1, 0),
+                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                     WHERE id = $1 {guard}"
+                ),
+                Some((due_at, reason)),
+            ),
+        };
+        let row = match extra {
+            None => self.0.query_opt(&sql, &[&task_id, &claim, &now]).await,
+            Some((due_at, text)) => {
+                self.0
+                    .query_opt(&sql, &[&task_id, &claim, &now, &due_at, &text])
+                    .await
+            }
+        }
+        .map_err(pg)?;
+        Ok(row.map(|r| Fenced {
+            instance_id: r.get(0),
+            is_join: r.get(1),
+            given: r.get(2),
+            step: r.get(3),
+        }))
+    }
+
+    async fn delete_join_items(&mut self, join_task: i64) -> StoreResult<()> {
+        self.0
+            .execute("DELETE FROM items WHERE join_task = $1", &[&join_task])
             .await
             .map_err(pg)?;
+        Ok(())
     }
-    let mut claimed = Vec::new();
-    // Unleased tasks go in one statement (a step forking thousands of branches would
-    // otherwise pay a round trip each).
-    let mut bulk = Vec::new();
-    for s in &plan.successors {
-        let Some(lease) = &s.lease else {
-            bulk.push(s.task);
-            continue;
-        };
-        if let Some(id) = insert_task(&tx, instance_id, s.task, now, Some(lease)).await? {
-            claimed.push(s.task.claimed(id, c, now));
+
+    async fn insert_task(
+        &mut self,
+        instance_id: i64,
+        task: &NewTask,
+        lease: Option<&Lease<'_>>,
+        accepts: Option<&str>,
+        now: Micros,
+    ) -> StoreResult<Option<i64>> {
+        insert_row(&self.0, instance_id, task, now, lease, accepts).await
+    }
+
+    /// One statement for all (a step forking thousands of branches would otherwise pay a
+    /// round trip each).
+    async fn insert_unleased(
+        &mut self,
+        instance_id: i64,
+        tasks: &[&NewTask],
+        now: Micros,
+    ) -> StoreResult<()> {
+        insert_tasks(&self.0, &vec![instance_id; tasks.len()], tasks, now).await
+    }
+
+    /// The instance's row is locked first, as a delivery locks it.
+    async fn take_buffered(
+        &mut self,
+        instance_id: i64,
+        events: &[&str],
+    ) -> StoreResult<Option<(String, Context)>> {
+        self.0
+            .execute(
+                "SELECT 1 FROM instances WHERE id = $1 FOR UPDATE",
+                &[&instance_id],
+            )
+            .await
+            .map_err(pg)?;
+        let taken = self
+            .0
+            .query_opt(
+                "DELETE FROM events WHERE id = (
+                     SELECT id FROM events WHERE instance_id = $1 AND event = ANY($2)
+                     ORDER BY id LIMIT 1)
+                 RETURNING event, data",
+                &[&instance_id, &events],
+            )
+            .await
+            .map_err(pg)?;
+        taken
+            .map(|row| Ok((row.get(0), from_json(row.get(1))?)))
+            .transpose()
+    }
+
+    async fn insert_history(
+        &mut self,
+        instance_id: i64,
+        entries: &[HistoryEntry],
+        given: Option<&str>,
+        step: i64,
+    ) -> StoreResult<()> {
+        for h in entries {
+            self.0
+                .execute(
+                    "INSERT INTO history (instance_id, from_state, event, to_state, attempt,
+                                          started_at, finished_at, task, branch, ends_branch,
+                                          context, step)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    &[
+                        &instance_id,
+                        &h.from,
+                        &h.event,
+                        &h.to,
+                        &i64::from(h.attempt),
+                        &h.started_at,
+                        &h.finished_at,
+                        &h.task,
+                        &h.branch,
+                        &h.ends_branch,
+                        &given,
+                        &step,
+                    ],
+                )
+                .await
+                .map_err(pg)?;
         }
+        Ok(())
     }
-    if !bulk.is_empty() {
-        insert_tasks(&tx, &vec![instance_id; bulk.len()], &bulk, now).await?;
+
+    async fn insert_item(&mut self, instance_id: i64, p: &Parked, now: Micros) -> StoreResult<i64> {
+        Ok(self
+            .0
+            .query_one(
+                "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                &[
+                    &instance_id,
+                    &p.state,
+                    &p.group,
+                    &to_json(&p.context)?,
+                    &p.branch,
+                    &bigint(p.step),
+                    &now,
+                ],
+            )
+            .await
+            .map_err(pg)?
+            .get(0))
     }
-    for w in &plan.waits {
-        begin_wait(&tx, instance_id, w, now).await?;
+
+    async fn join_pending(
+        &mut self,
+        instance_id: i64,
+        p: &Parked,
+        lock: bool,
+    ) -> StoreResult<bool> {
+        let lock = if lock { "FOR UPDATE" } else { "" };
+        let rows = self
+            .0
+            .query(
+                &format!(
+                    "SELECT id FROM tasks
+                     WHERE instance_id = $1 AND kind = 'join' AND from_state = $2 AND grp = $3
+                       AND status IN ('ready', 'waiting') AND lease_owner IS NULL
+                     {lock}"
+                ),
+                &[&instance_id, &p.state, &p.group],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(!rows.is_empty())
     }
-    for h in plan.history {
-        tx.execute(
-            "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                                  finished_at, task, branch, ends_branch, context, step)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            &[
-                &instance_id,
-                &h.from,
-                &h.event,
-                &h.to,
-                &i64::from(h.attempt),
-                &h.started_at,
-                &h.finished_at,
-                &h.task,
-                &h.branch,
-                &h.ends_branch,
-                &given,
-                &step,
-            ],
-        )
-        .await
-        .map_err(pg)?;
+
+    async fn insert_join(
+        &mut self,
+        instance_id: i64,
+        p: &Parked,
+        join: &JoinTask,
+        item: i64,
+        now: Micros,
+    ) -> StoreResult<()> {
+        self.0
+            .execute(
+                "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
+                                    queue, target, status, due_at, created_at, grp)
+                 VALUES ($1, $2, 'join', $3, 'fan-in', '{}', $4, '', $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (instance_id, name) DO NOTHING",
+                &[
+                    &instance_id,
+                    &format!("{}{item}", join.name_prefix),
+                    &p.state,
+                    &bigint(p.step),
+                    &p.queue,
+                    &p.target,
+                    &join.status.as_str(),
+                    &join.due_at,
+                    &now,
+                    &p.group,
+                ],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
-    for p in &plan.parks {
-        park(&tx, instance_id, p, now).await?;
-    }
-    for child in plan.spawns {
-        let inserted = tx
+
+    async fn insert_child(
+        &mut self,
+        parent: &str,
+        child: &Spawned,
+        now: Micros,
+    ) -> StoreResult<Option<i64>> {
+        let inserted = self
+            .0
             .query_opt(
                 "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at,
                                         version)
@@ -455,65 +533,83 @@ pub(super) async fn apply_one(
                          (SELECT id FROM machine_versions WHERE machine = $2
                           ORDER BY version DESC LIMIT 1))
                  ON CONFLICT (name) DO NOTHING RETURNING id",
-                &[&child.name, &child.machine, &to_json(&child.context)?, &c.instance, &now],
+                &[&child.name, &child.machine, &to_json(&child.context)?, &parent, &now],
             )
             .await
             .map_err(pg)?;
-        if let Some(row) = inserted {
-            insert_task(&tx, row.get(0), &child.start, now, None).await?;
-        }
+        Ok(inserted.map(|row| row.get(0)))
     }
-    for l in plan.logs {
-        tx.execute(
-            "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, $3, $4, $5)",
-            &[&instance_id, &l.at, &l.level, &l.message, &l.task],
-        )
-        .await
-        .map_err(pg)?;
+
+    async fn insert_log(&mut self, instance_id: i64, l: &LogLine) -> StoreResult<()> {
+        self.0
+            .execute(
+                "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, $3, $4, $5)",
+                &[&instance_id, &l.at, &l.level, &l.message, &l.task],
+            )
+            .await
+            .map_err(pg)?;
+        Ok(())
     }
-    match plan.instance {
-        InstanceWrite::None => {}
-        InstanceWrite::BranchResult(context) => {
-            tx.execute(
+
+    async fn set_result(
+        &mut self,
+        instance_id: i64,
+        result: &Context,
+        now: Micros,
+    ) -> StoreResult<()> {
+        self.0
+            .execute(
                 "UPDATE instances SET result = $2, updated_at = $3
                  WHERE id = $1 AND status = 'running'",
-                &[&instance_id, &to_json(context)?, &now],
+                &[&instance_id, &to_json(result)?, &now],
             )
             .await
             .map_err(pg)?;
-        }
-        InstanceWrite::Halt(reason) => {
-            drop_pending(&tx, instance_id).await?;
-            end_instance(&tx, instance_id, InstanceStatus::Halted, Some(reason), now).await?;
-        }
-        InstanceWrite::Fail(error) => {
-            tx.execute(
+        Ok(())
+    }
+
+    async fn drop_pending(&mut self, instance_id: i64) -> StoreResult<()> {
+        drop_pending(&self.0, instance_id).await
+    }
+
+    async fn hold_ready(&mut self, instance_id: i64) -> StoreResult<()> {
+        self.0
+            .execute(
                 "UPDATE tasks SET status = 'held', lease_owner = NULL WHERE instance_id = $1 AND status = 'ready'",
                 &[&instance_id],
             )
             .await
             .map_err(pg)?;
-            end_instance(&tx, instance_id, InstanceStatus::Failed, Some(error), now).await?;
+        Ok(())
+    }
+
+    async fn end_instance(
+        &mut self,
+        instance_id: i64,
+        status: InstanceStatus,
+        error: Option<&str>,
+        now: Micros,
+    ) -> StoreResult<()> {
+        end_instance(&self.0, instance_id, status, error, now).await
+    }
+
+    /// Inside the transaction, only a note that the instance may be complete: both checks
+    /// run after the commit (see `store::plan`), and the sweep settles what a dead worker
+    /// left noted.
+    async fn settle(&mut self, instance_id: i64, settle: Settle, now: Micros) -> StoreResult<bool> {
+        if settle.complete {
+            queue_settle(&self.0, instance_id, now).await?;
         }
+        Ok(false)
     }
-    if plan.settle.complete {
-        queue_settle(&tx, instance_id, now).await?;
-    }
-    if plan.wakes_others {
-        tx.execute("SELECT pg_notify('phasm', '')", &[])
+
+    async fn wake_others(&mut self) -> StoreResult<()> {
+        self.0
+            .execute("SELECT pg_notify('phasm', '')", &[])
             .await
             .map_err(pg)?;
+        Ok(())
     }
-    tx.commit().await.map_err(pg)?;
-    Ok(Written {
-        result: AppliedCommit {
-            applied: Applied::Yes,
-            claimed,
-        },
-        instance_id: Some(instance_id),
-        settle: plan.settle,
-        notify: plan.wakes_others,
-    })
 }
 
 /// Note, in the commit's transaction, that the instance may be complete: the check after the
@@ -527,68 +623,6 @@ async fn queue_settle(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> St
     .await
     .map_err(pg)?;
     Ok(())
-}
-
-/// What the fence returns of the task it changed.
-struct Fenced {
-    instance_id: i64,
-    kind: String,
-    /// The context the step was given, kept in its history (a join's is its items, not kept).
-    given: Option<String>,
-    step: i64,
-}
-
-/// The fence (see `store::plan`): change the claimed task only if it is still ours and our
-/// lease unexpired, in one statement. Returns what it changed, or `None`.
-async fn fence(
-    tx: &Transaction<'_>,
-    now: Micros,
-    c: &Commit,
-    fence: Fence<'_>,
-) -> StoreResult<Option<Fenced>> {
-    let guard = "AND claim = $2 AND status = 'ready' AND due_at > $3
-                 RETURNING instance_id, kind, CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
-    let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
-        Fence::Delete => (format!("DELETE FROM tasks WHERE id = $1 {guard}"), None),
-        Fence::MarkPageQueued => (
-            format!("UPDATE tasks SET page_queued = TRUE WHERE id = $1 {guard}"),
-            None,
-        ),
-        Fence::Reschedule { due_at, error } => (
-            format!("UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5 WHERE id = $1 {guard}"),
-            Some((due_at, error)),
-        ),
-        Fence::Fail { error } => (
-            format!(
-                "UPDATE tasks SET status = 'failed', due_at = $4, lease_owner = NULL, last_error = $5
-                 WHERE id = $1 {guard}"
-            ),
-            Some((now, error)),
-        ),
-        Fence::GiveBack { due_at, reason } => (
-            format!(
-                "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
-                        attempts = GREATEST(attempts - 1, 0),
-                        first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
-                 WHERE id = $1 {guard}"
-            ),
-            Some((due_at, reason)),
-        ),
-    };
-    let row = match extra {
-        None => tx.query_opt(&sql, &[&c.task_id, &c.claim, &now]).await,
-        Some((due_at, text)) => {
-            tx.query_opt(&sql, &[&c.task_id, &c.claim, &now, &due_at, &text])
-                .await
-        }
-    }
-    .map_err(pg)?;
-    Ok(row.map(|r| Fenced {
-        instance_id: r.get(0),
-        kind: r.get(1),
-        given: r.get(2),
-        step: r.get(3),
-    }))
 }
 
 /// Drop an instance's pending work: its tasks (of every branch) and its parked branches.
@@ -806,7 +840,7 @@ pub(super) async fn apply(
     successors: Option<&SuccessorClaim>,
 ) -> StoreResult<AppliedCommit> {
     let mut client = store.client().await?;
-    let outcome = apply_one(&mut client, now, commit, successors).await?;
+    let outcome = apply_one(&mut client, now, commit, successors, store.fused_commits).await?;
     drop(client);
     if let (true, Some(id)) = (outcome.settle.release_barriers, outcome.instance_id) {
         store

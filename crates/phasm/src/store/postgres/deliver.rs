@@ -4,7 +4,7 @@
 use super::*;
 
 /// Deliver an event (see [`WorkStore::deliver`]). The instance's row is locked first, as a
-/// commit beginning a wait locks it (see `begin_wait`).
+/// commit beginning a wait locks it (see `PlanTx::take_buffered`).
 pub(super) async fn deliver(
     store: &PostgresStore,
     now: Micros,

@@ -48,7 +48,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::convert::{attempt, bigint, count, size, whole};
-use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle, Shape, WaitStart, WritePlan};
+use super::plan::{self, Fence, InstanceWrite, Lease, Settle, Shape, WritePlan};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
     Delivered, Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance,
@@ -75,6 +75,11 @@ pub struct PostgresOptions {
     /// own, waking [`WorkStore::changes`]): what workers and servers need, and a one-shot
     /// command does not.
     pub listen: bool,
+    /// Whether chain steps and branches parking at a fan-in commit as one statement each
+    /// (the default: one round trip instead of one per row) rather than through the
+    /// general transaction every other commit takes. Both leave the same rows (a test checks
+    /// it); off is for measuring the difference and for that test.
+    pub fused_commits: bool,
 }
 
 impl Default for PostgresOptions {
@@ -83,6 +88,7 @@ impl Default for PostgresOptions {
             pool_size: 16,
             transient_retries: 0,
             listen: true,
+            fused_commits: true,
         }
     }
 }
@@ -104,6 +110,8 @@ pub struct PostgresStore {
     wait_key: Arc<super::WaitKeyCache>,
     /// See [`PostgresOptions::transient_retries`].
     transient_retries: u32,
+    /// See [`PostgresOptions::fused_commits`].
+    fused_commits: bool,
 }
 
 /// Aborts a task when dropped.
@@ -237,6 +245,7 @@ impl PostgresStore {
             _listener: Arc::default(),
             wait_key: Arc::default(),
             transient_retries: options.transient_retries,
+            fused_commits: options.fused_commits,
         };
         store.again(|| store.migrate()).await?;
         if !options.listen {

@@ -1,6 +1,9 @@
 //! Writing: starting instances and applying commits (fenced by the task's lease), parking branches and releasing barrier joins.
 
 use super::*;
+use crate::engine::{Parked, Spawned};
+use crate::store::execute::{self, Fenced, PlanTx};
+use crate::store::plan::JoinTask;
 
 /// Create an instance and its start task, unless one of that name exists (then say which).
 pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<Started> {
@@ -97,71 +100,235 @@ fn insert_row(
 }
 
 /// Apply one commit: run its [`plan`](crate::store::plan) (every step of it, settling
-/// included, in this transaction).
+/// included, in this transaction) with the one [`execute`](crate::store::execute); returns
+/// the answer and whether idle workers should look for work.
 pub(super) fn apply(
     tx: &Transaction<'_>,
     now: Micros,
     c: &Commit,
     successors: Option<&SuccessorClaim>,
 ) -> StoreResult<(AppliedCommit, bool)> {
-    let plan = plan::plan(c, successors, now);
-    let Some(Fenced {
-        instance_id,
-        kind,
-        given,
-        step,
-    }) = fence(tx, now, c, plan.fence)?
-    else {
-        let fenced = AppliedCommit {
-            applied: Applied::Fenced,
-            claimed: Vec::new(),
+    let executed = execute::ready(execute::apply(&mut SqliteTx(tx), c, successors, now))??;
+    Ok((executed.result, executed.wakes))
+}
+
+/// The plan's operations as SQLite statements in the batch's transaction. Each runs before
+/// it returns: SQLite's one writer sees every commit in order, so nothing here waits or locks.
+struct SqliteTx<'a, 'c>(&'a Transaction<'c>);
+
+impl PlanTx for SqliteTx<'_, '_> {
+    async fn fence(
+        &mut self,
+        task_id: i64,
+        claim: i64,
+        fence: Fence<'_>,
+        now: Micros,
+    ) -> StoreResult<Option<Fenced>> {
+        let guard = "AND claim = ?2 AND status = 'ready' AND due_at > ?3
+                     RETURNING instance_id, kind = 'join',
+                               CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
+        let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
+            Fence::Delete => (format!("DELETE FROM tasks WHERE id = ?1 {guard}"), None),
+            Fence::MarkPageQueued => (
+                format!("UPDATE tasks SET page_queued = 1 WHERE id = ?1 {guard}"),
+                None,
+            ),
+            Fence::Reschedule { due_at, error } => (
+                format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {guard}"),
+                Some((due_at, error)),
+            ),
+            Fence::Fail { error } => (
+                format!(
+                    "UPDATE tasks SET status = 'failed', due_at = ?4, lease_owner = NULL, last_error = ?5
+                     WHERE id = ?1 {guard}"
+                ),
+                Some((now, error)),
+            ),
+            Fence::GiveBack { due_at, reason } => (
+                format!(
+                    "UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5,
+                            attempts = MAX(attempts - 1, 0),
+                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
+                     WHERE id = ?1 {guard}"
+                ),
+                Some((due_at, reason)),
+            ),
         };
-        return Ok((fenced, false));
-    };
-    if kind == TaskKind::Join.as_str() && plan.fence.clears_join_items() {
-        tx.prepare_cached("DELETE FROM items WHERE join_task = ?1")
-            .map_err(db)?
-            .execute([c.task_id])
-            .map_err(db)?;
-    }
-    let mut claimed = Vec::new();
-    for s in &plan.successors {
-        let inserted = insert_task(tx, instance_id, s.task, now, s.lease.as_ref())?;
-        if let (Some(id), Some(_)) = (inserted, s.lease) {
-            claimed.push(s.task.claimed(id, c, now));
+        let mut stmt = self.0.prepare_cached(&sql).map_err(db)?;
+        let row = |r: &rusqlite::Row<'_>| {
+            Ok(Fenced {
+                instance_id: r.get(0)?,
+                is_join: r.get(1)?,
+                given: r.get(2)?,
+                step: r.get(3)?,
+            })
+        };
+        match extra {
+            None => stmt.query_row(params![task_id, claim, now], row),
+            Some((due_at, text)) => stmt.query_row(params![task_id, claim, now, due_at, text], row),
         }
+        .optional()
+        .map_err(db)
     }
-    for w in &plan.waits {
-        begin_wait(tx, instance_id, w, now)?;
+
+    async fn delete_join_items(&mut self, join_task: i64) -> StoreResult<()> {
+        self.0
+            .prepare_cached("DELETE FROM items WHERE join_task = ?1")
+            .map_err(db)?
+            .execute([join_task])
+            .map_err(db)?;
+        Ok(())
     }
-    for h in plan.history {
-        tx.prepare_cached(
-            "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                                  finished_at, task, branch, ends_branch, context, step)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )
-        .map_err(db)?
-        .execute(params![
-            instance_id,
-            h.from,
-            h.event,
-            h.to,
-            h.attempt,
-            h.started_at,
-            h.finished_at,
-            h.task,
-            h.branch,
-            h.ends_branch,
-            given,
-            step
-        ])
-        .map_err(db)?;
+
+    async fn insert_task(
+        &mut self,
+        instance_id: i64,
+        task: &NewTask,
+        lease: Option<&Lease<'_>>,
+        accepts: Option<&str>,
+        now: Micros,
+    ) -> StoreResult<Option<i64>> {
+        insert_row(self.0, instance_id, task, now, lease, accepts)
     }
-    for p in &plan.parks {
-        park(tx, instance_id, p, now)?;
+
+    async fn take_buffered(
+        &mut self,
+        instance_id: i64,
+        events: &[&str],
+    ) -> StoreResult<Option<(String, Context)>> {
+        let events =
+            serde_json::to_string(events).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let taken: Option<(String, String)> = self
+            .0
+            .prepare_cached(
+                "DELETE FROM events WHERE id = (
+                     SELECT id FROM events
+                     WHERE instance_id = ?1 AND event IN (SELECT value FROM json_each(?2))
+                     ORDER BY id LIMIT 1)
+                 RETURNING event, data",
+            )
+            .map_err(db)?
+            .query_row(params![instance_id, events], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .map_err(db)?;
+        taken
+            .map(|(event, data)| Ok((event, from_json(&data)?)))
+            .transpose()
     }
-    for child in plan.spawns {
-        let inserted = tx
+
+    async fn insert_history(
+        &mut self,
+        instance_id: i64,
+        entries: &[HistoryEntry],
+        given: Option<&str>,
+        step: i64,
+    ) -> StoreResult<()> {
+        let mut stmt = self
+            .0
+            .prepare_cached(
+                "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
+                                      finished_at, task, branch, ends_branch, context, step)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            )
+            .map_err(db)?;
+        for h in entries {
+            stmt.execute(params![
+                instance_id,
+                h.from,
+                h.event,
+                h.to,
+                h.attempt,
+                h.started_at,
+                h.finished_at,
+                h.task,
+                h.branch,
+                h.ends_branch,
+                given,
+                step
+            ])
+            .map_err(db)?;
+        }
+        Ok(())
+    }
+
+    async fn insert_item(&mut self, instance_id: i64, p: &Parked, now: Micros) -> StoreResult<i64> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(db)?
+            .execute(params![
+                instance_id,
+                p.state,
+                p.group,
+                to_json(&p.context)?,
+                p.branch,
+                bigint(p.step),
+                now
+            ])
+            .map_err(db)?;
+        Ok(self.0.last_insert_rowid())
+    }
+
+    /// SQLite's one writer needs no lock while looking.
+    async fn join_pending(
+        &mut self,
+        instance_id: i64,
+        p: &Parked,
+        _lock: bool,
+    ) -> StoreResult<bool> {
+        self.0
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM tasks
+                                WHERE instance_id = ?1 AND kind = 'join' AND from_state = ?2 AND grp = ?3
+                                  AND status IN ('ready', 'waiting') AND lease_owner IS NULL)",
+            )
+            .map_err(db)?
+            .query_row(params![instance_id, p.state, p.group], |r| r.get(0))
+            .map_err(db)
+    }
+
+    async fn insert_join(
+        &mut self,
+        instance_id: i64,
+        p: &Parked,
+        join: &JoinTask,
+        item: i64,
+        now: Micros,
+    ) -> StoreResult<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
+                                    queue, target, status, due_at, created_at, grp)
+                 VALUES (?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10)
+                 ON CONFLICT (instance_id, name) DO NOTHING",
+            )
+            .map_err(db)?
+            .execute(params![
+                instance_id,
+                format!("{}{item}", join.name_prefix),
+                p.state,
+                bigint(p.step),
+                p.queue,
+                p.target,
+                join.status.as_str(),
+                join.due_at,
+                now,
+                p.group
+            ])
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn insert_child(
+        &mut self,
+        parent: &str,
+        child: &Spawned,
+        now: Micros,
+    ) -> StoreResult<Option<i64>> {
+        let inserted = self
+            .0
             .prepare_cached(
                 "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at,
                                         version)
@@ -171,246 +338,86 @@ pub(super) fn apply(
                  ON CONFLICT (name) DO NOTHING",
             )
             .map_err(db)?
-            .execute(params![child.name, child.machine, to_json(&child.context)?, c.instance, now])
+            .execute(params![child.name, child.machine, to_json(&child.context)?, parent, now])
             .map_err(db)?;
-        if inserted == 1 {
-            let child_id = tx.last_insert_rowid();
-            insert_task(tx, child_id, &child.start, now, None)?;
-        }
+        Ok((inserted == 1).then(|| self.0.last_insert_rowid()))
     }
-    for l in plan.logs {
-        insert_log(tx, instance_id, l)?;
+
+    async fn insert_log(&mut self, instance_id: i64, line: &LogLine) -> StoreResult<()> {
+        insert_log(self.0, instance_id, line)
     }
-    match plan.instance {
-        InstanceWrite::None => {}
-        InstanceWrite::BranchResult(context) => {
-            tx.prepare_cached(
+
+    async fn set_result(
+        &mut self,
+        instance_id: i64,
+        result: &Context,
+        now: Micros,
+    ) -> StoreResult<()> {
+        self.0
+            .prepare_cached(
                 "UPDATE instances SET result = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'running'",
             )
             .map_err(db)?
-            .execute(params![instance_id, to_json(context)?, now])
+            .execute(params![instance_id, to_json(result)?, now])
             .map_err(db)?;
-        }
-        InstanceWrite::Halt(reason) => {
-            drop_pending(tx, instance_id).map_err(db)?;
-            end_instance(tx, instance_id, InstanceStatus::Halted, Some(reason), now)?;
-        }
-        InstanceWrite::Fail(error) => {
-            tx.execute(
+        Ok(())
+    }
+
+    async fn drop_pending(&mut self, instance_id: i64) -> StoreResult<()> {
+        drop_pending(self.0, instance_id).map_err(db)?;
+        Ok(())
+    }
+
+    async fn hold_ready(&mut self, instance_id: i64) -> StoreResult<()> {
+        self.0
+            .execute(
                 "UPDATE tasks SET status = 'held', lease_owner = NULL
                  WHERE instance_id = ?1 AND status = 'ready'",
                 [instance_id],
             )
             .map_err(db)?;
-            end_instance(tx, instance_id, InstanceStatus::Failed, Some(error), now)?;
-        }
+        Ok(())
     }
-    let released = settle(tx, instance_id, plan.settle, now)?;
-    let applied = AppliedCommit {
-        applied: Applied::Yes,
-        claimed,
-    };
-    Ok((applied, plan.wakes_others || released))
-}
 
-/// A branch begins to wait: it takes the oldest buffered event of its instance it accepts,
-/// if any (the event's dispatch is queued instead of the wait), else its wait task is queued.
-pub(super) fn begin_wait(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    w: &WaitStart<'_>,
-    now: Micros,
-) -> StoreResult<()> {
-    let events =
-        serde_json::to_string(&w.events).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let buffered: Option<(i64, String, String)> = tx
-        .prepare_cached(
-            "SELECT id, event, data FROM events
-             WHERE instance_id = ?1 AND event IN (SELECT value FROM json_each(?2))
-             ORDER BY id LIMIT 1",
-        )
-        .map_err(db)?
-        .query_row(params![instance_id, events], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()
-        .map_err(db)?;
-    if let Some((id, event, data)) = buffered {
-        if let Some(dispatch) = w.take(&event, &from_json(&data)?, now) {
-            tx.prepare_cached("DELETE FROM events WHERE id = ?1")
+    async fn end_instance(
+        &mut self,
+        instance_id: i64,
+        status: InstanceStatus,
+        error: Option<&str>,
+        now: Micros,
+    ) -> StoreResult<()> {
+        end_instance(self.0, instance_id, status, error, now)
+    }
+
+    /// Both checks, inside the transaction (see `store::plan`).
+    async fn settle(&mut self, instance_id: i64, settle: Settle, now: Micros) -> StoreResult<bool> {
+        let released = settle.release_barriers && release_barriers(self.0, instance_id, now)? > 0;
+        if settle.complete {
+            self.0
+                .prepare_cached(
+                    "UPDATE instances SET status = 'completed', updated_at = ?2, ended_at = ?2
+                     WHERE id = ?1 AND status = 'running'
+                       AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+                       AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)",
+                )
                 .map_err(db)?
-                .execute([id])
+                .execute(params![instance_id, now])
                 .map_err(db)?;
-            insert_task(tx, instance_id, &dispatch, now, None)?;
-            return Ok(());
         }
+        Ok(released)
     }
-    insert_row(
-        tx,
-        instance_id,
-        &w.wait.task,
-        now,
-        None,
-        Some(&w.accepts_column),
-    )?;
-    Ok(())
-}
 
-/// What the fence returns of the task it changed.
-struct Fenced {
-    instance_id: i64,
-    kind: String,
-    /// The context the step was given, kept in its history (a join's is its items, not kept).
-    given: Option<String>,
-    step: i64,
-}
-
-/// The fence: change the claimed task only if it is still ours and our lease unexpired,
-/// in one statement. Returns what it changed, or `None` when refused.
-fn fence(
-    tx: &Transaction<'_>,
-    now: Micros,
-    c: &Commit,
-    fence: Fence<'_>,
-) -> StoreResult<Option<Fenced>> {
-    let guard = "AND claim = ?2 AND status = 'ready' AND due_at > ?3
-                 RETURNING instance_id, kind, CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
-    let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
-        Fence::Delete => (format!("DELETE FROM tasks WHERE id = ?1 {guard}"), None),
-        Fence::MarkPageQueued => (
-            format!("UPDATE tasks SET page_queued = 1 WHERE id = ?1 {guard}"),
-            None,
-        ),
-        Fence::Reschedule { due_at, error } => (
-            format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {guard}"),
-            Some((due_at, error)),
-        ),
-        Fence::Fail { error } => (
-            format!(
-                "UPDATE tasks SET status = 'failed', due_at = ?4, lease_owner = NULL, last_error = ?5
-                 WHERE id = ?1 {guard}"
-            ),
-            Some((now, error)),
-        ),
-        Fence::GiveBack { due_at, reason } => (
-            format!(
-                "UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5,
-                        attempts = MAX(attempts - 1, 0),
-                        first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
-                 WHERE id = ?1 {guard}"
-            ),
-            Some((due_at, reason)),
-        ),
-    };
-    let mut stmt = tx.prepare_cached(&sql).map_err(db)?;
-    let row = |r: &rusqlite::Row<'_>| {
-        Ok(Fenced {
-            instance_id: r.get(0)?,
-            kind: r.get(1)?,
-            given: r.get(2)?,
-            step: r.get(3)?,
-        })
-    };
-    match extra {
-        None => stmt.query_row(params![c.task_id, c.claim, now], row),
-        Some((due_at, text)) => stmt.query_row(params![c.task_id, c.claim, now, due_at, text], row),
+    /// Every worker of an SQLite store lives in this process: the batch wakes them after
+    /// the commit.
+    async fn wake_others(&mut self) -> StoreResult<()> {
+        Ok(())
     }
-    .optional()
-    .map_err(db)
-}
-
-/// Park a branch, and make sure a join will take it: the plan's join task, unless one not
-/// yet started is pending. (SQLite's one writer needs no lock while looking.)
-pub(super) fn park(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    park: &Park<'_>,
-    now: Micros,
-) -> StoreResult<()> {
-    let p = park.parked;
-    tx.prepare_cached(
-        "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )
-    .map_err(db)?
-    .execute(params![
-        instance_id,
-        p.state,
-        p.group,
-        to_json(&p.context)?,
-        p.branch,
-        bigint(p.step),
-        now
-    ])
-    .map_err(db)?;
-    let item = tx.last_insert_rowid();
-    let pending: bool = tx
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM tasks
-                            WHERE instance_id = ?1 AND kind = 'join' AND from_state = ?2 AND grp = ?3
-                              AND status IN ('ready', 'waiting') AND lease_owner IS NULL)",
-        )
-        .map_err(db)?
-        .query_row(params![instance_id, p.state, p.group], |r| r.get(0))
-        .map_err(db)?;
-    if pending {
-        return Ok(());
-    }
-    let join = &park.join;
-    tx.prepare_cached(
-        "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
-                            queue, target, status, due_at, created_at, grp)
-         VALUES (?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10)
-         ON CONFLICT (instance_id, name) DO NOTHING",
-    )
-    .map_err(db)?
-    .execute(params![
-        instance_id,
-        format!("{}{item}", join.name_prefix),
-        p.state,
-        bigint(p.step),
-        p.queue,
-        p.target,
-        join.status.as_str(),
-        join.due_at,
-        now,
-        p.group
-    ])
-    .map_err(db)?;
-    Ok(())
-}
-
-/// The plan's settling checks, inside the commit's transaction (see `store::plan`); returns
-/// whether barrier joins were released.
-pub(super) fn settle(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    settle: Settle,
-    now: Micros,
-) -> StoreResult<bool> {
-    let released = settle.release_barriers && release_barriers(tx, instance_id, now)? > 0;
-    if settle.complete {
-        tx.prepare_cached(
-            "UPDATE instances SET status = 'completed', updated_at = ?2, ended_at = ?2
-             WHERE id = ?1 AND status = 'running'
-               AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
-               AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)",
-        )
-        .map_err(db)?
-        .execute(params![instance_id, now])
-        .map_err(db)?;
-    }
-    Ok(released)
 }
 
 /// Barrier joins (`fan_in: all`) run once no branch of their instance is live: when the
 /// instance has no ready, held or failed task left, its waiting joins become due. Returns
 /// how many were released.
-pub(super) fn release_barriers(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    now: Micros,
-) -> StoreResult<usize> {
+fn release_barriers(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> StoreResult<usize> {
     tx.prepare_cached(
         "UPDATE tasks SET status = 'ready', due_at = ?2
          WHERE instance_id = ?1 AND status = 'waiting'

@@ -55,12 +55,12 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
 use super::convert::{attempt, bigint, count, whole};
-use super::plan::{self, Fence, InstanceWrite, Lease, Park, Settle, WaitStart};
+use super::plan::{Fence, Lease, Settle};
 use super::{
-    cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
-    Delivered, Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance,
-    Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView,
-    WaitView, WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+    cut_message, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control, Delivered,
+    Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance, Page,
+    PageRequest, Started, StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WaitView,
+    WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
 use crate::clock::{micros, Micros};

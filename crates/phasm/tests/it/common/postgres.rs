@@ -85,9 +85,30 @@ impl Schema {
 
     /// A store in this schema.
     pub async fn store(&self) -> PostgresStore {
-        PostgresStore::open(&self.url, &PostgresOptions::default())
+        self.store_with(&PostgresOptions::default()).await
+    }
+
+    /// A store in this schema, opened with `options`.
+    pub async fn store_with(&self, options: &PostgresOptions) -> PostgresStore {
+        PostgresStore::open(&self.url, options)
             .await
             .expect("opens")
+    }
+
+    /// Every row of `table` in this schema as JSON, in the order of `order_by`.
+    #[allow(dead_code)]
+    pub async fn rows(&self, table: &str, order_by: &str) -> Vec<String> {
+        let sql = format!(
+            "SELECT row_to_json(t)::TEXT FROM {}.{table} t ORDER BY {order_by}",
+            self.name
+        );
+        self.client
+            .query(&sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
     }
 
     /// Run `sql` in this schema, as a test that damages the database on purpose does.
