@@ -1,6 +1,11 @@
 //! Conversions between the database's integers and Rust's, without `as`: the store denies the
 //! lossy casts, so a corrupt row (or a count past a column's range) saturates instead of
-//! wrapping around silently.
+//! wrapping around silently. Also the stored forms of contexts, statuses, kinds and tokens,
+//! the same in every backend.
+
+use crate::engine::{Context, TaskKind};
+
+use super::{InstanceStatus, StoreError, StoreResult};
 
 /// A count, step or id read from a `BIGINT`/`INTEGER` column; a negative value (which phasm
 /// never writes) reads as 0.
@@ -11,12 +16,6 @@ pub(crate) fn count(v: i64) -> u64 {
 /// An attempt number read from the database, clamped to `0..=u32::MAX`.
 pub(crate) fn attempt(v: i64) -> u32 {
     u32::try_from(v.max(0)).unwrap_or(u32::MAX)
-}
-
-/// A size read from the database; a negative value reads as 0.
-#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
-pub(crate) fn size(v: i64) -> usize {
-    usize::try_from(v).unwrap_or(0)
 }
 
 /// A Rust count, size or step for a `BIGINT`/`INTEGER` column, saturating at `i64::MAX`.
@@ -31,6 +30,35 @@ pub(crate) fn whole(x: f64) -> usize {
     x.floor().max(0.0) as usize
 }
 
+/// A context as stored (JSON text).
+pub(crate) fn to_json(context: &Context) -> StoreResult<String> {
+    serde_json::to_string(context).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// A context read back from its stored JSON text.
+pub(crate) fn from_json(text: &str) -> StoreResult<Context> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad context JSON: {e}")))
+}
+
+/// An instance status read from its column.
+pub(crate) fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
+    InstanceStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
+}
+
+/// A task kind read from its column.
+pub(crate) fn task_kind(kind: &str) -> StoreResult<TaskKind> {
+    TaskKind::parse(kind).ok_or_else(|| StoreError::Corrupt(format!("task kind `{kind}`")))
+}
+
+/// A wait token read from its column (JSON text).
+pub(crate) fn parse_token(token: Option<String>) -> StoreResult<Option<serde_json::Value>> {
+    token
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(format!("bad token: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,7 +69,6 @@ mod tests {
         assert_eq!(count(7), 7);
         assert_eq!(attempt(-1), 0);
         assert_eq!(attempt(i64::MAX), u32::MAX);
-        assert_eq!(size(-1), 0);
         assert_eq!(bigint(u64::MAX), i64::MAX);
         assert_eq!(bigint(12usize), 12);
         assert_eq!(whole(f64::NAN), 0);

@@ -169,9 +169,11 @@ pub(crate) struct Executed {
     /// The answer to the committing worker.
     pub result: AppliedCommit,
     /// The instance, when the fence let the commit through.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub instance_id: Option<i64>,
     /// The checks that span the instance's branches (what the backend has not run inside the
     /// transaction, it runs after it).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub settle: Settle,
     /// Whether idle workers should look for work once the transaction is committed.
     pub wakes: bool,

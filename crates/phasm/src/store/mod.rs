@@ -13,6 +13,7 @@
     clippy::cast_possible_wrap
 )]
 
+pub(crate) mod claim;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod convert;
@@ -512,15 +513,6 @@ impl ClaimRequest {
         }
         room
     }
-}
-
-/// The queues with no room left in `room` (see [`ClaimRequest::room`]): a claim reads none of
-/// their tasks, so a backlog it may not take never hides the work it may.
-pub(crate) fn full_queues(room: &[(String, usize)]) -> Vec<String> {
-    room.iter()
-        .filter(|(_, left)| *left == 0)
-        .map(|(q, _)| q.clone())
-        .collect()
 }
 
 /// Which tasks a worker takes by their `target` (Fantasm's App Engine target: a pool of

@@ -47,7 +47,9 @@ use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
-use super::convert::{attempt, bigint, count, size, whole};
+use super::convert::{
+    attempt, bigint, count, from_json, parse_status, parse_token, task_kind, to_json,
+};
 use super::plan::{self, Fence, InstanceWrite, Lease, Settle, Shape, WritePlan};
 use super::{
     cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
@@ -203,19 +205,6 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
         }
     };
     StoreError::driver(message, transient, e)
-}
-
-fn to_json(context: &Context) -> StoreResult<String> {
-    serde_json::to_string(context).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn from_json(text: &str) -> StoreResult<Context> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad context JSON: {e}")))
-}
-
-fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
-    InstanceStatus::parse(s)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
 }
 
 impl PostgresStore {

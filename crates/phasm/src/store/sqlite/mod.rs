@@ -54,7 +54,9 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
-use super::convert::{attempt, bigint, count, whole};
+use super::convert::{
+    attempt, bigint, count, from_json, parse_status, parse_token, task_kind, to_json,
+};
 use super::plan::{Fence, Lease, Settle};
 use super::{
     cut_message, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control, Delivered,
@@ -63,7 +65,7 @@ use super::{
     WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
 };
 use super::{worker_view, WORKERS_KEPT};
-use crate::clock::{micros, Micros};
+use crate::clock::Micros;
 use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task, TaskKind};
 
 /// How hard SQLite works to make each commit durable.
@@ -251,19 +253,6 @@ fn db(e: rusqlite::Error) -> StoreError {
         )
     );
     StoreError::driver(e.to_string(), transient, e)
-}
-
-fn to_json(context: &Context) -> StoreResult<String> {
-    serde_json::to_string(context).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn from_json(text: &str) -> StoreResult<Context> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("bad context JSON: {e}")))
-}
-
-fn parse_status(s: &str) -> StoreResult<InstanceStatus> {
-    InstanceStatus::parse(s)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown instance status `{s}`")))
 }
 
 #[async_trait]
