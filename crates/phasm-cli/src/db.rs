@@ -1,6 +1,7 @@
 //! Opening the store a command names with `--db` / `PHASM_DB`: a SQLite file path, or a
 //! `postgres://` URL.
 
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use phasm::store::{
@@ -78,5 +79,27 @@ pub fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    }
+}
+
+/// A temporary database in the current folder, unless one was named.
+pub(crate) fn bench_db(
+    db: Option<String>,
+) -> Result<(Option<tempfile::NamedTempFile>, String), ExitCode> {
+    match db {
+        Some(path) => Ok((None, path)),
+        None => match tempfile::Builder::new()
+            .prefix("phasm-bench-")
+            .suffix(".db")
+            .tempfile_in(".")
+        {
+            Ok(t) => {
+                let path = t.path().display().to_string();
+                Ok((Some(t), path))
+            }
+            Err(e) => Err(crate::exit::failed(format!(
+                "cannot create a temporary database here: {e}"
+            ))),
+        },
     }
 }

@@ -1,11 +1,30 @@
 //! phasm: a durable finite-state-machine workflow engine that speaks Fantasm's `fsm.yaml`.
 //!
-//! This crate is the library behind the `phasm` command. Its layers, from pure to IO:
+//! This crate is the library behind the `phasm` command. Its modules, floor by floor from
+//! the ground up (a module uses only modules on its floor or below):
 //!
-//! - [`machine`]: the model of machines, states and transitions (plain data, no IO);
-//! - [`config`]: YAML files → the model, with complete, located validation;
-//! - [`diagnostic`]: located problems and their compiler-style rendering;
-//! - [`graph`]: drawings of a machine (DOT, Mermaid, SVG).
+//! 1. **Ground** — plain values every layer names, naming nothing of phasm:
+//!    [`clock`] (time as microseconds, the clocks), [`context`] (an instance's data),
+//!    [`duration`] (durations as files write them), [`token`] (wait tokens), and
+//!    [`diagnostic`] (located problems and their rendering).
+//! 2. **Model** — [`schedule`] (instances started on a clock) and [`machine`] (machines,
+//!    states, transitions, queues, bindings: plain data, no IO).
+//! 3. **Reading** — [`config`]: YAML files → the model, with complete, located validation,
+//!    as a pipeline (`yaml` → `read` → `build` → `check`); [`graph`] draws a machine.
+//! 4. **The step** — [`engine`]: the deterministic step of an instance, from a claimed task
+//!    and what its actions produced to the [`engine::Commit`] of its effects, as data.
+//! 5. **IO boundary** — [`store`]: one trait for durable state, with the commit plan
+//!    (`store::plan`), its one executor (`store::execute`) and claim planner
+//!    (`store::claim`), the SQLite and PostgreSQL backends holding only their SQL, and the
+//!    conformance suite; [`action`]: the handler API and its bindings (Rust, Python hosts,
+//!    programs, webhooks).
+//! 6. **Runtime** — [`worker`]: claims, runs and commits steps, with leases, limits and
+//!    schedules.
+//! 7. **Operations** — [`control`]: what the CLI, the API and the console do to instances
+//!    (start, send, reset, retry, cancel, upgrade, list), each written once; [`testing`]:
+//!    machines run in tests, with fault injection and a paused clock.
+//! 8. **Faces** — `console` (the web pages) and `server` (the HTTP API and router, serving
+//!    the console), behind the `server` feature.
 //!
 //! ```
 //! use phasm::config::{load_str, LoadOptions};
@@ -44,8 +63,10 @@ pub mod clock;
 pub mod config;
 #[cfg(feature = "server")]
 pub mod console;
+pub mod context;
 pub mod control;
 pub mod diagnostic;
+pub mod duration;
 pub mod engine;
 pub mod graph;
 pub mod machine;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 
 use crate::clock::{micros, Micros};
-use crate::engine::Context;
+use crate::context::Context;
 
 /// One entry of `schedules:`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +134,7 @@ impl Schedule {
     pub fn describe(&self) -> String {
         match &self.timing {
             Timing::Cron { expression, .. } => format!("cron {expression} ({})", self.timezone),
-            Timing::Every(every) => format!("every {}", crate::config::format_duration(*every)),
+            Timing::Every(every) => format!("every {}", crate::duration::human(*every)),
         }
     }
 }

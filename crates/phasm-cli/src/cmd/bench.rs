@@ -205,28 +205,6 @@ fn peak_rss_of(process: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// A temporary database in the current folder, unless one was named.
-pub(super) fn bench_db(
-    db: Option<String>,
-) -> Result<(Option<tempfile::NamedTempFile>, String), ExitCode> {
-    match db {
-        Some(path) => Ok((None, path)),
-        None => match tempfile::Builder::new()
-            .prefix("phasm-bench-")
-            .suffix(".db")
-            .tempfile_in(".")
-        {
-            Ok(t) => {
-                let path = t.path().display().to_string();
-                Ok((Some(t), path))
-            }
-            Err(e) => Err(exit::failed(format!(
-                "cannot create a temporary database here: {e}"
-            ))),
-        },
-    }
-}
-
 async fn start_lines(
     instances: usize,
     as_json: bool,
@@ -236,7 +214,7 @@ async fn start_lines(
     if instances == 0 {
         return exit::invalid("--instances must be at least 1");
     }
-    let (_temp, path) = match bench_db(db_path) {
+    let (_temp, path) = match crate::db::bench_db(db_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -314,7 +292,7 @@ async fn http_starts(
     if requests == 0 || clients.is_empty() || clients.contains(&0) {
         return exit::invalid("--requests and every --clients count must be at least 1");
     }
-    let (_temp, path) = match bench_db(db_path) {
+    let (_temp, path) = match crate::db::bench_db(db_path) {
         Ok(x) => x,
         Err(code) => return code,
     };
@@ -462,7 +440,7 @@ async fn fanout(
     if branches == 0 {
         return exit::invalid("--branches must be at least 1");
     }
-    let (_temp, path) = match bench_db(db_path) {
+    let (_temp, path) = match crate::db::bench_db(db_path) {
         Ok(x) => x,
         Err(code) => return code,
     };

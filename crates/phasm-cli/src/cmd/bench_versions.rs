@@ -24,7 +24,7 @@ pub async fn versions(
     if versions == 0 || runs == 0 {
         return exit::invalid("--versions and --runs must be at least 1");
     }
-    let (_temp, path) = match super::bench::bench_db(db_path) {
+    let (_temp, path) = match crate::db::bench_db(db_path) {
         Ok(x) => x,
         Err(code) => return code,
     };

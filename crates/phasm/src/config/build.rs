@@ -469,7 +469,7 @@ fn fan_in(cx: &mut Cx<'_>, node: &Node) -> Option<FanIn> {
             );
             return None;
         }
-        Some(text) if !node.is_null() => match super::duration::parse(text) {
+        Some(text) if !node.is_null() => match crate::duration::parse(text) {
             Ok(d) if d.subsec_nanos() == 0 => return Some(FanIn::Window(d)),
             _ => {
                 cx.error(

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use super::duration;
+use crate::duration;
 use crate::machine::{
     ActionBinding, Config, Countdown, FanIn, Logging, Machine, Rate, RetrySettings, State,
     Transition,

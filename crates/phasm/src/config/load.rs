@@ -904,7 +904,7 @@ fn rate(cx: &mut Cx<'_>, node: &Node) -> Option<Rate> {
             "m" | "min" | "minute" => std::time::Duration::from_secs(60),
             "h" | "hour" => std::time::Duration::from_secs(3600),
             "d" | "day" => std::time::Duration::from_secs(86_400),
-            other => super::duration::parse(other)
+            other => crate::duration::parse(other)
                 .ok()
                 .filter(|d| !d.is_zero())?,
         };

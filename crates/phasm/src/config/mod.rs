@@ -9,7 +9,6 @@ mod build;
 mod check;
 mod definition;
 mod diff;
-mod duration;
 mod emit;
 mod load;
 mod read;
@@ -99,12 +98,12 @@ pub struct LoadOptions {
 /// # Errors
 /// A message saying why the text is not a duration.
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
-    duration::parse(text)
+    crate::duration::parse(text)
 }
 
 /// Write a duration for people, in its largest whole unit (`10m`, `2h`, `1d`).
 pub fn format_duration(d: std::time::Duration) -> String {
-    duration::human(d)
+    crate::duration::human(d)
 }
 
 /// Load and validate a machine file and the files it imports.

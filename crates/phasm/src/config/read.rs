@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::duration;
 use super::source::Sources;
 use super::yaml::{Node, NodeKind, Span};
 use crate::diagnostic::Diagnostic;
+use crate::duration;
 use crate::machine::Countdown;
 
 /// The collector of diagnostics for one load.

@@ -116,8 +116,8 @@ fn schedule(cx: &mut Cx<'_>, item: &Node) -> Option<(Schedule, ObjSpans)> {
         }
     };
     let context = match f.get("context") {
-        None => crate::engine::Context::new(),
-        Some(n) if n.is_null() => crate::engine::Context::new(),
+        None => crate::context::Context::new(),
+        Some(n) if n.is_null() => crate::context::Context::new(),
         Some(n) => match n.to_json() {
             serde_json::Value::Object(map) => map,
             _ => {
@@ -130,7 +130,7 @@ fn schedule(cx: &mut Cx<'_>, item: &Node) -> Option<(Schedule, ObjSpans)> {
                     None,
                 );
                 ok = false;
-                crate::engine::Context::new()
+                crate::context::Context::new()
             }
         },
     };

@@ -11,8 +11,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use maud::{html, Markup};
 use serde::Deserialize;
 
-use super::instance::level_class;
-use super::layout::{instance_link, millis, page, problem, seg, time};
+use super::layout::{instance_link, log_lines, millis, page, problem, seg, time};
 use crate::server::state::ServerState;
 use crate::store::{HistoryRow, PassedOn};
 
@@ -175,11 +174,7 @@ pub(crate) async fn step(
         h2 { "Log of this step's task" }
         @if detail.logs.is_empty() { p class="muted" { "No lines: its attempts logged nothing and none failed." } }
         @else {
-            pre id="step-log" {
-                @for l in &detail.logs {
-                    span class=(level_class(&l.level)) { (time(l.at)) " " (format!("{:<7}", l.level)) " " (l.message) } "\n"
-                }
-            }
+            pre id="step-log" { (log_lines(&detail.logs)) }
         }
         h2 { "Run again from this step" }
         @if !crate::control::is_whole_line(&h.branch) {
@@ -243,6 +238,10 @@ pub(crate) async fn reset(
     }
     match crate::control::reset(&*state.store, &state.config, &*state.clock, &name, step).await {
         Ok(_) => Redirect::to(&format!("/instances/{}", seg(&name))).into_response(),
-        Err(e) => problem(crate::server::reset_status(&e), "Not reset", &e.to_string()),
+        Err(e) => problem(
+            crate::server::steps::reset_status(&e),
+            "Not reset",
+            &e.to_string(),
+        ),
     }
 }

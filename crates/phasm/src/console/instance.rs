@@ -12,7 +12,9 @@ use maud::{html, Markup};
 use serde::Deserialize;
 
 use super::history::history_table;
-use super::layout::{human_duration, instance_link, legend, page, problem, seg, status, time};
+use super::layout::{
+    human_duration, instance_link, legend, log_lines, page, problem, seg, status, time,
+};
 use crate::server::state::ServerState;
 use crate::store::{Control, InstanceStatus, InstanceView, WorkerView};
 
@@ -121,16 +123,6 @@ fn live_part(
                 }
             }
         }
-    }
-}
-
-/// The class of a log line's level (known levels only: the level is the action's text).
-pub(super) fn level_class(level: &str) -> &'static str {
-    match level {
-        "error" => "err",
-        "warning" | "warn" => "warn",
-        "debug" => "muted",
-        _ => "",
     }
 }
 
@@ -330,11 +322,7 @@ pub(crate) async fn instance(
             ul { @for c in &view.children { li { (instance_link(c)) } } }
         }
         h2 { "Log" }
-        pre id="log" {
-            @for l in &logs {
-                span class=(level_class(&l.level)) { (time(l.at)) " " (format!("{:<7}", l.level)) " " (l.message) } "\n"
-            }
-        }
+        pre id="log" { (log_lines(&logs)) }
         @if let Some(next) = next_log {
             p { a id="log-next" href={ "/instances/" (q) "?log_cursor=" (next) } { "next " (PAGE_ROWS) " log lines" } }
         }

@@ -159,6 +159,25 @@ pub(super) fn legend(machine: &crate::machine::Machine, highlighted: bool) -> Ma
 }
 
 /// An instance status, coloured.
+/// Log lines, one a line, each coloured by its level.
+pub(super) fn log_lines(lines: &[crate::engine::LogLine]) -> Markup {
+    html! {
+        @for l in lines {
+            span class=(level_class(&l.level)) { (time(l.at)) " " (format!("{:<7}", l.level)) " " (l.message) } "\n"
+        }
+    }
+}
+
+/// The class of a log line's level (known levels only: the level is the action's text).
+fn level_class(level: &str) -> &'static str {
+    match level {
+        "error" => "err",
+        "warning" | "warn" => "warn",
+        "debug" => "muted",
+        _ => "",
+    }
+}
+
 pub(super) fn status(s: InstanceStatus) -> Markup {
     html! { span class={ "s-" (s.as_str()) } { (s.as_str()) } }
 }

@@ -18,7 +18,7 @@ use crate::server::state::ServerState;
 /// A wrong cookie counts against the address as a wrong bearer token does (one throttle).
 pub(crate) async fn authorize_pages(
     State(state): State<Arc<ServerState>>,
-    client: crate::server::Client,
+    client: crate::server::state::Client,
     headers: HeaderMap,
     request: Request,
     next: Next,
@@ -74,7 +74,7 @@ pub(crate) struct Login {
 /// `POST /login`: a right token sets the cookie.
 pub(crate) async fn login(
     State(state): State<Arc<ServerState>>,
-    client: crate::server::Client,
+    client: crate::server::state::Client,
     Form(form): Form<Login>,
 ) -> Response {
     let Some(token) = &state.token else {

@@ -28,8 +28,7 @@ use crate::machine::{
     TransitionPolicy,
 };
 
-/// An instance's data: a JSON object.
-pub type Context = serde_json::Map<String, serde_json::Value>;
+pub use crate::context::Context;
 
 /// The pseudo-event and pseudo-state of the task that starts an instance.
 pub const PSEUDO_INIT: &str = "pseudo-init";

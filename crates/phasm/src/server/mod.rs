@@ -17,13 +17,12 @@ mod guard;
 mod listen;
 mod openapi;
 pub(crate) mod state;
-mod steps;
+pub(crate) mod steps;
 mod versions;
 
 use openapi::{BatchBody, ErrorBody, StartBody};
 
 pub use guard::LOOPBACK_HOSTS;
-pub(crate) use steps::reset_status;
 
 pub use listen::ServeOptions;
 pub use state::{client_address, Client, ServerState};

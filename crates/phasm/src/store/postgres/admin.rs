@@ -1,7 +1,14 @@
 //! Acting on instances: `retry`, `cancel`, `scrub`, the workers' announcements, the periodic
 //! sweep and the commit-rate probe.
 
-use super::*;
+use std::time::Instant;
+
+use super::apply::{drop_pending, end_instance, insert_task};
+use super::{begin, pg, PostgresStore, Transaction};
+use crate::clock::{micros, Micros};
+use crate::engine::NewTask;
+use crate::store::convert::{bigint, parse_status};
+use crate::store::{Control, InstanceStatus, StoreError, StoreResult, WorkerView, WORKERS_KEPT};
 
 /// Lock an instance's row for the rest of `tx` (so a worker cannot end or advance it
 /// meanwhile) and return its id and status; `None` when no instance has that name.

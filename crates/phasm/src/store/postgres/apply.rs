@@ -1,10 +1,18 @@
 //! Writing: starting instances and applying commits (fenced by the task's lease) — the
 //! single-statement chain step and park, and the general path — parking branches.
 
-use super::*;
-use crate::engine::{Parked, Spawned};
+use deadpool_postgres::Object;
+
+use super::{begin, pg, PostgresStore, Settling, Transaction};
+use crate::clock::Micros;
+use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Parked, Spawned};
+use crate::store::convert::{bigint, from_json, parse_status, to_json};
 use crate::store::execute::{self, Fenced, PlanTx};
-use crate::store::plan::JoinTask;
+use crate::store::plan::{self, Fence, InstanceWrite, JoinTask, Lease, Settle, Shape, WritePlan};
+use crate::store::{
+    Applied, AppliedCommit, InstanceStatus, NewInstance, Started, StoreError, StoreResult,
+    SuccessorClaim,
+};
 
 pub(super) async fn insert_task(
     tx: &Transaction<'_>,

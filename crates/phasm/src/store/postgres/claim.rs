@@ -1,9 +1,16 @@
 //! Claiming due tasks ([`store::claim`](crate::store::claim)'s operations as PostgreSQL
 //! statements, candidates taken `FOR UPDATE SKIP LOCKED`), renewing leases.
 
-use super::*;
-use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
 use std::collections::HashMap;
+
+use tokio_postgres::Row;
+
+use super::{begin, pg, PostgresStore, Transaction};
+use crate::clock::Micros;
+use crate::engine::{Context, Task};
+use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
+use crate::store::convert::{attempt, bigint, count, from_json, parse_token, task_kind};
+use crate::store::{ClaimRequest, StoreResult};
 
 /// A task row as read by a claim or a view of tasks: the task, its instance's row id and
 /// its fan-in group.

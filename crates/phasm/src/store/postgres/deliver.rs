@@ -1,7 +1,12 @@
 //! Events from outside: delivering one to the waiting branches that accept it (or buffering
 //! it), and the key that signs wait tokens.
 
-use super::*;
+use super::admin::lock_instance_by_name;
+use super::apply::insert_task;
+use super::{begin, pg, PostgresStore, Transaction};
+use crate::clock::Micros;
+use crate::store::convert::{count, from_json, to_json};
+use crate::store::{Delivered, Delivery, InstanceStatus, StoreResult};
 
 /// Deliver an event (see [`WorkStore::deliver`]). The instance's row is locked first, as a
 /// commit beginning a wait locks it (see `PlanTx::take_buffered`).

@@ -9,11 +9,15 @@
 //! now and then in case a worker died between its commit and the check. Idle workers wait for
 //! `NOTIFY phasm`, sent by commits that queue work, instead of polling.
 //!
-//! The modules carry the SQLite store's names: `schema` (migrations), `claim`, `apply`
-//! (starting instances, and running each commit's [`plan`]: chain steps and
-//! parks as one statement each, the rest as one transaction), `read` and `admin` (retry, cancel, scrub,
-//! workers, sweep); this file holds the connection pool, the after-commit checks and the
-//! `Store` implementation, which hands each call to its module.
+//! The modules carry the SQLite store's names, and hold SQL and row mapping only: the
+//! algorithms are the store's own, written once. `schema` (migrations), `claim` (the
+//! `store::claim::ClaimTx` of the one claim planner), `apply` (starting
+//! instances, and the `store::execute::PlanTx` the one executor carries each
+//! commit's [`plan`](crate::store::plan) out over — chain steps and parks optionally as one
+//! statement each, see [`PostgresOptions::fused_commits`]), `read`, `admin` (retry, cancel,
+//! scrub, workers, sweep), `deliver`, `schedule` and `versions`; this file holds the
+//! connection pool, the after-commit checks and the `Store` implementation, which hands each
+//! call to its module.
 
 mod admin;
 mod apply;
@@ -24,20 +28,11 @@ mod schedule;
 mod schema;
 mod versions;
 
-#[allow(unused_imports)]
-use admin::*;
-#[allow(unused_imports)]
-use apply::*;
-#[allow(unused_imports)]
-use claim::*;
-#[allow(unused_imports)]
-use read::*;
-#[allow(unused_imports)]
-use schema::*;
-
+use apply::SettlingGuard;
+use schema::{MIGRATIONS, MIGRATION_LOCK, SCHEMA_VERSION};
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::store::{AdminStore, ReadStore, WorkStore};
 use async_trait::async_trait;
@@ -47,19 +42,14 @@ use tokio::sync::Notify;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, NoTls, Row};
 
-use super::convert::{
-    attempt, bigint, count, from_json, parse_status, parse_token, task_kind, to_json,
-};
-use super::plan::{self, Fence, InstanceWrite, Lease, Settle, Shape, WritePlan};
+use super::convert::bigint;
 use super::{
-    cut_message, Applied, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control,
-    Delivered, Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance,
-    Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView,
-    WaitView, WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceSummary, InstanceView,
+    ListFilter, NewInstance, Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim,
+    WorkerView,
 };
-use super::{worker_view, WORKERS_KEPT};
-use crate::clock::{micros, Micros};
-use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task, TaskKind};
+use crate::clock::Micros;
+use crate::engine::{Commit, LogLine, NewTask, Task};
 
 /// How to open a PostgreSQL store.
 #[derive(Debug, Clone)]

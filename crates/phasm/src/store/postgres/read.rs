@@ -1,7 +1,18 @@
 //! Reading: an instance, lists, logs and history pages, metrics, live workers, the next due
 //! time.
 
-use super::*;
+use deadpool_postgres::Object;
+use tokio_postgres::types::ToSql;
+
+use super::{pg, PostgresStore};
+use crate::clock::Micros;
+use crate::engine::{HistoryEntry, LogLine};
+use crate::store::convert::{attempt, bigint, count, from_json, parse_status};
+use crate::store::{
+    cut_message, worker_view, BranchCounts, BufferedEvent, InstanceStatus, InstanceSummary,
+    InstanceView, ListFilter, Page, PageRequest, StoreResult, TaskStatus, TaskView, WaitView,
+    WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+};
 
 /// An instance's id by name.
 pub(super) async fn instance_id(

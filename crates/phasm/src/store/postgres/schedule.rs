@@ -1,7 +1,10 @@
 //! Schedules: firing a tick behind the fence of its schedule's last tick, and listing them.
 
-use super::*;
-use crate::store::{Fired, ScheduleRecord, ScheduleTick};
+use super::apply::start_in;
+use super::{begin, pg, PostgresStore};
+use crate::clock::Micros;
+use crate::store::convert::parse_status;
+use crate::store::{Fired, ScheduleRecord, ScheduleTick, Started, StoreError, StoreResult};
 
 /// Fire a schedule's tick (see [`WorkStore::fire_schedule`]). The schedule's row is locked
 /// (`FOR UPDATE`) before the fence is read, so workers firing the same tick take turns and

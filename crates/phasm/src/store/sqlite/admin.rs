@@ -1,6 +1,13 @@
 //! Acting on instances: `retry`, `cancel`, `scrub`, and the workers' announcements.
 
-use super::*;
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::apply::{drop_pending, end_instance, insert_log, insert_task};
+use super::db;
+use crate::clock::Micros;
+use crate::engine::{LogLine, NewTask};
+use crate::store::convert::parse_status;
+use crate::store::{Control, InstanceStatus, StoreError, StoreResult, WorkerView, WORKERS_KEPT};
 
 pub(super) fn worker_alive(tx: &Transaction<'_>, now: Micros, w: &WorkerView) -> StoreResult<()> {
     let list =

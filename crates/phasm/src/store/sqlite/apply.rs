@@ -1,9 +1,16 @@
 //! Writing: starting instances and applying commits (fenced by the task's lease), parking branches and releasing barrier joins.
 
-use super::*;
-use crate::engine::{Parked, Spawned};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::db;
+use crate::clock::Micros;
+use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Parked, Spawned};
+use crate::store::convert::{bigint, from_json, parse_status, to_json};
 use crate::store::execute::{self, Fenced, PlanTx};
-use crate::store::plan::JoinTask;
+use crate::store::plan::{Fence, JoinTask, Lease, Settle};
+use crate::store::{
+    AppliedCommit, InstanceStatus, NewInstance, Started, StoreError, StoreResult, SuccessorClaim,
+};
 
 /// Create an instance and its start task, unless one of that name exists (then say which).
 pub(super) fn start(tx: &Transaction<'_>, now: Micros, new: &NewInstance) -> StoreResult<Started> {

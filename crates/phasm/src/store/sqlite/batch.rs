@@ -1,6 +1,25 @@
 //! The connection threads: requests queued to a connection run in batches, one transaction each, and are answered once it commits.
 
-use super::*;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use rusqlite::{Connection, Transaction};
+
+use super::admin::{cancel, reset, retry, scrub, worker_alive};
+use super::apply::{apply, start};
+use super::claim::{claim, renew};
+use super::deliver::{deliver, wait_key};
+use super::read::{
+    history_page, instance, list, logs, logs_page, machine_overview, next_due, recent_steps, stats,
+    step, workers, workers_gone,
+};
+use super::schedule::{fire_schedule, schedules};
+use super::versions::{
+    deploy, scrub_versions, upgrade, version, version_by_id, version_counts, versions,
+};
+use super::{db, Reply, Request, Threads};
+use crate::store::convert::bigint;
+use crate::store::{StoreError, StoreResult};
 
 /// Where requests for one connection go.
 #[derive(Debug, Clone)]

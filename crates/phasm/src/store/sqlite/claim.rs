@@ -1,9 +1,16 @@
 //! Claiming due tasks ([`store::claim`](crate::store::claim)'s operations as SQLite
 //! statements), renewing leases.
 
-use super::*;
-use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
 use std::collections::HashMap;
+
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::db;
+use crate::clock::Micros;
+use crate::engine::{Context, Task};
+use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
+use crate::store::convert::{attempt, bigint, count, from_json, parse_token, task_kind};
+use crate::store::{ClaimRequest, StoreResult};
 
 /// Claim for `req` at `now` in the batch's transaction.
 pub(super) fn claim(

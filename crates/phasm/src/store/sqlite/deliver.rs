@@ -1,7 +1,15 @@
 //! Events from outside: delivering one to the waiting branches that accept it (or buffering
 //! it), and the key that signs wait tokens.
 
-use super::*;
+use rusqlite::{params, Transaction};
+
+use super::admin::lookup;
+use super::apply::insert_task;
+use super::db;
+use crate::clock::Micros;
+use crate::engine::{Context, NewTask};
+use crate::store::convert::{count, from_json, to_json};
+use crate::store::{Delivered, Delivery, InstanceStatus, StoreResult};
 
 /// Deliver an event (see [`WorkStore::deliver`]).
 pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreResult<Delivered> {

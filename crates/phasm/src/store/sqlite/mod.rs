@@ -7,10 +7,14 @@
 //! failing request never undoes another's work. Reads go to a read-only connection of their
 //! own and never wait behind a batch of commits.
 //!
-//! The modules: `schema` (migrations; opening a file, and what is refused before anything
-//! is touched), `batch` (the connection threads), `claim`, `apply` (starting instances, and
-//! running each commit's [`plan`], settling included, in the batch's
-//! transaction), `read` and `admin` (retry, cancel, scrub, workers).
+//! The modules hold SQL and row mapping only (the algorithms are the store's own, written
+//! once): `schema` (migrations; opening a file, and what is refused before anything is
+//! touched), `batch` (the connection threads), `claim` (the
+//! `store::claim::ClaimTx` of the one claim planner), `apply` (starting instances,
+//! and the `store::execute::PlanTx` the one executor carries each commit's
+//! [`plan`](crate::store::plan) out over, settling included, in the batch's transaction),
+//! `read`, `admin` (retry, cancel, scrub, workers), `deliver`, `schedule`, `versions` and
+//! `watch`.
 
 mod admin;
 mod apply;
@@ -23,50 +27,23 @@ mod schema;
 mod versions;
 mod watch;
 
-#[allow(unused_imports)]
-use admin::*;
-#[allow(unused_imports)]
-use apply::*;
-#[allow(unused_imports)]
-use batch::*;
-#[allow(unused_imports)]
-use claim::*;
-#[allow(unused_imports)]
-use deliver::*;
-#[allow(unused_imports)]
-use read::*;
-#[allow(unused_imports)]
-use schedule::*;
-#[allow(unused_imports)]
-use schema::*;
-#[allow(unused_imports)]
-use versions::*;
-#[allow(unused_imports)]
-use watch::*;
-
+use batch::Lane;
+use schema::{open_connection, open_reader};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use watch::spawn_watcher;
 
 use crate::store::{AdminStore, ReadStore, WorkStore};
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{oneshot, Notify};
 
-use super::convert::{
-    attempt, bigint, count, from_json, parse_status, parse_token, task_kind, to_json,
-};
-use super::plan::{Fence, Lease, Settle};
 use super::{
-    cut_message, AppliedCommit, BranchCounts, BufferedEvent, ClaimRequest, Control, Delivered,
-    Delivery, InstanceStatus, InstanceSummary, InstanceView, ListFilter, NewInstance, Page,
-    PageRequest, Started, StoreError, StoreResult, SuccessorClaim, TaskStatus, TaskView, WaitView,
-    WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceSummary, InstanceView,
+    ListFilter, NewInstance, Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim,
+    WorkerView,
 };
-use super::{worker_view, WORKERS_KEPT};
 use crate::clock::Micros;
-use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Task, TaskKind};
+use crate::engine::{Commit, LogLine, NewTask, Task};
 
 /// How hard SQLite works to make each commit durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

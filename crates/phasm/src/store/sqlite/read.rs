@@ -1,6 +1,17 @@
 //! Reading: an instance, lists, logs and history pages, metrics, live workers, the next due time.
 
-use super::*;
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::admin::lookup;
+use super::db;
+use crate::clock::Micros;
+use crate::engine::{HistoryEntry, LogLine};
+use crate::store::convert::{bigint, count, from_json, parse_status};
+use crate::store::{
+    cut_message, worker_view, BranchCounts, BufferedEvent, InstanceStatus, InstanceSummary,
+    InstanceView, ListFilter, Page, PageRequest, StoreResult, TaskStatus, TaskView, WaitView,
+    WorkerView, MAX_PAGE_MESSAGE_CHARS, VIEW_ROWS,
+};
 
 pub(super) fn workers(tx: &Transaction<'_>, now: Micros) -> StoreResult<Vec<WorkerView>> {
     worker_rows(

@@ -1,7 +1,12 @@
 //! Schedules: firing a tick behind the fence of its schedule's last tick, and listing them.
 
-use super::*;
-use crate::store::{Fired, ScheduleRecord, ScheduleTick};
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::apply::start;
+use super::db;
+use crate::clock::Micros;
+use crate::store::convert::parse_status;
+use crate::store::{Fired, InstanceStatus, ScheduleRecord, ScheduleTick, StoreResult};
 
 /// Fire a schedule's tick (see [`WorkStore::fire_schedule`]). The first statement writes, so
 /// the transaction holds the database's write lock before it reads the fence.

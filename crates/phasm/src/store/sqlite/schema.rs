@@ -1,6 +1,13 @@
 //! The schema and its migrations, and opening a file: what is refused before anything is touched.
 
-use super::*;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::{db, Access, SqliteOptions, Synchronous};
+use crate::store::convert::bigint;
+use crate::store::{StoreError, StoreResult};
 
 /// The newest schema version this build writes.
 pub(super) const SCHEMA_VERSION: i64 = 10;

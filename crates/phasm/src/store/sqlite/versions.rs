@@ -1,10 +1,14 @@
 //! Machine versions: a deploy stores each changed machine as its next version; reading them.
 
-use super::*;
-use crate::engine::Position;
+use rusqlite::{params, OptionalExtension, Transaction};
+
+use super::db;
+use crate::clock::Micros;
+use crate::engine::{Position, TaskKind};
+use crate::store::convert::{count, parse_status};
 use crate::store::{
-    upgrade_accepts, upgrade_log, upgrade_plan, Deployed, NewVersion, StoredVersion,
-    UpgradeRequest, Upgraded, VersionCounts, VersionRecord,
+    upgrade_accepts, upgrade_log, upgrade_plan, Deployed, NewVersion, StoreError, StoreResult,
+    StoredVersion, UpgradeRequest, Upgraded, VersionCounts, VersionRecord,
 };
 
 /// Store each definition as its machine's next version unless the latest has its hash (see

@@ -4,7 +4,13 @@
 //! another process, or a worker there queueing a step, is then noticed within that time
 //! rather than at the next poll.
 
-use super::*;
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::Notify;
+
+use super::schema::open_reader;
 
 /// How often the watcher looks.
 pub(super) const WATCH_EVERY: Duration = Duration::from_millis(20);

@@ -1,11 +1,11 @@
-//! Durations as users write them: a number of seconds (as Fantasm did) or `90s`, `5m`, `1h30m`,
+//! Durations as machine files write them: a number of seconds (as Fantasm did) or `90s`, `5m`, `1h30m`,
 //! with millisecond resolution.
 
 use std::time::Duration;
 
 /// Parse a duration: plain seconds (`30`, `2.5`), or one or more `<number><unit>` parts with
 /// units `ms`, `s`, `m`, `h`, `d` (`500ms`, `90s`, `1h30m`). Negative values are rejected.
-pub(crate) fn parse(text: &str) -> Result<Duration, String> {
+pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text.is_empty() {
         return Err("empty duration".into());
@@ -63,7 +63,7 @@ fn seconds(secs: f64) -> Result<Duration, String> {
 
 /// Write a duration back the way `parse` reads it: whole seconds as a plain number (Fantasm's
 /// style), anything finer in milliseconds (`1500ms`).
-pub(crate) fn format(d: Duration) -> String {
+pub fn format(d: Duration) -> String {
     if d.subsec_nanos() == 0 {
         d.as_secs().to_string()
     } else {
@@ -72,7 +72,7 @@ pub(crate) fn format(d: Duration) -> String {
 }
 
 /// A duration for people: its largest whole unit (`10m`, `2h`, `1d`, `90s`, `1500ms`).
-pub(crate) fn human(d: Duration) -> String {
+pub fn human(d: Duration) -> String {
     if d.subsec_nanos() != 0 || d.is_zero() {
         return format!("{}ms", d.as_millis());
     }
