@@ -1532,6 +1532,21 @@ pub trait ReadStore: Send + Sync + std::fmt::Debug {
     /// [`VIEW_ROWS`] of each; memory per call is bounded).
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>>;
 
+    /// One instance's status, without the rest of its view: one row read, however many
+    /// branches, tasks and transitions it has (a worker watching instances asks often).
+    async fn status(&self, name: &str) -> StoreResult<Option<InstanceStatus>> {
+        Ok(self.instance(name).await?.map(|v| v.status))
+    }
+
+    /// The instances an instance spawned, oldest first.
+    async fn children(&self, name: &str) -> StoreResult<Vec<String>> {
+        Ok(self
+            .instance(name)
+            .await?
+            .map(|v| v.children)
+            .unwrap_or_default())
+    }
+
     /// Instances, newest first.
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>>;
 

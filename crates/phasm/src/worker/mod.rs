@@ -616,10 +616,11 @@ async fn next_wake(inner: &Inner, gate: &QueueGate) -> Micros {
 async fn check_watched(inner: &Inner, watching: &mut BTreeSet<String>) {
     let mut queue: Vec<String> = watching.iter().cloned().collect();
     while let Some(name) = queue.pop() {
-        match inner.store.instance(&name).await {
-            Ok(Some(view)) if view.status != InstanceStatus::Running => {
+        // The status alone (one row), not the instance's view, which counts its branches.
+        match inner.store.status(&name).await {
+            Ok(Some(status)) if status != InstanceStatus::Running => {
                 watching.remove(&name);
-                for child in view.children {
+                for child in inner.store.children(&name).await.unwrap_or_default() {
                     if watching.insert(child.clone()) {
                         queue.push(child);
                     }

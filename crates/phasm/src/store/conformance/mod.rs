@@ -1386,6 +1386,20 @@ pub async fn a_spawned_instance_starts_once(store: &dyn Store) {
         .unwrap()
         .children
         .is_empty());
+    // The short reads a worker watching instances uses agree with the view.
+    assert_eq!(store.children("p1").await.unwrap(), ["child"]);
+    assert!(store.children("p2").await.unwrap().is_empty());
+    assert!(store.children("nobody").await.unwrap().is_empty());
+    assert_eq!(
+        store.status("child").await.unwrap(),
+        Some(InstanceStatus::Running)
+    );
+    assert_eq!(store.status("nobody").await.unwrap(), None);
+    store.cancel(T0, "child").await.unwrap();
+    assert_eq!(
+        store.status("child").await.unwrap(),
+        Some(InstanceStatus::Cancelled)
+    );
 }
 
 /// Check that a continuation page queued early is not queued again by a retry.

@@ -44,9 +44,9 @@ use tokio_postgres::{AsyncMessage, NoTls, Row};
 
 use super::convert::bigint;
 use super::{
-    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceSummary, InstanceView,
-    ListFilter, NewInstance, Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim,
-    WorkerView,
+    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceStatus, InstanceSummary,
+    InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError, StoreResult,
+    SuccessorClaim, WorkerView,
 };
 use crate::clock::Micros;
 use crate::engine::{Commit, LogLine, NewTask, Task};
@@ -571,6 +571,14 @@ impl ReadStore for PostgresStore {
 
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         self.again(|| read::instance(self, name)).await
+    }
+
+    async fn status(&self, name: &str) -> StoreResult<Option<InstanceStatus>> {
+        self.again(|| read::status(self, name)).await
+    }
+
+    async fn children(&self, name: &str) -> StoreResult<Vec<String>> {
+        self.again(|| read::children(self, name)).await
     }
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {

@@ -717,3 +717,31 @@ pub(super) async fn recent_steps(
         groups,
     })
 }
+
+/// An instance's status (see [`ReadStore::status`](crate::store::ReadStore::status)).
+pub(super) async fn status(
+    store: &PostgresStore,
+    name: &str,
+) -> StoreResult<Option<InstanceStatus>> {
+    let client = store.client().await?;
+    let row = client
+        .query_opt("SELECT status FROM instances WHERE name = $1", &[&name])
+        .await
+        .map_err(pg)?;
+    row.map(|r| parse_status(r.get(0))).transpose()
+}
+
+/// The instances `name` spawned, oldest first.
+pub(super) async fn children(store: &PostgresStore, name: &str) -> StoreResult<Vec<String>> {
+    let client = store.client().await?;
+    Ok(client
+        .query(
+            "SELECT name FROM instances WHERE parent = $1 ORDER BY id",
+            &[&name],
+        )
+        .await
+        .map_err(pg)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}

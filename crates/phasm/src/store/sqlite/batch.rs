@@ -10,8 +10,8 @@ use super::apply::{apply, start};
 use super::claim::{claim, renew};
 use super::deliver::{deliver, wait_key};
 use super::read::{
-    history_page, instance, list, logs, logs_page, machine_overview, next_due, recent_steps, stats,
-    step, workers, workers_gone,
+    children, history_page, instance, list, logs, logs_page, machine_overview, next_due,
+    recent_steps, stats, status, step, workers, workers_gone,
 };
 use super::schedule::{fire_schedule, schedules};
 use super::versions::{
@@ -202,6 +202,8 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Schedules(r) => drop(r.send(Err(err()))),
         Request::MachineOverview(_, _, _, r) => drop(r.send(Err(err()))),
         Request::Instance(_, r) => drop(r.send(Err(err()))),
+        Request::Status(_, r) => drop(r.send(Err(err()))),
+        Request::Children(_, r) => drop(r.send(Err(err()))),
         Request::List(_, r) => drop(r.send(Err(err()))),
         Request::Logs(_, r) => drop(r.send(Err(err()))),
         Request::HistoryPage(_, _, _, r) => drop(r.send(Err(err()))),
@@ -299,6 +301,8 @@ pub(super) fn handle(
             pending(reply, machine_overview(tx, &machine, hour, day))
         }
         Request::Instance(name, reply) => pending(reply, instance(tx, &name)),
+        Request::Status(name, reply) => pending(reply, status(tx, &name)),
+        Request::Children(name, reply) => pending(reply, children(tx, &name)),
         Request::List(filter, reply) => pending(reply, list(tx, &filter)),
         Request::Logs(name, reply) => pending(reply, logs(tx, &name)),
         Request::HistoryPage(name, page, branch, reply) => {

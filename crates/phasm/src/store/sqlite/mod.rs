@@ -38,9 +38,9 @@ use async_trait::async_trait;
 use tokio::sync::{oneshot, Notify};
 
 use super::{
-    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceSummary, InstanceView,
-    ListFilter, NewInstance, Page, PageRequest, Started, StoreError, StoreResult, SuccessorClaim,
-    WorkerView,
+    AppliedCommit, ClaimRequest, Control, Delivered, Delivery, InstanceStatus, InstanceSummary,
+    InstanceView, ListFilter, NewInstance, Page, PageRequest, Started, StoreError, StoreResult,
+    SuccessorClaim, WorkerView,
 };
 use crate::clock::Micros;
 use crate::engine::{Commit, LogLine, NewTask, Task};
@@ -134,6 +134,8 @@ enum Request {
     Schedules(Reply<Vec<super::ScheduleRecord>>),
     MachineOverview(String, Micros, Micros, Reply<super::MachineOverview>),
     Instance(String, Reply<Option<InstanceView>>),
+    Status(String, Reply<Option<InstanceStatus>>),
+    Children(String, Reply<Vec<String>>),
     List(ListFilter, Reply<Vec<InstanceSummary>>),
     Logs(String, Reply<Vec<LogLine>>),
     HistoryPage(
@@ -356,6 +358,16 @@ impl ReadStore for SqliteStore {
     async fn instance(&self, name: &str) -> StoreResult<Option<InstanceView>> {
         let name = name.to_string();
         self.read(|r| Request::Instance(name, r)).await
+    }
+
+    async fn status(&self, name: &str) -> StoreResult<Option<InstanceStatus>> {
+        let name = name.to_string();
+        self.read(|r| Request::Status(name, r)).await
+    }
+
+    async fn children(&self, name: &str) -> StoreResult<Vec<String>> {
+        let name = name.to_string();
+        self.read(|r| Request::Children(name, r)).await
     }
 
     async fn list(&self, filter: &ListFilter) -> StoreResult<Vec<InstanceSummary>> {

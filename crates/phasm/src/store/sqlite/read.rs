@@ -161,13 +161,7 @@ pub(super) fn instance(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<I
         .map_err(db)?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
         .map_err(db)?;
-    let children = tx
-        .prepare_cached("SELECT name FROM instances WHERE parent = ?1 ORDER BY id")
-        .map_err(db)?
-        .query_map([name], |r| r.get::<_, String>(0))
-        .map_err(db)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db)?;
+    let children = children(tx, name)?;
     let count = |sql: &str| -> StoreResult<u64> {
         tx.prepare_cached(sql)
             .map_err(db)?
@@ -761,4 +755,25 @@ pub(super) fn recent_steps(
         window_start: super::super::recent_window(since, counted, sample, oldest),
         groups,
     })
+}
+
+/// An instance's status (see [`ReadStore::status`](crate::store::ReadStore::status)).
+pub(super) fn status(tx: &Transaction<'_>, name: &str) -> StoreResult<Option<InstanceStatus>> {
+    let status: Option<String> = tx
+        .prepare_cached("SELECT status FROM instances WHERE name = ?1")
+        .map_err(db)?
+        .query_row([name], |r| r.get(0))
+        .optional()
+        .map_err(db)?;
+    status.as_deref().map(parse_status).transpose()
+}
+
+/// The instances `name` spawned, oldest first.
+pub(super) fn children(tx: &Transaction<'_>, name: &str) -> StoreResult<Vec<String>> {
+    tx.prepare_cached("SELECT name FROM instances WHERE parent = ?1 ORDER BY id")
+        .map_err(db)?
+        .query_map([name], |r| r.get::<_, String>(0))
+        .map_err(db)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(db)
 }
