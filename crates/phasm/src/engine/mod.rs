@@ -484,6 +484,34 @@ impl Commit {
         self
     }
 
+    /// [`Commit::storable`] for a shared commit: the same commit when every text is
+    /// storable already (the common case, so a fork of thousands of branches is not copied),
+    /// else a fixed copy.
+    #[must_use]
+    pub fn storable_shared(commit: std::sync::Arc<Self>) -> std::sync::Arc<Self> {
+        if commit.is_storable() {
+            commit
+        } else {
+            std::sync::Arc::new(Self::clone(&commit).storable())
+        }
+    }
+
+    /// Whether [`Commit::storable`] would change nothing.
+    fn is_storable(&self) -> bool {
+        let fits = |s: &str| !s.contains('\0') && s.len() <= text::MAX_TEXT_BYTES;
+        let texts_fit = match &self.disposition {
+            Disposition::Retry { error, .. } | Disposition::Failed { error } => fits(error),
+            Disposition::Postpone { reason, .. } => fits(reason),
+            Disposition::Finished | Disposition::Keep => true,
+        } && match &self.instance_change {
+            InstanceChange::Halt(reason) | InstanceChange::Fail(reason) => fits(reason),
+            InstanceChange::None | InstanceChange::BranchEnded(_) => true,
+        };
+        texts_fit
+            && self.logs.iter().all(|l| !l.message.contains('\0'))
+            && self.parked.iter().all(|p| !p.group.contains('\0'))
+    }
+
     /// A commit that finishes `task` and does nothing else; the step's effects are added to it.
     pub fn finishing(task: &Task) -> Self {
         Self {

@@ -544,3 +544,24 @@ fn machine_of<'a>(c: &'a Config, t: &Task) -> &'a crate::machine::Machine {
     c.machine(&t.machine)
         .expect("the task's machine is in the test configuration")
 }
+
+#[test]
+fn a_storable_shared_commit_is_not_copied_and_one_with_a_nul_is_fixed() {
+    use std::sync::Arc;
+    let plain = Arc::new(Commit::finishing(&task(Some("a"), "go")));
+    let same = Commit::storable_shared(Arc::clone(&plain));
+    assert!(Arc::ptr_eq(&plain, &same), "nothing to fix: no copy");
+    let mut failing = Commit::finishing(&task(Some("a"), "go"));
+    failing.disposition = Disposition::Failed {
+        error: "bad\0byte".into(),
+    };
+    let failing = Arc::new(failing);
+    let fixed = Commit::storable_shared(Arc::clone(&failing));
+    assert!(!Arc::ptr_eq(&failing, &fixed));
+    assert_eq!(
+        fixed.disposition,
+        Disposition::Failed {
+            error: "bad\\0byte".into()
+        }
+    );
+}

@@ -122,8 +122,10 @@ pub(crate) trait ClaimTx {
         filter: &ClaimFilter,
     ) -> StoreResult<Vec<Candidate>>;
 
-    /// Step 4: lease the tasks `ids` to `owner` until `until`; each leased task's
-    /// instance version as read by this statement.
+    /// Step 4: lease the tasks `ids` to `owner` until `until`; the instance version of
+    /// each leased task whose instance may have been upgraded since the candidates were read
+    /// (a backend whose transactions run one at a time returns none: the candidates'
+    /// versions stand).
     async fn lease(
         &mut self,
         ids: &[i64],
@@ -146,8 +148,8 @@ pub(crate) trait ClaimTx {
     ) -> StoreResult<Vec<Context>>;
 }
 
-/// How many candidates to read for a claim of `limit`: a few more than wanted, so
-/// per-queue room can skip some.
+/// How many candidates to read for a claim of `limit` when a queue's room may skip some: a
+/// few more than wanted.
 pub(crate) fn candidate_window(limit: usize) -> usize {
     (limit.saturating_mul(2)).max(16)
 }
@@ -235,9 +237,13 @@ pub(crate) async fn claim<T: ClaimTx>(
     let mut room = request.room(shared);
     // 2. Candidates, 3. choice.
     let filter = ClaimFilter::of(request, &room);
-    let candidates = tx
-        .candidates(now, candidate_window(request.limit), &filter)
-        .await?;
+    // Only queues with room left can make the choice skip a candidate.
+    let window = if room.iter().any(|(_, left)| *left > 0) {
+        candidate_window(request.limit)
+    } else {
+        request.limit
+    };
+    let candidates = tx.candidates(now, window, &filter).await?;
     let mut chosen = choose(candidates, request.limit, &mut room);
     // 4. Lease.
     if !chosen.is_empty() {

@@ -1452,14 +1452,15 @@ pub trait WorkStore: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<Vec<bool>>;
 
     /// Apply one commit — its [`plan`] — all or nothing, and only if its lease is still held
-    /// at `now` (else [`Applied::Fenced`], and nothing of it happened). With `successors`,
+    /// at `now` (else [`Applied::Fenced`], and nothing of it happened). The commit is shared,
+    /// so that a caller that may try again keeps it without a copy. With `successors`,
     /// new tasks that are due at once are leased to that worker and returned. An error means
     /// nothing of the commit was applied, unless the reply was lost after the database
     /// committed it: a retry is then refused by the fence, which is safe.
     async fn apply(
         &self,
         now: Micros,
-        commit: Commit,
+        commit: std::sync::Arc<Commit>,
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit>;
 

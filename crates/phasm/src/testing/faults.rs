@@ -145,7 +145,7 @@ impl WorkStore for FaultyStore {
     async fn apply(
         &self,
         now: Micros,
-        commit: Commit,
+        commit: std::sync::Arc<Commit>,
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit> {
         self.before("commit").await?;

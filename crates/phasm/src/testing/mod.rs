@@ -243,7 +243,9 @@ impl Immediate {
                 if crashed {
                     self.clock.advance(lease + Duration::from_secs(1));
                 } else {
-                    self.store.apply(self.clock.now(), commit, None).await?;
+                    self.store
+                        .apply(self.clock.now(), commit.into(), None)
+                        .await?;
                 }
                 continue;
             }

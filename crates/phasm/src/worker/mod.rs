@@ -581,7 +581,7 @@ async fn claim(
             },
             ..Commit::finishing(&t)
         };
-        let _ = inner.store.apply(now, release, None).await;
+        let _ = inner.store.apply(now, release.into(), None).await;
     }
     Ok(mine)
 }
@@ -756,6 +756,8 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
         done.fenced += 1;
         return Vec::new();
     };
+    // Shared, not copied, with each try of the commit (a fork's commit holds every branch).
+    let commit = Arc::new(commit);
     let changed = commit.instance_change != InstanceChange::None;
     let event = progress_event(&commit);
     let successors = inner.successors.clone();
@@ -763,7 +765,7 @@ async fn execute_one(inner: &Inner, task: &Task, done: &mut Executed) -> Vec<Tas
     loop {
         let applied = inner
             .store
-            .apply(inner.clock.now(), commit.clone(), Some(&successors))
+            .apply(inner.clock.now(), Arc::clone(&commit), Some(&successors))
             .await;
         match applied {
             Ok(result) if result.applied == Applied::Yes => {
@@ -938,7 +940,7 @@ pub(crate) struct StepEnv<'a> {
 async fn queue_next_page(env: &StepEnv<'_>, page: Commit) -> Result<(), String> {
     let applied = env
         .store
-        .apply(env.clock.now(), page, env.successors)
+        .apply(env.clock.now(), page.into(), env.successors)
         .await
         .map_err(|e| format!("queueing the next page failed: {e}"))?;
     if applied.applied != Applied::Yes {

@@ -257,7 +257,7 @@ async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
     let task = store.claim(now, &request).await.unwrap().remove(0);
     let mut c = Commit::finishing(&task);
     c.instance_change = InstanceChange::BranchEnded(Context::new());
-    store.apply(now, c, None).await.unwrap();
+    store.apply(now, c.into(), None).await.unwrap();
     let status = |store: &phasm::store::PostgresStore, name: &'static str| {
         let store = store.clone();
         async move { store.instance(name).await.unwrap().unwrap().status }

@@ -771,7 +771,7 @@ async fn history_and_logs_come_in_pages_and_the_instance_page_stays_small() {
             task: task.name.clone(),
         })
         .collect();
-    store.apply(now, commit, None).await.unwrap();
+    store.apply(now, commit.into(), None).await.unwrap();
     let api = api_with(dir, store, None, None, &[]).await;
 
     let mut seen = 0;
@@ -1055,7 +1055,7 @@ async fn run_step(
         &mut fastrand::Rng::with_seed(1),
         &Limits::default(),
     );
-    store.apply(now, commit.clone(), None).await.unwrap();
+    store.apply(now, commit.clone().into(), None).await.unwrap();
     commit
 }
 

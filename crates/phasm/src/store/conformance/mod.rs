@@ -232,7 +232,7 @@ fn commit(task: &Task) -> Commit {
 }
 
 async fn apply_one(store: &dyn Store, now: i64, c: Commit) -> Applied {
-    store.apply(now, c, None).await.unwrap().applied
+    store.apply(now, c.into(), None).await.unwrap().applied
 }
 
 /// Check that starting is idempotent.
@@ -746,7 +746,7 @@ pub async fn successors_due_now_come_back_leased(store: &dyn Store) {
         targets: Targets::Any,
         max: 5,
     };
-    let result = store.apply(T0, c, Some(&successors)).await.unwrap();
+    let result = store.apply(T0, c.into(), Some(&successors)).await.unwrap();
     assert_eq!(result.applied, Applied::Yes);
     assert_eq!(result.claimed.len(), 1);
     let next = &result.claimed[0];

@@ -169,7 +169,7 @@ pub async fn instances_record_the_version_they_started_on(store: &dyn Store) {
         targets: crate::store::Targets::Any,
         max: 5,
     };
-    let applied = store.apply(T0, c, Some(&successors)).await.unwrap();
+    let applied = store.apply(T0, c.into(), Some(&successors)).await.unwrap();
     assert_eq!(applied.applied, crate::store::Applied::Yes);
     assert_eq!(applied.claimed.len(), 1);
     assert_eq!(applied.claimed[0].version, task.version);

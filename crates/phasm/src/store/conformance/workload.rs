@@ -57,7 +57,7 @@ pub async fn mixed_workload(store: &dyn Store, seed: u64) {
         for task in tasks {
             let commit = shaped(&mut rng, &task, now, &mut names);
             let applied = store
-                .apply(now, commit, rng.bool().then_some(&offer))
+                .apply(now, commit.into(), rng.bool().then_some(&offer))
                 .await
                 .unwrap();
             assert_eq!(applied.applied, Applied::Yes, "{} at {round}", task.name);

@@ -299,7 +299,7 @@ pub(super) async fn apply_one(
 }
 
 /// The plan's operations as PostgreSQL statements in one commit's transaction.
-struct PgTx<'c>(Transaction<'c>);
+pub(super) struct PgTx<'c>(pub(super) Transaction<'c>);
 
 impl PlanTx for PgTx<'_> {
     async fn fence(

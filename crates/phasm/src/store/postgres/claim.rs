@@ -5,7 +5,8 @@ use std::collections::HashMap;
 
 use tokio_postgres::Row;
 
-use super::{begin, pg, PostgresStore, Transaction};
+use super::apply::PgTx;
+use super::{begin, pg, PostgresStore};
 use crate::clock::Micros;
 use crate::engine::{Context, Task};
 use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
@@ -49,7 +50,7 @@ pub(super) async fn claim(
         return Ok(Vec::new());
     }
     let mut client = store.client().await?;
-    let mut tx = PgClaim(begin(&mut client).await?);
+    let mut tx = PgTx(begin(&mut client).await?);
     let claimed = claim::claim(&mut tx, now, req).await?;
     tx.0.commit().await.map_err(pg)?;
     Ok(claimed)
@@ -57,9 +58,7 @@ pub(super) async fn claim(
 
 /// A claim's operations in one transaction. Claimers run side by side: candidates are
 /// locked and others' skipped, and claimers of a limited queue take turns.
-struct PgClaim<'c>(Transaction<'c>);
-
-impl ClaimTx for PgClaim<'_> {
+impl ClaimTx for PgTx<'_> {
     /// An advisory lock per queue, held until the transaction ends.
     async fn lock_queue(&mut self, queue: &str) -> StoreResult<()> {
         self.0

@@ -496,10 +496,10 @@ impl WorkStore for PostgresStore {
     async fn apply(
         &self,
         now: Micros,
-        commit: Commit,
+        commit: std::sync::Arc<Commit>,
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit> {
-        apply::apply(self, now, &commit.storable(), successors).await
+        apply::apply(self, now, &Commit::storable_shared(commit), successors).await
     }
 
     async fn fire_schedule(

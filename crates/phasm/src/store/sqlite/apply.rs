@@ -121,7 +121,7 @@ pub(super) fn apply(
 
 /// The plan's operations as SQLite statements in the batch's transaction. Each runs before
 /// it returns: SQLite's one writer sees every commit in order, so nothing here waits or locks.
-struct SqliteTx<'a, 'c>(&'a Transaction<'c>);
+pub(super) struct SqliteTx<'a, 'c>(pub(super) &'a Transaction<'c>);
 
 impl PlanTx for SqliteTx<'_, '_> {
     async fn fence(

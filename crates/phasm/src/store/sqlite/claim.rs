@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, OptionalExtension, Transaction};
 
+use super::apply::SqliteTx;
 use super::db;
 use crate::clock::Micros;
 use crate::engine::{Context, Task};
@@ -18,14 +19,12 @@ pub(super) fn claim(
     now: Micros,
     req: &ClaimRequest,
 ) -> StoreResult<Vec<Task>> {
-    crate::store::execute::ready(claim::claim(&mut SqliteClaim(tx), now, req))?
+    crate::store::execute::ready(claim::claim(&mut SqliteTx(tx), now, req))?
 }
 
 /// A claim's operations in the batch's transaction. SQLite's one writer runs claims one at a
 /// time: nothing is locked or skipped.
-struct SqliteClaim<'a, 'c>(&'a Transaction<'c>);
-
-impl ClaimTx for SqliteClaim<'_, '_> {
+impl ClaimTx for SqliteTx<'_, '_> {
     async fn lock_queue(&mut self, _queue: &str) -> StoreResult<()> {
         Ok(())
     }
@@ -128,6 +127,8 @@ impl ClaimTx for SqliteClaim<'_, '_> {
         Ok(candidates)
     }
 
+    /// One statement for all. The instances' versions are the candidates': nothing else
+    /// writes between that read and this one.
     async fn lease(
         &mut self,
         ids: &[i64],
@@ -135,24 +136,18 @@ impl ClaimTx for SqliteClaim<'_, '_> {
         until: Micros,
         now: Micros,
     ) -> StoreResult<HashMap<i64, Option<i64>>> {
-        let mut stmt = self
-            .0
+        let ids = serde_json::Value::from(ids.to_vec()).to_string();
+        self.0
             .prepare_cached(
                 "UPDATE tasks SET claim = claim + 1, lease_owner = ?2, due_at = ?3,
                                   attempts = attempts + 1,
                                   first_attempt_at = COALESCE(first_attempt_at, ?4)
-                 WHERE id = ?1
-                 RETURNING (SELECT i.version FROM instances i WHERE i.id = tasks.instance_id)",
+                 WHERE id IN (SELECT value FROM json_each(?1))",
             )
+            .map_err(db)?
+            .execute(params![ids, owner, until, now])
             .map_err(db)?;
-        let mut versions = HashMap::with_capacity(ids.len());
-        for id in ids {
-            let version: Option<i64> = stmt
-                .query_row(params![id, owner, until, now], |r| r.get(0))
-                .map_err(db)?;
-            versions.insert(*id, version);
-        }
-        Ok(versions)
+        Ok(HashMap::new())
     }
 
     async fn take_items(

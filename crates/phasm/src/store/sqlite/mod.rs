@@ -123,7 +123,7 @@ enum Request {
     /// A commit; the reply says whether it queued work nobody holds yet.
     Apply(
         Micros,
-        Box<Commit>,
+        Arc<Commit>,
         Option<SuccessorClaim>,
         Reply<(AppliedCommit, bool)>,
     ),
@@ -264,12 +264,12 @@ impl WorkStore for SqliteStore {
     async fn apply(
         &self,
         now: Micros,
-        commit: Commit,
+        commit: std::sync::Arc<Commit>,
         successors: Option<&SuccessorClaim>,
     ) -> StoreResult<AppliedCommit> {
         let successors = successors.cloned();
         let (applied, queued) = self
-            .call(|r| Request::Apply(now, Box::new(commit.storable()), successors, r))
+            .call(|r| Request::Apply(now, Commit::storable_shared(commit), successors, r))
             .await?;
         // Wake idle workers of this process when work was queued that nobody holds yet.
         if queued {
