@@ -100,17 +100,10 @@ pub(crate) trait PlanTx {
         now: Micros,
     ) -> StoreResult<i64>;
 
-    /// Step 6: whether a join not yet started is pending for the parked branch's fan-in
-    /// (locked while looking when `lock`: see [`JoinTask::lock_pending`]).
-    async fn join_pending(
-        &mut self,
-        instance_id: i64,
-        parked: &Parked,
-        lock: bool,
-    ) -> StoreResult<bool>;
-
-    /// Step 6: create the join task for the branch parked as item `item`.
-    async fn insert_join(
+    /// Step 6: create the join task for the branch parked as item `item`, unless a join not
+    /// yet started is pending for its fan-in (looked for under a lock when the join says
+    /// so: see [`JoinTask::lock_pending`]).
+    async fn join_unless_pending(
         &mut self,
         instance_id: i64,
         parked: &Parked,
@@ -275,13 +268,8 @@ pub(crate) async fn execute<T: PlanTx>(
     // 6. Parks, each with its join unless one not yet started is pending.
     for p in &plan.parks {
         let item = tx.insert_item(instance_id, p.parked, now).await?;
-        if !tx
-            .join_pending(instance_id, p.parked, p.join.lock_pending)
-            .await?
-        {
-            tx.insert_join(instance_id, p.parked, &p.join, item, now)
-                .await?;
-        }
+        tx.join_unless_pending(instance_id, p.parked, &p.join, item, now)
+            .await?;
     }
     // 7. Spawns.
     for child in plan.spawns {

@@ -471,14 +471,17 @@ impl PlanTx for PgTx<'_> {
             .get(0))
     }
 
-    async fn join_pending(
+    /// The look for a pending join, then the insert (locked while looking for a window).
+    async fn join_unless_pending(
         &mut self,
         instance_id: i64,
         p: &Parked,
-        lock: bool,
-    ) -> StoreResult<bool> {
-        let lock = if lock { "FOR UPDATE" } else { "" };
-        let rows = self
+        join: &JoinTask,
+        item: i64,
+        now: Micros,
+    ) -> StoreResult<()> {
+        let lock = if join.lock_pending { "FOR UPDATE" } else { "" };
+        let pending = self
             .0
             .query(
                 &format!(
@@ -491,17 +494,9 @@ impl PlanTx for PgTx<'_> {
             )
             .await
             .map_err(pg)?;
-        Ok(!rows.is_empty())
-    }
-
-    async fn insert_join(
-        &mut self,
-        instance_id: i64,
-        p: &Parked,
-        join: &JoinTask,
-        item: i64,
-        now: Micros,
-    ) -> StoreResult<()> {
+        if !pending.is_empty() {
+            return Ok(());
+        }
         self.0
             .execute(
                 "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,

@@ -114,14 +114,72 @@ pub(super) fn apply(
     now: Micros,
     c: &Commit,
     successors: Option<&SuccessorClaim>,
+    settles: &mut Settles,
 ) -> StoreResult<(AppliedCommit, bool)> {
-    let executed = execute::ready(execute::apply(&mut SqliteTx(tx), c, successors, now))??;
+    let mut plan_tx = SqliteTx(tx, Some(settles));
+    let executed = execute::ready(execute::apply(&mut plan_tx, c, successors, now))??;
     Ok((executed.result, executed.wakes))
 }
 
 /// The plan's operations as SQLite statements in the batch's transaction. Each runs before
 /// it returns: SQLite's one writer sees every commit in order, so nothing here waits or locks.
-pub(super) struct SqliteTx<'a, 'c>(pub(super) &'a Transaction<'c>);
+pub(super) struct SqliteTx<'a, 'c>(
+    pub(super) &'a Transaction<'c>,
+    /// The batch's settling checks, where a commit's are gathered (`None`: run at once).
+    pub(super) Option<&'a mut Settles>,
+);
+
+/// The settling checks of a batch's commits (see `store::plan`), gathered per instance and
+/// run once each at the end of the batch, before it commits: a hundred branches of one
+/// instance parking in one batch cost one check, not a hundred. The batch is one
+/// transaction on the one writer, so the checks see every commit of it, as the last
+/// commit's own check would, and no one sees the batch before they ran.
+#[derive(Debug, Default)]
+pub(super) struct Settles(std::collections::BTreeMap<i64, (Settle, Micros)>);
+
+impl Settles {
+    fn add(&mut self, instance_id: i64, settle: Settle, now: Micros) {
+        let (s, at) = self
+            .0
+            .entry(instance_id)
+            .or_insert((Settle::default(), now));
+        s.release_barriers |= settle.release_barriers;
+        s.complete |= settle.complete;
+        *at = (*at).max(now);
+    }
+
+    /// Run every check gathered; whether barrier joins were released.
+    pub(super) fn run(self, tx: &Transaction<'_>) -> StoreResult<bool> {
+        let mut released = false;
+        for (instance_id, (settle, now)) in self.0 {
+            released |= settle_now(tx, instance_id, settle, now)?;
+        }
+        Ok(released)
+    }
+}
+
+/// Both settling checks of one instance (see `store::plan`); whether barrier joins were
+/// released.
+fn settle_now(
+    tx: &Transaction<'_>,
+    instance_id: i64,
+    settle: Settle,
+    now: Micros,
+) -> StoreResult<bool> {
+    let released = settle.release_barriers && release_barriers(tx, instance_id, now)? > 0;
+    if settle.complete {
+        tx.prepare_cached(
+            "UPDATE instances SET status = 'completed', updated_at = ?2, ended_at = ?2
+             WHERE id = ?1 AND status = 'running'
+               AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
+               AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)",
+        )
+        .map_err(db)?
+        .execute(params![instance_id, now])
+        .map_err(db)?;
+    }
+    Ok(released)
+}
 
 impl PlanTx for SqliteTx<'_, '_> {
     async fn fence(
@@ -278,25 +336,8 @@ impl PlanTx for SqliteTx<'_, '_> {
         Ok(self.0.last_insert_rowid())
     }
 
-    /// SQLite's one writer needs no lock while looking.
-    async fn join_pending(
-        &mut self,
-        instance_id: i64,
-        p: &Parked,
-        _lock: bool,
-    ) -> StoreResult<bool> {
-        self.0
-            .prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM tasks
-                                WHERE instance_id = ?1 AND kind = 'join' AND from_state = ?2 AND grp = ?3
-                                  AND status IN ('ready', 'waiting') AND lease_owner IS NULL)",
-            )
-            .map_err(db)?
-            .query_row(params![instance_id, p.state, p.group], |r| r.get(0))
-            .map_err(db)
-    }
-
-    async fn insert_join(
+    /// One statement; SQLite's one writer needs no lock while looking.
+    async fn join_unless_pending(
         &mut self,
         instance_id: i64,
         p: &Parked,
@@ -308,7 +349,11 @@ impl PlanTx for SqliteTx<'_, '_> {
             .prepare_cached(
                 "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
                                     queue, target, status, due_at, created_at, grp)
-                 VALUES (?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10)
+                 SELECT ?1, ?2, 'join', ?3, 'fan-in', '{}', ?4, '', ?5, ?6, ?7, ?8, ?9, ?10
+                 WHERE NOT EXISTS (
+                     SELECT 1 FROM tasks
+                     WHERE instance_id = ?1 AND kind = 'join' AND from_state = ?3 AND grp = ?10
+                       AND status IN ('ready', 'waiting') AND lease_owner IS NULL)
                  ON CONFLICT (instance_id, name) DO NOTHING",
             )
             .map_err(db)?
@@ -396,22 +441,15 @@ impl PlanTx for SqliteTx<'_, '_> {
         end_instance(self.0, instance_id, status, error, now)
     }
 
-    /// Both checks, inside the transaction (see `store::plan`).
+    /// Gathered for the end of the batch (see [`Settles`]), or run at once.
     async fn settle(&mut self, instance_id: i64, settle: Settle, now: Micros) -> StoreResult<bool> {
-        let released = settle.release_barriers && release_barriers(self.0, instance_id, now)? > 0;
-        if settle.complete {
-            self.0
-                .prepare_cached(
-                    "UPDATE instances SET status = 'completed', updated_at = ?2, ended_at = ?2
-                     WHERE id = ?1 AND status = 'running'
-                       AND NOT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1)
-                       AND NOT EXISTS (SELECT 1 FROM items WHERE instance_id = ?1)",
-                )
-                .map_err(db)?
-                .execute(params![instance_id, now])
-                .map_err(db)?;
+        match &mut self.1 {
+            Some(batch) => {
+                batch.add(instance_id, settle, now);
+                Ok(false)
+            }
+            None => settle_now(self.0, instance_id, settle, now),
         }
-        Ok(released)
     }
 
     /// Every worker of an SQLite store lives in this process: the batch wakes them after

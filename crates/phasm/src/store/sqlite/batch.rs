@@ -6,7 +6,7 @@ use std::time::Instant;
 use rusqlite::{Connection, Transaction};
 
 use super::admin::{cancel, reset, retry, scrub, worker_alive};
-use super::apply::{apply, start};
+use super::apply::{apply, start, Settles};
 use super::claim::{claim, renew};
 use super::deliver::{deliver, wait_key};
 use super::read::{
@@ -32,14 +32,19 @@ pub(super) enum Lane {
 
 impl Lane {
     /// A lane for `conn`: a thread of its own named `name`, or the caller's. A lane that
-    /// `writes` opens each batch's transaction with `BEGIN IMMEDIATE`.
+    /// writes (given the store's `changes` to wake its idle workers) opens each batch's
+    /// transaction with `BEGIN IMMEDIATE`.
     pub(super) fn new(
         name: &str,
         conn: Connection,
         threads: Threads,
-        writes: bool,
+        changes: Option<Arc<tokio::sync::Notify>>,
     ) -> StoreResult<Self> {
-        let batcher = Batcher { conn, writes };
+        let batcher = Batcher {
+            conn,
+            writes: changes.is_some(),
+            changes,
+        };
         if threads == Threads::Caller {
             return Ok(Lane::Caller(Arc::new(std::sync::Mutex::new(batcher))));
         }
@@ -92,6 +97,9 @@ pub(super) struct Batcher {
     /// another process writes — the busy timeout covers waiting for the lock at `BEGIN`,
     /// but an upgrade that would deadlock fails at once with "database is locked".
     writes: bool,
+    /// The writer's: idle workers of this process, woken when a batch's settling released
+    /// barrier joins.
+    changes: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Most requests run in one transaction.
@@ -149,10 +157,19 @@ impl Batcher {
         };
         let mut replies: Vec<Pending> = Vec::with_capacity(batch.len());
         let mut first_error = None;
+        let mut settles = Settles::default();
         for request in batch {
-            replies.push(handle(&tx, request, &mut first_error));
+            replies.push(handle(&tx, request, &mut first_error, &mut settles));
         }
-        let committed = if tx.is_autocommit() {
+        // The settling checks of the batch's commits, once per instance (see `Settles`).
+        let settled = if tx.is_autocommit() {
+            Ok(false)
+        } else {
+            settles.run(&tx)
+        };
+        let committed = if let Err(e) = &settled {
+            Err(e.during("settling the batch's instances"))
+        } else if tx.is_autocommit() {
             // An error such as SQLITE_FULL or an I/O error rolled the whole transaction back:
             // committing would only say "no transaction is active". Every request is answered
             // with the error that ended it.
@@ -161,6 +178,9 @@ impl Batcher {
         } else {
             tx.commit().map_err(db)
         };
+        if let (Ok(()), Ok(true), Some(changes)) = (&committed, &settled, &self.changes) {
+            changes.notify_waiters();
+        }
         match committed {
             Ok(()) => replies.into_iter().for_each(|r| r(None)),
             Err(e) => replies.into_iter().for_each(|r| r(Some(&e))),
@@ -233,6 +253,7 @@ pub(super) fn handle(
     tx: &Transaction<'_>,
     request: Request,
     first_error: &mut Option<StoreError>,
+    settles: &mut Settles,
 ) -> Pending {
     fn scoped<T>(
         tx: &Transaction<'_>,
@@ -283,7 +304,7 @@ pub(super) fn handle(
         Request::Apply(now, commit, successors, reply) => pending(
             reply,
             scoped(tx, first_error, |tx| {
-                apply(tx, now, &commit, successors.as_ref())
+                apply(tx, now, &commit, successors.as_ref(), settles)
             }),
         ),
         Request::NextDue(reply) => pending(reply, next_due(tx)),

@@ -19,7 +19,7 @@ pub(super) fn claim(
     now: Micros,
     req: &ClaimRequest,
 ) -> StoreResult<Vec<Task>> {
-    crate::store::execute::ready(claim::claim(&mut SqliteTx(tx), now, req))?
+    crate::store::execute::ready(claim::claim(&mut SqliteTx(tx, None), now, req))?
 }
 
 /// A claim's operations in the batch's transaction. SQLite's one writer runs claims one at a

@@ -176,16 +176,21 @@ impl SqliteStore {
         let path = path.as_ref().to_path_buf();
         let conn = open_connection(&path, options)?;
         let writes = options.access != Access::ReadOnly;
-        let requests = Lane::new("phasm-sqlite", conn, options.threads, writes)?;
+        let changes = Arc::new(Notify::new());
+        let requests = Lane::new(
+            "phasm-sqlite",
+            conn,
+            options.threads,
+            writes.then(|| Arc::clone(&changes)),
+        )?;
         let reader = match options.threads {
             Threads::Own => open_reader(&path),
             Threads::Caller => None,
         };
         let reads = match reader {
-            Some(conn) => Lane::new("phasm-sqlite-read", conn, options.threads, false)?,
+            Some(conn) => Lane::new("phasm-sqlite-read", conn, options.threads, None)?,
             None => requests.clone(),
         };
-        let changes = Arc::new(Notify::new());
         let watched = options.threads == Threads::Own
             && options.access != Access::ReadOnly
             && spawn_watcher(&path, Arc::downgrade(&changes));
