@@ -8,9 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::openapi::ErrorBody;
+use super::openapi::{ErrorBody, EventBody};
 use super::{check_name, error, ServerState};
 use crate::control::{send, SendError, SendOutcome, SendRequest, SendTo};
 use crate::engine::Context;
@@ -145,32 +145,9 @@ async fn deliver(state: &ServerState, to: SendTo, body: &[u8]) -> Response {
 
 /// The body's event, data and id.
 fn parse(body: &[u8]) -> Result<(String, Context, Option<String>), String> {
-    const SHAPE: &str = "the body must be a JSON object: {\"event\": NAME, \"data\": {...} (optional), \"id\": \"...\" (optional)}";
-    let Ok(Value::Object(mut request)) = serde_json::from_slice::<Value>(body) else {
-        return Err(SHAPE.to_string());
-    };
-    let event = match request.remove("event") {
-        Some(Value::String(e)) => e,
-        _ => return Err(format!("`event` (a string) is required; {SHAPE}")),
-    };
-    let data = match request.remove("data") {
-        None | Some(Value::Null) => Context::new(),
-        Some(Value::Object(d)) => d,
-        Some(_) => {
-            return Err(
-                "`data` must be a JSON object (its keys are merged into the context)".into(),
-            )
-        }
-    };
-    let id = match request.remove("id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(i)) => Some(i),
-        Some(_) => return Err("`id` must be a string".into()),
-    };
-    if let Some(key) = request.keys().next() {
-        return Err(format!(
-            "unknown field `{key}`; expected `event`, `data` and `id`"
-        ));
-    }
-    Ok((event, data, id))
+    let body: EventBody = super::json_body(
+        body,
+        "a JSON object {\"event\": NAME, \"data\": {...} (optional), \"id\": \"...\" (optional)}",
+    )?;
+    Ok((body.event, body.data.unwrap_or_default(), body.id))
 }

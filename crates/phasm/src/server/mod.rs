@@ -43,7 +43,7 @@ use serde_json::{json, Value};
 use crate::control::{
     instance_json, start_instances, BatchStartError, StartError, StartOutcome, MAX_BATCH_START,
 };
-use crate::engine::{is_valid_instance_name, Context};
+use crate::engine::is_valid_instance_name;
 use crate::store::Control;
 
 /// Largest request body accepted (a context is at most `Limits::max_context_bytes` anyway).
@@ -528,6 +528,33 @@ async fn graph(State(state): State<Arc<ServerState>>, Path(machine): Path<String
     }
 }
 
+/// What a start's body is, for its error messages.
+const START_SHAPE: &str =
+    "a JSON object {\"context\": {...}, \"name\": \"...\", \"version\": N}, each optional";
+
+/// A request body read as its documented type `T`; else a message that says what was wrong
+/// and where (the field, or the line and column of bad JSON), and the body's `shape`.
+pub(super) fn json_body<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    shape: &str,
+) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if inner.is_syntax() || inner.is_eof() {
+            format!("the body is not JSON: {inner}; send {shape}")
+        } else if path == "." {
+            format!("the body must be {shape}: {inner}")
+        } else {
+            format!("`{path}`: {inner}; the body must be {shape}")
+        }
+    })?;
+    de.end()
+        .map_err(|e| format!("the body is not JSON: {e}; send {shape}"))?;
+    Ok(value)
+}
+
 /// Start an instance of a machine (idempotent by name).
 ///
 /// The context's values are checked and converted against the machine's `context_types`; a
@@ -555,57 +582,19 @@ async fn start(
     Path(machine): Path<String>,
     body: Bytes,
 ) -> Response {
-    let request: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        json!({})
+    let body: StartBody = if body.iter().all(u8::is_ascii_whitespace) {
+        StartBody::default()
     } else {
-        match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body is not JSON: {e}"),
-                )
-            }
+        match json_body(&body, START_SHAPE) {
+            Ok(body) => body,
+            Err(message) => return error(StatusCode::BAD_REQUEST, message),
         }
     };
-    let Value::Object(mut request) = request else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the body must be a JSON object: {\"context\": {...}, \"name\": optional}",
-        );
-    };
-    let context: Context = match request.remove("context") {
-        None | Some(Value::Null) => Context::new(),
-        Some(Value::Object(c)) => c,
-        Some(_) => return error(StatusCode::BAD_REQUEST, "`context` must be a JSON object"),
-    };
-    let name = match request.remove("name") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(n)) => Some(n),
-        Some(_) => return error(StatusCode::BAD_REQUEST, "`name` must be a string"),
-    };
-    let version = match request.remove("version") {
-        None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
-            Some(n) if n > 0 => Some(n),
-            _ => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "`version` must be a version number (1, 2, ...)",
-                )
-            }
-        },
-    };
-    if let Some(key) = request.keys().next() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("unknown field `{key}`; expected `context`, `name` and `version`"),
-        );
-    }
+    let name = body.name;
     let request = crate::control::StartRequest {
         machine: &machine,
-        version,
-        context,
+        version: body.version.map(std::num::NonZeroU32::get),
+        context: body.context.unwrap_or_default(),
         name: name.as_deref(),
     };
     let outcome = crate::control::start_on(

@@ -57,21 +57,26 @@ pub(super) struct ErrorBody {
 
 /// The body of `POST /api/machines/{machine}/instances` (empty: an instance with an empty
 /// context and a generated name).
-#[derive(ToSchema)]
-#[allow(dead_code)]
+#[derive(ToSchema, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 pub(super) struct StartBody {
     /// The instance's name (unique; starting again with it changes nothing).
-    name: Option<String>,
+    pub(super) name: Option<String>,
     /// The input context: values of the machine's `context_types` are checked and converted.
-    context: Option<serde_json::Map<String, serde_json::Value>>,
+    pub(super) context: Option<serde_json::Map<String, serde_json::Value>>,
     /// The version of the machine to start on (default: the latest deployed); one that is not
     /// stored is refused (400), naming those that are.
-    version: Option<u32>,
+    #[schema(value_type = Option<u32>, minimum = 1)]
+    pub(super) version: Option<std::num::NonZeroU32>,
 }
 
 /// The body of `POST /api/machines/{machine}/instances/batch`.
 #[derive(ToSchema)]
-#[allow(dead_code)]
+#[allow(
+    dead_code,
+    reason = "the schema of the body `server::batch` reads item by item, counting and bounding \
+              each item as it goes, which a derived Deserialize of this type could not"
+)]
 pub(super) struct BatchBody {
     /// One item per instance, at most 10,000; all start, or none. An item is its input
     /// context, or `{"name": NAME, "context": {...}}` to name the instance (an object with a
@@ -85,15 +90,15 @@ pub(super) struct BatchBody {
 }
 
 /// The body of the event endpoints.
-#[derive(ToSchema)]
-#[allow(dead_code)]
+#[derive(ToSchema, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct EventBody {
     /// The event (one a waiting state of the instance's machine accepts).
-    event: String,
+    pub(super) event: String,
     /// Keys merged into the waiting branch's context.
-    data: Option<serde_json::Map<String, serde_json::Value>>,
+    pub(super) data: Option<serde_json::Map<String, serde_json::Value>>,
     /// An id: the same id sent again is accepted once.
-    id: Option<String>,
+    pub(super) id: Option<String>,
 }
 
 /// Adds the token's answer (401) to every operation of `openapi`: given the document of the

@@ -173,7 +173,7 @@ async fn bad_requests_get_json_errors_not_500s() {
             "/api/machines/Job/instances",
             Some(r#"{"context": 5}"#),
             400,
-            "`context` must be a JSON object",
+            "`context`: invalid type: integer `5`, expected a map",
         ),
         (
             "POST",
