@@ -17,6 +17,7 @@ pub(crate) mod claim;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod convert;
+pub(crate) mod deliver;
 pub(crate) mod execute;
 pub(crate) mod listing;
 pub mod plan;

@@ -1,138 +1,113 @@
-//! Events from outside: delivering one to the waiting branches that accept it (or buffering
-//! it), and the key that signs wait tokens.
+//! Events from outside ([`store::deliver`](crate::store::deliver)'s operations as SQLite
+//! statements), and the key that signs wait tokens.
 
 use rusqlite::{params, Transaction};
 
 use super::admin::lookup;
-use super::apply::insert_task;
+use super::apply::SqliteTx;
 use super::db;
 use crate::clock::Micros;
-use crate::engine::{Context, NewTask};
 use crate::store::convert::{count, from_json, to_json};
-use crate::store::{Delivered, Delivery, InstanceStatus, StoreResult};
+use crate::store::deliver::{self, DeliverTx, WaitRow};
+use crate::store::execute::ready;
+use crate::store::{stored_wait, Delivered, Delivery, InstanceStatus, Reachable, StoreResult};
 
-/// Deliver an event (see [`WorkStore::deliver`]).
+/// Deliver an event (see [`WorkStore::deliver`](crate::store::WorkStore::deliver)) in the
+/// batch's transaction.
 pub(super) fn deliver(tx: &Transaction<'_>, now: Micros, d: &Delivery) -> StoreResult<Delivered> {
-    let Some((instance_id, status)) = lookup(tx, &d.instance)? else {
-        return Ok(Delivered::NotFound);
-    };
-    if let Some(id) = &d.id {
-        let seen: bool = tx
+    ready(deliver::deliver(&mut SqliteTx(tx, None), now, d))?
+}
+
+/// SQLite's one writer runs deliveries one at a time: nothing is locked.
+impl DeliverTx for SqliteTx<'_, '_> {
+    async fn instance(&mut self, name: &str) -> StoreResult<Option<(i64, InstanceStatus)>> {
+        lookup(self.0, name)
+    }
+
+    async fn delivered_before(&mut self, instance_id: i64, id: &str) -> StoreResult<bool> {
+        self.0
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM deliveries WHERE instance_id = ?1 AND event_id = ?2)",
             )
             .map_err(db)?
             .query_row(params![instance_id, id], |r| r.get(0))
-            .map_err(db)?;
-        if seen {
-            return Ok(Delivered::Duplicate);
-        }
+            .map_err(db)
     }
-    if status != InstanceStatus::Running {
-        return Ok(Delivered::NotRunning(status));
-    }
-    let waits = tx
-        .prepare_cached(
-            "SELECT id, name, from_state, context, step, branch, accepts, event FROM tasks
-             WHERE instance_id = ?1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
-               AND (?2 IS NULL OR name = ?2)
-             ORDER BY id",
-        )
-        .map_err(db)?
-        .query_map(params![instance_id, d.wait], |r| {
-            Ok(WaitRow {
-                id: r.get(0)?,
-                name: r.get(1)?,
-                from_state: r.get(2)?,
-                context: r.get(3)?,
-                step: r.get(4)?,
-                branch: r.get(5)?,
-                accepts: r.get(6)?,
-                timeout_event: r.get(7)?,
+
+    async fn waits(&mut self, instance_id: i64, wait: Option<&str>) -> StoreResult<Vec<WaitRow>> {
+        type Row = (
+            i64,
+            String,
+            Option<String>,
+            String,
+            i64,
+            String,
+            Option<String>,
+            String,
+        );
+        let rows: Vec<Row> = self
+            .0
+            .prepare_cached(
+                "SELECT id, name, from_state, context, step, branch, accepts, event FROM tasks
+                 WHERE instance_id = ?1 AND kind = 'wait' AND status = 'ready' AND lease_owner IS NULL
+                   AND (?2 IS NULL OR name = ?2)
+                 ORDER BY id",
+            )
+            .map_err(db)?
+            .query_map(params![instance_id, wait], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
             })
-        })
-        .map_err(db)?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(db)?;
-    let mut dispatches = Vec::new();
-    for row in waits {
-        // A token's holder may end its wait only with an event the wait accepts from
-        // outside, never with the wait's own timeout event.
-        if d.wait.is_some() && !row.timeout_event.is_empty() && row.timeout_event == d.event {
-            continue;
-        }
-        let id = row.id;
-        if let Some(dispatch) = row.dispatch(&d.event, &d.data, now)? {
-            dispatches.push((id, dispatch));
-        }
+            .map_err(db)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db)?;
+        rows.into_iter()
+            .map(
+                |(id, name, from, context, step, branch, accepts, timeout_event)| {
+                    let context = from_json(&context)?;
+                    let wait =
+                        stored_wait(name, from, context, count(step), branch, accepts.as_deref())?;
+                    Ok(WaitRow {
+                        id,
+                        wait,
+                        timeout_event,
+                    })
+                },
+            )
+            .collect()
     }
-    // Every check before anything changes: a refused delivery leaves the instance as it was.
-    if let Some(max) = d.checks.max_context_bytes {
-        for (_, dispatch) in &dispatches {
-            let bytes = to_json(&dispatch.context)?.len();
-            if bytes > max {
-                return Ok(Delivered::TooLarge(bytes));
-            }
-        }
-    }
-    let mut taken = 0u32;
-    for (id, dispatch) in dispatches {
-        tx.prepare_cached("DELETE FROM tasks WHERE id = ?1 AND lease_owner IS NULL")
+
+    async fn take_wait(&mut self, id: i64) -> StoreResult<bool> {
+        let deleted = self
+            .0
+            .prepare_cached("DELETE FROM tasks WHERE id = ?1 AND lease_owner IS NULL")
             .map_err(db)?
             .execute([id])
             .map_err(db)?;
-        insert_task(tx, instance_id, &dispatch, now, None)?;
-        taken += 1;
+        Ok(deleted == 1)
     }
-    let answer = match (taken, &d.wait) {
-        (0, Some(_)) => return Ok(Delivered::WaitOver),
-        (0, None) => {
-            if let Some(refused) = keep_refused(tx, instance_id, d)? {
-                return Ok(refused);
-            }
-            tx.prepare_cached(
-                "INSERT INTO events (instance_id, event, data, event_id, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .map_err(db)?
-            .execute(params![instance_id, d.event, to_json(&d.data)?, d.id, now])
-            .map_err(db)?;
-            Delivered::Buffered
-        }
-        (n, _) => Delivered::Dispatched(n),
-    };
-    if let Some(id) = &d.id {
-        tx.prepare_cached(
-            "INSERT INTO deliveries (instance_id, event_id, created_at) VALUES (?1, ?2, ?3)",
-        )
-        .map_err(db)?
-        .execute(params![instance_id, id, now])
-        .map_err(db)?;
-    }
-    Ok(answer)
-}
 
-/// Why an event no branch waits for may not be kept, if it may not: the instance keeps as
-/// many as it may, or none of its pending steps can reach a state that would wait for it.
-fn keep_refused(
-    tx: &Transaction<'_>,
-    instance_id: i64,
-    d: &Delivery,
-) -> StoreResult<Option<Delivered>> {
-    if let Some(max) = d.checks.max_kept_events {
-        let kept: i64 = tx
+    async fn kept_events(&mut self, instance_id: i64) -> StoreResult<usize> {
+        let kept: i64 = self
+            .0
             .prepare_cached("SELECT COUNT(*) FROM events WHERE instance_id = ?1")
             .map_err(db)?
             .query_row([instance_id], |r| r.get(0))
             .map_err(db)?;
-        let kept = usize::try_from(kept).unwrap_or(usize::MAX);
-        if kept >= max {
-            return Ok(Some(Delivered::TooManyKept(kept)));
-        }
+        Ok(usize::try_from(kept).unwrap_or(usize::MAX))
     }
-    if let Some(reachable) = &d.checks.reachable {
+
+    async fn may_reach(&mut self, instance_id: i64, reachable: &Reachable) -> StoreResult<bool> {
         let json = |names: &[String]| serde_json::Value::from(names.to_vec()).to_string();
-        let possible: bool = tx
+        self.0
             .prepare_cached(
                 "SELECT EXISTS (SELECT 1 FROM tasks WHERE instance_id = ?1 AND (
                           (kind IN ('wait', 'join') AND from_state IN (SELECT value FROM json_each(?2)))
@@ -151,39 +126,30 @@ fn keep_refused(
                 ],
                 |r| r.get(0),
             )
-            .map_err(db)?;
-        if !possible {
-            return Ok(Some(Delivered::CannotWait));
-        }
+            .map_err(db)
     }
-    Ok(None)
-}
 
-/// A wait task as read for a delivery.
-struct WaitRow {
-    id: i64,
-    name: String,
-    from_state: Option<String>,
-    context: String,
-    step: i64,
-    branch: String,
-    accepts: Option<String>,
-    /// The wait's timeout event (`""` without a timeout).
-    timeout_event: String,
-}
+    async fn buffer(&mut self, instance_id: i64, d: &Delivery, now: Micros) -> StoreResult<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO events (instance_id, event, data, event_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .map_err(db)?
+            .execute(params![instance_id, d.event, to_json(&d.data)?, d.id, now])
+            .map_err(db)?;
+        Ok(())
+    }
 
-impl WaitRow {
-    /// The dispatch of `event` that replaces this wait, if it accepts the event.
-    fn dispatch(self, event: &str, data: &Context, now: Micros) -> StoreResult<Option<NewTask>> {
-        let wait = super::super::stored_wait(
-            self.name,
-            self.from_state,
-            from_json(&self.context)?,
-            count(self.step),
-            self.branch,
-            self.accepts.as_deref(),
-        )?;
-        Ok(wait.dispatch(event, data, now))
+    async fn remember(&mut self, instance_id: i64, id: &str, now: Micros) -> StoreResult<()> {
+        self.0
+            .prepare_cached(
+                "INSERT INTO deliveries (instance_id, event_id, created_at) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(db)?
+            .execute(params![instance_id, id, now])
+            .map_err(db)?;
+        Ok(())
     }
 }
 
