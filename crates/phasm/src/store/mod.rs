@@ -23,6 +23,7 @@ pub(crate) mod listing;
 pub mod plan;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use std::sync::Arc;

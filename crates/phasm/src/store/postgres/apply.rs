@@ -9,6 +9,7 @@ use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Parked, Spa
 use crate::store::convert::{bigint, from_json, parse_status, to_json};
 use crate::store::execute::{self, Fenced, PlanTx};
 use crate::store::plan::{self, Fence, InstanceWrite, JoinTask, Lease, Settle, Shape, WritePlan};
+use crate::store::sql;
 use crate::store::{
     Applied, AppliedCommit, InstanceStatus, NewInstance, Started, StoreError, StoreResult,
     SuccessorClaim,
@@ -37,12 +38,7 @@ async fn insert_row(
     let token = t.token.as_ref().map(ToString::to_string);
     let row = tx
         .query_opt(
-            "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
-                                queue, target, status, due_at, created_at, lease_owner, claim,
-                                attempts, first_attempt_at, token, accepts)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'ready', $11, $12, $13, $14, $15, $16, $17, $18)
-             ON CONFLICT (instance_id, name) DO NOTHING
-             RETURNING id",
+            sql::INSERT_TASK.postgres(),
             &[
                 &instance_id,
                 &t.name,
@@ -309,41 +305,13 @@ impl PlanTx for PgTx<'_> {
         fence: Fence<'_>,
         now: Micros,
     ) -> StoreResult<Option<Fenced>> {
-        let guard = "AND claim = $2 AND status = 'ready' AND due_at > $3
-                     RETURNING instance_id, kind = 'join',
-                               CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
-        let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
-            Fence::Delete => (format!("DELETE FROM tasks WHERE id = $1 {guard}"), None),
-            Fence::MarkPageQueued => (
-                format!("UPDATE tasks SET page_queued = TRUE WHERE id = $1 {guard}"),
-                None,
-            ),
-            Fence::Reschedule { due_at, error } => (
-                format!("UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5 WHERE id = $1 {guard}"),
-                Some((due_at, error)),
-            ),
-            Fence::Fail { error } => (
-                format!(
-                    "UPDATE tasks SET status = 'failed', due_at = $4, lease_owner = NULL, last_error = $5
-                     WHERE id = $1 {guard}"
-                ),
-                Some((now, error)),
-            ),
-            Fence::GiveBack { due_at, reason } => (
-                format!(
-                    "UPDATE tasks SET due_at = $4, lease_owner = NULL, last_error = $5,
-                            attempts = GREATEST(attempts - 1, 0),
-                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
-                     WHERE id = $1 {guard}"
-                ),
-                Some((due_at, reason)),
-            ),
-        };
+        let (sql, extra) = sql::fence(fence, now);
+        let sql = sql.postgres();
         let row = match extra {
-            None => self.0.query_opt(&sql, &[&task_id, &claim, &now]).await,
+            None => self.0.query_opt(sql, &[&task_id, &claim, &now]).await,
             Some((due_at, text)) => {
                 self.0
-                    .query_opt(&sql, &[&task_id, &claim, &now, &due_at, &text])
+                    .query_opt(sql, &[&task_id, &claim, &now, &due_at, &text])
                     .await
             }
         }
@@ -358,7 +326,7 @@ impl PlanTx for PgTx<'_> {
 
     async fn delete_join_items(&mut self, join_task: i64) -> StoreResult<()> {
         self.0
-            .execute("DELETE FROM items WHERE join_task = $1", &[&join_task])
+            .execute(sql::DELETE_JOIN_ITEMS.postgres(), &[&join_task])
             .await
             .map_err(pg)?;
         Ok(())
@@ -425,10 +393,7 @@ impl PlanTx for PgTx<'_> {
         for h in entries {
             self.0
                 .execute(
-                    "INSERT INTO history (instance_id, from_state, event, to_state, attempt,
-                                          started_at, finished_at, task, branch, ends_branch,
-                                          context, step)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                    sql::INSERT_HISTORY.postgres(),
                     &[
                         &instance_id,
                         &h.from,
@@ -454,8 +419,7 @@ impl PlanTx for PgTx<'_> {
         Ok(self
             .0
             .query_one(
-                "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+                sql::INSERT_ITEM.postgres(),
                 &[
                     &instance_id,
                     &p.state,
@@ -530,13 +494,14 @@ impl PlanTx for PgTx<'_> {
         let inserted = self
             .0
             .query_opt(
-                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at,
-                                        version)
-                 VALUES ($1, $2, 'running', $3, $4, $5, $5,
-                         (SELECT id FROM machine_versions WHERE machine = $2
-                          ORDER BY version DESC LIMIT 1))
-                 ON CONFLICT (name) DO NOTHING RETURNING id",
-                &[&child.name, &child.machine, &to_json(&child.context)?, &parent, &now],
+                sql::INSERT_CHILD.postgres(),
+                &[
+                    &child.name,
+                    &child.machine,
+                    &to_json(&child.context)?,
+                    &parent,
+                    &now,
+                ],
             )
             .await
             .map_err(pg)?;
@@ -546,7 +511,7 @@ impl PlanTx for PgTx<'_> {
     async fn insert_log(&mut self, instance_id: i64, l: &LogLine) -> StoreResult<()> {
         self.0
             .execute(
-                "INSERT INTO logs (instance_id, at, level, message, task) VALUES ($1, $2, $3, $4, $5)",
+                sql::INSERT_LOG.postgres(),
                 &[&instance_id, &l.at, &l.level, &l.message, &l.task],
             )
             .await
@@ -562,8 +527,7 @@ impl PlanTx for PgTx<'_> {
     ) -> StoreResult<()> {
         self.0
             .execute(
-                "UPDATE instances SET result = $2, updated_at = $3
-                 WHERE id = $1 AND status = 'running'",
+                sql::SET_RESULT.postgres(),
                 &[&instance_id, &to_json(result)?, &now],
             )
             .await
@@ -577,10 +541,7 @@ impl PlanTx for PgTx<'_> {
 
     async fn hold_ready(&mut self, instance_id: i64) -> StoreResult<()> {
         self.0
-            .execute(
-                "UPDATE tasks SET status = 'held', lease_owner = NULL WHERE instance_id = $1 AND status = 'ready'",
-                &[&instance_id],
-            )
+            .execute(sql::HOLD_READY.postgres(), &[&instance_id])
             .await
             .map_err(pg)?;
         Ok(())
@@ -630,10 +591,10 @@ async fn queue_settle(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> St
 
 /// Drop an instance's pending work: its tasks (of every branch) and its parked branches.
 pub(super) async fn drop_pending(tx: &Transaction<'_>, instance_id: i64) -> StoreResult<()> {
-    tx.execute("DELETE FROM tasks WHERE instance_id = $1", &[&instance_id])
+    tx.execute(sql::DROP_TASKS.postgres(), &[&instance_id])
         .await
         .map_err(pg)?;
-    tx.execute("DELETE FROM items WHERE instance_id = $1", &[&instance_id])
+    tx.execute(sql::DROP_ITEMS.postgres(), &[&instance_id])
         .await
         .map_err(pg)?;
     Ok(())
@@ -647,7 +608,7 @@ pub(super) async fn end_instance(
     now: Micros,
 ) -> StoreResult<()> {
     tx.execute(
-        "UPDATE instances SET status = $2, error = $3, updated_at = $4, ended_at = $4 WHERE id = $1",
+        sql::END_INSTANCE.postgres(),
         &[&id, &status.as_str(), &error, &now],
     )
     .await

@@ -11,6 +11,7 @@ use crate::clock::Micros;
 use crate::engine::{Context, Task};
 use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
 use crate::store::convert::{attempt, bigint, count, from_json, parse_token, task_kind};
+use crate::store::sql;
 use crate::store::{ClaimRequest, StoreResult};
 
 /// A task row as read by a claim or a view of tasks: the task, its instance's row id and
@@ -74,11 +75,7 @@ impl ClaimTx for PgTx<'_> {
     async fn running(&mut self, queue: &str, now: Micros) -> StoreResult<i64> {
         Ok(self
             .0
-            .query_one(
-                "SELECT COUNT(*) FROM tasks
-                 WHERE queue = $1 AND lease_owner IS NOT NULL AND status = 'ready' AND due_at > $2",
-                &[&queue, &now],
-            )
+            .query_one(sql::RUNNING_IN_QUEUE.postgres(), &[&queue, &now])
             .await
             .map_err(pg)?
             .get(0))
@@ -87,10 +84,7 @@ impl ClaimTx for PgTx<'_> {
     async fn read_bucket(&mut self, queue: &str) -> StoreResult<Option<(f64, Micros)>> {
         Ok(self
             .0
-            .query_opt(
-                "SELECT tokens, updated_at FROM queue_rates WHERE queue = $1",
-                &[&queue],
-            )
+            .query_opt(sql::READ_BUCKET.postgres(), &[&queue])
             .await
             .map_err(pg)?
             .map(|r| (r.get(0), r.get(1))))
@@ -98,13 +92,7 @@ impl ClaimTx for PgTx<'_> {
 
     async fn write_bucket(&mut self, queue: &str, tokens: f64, now: Micros) -> StoreResult<()> {
         self.0
-            .execute(
-                "INSERT INTO queue_rates (queue, tokens, updated_at)
-                 VALUES ($1, $2::DOUBLE PRECISION, $3::BIGINT)
-                 ON CONFLICT (queue) DO UPDATE SET tokens = EXCLUDED.tokens,
-                                                   updated_at = EXCLUDED.updated_at",
-                &[&queue, &tokens, &now],
-            )
+            .execute(sql::WRITE_BUCKET.postgres(), &[&queue, &tokens, &now])
             .await
             .map_err(pg)?;
         Ok(())
@@ -189,19 +177,14 @@ impl ClaimTx for PgTx<'_> {
     ) -> StoreResult<Vec<Context>> {
         self.0
             .execute(
-                "UPDATE items SET join_task = $1
-                 WHERE instance_id = $2 AND state = $3 AND grp = $4
-                   AND (join_task IS NULL OR join_task = $1)",
+                sql::TAKE_ITEMS.postgres(),
                 &[&join, &instance_id, &state, &group],
             )
             .await
             .map_err(pg)?;
         let rows = self
             .0
-            .query(
-                "SELECT context FROM items WHERE join_task = $1 ORDER BY id",
-                &[&join],
-            )
+            .query(sql::JOIN_CONTEXTS.postgres(), &[&join])
             .await
             .map_err(pg)?;
         rows.iter().map(|r| from_json(r.get(0))).collect()

@@ -8,6 +8,7 @@ use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Parked, Spa
 use crate::store::convert::{bigint, from_json, parse_status, to_json};
 use crate::store::execute::{self, Fenced, PlanTx};
 use crate::store::plan::{Fence, JoinTask, Lease, Settle};
+use crate::store::sql;
 use crate::store::{
     AppliedCommit, InstanceStatus, NewInstance, Started, StoreError, StoreResult, SuccessorClaim,
 };
@@ -72,38 +73,33 @@ fn insert_row(
     accepts: Option<&str>,
 ) -> StoreResult<Option<i64>> {
     let (owner, due_at, claim, attempts, first) = Lease::columns(lease, t.due_at, now);
-    let mut stmt = tx
-        .prepare_cached(
-            "INSERT INTO tasks (instance_id, name, kind, from_state, event, context, step, branch,
-                                queue, target, status, due_at, created_at, lease_owner, claim,
-                                attempts, first_attempt_at, token, accepts)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'ready', ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)
-             ON CONFLICT (instance_id, name) DO NOTHING",
+    tx.prepare_cached(sql::INSERT_TASK.sqlite())
+        .map_err(db)?
+        .query_row(
+            params![
+                instance_id,
+                t.name,
+                t.kind.as_str(),
+                t.from_state,
+                t.event,
+                to_json(&t.context)?,
+                bigint(t.step),
+                t.branch,
+                t.queue,
+                t.target,
+                due_at,
+                now,
+                owner,
+                claim,
+                attempts,
+                first,
+                t.token.as_ref().map(ToString::to_string),
+                accepts
+            ],
+            |r| r.get(0),
         )
-        .map_err(db)?;
-    let inserted = stmt
-        .execute(params![
-            instance_id,
-            t.name,
-            t.kind.as_str(),
-            t.from_state,
-            t.event,
-            to_json(&t.context)?,
-            bigint(t.step),
-            t.branch,
-            t.queue,
-            t.target,
-            due_at,
-            now,
-            owner,
-            claim,
-            attempts,
-            first,
-            t.token.as_ref().map(ToString::to_string),
-            accepts
-        ])
-        .map_err(db)?;
-    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
+        .optional()
+        .map_err(db)
 }
 
 /// Apply one commit: run its [`plan`](crate::store::plan) (every step of it, settling
@@ -189,37 +185,8 @@ impl PlanTx for SqliteTx<'_, '_> {
         fence: Fence<'_>,
         now: Micros,
     ) -> StoreResult<Option<Fenced>> {
-        let guard = "AND claim = ?2 AND status = 'ready' AND due_at > ?3
-                     RETURNING instance_id, kind = 'join',
-                               CASE WHEN kind = 'join' THEN NULL ELSE context END, step";
-        let (sql, extra): (String, Option<(Micros, &str)>) = match fence {
-            Fence::Delete => (format!("DELETE FROM tasks WHERE id = ?1 {guard}"), None),
-            Fence::MarkPageQueued => (
-                format!("UPDATE tasks SET page_queued = 1 WHERE id = ?1 {guard}"),
-                None,
-            ),
-            Fence::Reschedule { due_at, error } => (
-                format!("UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5 WHERE id = ?1 {guard}"),
-                Some((due_at, error)),
-            ),
-            Fence::Fail { error } => (
-                format!(
-                    "UPDATE tasks SET status = 'failed', due_at = ?4, lease_owner = NULL, last_error = ?5
-                     WHERE id = ?1 {guard}"
-                ),
-                Some((now, error)),
-            ),
-            Fence::GiveBack { due_at, reason } => (
-                format!(
-                    "UPDATE tasks SET due_at = ?4, lease_owner = NULL, last_error = ?5,
-                            attempts = MAX(attempts - 1, 0),
-                            first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END
-                     WHERE id = ?1 {guard}"
-                ),
-                Some((due_at, reason)),
-            ),
-        };
-        let mut stmt = self.0.prepare_cached(&sql).map_err(db)?;
+        let (sql, extra) = sql::fence(fence, now);
+        let mut stmt = self.0.prepare_cached(sql.sqlite()).map_err(db)?;
         let row = |r: &rusqlite::Row<'_>| {
             Ok(Fenced {
                 instance_id: r.get(0)?,
@@ -238,7 +205,7 @@ impl PlanTx for SqliteTx<'_, '_> {
 
     async fn delete_join_items(&mut self, join_task: i64) -> StoreResult<()> {
         self.0
-            .prepare_cached("DELETE FROM items WHERE join_task = ?1")
+            .prepare_cached(sql::DELETE_JOIN_ITEMS.sqlite())
             .map_err(db)?
             .execute([join_task])
             .map_err(db)?;
@@ -290,11 +257,7 @@ impl PlanTx for SqliteTx<'_, '_> {
     ) -> StoreResult<()> {
         let mut stmt = self
             .0
-            .prepare_cached(
-                "INSERT INTO history (instance_id, from_state, event, to_state, attempt, started_at,
-                                      finished_at, task, branch, ends_branch, context, step)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )
+            .prepare_cached(sql::INSERT_HISTORY.sqlite())
             .map_err(db)?;
         for h in entries {
             stmt.execute(params![
@@ -318,22 +281,21 @@ impl PlanTx for SqliteTx<'_, '_> {
 
     async fn insert_item(&mut self, instance_id: i64, p: &Parked, now: Micros) -> StoreResult<i64> {
         self.0
-            .prepare_cached(
-                "INSERT INTO items (instance_id, state, grp, context, branch, step, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )
+            .prepare_cached(sql::INSERT_ITEM.sqlite())
             .map_err(db)?
-            .execute(params![
-                instance_id,
-                p.state,
-                p.group,
-                to_json(&p.context)?,
-                p.branch,
-                bigint(p.step),
-                now
-            ])
-            .map_err(db)?;
-        Ok(self.0.last_insert_rowid())
+            .query_row(
+                params![
+                    instance_id,
+                    p.state,
+                    p.group,
+                    to_json(&p.context)?,
+                    p.branch,
+                    bigint(p.step),
+                    now
+                ],
+                |r| r.get(0),
+            )
+            .map_err(db)
     }
 
     /// One statement; SQLite's one writer needs no lock while looking.
@@ -379,20 +341,21 @@ impl PlanTx for SqliteTx<'_, '_> {
         child: &Spawned,
         now: Micros,
     ) -> StoreResult<Option<i64>> {
-        let inserted = self
-            .0
-            .prepare_cached(
-                "INSERT INTO instances (name, machine, status, context, parent, created_at, updated_at,
-                                        version)
-                 VALUES (?1, ?2, 'running', ?3, ?4, ?5, ?5,
-                         (SELECT id FROM machine_versions WHERE machine = ?2
-                          ORDER BY version DESC LIMIT 1))
-                 ON CONFLICT (name) DO NOTHING",
-            )
+        self.0
+            .prepare_cached(sql::INSERT_CHILD.sqlite())
             .map_err(db)?
-            .execute(params![child.name, child.machine, to_json(&child.context)?, parent, now])
-            .map_err(db)?;
-        Ok((inserted == 1).then(|| self.0.last_insert_rowid()))
+            .query_row(
+                params![
+                    child.name,
+                    child.machine,
+                    to_json(&child.context)?,
+                    parent,
+                    now
+                ],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(db)
     }
 
     async fn insert_log(&mut self, instance_id: i64, line: &LogLine) -> StoreResult<()> {
@@ -406,9 +369,7 @@ impl PlanTx for SqliteTx<'_, '_> {
         now: Micros,
     ) -> StoreResult<()> {
         self.0
-            .prepare_cached(
-                "UPDATE instances SET result = ?2, updated_at = ?3 WHERE id = ?1 AND status = 'running'",
-            )
+            .prepare_cached(sql::SET_RESULT.sqlite())
             .map_err(db)?
             .execute(params![instance_id, to_json(result)?, now])
             .map_err(db)?;
@@ -422,11 +383,9 @@ impl PlanTx for SqliteTx<'_, '_> {
 
     async fn hold_ready(&mut self, instance_id: i64) -> StoreResult<()> {
         self.0
-            .execute(
-                "UPDATE tasks SET status = 'held', lease_owner = NULL
-                 WHERE instance_id = ?1 AND status = 'ready'",
-                [instance_id],
-            )
+            .prepare_cached(sql::HOLD_READY.sqlite())
+            .map_err(db)?
+            .execute([instance_id])
             .map_err(db)?;
         Ok(())
     }
@@ -475,17 +434,17 @@ fn release_barriers(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> Stor
 
 /// Drop an instance's pending tasks and parked branches (it was halted or cancelled).
 pub(super) fn drop_pending(tx: &Transaction<'_>, instance_id: i64) -> rusqlite::Result<usize> {
-    tx.execute("DELETE FROM items WHERE instance_id = ?1", [instance_id])?;
-    tx.execute("DELETE FROM tasks WHERE instance_id = ?1", [instance_id])
+    tx.prepare_cached(sql::DROP_ITEMS.sqlite())?
+        .execute([instance_id])?;
+    tx.prepare_cached(sql::DROP_TASKS.sqlite())?
+        .execute([instance_id])
 }
 
 pub(super) fn insert_log(tx: &Transaction<'_>, instance_id: i64, l: &LogLine) -> StoreResult<()> {
-    tx.prepare_cached(
-        "INSERT INTO logs (instance_id, at, level, message, task) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )
-    .map_err(db)?
-    .execute(params![instance_id, l.at, l.level, l.message, l.task])
-    .map_err(db)?;
+    tx.prepare_cached(sql::INSERT_LOG.sqlite())
+        .map_err(db)?
+        .execute(params![instance_id, l.at, l.level, l.message, l.task])
+        .map_err(db)?;
     Ok(())
 }
 
@@ -496,10 +455,9 @@ pub(super) fn end_instance(
     error: Option<&str>,
     now: Micros,
 ) -> StoreResult<()> {
-    tx.execute(
-        "UPDATE instances SET status = ?2, error = ?3, updated_at = ?4, ended_at = ?4 WHERE id = ?1",
-        params![id, status.as_str(), error, now],
-    )
-    .map_err(db)?;
+    tx.prepare_cached(sql::END_INSTANCE.sqlite())
+        .map_err(db)?
+        .execute(params![id, status.as_str(), error, now])
+        .map_err(db)?;
     Ok(())
 }

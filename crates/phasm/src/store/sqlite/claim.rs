@@ -11,6 +11,7 @@ use crate::clock::Micros;
 use crate::engine::{Context, Task};
 use crate::store::claim::{self, Candidate, ClaimFilter, ClaimTx};
 use crate::store::convert::{attempt, bigint, count, from_json, parse_token, task_kind};
+use crate::store::sql;
 use crate::store::{ClaimRequest, StoreResult};
 
 /// Claim for `req` at `now` in the batch's transaction.
@@ -31,10 +32,7 @@ impl ClaimTx for SqliteTx<'_, '_> {
 
     async fn running(&mut self, queue: &str, now: Micros) -> StoreResult<i64> {
         self.0
-            .prepare_cached(
-                "SELECT COUNT(*) FROM tasks
-                 WHERE queue = ?1 AND lease_owner IS NOT NULL AND status = 'ready' AND due_at > ?2",
-            )
+            .prepare_cached(sql::RUNNING_IN_QUEUE.sqlite())
             .map_err(db)?
             .query_row(params![queue, now], |r| r.get(0))
             .map_err(db)
@@ -42,7 +40,7 @@ impl ClaimTx for SqliteTx<'_, '_> {
 
     async fn read_bucket(&mut self, queue: &str) -> StoreResult<Option<(f64, Micros)>> {
         self.0
-            .prepare_cached("SELECT tokens, updated_at FROM queue_rates WHERE queue = ?1")
+            .prepare_cached(sql::READ_BUCKET.sqlite())
             .map_err(db)?
             .query_row([queue], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
@@ -51,10 +49,7 @@ impl ClaimTx for SqliteTx<'_, '_> {
 
     async fn write_bucket(&mut self, queue: &str, tokens: f64, now: Micros) -> StoreResult<()> {
         self.0
-            .prepare_cached(
-                "INSERT INTO queue_rates (queue, tokens, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (queue) DO UPDATE SET tokens = ?2, updated_at = ?3",
-            )
+            .prepare_cached(sql::WRITE_BUCKET.sqlite())
             .map_err(db)?
             .execute(params![queue, tokens, now])
             .map_err(db)?;
@@ -158,17 +153,13 @@ impl ClaimTx for SqliteTx<'_, '_> {
         group: &str,
     ) -> StoreResult<Vec<Context>> {
         self.0
-            .prepare_cached(
-                "UPDATE items SET join_task = ?1
-                 WHERE instance_id = ?2 AND state = ?3 AND grp = ?4
-                   AND (join_task IS NULL OR join_task = ?1)",
-            )
+            .prepare_cached(sql::TAKE_ITEMS.sqlite())
             .map_err(db)?
             .execute(params![join, instance_id, state, group])
             .map_err(db)?;
         let texts = self
             .0
-            .prepare_cached("SELECT context FROM items WHERE join_task = ?1 ORDER BY id")
+            .prepare_cached(sql::JOIN_CONTEXTS.sqlite())
             .map_err(db)?
             .query_map([join], |r| r.get::<_, String>(0))
             .map_err(db)?
