@@ -38,7 +38,7 @@ async fn insert_row(
     let token = t.token.as_ref().map(ToString::to_string);
     let row = tx
         .query_opt(
-            sql::INSERT_TASK.postgres(),
+            sql::INSERT_TASK.postgres_returning_id(),
             &[
                 &instance_id,
                 &t.name,
@@ -419,7 +419,7 @@ impl PlanTx for PgTx<'_> {
         Ok(self
             .0
             .query_one(
-                sql::INSERT_ITEM.postgres(),
+                sql::INSERT_ITEM.postgres_returning_id(),
                 &[
                     &instance_id,
                     &p.state,
@@ -494,7 +494,7 @@ impl PlanTx for PgTx<'_> {
         let inserted = self
             .0
             .query_opt(
-                sql::INSERT_CHILD.postgres(),
+                sql::INSERT_CHILD.postgres_returning_id(),
                 &[
                     &child.name,
                     &child.machine,

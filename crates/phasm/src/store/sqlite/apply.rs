@@ -73,33 +73,31 @@ fn insert_row(
     accepts: Option<&str>,
 ) -> StoreResult<Option<i64>> {
     let (owner, due_at, claim, attempts, first) = Lease::columns(lease, t.due_at, now);
-    tx.prepare_cached(sql::INSERT_TASK.sqlite())
+    let inserted = tx
+        .prepare_cached(sql::INSERT_TASK.sqlite())
         .map_err(db)?
-        .query_row(
-            params![
-                instance_id,
-                t.name,
-                t.kind.as_str(),
-                t.from_state,
-                t.event,
-                to_json(&t.context)?,
-                bigint(t.step),
-                t.branch,
-                t.queue,
-                t.target,
-                due_at,
-                now,
-                owner,
-                claim,
-                attempts,
-                first,
-                t.token.as_ref().map(ToString::to_string),
-                accepts
-            ],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(db)
+        .execute(params![
+            instance_id,
+            t.name,
+            t.kind.as_str(),
+            t.from_state,
+            t.event,
+            to_json(&t.context)?,
+            bigint(t.step),
+            t.branch,
+            t.queue,
+            t.target,
+            due_at,
+            now,
+            owner,
+            claim,
+            attempts,
+            first,
+            t.token.as_ref().map(ToString::to_string),
+            accepts
+        ])
+        .map_err(db)?;
+    Ok((inserted == 1).then(|| tx.last_insert_rowid()))
 }
 
 /// Apply one commit: run its [`plan`](crate::store::plan) (every step of it, settling
@@ -283,19 +281,17 @@ impl PlanTx for SqliteTx<'_, '_> {
         self.0
             .prepare_cached(sql::INSERT_ITEM.sqlite())
             .map_err(db)?
-            .query_row(
-                params![
-                    instance_id,
-                    p.state,
-                    p.group,
-                    to_json(&p.context)?,
-                    p.branch,
-                    bigint(p.step),
-                    now
-                ],
-                |r| r.get(0),
-            )
-            .map_err(db)
+            .execute(params![
+                instance_id,
+                p.state,
+                p.group,
+                to_json(&p.context)?,
+                p.branch,
+                bigint(p.step),
+                now
+            ])
+            .map_err(db)?;
+        Ok(self.0.last_insert_rowid())
     }
 
     /// One statement; SQLite's one writer needs no lock while looking.
@@ -341,21 +337,19 @@ impl PlanTx for SqliteTx<'_, '_> {
         child: &Spawned,
         now: Micros,
     ) -> StoreResult<Option<i64>> {
-        self.0
+        let inserted = self
+            .0
             .prepare_cached(sql::INSERT_CHILD.sqlite())
             .map_err(db)?
-            .query_row(
-                params![
-                    child.name,
-                    child.machine,
-                    to_json(&child.context)?,
-                    parent,
-                    now
-                ],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(db)
+            .execute(params![
+                child.name,
+                child.machine,
+                to_json(&child.context)?,
+                parent,
+                now
+            ])
+            .map_err(db)?;
+        Ok((inserted == 1).then(|| self.0.last_insert_rowid()))
     }
 
     async fn insert_log(&mut self, instance_id: i64, line: &LogLine) -> StoreResult<()> {
