@@ -52,7 +52,7 @@ use crate::engine::is_valid_instance_name;
 pub const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 /// Largest body of a batch start (`POST /api/machines/{m}/instances/batch`): room for
-/// [`MAX_BATCH_START`] contexts of a few kilobytes each.
+/// [`MAX_BATCH_START`](crate::control::MAX_BATCH_START) contexts of a few kilobytes each.
 pub const MAX_BATCH_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 /// Largest body of an event sent with a wait token (`POST /api/waits/{token}`), read only
