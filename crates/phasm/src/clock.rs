@@ -27,8 +27,7 @@ impl Clock for SystemClock {
     fn now(&self) -> Micros {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(micros)
-            .unwrap_or(0)
+            .map_or(0, micros)
     }
 }
 
@@ -87,7 +86,8 @@ impl Clock for TokioClock {
 
 /// Format a timestamp as RFC 3339 UTC with millisecond precision.
 pub fn rfc3339(at: Micros) -> String {
-    chrono::DateTime::from_timestamp_micros(at)
-        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-        .unwrap_or_else(|| at.to_string())
+    chrono::DateTime::from_timestamp_micros(at).map_or_else(
+        || at.to_string(),
+        |t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+    )
 }

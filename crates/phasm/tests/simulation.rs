@@ -40,7 +40,7 @@ use serde_json::json;
 
 fn machine(window: u64) -> String {
     format!(
-        r#"
+        r"
 state_machines:
 - name: Sim
   task_retry_limit: 1000
@@ -84,7 +84,7 @@ state_machines:
     initial: true
     final: true
     action: Chore
-"#
+"
     )
 }
 
@@ -215,14 +215,11 @@ async fn simulate(seed: u64, inner: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Tr
         running.push(tokio::spawn(worker.run(std::future::pending())));
     }
     for worker in running {
-        match tokio::time::timeout(Duration::from_secs(60), worker).await {
-            Ok(done) => {
-                done.unwrap().unwrap_or_else(|e| panic!("{about}: {e}"));
-            }
-            Err(_) => {
-                let view = inner.instance(&name).await.unwrap();
-                panic!("{about}: did not finish: {view:#?}");
-            }
+        if let Ok(done) = tokio::time::timeout(Duration::from_secs(60), worker).await {
+            done.unwrap().unwrap_or_else(|e| panic!("{about}: {e}"));
+        } else {
+            let view = inner.instance(&name).await.unwrap();
+            panic!("{about}: did not finish: {view:#?}");
         }
     }
     let view = inner.instance(&name).await.unwrap().unwrap();

@@ -15,21 +15,20 @@ use crate::{db, exit, DbArgs};
 /// `phasm schedules FILE`: 0, or 2 for an invalid file, 3 when the database fails. A SQLite
 /// file that does not exist yet means no schedule has fired.
 pub async fn schedules(file: Option<&Path>, as_json: bool, args: &DbArgs) -> ExitCode {
-    let (config, what) = match file {
-        Some(file) => match load(file) {
+    let (config, what) = if let Some(file) = file {
+        match load(file) {
             Some(config) => (config, file.display().to_string()),
             None => return exit::invalid_reported(),
-        },
-        None => {
-            let store = match open_db(args, phasm::store::Access::ReadOnly).await {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            match control::deployed_config(&*store).await {
-                Ok(d) => (d.config, "the deployed versions".to_string()),
-                Err(control::DeployedError::Store(e)) => return exit::database(e),
-                Err(e) => return exit::invalid(e),
-            }
+        }
+    } else {
+        let store = match open_db(args, phasm::store::Access::ReadOnly).await {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        match control::deployed_config(&*store).await {
+            Ok(d) => (d.config, "the deployed versions".to_string()),
+            Err(control::DeployedError::Store(e)) => return exit::database(e),
+            Err(e) => return exit::invalid(e),
         }
     };
     let now = SystemClock.now();

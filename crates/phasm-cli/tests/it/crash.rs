@@ -106,8 +106,7 @@ fn write_machine(dir: &Path) {
 fn kill_schedule() -> Lcg {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
+        .map_or(7, |d| d.as_nanos() as u64);
     eprintln!("kill schedule seed: {seed}");
     Lcg(seed)
 }

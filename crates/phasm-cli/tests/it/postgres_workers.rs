@@ -118,7 +118,7 @@ fn a_queue_limit_holds_across_workers() {
                 .map(|t| (t, if kind == "start" { 1 } else { -1 }))
         })
         .collect();
-    events.sort();
+    events.sort_unstable();
     let (mut running, mut peak) = (0, 0);
     for (_, delta) in events {
         running += delta;

@@ -125,7 +125,7 @@ fn postgres_workers_with_python_actions_killed_at_random_lose_nothing() {
     kill_workers_while_they_run(d, &schema.url, 120, 4);
 }
 
-const MISBEHAVING: &str = r#"
+const MISBEHAVING: &str = r"
 python:
   processes: 1
   timeout: 1s
@@ -151,7 +151,7 @@ state_machines:
     initial: true
     final: true
     action: hangs
-"#;
+";
 
 const MISBEHAVING_MODULE: &str = r#"
 import os
@@ -214,7 +214,7 @@ fn misbehaving_hosts_fail_attempts_clearly_on_sqlite_and_postgres() {
     misbehaving_hosts_on(d, &schema.url);
 }
 
-const LINGERING: &str = r#"
+const LINGERING: &str = r"
 python:
   processes: 1
   timeout: 120s
@@ -233,7 +233,7 @@ state_machines:
     initial: true
     final: true
     action: sleeps
-"#;
+";
 
 const LINGERING_MODULE: &str = r#"
 import os

@@ -413,7 +413,7 @@ pub(crate) fn apply_response(cx: &mut ActionContext, stdout: &[u8]) -> ActionRes
         }
     }
     match response.remove("halt") {
-        None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+        None | Some(Value::Null | Value::Bool(false)) => {}
         Some(Value::Bool(true)) => cx.halt("halted by the action"),
         Some(Value::String(reason)) => cx.halt(reason),
         Some(_) => return Err(ActionError::new("`halt` must be true, false or a reason")),

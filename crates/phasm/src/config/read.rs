@@ -158,13 +158,14 @@ impl<'s> Cx<'s> {
                 );
                 None
             }
-            Ok(n) => match u32::try_from(n) {
-                Ok(n) => Some(n),
-                Err(_) => {
+            Ok(n) => {
+                if let Ok(n) = u32::try_from(n) {
+                    Some(n)
+                } else {
                     self.error(node.span, format!("`{key}` is too large: {n}"), None);
                     None
                 }
-            },
+            }
             Err(_) => {
                 self.error(
                     node.span,

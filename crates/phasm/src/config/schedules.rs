@@ -92,35 +92,33 @@ fn schedule(cx: &mut Cx<'_>, item: &Node) -> Option<(Schedule, ObjSpans)> {
         None => Some(chrono_tz::Tz::UTC),
         Some(n) => {
             let zone = cx.string(n, "timezone")?;
-            match zone.parse::<chrono_tz::Tz>() {
-                Ok(tz) => {
-                    if matches!(timing, Some(Timing::Every(_))) {
-                        cx.warning(
-                            n.span,
-                            "`timezone` has no effect with `every`",
-                            Some("`every` ticks at multiples of its interval since midnight UTC; use `cron` for local times".into()),
-                        );
-                    }
-                    Some(tz)
-                }
-                Err(_) => {
-                    let names = chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name());
-                    let label = suggest(&zone, names).map_or_else(
-                        || "use an IANA time-zone name such as `Europe/Paris` or `UTC`".to_string(),
-                        |s| format!("did you mean `{s}`?"),
+            if let Ok(tz) = zone.parse::<chrono_tz::Tz>() {
+                if matches!(timing, Some(Timing::Every(_))) {
+                    cx.warning(
+                        n.span,
+                        "`timezone` has no effect with `every`",
+                        Some("`every` ticks at multiples of its interval since midnight UTC; use `cron` for local times".into()),
                     );
-                    cx.error(n.span, format!("unknown time zone `{zone}`"), Some(label));
-                    None
                 }
+                Some(tz)
+            } else {
+                let names = chrono_tz::TZ_VARIANTS.iter().map(|tz| tz.name());
+                let label = suggest(&zone, names).map_or_else(
+                    || "use an IANA time-zone name such as `Europe/Paris` or `UTC`".to_string(),
+                    |s| format!("did you mean `{s}`?"),
+                );
+                cx.error(n.span, format!("unknown time zone `{zone}`"), Some(label));
+                None
             }
         }
     };
     let context = match f.get("context") {
         None => crate::context::Context::new(),
         Some(n) if n.is_null() => crate::context::Context::new(),
-        Some(n) => match n.to_json() {
-            serde_json::Value::Object(map) => map,
-            _ => {
+        Some(n) => {
+            if let serde_json::Value::Object(map) = n.to_json() {
+                map
+            } else {
                 cx.error(
                     n.span,
                     format!(
@@ -132,7 +130,7 @@ fn schedule(cx: &mut Cx<'_>, item: &Node) -> Option<(Schedule, ObjSpans)> {
                 ok = false;
                 crate::context::Context::new()
             }
-        },
+        }
     };
     let overlap = match f.get("overlap") {
         None => Some(Overlap::Skip),

@@ -205,7 +205,7 @@ pub async fn send(
             .states
             .iter()
             .filter(|s| s.wait.is_some())
-            .flat_map(|s| s.accepted_events())
+            .flat_map(super::super::machine::State::accepted_events)
             .collect();
         if !waiting.contains(&request.event.as_str()) {
             let accepted = if waiting.is_empty() {

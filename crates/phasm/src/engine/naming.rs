@@ -4,9 +4,10 @@ use crate::clock::Micros;
 
 /// A generated instance name: `MACHINE-YYYYMMDDHHMMSS-XXXXXX` (UTC, six random characters).
 pub fn instance_name(machine: &str, now: Micros, rng: &mut fastrand::Rng) -> String {
-    let stamp = chrono::DateTime::from_timestamp_micros(now)
-        .map(|t| t.format("%Y%m%d%H%M%S").to_string())
-        .unwrap_or_else(|| "00000000000000".into());
+    let stamp = chrono::DateTime::from_timestamp_micros(now).map_or_else(
+        || "00000000000000".into(),
+        |t| t.format("%Y%m%d%H%M%S").to_string(),
+    );
     let suffix: String = (0..6)
         .map(|_| rng.alphanumeric().to_ascii_lowercase())
         .collect();

@@ -2,7 +2,7 @@ use super::*;
 use crate::config::{load_str, LoadOptions};
 use crate::machine::Config;
 
-const YAML: &str = r#"
+const YAML: &str = r"
 state_machines:
 - name: M
   task_retry_limit: 2
@@ -37,7 +37,7 @@ state_machines:
     exit: ExitC
   - name: d
     final: true
-"#;
+";
 
 fn config() -> Config {
     load_str(YAML, "m.yaml", &LoadOptions::default())
@@ -391,7 +391,7 @@ fn instance_names_follow_fantasm() {
     assert!(is_valid_instance_name("v1.2"));
 }
 
-const WAITING: &str = r#"
+const WAITING: &str = r"
 state_machines:
 - name: W
   states:
@@ -415,7 +415,7 @@ state_machines:
       to: done
   - name: done
     final: true
-"#;
+";
 
 fn waiting() -> (Config, Task) {
     let c = load_str(WAITING, "w.yaml", &LoadOptions::default())

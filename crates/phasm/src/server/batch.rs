@@ -168,7 +168,7 @@ mod tests {
             read(br#"{"contexts": [], "x": 1}"#, 1000),
             Err(BodyError::Bad(_))
         ));
-        assert!(matches!(read(br#"[]"#, 1000), Err(BodyError::Bad(_))));
+        assert!(matches!(read(br"[]", 1000), Err(BodyError::Bad(_))));
     }
 
     #[test]

@@ -50,22 +50,21 @@ pub(super) async fn request_deadline(
     request: Request,
     next: Next,
 ) -> Response {
-    match tokio::time::timeout(deadline, next.run(request)).await {
-        Ok(response) => response,
-        Err(_) => {
-            let mut response = error(
-                StatusCode::REQUEST_TIMEOUT,
-                format!(
-                    "the request was not complete and answered within {} s; send the body at once",
-                    deadline.as_secs()
-                ),
-            );
-            response.headers_mut().insert(
-                header::CONNECTION,
-                axum::http::HeaderValue::from_static("close"),
-            );
-            response
-        }
+    if let Ok(response) = tokio::time::timeout(deadline, next.run(request)).await {
+        response
+    } else {
+        let mut response = error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request was not complete and answered within {} s; send the body at once",
+                deadline.as_secs()
+            ),
+        );
+        response.headers_mut().insert(
+            header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        response
     }
 }
 

@@ -104,8 +104,7 @@ fn default_owner() -> String {
 /// This host's name (`host` where the system does not say).
 fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "host".into())
+        .map_or_else(|_| "host".into(), |h| h.trim().to_string())
 }
 
 /// When a worker stops by itself (it always stops when its shutdown future completes).

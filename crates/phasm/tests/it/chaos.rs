@@ -17,7 +17,7 @@ use serde_json::json;
 
 fn machine(window: &str, countdown: u64) -> String {
     format!(
-        r#"
+        r"
 state_machines:
 - name: Chaos
   task_retry_limit: 40
@@ -52,7 +52,7 @@ state_machines:
     fan_in: all
     action: Total
     final: true
-"#
+"
     )
 }
 

@@ -77,14 +77,17 @@ fn every_invalid_file_reports_exactly_its_expected_errors() {
         for e in &expected {
             let found = unmatched.iter().position(|d| {
                 let expected_file = match &e.file {
-                    Some(f) => Path::new(f).file_name().map(|n| n.to_owned()),
-                    None => file.file_name().map(|n| n.to_owned()),
+                    Some(f) => Path::new(f).file_name().map(std::borrow::ToOwned::to_owned),
+                    None => file.file_name().map(std::borrow::ToOwned::to_owned),
                 };
                 d.message.contains(&e.message)
                     && d.location.as_ref().is_some_and(|l| {
                         l.line == e.line
                             && l.column == e.column
-                            && Path::new(&l.file).file_name().map(|n| n.to_owned()) == expected_file
+                            && Path::new(&l.file)
+                                .file_name()
+                                .map(std::borrow::ToOwned::to_owned)
+                                == expected_file
                     })
             });
             match found {
@@ -101,7 +104,10 @@ fn every_invalid_file_reports_exactly_its_expected_errors() {
             }
         }
         if errors.len() != expected.len() {
-            let extra: Vec<String> = unmatched.iter().map(|d| d.to_string()).collect();
+            let extra: Vec<String> = unmatched
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect();
             failures.push(format!(
                 "{}: unexpected errors:\n{}",
                 file.display(),

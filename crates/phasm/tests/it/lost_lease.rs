@@ -9,7 +9,7 @@ use phasm::engine::Context;
 use phasm::store::{Control, InstanceStatus};
 use phasm::worker::{StopWhen, WorkerOptions};
 
-const MACHINE: &str = r#"
+const MACHINE: &str = r"
 actions:
   Slow:
     exec: [sh, -c, 'echo $$ > pid; exec sleep 60']
@@ -24,7 +24,7 @@ state_machines:
       to: end
   - name: end
     final: true
-"#;
+";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelling_an_instance_stops_its_running_program() {

@@ -33,7 +33,7 @@ fn ids(contexts: &[Context], key: &str) -> Vec<u64> {
 /// Branches fork again at different depths and wait for different countdowns; the barrier
 /// still joins once, with every leaf.
 async fn a_barrier_joins_once_when_every_branch_has_arrived(store: Arc<dyn Store>) {
-    let yaml = r#"
+    let yaml = r"
 state_machines:
 - name: Tree
   states:
@@ -55,7 +55,7 @@ state_machines:
     fan_in: all
     action: Join
     final: true
-"#;
+";
     let joins = Arc::new(AtomicU64::new(0));
     let mut r = Registry::new();
     r.register_fn("Fork", |cx| {
@@ -105,7 +105,7 @@ state_machines:
 
 /// Branches arriving at different times open new windows: each context is joined once.
 async fn late_arrivals_open_the_next_window(store: Arc<dyn Store>) {
-    let yaml = r#"
+    let yaml = r"
 state_machines:
 - name: Windows
   states:
@@ -129,7 +129,7 @@ state_machines:
       to: end
   - name: end
     final: true
-"#;
+";
     let joined = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut r = Registry::new();
     r.register_fn("Fork", |cx| {
@@ -166,7 +166,7 @@ state_machines:
 }
 
 async fn built_in_list_pages_run_in_parallel_branches(store: Arc<dyn Store>) {
-    let yaml = r#"
+    let yaml = r"
 actions:
   Pages:
     list: items
@@ -187,7 +187,7 @@ state_machines:
     fan_in: all
     action: Sum
     final: true
-"#;
+";
     let mut r = Registry::new();
     r.register_fn("Sum", |cx| {
         let pages: Vec<Vec<u64>> = cx
@@ -245,7 +245,7 @@ async fn built_in_lines_read_json_lines_csv_and_text() {
         let mut r = Registry::new();
         r.register_fn("All", |cx| {
             let mut pages: Vec<Value> = cx.contexts().iter().map(|c| c["rows"].clone()).collect();
-            pages.sort_by_key(|p| p.to_string());
+            pages.sort_by_key(std::string::ToString::to_string);
             cx.put("pages", pages)?;
             Ok(None)
         });
@@ -258,7 +258,7 @@ async fn built_in_lines_read_json_lines_csv_and_text() {
             view.error
         );
         let mut want: Vec<Value> = expected.as_array().unwrap().clone();
-        want.sort_by_key(|p| p.to_string());
+        want.sort_by_key(std::string::ToString::to_string);
         assert_eq!(
             view.current_context.unwrap()["pages"],
             Value::Array(want),
@@ -338,7 +338,7 @@ else:
 json.dump(out, sys.stdout)
 "#;
     std::fs::write(dir.path().join("act.py"), script).unwrap();
-    let yaml = r#"
+    let yaml = r"
 actions:
   Page: {exec: [python3, act.py, page]}
   Split: {exec: [python3, act.py, split]}
@@ -370,7 +370,7 @@ state_machines:
     initial: true
     final: true
     action: Noop
-"#;
+";
     let cfg = load_str(yaml, dir.path().join("e.yaml"), &LoadOptions::default())
         .unwrap()
         .config;
@@ -396,7 +396,7 @@ state_machines:
 /// joined again), not from a step that ran alongside the branches (they would be lost), nor
 /// from a branch's step or the join.
 async fn a_forked_instance_runs_again_only_from_a_step_that_ran_alone(store: Arc<dyn Store>) {
-    let yaml = r#"
+    let yaml = r"
 state_machines:
 - name: Order
   states:
@@ -415,7 +415,7 @@ state_machines:
     fan_in: all
     action: Ship
     final: true
-"#;
+";
     let joins = Arc::new(AtomicU64::new(0));
     let mut r = Registry::new();
     r.register_fn("Split", |cx| {

@@ -331,7 +331,7 @@ async fn spawn_starts_children_after_their_countdown() {
         assert!(c.history[0].started_at >= phasm::testing::START_TIME + 60_000_000);
         doubled.push(result(&c)["doubled"].clone());
     }
-    doubled.sort_by_key(|v| v.as_i64());
+    doubled.sort_by_key(serde_json::Value::as_i64);
     assert_eq!(doubled, [json!(2), json!(4)]);
 }
 

@@ -55,7 +55,7 @@ async fn run_one(
     name
 }
 
-const LINEAR: &str = r#"
+const LINEAR: &str = r"
 state_machines:
 - name: Linear
   states:
@@ -77,7 +77,7 @@ state_machines:
     final: true
     action: Count
     exit: Count
-"#;
+";
 
 #[tokio::test]
 async fn a_linear_machine_completes_with_its_history() {
@@ -189,7 +189,7 @@ impl phasm::action::Action for Tracked {
     }
 }
 
-const LIMITED: &str = r#"
+const LIMITED: &str = r"
 queues:
   narrow:
     max_concurrent: 2
@@ -210,7 +210,7 @@ state_machines:
     initial: true
     final: true
     action: Quick
-"#;
+";
 
 async fn run_all(
     store: Arc<dyn Store>,

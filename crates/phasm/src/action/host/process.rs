@@ -443,11 +443,10 @@ fn route(pending: &Pending, host: &str, id: u64, message: FromHost) {
             pending.get(&id).cloned()
         }
     };
-    match tx {
-        Some(tx) => {
-            let _ = tx.send(message);
-        }
-        None => tracing::debug!(host = %host, id, "a message for a step nobody waits for"),
+    if let Some(tx) = tx {
+        let _ = tx.send(message);
+    } else {
+        tracing::debug!(host = %host, id, "a message for a step nobody waits for");
     }
 }
 
@@ -479,15 +478,15 @@ fn unreadable(e: &str) -> super::protocol::Done {
 /// Wait for the process to end (killing its group if it lingers); `" with status N"` or
 /// `" (killed by a signal)"`.
 async fn wait_briefly(child: &mut Child) -> String {
-    let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
+    let status =
+        if let Ok(status) = tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+            status
+        } else {
             if let Some(pid) = child.id() {
                 kill_group(pid);
             }
             child.wait().await
-        }
-    };
+        };
     describe_exit(status)
 }
 

@@ -86,7 +86,7 @@ pub async fn the_instance_list_filters_orders_and_describes(store: &dyn Store) {
                 f.steps = Some(vec![StepMatch {
                     from: Some("a".into()),
                     event: Some("go".into()),
-                }])
+                }]);
             })
         )
         .await,
@@ -99,7 +99,7 @@ pub async fn the_instance_list_filters_orders_and_describes(store: &dyn Store) {
                 f.steps = Some(vec![StepMatch {
                     from: None,
                     event: Some("go".into()),
-                }])
+                }]);
             })
         )
         .await,
@@ -115,7 +115,7 @@ pub async fn the_instance_list_filters_orders_and_describes(store: &dyn Store) {
                 f.steps = Some(vec![StepMatch {
                     from: Some("a".into()),
                     event: None,
-                }])
+                }]);
             })
         )
         .await

@@ -190,7 +190,9 @@ fn pg(e: tokio_postgres::Error) -> StoreError {
         // Without a server's answer: a lost connection passes, a client-side mistake (a
         // parameter that cannot be sent) does not.
         None => {
-            let io = e.source().is_some_and(|s| s.is::<std::io::Error>());
+            let io = e
+                .source()
+                .is_some_and(<dyn std::error::Error + 'static>::is::<std::io::Error>);
             (e.to_string(), e.is_closed() || io)
         }
     };

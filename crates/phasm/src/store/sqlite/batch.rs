@@ -230,7 +230,7 @@ pub(super) fn fail_request(request: Request, e: &StoreError) {
         Request::Step(_, _, r) => drop(r.send(Err(err()))),
         Request::LogsPage(_, _, r) => drop(r.send(Err(err()))),
         Request::Retry(_, _, r) | Request::Cancel(_, _, _, r) | Request::Reset(_, _, _, _, r) => {
-            drop(r.send(Err(err())))
+            drop(r.send(Err(err())));
         }
         Request::Probe(_, r) => drop(r.send(Err(err()))),
         Request::Scrub(_, _, r) => drop(r.send(Err(err()))),
