@@ -498,18 +498,21 @@ impl Commit {
 
     /// Whether [`Commit::storable`] would change nothing.
     fn is_storable(&self) -> bool {
-        let fits = |s: &str| !s.contains('\0') && s.len() <= text::MAX_TEXT_BYTES;
         let texts_fit = match &self.disposition {
-            Disposition::Retry { error, .. } | Disposition::Failed { error } => fits(error),
-            Disposition::Postpone { reason, .. } => fits(reason),
+            Disposition::Retry { error, .. } | Disposition::Failed { error } => {
+                text::is_storable(error)
+            }
+            Disposition::Postpone { reason, .. } => text::is_storable(reason),
             Disposition::Finished | Disposition::Keep => true,
         } && match &self.instance_change {
-            InstanceChange::Halt(reason) | InstanceChange::Fail(reason) => fits(reason),
+            InstanceChange::Halt(reason) | InstanceChange::Fail(reason) => {
+                text::is_storable(reason)
+            }
             InstanceChange::None | InstanceChange::BranchEnded(_) => true,
         };
         texts_fit
-            && self.logs.iter().all(|l| !l.message.contains('\0'))
-            && self.parked.iter().all(|p| !p.group.contains('\0'))
+            && !self.logs.iter().any(|l| text::has_nul(&l.message))
+            && !self.parked.iter().any(|p| text::has_nul(&p.group))
     }
 
     /// A commit that finishes `task` and does nothing else; the step's effects are added to it.

@@ -18,9 +18,19 @@ pub fn storable(text: String) -> String {
     cut(text, MAX_TEXT_BYTES)
 }
 
+/// Whether [`storable`] leaves `text` as it is: no NUL, and within [`MAX_TEXT_BYTES`].
+pub fn is_storable(text: &str) -> bool {
+    !has_nul(text) && text.len() <= MAX_TEXT_BYTES
+}
+
+/// Whether `text` holds a NUL ([`without_nul`] would escape it).
+pub fn has_nul(text: &str) -> bool {
+    text.contains('\0')
+}
+
 /// `text` with each NUL written as `\0` (borrowed when it has none).
 pub fn without_nul(text: &str) -> Cow<'_, str> {
-    if text.contains('\0') {
+    if has_nul(text) {
         Cow::Owned(text.replace('\0', "\\0"))
     } else {
         Cow::Borrowed(text)
@@ -60,5 +70,19 @@ mod tests {
         assert!(stored.len() < MAX_TEXT_BYTES + 40);
         let odd = format!("a{}", "é".repeat(MAX_TEXT_BYTES));
         assert!(storable(odd).contains("… [cut: "));
+    }
+
+    #[test]
+    fn is_storable_says_whether_storable_changes_the_text() {
+        let long = "y".repeat(MAX_TEXT_BYTES + 1);
+        let exact = "z".repeat(MAX_TEXT_BYTES);
+        for text in ["", "plain", "nul\0inside", long.as_str(), exact.as_str()] {
+            assert_eq!(
+                is_storable(text),
+                storable(text.to_string()) == text,
+                "{:.20}",
+                text
+            );
+        }
     }
 }

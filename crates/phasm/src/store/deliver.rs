@@ -76,7 +76,7 @@ pub(crate) async fn deliver<T: DeliverTx + PlanTx>(
     d: &Delivery,
 ) -> StoreResult<Delivered> {
     // 1. Instance, 2. once.
-    let Some((instance_id, status)) = DeliverTx::instance(tx, &d.instance).await? else {
+    let Some((instance_id, status)) = tx.instance(&d.instance).await? else {
         return Ok(Delivered::NotFound);
     };
     if let Some(id) = &d.id {

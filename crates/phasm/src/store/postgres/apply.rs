@@ -7,7 +7,7 @@ use super::{begin, pg, PostgresStore, Settling, Transaction};
 use crate::clock::Micros;
 use crate::engine::{Commit, Context, HistoryEntry, LogLine, NewTask, Parked, Spawned};
 use crate::store::convert::{bigint, from_json, parse_status, to_json};
-use crate::store::execute::{self, Fenced, PlanTx};
+use crate::store::execute::{self, Executed, Fenced, PlanTx};
 use crate::store::plan::{self, Fence, InstanceWrite, JoinTask, Lease, Settle, Shape, WritePlan};
 use crate::store::sql;
 use crate::store::{
@@ -65,21 +65,6 @@ async fn insert_row(
     Ok(row.map(|r| r.get(0)))
 }
 
-impl Written {
-    /// A commit refused by its fence: nothing happened.
-    fn fenced() -> Self {
-        Written {
-            result: AppliedCommit {
-                applied: Applied::Fenced,
-                claimed: Vec::new(),
-            },
-            instance_id: None,
-            settle: Settle::default(),
-            notify: false,
-        }
-    }
-}
-
 /// Removes an instance from the ones being settled when dropped.
 pub(super) struct SettlingGuard<'a> {
     pub(super) map: &'a std::sync::Mutex<std::collections::HashMap<i64, Settling>>,
@@ -93,16 +78,6 @@ impl Drop for SettlingGuard<'_> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.instance_id);
     }
-}
-
-/// What one commit did, for the follow-ups outside its transaction.
-pub(super) struct Written {
-    result: AppliedCommit,
-    instance_id: Option<i64>,
-    /// The checks to run after the transaction (see `store::plan`).
-    settle: Settle,
-    /// Other processes' idle workers should look for work.
-    notify: bool,
 }
 
 /// A chain step ([`Shape::Chain`]) as one statement: one round trip instead of one per row.
@@ -142,7 +117,7 @@ pub(super) async fn apply_chain(
     client: &Object,
     now: Micros,
     plan: &WritePlan<'_>,
-) -> StoreResult<Written> {
+) -> StoreResult<Executed> {
     let c = plan.commit;
     let h = plan.history.first();
     let successor = plan.successors.first();
@@ -204,21 +179,21 @@ pub(super) async fn apply_chain(
         .map_err(pg)?;
     let instance_id: Option<i64> = row.get(0);
     let Some(instance_id) = instance_id else {
-        return Ok(Written::fenced());
+        return Ok(Executed::fenced());
     };
     let inserted: Option<i64> = row.get(1);
     let mut claimed = Vec::new();
     if let (Some(id), Some(t), Some(_)) = (inserted, t, lease) {
         claimed.push(t.claimed(id, c, now));
     }
-    Ok(Written {
+    Ok(Executed {
         result: AppliedCommit {
             applied: Applied::Yes,
             claimed,
         },
         instance_id: Some(instance_id),
         settle: plan.settle,
-        notify: inserted.is_some() && plan.wakes_others,
+        wakes: inserted.is_some() && plan.wakes_others,
     })
 }
 
@@ -274,7 +249,7 @@ pub(super) async fn apply_one(
     c: &Commit,
     successors: Option<&SuccessorClaim>,
     fused: bool,
-) -> StoreResult<Written> {
+) -> StoreResult<Executed> {
     let plan = plan::plan(c, successors, now);
     match plan.shape {
         Shape::Chain if fused => return apply_chain(client, now, &plan).await,
@@ -286,12 +261,7 @@ pub(super) async fn apply_one(
     if executed.instance_id.is_some() {
         tx.0.commit().await.map_err(pg)?;
     }
-    Ok(Written {
-        result: executed.result,
-        instance_id: executed.instance_id,
-        settle: executed.settle,
-        notify: executed.wakes,
-    })
+    Ok(executed)
 }
 
 /// The plan's operations as PostgreSQL statements in one commit's transaction.
@@ -811,7 +781,7 @@ pub(super) async fn apply(
             .settle_coalesced(id, outcome.settle.complete, now)
             .await?;
     }
-    if outcome.notify {
+    if outcome.wakes {
         store.changes.notify_waiters();
     }
     Ok(outcome.result)
@@ -822,7 +792,7 @@ pub(super) async fn apply_park(
     client: &Object,
     now: Micros,
     plan: &WritePlan<'_>,
-) -> StoreResult<Written> {
+) -> StoreResult<Executed> {
     let c = plan.commit;
     let (Some(h), Some(park)) = (plan.history.first(), plan.parks.first()) else {
         return Err(StoreError::database("not a parking commit"));
@@ -867,15 +837,15 @@ pub(super) async fn apply_park(
     let instance_id: Option<i64> = row.get(0);
     let notified: i64 = row.get(1);
     let Some(instance_id) = instance_id else {
-        return Ok(Written::fenced());
+        return Ok(Executed::fenced());
     };
-    Ok(Written {
+    Ok(Executed {
         result: AppliedCommit {
             applied: Applied::Yes,
             claimed: Vec::new(),
         },
         settle: plan.settle,
         instance_id: Some(instance_id),
-        notify: notified > 0,
+        wakes: notified > 0,
     })
 }

@@ -102,16 +102,7 @@ pub(super) async fn instance(
         Some(c) => Some(from_json(&c)?),
         None => None,
     };
-    let children = client
-        .query(
-            "SELECT name FROM instances WHERE parent = $1 ORDER BY id",
-            &[&name],
-        )
-        .await
-        .map_err(pg)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let children = children_of(&client, name).await?;
     let counts = client
         .query_one(
             "SELECT
@@ -733,7 +724,11 @@ pub(super) async fn status(
 
 /// The instances `name` spawned, oldest first.
 pub(super) async fn children(store: &PostgresStore, name: &str) -> StoreResult<Vec<String>> {
-    let client = store.client().await?;
+    children_of(&store.client().await?, name).await
+}
+
+/// [`children`] on a connection the caller holds.
+async fn children_of(client: &Object, name: &str) -> StoreResult<Vec<String>> {
     Ok(client
         .query(
             "SELECT name FROM instances WHERE parent = $1 ORDER BY id",
