@@ -338,8 +338,10 @@ impl Worker {
         let mut running: JoinSet<Executed> = JoinSet::new();
         let mut report = WorkerReport::default();
         let mut heartbeat = tokio::time::interval((opts.lease / 3).max(Duration::from_millis(10)));
-        let mut last_sweep = inner.clock.now();
-        let started_at = last_sweep;
+        let started_at = inner.clock.now();
+        // A worker starting up sweeps at its first heartbeat: it may be the one that replaces
+        // a worker that crashed, and one that crashes again and again would never sweep.
+        let mut last_sweep = started_at.saturating_sub(micros(SWEEP_EVERY));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut watching: BTreeSet<String> = match &opts.stop {
             StopWhen::Ended(names) => names.iter().cloned().collect(),

@@ -9,7 +9,6 @@
 #[macro_use]
 mod common;
 
-mod chaos;
 mod exec_action;
 mod fantasm_files;
 mod fantasm_scenarios;

@@ -1,4 +1,4 @@
-//! The actions of the random fan-out machines that `chaos.rs` and `simulation.rs` run: a
+//! The actions of the random fan-out machines the simulation (`tests/simulation/`) runs: a
 //! continuation paging through `0..n`, a fork per item, a window join and a barrier that
 //! gather every item's id (each test adds its own `Work` action between fork and join).
 
