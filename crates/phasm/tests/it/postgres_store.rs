@@ -311,3 +311,122 @@ async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
     assert_eq!(store.instance("done").await.unwrap(), before);
     schema.drop_schema().await;
 }
+
+/// A cancel that comes while a step of the instance commits waits for that commit and
+/// drops what it queued. (Under READ COMMITTED, one `DELETE` that waited for the commit
+/// would not see the successor the commit wrote, and the canceled instance would run on:
+/// the simulation found this.) The same holds for a reset and for a failed instance's hold,
+/// which lock the instance's tasks the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_waits_for_a_commit_running_meanwhile_and_drops_what_it_queued() {
+    use phasm::engine::{Context, NewTask, TaskKind};
+    use phasm::store::prelude::*;
+    use phasm::store::{ClaimRequest, Control, InstanceStatus, NewInstance, Targets};
+    use std::time::Duration;
+
+    let Some(schema) = Schema::fresh("cancel_race").await else {
+        return;
+    };
+    let store = schema.store().await;
+    let now = 1_800_000_000_000_000;
+    let instance = NewInstance {
+        name: "racing".into(),
+        machine: "M".into(),
+        context: Context::new(),
+        start: NewTask {
+            name: "racing--start".into(),
+            from_state: None,
+            event: "go".into(),
+            kind: TaskKind::Dispatch,
+            context: Context::new(),
+            step: 0,
+            branch: String::new(),
+            queue: "default".into(),
+            target: None,
+            due_at: now,
+            token: None,
+        },
+        version: None,
+    };
+    store.start(now, instance).await.unwrap();
+    let request = ClaimRequest {
+        owner: "w".into(),
+        lease: Duration::from_secs(10),
+        limit: 1,
+        queue_limits: Vec::new(),
+        queues: None,
+        targets: Targets::Any,
+        shared_limits: Vec::new(),
+    };
+    let task = store.claim(now, &request).await.unwrap().remove(0);
+
+    // A step's commit, begun: its fence deleted (and so locked) its task, and it is about to
+    // write the task's successor.
+    let (mut step, connection) = tokio_postgres::connect(schema.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let pid: i32 = step
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tx = step.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "CREATE TEMP TABLE successor AS SELECT * FROM tasks WHERE id = {id};
+         DELETE FROM tasks WHERE id = {id}",
+        id = task.id
+    ))
+    .await
+    .unwrap();
+
+    // The cancel comes, and waits for the step's lock.
+    let cancel = tokio::spawn({
+        let store = store.clone();
+        async move { store.cancel(now, "racing").await }
+    });
+    let (watch, connection) = tokio_postgres::connect(schema.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut waited = 0;
+    loop {
+        let blocked: i64 = watch
+            .query_one(
+                "SELECT COUNT(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if blocked > 0 {
+            break;
+        }
+        waited += 1;
+        assert!(
+            waited < 500,
+            "the cancel never waited for the step's commit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The step writes its successor and commits.
+    tx.batch_execute(
+        "UPDATE successor SET id = nextval(pg_get_serial_sequence('tasks', 'id')),
+                              name = name || '-next';
+         INSERT INTO tasks SELECT * FROM successor",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    assert_eq!(cancel.await.unwrap().unwrap(), Control::Done);
+    let view = store.instance("racing").await.unwrap().unwrap();
+    assert_eq!(view.status, InstanceStatus::Cancelled);
+    assert!(
+        schema.rows("tasks", "id").await.is_empty(),
+        "the step's successor outlived the cancel"
+    );
+    assert!(store.claim(now, &request).await.unwrap().is_empty());
+    schema.drop_schema().await;
+}

@@ -71,7 +71,14 @@ impl Plan {
                 let ms = |rng: &mut fastrand::Rng| Duration::from_millis(rng.u64(0..=400));
                 let cancel = (rng.u8(..5) == 0).then(|| ms(&mut rng));
                 LinePlan {
-                    poke: (shape.wait.is_some() && rng.u8(..4) != 0).then(|| ms(&mut rng)),
+                    // Any time, or just as the wait times out, to race its timeout.
+                    poke: shape
+                        .wait
+                        .filter(|_| rng.u8(..4) != 0)
+                        .map(|w| match rng.bool() {
+                            true => ms(&mut rng),
+                            false => w.timeout + Duration::from_millis(rng.u64(0..=60)),
+                        }),
                     poke_twice: rng.bool(),
                     reset: cancel.is_none() && rng.u8(..4) == 0,
                     cancel,
@@ -187,11 +194,12 @@ pub async fn run(plan: &Plan, inner: Arc<dyn Store>, base: Arc<dyn Clock>) -> Ru
         rng: Mutex::new(fastrand::Rng::with_seed(plan.seed ^ 0x5eed)),
         handles: Mutex::new(Vec::new()),
         kills: Mutex::new(0),
+        stop: tokio::sync::watch::Sender::new(false),
     };
     let workers = Arc::new(workers);
     for k in 0..plan.workers {
         let handle = workers.spawn(k, 0);
-        workers.handles.lock().unwrap().push(handle);
+        workers.handles.lock().unwrap().push(Some(handle));
     }
     let monkey = tokio::spawn(Arc::clone(&workers).monkey());
 
@@ -222,7 +230,7 @@ pub async fn run(plan: &Plan, inner: Arc<dyn Store>, base: Arc<dyn Clock>) -> Ru
         }
     }
     monkey.abort();
-    workers.stop_all();
+    workers.stop_all(&about).await;
     for person in people {
         person.await.unwrap_or_else(|e| panic!("{about}: {e}"));
     }
@@ -317,6 +325,9 @@ async fn unended(store: &dyn Store) -> Vec<phasm::store::InstanceView> {
     left
 }
 
+/// A worker's task: it ends only when stopped, with its error if it failed.
+type Running = JoinHandle<Result<(), String>>;
+
 /// How long workers are killed for.
 const CRASHING: Duration = Duration::from_secs(3);
 
@@ -327,13 +338,16 @@ struct Workers {
     config: Arc<Config>,
     base: Arc<dyn Clock>,
     rng: Mutex<fastrand::Rng>,
-    handles: Mutex<Vec<JoinHandle<Result<(), String>>>>,
+    /// Each worker's task (`None` while a killed one is not yet replaced).
+    handles: Mutex<Vec<Option<Running>>>,
     kills: Mutex<u32>,
+    /// Set when the run is over: every worker stops.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Workers {
     /// Start worker `k`'s generation `generation`, on its own skewed clock.
-    fn spawn(&self, k: usize, generation: u64) -> JoinHandle<Result<(), String>> {
+    fn spawn(&self, k: usize, generation: u64) -> Running {
         let skew = micros(self.plan.skew);
         let (by, seed) = {
             let mut rng = self.rng.lock().unwrap();
@@ -363,9 +377,13 @@ impl Workers {
             },
         )
         .unwrap();
+        let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
             worker
-                .run(std::future::pending())
+                .run(stop)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())
@@ -396,32 +414,28 @@ impl Workers {
             if !kill {
                 continue;
             }
-            self.handles.lock().unwrap()[k].abort();
+            if let Some(killed) = self.handles.lock().unwrap()[k].take() {
+                killed.abort();
+            }
             *self.kills.lock().unwrap() += 1;
             tokio::time::sleep(Duration::from_millis(down)).await;
             generation += 1;
             let fresh = self.spawn(k, generation);
-            self.handles.lock().unwrap()[k] = fresh;
+            self.handles.lock().unwrap()[k] = Some(fresh);
         }
     }
 
-    /// Panic if a worker stopped on its own: it must run until killed.
+    /// Panic if a worker stopped on its own: it must run until killed or stopped.
     async fn check_alive(&self, about: &str) {
-        let finished: Vec<usize> = {
-            let handles = self.handles.lock().unwrap();
-            (0..handles.len())
-                .filter(|&k| handles[k].is_finished())
-                .collect()
+        let finished: Option<(usize, Running)> = {
+            let mut handles = self.handles.lock().unwrap();
+            handles
+                .iter_mut()
+                .enumerate()
+                .find_map(|(k, slot)| slot.take_if(|h| h.is_finished()).map(|h| (k, h)))
         };
-        for k in finished {
-            let handle = {
-                let mut handles = self.handles.lock().unwrap();
-                std::mem::replace(&mut handles[k], tokio::spawn(std::future::pending()))
-            };
+        if let Some((k, handle)) = finished {
             match handle.await {
-                Err(e) if e.is_cancelled() => {
-                    // Killed by the monkey and not yet replaced: put a pending stand-in back.
-                }
                 Err(e) => panic!("{about}: worker {k} panicked: {e}"),
                 Ok(Err(e)) => panic!("{about}: worker {k} failed: {e}"),
                 Ok(Ok(())) => panic!("{about}: worker {k} stopped on its own"),
@@ -429,9 +443,19 @@ impl Workers {
         }
     }
 
-    fn stop_all(&self) {
-        for handle in self.handles.lock().unwrap().iter() {
-            handle.abort();
+    /// Stop every worker as an operator would (each finishes what it runs).
+    async fn stop_all(&self, about: &str) {
+        self.stop.send_replace(true);
+        let handles = std::mem::take(&mut *self.handles.lock().unwrap());
+        for (k, handle) in handles.into_iter().enumerate() {
+            // A worker killed and not yet replaced is gone already.
+            let Some(handle) = handle else { continue };
+            match tokio::time::timeout(Duration::from_secs(60), handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => panic!("{about}: worker {k} failed: {e}"),
+                Ok(Err(e)) => panic!("{about}: worker {k} panicked: {e}"),
+                Err(_) => panic!("{about}: worker {k} did not stop"),
+            }
         }
     }
 }

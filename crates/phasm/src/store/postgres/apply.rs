@@ -510,6 +510,7 @@ impl PlanTx for PgTx<'_> {
     }
 
     async fn hold_ready(&mut self, instance_id: i64) -> StoreResult<()> {
+        lock_pending(&self.0, instance_id).await?;
         self.0
             .execute(sql::HOLD_READY.postgres(), &[&instance_id])
             .await
@@ -560,7 +561,9 @@ async fn queue_settle(tx: &Transaction<'_>, instance_id: i64, now: Micros) -> St
 }
 
 /// Drop an instance's pending work: its tasks (of every branch) and its parked branches.
+/// Commits of the instance running meanwhile finish first ([`lock_pending`]).
 pub(super) async fn drop_pending(tx: &Transaction<'_>, instance_id: i64) -> StoreResult<()> {
+    lock_pending(tx, instance_id).await?;
     tx.execute(sql::DROP_TASKS.postgres(), &[&instance_id])
         .await
         .map_err(pg)?;
@@ -568,6 +571,47 @@ pub(super) async fn drop_pending(tx: &Transaction<'_>, instance_id: i64) -> Stor
         .await
         .map_err(pg)?;
     Ok(())
+}
+
+/// Most passes [`lock_pending`] makes before it gives up.
+const LOCK_PASSES: usize = 50;
+
+/// Lock every pending task of an instance, waiting for the commits of the instance that run
+/// meanwhile, so that what this transaction then drops or holds is all there is.
+///
+/// A commit locks its own task (the fence) before it writes the next ones. Under READ
+/// COMMITTED a statement sees the rows committed when it began, so one `DELETE` that waited
+/// for such a commit does not see the successor it wrote: it would outlive a cancel, a
+/// reset or a failed instance's hold and run on. Each pass here locks what it sees, in a
+/// fresh snapshot, until a pass sees nothing new. Then every commit that could add a task
+/// either finished (its tasks are seen and locked) or must first lock a task this
+/// transaction holds, and waits for it.
+pub(super) async fn lock_pending(tx: &Transaction<'_>, instance_id: i64) -> StoreResult<()> {
+    let mut locked = std::collections::BTreeSet::new();
+    for _ in 0..LOCK_PASSES {
+        let seen: Vec<i64> = tx
+            .query(
+                "SELECT id FROM tasks WHERE instance_id = $1 ORDER BY id FOR UPDATE",
+                &[&instance_id],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let before = locked.len();
+        locked.extend(seen);
+        if locked.len() == before {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Database {
+        message: format!(
+            "the instance's steps kept committing while {LOCK_PASSES} passes tried to lock them; try again"
+        ),
+        transient: true,
+        source: None,
+    })
 }
 
 pub(super) async fn end_instance(
