@@ -29,35 +29,36 @@ pub const STEPS_PER_HOST: usize = 32;
 const PACKAGE: &[(&str, &str)] = &[
     (
         "phasm/__init__.py",
-        include_str!("../../../../python/phasm/__init__.py"),
+        include_str!("../../python/phasm/__init__.py"),
     ),
     (
         "phasm/_runtime.py",
-        include_str!("../../../../python/phasm/_runtime.py"),
+        include_str!("../../python/phasm/_runtime.py"),
     ),
+    ("phasm/host.py", include_str!("../../python/phasm/host.py")),
     (
-        "phasm/host.py",
-        include_str!("../../../../python/phasm/host.py"),
+        "phasm/protocol.py",
+        include_str!("../../python/phasm/protocol.py"),
     ),
     (
         "fantasm/__init__.py",
-        include_str!("../../../../python/fantasm/__init__.py"),
+        include_str!("../../python/fantasm/__init__.py"),
     ),
     (
         "fantasm/action.py",
-        include_str!("../../../../python/fantasm/action.py"),
+        include_str!("../../python/fantasm/action.py"),
     ),
     (
         "fantasm/constants.py",
-        include_str!("../../../../python/fantasm/constants.py"),
+        include_str!("../../python/fantasm/constants.py"),
     ),
     (
         "fantasm/exceptions.py",
-        include_str!("../../../../python/fantasm/exceptions.py"),
+        include_str!("../../python/fantasm/exceptions.py"),
     ),
     (
         "fantasm/fsm.py",
-        include_str!("../../../../python/fantasm/fsm.py"),
+        include_str!("../../python/fantasm/fsm.py"),
     ),
 ];
 
@@ -264,7 +265,6 @@ pub async fn start(
     let uses = python_uses(config, sites, registry);
     let constants = constant_candidates(config, sites);
     let hello = Hello {
-        kind: "hello",
         protocol: PROTOCOL_VERSION,
         path: settings
             .path

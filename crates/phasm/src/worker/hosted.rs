@@ -43,7 +43,6 @@ pub(super) async fn run(
         });
     }
     let request = StepRequest {
-        kind: "step",
         id: 0,
         machine: cx.machine.clone(),
         instance: cx.instance.clone(),
@@ -62,7 +61,7 @@ pub(super) async fn run(
         .map_err(|e| StepFailure::Unavailable(format!("no action host can take it: {e}")))?;
     loop {
         match running.next().await.map_err(StepFailure::Failed)? {
-            FromHost::Token(token) => {
+            FromHost::Token { token, .. } => {
                 let outcome = match step.next_page(token, env.clock.now()) {
                     Some(page) => queue_next_page(env, page).await,
                     None => Ok(()),

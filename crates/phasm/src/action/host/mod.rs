@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 pub use process::{kill_group, killed_by, HostCommand, HostProcess, MAX_LINE_BYTES};
-use protocol::{answer_line, FromHost, Hello, Ready, StepRequest};
+use protocol::{FromHost, Hello, Ready, StepRequest, ToHost};
 
 /// The longest wait before restarting a host that keeps dying.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(10);
@@ -150,9 +150,9 @@ impl HostPool {
         let (process, permit) = self.acquire().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         request.id = id;
-        let mut line = serde_json::to_string(&request)
+        let line = ToHost::Step(&request)
+            .line()
             .map_err(|e| format!("cannot encode the step request: {e}"))?;
-        line.push('\n');
         let messages = process.request(id, &line).await?;
         Ok(RunningStep {
             deadline: tokio::time::Instant::now() + self.options.timeout,
@@ -352,7 +352,10 @@ impl RunningStep {
     /// # Errors
     /// When the host cannot be written to.
     pub async fn answer(&self, outcome: &Result<(), String>) -> Result<(), String> {
-        self.process.write(&answer_line(self.id, outcome)).await
+        let line = protocol::answer(self.id, outcome)
+            .line()
+            .map_err(|e| format!("cannot encode the answer: {e}"))?;
+        self.process.write(&line).await
     }
 
     /// The host running it.

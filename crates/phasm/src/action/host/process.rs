@@ -12,7 +12,9 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use super::protocol::{parse_line, FromHost, Hello, Ready, PROTOCOL_VERSION};
+use super::protocol::{
+    parse_line, FromHost, Hello, ProtocolError, Ready, ToHost, PROTOCOL_VERSION,
+};
 
 /// The longest line a host may write (a step's whole outcome, contexts and forks included).
 pub const MAX_LINE_BYTES: usize = 256 * 1024 * 1024;
@@ -107,13 +109,12 @@ impl HostProcess {
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr_done = tokio::spawn(forward_stderr(stderr, name.clone(), Arc::clone(&tail)));
         let mut stdout = BufReader::with_capacity(64 * 1024, stdout);
-        let hello_line = serde_json::to_string(hello)
+        let hello_line = ToHost::Hello(hello)
+            .line()
             .map_err(|e| format!("cannot write the hello message: {e}"))?;
         let handshake = async {
             let written = async {
-                stdin
-                    .write_all(format!("{hello_line}\n").as_bytes())
-                    .await?;
+                stdin.write_all(hello_line.as_bytes()).await?;
                 stdin.flush().await
             };
             written
@@ -376,13 +377,13 @@ async fn read_messages(mut r: Reader) {
                 Ok(_) => {
                     let text = String::from_utf8_lossy(&line);
                     match parse_line(&text) {
-                        Ok((id, message)) => route(&r.pending, &r.name, id, message),
+                        Ok(message) => route(&r.pending, &r.name, message.id(), message),
                         Err(e) => match request_id(&line) {
                             // The line names its step: only that step fails, and the host,
                             // which still writes whole lines, goes on.
                             Some(id) => {
                                 tracing::warn!(host = %r.name, id, error = %e, "an answer that is not the host protocol");
-                                let answer = FromHost::Done(Box::new(unreadable(&e)));
+                                let answer = FromHost::Done(Box::new(unreadable(id, &e)));
                                 route(&r.pending, &r.name, id, answer);
                             }
                             None => {
@@ -462,8 +463,9 @@ fn request_id(line: &[u8]) -> Option<u64> {
 }
 
 /// The answer standing for a step's answer that could not be read.
-fn unreadable(e: &str) -> super::protocol::Done {
+fn unreadable(id: u64, e: &ProtocolError) -> super::protocol::Done {
     super::protocol::Done {
+        id,
         error: Some(super::protocol::DoneError {
             call: None,
             kind: Some("ProtocolError".into()),

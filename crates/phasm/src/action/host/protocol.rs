@@ -1,9 +1,11 @@
 //! The messages of the action host protocol (docs/host-protocol.md), as Rust types.
 //!
-//! One JSON object per line in each direction. phasm sends `hello` once, then `step`
-//! requests (many in flight), and `go` or `abort` answers to a continuation's `token`; a host
-//! answers `hello` with `ready` and each step with `done` (preceded by `token` when a
-//! continuation page has a next page).
+//! One JSON object per line in each direction, its kind in its `type` field. phasm sends
+//! [`ToHost`]: `hello` once, then `step` requests (many in flight), and `go` or `abort`
+//! answers to a continuation's `token`. A host answers `hello` with [`Ready`], and then
+//! writes [`FromHost`]: each step's `done`, preceded by `token` when a continuation page
+//! has a next page. Both are serde tagged enums, so a message of an unknown kind, or one
+//! missing a field, is refused with what was wrong.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -35,12 +37,43 @@ pub struct HelloMachine {
     pub context_types: std::collections::BTreeMap<String, String>,
 }
 
-/// phasm's first message.
+/// A message phasm writes to a host.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum ToHost<'a> {
+    /// The first message: what to resolve.
+    Hello(&'a Hello),
+    /// Run a step.
+    Step(&'a StepRequest),
+    /// The next page a `token` announced is queued: go on.
+    Go {
+        /// The step's request id.
+        id: u64,
+    },
+    /// The next page could not be queued: stop the step.
+    Abort {
+        /// The step's request id.
+        id: u64,
+        /// Why.
+        error: &'a str,
+    },
+}
+
+impl ToHost<'_> {
+    /// The message as one protocol line, newline included.
+    ///
+    /// # Errors
+    /// Serializing failed (a context holding what JSON cannot say).
+    pub fn line(&self) -> Result<String, serde_json::Error> {
+        let mut line = serde_json::to_string(self)?;
+        line.push('\n');
+        Ok(line)
+    }
+}
+
+/// phasm's first message ([`ToHost::Hello`]).
 #[derive(Debug, Clone, Serialize)]
 pub struct Hello {
-    /// Always `hello`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
     /// [`PROTOCOL_VERSION`].
     pub protocol: u32,
     /// Import roots, absolute, in order.
@@ -122,12 +155,10 @@ pub struct StepCall {
     pub state: String,
 }
 
-/// A step request: every call of one step, sharing one context and one `obj`.
+/// A step request ([`ToHost::Step`]): every call of one step, sharing one context and one
+/// `obj`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StepRequest {
-    /// Always `step`.
-    #[serde(rename = "type")]
-    pub kind: &'static str,
     /// Unique among this host's requests.
     pub id: u64,
     /// The machine.
@@ -200,15 +231,11 @@ pub struct DoneError {
     pub transient: bool,
 }
 
-/// The outcome of a step.
+/// The outcome of a step ([`FromHost::Done`]).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Done {
-    /// Always `done`.
-    #[serde(rename = "type", default)]
-    pub kind: String,
     /// The request's id.
-    #[serde(default)]
     pub id: u64,
     /// The context after the calls.
     #[serde(default)]
@@ -237,49 +264,60 @@ pub struct Done {
 }
 
 /// A message from a host, after `ready`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
 pub enum FromHost {
     /// A continuation page's next token: phasm queues the next page and answers `go`.
-    Token(Value),
+    Token {
+        /// The step's request id.
+        id: u64,
+        /// The token (`null` when missing).
+        #[serde(default)]
+        token: Value,
+    },
     /// The step's outcome.
     Done(Box<Done>),
 }
 
-/// Parse one line a host wrote after `ready`: `(id, message)`.
-///
-/// # Errors
-/// A description of what is wrong with the line.
-pub fn parse_line(line: &str) -> Result<(u64, FromHost), String> {
-    let value: Value =
-        serde_json::from_str(line).map_err(|e| format!("not a JSON object ({e})"))?;
-    let kind = value
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or("no `type` field")?
-        .to_string();
-    let id = value
-        .get("id")
-        .and_then(Value::as_u64)
-        .ok_or("no numeric `id` field")?;
-    match kind.as_str() {
-        "token" => Ok((
-            id,
-            FromHost::Token(value.get("token").cloned().unwrap_or(Value::Null)),
-        )),
-        "done" => serde_json::from_value::<Done>(value)
-            .map(|d| (id, FromHost::Done(Box::new(d))))
-            .map_err(|e| format!("a `done` message that does not fit the protocol: {e}")),
-        other => Err(format!("unknown message type `{other}`")),
+impl FromHost {
+    /// The request the message answers.
+    pub fn id(&self) -> u64 {
+        match self {
+            FromHost::Token { id, .. } => *id,
+            FromHost::Done(done) => done.id,
+        }
     }
 }
 
+/// Why a line from a host is not a message of the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The line is not JSON.
+    #[error("not a JSON object ({0})")]
+    NotJson(#[source] serde_json::Error),
+    /// JSON, but not a message of the protocol: an unknown `type`, a missing or unknown
+    /// field, a value of the wrong kind.
+    #[error("a message that does not fit the protocol: {0}")]
+    Unfit(#[source] serde_json::Error),
+}
+
+/// Parse one line a host wrote after `ready`.
+///
+/// # Errors
+/// What is wrong with the line.
+pub fn parse_line(line: &str) -> Result<FromHost, ProtocolError> {
+    serde_json::from_str(line).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ProtocolError::Unfit(e),
+        _ => ProtocolError::NotJson(e),
+    })
+}
+
 /// phasm's answer to a `token`: `go` (the next page is queued) or `abort` (it could not be).
-pub fn answer_line(id: u64, outcome: &Result<(), String>) -> String {
-    let value = match outcome {
-        Ok(()) => serde_json::json!({"type": "go", "id": id}),
-        Err(e) => serde_json::json!({"type": "abort", "id": id, "error": e}),
-    };
-    format!("{value}\n")
+pub fn answer(id: u64, outcome: &Result<(), String>) -> ToHost<'_> {
+    match outcome {
+        Ok(()) => ToHost::Go { id },
+        Err(error) => ToHost::Abort { id, error },
+    }
 }
 
 #[cfg(test)]
@@ -288,22 +326,49 @@ mod tests {
 
     #[test]
     fn parses_done_and_token_and_rejects_garbage() {
-        let (id, m) = parse_line(r#"{"type":"token","id":3,"token":"7"}"#).unwrap();
-        assert_eq!(id, 3);
-        assert!(matches!(m, FromHost::Token(Value::String(t)) if t == "7"));
-        let (id, m) = parse_line(
+        let m = parse_line(r#"{"type":"token","id":3,"token":"7"}"#).unwrap();
+        assert_eq!(m.id(), 3);
+        assert!(matches!(m, FromHost::Token { token: Value::String(t), .. } if t == "7"));
+        let m = parse_line(
             r#"{"type":"done","id":4,"context":{"a":1},"event":"ok","log":[{"level":"warning","message":"x\ny"}]}"#,
         )
         .unwrap();
-        assert_eq!(id, 4);
+        assert_eq!(m.id(), 4);
         let FromHost::Done(d) = m else { panic!() };
         assert_eq!(d.event.as_deref(), Some("ok"));
         assert_eq!(d.log[0].level, "warning");
-        assert!(parse_line("hello world").is_err());
-        assert!(parse_line(r#"{"type":"done"}"#).unwrap_err().contains("id"));
-        assert!(parse_line(r#"{"type":"done","id":1,"evnet":"x"}"#)
-            .unwrap_err()
-            .contains("evnet"));
-        assert!(parse_line(r#"{"type":"what","id":1}"#).is_err());
+        assert!(matches!(
+            parse_line("hello world"),
+            Err(ProtocolError::NotJson(_))
+        ));
+        let missing = parse_line(r#"{"type":"done"}"#).unwrap_err();
+        assert!(matches!(missing, ProtocolError::Unfit(_)));
+        assert!(missing.to_string().contains("`id`"), "{missing}");
+        let typo = parse_line(r#"{"type":"done","id":1,"evnet":"x"}"#).unwrap_err();
+        assert!(typo.to_string().contains("evnet"), "{typo}");
+        let unknown = parse_line(r#"{"type":"what","id":1}"#).unwrap_err();
+        assert!(unknown.to_string().contains("what"), "{unknown}");
+    }
+
+    #[test]
+    fn phasm_writes_each_message_with_its_type_first() {
+        let go = answer(7, &Ok(())).line().unwrap();
+        assert_eq!(go, "{\"type\":\"go\",\"id\":7}\n");
+        let abort = answer(8, &Err("full".into())).line().unwrap();
+        assert_eq!(abort, "{\"type\":\"abort\",\"id\":8,\"error\":\"full\"}\n");
+        let hello = Hello {
+            protocol: PROTOCOL_VERSION,
+            path: vec!["/app".into()],
+            threads: 2,
+            drain_seconds: 1.5,
+            actions: Vec::new(),
+            constants: Vec::new(),
+            machines: std::collections::BTreeMap::new(),
+        };
+        let line = ToHost::Hello(&hello).line().unwrap();
+        assert!(
+            line.starts_with("{\"type\":\"hello\",\"protocol\":1,"),
+            "{line}"
+        );
     }
 }

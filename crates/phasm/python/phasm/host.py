@@ -38,6 +38,16 @@ import fantasm.constants  # noqa: F401
 import fantasm.exceptions  # noqa: F401
 from fantasm.fsm import FanInContexts, FSMContext
 from phasm import PROTOCOL_VERSION, Context, Halt, TransientError
+from phasm.protocol import (
+    AbortMessage,
+    DoneMessage,
+    FromHost,
+    GoMessage,
+    HelloMessage,
+    ReadyAction,
+    ReadyMessage,
+    StepMessage,
+)
 from phasm._runtime import (
     CONTEXT_LEVEL,
     DEFAULT_LOG_BYTES,
@@ -213,7 +223,7 @@ class Host:
             except (BrokenPipeError, OSError):
                 pass  # phasm is gone; the step's outcome is lost and will be retried
 
-    def _refusal(self, message: dict[str, Any], e: Exception) -> Optional[bytes]:
+    def _refusal(self, message: FromHost | ReadyMessage, e: Exception) -> Optional[bytes]:
         """The line that answers in place of ``message``, which cannot be written."""
         kind = message.get("type")
         if kind == "done":
@@ -224,7 +234,7 @@ class Host:
                 return None
             try:
                 problem = _describe_answer(message) or str(e)
-                answer: dict[str, Any] = {"type": "done", "id": ident, "error": {
+                answer: DoneMessage = {"type": "done", "id": ident, "error": {
                     "call": None,
                     "type": "NotJSONError",
                     "message": f"the step's answer cannot be sent to phasm: {problem}",
@@ -253,7 +263,7 @@ class Host:
 
     # -- hello ---------------------------------------------------------------------------
 
-    def hello(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def hello(self, msg: HelloMessage) -> ReadyMessage:
         version = msg.get("protocol")
         if version != PROTOCOL_VERSION:
             return {
@@ -272,7 +282,7 @@ class Host:
             name: dict(info.get("context_types") or {})
             for name, info in (msg.get("machines") or {}).items()
         }
-        actions = []
+        actions: list[ReadyAction] = []
         for entry in msg.get("actions") or []:
             ref = entry["ref"]
             try:
@@ -307,7 +317,7 @@ class Host:
             problem = json_problem(token, 1) or str(e)
             raise NotJSONError(f"the next page's token {problem}") from None
         event = threading.Event()
-        answer: list[dict[str, Any]] = []
+        answer: list[GoMessage | AbortMessage] = []
         with self._gates_lock:
             self._gates[step.id] = (event, answer)
         self._write_line(line)
@@ -315,14 +325,14 @@ class Host:
         if answer and answer[0].get("type") == "abort":
             raise Aborted(answer[0].get("error") or "phasm stopped the step")
 
-    def answer(self, msg: dict[str, Any]) -> None:
+    def answer(self, msg: GoMessage | AbortMessage) -> None:
         with self._gates_lock:
             gate = self._gates.pop(msg.get("id"), None)
         if gate is not None:
             gate[1].append(msg)
             gate[0].set()
 
-    def run_step(self, msg: dict[str, Any]) -> None:
+    def run_step(self, msg: StepMessage) -> None:
         with self._idle:
             if self._closing:
                 # stdin closed before the step started: phasm is stopping or gone, so the
@@ -332,6 +342,7 @@ class Host:
                 print(f"phasm host: stdin closed before step {msg.get('id')!r:.24} started; "
                       f"it does not run", file=sys.stderr)
                 return
+        response: DoneMessage
         try:
             response = self.step(msg)
         except BaseException as e:  # noqa: BLE001 - never lose a step's answer
@@ -354,11 +365,11 @@ class Host:
                 self._running -= 1
                 self._idle.notify_all()
 
-    def step(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def step(self, msg: StepMessage) -> DoneMessage:
         types = self.types.get(msg.get("machine", ""), {})
         step = Step(msg, types, self.wait_for_go, self.log_bytes, self.log_lines)
         set_current_step(step)
-        response: dict[str, Any] = {"type": "done", "id": step.id}
+        response: DoneMessage = {"type": "done", "id": step.id}
         event: Any = None
         obj: dict[str, Any] = _Obj({"__rc__": step.attempt, "__tn__": step.task})
         try:
