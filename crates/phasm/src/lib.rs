@@ -23,8 +23,9 @@
 //! 7. **Operations** — [`control`]: what the CLI, the API and the console do to instances
 //!    (start, send, reset, retry, cancel, upgrade, list), each written once; [`testing`]:
 //!    machines run in tests, with fault injection and a paused clock.
-//! 8. **Faces** — `console` (the web pages) and `server` (the HTTP API and router, serving
-//!    the console), behind the `server` feature.
+//! 8. **Faces** — `server`: the HTTP API and router, and inside it `server::console`, the
+//!    web pages it serves (built on the API's state and checks), behind the `server`
+//!    feature.
 //!
 //! ```
 //! use phasm::config::{load_str, LoadOptions};
@@ -54,15 +55,13 @@
 //! All on by default; an embedder that needs less sets `default-features = false` and picks:
 //!
 //! - `postgres`: the PostgreSQL store ([`store::PostgresStore`]); without it only SQLite;
-//! - `server`: the HTTP API, the web console and `GET /metrics` (`server`, `console`);
+//! - `server`: the HTTP API, the web console and `GET /metrics` (`server`, `server::console`);
 //! - `http`: webhook actions (`http:` bindings; without it such a call fails, saying why);
 //! - `conformance` (off by default): the store conformance suite, `store::conformance`.
 
 pub mod action;
 pub mod clock;
 pub mod config;
-#[cfg(feature = "server")]
-pub mod console;
 pub mod context;
 pub mod control;
 pub mod diagnostic;

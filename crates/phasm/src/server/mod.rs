@@ -1,12 +1,12 @@
 //! The HTTP API (`phasm serve`): JSON over HTTP for starting, inspecting, cancelling,
 //! retrying and resetting instances, plus the machines and their drawings, and the web
-//! console's pages ([`crate::console`]). `GET /api/openapi.json` describes the API: each
+//! console's pages ([`crate::server::console`]). `GET /api/openapi.json` describes the API: each
 //! route is registered with its `#[utoipa::path]` description (`openapi`), so the document
 //! lists what the router serves. This file holds the router, the entry points and the
 //! helpers every handler uses; the handlers live by what they act on: `machines` (the list,
 //! drawings, starting), `instances` (list, view, pages, cancel, retry), `steps` (a step,
 //! reset), `events`, `versions` (versions, upgrade), `operations` (workers, queues,
-//! schedules), `health` (`/healthz`, `/metrics`). Beside them: `layers` (what every request
+//! schedules), `health` (`/healthz`, `/metrics`); `console`, the web pages. Beside them: `layers` (what every request
 //! passes), `auth` (the token), `guard` (hosts, forms, JSON writes), `listen` (the accept
 //! loop), `batch` (a batch start's body, read item by item), `state`, `openapi`.
 //!
@@ -17,6 +17,7 @@
 
 pub mod auth;
 mod batch;
+pub mod console;
 mod events;
 mod guard;
 mod health;
@@ -139,54 +140,84 @@ pub fn router(state: Arc<ServerState>) -> Router {
     );
     let api = api.layer(axum::Extension(document));
     let pages = Router::new()
-        .route("/", get(crate::console::machines))
-        .route("/machines/{name}", get(crate::console::machine))
-        .route("/machines/{name}/start", post(crate::console::start))
+        .route("/", get(crate::server::console::machines))
+        .route("/machines/{name}", get(crate::server::console::machine))
+        .route(
+            "/machines/{name}/start",
+            post(crate::server::console::start),
+        )
         .route(
             "/machines/{name}/versions/{n}",
-            get(crate::console::version),
+            get(crate::server::console::version),
         )
         .route(
             "/machines/{name}/versions/{n}/graph.svg",
-            get(crate::console::version_graph),
+            get(crate::server::console::version_graph),
         )
-        .route("/machines/{name}/diff", get(crate::console::diff_page))
-        .route("/machines/{name}/upgrade", post(crate::console::upgrade))
+        .route(
+            "/machines/{name}/diff",
+            get(crate::server::console::diff_page),
+        )
+        .route(
+            "/machines/{name}/upgrade",
+            post(crate::server::console::upgrade),
+        )
         .route(
             "/machines/{name}/graph.svg",
-            get(crate::console::machine_graph),
+            get(crate::server::console::machine_graph),
         )
-        .route("/workers", get(crate::console::workers))
-        .route("/queues", get(crate::console::queues))
-        .route("/instances", get(crate::console::instances))
-        .route("/instances/bulk", post(crate::console::bulk))
-        .route("/instances/{name}", get(crate::console::instance))
+        .route("/workers", get(crate::server::console::workers))
+        .route("/queues", get(crate::server::console::queues))
+        .route("/instances", get(crate::server::console::instances))
+        .route("/instances/bulk", post(crate::server::console::bulk))
+        .route("/instances/{name}", get(crate::server::console::instance))
         .route(
             "/instances/{name}/graph.svg",
-            get(crate::console::instance_graph),
+            get(crate::server::console::instance_graph),
         )
-        .route("/instances/{name}/cancel", post(crate::console::cancel))
-        .route("/instances/{name}/retry", post(crate::console::retry))
-        .route("/instances/{name}/events", post(crate::console::send_event))
-        .route("/instances/{name}/history", get(crate::console::history))
-        .route("/instances/{name}/steps/{id}", get(crate::console::step))
-        .route("/instances/{name}/reset", post(crate::console::reset))
+        .route(
+            "/instances/{name}/cancel",
+            post(crate::server::console::cancel),
+        )
+        .route(
+            "/instances/{name}/retry",
+            post(crate::server::console::retry),
+        )
+        .route(
+            "/instances/{name}/events",
+            post(crate::server::console::send_event),
+        )
+        .route(
+            "/instances/{name}/history",
+            get(crate::server::console::history),
+        )
+        .route(
+            "/instances/{name}/steps/{id}",
+            get(crate::server::console::step),
+        )
+        .route(
+            "/instances/{name}/reset",
+            post(crate::server::console::reset),
+        )
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state),
-            crate::console::authorize_pages,
+            crate::server::console::authorize_pages,
         ))
         .layer(middleware::from_fn(guard::same_origin_forms))
-        .layer(middleware::from_fn(crate::console::html_errors));
+        .layer(middleware::from_fn(crate::server::console::html_errors));
     Router::new()
         .merge(
             Router::new()
                 .route(
                     "/login",
-                    get(crate::console::login_form).post(crate::console::login),
+                    get(crate::server::console::login_form).post(crate::server::console::login),
                 )
                 .layer(DefaultBodyLimit::max(MAX_LOGIN_BODY_BYTES))
                 .layer(middleware::from_fn(guard::same_origin_forms))
-                .route(crate::console::SCRIPT_PATH, get(crate::console::script)),
+                .route(
+                    crate::server::console::SCRIPT_PATH,
+                    get(crate::server::console::script),
+                ),
         )
         .merge(api)
         .merge(pages)

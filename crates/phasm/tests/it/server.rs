@@ -468,7 +468,10 @@ async fn a_burst_of_wrong_tokens_is_refused_for_a_while_but_never_the_right_toke
     let page = get_with(
         &api,
         "/",
-        &format!("Cookie: {}=guess-2\r\n", phasm::console::TOKEN_COOKIE),
+        &format!(
+            "Cookie: {}=guess-2\r\n",
+            phasm::server::console::TOKEN_COOKIE
+        ),
     )
     .await;
     assert!(page.starts_with("HTTP/1.1 303"), "{page}");
@@ -488,7 +491,7 @@ async fn a_burst_of_wrong_tokens_is_refused_for_a_while_but_never_the_right_toke
     let page = get_with(
         &api,
         "/",
-        &format!("Cookie: {}=guess\r\n", phasm::console::TOKEN_COOKIE),
+        &format!("Cookie: {}=guess\r\n", phasm::server::console::TOKEN_COOKIE),
     )
     .await;
     assert!(page.starts_with("HTTP/1.1 429"), "{page}");
@@ -504,7 +507,7 @@ async fn a_burst_of_wrong_tokens_is_refused_for_a_while_but_never_the_right_toke
     assert_eq!(status, 200, "{body}");
     let cookie = format!(
         "Cookie: {}={}\r\n",
-        phasm::console::TOKEN_COOKIE,
+        phasm::server::console::TOKEN_COOKIE,
         phasm::server::auth::cookie_value(BASE64_TOKEN)
     );
     let page = get_with(&api, "/", &cookie).await;
@@ -1916,7 +1919,7 @@ async fn every_answer_carries_the_browser_protection_headers() {
         "/login",
         "/api/machines",
         "/api/nowhere",
-        phasm::console::SCRIPT_PATH,
+        phasm::server::console::SCRIPT_PATH,
     ] {
         let response = get_with(&api, path, "").await;
         let head = response
@@ -1939,7 +1942,7 @@ async fn every_answer_carries_the_browser_protection_headers() {
             assert!(tag.contains("src=\""), "{path} has an inline script: {tag}");
         }
     }
-    let script = get_with(&api, phasm::console::SCRIPT_PATH, "").await;
+    let script = get_with(&api, phasm::server::console::SCRIPT_PATH, "").await;
     assert!(script.contains("text/javascript"), "{script}");
     assert!(
         script.contains("data-refresh") || script.contains("[data-refresh]"),
