@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use phasm::clock::{micros, Clock, Micros};
 use phasm::config::{load_str, LoadOptions};
-use phasm::control::{reset, send, start_instance, SendError, SendOutcome, SendRequest, SendTo};
+use phasm::control::{
+    reset, send, start_instance, ResetError, SendError, SendOutcome, SendRequest, SendTo,
+};
 use phasm::engine::{Context, Limits};
 use phasm::machine::Config;
 use phasm::store::{Control, HistoryRow, InstanceStatus, ListFilter, Store};
@@ -234,10 +236,16 @@ pub async fn run(plan: &Plan, inner: Arc<dyn Store>, base: Arc<dyn Clock>) -> Ru
     for person in people {
         person.await.unwrap_or_else(|e| panic!("{about}: {e}"));
     }
-    // Instances a schedule started may still run: finish them on a worker that starts no more.
+    // Instances a schedule started may still run: finish them on a worker that starts no
+    // more. First, time skips ahead to when a sweep takes up what killed workers left
+    // undone (PostgreSQL settles an instance after its commit: a worker killed in between
+    // leaves that to the sweep, which waits a while for the worker first).
     if plan.shape.schedule {
-        let mut registry = registry(&plan.shape, plan.trouble, plan.seed);
-        registry.register_fn("Noop", |_| Ok(None));
+        inner
+            .sweep(base.now() + micros(SWEPT_AFTER))
+            .await
+            .unwrap_or_else(|e| panic!("{about}: sweep: {e}"));
+        let registry = registry(&plan.shape, plan.trouble, plan.seed);
         let drain = Worker::new(
             Arc::clone(&inner),
             Arc::clone(&config),
@@ -324,6 +332,10 @@ async fn unended(store: &dyn Store) -> Vec<phasm::store::InstanceView> {
     }
     left
 }
+
+/// How long after a commit a sweep settles what it left undone (PostgreSQL's grace, and
+/// a little more).
+const SWEPT_AFTER: Duration = Duration::from_secs(11);
 
 /// A worker's task: it ends only when stopped, with its error if it failed.
 type Running = JoinHandle<Result<(), String>>;
@@ -460,6 +472,26 @@ impl Workers {
     }
 }
 
+/// Call `call` until it succeeds or fails for good, as an operator runs a command again
+/// after a passing failure (on PostgreSQL, a deadlock with a step committing meanwhile).
+async fn again<T, F, Fut>(call: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = phasm::store::StoreResult<T>>,
+{
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Ok(answer) => return answer,
+            Err(e) if e.is_transient() && tries < 5 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 /// The people around line `name`: one pokes it, one cancels it, one runs it again once it
 /// has completed.
 async fn person(
@@ -510,7 +542,7 @@ async fn person(
     let cancel = async {
         let Some(after) = plan.cancel else { return };
         tokio::time::sleep(after).await;
-        match store.cancel(clock.now(), &name).await.unwrap() {
+        match again(|| store.cancel(clock.now(), &name)).await {
             Control::Done => {
                 let mut n = 0;
                 phasm::store::for_each_transition(&*store, &name, |_| n += 1)
@@ -543,9 +575,14 @@ async fn person(
         .await
         .unwrap();
         let step = first.unwrap_or_else(|| panic!("{name}: no first step"));
-        reset(&*store, &config, &*clock, &name, step)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: reset: {e}"));
+        let mut tries = 0;
+        while let Err(e) = reset(&*store, &config, &*clock, &name, step).await {
+            // A deadlock with a step committing at that moment: the operator tries again.
+            let transient = matches!(&e, ResetError::Store(e) if e.is_transient());
+            tries += 1;
+            assert!(transient && tries < 5, "{name}: reset: {e}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         seen.lock().unwrap().reset.push(name.clone());
     };
     tokio::join!(poke, cancel, reset);

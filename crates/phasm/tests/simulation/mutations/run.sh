@@ -28,8 +28,8 @@ for name in "${names[@]}"; do
     git apply -R "$patch"
     failed="$(printf '%s\n' "$out" | grep -m1 -oE 'seed [0-9]+: ' | grep -oE '[0-9]+')"
     if [ -n "$failed" ]; then
-        why="$(printf '%s\n' "$out" | grep -m1 -A2 -E 'seed [0-9]+: ' | sed -E 's/^.*\}: //' | tr -s ' \n' ' ' | cut -c1-200)"
-        echo "$name: caught by seed $failed (the $((failed + 1))th seed run): $why"
+        why="$(printf '%s\n' "$out" | grep -m1 -A2 -E 'seed [0-9]+: ' | sed -E 's/^.*\}: //' | grep -v 'stack backtrace' | tr -s ' \n' ' ' | cut -c1-200)"
+        echo "$name: caught by seed $failed, after $((failed + 1)) seeds: $why"
     else
         echo "$name: survived $seeds seeds"
         survived=1
