@@ -215,45 +215,18 @@ async fn dropping_a_store_closes_its_connections() {
 /// waiting with no branch live.
 #[tokio::test]
 async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
-    use phasm::engine::{Commit, Context, InstanceChange, NewTask, TaskKind};
+    use phasm::engine::{Commit, Context, InstanceChange, TaskKind};
     use phasm::store::prelude::*;
-    use phasm::store::{ClaimRequest, InstanceStatus, NewInstance, Targets};
-    use std::time::Duration;
+    use phasm::store::InstanceStatus;
 
     let Some(schema) = Schema::fresh("sweep").await else {
         return;
     };
     let store = schema.store().await;
     let now = 1_800_000_000_000_000;
-    let start = |name: &str| NewInstance {
-        name: name.into(),
-        machine: "M".into(),
-        context: Context::new(),
-        start: NewTask {
-            name: format!("{name}--start"),
-            from_state: None,
-            event: "go".into(),
-            kind: TaskKind::Dispatch,
-            context: Context::new(),
-            step: 0,
-            branch: String::new(),
-            queue: "default".into(),
-            target: None,
-            due_at: now,
-            token: None,
-        },
-        version: None,
-    };
+    let start = |name: &str| one_step_instance(name, now);
     store.start(now, start("done")).await.unwrap();
-    let request = ClaimRequest {
-        owner: "w".into(),
-        lease: Duration::from_secs(10),
-        limit: 1,
-        queue_limits: Vec::new(),
-        queues: None,
-        targets: Targets::Any,
-        shared_limits: Vec::new(),
-    };
+    let request = claim_one();
     let task = store.claim(now, &request).await.unwrap().remove(0);
     let mut c = Commit::finishing(&task);
     c.instance_change = InstanceChange::BranchEnded(Context::new());
@@ -319,9 +292,8 @@ async fn the_sweep_redoes_settling_a_dead_worker_left_undone() {
 /// which lock the instance's tasks the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_waits_for_a_commit_running_meanwhile_and_drops_what_it_queued() {
-    use phasm::engine::{Context, NewTask, TaskKind};
     use phasm::store::prelude::*;
-    use phasm::store::{ClaimRequest, Control, InstanceStatus, NewInstance, Targets};
+    use phasm::store::{Control, InstanceStatus};
     use std::time::Duration;
 
     let Some(schema) = Schema::fresh("cancel_race").await else {
@@ -329,35 +301,11 @@ async fn a_cancel_waits_for_a_commit_running_meanwhile_and_drops_what_it_queued(
     };
     let store = schema.store().await;
     let now = 1_800_000_000_000_000;
-    let instance = NewInstance {
-        name: "racing".into(),
-        machine: "M".into(),
-        context: Context::new(),
-        start: NewTask {
-            name: "racing--start".into(),
-            from_state: None,
-            event: "go".into(),
-            kind: TaskKind::Dispatch,
-            context: Context::new(),
-            step: 0,
-            branch: String::new(),
-            queue: "default".into(),
-            target: None,
-            due_at: now,
-            token: None,
-        },
-        version: None,
-    };
-    store.start(now, instance).await.unwrap();
-    let request = ClaimRequest {
-        owner: "w".into(),
-        lease: Duration::from_secs(10),
-        limit: 1,
-        queue_limits: Vec::new(),
-        queues: None,
-        targets: Targets::Any,
-        shared_limits: Vec::new(),
-    };
+    store
+        .start(now, one_step_instance("racing", now))
+        .await
+        .unwrap();
+    let request = claim_one();
     let task = store.claim(now, &request).await.unwrap().remove(0);
 
     // A step's commit, begun: its fence deleted (and so locked) its task, and it is about to
@@ -429,4 +377,41 @@ async fn a_cancel_waits_for_a_commit_running_meanwhile_and_drops_what_it_queued(
     );
     assert!(store.claim(now, &request).await.unwrap().is_empty());
     schema.drop_schema().await;
+}
+
+/// An instance of machine `M` whose start task (`NAME--start`) is due at `now`.
+fn one_step_instance(name: &str, now: i64) -> phasm::store::NewInstance {
+    use phasm::engine::{Context, NewTask, TaskKind};
+    phasm::store::NewInstance {
+        name: name.into(),
+        machine: "M".into(),
+        context: Context::new(),
+        start: NewTask {
+            name: format!("{name}--start"),
+            from_state: None,
+            event: "go".into(),
+            kind: TaskKind::Dispatch,
+            context: Context::new(),
+            step: 0,
+            branch: String::new(),
+            queue: "default".into(),
+            target: None,
+            due_at: now,
+            token: None,
+        },
+        version: None,
+    }
+}
+
+/// A claim of one task of any queue by worker `w`, leased for 10 s.
+fn claim_one() -> phasm::store::ClaimRequest {
+    phasm::store::ClaimRequest {
+        owner: "w".into(),
+        lease: std::time::Duration::from_secs(10),
+        limit: 1,
+        queue_limits: Vec::new(),
+        queues: None,
+        targets: phasm::store::Targets::Any,
+        shared_limits: Vec::new(),
+    }
 }

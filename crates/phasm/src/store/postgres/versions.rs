@@ -222,14 +222,14 @@ pub(super) async fn upgrade(
         )]));
     };
     let target_id: i64 = target.get(0);
-    // Rows of its tasks are locked too: a claim skips them until this commits. The first
-    // read waits out a commit of one of its steps that was in flight (which does not lock the
-    // instance); the second, a new statement, sees what that commit wrote and locks it too
-    // (a task claimed meanwhile shows its lease, and refuses the move).
+    // Rows of its tasks are locked too: a claim skips them until this commits. Locking them
+    // waits out the commits of its steps in flight (which do not lock the instance) and
+    // takes what they wrote (`lock_pending`); a task claimed meanwhile shows its lease, and
+    // refuses the move.
+    super::apply::lock_pending(&tx, instance_id).await?;
     let tasks = "SELECT id, kind, from_state, event, branch, step,
                         (status = 'ready' AND lease_owner IS NOT NULL AND due_at > $2) AS running
-                 FROM tasks WHERE instance_id = $1 ORDER BY id FOR UPDATE";
-    tx.query(tasks, &[&instance_id, &now]).await.map_err(pg)?;
+                 FROM tasks WHERE instance_id = $1 ORDER BY id";
     let rows = tx.query(tasks, &[&instance_id, &now]).await.map_err(pg)?;
     if rows.iter().any(|r| r.get::<_, bool>(6)) {
         return Ok(Upgraded::StepRunning);
