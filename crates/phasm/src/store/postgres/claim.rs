@@ -116,7 +116,7 @@ impl ClaimTx for PgTx<'_> {
                    AND ($3 OR ($4 AND t.target IS NULL) OR t.target = ANY($5))
                    AND ($6::TEXT[] IS NULL OR t.queue = ANY($6))
                    AND NOT (t.queue = ANY($7))
-                 ORDER BY t.due_at LIMIT $2
+                 ORDER BY t.due_at, t.id LIMIT $2
                  FOR UPDATE OF t SKIP LOCKED",
                 &[
                     &now,

@@ -1,7 +1,7 @@
 //! The schema and its migrations.
 
 /// The newest schema version this build writes.
-pub(super) const SCHEMA_VERSION: i64 = 9;
+pub(super) const SCHEMA_VERSION: i64 = 10;
 
 /// Schema migrations, applied in order; entry `i` takes the schema to version `i + 1`.
 pub(super) const MIGRATIONS: &[&str] = &[
@@ -214,6 +214,14 @@ ALTER TABLE instances ADD COLUMN version BIGINT;
 -- the counts `phasm versions` shows.
 CREATE INDEX instances_live_by_version ON instances (version, status)
     WHERE status IN ('running', 'failed');
+",
+    r"
+-- Claims take due tasks oldest first and, among tasks due at the same time, in the order
+-- they were queued (as SQLite's index, which ends with the row id, reads them): the index
+-- holds that order, so a claim reads its few candidates without sorting every tie (a fork's
+-- branches are all due at once).
+DROP INDEX tasks_ready;
+CREATE INDEX tasks_ready ON tasks (due_at, id) WHERE status = 'ready';
 ",
 ];
 
