@@ -281,14 +281,9 @@ pub(super) async fn cancel(
     let body: CancelBody = if body.iter().all(u8::is_ascii_whitespace) {
         CancelBody::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match super::json_body(&body, "`{\"reason\": \"...\"}` or empty") {
             Ok(b) => b,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("the body must be `{{\"reason\": \"...\"}}` or empty: {e}"),
-                )
-            }
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
         }
     };
     let reason = match crate::control::cancel_reason(body.reason.as_deref()) {

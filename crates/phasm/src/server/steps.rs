@@ -86,17 +86,11 @@ pub(super) async fn reset(
     if let Some(bad) = check_name(&name) {
         return bad;
     }
-    let body: ResetBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "the body must be `{{\"step\": ID}}`, an id from the instance's history: {e}"
-                ),
-            )
-        }
-    };
+    let body: ResetBody =
+        match super::json_body(&body, "`{\"step\": ID}`, an id from the instance's history") {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
     match crate::control::reset(
         &*state.store,
         &state.config,
